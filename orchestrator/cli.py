@@ -1,0 +1,129 @@
+"""``python -m orchestrator <command>``: a thin layer over the Python API.
+
+Exit codes: 0 success; 1 the run failed; 2 usage or input error. Errors are one line on
+stderr, with a traceback only under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from orchestrator.errors import RunFailed, UsageError
+
+log = logging.getLogger("orchestrator")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other usage error
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# ---------------------------------------------------------------- train
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-file", metavar="PATH", help="YAML config (default: the built-in small config)")
+    p.add_argument("--preprocessed-data", metavar="DIR", help="token dataset from 'preprocess' (default: embedded corpus)")
+    p.add_argument("--disable-flash-attn", action="store_true", help="standard attention everywhere; no process imports flash-attn")
+    p.add_argument("--run-both-models", action="store_true", help="train the flash and the standard variant side by side")
+    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray, shut it down after)")
+    p.add_argument("--output-dir", default="runs", help="where run directories go (default: ./runs)")
+    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--name", help="run name (default: run-<date>-<time>, made unique)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.run import TrainOptions, describe_summary, train
+    from trainer import import_guard
+
+    opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
+    if opts.disable_flash_attn:
+        import_guard.install()  # no process of the run imports flash-attn, the driver included
+    summary = train(opts)
+    log.info("summary:")
+    for line in describe_summary(summary):
+        log.info(line)
+    if summary["run"]["status"] != "succeeded":
+        raise RunFailed("a variant failed; see summary.json in the run directory")
+    return 0
+
+
+# ---------------------------------------------------------------- preprocess
+
+
+def add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw-data", nargs="+", required=True, metavar="PATH", help=".txt, .jsonl or .parquet files or directories")
+    p.add_argument("--output-dir", required=True, metavar="DIR", help="where the token dataset goes (must be new or empty)")
+    p.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json or SentencePiece .model (default: train a byte-level BPE)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="vocab of the trained BPE (default: 2048)")
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from trainer import data
+
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out}: output directory is not empty; choose a new one")
+    if args.vocab_size < 257:
+        raise UsageError(f"--vocab-size {args.vocab_size}: must be at least 257 (256 bytes + end-of-text)")
+    try:
+        meta = data.preprocess(args.raw_data, out, Path(args.tokenizer) if args.tokenizer else None, args.vocab_size)
+    except data.DataError as e:
+        raise UsageError(str(e)) from None
+    log.info("wrote %d tokens (vocab %d, %s) to %s", meta["num_tokens"], meta["vocab_size"], meta["dtype"], out)
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "train": ("train one or more variants on Ray Train", add_train_args, cmd_train),
+    "preprocess": ("tokenize raw text into a token dataset", add_preprocess_args, cmd_preprocess),
+}
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="orchestrator", description="Train Llama-style models on Ray, with flash attention where it works.")
+    parser.add_argument("--debug", action="store_true", help="tracebacks on errors and worker logs on the console")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        add_args(p)
+    return parser
+
+
+def setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("orchestrator", "trainer"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [handler]
+        lg.setLevel(logging.DEBUG if debug else logging.INFO)
+        lg.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    setup_logging(debug)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command][2](args)
+    except (UsageError, RunFailed) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure is a failed run, still one line
+        if debug:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1

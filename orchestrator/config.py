@@ -1,0 +1,199 @@
+"""The run configuration: one YAML file, validated once at load.
+
+Errors name the file, the key path, the value and what was expected; unknown keys are errors
+that list the valid names. The built-in default is this schema's defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import UsageError
+from trainer.config import ModelConfig, Strict, TrainConfig
+
+ATTENTIONS = ("flash", "standard")
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(2, gt=0, description="data-parallel workers per variant")
+    use_gpu: Union[Literal["auto"], bool] = Field("auto", description="auto: GPUs when the cluster has enough")
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(3, ge=-1, description="worker-failure restarts from the last checkpoint; -1 = unbounded")
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class DataConfig(Strict):
+    path: Optional[str] = Field(None, description="a preprocessed token dataset; null = the embedded corpus")
+
+
+class VariantConfig(Strict):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    attention: Literal["flash", "standard"]
+    model: dict[str, Any] = Field(default_factory=dict, description="overrides of model fields")
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of train fields")
+
+
+class RunConfig(Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    attention: Literal["flash", "standard"] = Field("flash", description="attention of the single variant")
+    variants: Optional[list[VariantConfig]] = Field(None, description="several variants side by side")
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("must list at least one variant")
+            names = [x.name for x in v]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"duplicate variant name(s): {', '.join(dup)}")
+        return v
+
+    @model_validator(mode="after")
+    def _variant_overrides_valid(self) -> "RunConfig":
+        for i, v in enumerate(self.variants or []):
+            for section, base in (("model", self.model), ("train", self.train)):
+                merged = {**base.model_dump(), **getattr(v, section)}
+                try:
+                    type(base).model_validate(merged)
+                except ValidationError as e:
+                    raise ValueError(f"variants[{i}] ({v.name}).{section}: {_first_error(e)}") from None
+        return self
+
+
+_UNION_BRANCHES = {"bool", "int", "float", "str", "list", "dict", "function-after"}
+
+
+def _field_loc(loc: tuple) -> tuple:
+    """The key path of an error, without pydantic's union-branch labels (literal['auto'], bool)."""
+    out = []
+    for part in loc:
+        if isinstance(part, str) and ("[" in part or part in _UNION_BRANCHES):
+            break
+        out.append(part)
+    return tuple(out)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _first_error(e: ValidationError, model: type | None = None) -> str:
+    errors = e.errors()
+    err = errors[0]
+    loc = _field_loc(err["loc"])
+    where = _loc(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(model, loc[:-1]) if model else []
+        hint = f"; valid keys: {', '.join(valid)}" if valid else ""
+        return f"unknown key '{where}'{hint}"
+    # A union reports one error per branch: say them together ("'auto' or a valid boolean").
+    msgs = [x["msg"].removeprefix("Value error, ") for x in errors if _field_loc(x["loc"]) == loc]
+    msg = " or ".join(dict.fromkeys([msgs[0]] + [m.removeprefix("Input should be ") for m in msgs[1:]]))
+    value = err.get("input")
+    if err["type"] != "missing" and not isinstance(value, (dict, list)):
+        msg = f"{msg} (got {value!r})"
+    return f"{where}: {msg}" if where else msg
+
+
+def _model_in(annotation) -> type | None:
+    """The pydantic model inside an annotation such as Optional[list[VariantConfig]]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found:
+            return found
+    return None
+
+
+def _valid_keys(model: type, loc: tuple) -> list[str]:
+    """The field names at ``loc`` inside ``model``, for 'unknown key' messages."""
+    cls = model
+    for part in loc:
+        if isinstance(part, str):
+            field = cls.model_fields.get(part)
+            cls = _model_in(field.annotation) if field else None
+            if cls is None:
+                return []
+    return list(cls.model_fields)
+
+
+def validate(data: Any, source: str = "config") -> RunConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: expected a mapping of sections (model, train, ...), got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise UsageError(f"{source}: {_first_error(e, RunConfig)}") from None
+
+
+def load(path: str | Path | None) -> RunConfig:
+    """The built-in default when ``path`` is None; else the YAML file, validated."""
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, expected a YAML file") from None
+    except PermissionError:
+        raise UsageError(f"{path}: config file not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file (binary content)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    return validate(data, str(path))
+
+
+def with_overrides(cfg: RunConfig, source: str, **sections: dict) -> RunConfig:
+    """A copy with ``section={key: value}`` overrides applied and validated (for CLI flags)."""
+    data = cfg.model_dump()
+    for section, values in sections.items():
+        if isinstance(data.get(section), dict):
+            data[section].update({k: v for k, v in values.items() if v is not None})
+        elif values is not None:
+            data[section] = values
+    return validate(data, source)
+
+
+def variant_configs(cfg: RunConfig, run_both: bool, disable_flash: bool) -> list[VariantConfig]:
+    """The variants to run: the config's list, flash+standard for --run-both-models, or one."""
+    if run_both:
+        if cfg.variants:
+            raise UsageError("--run-both-models conflicts with the config's 'variants' list; use one or the other")
+        variants = [VariantConfig(name="flash", attention="flash"), VariantConfig(name="standard", attention="standard")]
+    elif cfg.variants:
+        variants = list(cfg.variants)
+    else:
+        attn = "standard" if disable_flash else cfg.attention
+        variants = [VariantConfig(name=attn, attention=attn)]
+    if disable_flash:
+        # --disable-flash-attn forces standard attention everywhere, variants included.
+        variants = [v.model_copy(update={"attention": "standard"}) for v in variants]
+    return variants
+
+
+def resolved_sections(cfg: RunConfig, variant: VariantConfig) -> tuple[ModelConfig, TrainConfig]:
+    model = ModelConfig.model_validate({**cfg.model.model_dump(), **variant.model})
+    train = TrainConfig.model_validate({**cfg.train.model_dump(), **variant.train})
+    return model, train

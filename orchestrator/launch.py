@@ -1,0 +1,102 @@
+"""Launch: one Ray Train ``TorchTrainer`` per planned variant, its attention flag in the
+workers' environment before their processes start, and its outcome as a summary record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+
+from orchestrator.plan import PlannedVariant
+from orchestrator.progress import ProgressFollower
+from trainer import checkpoint
+from trainer.loop import WorkerSpec, train_loop_per_worker
+from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
+
+log = logging.getLogger(__name__)
+
+
+
+def _one_line(err: BaseException) -> str:
+    """The root cause of a (possibly wrapped) Ray error, on one line."""
+    while getattr(err, "__cause__", None) is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    lines = [l for l in text.splitlines() if l.strip()]
+    # Ray wraps worker tracebacks; the last line names the original exception.
+    last = lines[-1].strip() if lines else type(err).__name__
+    return last if len(last) < 400 else last[:400] + "..."
+
+
+def skipped_record(v: PlannedVariant) -> dict:
+    return {
+        "status": "skipped", "attention": v.attention, "backend": None, "env": v.env, "steps": 0,
+        "first_loss": None, "final_loss": None, "tokens_per_s": None, "peak_mem_bytes": None,
+        "num_workers": v.num_workers, "use_gpu": v.use_gpu, "restarts": 0, "error": None, "reason": v.reason,
+    }
+
+
+def count_attempts(variant_dir: Path, since: float) -> int:
+    path = variant_dir / ATTEMPTS_FILE
+    if not path.is_file():
+        return 0
+    n = 0
+    for line in path.read_text().splitlines():
+        try:
+            n += json.loads(line)["time"] >= since
+        except (ValueError, KeyError, TypeError):
+            continue
+    return n
+
+
+def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_checkpoints: int) -> dict:
+    """Train one variant to completion (or failure) and return its summary record."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    vdir = Path(spec.out_dir)
+    vdir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec.model_dump(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=v.num_workers,
+            use_gpu=v.use_gpu,
+            resources_per_worker={"CPU": v.cpus_per_worker, **({"GPU": 1} if v.use_gpu else {})},
+            label_selector=v.label_selector,
+        ),
+        run_config=ray.train.RunConfig(
+            name=checkpoint.STORAGE_NAME,
+            storage_path=str(vdir.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            # Set before each worker process starts, so even its first import sees them.
+            worker_runtime_env={"env_vars": dict(v.env)},
+        ),
+    )
+    record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None}
+    with ProgressFollower(vdir / METRICS_FILE, v.name, spec.train.max_steps):
+        try:
+            result = trainer.fit()
+            error = result.error
+        except Exception as e:  # Ray raises TrainingFailedError (and friends) from fit()
+            result, error = None, e
+            log.debug("variant %s failed:\n%s", v.name, traceback.format_exc())
+    if error is None and result is not None and isinstance(result.return_value, dict):
+        record.update(result.return_value)
+        record["status"] = "succeeded"
+    else:
+        record["error"] = _one_line(error) if error else "training returned no result"
+    attempts = count_attempts(vdir, started)
+    record["restarts"] = max(0, attempts - 1)
+    record.setdefault("steps", read_metrics(vdir / METRICS_FILE)[-1]["step"] if read_metrics(vdir / METRICS_FILE) else 0)
+    for key in ("first_loss", "final_loss", "tokens_per_s", "peak_mem_bytes"):
+        record.setdefault(key, None)
+    record.setdefault("num_workers", v.num_workers)
+    record.setdefault("use_gpu", v.use_gpu)
+    record["wall_time_s"] = round(time.time() - started, 3)
+    return record

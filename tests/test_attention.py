@@ -1,0 +1,78 @@
+"""The two attention implementations compute the same function (outputs and gradients)."""
+
+import pytest
+import torch
+
+from trainer import attention
+
+
+def _qkv(B, H, KV, T, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, KV, T, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, KV, T, D, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def _reference(q, k, v):
+    """An independent float64 reference: per head, a masked softmax over the past."""
+    B, H, T, D = q.shape
+    rep = H // k.shape[1]
+    out = torch.empty_like(q)
+    for h in range(H):
+        s = q[:, h] @ k[:, h // rep].transpose(-1, -2) / D**0.5
+        s = s.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+        out[:, h] = torch.softmax(s, -1) @ v[:, h // rep]
+    return out
+
+
+@pytest.mark.parametrize("H,KV,T,D", [(4, 4, 17, 16), (8, 2, 33, 32), (6, 3, 1, 8), (4, 1, 129, 64)])
+def test_standard_matches_float64_reference(H, KV, T, D):
+    q, k, v = _qkv(2, H, KV, T, D)
+    torch.testing.assert_close(attention.standard_attention(q, k, v), _reference(q, k, v))
+
+
+@pytest.mark.parametrize("H,KV,T,D", [(4, 4, 17, 16), (8, 2, 33, 32), (4, 1, 127, 64), (6, 2, 5, 8)])
+def test_flash_matches_standard_forward_and_backward_in_fp32(H, KV, T, D):
+    q0, k0, v0 = (t.float() for t in _qkv(2, H, KV, T, D, seed=T))
+    resolved = attention.resolve("flash", device=torch.device("cpu"), dtype=torch.float32,
+                                 head_dim=D, n_heads=H, n_kv_heads=KV)
+    assert resolved.kernel == "sdpa_flash_cpu"
+    outs, grads = [], []
+    for fn in (attention.standard_attention, resolved.fn):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        out = fn(q, k, v)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad for t in (q, k, v)])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+    for g_flash, g_std in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_flash, g_std, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_is_causal_future_tokens_do_not_change_the_past():
+    q, k, v = (t.float() for t in _qkv(1, 4, 2, 20, 16))
+    full = attention.kernel_fn("sdpa_flash_cpu")(q, k, v)
+    prefix = attention.kernel_fn("sdpa_flash_cpu")(q[:, :, :10], k[:, :, :10], v[:, :, :10])
+    torch.testing.assert_close(full[:, :, :10], prefix, atol=1e-5, rtol=1e-5)
+
+
+def test_standard_request_resolves_to_the_standard_kernel():
+    r = attention.resolve("standard", device=torch.device("cpu"), dtype=torch.float32,
+                          head_dim=16, n_heads=4, n_kv_heads=2)
+    assert (r.kernel, r.rejected) == ("standard", {})
+
+
+def test_unknown_attention_is_rejected_with_the_valid_names():
+    with pytest.raises(ValueError, match="flash, standard"):
+        attention.resolve("fast", device=torch.device("cpu"), dtype=torch.float32,
+                          head_dim=16, n_heads=4, n_kv_heads=4)
+
+
+def test_a_kernel_that_computes_the_wrong_thing_is_rejected_by_the_check():
+    def wrong(q, k, v):
+        return attention.standard_attention(q, k, v) * 1.01
+
+    with pytest.raises(RuntimeError, match="differs from standard"):
+        attention.check_kernel(wrong, device=torch.device("cpu"), dtype=torch.float32,
+                               head_dim=16, n_heads=4, n_kv_heads=2)

@@ -1,0 +1,74 @@
+"""Config errors name the file, the key, the value and what is expected."""
+
+import pytest
+import yaml
+
+from orchestrator import config
+from orchestrator.errors import UsageError
+
+
+def _load(tmp_path, content: str | bytes):
+    p = tmp_path / "c.yaml"
+    (p.write_bytes if isinstance(content, bytes) else p.write_text)(content)
+    return config.load(p)
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("train: {lr: [1, 2", "malformed YAML at line"),
+    ("- a\n- b\n", "expected a mapping of sections"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not a text file"),
+    ("train: {learning_rate: 0.1}", "unknown key 'train.learning_rate'; valid keys: seq_len,"),
+    ("bogus: 1", "unknown key 'bogus'; valid keys: model, train, scaling, data, attention, variants"),
+    ("train: {max_steps: ten}", "train.max_steps: Input should be a valid integer"),
+    ("train: {lr: -0.1}", "train.lr: Input should be greater than 0 (got -0.1)"),
+    ("model: {dim: 100, n_heads: 3}", "dim (100) must be divisible by n_heads (3)"),
+    ("model: {n_heads: 6, n_kv_heads: 4}", "n_heads (6) must be divisible by n_kv_heads (4)"),
+    ("scaling: {num_workers: 0}", "scaling.num_workers: Input should be greater than 0"),
+    ("attention: fast", "attention: Input should be 'flash' or 'standard'"),
+    ("train: {compile: maybe}", "train.compile: Input should be 'auto' or a valid boolean"),
+    ("variants: [{name: a, attention: flash}, {name: a, attention: standard}]", "duplicate variant name(s): a"),
+    ("variants: [{name: a, attention: flash, train: {lr: 0}}]", "variants[0] (a).train: lr: Input should be greater than 0"),
+    ("variants: [{name: a, attention: flash, model: {depth: 3}}]", "variants[0] (a).model"),
+])
+def test_bad_config_is_one_clear_error_naming_file_and_key(tmp_path, content, expected):
+    with pytest.raises(UsageError) as e:
+        _load(tmp_path, content)
+    assert str(e.value).startswith(str(tmp_path / "c.yaml") + ": ")
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_config_file_and_directory_are_named(tmp_path):
+    with pytest.raises(UsageError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")
+    with pytest.raises(UsageError, match="is a directory"):
+        config.load(tmp_path)
+
+
+def test_empty_file_is_the_built_in_default(tmp_path):
+    assert _load(tmp_path, "") == config.RunConfig()
+
+
+def test_built_in_default_round_trips_through_yaml(tmp_path):
+    dumped = yaml.safe_dump(config.RunConfig().model_dump(mode="json"))
+    assert _load(tmp_path, dumped) == config.RunConfig()
+
+
+def test_variants_run_both_and_disable_flash():
+    cfg = config.RunConfig()
+    assert [(v.name, v.attention) for v in config.variant_configs(cfg, False, False)] == [("flash", "flash")]
+    assert [(v.name, v.attention) for v in config.variant_configs(cfg, False, True)] == [("standard", "standard")]
+    both = config.variant_configs(cfg, True, False)
+    assert [(v.name, v.attention) for v in both] == [("flash", "flash"), ("standard", "standard")]
+
+
+def test_variant_overrides_apply_to_their_variant_only():
+    cfg = config.validate({"variants": [{"name": "big", "attention": "flash", "model": {"dim": 256, "n_heads": 8}},
+                                        {"name": "base", "attention": "standard"}]})
+    big, base = (config.resolved_sections(cfg, v)[0] for v in cfg.variants)
+    assert (big.dim, big.n_heads, base.dim) == (256, 8, cfg.model.dim)
+
+
+def test_cli_overrides_are_validated_too():
+    with pytest.raises(UsageError, match="train.max_steps: Input should be greater than 0"):
+        config.with_overrides(config.RunConfig(), "built-in config", train={"max_steps": 0})

@@ -1,0 +1,89 @@
+"""Typed model and training settings, validated once (pydantic: typed validation whose errors
+carry the exact key path, so a bad value is reported as ``train.lr`` rather than a traceback).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trainer.model import ModelArgs
+
+
+class Strict(BaseModel):
+    # Unknown keys are errors; ints are not silently accepted for bools and so on.
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    dim: int = Field(192, gt=0, description="hidden size")
+    n_layers: int = Field(4, gt=0, description="transformer blocks")
+    n_heads: int = Field(6, gt=0, description="query heads")
+    n_kv_heads: Optional[int] = Field(2, gt=0, description="key/value heads (GQA); null = n_heads")
+    ffn_hidden: Optional[int] = Field(None, gt=0, description="SwiGLU hidden size; null = 8/3*dim rounded to 64")
+    vocab_size: Optional[int] = Field(None, gt=0, description="null = the dataset's vocab size")
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = Field(True, description="share the token embedding with the output head")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "ModelConfig":
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({kv})")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head dim dim/n_heads ({self.dim // self.n_heads}) must be even for rotary embeddings")
+        return self
+
+    def args(self, *, vocab_size: int, max_seq_len: int, activation_checkpointing: bool = False) -> ModelArgs:
+        ffn = self.ffn_hidden or 64 * ((int(8 * self.dim / 3) + 63) // 64)
+        return ModelArgs(
+            vocab_size=self.vocab_size or vocab_size,
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads or self.n_heads,
+            ffn_hidden=ffn,
+            max_seq_len=max_seq_len,
+            rope_theta=self.rope_theta,
+            norm_eps=self.norm_eps,
+            tie_embeddings=self.tie_embeddings,
+            activation_checkpointing=activation_checkpointing,
+        )
+
+
+class FaultConfig(Strict):
+    """Test hook: kill the worker of ``rank`` once, when it reaches ``step``."""
+
+    rank: int = Field(0, ge=0)
+    step: int = Field(..., gt=0)
+
+
+class TrainConfig(Strict):
+    seq_len: int = Field(128, gt=1, description="tokens per sequence")
+    micro_batch_size: int = Field(8, gt=0, description="sequences per worker per micro-step")
+    grad_accum_steps: int = Field(1, gt=0)
+    max_steps: int = Field(100, gt=0)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(3e-4, ge=0, description="floor of the cosine decay")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
+    seed: int = Field(1337, ge=0)
+    checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (and at the end)")
+    log_every: int = Field(1, gt=0)
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile; auto: on for GPU")
+    activation_checkpointing: bool = False
+    fault: Optional[FaultConfig] = Field(None, description="test hook: kill one rank at one step, once")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self

@@ -1,0 +1,59 @@
+"""Per-step metrics, written by rank 0: JSON lines for scripts, TensorBoard events for people.
+
+tensorboardX is the writer: it comes with ray[train] already and needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+ATTEMPTS_FILE = "attempts.jsonl"  # one line per worker-group start: restarts = lines - 1
+
+
+def append_attempt(out_dir: Path, record: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / ATTEMPTS_FILE).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records from a metrics file, the last one per step winning (a resumed run rewrites steps)."""
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class MetricsWriter:
+    def __init__(self, out_dir: Path, *, start_step: int, tag: str):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / METRICS_FILE
+        # On resume drop what the lost steps wrote, so the file reads as one clean run.
+        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
+        self.tag = tag
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tb.add_scalar(f"{key}", value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
