@@ -20,6 +20,24 @@ def attention_env(attention: str) -> dict[str, str]:
 
 
 @dataclass
+class NodeCapacity:
+    """One alive node as the planner sees it: what preflight found, reduced to what placement needs.
+
+    Produced by preflight (``orchestrator/preflight``) from each node's probe; consumed by
+    ``make_plan``. ``flash_ok`` is True when some flash kernel passed its checks on the node
+    (the flash_attn package or PyTorch's fused SDPA kernels); ``flash_reason`` says why not.
+    """
+
+    node_id: str
+    cpus: float
+    gpus: float
+    labels: dict[str, str] = field(default_factory=dict)
+    flash_ok: bool = True
+    flash_kernel: Optional[str] = None
+    flash_reason: Optional[str] = None
+
+
+@dataclass
 class PlannedVariant:
     name: str
     attention: str  # what the variant asked for
