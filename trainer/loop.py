@@ -26,6 +26,7 @@ from trainer.data import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
 from trainer.model import Transformer
 from trainer.optim import build_optimizer, lr_at
+from trainer.step import Stepper, compile_enabled, training_dtype
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # ---------------------------------------------------------------- attention
     requested = attention_from_env()
-    dtype = torch.bfloat16 if (tc.dtype == "bf16" or (tc.dtype == "auto" and is_gpu)) else torch.float32
+    dtype = training_dtype(tc, device)
     dataset = load_dataset(spec.data_path)
     margs = spec.model.args(vocab_size=dataset.vocab_size, max_seq_len=tc.seq_len,
                             activation_checkpointing=tc.activation_checkpointing)
@@ -147,10 +148,7 @@ def train_loop_per_worker(config: dict) -> dict:
     model = ray.train.torch.prepare_model(model)  # [ray] moves to device, wraps in DDP
     raw_model = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(raw_model, tc, device)
-    use_compile = tc.compile is True or (tc.compile == "auto" and is_gpu)
-    step_model = torch.compile(model) if use_compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 and is_gpu else (
-        torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext())
+    use_compile = compile_enabled(tc, device)
 
     # ---------------------------------------------------------------- resume
     start_step, first_loss, restored_from = 0, None, None
@@ -194,34 +192,21 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # ---------------------------------------------------------------- train
     model.train()
+    stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
+                      grad_clip=tc.grad_clip, compile=use_compile)
     step_times: list[float] = []
-    loss = torch.zeros((), device=device)
     t_last, steps_since_log = time.perf_counter(), 0
     record: dict = {}
     for step in range(start_step, tc.max_steps):
         _maybe_inject_fault(spec, step + 1, rank, last_checkpoint)
         lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(tc.grad_accum_steps):
-            x, y = get_batch(dataset.tokens, sampler.indices(step, micro, rank), tc.seq_len)
-            x = torch.from_numpy(x).to(device, non_blocking=True)
-            y = torch.from_numpy(y).to(device, non_blocking=True)
-            last_micro = micro == tc.grad_accum_steps - 1
-            sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-            with sync, autocast:
-                _, loss = step_model(x, y)
-                (loss / tc.grad_accum_steps).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batches = [get_batch(dataset.tokens, sampler.indices(step, micro, rank), tc.seq_len)
+                   for micro in range(tc.grad_accum_steps)]
+        mean_loss, grad_norm = stepper(batches, lr)
         steps_since_log += 1
         done = step + 1
 
         if done % tc.log_every == 0 or done == tc.max_steps or done % tc.checkpoint_every == 0:
-            mean_loss = loss_sum / tc.grad_accum_steps
             if world > 1:
                 dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
             loss_value = mean_loss.item()  # the one host sync, only on logging steps
