@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from orchestrator.bench import command as bench_command
 from orchestrator.errors import RunFailed, UsageError
 
 log = logging.getLogger("orchestrator")
@@ -83,6 +84,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train one or more variants on Ray Train", add_train_args, cmd_train),
     "preprocess": ("tokenize raw text into a token dataset", add_preprocess_args, cmd_preprocess),
+    "bench": ("benchmark attention kernels and training steps", bench_command.add_args, bench_command.cmd_bench),
 }
 
 

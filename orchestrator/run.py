@@ -120,7 +120,9 @@ def train(opts: TrainOptions) -> dict:
     from orchestrator.session import ray_session
 
     with ray_session(opts.address, log_to_driver=opts.debug) as address:
+        t_ray = time.time()
         plan = make_plan(prep, cluster_resources())
+        t_plan = time.time()
         rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
         for line in plan.describe():
             log.info(line)
@@ -146,11 +148,31 @@ def train(opts: TrainOptions) -> dict:
             "duration_s": round(time.time() - started, 3), "data": str(prep.data_path),
             "command": " ".join(sys.argv), "versions": _versions(),
             "status": "failed" if failed else "succeeded",
+            "startup_s": startup_phases(_process_start(), t_ray, t_plan, results),
         },
         "variants": results,
     }
     rundir.write_json(run_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[str, dict]) -> dict | None:
+    """Seconds from command to first step, by phase, for the first variant that trained."""
+    rec = next((r for r in results.values() if r.get("timeline") and r["timeline"].get("first_step")), None)
+    if rec is None:
+        return None
+    tl = rec["timeline"]
+    phases = {"command_to_ray_ready": t_ray - t_command, "preflight_and_plan": t_plan - t_ray,
+              "workers_up": tl["worker_start"] - rec["fit_started"], "setup": tl["ready"] - tl["worker_start"],
+              "first_step": tl["first_step"] - tl["ready"]}
+    phases["total"] = tl["first_step"] - t_command
+    return {k: round(v, 3) for k, v in phases.items()}
 
 
 def describe_summary(summary: dict) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from orchestrator.errors import UsageError
 
 
-def create(output_dir: Path, name: str | None) -> Path:
+def create(output_dir: Path, name: str | None, prefix: str = "run") -> Path:
     """A new, empty run directory. A given name must be new; a default name gets a suffix."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -25,7 +25,7 @@ def create(output_dir: Path, name: str | None) -> Path:
         except FileExistsError:
             raise UsageError(f"{path}: a run with this name exists; choose another --name or use --resume {path}") from None
         return path
-    base = time.strftime("run-%Y%m%d-%H%M%S")
+    base = time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
     for i in range(1, 10_000):
         path = output_dir / (base if i == 1 else f"{base}-{i}")
         try:

@@ -107,6 +107,7 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train  # [ray]
     import ray.train.torch  # [ray]
 
+    t_start = time.time()
     spec = WorkerSpec.model_validate(config)
     tc = spec.train
     ctx = ray.train.get_context()  # [ray]
@@ -195,6 +196,7 @@ def train_loop_per_worker(config: dict) -> dict:
     stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
                       grad_clip=tc.grad_clip, compile=use_compile)
     step_times: list[float] = []
+    t_ready, t_first_step = time.time(), None
     t_last, steps_since_log = time.perf_counter(), 0
     record: dict = {}
     for step in range(start_step, tc.max_steps):
@@ -203,6 +205,9 @@ def train_loop_per_worker(config: dict) -> dict:
         batches = [get_batch(dataset.tokens, sampler.indices(step, micro, rank), tc.seq_len)
                    for micro in range(tc.grad_accum_steps)]
         mean_loss, grad_norm = stepper(batches, lr)
+        if t_first_step is None:  # startup phases: one sync, on the first step only
+            mean_loss.item()
+            t_first_step = time.time()
         steps_since_log += 1
         done = step + 1
 
@@ -254,4 +259,6 @@ def train_loop_per_worker(config: dict) -> dict:
         "params": sum(p.numel() for p in raw_model.parameters()),
         "flops_per_token": margs.flops_per_token(tc.seq_len),
         "tokens_per_step": tokens_per_step,
+        # Wall-clock times for the driver's startup breakdown (worker up -> ready -> first step).
+        "timeline": {"worker_start": t_start, "ready": t_ready, "first_step": t_first_step},
     }

@@ -37,7 +37,7 @@ class Stepper:
                  dtype: torch.dtype, grad_accum: int, grad_clip: float, compile: bool):
         self.model = model  # possibly DDP-wrapped: no_sync() skips the all-reduce on early micro-steps
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.forward = torch.compile(model) if compile else model
+        self.forward = torch.compile(model, dynamic=False) if compile else model  # shapes are fixed per run
         self.optimizer, self.device = optimizer, device
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()

@@ -1,0 +1,1 @@
+"""Benchmarks: attention kernels and training steps, as JSON and a markdown table."""

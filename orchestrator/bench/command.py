@@ -1,0 +1,183 @@
+"""``python -m orchestrator bench``: attention kernels and training steps, JSON + markdown.
+
+``--quick`` is a CPU smoke run of every path (CI runs it); the real numbers come from a GPU.
+``--ray`` also trains the first variant under Ray Train's TorchTrainer to measure Ray's share
+(steady-state tokens/s against the bare process) and the time from command to first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from orchestrator import config as config_mod
+from orchestrator import rundir
+from orchestrator.bench import kernels, training
+from orchestrator.errors import UsageError
+from trainer import data as data_mod
+
+log = logging.getLogger(__name__)
+
+QUICK = {"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
+         "train": {"seq_len": 64, "micro_batch_size": 2, "compile": False}}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise UsageError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny CPU smoke run of every benchmark path")
+    p.add_argument("--config-file", metavar="PATH", help="model/train config (e.g. configs/llama-0.95b.yaml)")
+    p.add_argument("--seq-lens", type=_ints, help="training sequence lengths (default: the config's)")
+    p.add_argument("--kernel-seq-lens", type=_ints, help="attention-kernel sequence lengths (default: --seq-lens)")
+    p.add_argument("--kernel-tokens", type=int, default=16384, help="tokens per attention batch (default 16384)")
+    p.add_argument("--tokens-per-step", type=int,
+                   help="micro-batch = max(1, N // seq) at each length (default: the config's seq_len x micro_batch_size)")
+    p.add_argument("--variants", default="flash,standard", help="attention variants to train (default flash,standard)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator)")
+    p.add_argument("--iters", type=int, default=10, help="timed steps; the median is reported")
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--ray", action="store_true", help="also train under TorchTrainer and compare with the bare loop")
+    p.add_argument("--output-dir", default="runs", help="a bench-<time> directory is made here")
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
+    out = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for _, key, fmt in cols:
+            v = r.get(key)
+            cells.append("" if v is None else (format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v)))
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# Benchmark {report['started']}", "",
+             f"device: {env['device']}; torch {env['torch']}; command: `{report['command']}`", ""]
+    if report.get("kernels"):
+        lines += ["## Attention kernels (causal, fwd+bwd)", ""]
+        lines += _table([dict(r, peak_mib=(r.get("peak_mem_bytes") or 0) / 2**20 if r.get("peak_mem_bytes") else None)
+                         for r in report["kernels"]],
+                        [("kernel", "kernel", ""), ("seq", "seq_len", "d"), ("batch", "batch", "d"),
+                         ("status", "status", ""), ("TFLOP/s", "tflops", ".1f"), ("ms", "ms", ".2f"),
+                         ("peak MiB", "peak_mib", ".0f")])
+        lines.append("")
+    if report.get("training"):
+        lines += ["## Training steps (bare process)", ""]
+        lines += _table([dict(r, peak_gib=r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None,
+                              mfu_pct=100 * r["mfu"] if r.get("mfu") else None) for r in report["training"]],
+                        [("variant", "variant", ""), ("kernel", "kernel", ""), ("seq", "seq_len", "d"),
+                         ("micro-batch", "micro_batch", "d"), ("status", "status", ""),
+                         ("tokens/s", "tokens_per_s", ",.0f"), ("step s", "step_time_s", ".4f"),
+                         ("MFU %", "mfu_pct", ".1f"), ("peak GiB", "peak_gib", ".1f")])
+        lines.append("")
+        ratios = report.get("flash_over_standard") or {}
+        if ratios:
+            lines += ["flash / standard tokens/s: " + ", ".join(f"seq {k}: {v:.2f}x" for k, v in ratios.items()), ""]
+    if report.get("ray"):
+        r = report["ray"]
+        lines += ["## Under Ray Train", "",
+                  f"TorchTrainer tokens/s {r['ray_tokens_per_s']:,.0f} vs bare {r['bare_tokens_per_s']:,.0f}: "
+                  f"{100 * (r['ray_tokens_per_s'] / r['bare_tokens_per_s'] - 1):+.1f}%", ""]
+        if r.get("startup_s"):
+            lines += ["time from command to first step, by phase (s): " +
+                      ", ".join(f"{k} {v:.1f}" for k, v in r["startup_s"].items()), ""]
+    return "\n".join(lines)
+
+
+def flash_over_standard(rows: list[dict]) -> dict[int, float]:
+    ok = {(r["variant"], r["seq_len"]): r["tokens_per_s"] for r in rows if r["status"] == "ok"}
+    return {seq: ok[("flash", seq)] / ok[("standard", seq)]
+            for (v, seq) in ok if v == "flash" and ("standard", seq) in ok}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import sys
+
+    cfg = config_mod.validate(QUICK, "--quick") if args.quick else config_mod.load(args.config_file)
+    if args.quick and args.config_file:
+        raise UsageError("--quick uses its own tiny config; drop --config-file")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in config_mod.ATTENTIONS]
+    if bad:
+        raise UsageError(f"--variants: unknown {', '.join(bad)}; expected flash and/or standard")
+    seq_lens = args.seq_lens or ([32, 64] if args.quick else [cfg.train.seq_len])
+    kernel_seq_lens = args.kernel_seq_lens or seq_lens
+    warmup, iters = (1, 2) if args.quick else (args.warmup, args.iters)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out_dir = rundir.create(Path(args.output_dir), None, prefix="bench")
+    report = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(["python -m orchestrator", *sys.argv[1:]]),
+        "environment": {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+                        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+        "config": cfg.model_dump(mode="json"),
+    }
+    m = cfg.model
+
+    def save_partial(key):  # a long GPU run that is cut short still leaves its rows behind
+        def save(rows):
+            rundir.write_json(out_dir / "bench.json", {**report, key: rows, "partial": True})
+        return save
+
+    if not args.skip_kernels:
+        report["kernels"] = kernels.run(kernel_seq_lens, tokens=args.kernel_tokens if not args.quick else 256,
+                                        heads=m.n_heads, kv_heads=m.n_kv_heads or m.n_heads,
+                                        head_dim=m.dim // m.n_heads, device=device, dtype=dtype, iters=iters,
+                                        on_row=save_partial("kernels"))
+    dataset = data_mod.load_dataset(cfg.data.path or data_mod.embedded_dataset())
+    if not args.skip_training:
+        report["training"] = training.run(variants, seq_lens, model_cfg=m, train_cfg=cfg.train,
+                                          tokens=dataset.tokens, vocab_size=dataset.vocab_size, device=device,
+                                          warmup=warmup, iters=iters, tokens_per_step=args.tokens_per_step,
+                                          on_row=save_partial("training"))
+        report["flash_over_standard"] = flash_over_standard(report["training"])
+    if args.ray:
+        report["ray"] = ray_share(cfg, args, variants[0], dataset, device, warmup, iters)
+    rundir.write_json(out_dir / "bench.json", report)
+    (out_dir / "bench.md").write_text(markdown(report))
+    log.info("%s", markdown(report))
+    log.info("wrote %s and %s", out_dir / "bench.json", out_dir / "bench.md")
+    return 0
+
+
+def ray_share(cfg, args, variant: str, dataset, device, warmup: int, iters: int) -> dict:
+    """The same variant at the config's sequence length: bare loop vs TorchTrainer, one worker."""
+    from orchestrator.run import TrainOptions, train
+
+    bare = training.bench_variant(variant, model_cfg=cfg.model, train_cfg=cfg.train, tokens=dataset.tokens,
+                                  vocab_size=dataset.vocab_size, device=device, warmup=warmup, iters=iters)
+    steps = max(cfg.train.max_steps, (warmup + iters) * cfg.train.log_every)
+    tmp_cfg = Path(args.output_dir) / f".bench-ray-{time.time_ns()}.yaml"
+    import yaml
+
+    data = cfg.model_dump(mode="json")
+    data["train"]["max_steps"] = steps
+    data["scaling"]["num_workers"] = 1
+    tmp_cfg.write_text(yaml.safe_dump(data))
+    try:
+        summary = train(TrainOptions(config_file=str(tmp_cfg), output_dir=args.output_dir,
+                                     disable_flash_attn=variant == "standard"))
+    finally:
+        tmp_cfg.unlink(missing_ok=True)
+    rec = next(iter(summary["variants"].values()))
+    return {"variant": variant, "bare_tokens_per_s": bare.get("tokens_per_s"), "bare_kernel": bare.get("kernel"),
+            "ray_tokens_per_s": rec.get("tokens_per_s"), "ray_kernel": rec.get("backend"),
+            "ray_status": rec.get("status"), "ray_error": rec.get("error"),
+            "startup_s": summary["run"].get("startup_s"), "run_dir": summary["run"]["dir"]}

@@ -1,0 +1,105 @@
+"""Training steps in a bare process: tokens/s, MFU and peak memory per variant and sequence
+length, through the same ``trainer.step.Stepper`` the Ray workers use.
+
+MFU = (6 x non-embedding params + 12 x layers x dim x seq) FLOPs per token x tokens/s over
+the device's dense bf16 peak (989 TFLOP/s for H100/H200).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import numpy as np
+import torch
+
+from orchestrator.bench import timing
+from trainer import attention
+from trainer.config import ModelConfig, TrainConfig
+from trainer.data import BatchSampler, get_batch, num_windows
+from trainer.model import Transformer
+from trainer.optim import build_optimizer
+from trainer.step import Stepper, compile_enabled, training_dtype
+
+log = logging.getLogger(__name__)
+
+
+def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, tokens: np.ndarray,
+                  vocab_size: int, device: torch.device, warmup: int, iters: int) -> dict:
+    """Train ``warmup + iters`` steps of one variant; time the last ``iters`` (median step)."""
+    tc = train_cfg
+    dtype = training_dtype(tc, device)
+    margs = model_cfg.args(vocab_size=vocab_size, max_seq_len=tc.seq_len,
+                           activation_checkpointing=tc.activation_checkpointing)
+    row = {"variant": attn, "seq_len": tc.seq_len, "micro_batch": tc.micro_batch_size,
+           "grad_accum": tc.grad_accum_steps, "compile": compile_enabled(tc, device),
+           "activation_checkpointing": tc.activation_checkpointing, "dtype": str(dtype).removeprefix("torch.")}
+    model = optimizer = stepper = None
+    try:
+        # A fresh compile per variant: cached graphs of another model would be recompiled
+        # with dynamic shapes (slower to build and to run) once the sequence length changes.
+        torch._dynamo.reset()
+        timing.reset_peak_memory(device)
+        resolved = attention.resolve(attn, device=device, dtype=dtype, head_dim=margs.head_dim,
+                                     n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads)
+        row["kernel"] = resolved.kernel
+        torch.manual_seed(tc.seed)
+        model = Transformer(margs, resolved.fn).to(device)
+        optimizer = build_optimizer(model, tc, device)
+        stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
+                          grad_clip=tc.grad_clip, compile=compile_enabled(tc, device))
+        sampler = BatchSampler(seed=tc.seed, n_windows=num_windows(len(tokens), tc.seq_len),
+                               micro_batch=tc.micro_batch_size, grad_accum=tc.grad_accum_steps, world_size=1)
+        step_no = iter(range(10**9))
+        losses = []
+
+        def one_step():
+            s = next(step_no)
+            batches = [get_batch(tokens, sampler.indices(s, m, 0), tc.seq_len) for m in range(tc.grad_accum_steps)]
+            loss, _ = stepper(batches, tc.lr)
+            losses.append(loss)
+
+        times = timing.time_runs(one_step, device, warmup=warmup, iters=iters)
+        loss_values = [float(x) for x in losses]
+    except Exception as e:
+        if timing.is_oom(e):
+            return {**row, "status": "oom", "error": "out of memory"}
+        return {**row, "status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    finally:
+        del model, optimizer, stepper
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    step_s = timing.median(times)
+    tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * tc.seq_len
+    tps = tokens_per_step / step_s
+    peak = timing.peak_tflops(device)
+    flops = margs.flops_per_token(tc.seq_len)
+    return {**row, "status": "ok", "step_time_s": step_s, "tokens_per_s": tps,
+            "tflops": flops * tps / 1e12, "mfu": flops * tps / (peak * 1e12) if peak else None,
+            "peak_mem_bytes": timing.peak_memory(device), "params": margs.non_embedding_params(),
+            "first_loss": loss_values[0], "last_loss": loss_values[-1],
+            "loss_finite": bool(np.isfinite(loss_values).all())}
+
+
+def run(variants: list[str], seq_lens: list[int], *, model_cfg: ModelConfig, train_cfg: TrainConfig,
+        tokens: np.ndarray, vocab_size: int, device: torch.device, warmup: int, iters: int,
+        tokens_per_step: int | None = None, on_row=None) -> list[dict]:
+    """Each variant at each sequence length, with micro-batch max(1, tokens_per_step // seq)
+    (default: the config's seq_len x micro_batch_size tokens)."""
+    rows = []
+    per_step = tokens_per_step or train_cfg.seq_len * train_cfg.micro_batch_size
+    for seq in seq_lens:
+        mb = max(1, per_step // seq)
+        tc = train_cfg.model_copy(update={"seq_len": seq, "micro_batch_size": mb})
+        for attn in variants:
+            row = bench_variant(attn, model_cfg=model_cfg, train_cfg=tc, tokens=tokens, vocab_size=vocab_size,
+                                device=device, warmup=warmup, iters=iters)
+            mfu = f", MFU {row['mfu']:.1%}" if row.get("mfu") else ""
+            log.info("train %-8s seq %6d x %d: %s", attn, seq, mb,
+                     f"{row['tokens_per_s']:.0f} tok/s{mfu}, peak {row['peak_mem_bytes'] or 0:,} B"
+                     if row["status"] == "ok" else f"{row['status']} {row.get('error', '')}")
+            rows.append(row)
+            if on_row:
+                on_row(rows)
+    return rows
