@@ -1,0 +1,55 @@
+"""`bench --quick`: every benchmark path runs on CPU and writes JSON a script can read."""
+
+import json
+
+import pytest
+
+from orchestrator.bench import command, kernels, timing
+from tests.conftest import run_cli
+
+
+def test_quick_bench_writes_kernel_and_training_rows(tmp_path, cli_env):
+    out = run_cli(["bench", "--quick", "--output-dir", str(tmp_path)], cli_env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    [bench_dir] = tmp_path.glob("bench-*")
+    report = json.loads((bench_dir / "bench.json").read_text())
+    ok_kernels = {(r["kernel"], r["seq_len"]) for r in report["kernels"] if r["status"] == "ok"}
+    assert ok_kernels == {("standard", 32), ("sdpa_flash_cpu", 32), ("standard", 64), ("sdpa_flash_cpu", 64)}
+    assert all(r["tflops"] > 0 and r["ms"] > 0 for r in report["kernels"])
+    rows = report["training"]
+    assert {(r["variant"], r["kernel"]) for r in rows} == {("flash", "sdpa_flash_cpu"), ("standard", "standard")}
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["loss_finite"] for r in rows)
+    assert set(report["flash_over_standard"]) == {"32", "64"}  # JSON keys
+    md = (bench_dir / "bench.md").read_text()
+    assert "| sdpa_flash_cpu | 64 |" in md and "flash / standard tokens/s" in md
+    assert "partial" not in report
+
+
+def test_attention_flops_follow_the_flash_attention_convention():
+    # Causal fwd+bwd = 3.5 x (4 B H T^2 D / 2): the figures in docs/BENCHMARKS.md use it.
+    assert kernels.attention_flops(4, 16, 4096, 128) == pytest.approx(3.5 * 2 * 4 * 16 * 4096**2 * 128)
+
+
+def test_mfu_peak_is_known_for_hopper_and_absent_on_cpu():
+    import torch
+
+    assert timing.peak_tflops(torch.device("cpu")) is None
+    assert timing.PEAK_BF16_TFLOPS["H100"] == 989.0
+
+
+def test_ratios_pair_variants_at_the_same_length_only():
+    rows = [{"variant": "flash", "seq_len": 2048, "status": "ok", "tokens_per_s": 300.0},
+            {"variant": "standard", "seq_len": 2048, "status": "ok", "tokens_per_s": 100.0},
+            {"variant": "flash", "seq_len": 16384, "status": "ok", "tokens_per_s": 50.0},
+            {"variant": "standard", "seq_len": 16384, "status": "oom"}]
+    assert command.flash_over_standard(rows) == {2048: 3.0}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--variants", "flash,fast"], "--variants: unknown fast"),
+    (["--seq-lens", "12,x"], "expected comma-separated integers"),
+    (["--quick", "--config-file", "c.yaml"], "--quick uses its own tiny config"),
+])
+def test_bad_bench_flags_are_usage_errors(tmp_path, cli_env, args, message):
+    out = run_cli(["bench", *args, "--output-dir", str(tmp_path)], cli_env, tmp_path, timeout=60)
+    assert out.returncode == 2 and message in out.stderr
