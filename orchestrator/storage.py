@@ -38,7 +38,7 @@ def output_dir_problem(output_dir: str, cwd: str) -> Optional[str]:
     m = _URI.match(output_dir)
     if m:
         scheme = m.group(1).lower()
-        hint = (f"use the plain path {output_dir[len(m.group(0)) - 1:]!r}" if scheme == "file" else
+        hint = (f"use the plain path {output_dir[len(m.group(0)):]!r}" if scheme == "file" else
                 "mount the bucket on every node (s3fs, gcsfuse, mountpoint-s3) and pass the mount path")
         return (f"--output-dir {output_dir}: {scheme}:// URIs are not supported, because the run writes "
                 f"metrics, summaries and checkpoints with local file I/O; {hint}")
