@@ -155,3 +155,52 @@ def test_node_labels_script_prints_labels_ray_start_accepts():
     assert out.returncode == 0, out.stderr
     parsed = parse_node_labels_string(out.stdout.strip())
     assert set(parsed) == {"fo-accelerator", "fo-gpu-count", "fo-cuda-cc", "fo-glibc", "fo-flash-attn"}
+
+
+# ---------------------------------------------------------------- ray-node.sh, without starting Ray
+
+
+def ray_node(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "FO_STATE_DIR": str(tmp_path / "state")}
+    return subprocess.run([str(CLUSTER / "ray-node.sh"), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_ray_node_script_is_valid_bash():
+    r = subprocess.run(["bash", "-n", str(CLUSTER / "ray-node.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_ray_node_without_a_command_prints_usage_and_exits_2(tmp_path):
+    r = ray_node([], tmp_path)
+    assert r.returncode == 2 and "ray-node.sh head" in r.stderr and "ray-node.sh stop" in r.stderr
+
+
+def test_ray_node_join_without_an_address_is_a_usage_error(tmp_path):
+    r = ray_node(["join", "--num-cpus=1"], tmp_path)
+    assert r.returncode == 2 and "join needs the head's address" in r.stderr
+
+
+def test_ray_node_status_and_stop_when_nothing_was_started(tmp_path):
+    r = ray_node(["status"], tmp_path)
+    assert r.returncode == 3 and r.stdout.strip() == "not running"
+    r = ray_node(["stop"], tmp_path)
+    assert r.returncode == 0 and "no node started from" in r.stdout
+
+
+def test_ray_node_stop_ignores_a_stale_pid_file(tmp_path):
+    """A pid file whose process is gone (or was reused by an unrelated process) kills nothing."""
+    state = tmp_path / "state"
+    state.mkdir()
+    sleeper = subprocess.Popen(["sleep", "30"])  # a live process that is not a node of ours
+    try:
+        (state / "pid").write_text(f"{sleeper.pid}\n")
+        r = ray_node(["status"], tmp_path)
+        assert r.returncode == 3  # not a `ray start` process: not ours
+        r = ray_node(["stop"], tmp_path)
+        # sleep runs in this test's process group, not a group of its own: stop must not touch it
+        assert sleeper.poll() is None, r.stdout + r.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
