@@ -7,7 +7,9 @@ is started, so bad input costs seconds and leaves nothing behind.
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +19,7 @@ from typing import Optional
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import launch, plan as plan_mod, rundir
+from orchestrator import launch, plan as plan_mod, rundir, storage
 from orchestrator.errors import UsageError
 from trainer import data as data_mod
 from trainer.loop import WorkerSpec
@@ -56,6 +58,9 @@ def prepare(opts: TrainOptions) -> Prepared:
     if opts.disable_flash_attn and opts.run_both_models:
         raise UsageError("--disable-flash-attn and --run-both-models contradict each other: "
                          "the flash variant cannot run with flash attention disabled")
+    problem = storage.output_dir_problem(opts.output_dir, os.getcwd())
+    if problem:
+        raise UsageError(problem)
     cfg = config_mod.load(opts.config_file)
     source = opts.config_file or "built-in config"
     cfg = config_mod.with_overrides(
@@ -121,6 +126,11 @@ def train(opts: TrainOptions) -> dict:
 
     with ray_session(opts.address, log_to_driver=opts.debug) as address:
         t_ray = time.time()
+        try:  # on several nodes, every node must see the run directory and the data
+            storage.check_nodes(run_dir, prep.data_path)
+        except UsageError:
+            shutil.rmtree(run_dir, ignore_errors=True)  # ours, made a moment ago, holds no results
+            raise
         plan = make_plan(prep, cluster_resources())
         t_plan = time.time()
         rundir.write_json(run_dir / PLAN_FILE, plan.to_json())

@@ -1,0 +1,184 @@
+"""Where a run's results and data live: on a path that every node of the cluster reaches.
+
+Workers write metrics, TensorBoard events and checkpoints into the run directory, and read
+the token dataset, with plain file I/O. On one machine any directory works. On several
+nodes each node must see the same files at the same path: an NFS (or other shared
+filesystem) mount, or a bucket mounted on every node (s3fs, gcsfuse, mountpoint-s3).
+Object-store URIs (``s3://``, ``gs://``) are refused: the run's own files are written with
+local file I/O, which a URI cannot serve.
+
+The decisions are pure functions (``output_dir_problem``, ``shared_problems``); the Ray side
+(``check_nodes``) only gathers what each node sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Optional
+
+from orchestrator.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+MARKER_FILE = ".storage-check"
+NODE_CHECK_TIMEOUT_S = 120.0
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# Where Ray unpacks a `ray job submit --working-dir` upload; Ray deletes it when it needs the space.
+_JOB_WORKING_DIR = "/runtime_resources/working_dir_files/"
+# Filesystems that are one machine's own: a multi-node run cannot share them.
+LOCAL_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "tmpfs", "overlay", "f2fs", "vfat", "apfs"})
+
+
+def output_dir_problem(output_dir: str, cwd: str) -> Optional[str]:
+    """Why ``--output-dir`` cannot hold this run's results (before anything starts), or None."""
+    m = _URI.match(output_dir)
+    if m:
+        scheme = m.group(1).lower()
+        hint = (f"use the plain path {output_dir[len(m.group(0)):]!r}" if scheme == "file" else
+                "mount the bucket on every node (s3fs, gcsfuse, mountpoint-s3) and pass the mount path")
+        return (f"--output-dir {output_dir}: {scheme}:// URIs are not supported, because the run writes "
+                f"metrics, summaries and checkpoints with local file I/O; {hint}")
+    if not PurePosixPath(output_dir).is_absolute() and _JOB_WORKING_DIR in cwd.replace("\\", "/") + "/":
+        return (f"--output-dir {output_dir}: a relative path would put results in this job's uploaded "
+                f"working directory ({cwd}), which Ray deletes; pass an absolute path, on shared storage "
+                "for a multi-node cluster (e.g. --output-dir /mnt/shared/runs)")
+    return None
+
+
+@dataclass(frozen=True)
+class DataFingerprint:
+    """Enough of a token dataset to tell two copies apart without reading them."""
+
+    num_tokens: int
+    vocab_size: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What one alive node sees of the run's paths; ``answered`` is False when it did not reply."""
+
+    node_id: str
+    ip: str
+    answered: bool = True
+    sees_output: bool = False
+    data: Optional[DataFingerprint] = None
+
+
+def shared_problems(output_dir: str, data_path: str, driver_data: DataFingerprint,
+                    nodes: list[NodeView], fs_type: Optional[str] = None) -> list[str]:
+    """Why the run's paths are not usable on every node: one message per problem; [] when fine."""
+    if len(nodes) <= 1:
+        return []
+    where = lambda views: ", ".join(f"{v.ip} ({v.node_id[:8]})" for v in views)  # noqa: E731
+    problems = []
+    silent = [v for v in nodes if not v.answered]
+    if silent:
+        problems.append(f"node(s) {where(silent)} did not answer the storage check within "
+                        f"{NODE_CHECK_TIMEOUT_S:.0f} s; is the cluster healthy?")
+    blind = [v for v in nodes if v.answered and not v.sees_output]
+    if blind:
+        local = f" (it is on {fs_type}, a filesystem local to this machine)" if fs_type in LOCAL_FS_TYPES else ""
+        problems.append(
+            f"--output-dir {output_dir} is not shared: node(s) {where(blind)} cannot see it{local}. "
+            f"A run on {len(nodes)} nodes needs a directory every node reaches at the same path: "
+            "an NFS or other shared filesystem mount, or a bucket mounted on every node")
+    missing = [v for v in nodes if v.answered and v.data is None]
+    if missing:
+        problems.append(
+            f"data {data_path} is missing on node(s) {where(missing)}: put the dataset on shared storage "
+            "(--preprocessed-data), or at the same path on every node")
+    differ = [v for v in nodes if v.answered and v.data is not None and v.data != driver_data]
+    if differ:
+        problems.append(f"data {data_path} on node(s) {where(differ)} differs from the driver's copy "
+                        f"({driver_data.num_tokens} tokens, vocab {driver_data.vocab_size}); "
+                        "every node must read the same dataset")
+    return problems
+
+
+# ---------------------------------------------------------------- the I/O edges
+
+
+def fingerprint(data_path: str) -> Optional[DataFingerprint]:
+    """The dataset's header facts, or None where it is not there."""
+    import json
+
+    from trainer.data import META_FILE, TOKENS_FILE
+
+    try:
+        meta = json.loads((Path(data_path) / META_FILE).read_text())
+        nbytes = (Path(data_path) / TOKENS_FILE).stat().st_size
+        return DataFingerprint(int(meta["num_tokens"]), int(meta["vocab_size"]), nbytes)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def fs_type(path: Path) -> Optional[str]:
+    """The filesystem type of the mount holding ``path``, as this machine sees it."""
+    import psutil
+
+    path = path.resolve()
+    best: tuple[int, Optional[str]] = (-1, None)
+    for part in psutil.disk_partitions(all=True):
+        mount = Path(part.mountpoint)
+        if (path == mount or mount in path.parents) and len(mount.parts) > best[0]:
+            best = (len(mount.parts), part.fstype)
+    return best[1]
+
+
+def _look(marker: str, token: str, data_path: str) -> tuple[bool, Optional[DataFingerprint]]:
+    try:
+        sees = Path(marker).read_text() == token
+    except OSError:
+        sees = False
+    return sees, fingerprint(data_path)
+
+
+def check_nodes(run_dir: Path, data_path: Path) -> None:
+    """Raise UsageError unless every alive node sees ``run_dir`` and the same dataset.
+
+    A marker file with a random token goes into the run directory; one zero-CPU task per node
+    reads it back, so the answer comes from each node itself, whatever its mounts are.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) <= 1:
+        return
+    token = secrets.token_hex(16)
+    marker = run_dir / MARKER_FILE
+    marker.write_text(token)
+    look = ray.remote(num_cpus=0, max_retries=0)(_look)
+    try:
+        refs = {n["NodeID"]: look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(marker), token, str(data_path)) for n in alive}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=NODE_CHECK_TIMEOUT_S)
+        views = []
+        for n in alive:
+            ref = refs[n["NodeID"]]
+            ip = n.get("NodeManagerAddress", "?")
+            if ref not in ready:
+                views.append(NodeView(n["NodeID"], ip, answered=False))
+                continue
+            try:
+                sees, data = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                log.debug("storage check on node %s failed: %s", ip, e)
+                views.append(NodeView(n["NodeID"], ip, answered=False))
+                continue
+            views.append(NodeView(n["NodeID"], ip, sees_output=sees, data=data))
+        for ref in refs.values():
+            if ref not in ready:
+                ray.cancel(ref, force=True)
+    finally:
+        marker.unlink(missing_ok=True)
+    driver_data = fingerprint(str(data_path))
+    problems = shared_problems(str(run_dir.parent), str(data_path), driver_data, views, fs_type(run_dir))
+    if problems:
+        raise UsageError("; ".join(problems))
+    log.info("storage: all %d nodes see %s and the same dataset", len(views), run_dir.parent)
