@@ -51,9 +51,14 @@ def run_plan(plan: Plan, specs: dict[str, WorkerSpec], *, max_failures: int, kee
     runnable = plan.runnable()
     with placement_timeout(placement_timeout_s):
         if plan.mode == "concurrent" and len(runnable) > 1:
-            with ThreadPoolExecutor(max_workers=len(runnable), thread_name_prefix="variant") as pool:
-                futures = {v.name: pool.submit(one, v) for v in runnable}
+            pool = ThreadPoolExecutor(max_workers=len(runnable), thread_name_prefix="variant")
+            futures = {v.name: pool.submit(one, v) for v in runnable}
+            try:
                 results.update({name: f.result() for name, f in futures.items()})
+            finally:
+                # Not waiting: on Ctrl-C the driver must get out; ending the Ray session
+                # (the caller's) then ends the fits still running in these threads.
+                pool.shutdown(wait=False, cancel_futures=True)
         else:
             for v in runnable:
                 results[v.name] = one(v)
