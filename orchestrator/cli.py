@@ -1,7 +1,9 @@
 """``python -m orchestrator <command>``: a thin layer over the Python API.
 
-Exit codes: 0 success; 1 the run failed; 2 usage or input error. Errors are one line on
-stderr, with a traceback only under ``--debug``.
+Exit codes: 0 success; 1 the run failed; 2 usage or input error (a request the cluster can
+never satisfy included); 3 the run finished but a requested variant was skipped (flash
+attention works on no node). Errors are one line on stderr, with a traceback only under
+``--debug``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.run import TrainOptions, describe_summary, train
+    from orchestrator.run import TrainOptions, describe_summary, exit_code, train
     from trainer import import_guard
 
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
@@ -50,8 +52,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     log.info("summary:")
     for line in describe_summary(summary):
         log.info(line)
-    if summary["run"]["status"] != "succeeded":
+    code = exit_code(summary)
+    if code == RunFailed.exit_code:
         raise RunFailed("a variant failed; see summary.json in the run directory")
+    return code
+
+
+# ---------------------------------------------------------------- report
+
+
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds summary.json)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator import report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: run directory not found")
+    for line in report.write(run_dir).describe():
+        log.info(line)
     return 0
 
 
@@ -84,6 +105,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train one or more variants on Ray Train", add_train_args, cmd_train),
     "preprocess": ("tokenize raw text into a token dataset", add_preprocess_args, cmd_preprocess),
+    "report": ("write the comparison report (report.md and charts) of a run directory", add_report_args, cmd_report),
     "bench": ("benchmark attention kernels and training steps", bench_command.add_args, bench_command.cmd_bench),
 }
 

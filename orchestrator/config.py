@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union, get_args
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from orchestrator import labels
 from orchestrator.errors import UsageError
 from trainer.config import ModelConfig, Strict, TrainConfig
 
@@ -24,6 +25,15 @@ class ScalingConfig(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(3, ge=-1, description="worker-failure restarts from the last checkpoint; -1 = unbounded")
     keep_checkpoints: int = Field(2, gt=0)
+    label_selector: dict[str, str] = Field(default_factory=dict,
+                                           description="Ray label selector every variant's workers must match")
+    placement_timeout_s: float = Field(60.0, gt=0, description="give up when workers cannot be placed for this long")
+
+    @field_validator("label_selector")
+    @classmethod
+    def _selector_syntax(cls, v):
+        labels.check(v)
+        return v
 
 
 class DataConfig(Strict):
@@ -35,6 +45,14 @@ class VariantConfig(Strict):
     attention: Literal["flash", "standard"]
     model: dict[str, Any] = Field(default_factory=dict, description="overrides of model fields")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of train fields")
+    label_selector: dict[str, str] = Field(default_factory=dict,
+                                           description="added to scaling.label_selector for this variant")
+
+    @field_validator("label_selector")
+    @classmethod
+    def _selector_syntax(cls, v):
+        labels.check(v)
+        return v
 
 
 class RunConfig(Strict):
@@ -65,7 +83,7 @@ class RunConfig(Strict):
                 try:
                     type(base).model_validate(merged)
                 except ValidationError as e:
-                    raise ValueError(f"variants[{i}] ({v.name}).{section}: {_first_error(e)}") from None
+                    raise ValueError(f"variants[{i}] ({v.name}).{section}: {_first_error(e, type(base))}") from None
         return self
 
 

@@ -7,7 +7,17 @@ class UsageError(Exception):
     exit_code = 2
 
 
+class InfeasibleRequest(UsageError):
+    """A request this cluster can never satisfy (too many workers or GPUs, a label selector
+    that matches no node): exit code 2, found by the planner before anything is launched."""
+
+
 class RunFailed(Exception):
     """The run started and failed (a variant failed, a fault it could not survive): exit code 1."""
 
     exit_code = 1
+
+
+# The run finished and nothing failed, but a requested variant was skipped (flash attention
+# works on no node): the results are real but incomplete, which a script must be able to tell.
+EXIT_VARIANT_SKIPPED = 3

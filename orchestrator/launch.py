@@ -19,7 +19,6 @@ from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
 log = logging.getLogger(__name__)
 
 
-
 def _one_line(err: BaseException) -> str:
     """The root cause of a (possibly wrapped) Ray error, on one line."""
     while getattr(err, "__cause__", None) is not None:
@@ -29,6 +28,17 @@ def _one_line(err: BaseException) -> str:
     # Ray wraps worker tracebacks; the last line names the original exception.
     last = lines[-1].strip() if lines else type(err).__name__
     return last if len(last) < 400 else last[:400] + "..."
+
+
+def _placement_error(err: BaseException, v: PlannedVariant, timeout_s: float) -> str | None:
+    """A clear message when Ray Train gave up placing the workers, else None."""
+    failure = getattr(err, "controller_failure", None)
+    if type(failure).__name__ not in ("WorkerGroupStartupTimeoutError", "InsufficientClusterResourcesError"):
+        return None
+    need = " + ".join(f"{x:g} {k}" for k, x in v.demand().items())
+    where = f" with label selector {v.label_selector}" if v.label_selector else ""
+    return (f"could not place {v.num_workers} worker(s) x ({need}){where} within {timeout_s:g} s "
+            "(scaling.placement_timeout_s): the resources are held by something else, or the nodes are gone")
 
 
 def skipped_record(v: PlannedVariant) -> dict:
@@ -52,8 +62,14 @@ def count_attempts(variant_dir: Path, since: float) -> int:
     return n
 
 
-def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_checkpoints: int) -> dict:
-    """Train one variant to completion (or failure) and return its summary record."""
+def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_checkpoints: int,
+                placement_timeout_s: float = 60.0) -> dict:
+    """Train one variant to completion (or failure) and return its summary record.
+
+    Placement is tried once: with ``controller_failure_limit=0`` Ray Train gives up when the
+    workers cannot be placed within the start timeout (``execute.placement_timeout``) instead
+    of retrying forever. Worker failures after placement are retried ``max_failures`` times.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -66,20 +82,19 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
         scaling_config=ray.train.ScalingConfig(
             num_workers=v.num_workers,
             use_gpu=v.use_gpu,
-            resources_per_worker={"CPU": v.cpus_per_worker, **({"GPU": 1} if v.use_gpu else {})},
+            resources_per_worker=v.demand(),
             label_selector=v.label_selector,
         ),
         run_config=ray.train.RunConfig(
             name=checkpoint.STORAGE_NAME,
             storage_path=str(vdir.resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             # Set before each worker process starts, so even its first import sees them.
             worker_runtime_env={"env_vars": dict(v.env)},
         ),
     )
-    record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None,
-              "fit_started": started}
+    record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None}
     with ProgressFollower(vdir / METRICS_FILE, v.name, spec.train.max_steps):
         try:
             result = trainer.fit()
@@ -91,7 +106,8 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
         record.update(result.return_value)
         record["status"] = "succeeded"
     else:
-        record["error"] = _one_line(error) if error else "training returned no result"
+        record["error"] = ((_placement_error(error, v, placement_timeout_s) or _one_line(error)) if error
+                           else "training returned no result")
     attempts = count_attempts(vdir, started)
     record["restarts"] = max(0, attempts - 1)
     record.setdefault("steps", read_metrics(vdir / METRICS_FILE)[-1]["step"] if read_metrics(vdir / METRICS_FILE) else 0)
@@ -99,5 +115,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
         record.setdefault(key, None)
     record.setdefault("num_workers", v.num_workers)
     record.setdefault("use_gpu", v.use_gpu)
-    record["wall_time_s"] = round(time.time() - started, 3)
+    ended = time.time()
+    record["wall_time_s"] = round(ended - started, 3)
+    record["started_at"], record["ended_at"] = started, ended  # epoch seconds: shows concurrent variants overlap
     return record

@@ -1,14 +1,38 @@
 """The plan: which variants run, with which attention env flags, on which nodes, how.
 
-A pure function of the config, the preflight verdicts and the cluster's resources, so every
+A pure function of the config, the preflight verdicts and the cluster's nodes, so every
 decision here is unit-tested without Ray. It is printed before anything starts and saved as
 ``plan.json`` in the run directory.
+
+Rules, in order, per variant:
+1. Candidate nodes: alive nodes matching ``scaling.label_selector`` plus the variant's own
+   selector. None: the request is infeasible (exit 2).
+2. A flash variant keeps only nodes where preflight says flash works (``flash_ok``). None:
+   the variant is ``skipped`` with preflight's reasons; the other variants still run.
+3. GPU or CPU: ``use_gpu: true|false`` as given; ``auto`` takes GPUs when all workers fit on
+   the candidates' GPUs (one GPU and ``cpus_per_worker`` CPUs each), else CPUs.
+4. The workers must fit the candidates' total capacity, else infeasible (exit 2): Ray Train
+   would otherwise wait for placement that can never happen.
+Then all runnable variants are packed onto the cluster at once. If they fit, they run
+concurrently, each worker pinned to its node with a ``ray.io/node-id`` selector so the
+variants cannot take each other's CPUs or GPUs. If not, they run one after the other on the
+whole cluster, and the plan says so up front.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, Union
+
+from orchestrator import labels
+from orchestrator.config import ScalingConfig, VariantConfig
+from orchestrator.errors import InfeasibleRequest
+
+# Orders of variants tried when packing them together; beyond this many variants, the most
+# constrained-first order alone (the search is factorial).
+_MAX_PACKING_ORDERS = 120
 
 
 def attention_env(attention: str) -> dict[str, str]:
@@ -36,6 +60,10 @@ class NodeCapacity:
     flash_kernel: Optional[str] = None
     flash_reason: Optional[str] = None
 
+    def all_labels(self) -> dict[str, str]:
+        """The labels a selector sees: Ray adds the node id to every node's labels."""
+        return {labels.NODE_ID_KEY: self.node_id, **self.labels}
+
 
 @dataclass
 class PlannedVariant:
@@ -46,9 +74,14 @@ class PlannedVariant:
     use_gpu: bool
     cpus_per_worker: float
     status: str = "planned"  # planned | skipped
-    reason: Optional[str] = None  # why skipped, or why the attention differs from the request
-    label_selector: Optional[dict[str, str]] = None
-    nodes: list[str] = field(default_factory=list)
+    reason: Optional[str] = None  # why skipped
+    # One selector for all workers, or one per worker (concurrent plans pin each worker to a node).
+    label_selector: Union[dict[str, str], list[dict[str, str]], None] = None
+    nodes: list[str] = field(default_factory=list)  # the node of each worker, as packed
+
+    def demand(self) -> dict[str, float]:
+        """What one worker asks Ray for (the same dict launch passes as resources_per_worker)."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
 
 
 @dataclass
@@ -56,16 +89,21 @@ class Plan:
     variants: list[PlannedVariant]
     mode: str  # concurrent | sequential
     notes: list[str] = field(default_factory=list)
+    cluster: list[NodeCapacity] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def runnable(self) -> list[PlannedVariant]:
+        return [v for v in self.variants if v.status == "planned"]
 
     def describe(self) -> list[str]:
         lines = [f"plan: {len(self.variants)} variant(s), {self.mode}"]
         for v in self.variants:
             where = f"{v.num_workers} x {'GPU' if v.use_gpu else 'CPU'} worker(s)"
             if v.nodes:
-                where += f" on {', '.join(n[:12] for n in v.nodes)}"
+                counts = {n: v.nodes.count(n) for n in v.nodes}
+                where += " on " + ", ".join(f"{n[:12]} ({c})" for n, c in counts.items())
             env = " ".join(f"{k}={val}" for k, val in v.env.items())
             line = f"  {v.name}: {v.status}, {where}, {env}"
             if v.reason:
@@ -73,3 +111,144 @@ class Plan:
             lines.append(line)
         lines += [f"  note: {n}" for n in self.notes]
         return lines
+
+
+# ---------------------------------------------------------------- packing
+
+
+def _slots(free: dict[str, float], demand: dict[str, float]) -> int:
+    """How many workers of ``demand`` fit in ``free``."""
+    return min(math.floor(free.get(k, 0.0) / v + 1e-9) for k, v in demand.items() if v > 0)
+
+
+def _pack(count: int, demand: dict[str, float], candidates: Sequence[str],
+          free: dict[str, dict[str, float]]) -> Optional[list[str]]:
+    """Place ``count`` workers on ``candidates``, fullest-fitting node first (like Ray's PACK
+    strategy: fewer nodes, more local traffic). Takes the room from ``free``; None if they do
+    not fit (``free`` is then unchanged)."""
+    order = sorted(candidates, key=lambda n: -_slots(free[n], demand))
+    placed: list[str] = []
+    for node in order:
+        take = min(count - len(placed), _slots(free[node], demand))
+        placed += [node] * take
+        if len(placed) == count:
+            break
+    if len(placed) < count:
+        return None
+    for node in placed:
+        for k, v in demand.items():
+            free[node][k] = free[node].get(k, 0.0) - v
+    return placed
+
+
+def _capacity(nodes: list[NodeCapacity]) -> dict[str, dict[str, float]]:
+    return {n.node_id: {"CPU": n.cpus, "GPU": n.gpus} for n in nodes}
+
+
+def _pack_together(variants: list[PlannedVariant], candidates: dict[str, list[str]],
+                   nodes: list[NodeCapacity]) -> Optional[dict[str, list[str]]]:
+    """Every variant on its own resources at the same time, or None. Tries the most
+    constrained variant first, then other orders, since a greedy pass can paint itself into
+    a corner (a flexible variant taking the only node another one can use)."""
+    first = sorted(variants, key=lambda v: (len(candidates[v.name]), -v.num_workers))
+    orders = itertools.chain([first], itertools.islice(itertools.permutations(variants), _MAX_PACKING_ORDERS))
+    for order in orders:
+        free = _capacity(nodes)
+        placed = {}
+        for v in order:
+            got = _pack(v.num_workers, v.demand(), candidates[v.name], free)
+            if got is None:
+                break
+            placed[v.name] = got
+        else:
+            return placed
+    return None
+
+
+# ---------------------------------------------------------------- the planner
+
+
+def _fmt_selector(selector: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in selector.items())
+
+
+def _flash_reason(nodes: list[NodeCapacity]) -> str:
+    reasons = [f"{n.node_id[:12]}: {n.flash_reason or 'flash check failed'}" for n in nodes if not n.flash_ok]
+    return "flash attention works on no node (" + "; ".join(reasons) + ")"
+
+
+def _total(nodes: list[NodeCapacity], key: str) -> float:
+    return sum(n.cpus if key == "CPU" else n.gpus for n in nodes)
+
+
+def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list[NodeCapacity]) -> Plan:
+    """Variants onto the cluster (see the module docstring for the rules).
+
+    Raises InfeasibleRequest (exit 2) for a request no state of this cluster can satisfy.
+    """
+    if not nodes:
+        raise InfeasibleRequest("the Ray cluster has no alive nodes")
+    planned: list[PlannedVariant] = []
+    candidates: dict[str, list[str]] = {}
+    restricted: dict[str, bool] = {}  # flash excluded nodes the selector alone would allow
+    for vc in variants:
+        selector = {**scaling.label_selector, **vc.label_selector}
+        matching = [n for n in nodes if labels.matches(selector, n.all_labels())]
+        if not matching:
+            raise InfeasibleRequest(f"variant {vc.name}: label selector {{{_fmt_selector(selector)}}} matches none "
+                                    f"of the cluster's {len(nodes)} node(s)")
+        pv = PlannedVariant(name=vc.name, attention=vc.attention, env=attention_env(vc.attention),
+                            num_workers=scaling.num_workers, use_gpu=False, cpus_per_worker=scaling.cpus_per_worker,
+                            label_selector=selector or None)
+        usable = [n for n in matching if n.flash_ok] if vc.attention == "flash" else matching
+        if not usable:
+            pv.status, pv.reason = "skipped", _flash_reason(matching)
+            planned.append(pv)
+            continue
+        ids = [n.node_id for n in usable]
+        alone = None
+        if scaling.use_gpu is not False:  # auto: GPUs when the candidates hold all workers on GPUs
+            pv.use_gpu = True
+            alone = _pack(pv.num_workers, pv.demand(), ids, _capacity(usable))
+        if alone is None and scaling.use_gpu is not True:
+            pv.use_gpu = False
+            alone = _pack(pv.num_workers, pv.demand(), ids, _capacity(usable))
+        if alone is None:
+            where = (f"the {len(usable)} flash-capable node(s)" if len(usable) < len(matching)
+                     else f"the {len(usable)} node(s)" + (f" matching {{{_fmt_selector(selector)}}}" if selector else ""))
+            need = " + ".join(f"{v:g} {k}" for k, v in pv.demand().items())
+            have = ", ".join(f"{_total(usable, k):g} {k}" for k in pv.demand())
+            raise InfeasibleRequest(
+                f"variant {vc.name}: {pv.num_workers} worker(s) x ({need}) do not fit on {where} "
+                f"(they have {have} in all); lower scaling.num_workers or scaling.cpus_per_worker, or add nodes"
+            )
+        pv.nodes = alone
+        candidates[vc.name] = [n.node_id for n in usable]
+        restricted[vc.name] = len(usable) < len(matching)
+        planned.append(pv)
+
+    runnable = [v for v in planned if v.status == "planned"]
+    plan = Plan(variants=planned, mode="sequential", cluster=list(nodes))
+    together = _pack_together(runnable, candidates, nodes) if len(runnable) > 1 else None
+    if together is not None:
+        plan.mode = "concurrent"
+        plan.notes.append(f"the cluster holds all {len(runnable)} variants at once: they run concurrently, "
+                          "each worker pinned to its own node's CPUs/GPUs")
+        for v in runnable:
+            v.nodes = together[v.name]
+            v.label_selector = [{labels.NODE_ID_KEY: n} for n in v.nodes]
+    else:
+        if len(runnable) > 1:
+            demand = "; ".join(f"{v.name}: {v.num_workers} x {'GPU' if v.use_gpu else 'CPU'}" for v in runnable)
+            plan.notes.append(f"the cluster cannot hold all {len(runnable)} variants at once ({demand}; cluster: "
+                              f"{_total(nodes, 'CPU'):g} CPU, {_total(nodes, 'GPU'):g} GPU): "
+                              "they run one after the other")
+        for v in runnable:
+            # Alone on the cluster, a variant may go anywhere its selector allows; only the
+            # flash restriction has to be spelled out, as the candidate nodes' ids.
+            if restricted[v.name]:
+                v.label_selector = {**(v.label_selector or {}), **labels.one_of(labels.NODE_ID_KEY, candidates[v.name])}
+    for v in planned:
+        if v.status == "skipped":
+            plan.notes.append(f"{v.name} is skipped: {v.reason}")
+    return plan

@@ -14,13 +14,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import launch, plan as plan_mod, rundir, storage
-from orchestrator.errors import UsageError
+from orchestrator import execute, plan as plan_mod, rundir, storage
+from orchestrator.errors import EXIT_VARIANT_SKIPPED, UsageError
 from trainer import data as data_mod
 from trainer.loop import WorkerSpec
 
@@ -85,25 +85,23 @@ def prepare(opts: TrainOptions) -> Prepared:
     return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size)
 
 
-def cluster_resources() -> dict[str, float]:
+def cluster_nodes() -> list[plan_mod.NodeCapacity]:
+    """The alive nodes of the connected Ray cluster as the planner sees them.
+
+    Until preflight probes each node, every node is assumed to run flash (the worker still
+    falls back, and records the kernel that really ran).
+    """
     import ray
 
-    return dict(ray.cluster_resources())
-
-
-def make_plan(prep: Prepared, resources: dict[str, float]) -> plan_mod.Plan:
-    """Variants onto the cluster. GPUs are used when asked for, or with use_gpu auto when the
-    cluster has one per worker."""
-    sc = prep.cfg.scaling
-    gpus = resources.get("GPU", 0)
-    variants = []
-    for v in prep.variants:
-        use_gpu = sc.use_gpu if isinstance(sc.use_gpu, bool) else gpus >= sc.num_workers
-        variants.append(plan_mod.PlannedVariant(
-            name=v.name, attention=v.attention, env=plan_mod.attention_env(v.attention),
-            num_workers=sc.num_workers, use_gpu=use_gpu, cpus_per_worker=sc.cpus_per_worker,
-        ))
-    return plan_mod.Plan(variants=variants, mode="sequential")
+    out = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        res = n.get("Resources", {})
+        node_labels = {k: v for k, v in (n.get("Labels") or {}).items() if k != "ray.io/node-id"}
+        out.append(plan_mod.NodeCapacity(node_id=n["NodeID"], cpus=res.get("CPU", 0.0), gpus=res.get("GPU", 0.0),
+                                         labels=node_labels, flash_ok=True))
+    return out
 
 
 def _versions() -> dict:
@@ -113,56 +111,80 @@ def _versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
 
 
-def train(opts: TrainOptions) -> dict:
-    """Run ``orchestrator train``; returns the summary (also written to summary.json)."""
+# Exit codes of ``train`` (the CLI's, and what scripts check): see ``exit_code``.
+RUN_STATUS_EXIT = {"succeeded": 0, "failed": 1, "partial": EXIT_VARIANT_SKIPPED}
+
+
+def run_status(results: dict[str, dict]) -> str:
+    """failed if any variant failed; partial if none failed but one was skipped; else succeeded."""
+    statuses = {r["status"] for r in results.values()}
+    if "failed" in statuses:
+        return "failed"
+    return "partial" if "skipped" in statuses else "succeeded"
+
+
+def exit_code(summary: dict) -> int:
+    """0 every requested variant succeeded; 1 a variant failed; 3 nothing failed but a
+    requested variant was skipped (flash attention works on no node)."""
+    return RUN_STATUS_EXIT[summary["run"]["status"]]
+
+
+NodesFn = Callable[[], list[plan_mod.NodeCapacity]]
+
+
+def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None) -> dict:
+    """Run ``orchestrator train``; returns the summary (also written to summary.json).
+
+    ``nodes`` gives the planner the cluster's nodes once Ray is connected (default:
+    ``cluster_nodes``; preflight plugs in its probed verdicts here).
+    """
     prep = prepare(opts)
-    run_dir = rundir.create(Path(opts.output_dir), opts.name)
+    rundir.check_new(Path(opts.output_dir), opts.name)
     started = time.time()
-    log.info("run directory: %s", run_dir)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(prep.cfg.model_dump(mode="json"), sort_keys=False))
-    rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
 
     from orchestrator.session import ray_session
 
     with ray_session(opts.address, log_to_driver=opts.debug) as address:
         t_ray = time.time()
+        # Planned before the run directory exists: an infeasible request leaves nothing behind.
+        plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling, (nodes or cluster_nodes)())
+        run_dir = rundir.create(Path(opts.output_dir), opts.name)
         try:  # on several nodes, every node must see the run directory and the data
             storage.check_nodes(run_dir, prep.data_path)
         except UsageError:
             shutil.rmtree(run_dir, ignore_errors=True)  # ours, made a moment ago, holds no results
             raise
-        plan = make_plan(prep, cluster_resources())
         t_plan = time.time()
+        log.info("run directory: %s", run_dir)
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(prep.cfg.model_dump(mode="json"), sort_keys=False))
+        rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
         rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
         for line in plan.describe():
             log.info(line)
         if all(v.attention == "standard" for v in plan.variants):
             log.info("Flash Attention is disabled - will use standard attention implementation")
-        results: dict[str, dict] = {}
-        for pv, vc in zip(plan.variants, prep.variants):
-            if pv.status == "skipped":
-                results[pv.name] = launch.skipped_record(pv)
-                continue
+        specs = {}
+        for vc in prep.variants:
             model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)
-            spec = WorkerSpec(variant=pv.name, model=model, train=train_cfg,
-                              data_path=str(prep.data_path), out_dir=str((run_dir / pv.name).resolve()))
-            log.info("[%s] starting %d worker(s), %s", pv.name, pv.num_workers,
-                     " ".join(f"{k}={v}" for k, v in pv.env.items()))
-            results[pv.name] = launch.run_variant(pv, spec, max_failures=prep.cfg.scaling.max_failures,
-                                                  keep_checkpoints=prep.cfg.scaling.keep_checkpoints)
-    failed = [n for n, r in results.items() if r["status"] == "failed"]
+            specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=str(prep.data_path),
+                                        out_dir=str((run_dir / vc.name).resolve()))
+        sc = prep.cfg.scaling
+        results = execute.run_plan(plan, specs, max_failures=sc.max_failures, keep_checkpoints=sc.keep_checkpoints,
+                                   placement_timeout_s=sc.placement_timeout_s)
     summary = {
         "run": {
             "name": run_dir.name, "dir": str(run_dir.resolve()), "ray_address": address,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": round(time.time() - started, 3), "data": str(prep.data_path),
             "command": " ".join(sys.argv), "versions": _versions(),
-            "status": "failed" if failed else "succeeded",
+            "status": run_status(results), "mode": plan.mode,
             "startup_s": startup_phases(_process_start(), t_ray, t_plan, results),
         },
         "variants": results,
     }
+    summary["run"]["exit_code"] = exit_code(summary)
     rundir.write_json(run_dir / SUMMARY_FILE, summary)
+    _write_report(run_dir)
     return summary
 
 
@@ -179,10 +201,26 @@ def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[
         return None
     tl = rec["timeline"]
     phases = {"command_to_ray_ready": t_ray - t_command, "preflight_and_plan": t_plan - t_ray,
-              "workers_up": tl["worker_start"] - rec["fit_started"], "setup": tl["ready"] - tl["worker_start"],
+              "workers_up": tl["worker_start"] - rec["started_at"], "setup": tl["ready"] - tl["worker_start"],
               "first_step": tl["first_step"] - tl["ready"]}
     phases["total"] = tl["first_step"] - t_command
     return {k: round(v, 3) for k, v in phases.items()}
+
+
+def _write_report(run_dir: Path) -> None:
+    """The comparison report; a plotting problem must not turn a finished run into a failed one."""
+    from orchestrator import report
+
+    try:
+        for line in report.write(run_dir).describe():
+            log.info(line)
+    except Exception as e:  # noqa: BLE001 - the results are in summary.json either way
+        log.warning("could not write the report (%s: %s); retry with: python -m orchestrator report %s",
+                    type(e).__name__, e, run_dir)
+
+
+_EXIT_MEANING = {0: "every variant succeeded", 1: "a variant failed",
+                 EXIT_VARIANT_SKIPPED: "finished, but a requested variant was skipped"}
 
 
 def describe_summary(summary: dict) -> list[str]:
@@ -198,5 +236,7 @@ def describe_summary(summary: dict) -> list[str]:
             lines.append(f"  {name}: skipped ({r.get('reason')})")
         else:
             lines.append(f"  {name}: failed: {r['error']}")
+    code = exit_code(summary)
+    lines.append(f"exit code {code}: {_EXIT_MEANING[code]}")
     lines.append(f"run directory: {summary['run']['dir']}")
     return lines

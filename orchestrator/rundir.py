@@ -10,6 +10,20 @@ from pathlib import Path
 from orchestrator.errors import UsageError
 
 
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name in (".", ".."):
+        raise UsageError(f"--name {name!r}: expected a plain directory name")
+
+
+def check_new(output_dir: Path, name: str | None) -> None:
+    """Refuse a given name that is taken, before anything starts (``create`` re-checks atomically)."""
+    if name is not None:
+        _check_name(name)
+        if (output_dir / name).exists():
+            path = output_dir / name
+            raise UsageError(f"{path}: a run with this name exists; choose another --name or use --resume {path}")
+
+
 def create(output_dir: Path, name: str | None, prefix: str = "run") -> Path:
     """A new, empty run directory. A given name must be new; a default name gets a suffix."""
     try:
@@ -17,8 +31,7 @@ def create(output_dir: Path, name: str | None, prefix: str = "run") -> Path:
     except OSError as e:
         raise UsageError(f"{output_dir}: cannot create output directory ({e.strerror})") from None
     if name is not None:
-        if not name or "/" in name or name in (".", ".."):
-            raise UsageError(f"--name {name!r}: expected a plain directory name")
+        _check_name(name)
         path = output_dir / name
         try:
             path.mkdir()

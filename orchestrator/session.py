@@ -34,7 +34,9 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
             ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
         else:
             log.info("starting a local Ray (no --address given)")
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+            # "local": a new Ray of our own. A bare ray.init() would join whatever Ray another
+            # program on this machine started last (Ray records it in /tmp/ray), and shut it down after.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
                      logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

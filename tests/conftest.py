@@ -11,6 +11,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every Ray the tests start (local, simulated multi-node, the CLI's) binds to 127.0.0.1 only;
+# Ray reads this when it is first imported, which happens after conftest.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 # A config small enough that a two-worker CPU run takes seconds.
 TINY = {
     "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
@@ -31,15 +35,25 @@ def write_config(path: Path, overrides: dict | None = None) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray for the whole test session (4 logical CPUs so two 2-worker variants fit)."""
+WORKER_RUNTIME_ENV = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+
+
+def init_local_ray():
+    """The session's local Ray (4 logical CPUs so two 2-worker variants fit)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    yield ray
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=WORKER_RUNTIME_ENV)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray for the whole test session. A module that needs another cluster (see
+    test_variants_ray.py) shuts it down and calls init_local_ray() again when done."""
+    import ray
+
+    yield init_local_ray()
     ray.shutdown()
 
 

@@ -1,0 +1,65 @@
+"""Running a plan from one driver: its variants concurrently (one thread per ``fit()``, each
+variant on the CPUs/GPUs the plan pinned it to) or one after the other.
+
+Ray Train waits for placement without end by default; the wait is bounded here, so a request
+the cluster cannot serve now (resources held by another job, a node gone since planning)
+fails after ``scaling.placement_timeout_s`` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Iterator
+
+from orchestrator import launch
+from orchestrator.plan import Plan, PlannedVariant
+from trainer.loop import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+# Read by Ray Train's worker group when it waits for its placement group; the controller
+# actor gets it from the driver's environment (ray.train.v2 propagates it).
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextmanager
+def placement_timeout(seconds: float) -> Iterator[None]:
+    old = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = old
+
+
+def run_plan(plan: Plan, specs: dict[str, WorkerSpec], *, max_failures: int, keep_checkpoints: int,
+             placement_timeout_s: float) -> dict[str, dict]:
+    """Every variant's summary record, keyed by name, in the plan's order."""
+    results = {v.name: launch.skipped_record(v) for v in plan.variants if v.status == "skipped"}
+
+    def one(v: PlannedVariant) -> dict:
+        log.info("[%s] starting %d worker(s), %s", v.name, v.num_workers, " ".join(f"{k}={x}" for k, x in v.env.items()))
+        return launch.run_variant(v, specs[v.name], max_failures=max_failures, keep_checkpoints=keep_checkpoints,
+                                  placement_timeout_s=placement_timeout_s)
+
+    runnable = plan.runnable()
+    with placement_timeout(placement_timeout_s):
+        if plan.mode == "concurrent" and len(runnable) > 1:
+            pool = ThreadPoolExecutor(max_workers=len(runnable), thread_name_prefix="variant")
+            futures = {v.name: pool.submit(one, v) for v in runnable}
+            try:
+                results.update({name: f.result() for name, f in futures.items()})
+            finally:
+                # Not waiting: on Ctrl-C the driver must get out; ending the Ray session
+                # (the caller's) then ends the fits still running in these threads.
+                pool.shutdown(wait=False, cancel_futures=True)
+        else:
+            for v in runnable:
+                results[v.name] = one(v)
+    return {v.name: results[v.name] for v in plan.variants}

@@ -1,0 +1,246 @@
+"""The comparison report: ``report.md`` and PNG charts in the run directory, from the files a
+run leaves there (summary.json, plan.json, config.yaml, <variant>/metrics.jsonl).
+
+``train`` writes it at the end of a run; ``python -m orchestrator report RUN_DIR`` rewrites it.
+
+Loss parity: variants with the same config and seed start from the same weights and see the
+same batches (both are pure functions of the seed), so flash and standard must give the
+same losses up to the kernels' rounding. Over the first ``PARITY_STEPS`` logged steps the
+relative difference must stay within ``PARITY_RTOL`` for the dtype the workers trained in:
+fp32 kernels agree to ~1e-6, and 1e-3 leaves room for the optimizer to amplify that over a
+few steps; bf16 rounds each attention output to 8 bits of mantissa, hence 2e-2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from orchestrator import plots
+from orchestrator.errors import UsageError
+from trainer.metrics import METRICS_FILE, read_metrics
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.md"
+LOSS_PNG, THROUGHPUT_PNG, MEMORY_PNG = "loss.png", "throughput.png", "memory.png"
+PARITY_STEPS = 10
+PARITY_RTOL = {"float32": 1e-3, "bfloat16": 2e-2}
+
+
+@dataclass
+class Parity:
+    flash: str
+    standard: str
+    status: str  # agree | diverged | not checked
+    detail: str
+    rows: list[tuple[int, float, float, float]]  # step, flash loss, standard loss, relative difference
+
+
+def check_parity(flash: str, standard: str, a: list[dict], b: list[dict], dtype: Optional[str],
+                 comparable: Optional[str] = None) -> Parity:
+    """Compare the first PARITY_STEPS logged losses of two variants. ``comparable`` is the
+    reason they cannot be compared (different config), if any."""
+    if comparable:
+        return Parity(flash, standard, "not checked", comparable, [])
+    rtol = PARITY_RTOL.get(dtype or "float32", PARITY_RTOL["bfloat16"])
+    by_step = {r["step"]: r["loss"] for r in b}
+    rows = [(r["step"], r["loss"], by_step[r["step"]], abs(r["loss"] - by_step[r["step"]]) / max(abs(by_step[r["step"]]), 1e-12))
+            for r in a if r["step"] <= PARITY_STEPS and r["step"] in by_step]
+    if not rows:
+        return Parity(flash, standard, "not checked", f"no common logged step among the first {PARITY_STEPS}", [])
+    worst = max(rows, key=lambda row: row[3])
+    bad = [row for row in rows if row[3] > rtol]
+    span = f"steps {rows[0][0]}-{rows[-1][0]}"
+    if bad:
+        return Parity(flash, standard, "diverged",
+                      f"DIVERGED: relative difference {bad[0][3]:.2e} at step {bad[0][0]} exceeds {rtol:g} "
+                      f"({dtype}); worst {worst[3]:.2e} at step {worst[0]} over {span}", rows)
+    return Parity(flash, standard, "agree",
+                  f"max relative difference {worst[3]:.2e} (step {worst[0]}) over {span}, "
+                  f"within {rtol:g} ({dtype})", rows)
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+# ---------------------------------------------------------------- reading the run directory
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _overrides(config: Optional[dict], name: str) -> dict:
+    for v in (config or {}).get("variants") or []:
+        if v.get("name") == name:
+            return {"model": v.get("model") or {}, "train": v.get("train") or {}}
+    return {"model": {}, "train": {}}
+
+
+def _not_comparable(config: Optional[dict], a: str, b: str, ra: dict, rb: dict) -> Optional[str]:
+    """Why two variants' losses are not expected to match, or None."""
+    if _overrides(config, a) != _overrides(config, b):
+        return f"{a} and {b} override different model/train settings"
+    for key in ("num_workers", "dtype", "tokens_per_step", "params"):
+        if ra.get(key) != rb.get(key):
+            return f"{a} and {b} differ in {key} ({ra.get(key)} vs {rb.get(key)})"
+    return None
+
+
+def _pairs(variants: dict[str, dict]) -> list[tuple[str, str]]:
+    """(flash, standard) pairs to compare: every succeeded flash variant against the first
+    succeeded standard one."""
+    ok = {n: r for n, r in variants.items() if r.get("status") == "succeeded"}
+    standard = next((n for n, r in ok.items() if r.get("attention") == "standard"), None)
+    if standard is None:
+        return []
+    return [(n, standard) for n, r in ok.items() if r.get("attention") == "flash"]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _fmt(x, spec: str = ",.0f", unit: str = "") -> str:
+    return "–" if x is None else f"{x:{spec}}{unit}"
+
+
+def _mib(x) -> str:
+    return "–" if not x else f"{x / 2**20:,.0f} MiB"
+
+
+def _workers(r: dict) -> str:
+    if r.get("status") == "skipped":
+        return "–"
+    kind = "GPU" if r.get("use_gpu") else "CPU"
+    nodes = sorted({w.get("node_id", "")[:12] for w in r.get("workers") or []})
+    where = f" on {', '.join(nodes)}" if nodes else ""
+    return f"{r.get('num_workers')} x {kind}{where}"
+
+
+def _variant_table(variants: dict[str, dict]) -> list[str]:
+    names = list(variants)
+    rows = [
+        ("status", lambda r: r.get("status", "?")),
+        ("attention requested", lambda r: r.get("attention") or "–"),
+        ("kernel that ran", lambda r: f"`{r['backend']}`" if r.get("backend") else "–"),
+        ("env", lambda r: " ".join(f"`{k}={v}`" for k, v in (r.get("env") or {}).items()) or "–"),
+        ("workers", _workers),
+        ("dtype", lambda r: r.get("dtype") or "–"),
+        ("steps", lambda r: str(r.get("steps", "–"))),
+        ("tokens/s (steady)", lambda r: _fmt(r.get("tokens_per_s"))),
+        ("step time (median)", lambda r: _fmt(r.get("step_time_s") and r["step_time_s"] * 1000, ",.1f", " ms")),
+        ("peak memory (rank 0)", lambda r: _mib(r.get("peak_mem_bytes"))),
+        ("first loss", lambda r: _fmt(r.get("first_loss"), ".4f")),
+        ("final loss", lambda r: _fmt(r.get("final_loss"), ".4f")),
+        ("restarts", lambda r: str(r.get("restarts", "–"))),
+        ("wall time", lambda r: _fmt(r.get("wall_time_s"), ",.1f", " s")),
+    ]
+    out = ["| | " + " | ".join(f"**{n}**" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, get in rows:
+        out.append(f"| {label} | " + " | ".join(get(variants[n]) for n in names) + " |")
+    if any(r.get("error") or r.get("reason") for r in variants.values()):
+        why = [(variants[n].get("error") or variants[n].get("reason") or "").replace("|", "\\|") for n in names]
+        out.append("| error / why skipped | " + " | ".join(why) + " |")
+    return out
+
+
+def _ratio_table(variants: dict[str, dict], pairs: list[tuple[str, str]]) -> list[str]:
+    out = ["| metric | " + " | ".join(f"{f} / {s}" for f, s in pairs) + " |", "|---" * (len(pairs) + 1) + "|"]
+    metrics = [("tokens/s", "tokens_per_s", "higher is faster"), ("step time", "step_time_s", "lower is faster"),
+               ("peak memory", "peak_mem_bytes", "lower uses less"), ("final loss", "final_loss", "≈ 1 expected")]
+    for label, key, hint in metrics:
+        cells = [_fmt(ratio(variants[f].get(key), variants[s].get(key)), ".3f", "x") for f, s in pairs]
+        out.append(f"| {label} ({hint}) | " + " | ".join(cells) + " |")
+    return out
+
+
+def render(summary: dict, plan: Optional[dict], parities: list[Parity], images: list[str], run_dir: Path) -> str:
+    run, variants = summary.get("run", {}), summary.get("variants", {})
+    pairs = [(p.flash, p.standard) for p in parities]
+    lines = [f"# Run `{run.get('name', run_dir.name)}`: {' vs '.join(variants) or 'no variants'}", ""]
+    lines += [f"- status: **{run.get('status', '?')}** (exit code {run.get('exit_code', '?')})",
+              f"- variants ran: {run.get('mode') or (plan or {}).get('mode', '?')}",
+              f"- command: `{run.get('command', '')}`",
+              f"- data: `{run.get('data', '')}`",
+              f"- duration: {_fmt(run.get('duration_s'), ',.1f', ' s')}"]
+    for note in (plan or {}).get("notes", []):
+        lines.append(f"- plan: {note}")
+    lines += ["", "## Variants", ""] + _variant_table(variants)
+    fell_back = [n for n, r in variants.items() if r.get("attention") == "flash" and r.get("backend") == "standard"]
+    if fell_back:
+        lines += ["", f"Note: {', '.join(fell_back)} asked for flash but ran the standard kernel "
+                      "(no fused kernel passed its check on the workers)."]
+    lines += ["", "## Flash / standard", ""]
+    lines += _ratio_table(variants, pairs) if pairs else [
+        "No ratios: they need a succeeded flash variant and a succeeded standard variant."]
+    lines += ["", "## Loss parity", "",
+              f"Same seed, same initial weights, same batches: the losses of the first {PARITY_STEPS} steps must "
+              f"agree within a relative {PARITY_RTOL['float32']:g} in fp32 and {PARITY_RTOL['bfloat16']:g} in bf16.", ""]
+    for p in parities:
+        flag = {"agree": "OK", "diverged": "**DIVERGED**", "not checked": "not checked"}[p.status]
+        lines.append(f"- {p.flash} vs {p.standard}: {flag}: {p.detail}")
+        if p.rows:
+            lines += ["", f"  | step | {p.flash} | {p.standard} | relative difference |", "  |---|---|---|---|"]
+            lines += [f"  | {s} | {a:.6f} | {b:.6f} | {d:.2e} |" for s, a, b, d in p.rows]
+            lines.append("")
+    if not parities:
+        lines.append("- not checked: needs a succeeded flash variant and a succeeded standard variant")
+    lines += ["", "## Charts", ""] + [f"![{Path(i).stem}]({i})" for i in images]
+    lines += ["", "## TensorBoard", "",
+              "Every variant logs to `<run>/<variant>/tb`; one command overlays them:", "",
+              "```bash", f"tensorboard --logdir {run.get('dir', str(run_dir))}", "```", ""]
+    return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    path: Path
+    parities: list[Parity]
+
+    def describe(self) -> list[str]:
+        lines = [f"report: {self.path}"]
+        lines += [f"  loss parity {p.flash} vs {p.standard}: {p.detail}" for p in self.parities]
+        return lines
+
+
+def write(run_dir: Path) -> Report:
+    """Write report.md and the charts into ``run_dir``."""
+    run_dir = Path(run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    if summary is None or not isinstance(summary.get("variants"), dict):
+        raise UsageError(f"{run_dir}: no readable summary.json; is this a run directory?")
+    plan = _read_json(run_dir / "plan.json")
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        config = None
+    variants = summary["variants"]
+    series = {n: recs for n in variants if (recs := read_metrics(run_dir / n / METRICS_FILE))}
+    parities = []
+    for f, s in _pairs(variants):
+        why = _not_comparable(config, f, s, variants[f], variants[s])
+        parities.append(check_parity(f, s, series.get(f, []), series.get(s, []), variants[f].get("dtype"), why))
+        if parities[-1].status == "diverged":
+            log.warning("loss parity: %s vs %s %s", f, s, parities[-1].detail)
+    images = []
+    if series:
+        images.append(plots.loss(series, run_dir / LOSS_PNG).name)
+        steady = {n: variants[n].get("tokens_per_s") for n in series}
+        images.append(plots.throughput(series, steady, run_dir / THROUGHPUT_PNG).name)
+    peaks = {n: (r["peak_mem_bytes"], r.get("peak_mem_kind") or "peak") for n, r in variants.items()
+             if r.get("peak_mem_bytes")}
+    if peaks:
+        images.append(plots.memory(peaks, run_dir / MEMORY_PNG).name)
+    path = run_dir / REPORT_FILE
+    path.write_text(render(summary, plan, parities, images, run_dir))
+    return Report(path, parities)

@@ -1,0 +1,127 @@
+"""The comparison report (report.md, charts, loss parity), the run's exit code, and the
+README's --run-both-models command end to end."""
+
+import json
+
+import pytest
+
+from orchestrator import report
+from orchestrator.run import exit_code, run_status
+from tests.conftest import run_cli, write_config
+
+
+def _recs(losses, tok=1000.0):
+    return [{"step": i + 1, "loss": x, "tokens_per_s": tok, "step_time_s": 0.1} for i, x in enumerate(losses)]
+
+
+def _variant(attention, backend, final_loss, tokens_per_s, peak, **kw):
+    return {"status": "succeeded", "attention": attention, "backend": backend, "env": {"ATTN_IMPL": attention},
+            "steps": 12, "first_loss": 7.6, "final_loss": final_loss, "tokens_per_s": tokens_per_s,
+            "step_time_s": 4096 / tokens_per_s, "peak_mem_bytes": peak, "peak_mem_kind": "cpu_max_rss",
+            "num_workers": 2, "use_gpu": False, "restarts": 0, "error": None, "dtype": "float32",
+            "tokens_per_step": 4096, "params": 1000, "workers": [{"node_id": "n" * 56}], **kw}
+
+
+def _run_dir(tmp_path, flash_losses, standard_losses, skipped=False):
+    d = tmp_path / "run"
+    variants = {"flash": _variant("flash", "sdpa_flash_cpu", flash_losses[-1], 3000.0, 600 * 2**20),
+                "standard": _variant("standard", "standard", standard_losses[-1], 2000.0, 800 * 2**20)}
+    if skipped:
+        variants["flash"] = {"status": "skipped", "attention": "flash", "reason": "flash attention works on no node",
+                             "backend": None, "error": None}
+    for name, losses in (("flash", flash_losses), ("standard", standard_losses)):
+        if variants[name]["status"] == "succeeded":
+            (d / name).mkdir(parents=True)
+            (d / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _recs(losses)))
+    d.mkdir(exist_ok=True)
+    summary = {"run": {"name": "run", "dir": str(d), "status": run_status(variants), "mode": "concurrent"},
+               "variants": variants}
+    summary["run"]["exit_code"] = exit_code(summary)
+    (d / "summary.json").write_text(json.dumps(summary))
+    return d
+
+
+LOSSES = [7.6, 7.5, 7.3, 7.1, 7.0, 6.8, 6.7, 6.6, 6.5, 6.4, 6.3, 6.2]
+
+
+def test_report_has_a_table_per_variant_ratios_parity_and_readable_charts(tmp_path):
+    d = _run_dir(tmp_path, LOSSES, [x * (1 + 1e-6) for x in LOSSES])
+    written = report.write(d)
+    text = written.path.read_text()
+    assert "| kernel that ran | `sdpa_flash_cpu` | `standard` |" in text
+    assert "| tokens/s (steady) | 3,000 | 2,000 |" in text
+    assert "| peak memory (rank 0) | 600 MiB | 800 MiB |" in text
+    assert "| tokens/s (higher is faster) | 1.500x |" in text and "| peak memory (lower uses less) | 0.750x |" in text
+    assert written.parities[0].status == "agree" and "flash vs standard: OK" in text
+    assert f"tensorboard --logdir {d}" in text
+    for png in ("loss.png", "throughput.png", "memory.png"):
+        assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
+
+
+def test_report_flags_losses_that_diverge_in_the_first_steps(tmp_path):
+    drifted = LOSSES[:4] + [x * 1.01 for x in LOSSES[4:]]
+    written = report.write(_run_dir(tmp_path, drifted, LOSSES))
+    p = written.parities[0]
+    assert p.status == "diverged" and "at step 5 exceeds 0.001 (float32)" in p.detail
+    assert "**DIVERGED**" in written.path.read_text()
+
+
+def test_bf16_losses_get_the_looser_tolerance():
+    a, b = _recs(LOSSES), _recs([x * 1.01 for x in LOSSES])
+    assert report.check_parity("f", "s", a, b, "bfloat16").status == "agree"
+    assert report.check_parity("f", "s", a, b, "float32").status == "diverged"
+
+
+def test_parity_is_not_claimed_for_variants_with_different_settings():
+    p = report.check_parity("f", "s", _recs(LOSSES), _recs(LOSSES), "float32", comparable="f and s differ in num_workers")
+    assert p.status == "not checked" and "num_workers" in p.detail
+
+
+def test_report_of_a_run_whose_flash_was_skipped_says_why_and_has_no_ratios(tmp_path):
+    written = report.write(_run_dir(tmp_path, LOSSES, LOSSES, skipped=True))
+    text = written.path.read_text()
+    assert "| status | skipped | succeeded |" in text
+    assert "flash attention works on no node" in text and "No ratios" in text
+    assert "(exit code 3)" in text
+
+
+def test_report_command_on_a_directory_without_a_run_is_a_usage_error(tmp_path, cli_env):
+    out = run_cli(["report", str(tmp_path)], cli_env, tmp_path, timeout=60)
+    assert out.returncode == 2 and "no readable summary.json" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_report_command_regenerates_the_report(tmp_path, cli_env):
+    d = _run_dir(tmp_path, LOSSES, LOSSES)
+    out = run_cli(["report", str(d)], cli_env, tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (d / "report.md").is_file() and "loss parity flash vs standard" in out.stdout
+
+
+@pytest.mark.parametrize("statuses,status,code", [
+    (["succeeded", "succeeded"], "succeeded", 0),
+    (["skipped", "succeeded"], "partial", 3),
+    (["skipped", "failed"], "failed", 1),
+    (["failed", "succeeded"], "failed", 1),
+])
+def test_exit_code_is_0_only_if_every_requested_variant_succeeded(statuses, status, code):
+    results = {f"v{i}": {"status": s} for i, s in enumerate(statuses)}
+    assert run_status(results) == status
+    assert exit_code({"run": {"status": status}}) == code
+
+
+@pytest.mark.ray
+def test_run_both_models_on_the_embedded_default_writes_report_plots_and_both_variants(tmp_path, cli_env):
+    cfg = write_config(tmp_path / "tiny.yaml", {"scaling": {"num_workers": 1}, "train": {"checkpoint_every": 30}})
+    out = run_cli(["train", "--run-both-models", "--max-steps", "30", "--config-file", str(cfg),
+                   "--output-dir", str(tmp_path / "runs"), "--name", "both"], cli_env, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "plan: 2 variant(s)" in out.stdout and "exit code 0: every variant succeeded" in out.stdout
+    run_dir = tmp_path / "runs" / "both"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {n: (r["status"], r["steps"]) for n, r in summary["variants"].items()} == {
+        "flash": ("succeeded", 30), "standard": ("succeeded", 30)}
+    text = (run_dir / "report.md").read_text()
+    assert "flash vs standard: OK" in text
+    for png in ("loss.png", "throughput.png", "memory.png"):
+        assert (run_dir / png).stat().st_size > 10_000
