@@ -17,7 +17,7 @@ from typing import Optional
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import launch, plan as plan_mod, rundir
+from orchestrator import launch, plan as plan_mod, preflight, rundir
 from orchestrator.errors import UsageError
 from trainer import data as data_mod
 from trainer.loop import WorkerSpec
@@ -86,17 +86,35 @@ def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def make_plan(prep: Prepared, resources: dict[str, float]) -> plan_mod.Plan:
+def preflight_settings(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig],
+                       disable_flash_attn: bool) -> preflight.ProbeSettings:
+    """The attention shape the probe checks: that of the first flash variant (else the first)."""
+    variant = next((v for v in variants if v.attention == "flash"), variants[0])
+    model, train_cfg = config_mod.resolved_sections(cfg, variant)
+    return preflight.ProbeSettings(head_dim=model.dim // model.n_heads, n_heads=model.n_heads,
+                                   n_kv_heads=model.n_kv_heads or model.n_heads, dtype=train_cfg.dtype,
+                                   disable_flash_attn=disable_flash_attn)
+
+
+def make_plan(prep: Prepared, resources: dict[str, float],
+              nodes: Optional[list[plan_mod.NodeCapacity]] = None) -> plan_mod.Plan:
     """Variants onto the cluster. GPUs are used when asked for, or with use_gpu auto when the
-    cluster has one per worker."""
+    cluster has one per worker. A flash variant gets standard attention when preflight found
+    flash usable on no node."""
     sc = prep.cfg.scaling
     gpus = resources.get("GPU", 0)
+    no_flash = None
+    if nodes is not None and not any(n.flash_ok for n in nodes):
+        no_flash = "flash attention works on no node: " + "; ".join(
+            f"{n.node_id[:8]}: {n.flash_reason}" for n in nodes) if nodes else "flash attention: no alive nodes"
     variants = []
     for v in prep.variants:
         use_gpu = sc.use_gpu if isinstance(sc.use_gpu, bool) else gpus >= sc.num_workers
+        downgrade = v.attention == "flash" and no_flash is not None
         variants.append(plan_mod.PlannedVariant(
-            name=v.name, attention=v.attention, env=plan_mod.attention_env(v.attention),
+            name=v.name, attention=v.attention, env=plan_mod.attention_env("standard" if downgrade else v.attention),
             num_workers=sc.num_workers, use_gpu=use_gpu, cpus_per_worker=sc.cpus_per_worker,
+            reason=no_flash if downgrade else None,
         ))
     return plan_mod.Plan(variants=variants, mode="sequential")
 
@@ -120,12 +138,20 @@ def train(opts: TrainOptions) -> dict:
     from orchestrator.session import ray_session
 
     with ray_session(opts.address, log_to_driver=opts.debug) as address:
-        plan = make_plan(prep, cluster_resources())
+        report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn))
+        _, log_path = report.write(run_dir)
+        for line in report.table():
+            log.info(line)
+        log.info("flash attention log: %s", log_path)
+        plan = make_plan(prep, cluster_resources(), report.node_capacities())
         rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
         for line in plan.describe():
             log.info(line)
-        if all(v.attention == "standard" for v in plan.variants):
+        if all(v.env["ATTN_IMPL"] == "standard" for v in plan.variants):
             log.info("Flash Attention is disabled - will use standard attention implementation")
+        else:
+            for line in report.outcome_lines():
+                log.info(line)
         results: dict[str, dict] = {}
         for pv, vc in zip(plan.variants, prep.variants):
             if pv.status == "skipped":
@@ -138,6 +164,8 @@ def train(opts: TrainOptions) -> dict:
                      " ".join(f"{k}={v}" for k, v in pv.env.items()))
             results[pv.name] = launch.run_variant(pv, spec, max_failures=prep.cfg.scaling.max_failures,
                                                   keep_checkpoints=prep.cfg.scaling.keep_checkpoints)
+            if pv.reason:
+                results[pv.name]["reason"] = pv.reason  # e.g. why a flash variant ran standard attention
     failed = [n for n, r in results.items() if r["status"] == "failed"]
     summary = {
         "run": {

@@ -34,7 +34,8 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
             ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
         else:
             log.info("starting a local Ray (no --address given)")
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+            # address='local': never attach to another Ray that happens to run on this machine.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
                      logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
