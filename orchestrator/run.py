@@ -164,8 +164,8 @@ def train(opts: TrainOptions) -> dict:
                      " ".join(f"{k}={v}" for k, v in pv.env.items()))
             results[pv.name] = launch.run_variant(pv, spec, max_failures=prep.cfg.scaling.max_failures,
                                                   keep_checkpoints=prep.cfg.scaling.keep_checkpoints)
-            if pv.reason:
-                results[pv.name]["reason"] = pv.reason  # e.g. why a flash variant ran standard attention
+            if pv.reason:  # e.g. why a flash variant ran standard attention; 'attention' stays the request
+                results[pv.name].update(attention=pv.attention, reason=pv.reason)
     failed = [n for n, r in results.items() if r["status"] == "failed"]
     summary = {
         "run": {
