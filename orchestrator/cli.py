@@ -102,11 +102,63 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- preflight
+
+
+def add_preflight_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster to probe (default: start a local Ray, shut it down after)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of the table")
+    p.add_argument("--output-dir", default=".", metavar="DIR", help="where preflight.json and "
+                   "flash_attention_log.txt go (default: .)")
+    p.add_argument("--config-file", metavar="PATH", help="YAML config whose head dim, GQA ratio and dtype are checked "
+                   "(default: the built-in config)")
+    p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn; report facts only")
+    p.add_argument("--timeout", type=float, default=180.0, metavar="S", help="seconds per node probe (default: 180)")
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from orchestrator import config as config_mod
+    from orchestrator.preflight import run_preflight
+    from orchestrator.run import preflight_settings
+    from orchestrator.session import ray_session
+
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout:g}: must be positive")
+    if args.json:  # stdout carries only the JSON report
+        for name in ("orchestrator", "trainer"):
+            for handler in logging.getLogger(name).handlers:
+                handler.setStream(sys.stderr)
+    cfg = config_mod.load(args.config_file)
+    settings = preflight_settings(cfg, config_mod.variant_configs(cfg, False, args.disable_flash_attn),
+                                  args.disable_flash_attn)
+    settings = dataclasses.replace(settings, timeout_s=args.timeout)
+    if args.disable_flash_attn:
+        from trainer import import_guard
+
+        import_guard.install()
+    with ray_session(args.address, log_to_driver=args.debug):
+        report = run_preflight(settings)
+    json_path, log_path = report.write(Path(args.output_dir))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+        return 0
+    for line in report.table():
+        log.info(line)
+    for line in report.outcome_lines():
+        log.info(line)
+    log.info("wrote %s and %s", json_path, log_path)
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train one or more variants on Ray Train", add_train_args, cmd_train),
     "preprocess": ("tokenize raw text into a token dataset", add_preprocess_args, cmd_preprocess),
     "report": ("write the comparison report (report.md and charts) of a run directory", add_report_args, cmd_report),
     "bench": ("benchmark attention kernels and training steps", bench_command.add_args, bench_command.cmd_bench),
+    "preflight": ("probe every node's GPU, driver, CUDA, GLIBC and flash-attn", add_preflight_args, cmd_preflight),
 }
 
 

@@ -45,8 +45,11 @@ def run_plan(plan: Plan, specs: dict[str, WorkerSpec], *, max_failures: int, kee
 
     def one(v: PlannedVariant) -> dict:
         log.info("[%s] starting %d worker(s), %s", v.name, v.num_workers, " ".join(f"{k}={x}" for k, x in v.env.items()))
-        return launch.run_variant(v, specs[v.name], max_failures=max_failures, keep_checkpoints=keep_checkpoints,
-                                  placement_timeout_s=placement_timeout_s)
+        record = launch.run_variant(v, specs[v.name], max_failures=max_failures, keep_checkpoints=keep_checkpoints,
+                                    placement_timeout_s=placement_timeout_s)
+        if v.reason:  # e.g. why a flash variant runs standard attention; 'attention' stays the request
+            record["reason"] = v.reason
+        return record
 
     runnable = plan.runnable()
     with placement_timeout(placement_timeout_s):

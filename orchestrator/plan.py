@@ -8,7 +8,10 @@ Rules, in order, per variant:
 1. Candidate nodes: alive nodes matching ``scaling.label_selector`` plus the variant's own
    selector. None: the request is infeasible (exit 2).
 2. A flash variant keeps only nodes where preflight says flash works (``flash_ok``). None:
-   the variant is ``skipped`` with preflight's reasons; the other variants still run.
+   when the run also has a standard variant (a comparison), the flash variant is ``skipped``
+   with preflight's reasons and the others still run; when it is the run's only kind of
+   attention, it trains with standard attention instead (ATTN_IMPL=standard,
+   DISABLE_FLASH_ATTN=1) and the reason is recorded: detect, disable, log, still train.
 3. GPU or CPU: ``use_gpu: true|false`` as given; ``auto`` takes GPUs when all workers fit on
    the candidates' GPUs (one GPU and ``cpus_per_worker`` CPUs each), else CPUs.
 4. The workers must fit the candidates' total capacity, else infeasible (exit 2): Ray Train
@@ -201,10 +204,13 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
                             num_workers=scaling.num_workers, use_gpu=False, cpus_per_worker=scaling.cpus_per_worker,
                             label_selector=selector or None)
         usable = [n for n in matching if n.flash_ok] if vc.attention == "flash" else matching
-        if not usable:
+        if not usable and any(v.attention == "standard" for v in variants):
             pv.status, pv.reason = "skipped", _flash_reason(matching)
             planned.append(pv)
             continue
+        if not usable:
+            pv.env, usable = attention_env("standard"), matching
+            pv.reason = "standard attention: " + _flash_reason(matching)
         ids = [n.node_id for n in usable]
         alone = None
         if scaling.use_gpu is not False:  # auto: GPUs when the candidates hold all workers on GPUs

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import execute, plan as plan_mod, rundir, storage
+from orchestrator import execute, plan as plan_mod, preflight, rundir, storage
 from orchestrator.errors import EXIT_VARIANT_SKIPPED, UsageError
 from trainer import data as data_mod
 from trainer.loop import WorkerSpec
@@ -85,23 +85,14 @@ def prepare(opts: TrainOptions) -> Prepared:
     return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size)
 
 
-def cluster_nodes() -> list[plan_mod.NodeCapacity]:
-    """The alive nodes of the connected Ray cluster as the planner sees them.
-
-    Until preflight probes each node, every node is assumed to run flash (the worker still
-    falls back, and records the kernel that really ran).
-    """
-    import ray
-
-    out = []
-    for n in ray.nodes():
-        if not n.get("Alive"):
-            continue
-        res = n.get("Resources", {})
-        node_labels = {k: v for k, v in (n.get("Labels") or {}).items() if k != "ray.io/node-id"}
-        out.append(plan_mod.NodeCapacity(node_id=n["NodeID"], cpus=res.get("CPU", 0.0), gpus=res.get("GPU", 0.0),
-                                         labels=node_labels, flash_ok=True))
-    return out
+def preflight_settings(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig],
+                       disable_flash_attn: bool) -> preflight.ProbeSettings:
+    """The attention shape the probe checks: that of the first flash variant (else the first)."""
+    variant = next((v for v in variants if v.attention == "flash"), variants[0])
+    model, train_cfg = config_mod.resolved_sections(cfg, variant)
+    return preflight.ProbeSettings(head_dim=model.dim // model.n_heads, n_heads=model.n_heads,
+                                   n_kv_heads=model.n_kv_heads or model.n_heads, dtype=train_cfg.dtype,
+                                   disable_flash_attn=disable_flash_attn)
 
 
 def _versions() -> dict:
@@ -135,8 +126,8 @@ NodesFn = Callable[[], list[plan_mod.NodeCapacity]]
 def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None) -> dict:
     """Run ``orchestrator train``; returns the summary (also written to summary.json).
 
-    ``nodes`` gives the planner the cluster's nodes once Ray is connected (default:
-    ``cluster_nodes``; preflight plugs in its probed verdicts here).
+    ``nodes`` gives the planner the cluster's nodes once Ray is connected (default: preflight
+    probes every node and its verdicts are the planner's view; tests inject canned nodes).
     """
     prep = prepare(opts)
     rundir.check_new(Path(opts.output_dir), opts.name)
@@ -146,8 +137,12 @@ def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None) -> dict:
 
     with ray_session(opts.address, log_to_driver=opts.debug) as address:
         t_ray = time.time()
+        report = None
+        if nodes is None:  # probe every node; its verdicts are the planner's view of the cluster
+            report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn))
         # Planned before the run directory exists: an infeasible request leaves nothing behind.
-        plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling, (nodes or cluster_nodes)())
+        plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
+                                  report.node_capacities() if report else nodes())
         run_dir = rundir.create(Path(opts.output_dir), opts.name)
         try:  # on several nodes, every node must see the run directory and the data
             storage.check_nodes(run_dir, prep.data_path)
@@ -158,11 +153,19 @@ def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None) -> dict:
         log.info("run directory: %s", run_dir)
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(prep.cfg.model_dump(mode="json"), sort_keys=False))
         rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
+        if report is not None:
+            _, log_path = report.write(run_dir)
+            for line in report.table():
+                log.info(line)
+            log.info("flash attention log: %s", log_path)
         rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
         for line in plan.describe():
             log.info(line)
-        if all(v.attention == "standard" for v in plan.variants):
+        if all(v.env["ATTN_IMPL"] == "standard" for v in plan.variants):
             log.info("Flash Attention is disabled - will use standard attention implementation")
+        elif report is not None:
+            for line in report.outcome_lines():
+                log.info(line)
         specs = {}
         for vc in prep.variants:
             model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)

@@ -225,3 +225,12 @@ def test_a_selector_for_several_nodes_uses_rays_in_syntax():
 def test_bad_label_selectors_are_config_errors(selector, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         validate({"scaling": {"label_selector": selector}}, "c.yaml")
+
+
+def test_a_lone_flash_variant_that_works_nowhere_trains_with_standard_attention_and_says_why():
+    """The single-machine promise on a cluster: detect, disable, log why, still train."""
+    nodes = [node("a", cpus=4, flash_ok=False, reason="GLIBC too old: flash_attn needs GLIBC_2.32, node has 2.31")]
+    v = make_plan([FLASH], scaling(), nodes).variants[0]
+    assert v.status == "planned" and v.attention == "flash"
+    assert v.env == {"ATTN_IMPL": "standard", "DISABLE_FLASH_ATTN": "1"}
+    assert "GLIBC too old" in v.reason and v.reason.startswith("standard attention")

@@ -30,6 +30,8 @@ def test_flash_run_writes_the_summary_contract_and_metrics(ray_session, tmp_path
     assert rec["tokens_per_s"] > 0 and rec["peak_mem_bytes"] > 0
     assert [w["kernel"] for w in rec["workers"]] == ["sdpa_flash_cpu"] * 2
     run_dir = tmp_path / "runs" / "flash"
+    preflight = json.loads((run_dir / "preflight.json").read_text())
+    assert preflight["flash_nodes"] and list(preflight["flash_nodes"]) == ["sdpa_flash_cpu"]
     assert json.loads((run_dir / "summary.json").read_text())["variants"]["flash"]["final_loss"] == rec["final_loss"]
     steps = read_metrics(run_dir / "flash" / "metrics.jsonl")
     assert [r["step"] for r in steps] == list(range(1, 7))
@@ -44,6 +46,12 @@ def test_disable_flash_attn_gives_workers_both_flags_and_blocks_imports(ray_sess
     assert rec["env"] == {"ATTN_IMPL": "standard", "DISABLE_FLASH_ATTN": "1"}
     assert rec["backend"] == "standard"
     assert all(w["flash_attn_imports_blocked"] for w in rec["workers"])
+    run = tmp_path / "runs" / "std"
+    [node] = json.loads((run / "preflight.json").read_text())["nodes"]
+    assert node["facts"]["flash_attn"]["disabled"] and node["verdict"]["reason"] == \
+        "flash attention disabled (--disable-flash-attn)"
+    assert all(k.get("skipped") for k in node["facts"]["kernels"].values())
+    assert "flash attention DISABLED (--disable-flash-attn)" in (run / "flash_attention_log.txt").read_text()
 
 
 def test_killed_worker_resumes_from_checkpoint_to_the_same_losses(ray_session, tmp_path):

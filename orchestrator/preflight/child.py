@@ -1,0 +1,116 @@
+"""The probe as a child process: its command line, running it with a timeout, reading its output.
+
+``run_probe`` runs on the node (inside a Ray task, or locally); ``parse_probe`` runs in the
+driver and is pure, so a crash, a hang or garbage output is classified the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from orchestrator.preflight.probe import MARKER, SCHEMA
+from orchestrator.preflight.rules import Cause, Issue, classify, crash_cause
+
+PYTHON = "python"  # replaced by the node's own interpreter in run_probe
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # holds orchestrator/ and trainer/
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeSettings:
+    """What the probe checks: the attention shape the workers will run, and the flash flag."""
+
+    head_dim: int = 32
+    n_heads: int = 6
+    n_kv_heads: int = 2
+    dtype: str = "auto"  # as train.dtype: auto = bf16 on GPU, fp32 on CPU
+    disable_flash_attn: bool = False
+    timeout_s: float = 180.0  # the whole probe on one node
+    import_timeout_s: float = 60.0  # one flash-attn import
+
+
+def probe_command(settings: ProbeSettings) -> list[str]:
+    argv = [PYTHON, "-m", "orchestrator.preflight.probe", "--json", "--head-dim", str(settings.head_dim),
+            "--n-heads", str(settings.n_heads), "--n-kv-heads", str(settings.n_kv_heads), "--dtype", settings.dtype,
+            "--import-timeout", str(settings.import_timeout_s)]
+    return argv + (["--disable-flash-attn"] if settings.disable_flash_attn else [])
+
+
+def probe_env(disable_flash_attn: bool, base: Optional[dict] = None) -> dict:
+    env = dict(os.environ if base is None else base)
+    # The child must find our packages even when this worker found them some other way.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    if disable_flash_attn:
+        env["DISABLE_FLASH_ATTN"] = "1"  # the child's `import trainer` installs the import guard first
+    if env.get("CUDA_VISIBLE_DEVICES") == "":
+        # A zero-GPU Ray task may get an empty mask; the probe must see the node's GPUs.
+        del env["CUDA_VISIBLE_DEVICES"]
+    return env
+
+
+def run_probe(argv: list[str], timeout_s: float, env: Optional[dict] = None) -> dict:
+    """Run the probe command; never raises, never outlives ``timeout_s`` (its children neither)."""
+    argv = [sys.executable if a == PYTHON else a for a in argv]
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # its own process group, so a timeout kills it all
+    except OSError as e:
+        return {"returncode": None, "stdout": "", "stderr": f"{type(e).__name__}: {e}", "timed_out": False,
+                "seconds": 0.0}
+    timed_out = False
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        stdout, stderr = proc.communicate()
+    return {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "timed_out": timed_out,
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def _tail(text: str, n: int = 25) -> str:
+    return "\n".join((text or "").strip().splitlines()[-n:])
+
+
+def parse_probe(raw: dict, timeout_s: float) -> tuple[Optional[dict], Optional[Issue]]:
+    """(facts, None) for a good probe; (None, issue) for one that crashed, hung or printed garbage."""
+    what = "the probe"
+    if raw.get("timed_out"):
+        return None, Issue("probe", crash_cause(f"{what} ({timeout_s:g} s timeout)", None, True), _tail(raw.get("stderr")))
+    rc = raw.get("returncode")
+    if rc is None or rc != 0:
+        stderr = _tail(raw.get("stderr"))
+        if rc is not None and rc < 0:
+            cause = crash_cause(what, signal.Signals(-rc).name, False)
+        else:
+            # A Python error in the probe (torch failing to import, say) has a classifiable text.
+            found = classify(stderr)
+            cause = Cause("probe_crashed", f"{what} exited with code {rc}"
+                          + (f": {found.summary}" if found.code != "unknown" else ""),
+                          found.hint if found.code != "unknown" else "run the probe by hand on the node: "
+                          "python -m orchestrator.preflight.probe --json")
+        return None, Issue("probe", cause, stderr)
+    lines = [l for l in (raw.get("stdout") or "").splitlines() if l.startswith(MARKER)]
+    facts = None
+    if lines:
+        try:
+            facts = json.loads(lines[-1][len(MARKER):])
+        except ValueError:
+            facts = None
+    if not isinstance(facts, dict) or facts.get("schema") != SCHEMA:
+        out = _tail(raw.get("stdout"), 5)
+        return None, Issue("probe", Cause("probe_garbage", f"{what} returned no readable facts",
+                                          "the probe and the driver may run different versions of this package; "
+                                          "install the same version on every node"), out or "(no output)")
+    return facts, None

@@ -1,0 +1,310 @@
+"""Gather one node's facts, in a child process: ``python -m orchestrator.preflight.probe --json``.
+
+Run as a child because a broken flash-attn ``.so`` can crash (or hang) whoever imports it. Each
+flash-attn import is tried in a grandchild of its own, so even a segfaulting import is reported
+with its signal while every other check still runs; each check is reported on its own, also on
+nodes without a GPU. The facts are plain JSON (the schema is ``gather``'s return value), printed
+as one line after ``MARKER`` so libraries that print to stdout cannot garble them.
+
+With ``--disable-flash-attn`` flash-attn is never imported here: its metadata and ELF are read,
+and the import guard is installed, as in every other process of such a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from trainer import import_guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
+
+MARKER = "PREFLIGHT-FACTS "
+SCHEMA = 1
+# Distribution names the flash-attn family is published under (pip normalises - and _).
+DISTRIBUTIONS = ("flash-attn", "flash-attn-3", "flash-attn-4")
+# The module each flash_attn kernel of trainer.attention imports.
+KERNEL_MODULES = {"flash_attn_2": "flash_attn", "flash_attn_3": "flash_attn_interface", "flash_attn_4": "flash_attn.cute"}
+_IMPORT_SNIPPET = "import importlib, sys; importlib.import_module(sys.argv[1]).flash_attn_func"
+_TAIL_LINES = 25
+
+
+def _tail(text: str, n: int = _TAIL_LINES) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()
+
+
+# ---------------------------------------------------------------- system
+
+
+def glibc_version() -> Optional[str]:
+    try:
+        value = os.confstr("CS_GNU_LIBC_VERSION")  # 'glibc 2.35'; absent on musl and macOS
+    except (ValueError, OSError, AttributeError):
+        return None
+    return value.split()[-1] if value else None
+
+
+def loaded_libstdcxx() -> dict:
+    """The libstdc++ this process loaded (torch pulls it in) and the GLIBCXX it provides."""
+    from orchestrator.preflight import elf
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError as e:
+        return {"error": _error_text(e)}
+    paths = sorted({line.split()[-1] for line in maps.splitlines() if "libstdc++.so" in line})
+    if not paths:
+        return {"error": "libstdc++ is not loaded in this process"}
+    try:
+        return {"path": paths[0], **elf.provided_versions(paths[0])}
+    except (OSError, ValueError) as e:
+        return {"path": paths[0], "error": _error_text(e)}
+
+
+def torch_facts() -> dict:
+    try:
+        import torch
+    except Exception as e:  # a broken torch install is a fact to report, not a crash
+        return {"error": _error_text(e)}
+    out = {"version": torch.__version__, "cuda": torch.version.cuda,
+           "cxx11_abi": bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", False))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["cuda_available"] = torch.cuda.is_available()
+    # torch warns (and returns False) when the driver is too old for its CUDA runtime.
+    msgs = [str(w.message) for w in caught if "CUDA" in str(w.message) or "driver" in str(w.message)]
+    if msgs:
+        out["cuda_error"] = msgs[0]
+    return out
+
+
+def gpu_facts(torch_ok: bool) -> tuple[dict, list[dict]]:
+    """(driver, gpus): NVML first (it sees the driver even when torch cannot), then torch."""
+    driver: dict = {"version": None, "cuda": None, "source": None}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            driver.update(version=_text(pynvml.nvmlSystemGetDriverVersion()), source="nvml")
+            cuda = pynvml.nvmlSystemGetCudaDriverVersion()  # e.g. 12040
+            driver["cuda"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
+            gpus = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+                gpus.append({"index": i, "name": _text(pynvml.nvmlDeviceGetName(h)), "capability": f"{major}.{minor}",
+                             "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(h).total)})
+            return driver, gpus
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as e:  # no NVML library (CPU node) or no driver
+        driver["error"] = _error_text(e)
+    if not torch_ok:
+        return driver, []
+    import torch
+
+    if not torch.cuda.is_available():
+        return driver, []
+    driver["source"] = "torch"
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        gpus.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}", "memory_bytes": p.total_memory})
+    return driver, gpus
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ---------------------------------------------------------------- flash-attn, without importing it
+
+
+def flash_distributions() -> list[dict]:
+    """Installed flash-attn distributions, their versions and what their .so files require."""
+    from orchestrator.preflight import elf
+
+    seen, out = set(), []
+    for name in DISTRIBUTIONS:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        key = (dist.metadata["Name"], dist.version)
+        if key in seen:
+            continue
+        seen.add(key)
+        record: dict = {"name": dist.metadata["Name"], "version": dist.version, "so_files": [], "requires": {}}
+        for f in dist.files or []:
+            if ".so" not in f.name:
+                continue
+            path = Path(dist.locate_file(f))
+            try:
+                needs = elf.required_versions(path)
+            except (OSError, ValueError) as e:
+                record.setdefault("errors", []).append(_error_text(e))
+                continue
+            record["so_files"].append({"path": str(path), "requires": needs})
+            for family, version in needs.items():
+                record["requires"][family] = elf.highest([record["requires"].get(family), version])
+        out.append(record)
+    return out
+
+
+def _findable(module: str) -> bool:
+    top, _, rest = module.partition(".")
+    spec = importlib.util.find_spec(top)  # for a top-level name this locates without executing
+    if spec is None or not rest:
+        return spec is not None
+    return any((Path(loc) / rest.replace(".", "/")).exists() for loc in spec.submodule_search_locations or [])
+
+
+def check_import(module: str, timeout_s: float, env: Optional[dict] = None) -> dict:
+    """Import ``module`` in a fresh interpreter: its outcome, even if it segfaults or hangs."""
+    started = time.monotonic()
+    out: dict = {"module": module, "ok": False}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _IMPORT_SNIPPET, module], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        out.update(timed_out=True, error=_tail(err) or f"import did not finish in {timeout_s:g} s")
+    else:
+        out["ok"] = proc.returncode == 0
+        if proc.returncode < 0:
+            name = signal.Signals(-proc.returncode).name
+            out.update(signal=name, error=_tail(proc.stderr) or f"killed by {name}")
+        elif proc.returncode:
+            out["error"] = _tail(proc.stderr)
+    out["seconds"] = round(time.monotonic() - started, 3)
+    return out
+
+
+def flash_imports(disabled: bool, timeout_s: float) -> list[dict]:
+    out = []
+    for kernel, module in KERNEL_MODULES.items():
+        if disabled:
+            out.append({"module": module, "kernel": kernel, "ok": False,
+                        "skipped": "flash attention disabled: not imported"})
+            continue
+        try:
+            findable = _findable(module)
+        except (ImportError, ValueError) as e:
+            out.append({"module": module, "kernel": kernel, "ok": False, "error": _error_text(e)})
+            continue
+        if findable:
+            out.append({"kernel": kernel, **check_import(module, timeout_s)})
+    return out
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: bool) -> tuple[dict, dict]:
+    """Each flash candidate of trainer.attention, checked fwd+bwd against standard attention."""
+    import torch
+
+    from trainer import attention
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    use_bf16 = settings.dtype == "bf16" or (settings.dtype == "auto" and device.type == "cuda")
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    check = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": settings.head_dim,
+             "n_heads": settings.n_heads, "n_kv_heads": settings.n_kv_heads}
+    imported = {i["kernel"]: i for i in imports}
+    results: dict[str, dict] = {}
+    for name in attention.flash_candidates(device):
+        if disabled:
+            results[name] = {"ok": False, "skipped": "flash attention disabled (--disable-flash-attn)"}
+            continue
+        if name in attention.FLASH_ATTN_PACKAGE_KERNELS:
+            imp = imported.get(name)
+            if imp is None:
+                results[name] = {"ok": False, "skipped": f"{KERNEL_MODULES[name]} is not installed"}
+                continue
+            if not imp["ok"]:
+                results[name] = {"ok": False, "skipped": f"import {KERNEL_MODULES[name]} failed"}
+                continue
+        started = time.monotonic()
+        try:
+            fn = attention.kernel_fn(name)
+            attention.check_kernel(fn, device=device, dtype=dtype, head_dim=settings.head_dim,
+                                   n_heads=settings.n_heads, n_kv_heads=settings.n_kv_heads)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # surface asynchronous kernel errors here, not later
+            results[name] = {"ok": True}
+        except Exception as e:  # every failure disqualifies the kernel; the text says why
+            results[name] = {"ok": False, "error": _tail(_error_text(e))}
+        results[name]["seconds"] = round(time.monotonic() - started, 3)
+    return check, results
+
+
+# ---------------------------------------------------------------- all together
+
+
+def gather(settings: argparse.Namespace) -> dict:
+    disabled = settings.disable_flash_attn or import_guard.disabled_by_env()
+    if disabled:
+        import_guard.install()
+    facts: dict = {
+        "schema": SCHEMA, "hostname": platform.node(), "os": platform.platform(), "arch": platform.machine(),
+        "python": platform.python_version(), "glibc": glibc_version(),
+    }
+    facts["torch"] = torch_facts()
+    torch_ok = "error" not in facts["torch"]
+    facts["libstdcxx"] = loaded_libstdcxx()
+    facts["driver"], facts["gpus"] = gpu_facts(torch_ok)
+    try:
+        distributions = flash_distributions()
+    except Exception as e:  # unreadable metadata must not hide the other checks
+        distributions = [{"name": "flash-attn", "version": None, "error": _error_text(e)}]
+    imports = flash_imports(disabled, settings.import_timeout)
+    facts["flash_attn"] = {"disabled": disabled, "distributions": distributions, "imports": imports}
+    if torch_ok:
+        facts["check"], facts["kernels"] = kernel_checks(settings, imports, disabled)
+    else:
+        facts["check"], facts["kernels"] = {}, {}
+    return facts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.preflight.probe", description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print the facts as JSON (the only output format)")
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--n-heads", type=int, default=6)
+    p.add_argument("--n-kv-heads", type=int, default=2)
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn")
+    p.add_argument("--import-timeout", type=float, default=60.0, help="seconds per flash-attn import")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = build_parser().parse_args(argv)
+    real_stdout = sys.stdout
+    sys.stdout = sys.stderr  # whatever the checks print must not mix with the facts
+    try:
+        facts = gather(settings)
+    finally:
+        sys.stdout = real_stdout
+    real_stdout.write(MARKER + json.dumps(facts, default=str) + "\n")
+    real_stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

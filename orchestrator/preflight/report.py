@@ -1,0 +1,152 @@
+"""The preflight report: one record per node (facts and verdict), shown as a table, saved as
+``preflight.json`` and ``flash_attention_log.txt``, and reduced to the planner's NodeCapacity list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from orchestrator.plan import NodeCapacity
+from orchestrator.preflight.child import ProbeSettings
+from orchestrator.preflight.rules import Verdict
+
+PREFLIGHT_FILE, LOG_FILE = "preflight.json", "flash_attention_log.txt"
+COLUMNS = ("node", "GPUs", "CC", "driver", "CUDA", "GLIBC", "torch", "flash-attn", "verdict", "reason")
+_REASON_WIDTH = 90
+
+
+@dataclass
+class NodeReport:
+    node_id: str
+    address: str
+    cpus: float
+    gpus: float  # as Ray advertises them
+    labels: dict[str, str]
+    facts: Optional[dict]  # None when the probe crashed, hung or returned garbage
+    verdict: Verdict
+    probe_seconds: Optional[float] = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.node_id[:8]} ({self.address})"
+
+    def row(self) -> list[str]:
+        f = self.facts or {}
+        gpus = f.get("gpus") or []
+        names = Counter(g["name"] for g in gpus)
+        gpu_text = ", ".join(f"{n}x {name}" for name, n in names.items()) if gpus else (
+            "0" if self.facts else f"{self.gpus:g} (Ray)")
+        driver = f.get("driver") or {}
+        torch_f = f.get("torch") or {}
+        dists = (f.get("flash_attn") or {}).get("distributions") or []
+        v = self.verdict
+        if v.flash_ok:
+            verdict, reason = f"flash ({v.flash_kernel})", ", ".join(sorted({i.cause.code for i in v.issues})) or "-"
+            if reason != "-":
+                reason = f"issues logged: {reason}"
+        else:
+            verdict, reason = "standard", v.reason or "-"
+        if len(reason) > _REASON_WIDTH:
+            reason = reason[:_REASON_WIDTH - 3] + "..."
+        return [
+            self.name, gpu_text, ",".join(sorted({g["capability"] for g in gpus})) or "-",
+            (driver.get("version") or "-") + (f" (CUDA {driver['cuda']})" if driver.get("cuda") else ""),
+            torch_f.get("cuda") or ("-" if self.facts else "?"), f.get("glibc") or ("-" if self.facts else "?"),
+            torch_f.get("version") or ("error" if torch_f.get("error") else "?"),
+            ", ".join(f"{d['name']} {d.get('version')}" for d in dists) or ("-" if self.facts else "?"),
+            verdict, reason,
+        ]
+
+    def to_json(self) -> dict:
+        return {"node_id": self.node_id, "address": self.address, "cpus": self.cpus, "gpus": self.gpus,
+                "labels": self.labels, "probe_seconds": self.probe_seconds, "verdict": self.verdict.to_json(),
+                "facts": self.facts}
+
+
+@dataclass
+class Report:
+    nodes: list[NodeReport]
+    settings: ProbeSettings
+    notes: list[str] = field(default_factory=list)  # plain statements: no alive nodes, no GPUs
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    # ------------------------------------------------------------ for the planner
+
+    def node_capacities(self) -> list[NodeCapacity]:
+        return [NodeCapacity(node_id=n.node_id, cpus=n.cpus, gpus=n.gpus, labels=dict(n.labels),
+                             flash_ok=n.verdict.flash_ok, flash_kernel=n.verdict.flash_kernel,
+                             flash_reason=n.verdict.reason) for n in self.nodes]
+
+    def flash_nodes(self) -> dict[str, list[str]]:
+        """Flash kernel -> the nodes where it will run."""
+        out: dict[str, list[str]] = {}
+        for n in self.nodes:
+            if n.verdict.flash_ok:
+                out.setdefault(n.verdict.flash_kernel, []).append(n.name)
+        return out
+
+    # ------------------------------------------------------------ for people
+
+    def table(self) -> list[str]:
+        rows = [list(COLUMNS)] + [n.row() for n in self.nodes]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return lines + [f"note: {n}" for n in self.notes]
+
+    def log_text(self) -> str:
+        s = self.settings
+        lines = [f"Flash attention compatibility log - preflight at {self.created}",
+                 f"checked: causal fwd+bwd, head dim {s.head_dim}, {s.n_heads} query / {s.n_kv_heads} kv heads, "
+                 f"dtype {s.dtype}; flash attention {'DISABLED (--disable-flash-attn)' if s.disable_flash_attn else 'enabled'}",
+                 *[f"note: {n}" for n in self.notes], ""]
+        for n in self.nodes:
+            v = n.verdict
+            host = (n.facts or {}).get("hostname", "?")
+            outcome = f"flash attention: {v.flash_kernel}" if v.flash_ok else f"standard attention: {v.reason}"
+            lines.append(f"node {n.node_id} ({host}, {n.address}): {outcome}")
+            if not v.issues:
+                lines.append("  no issues found")
+            for issue in v.issues:
+                c = issue.cause
+                lines.append(f"  [{c.code}] {issue.check}: {c.summary}")
+                lines.append(f"    fix: {c.hint}")
+                raw = (issue.error or "").strip().splitlines() or ["(no error text)"]
+                lines.append("    raw error:")
+                lines += [f"      {line}" for line in raw]
+            lines.append("")
+        return "\n".join(lines)
+
+    def outcome_lines(self) -> list[str]:
+        """The startup lines: flash disabled, or which flash kernel runs where."""
+        flash = self.flash_nodes()
+        if not flash:
+            return ["Flash Attention is disabled - will use standard attention implementation"]
+        lines = [f"Flash attention: kernel {k} on {', '.join(nodes)}" for k, nodes in flash.items()]
+        std = [n.name for n in self.nodes if not n.verdict.flash_ok]
+        if std:
+            lines.append(f"Standard attention on {', '.join(std)} (see flash_attention_log.txt)")
+        return lines
+
+    # ------------------------------------------------------------ for scripts
+
+    def to_json(self) -> dict:
+        return {"created": self.created, "settings": asdict(self.settings), "notes": self.notes,
+                "flash_nodes": self.flash_nodes(), "nodes": [n.to_json() for n in self.nodes]}
+
+    def write(self, directory: Path) -> tuple[Path, Path]:
+        """preflight.json and flash_attention_log.txt in ``directory``; returns their paths."""
+        directory.mkdir(parents=True, exist_ok=True)
+        json_path, log_path = directory / PREFLIGHT_FILE, directory / LOG_FILE
+        for path, text in ((json_path, json.dumps(self.to_json(), indent=2, default=str) + "\n"),
+                           (log_path, self.log_text())):
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        return json_path, log_path
