@@ -104,6 +104,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             log.debug("variant %s failed:\n%s", v.name, traceback.format_exc())
     if error is None and result is not None and isinstance(result.return_value, dict):
         record.update(result.return_value)
+        record["attention"] = v.attention  # the request; the worker's flags are in 'env'
         record["status"] = "succeeded"
     else:
         record["error"] = ((_placement_error(error, v, placement_timeout_s) or _one_line(error)) if error
