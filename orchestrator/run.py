@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -16,8 +17,8 @@ from typing import Optional
 
 import yaml
 
+from orchestrator import capacity, interrupt, launch, plan as plan_mod, resume as resume_mod, rundir
 from orchestrator import config as config_mod
-from orchestrator import launch, plan as plan_mod, rundir
 from orchestrator.errors import UsageError
 from trainer import data as data_mod
 from trainer.loop import WorkerSpec
@@ -41,6 +42,7 @@ class TrainOptions:
     seed: Optional[int] = None
     name: Optional[str] = None
     debug: bool = False
+    resume: Optional[str] = None  # a stopped run's directory: continue it with its own options
 
 
 @dataclass
@@ -49,6 +51,14 @@ class Prepared:
     variants: list[config_mod.VariantConfig]
     data_path: Path
     vocab_size: int
+
+
+def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume_mod.SavedRun]]:
+    """The options this invocation runs with: as given, or under --resume the stopped run's own."""
+    if not opts.resume:
+        return opts, None
+    saved = resume_mod.load(opts)
+    return TrainOptions(**saved.options), saved
 
 
 def prepare(opts: TrainOptions) -> Prepared:
@@ -109,48 +119,102 @@ def _versions() -> dict:
 
 
 def train(opts: TrainOptions) -> dict:
-    """Run ``orchestrator train``; returns the summary (also written to summary.json)."""
+    """Run ``orchestrator train``; returns the summary (also written to summary.json).
+
+    SIGINT/SIGTERM raise ``Interrupted`` after the workers are stopped and a summary with
+    status "interrupted" is written; ``train(TrainOptions(resume=run_dir))`` continues it.
+    """
+    with interrupt.handle_signals():
+        return _train(opts)
+
+
+def _config_to_save(prep: Prepared) -> dict:
+    cfg = prep.cfg.model_dump(mode="json")
+    if cfg["data"]["path"]:
+        cfg["data"]["path"] = str(prep.data_path)  # absolute, so --resume works from any directory
+    return cfg
+
+
+def _train(opts: TrainOptions) -> dict:
+    opts, saved = effective_options(opts)
     prep = prepare(opts)
-    run_dir = rundir.create(Path(opts.output_dir), opts.name)
+    source = opts.config_file or "built-in config"
+    finished = saved.finished() if saved else {}
+    if saved and all(v.name in finished for v in prep.variants):
+        log.info("nothing to resume: every variant of %s already succeeded", saved.run_dir)
+        return saved.summary
+    previous = (saved.summary or {}) if saved else {}
+    if saved:
+        run_dir = saved.run_dir
+        log.info("resuming run directory: %s", run_dir)
+    else:
+        run_dir = rundir.create(Path(opts.output_dir), opts.name)
+        log.info("run directory: %s", run_dir)
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(_config_to_save(prep), sort_keys=False))
+        rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
     started = time.time()
-    log.info("run directory: %s", run_dir)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(prep.cfg.model_dump(mode="json"), sort_keys=False))
-    rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
+    results: dict[str, dict] = {}
+    address = None
 
-    from orchestrator.session import ray_session
-
-    with ray_session(opts.address, log_to_driver=opts.debug) as address:
-        plan = make_plan(prep, cluster_resources())
-        rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
-        for line in plan.describe():
-            log.info(line)
-        if all(v.attention == "standard" for v in plan.variants):
-            log.info("Flash Attention is disabled - will use standard attention implementation")
-        results: dict[str, dict] = {}
-        for pv, vc in zip(plan.variants, prep.variants):
-            if pv.status == "skipped":
-                results[pv.name] = launch.skipped_record(pv)
-                continue
-            model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)
-            spec = WorkerSpec(variant=pv.name, model=model, train=train_cfg,
-                              data_path=str(prep.data_path), out_dir=str((run_dir / pv.name).resolve()))
-            log.info("[%s] starting %d worker(s), %s", pv.name, pv.num_workers,
-                     " ".join(f"{k}={v}" for k, v in pv.env.items()))
-            results[pv.name] = launch.run_variant(pv, spec, max_failures=prep.cfg.scaling.max_failures,
-                                                  keep_checkpoints=prep.cfg.scaling.keep_checkpoints)
-    failed = [n for n, r in results.items() if r["status"] == "failed"]
-    summary = {
-        "run": {
+    def write_summary(status: str) -> dict:
+        run = {
             "name": run_dir.name, "dir": str(run_dir.resolve()), "ray_address": address,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": round(time.time() - started, 3), "data": str(prep.data_path),
-            "command": " ".join(sys.argv), "versions": _versions(),
-            "status": "failed" if failed else "succeeded",
-        },
-        "variants": results,
-    }
-    rundir.write_json(run_dir / SUMMARY_FILE, summary)
-    return summary
+            "command": " ".join(sys.argv), "versions": _versions(), "status": status,
+        }
+        if saved:
+            run["resumes"] = int((previous.get("run") or {}).get("resumes", 0)) + 1
+        for v in prep.variants:  # not reached before the interrupt: they run on --resume
+            results.setdefault(v.name, {"status": "interrupted", "attention": v.attention, "steps": 0,
+                                        "restarts": 0, "error": "not started: the run was interrupted"})
+        summary = {"run": run, "variants": results}
+        rundir.write_json(run_dir / SUMMARY_FILE, summary)
+        return summary
+
+    from orchestrator.session import ray_session
+
+    try:
+        with ray_session(opts.address, log_to_driver=opts.debug, keep_logs=opts.debug) as address:
+            resources = cluster_resources()
+            capacity.check_fits(prep.cfg.scaling, resources, source)
+            plan = make_plan(prep, resources)
+            rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
+            for line in plan.describe():
+                log.info(line)
+            if all(v.attention == "standard" for v in plan.variants):
+                log.info("Flash Attention is disabled - will use standard attention implementation")
+            for pv, vc in zip(plan.variants, prep.variants):
+                if pv.name in finished:
+                    log.info("[%s] already succeeded; not rerun", pv.name)
+                    results[pv.name] = finished[pv.name]
+                    continue
+                if pv.status == "skipped":
+                    results[pv.name] = launch.skipped_record(pv)
+                    continue
+                model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)
+                spec = WorkerSpec(variant=pv.name, model=model, train=train_cfg,
+                                  data_path=str(prep.data_path), out_dir=str((run_dir / pv.name).resolve()))
+                log.info("[%s] starting %d worker(s), %s", pv.name, pv.num_workers,
+                         " ".join(f"{k}={v}" for k, v in pv.env.items()))
+                record = launch.run_variant(pv, spec, max_failures=prep.cfg.scaling.max_failures,
+                                            keep_checkpoints=prep.cfg.scaling.keep_checkpoints)
+                before = (previous.get("variants") or {}).get(pv.name) or {}
+                record["restarts"] += int(before.get("restarts") or 0)  # restarts of earlier invocations
+                results[pv.name] = record
+                if record["status"] == "interrupted":
+                    raise interrupt.as_interrupted(KeyboardInterrupt())
+    except UsageError:
+        if not saved:  # found before anything ran: leave no trace of this run
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    except KeyboardInterrupt as e:  # SIGINT/SIGTERM (orchestrator/interrupt.py)
+        stopped = interrupt.as_interrupted(e)
+        write_summary("interrupted")
+        stopped.run_dir = run_dir
+        raise stopped from None
+    failed = [n for n, r in results.items() if r["status"] == "failed"]
+    return write_summary("failed" if failed else "succeeded")
 
 
 def describe_summary(summary: dict) -> list[str]:
@@ -164,6 +228,8 @@ def describe_summary(summary: dict) -> list[str]:
                          f"peak mem {mem}, restarts {r['restarts']}")
         elif r["status"] == "skipped":
             lines.append(f"  {name}: skipped ({r.get('reason')})")
+        elif r["status"] == "interrupted":
+            lines.append(f"  {name}: interrupted after {r.get('steps') or 0} steps")
         else:
             lines.append(f"  {name}: failed: {r['error']}")
     lines.append(f"run directory: {summary['run']['dir']}")
