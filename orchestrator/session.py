@@ -85,6 +85,10 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
                     ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
                 else:
                     log.info("starting a local Ray (no --address given)")
+                    # Ray's notice that its default (token auth on) is in force: not news to a
+                    # user of a Ray that lives only as long as this command, and it would break
+                    # the one-line-on-stderr promise.
+                    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
                     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                              log_to_driver=log_to_driver, logging_level=logging.WARNING)
                     session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
