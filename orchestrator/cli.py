@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 the run failed; 2 usage or input error (a request the cluster can
 never satisfy included); 3 the run finished but a requested variant was skipped (flash
-attention works on no node). Errors are one line on stderr, with a traceback only under
-``--debug``.
+attention works on no node); 130 / 143 interrupted by SIGINT / SIGTERM (128 + the signal;
+the run can be continued with ``train --resume``). Errors are one line on stderr, with a
+traceback only under ``--debug``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from orchestrator.bench import command as bench_command
-from orchestrator.errors import RunFailed, UsageError
+from orchestrator.errors import Interrupted, RunFailed, UsageError
 
 log = logging.getLogger("orchestrator")
 
@@ -39,14 +40,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--seed", type=int, help="override train.seed")
     p.add_argument("--name", help="run name (default: run-<date>-<time>, made unique)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped run in its directory, with its saved config and options")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.run import TrainOptions, describe_summary, exit_code, train
+    from orchestrator.run import TrainOptions, describe_summary, effective_options, exit_code, train
     from trainer import import_guard
 
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
-    if opts.disable_flash_attn:
+    if effective_options(opts)[0].disable_flash_attn:  # under --resume, as the run started
         import_guard.install()  # no process of the run imports flash-attn, the driver included
     summary = train(opts)
     log.info("summary:")
@@ -194,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
+        run_dir = getattr(e, "run_dir", None)
+        hint = f"; continue it with: python -m orchestrator train --resume {run_dir}" if run_dir else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -21,3 +21,20 @@ class RunFailed(Exception):
 # The run finished and nothing failed, but a requested variant was skipped (flash attention
 # works on no node): the results are real but incomplete, which a script must be able to tell.
 EXIT_VARIANT_SKIPPED = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the driver: exit code 128 + the signal number (130, 143).
+
+    A KeyboardInterrupt because that is the one exception Ray lets a signal handler raise out
+    of a blocking ``ray.get`` (it re-raises a plain KeyboardInterrupt, so catchers look up the
+    signal with ``interrupt.received()``); and no ``except Exception`` on the way up swallows it.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.run_dir = None  # set once the run directory holds an "interrupted" summary
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")

@@ -65,4 +65,6 @@ def run_plan(plan: Plan, specs: dict[str, WorkerSpec], *, max_failures: int, kee
         else:
             for v in runnable:
                 results[v.name] = one(v)
-    return {v.name: results[v.name] for v in plan.variants}
+                if results[v.name]["status"] == "interrupted":  # the caller stops the run
+                    break
+    return {v.name: results[v.name] for v in plan.variants if v.name in results}

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import traceback
 from pathlib import Path
 
+from orchestrator import interrupt
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
 from trainer import checkpoint
@@ -18,6 +20,7 @@ from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 
+ABORT_TIMEOUT_S = 30.0
 
 def _one_line(err: BaseException) -> str:
     """The root cause of a (possibly wrapped) Ray error, on one line."""
@@ -50,6 +53,7 @@ def skipped_record(v: PlannedVariant) -> dict:
 
 
 def count_attempts(variant_dir: Path, since: float) -> int:
+    """Worker-group starts of a variant since ``since`` (rank 0 writes one line per start)."""
     path = variant_dir / ATTEMPTS_FILE
     if not path.is_file():
         return 0
@@ -62,6 +66,37 @@ def count_attempts(variant_dir: Path, since: float) -> int:
     return n
 
 
+def _trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        """A TorchTrainer that leaves SIGINT to the driver (orchestrator/interrupt.py).
+
+        Ray's own handler aborts on Ctrl-C but then exits the driver with status 0 and covers
+        only SIGINT; ours handles SIGTERM too and ends with 130/143. The controller handle is
+        kept so the driver can abort the workers gracefully.
+        """
+
+        controller = None
+
+        def _register_sigint_handler(self, controller):
+            self.controller = controller
+
+    return Trainer
+
+
+def _abort(trainer) -> None:
+    """Stop the controller and its workers; a checkpoint Ray already committed stays the latest."""
+    import ray
+
+    if trainer.controller is None:
+        return
+    try:
+        ray.get(trainer.controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+    except Exception as e:  # the controller exits as it aborts: RayActorError is the normal answer
+        log.debug("controller abort: %s", _one_line(e))
+
+
 def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_checkpoints: int,
                 placement_timeout_s: float = 60.0) -> dict:
     """Train one variant to completion (or failure) and return its summary record.
@@ -71,12 +106,11 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     of retrying forever. Worker failures after placement are retried ``max_failures`` times.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     vdir = Path(spec.out_dir)
     vdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config=spec.model_dump(),
         scaling_config=ray.train.ScalingConfig(
@@ -99,9 +133,19 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
         try:
             result = trainer.fit()
             error = result.error
+        except KeyboardInterrupt as e:  # SIGINT/SIGTERM (orchestrator/interrupt.py)
+            error = interrupt.as_interrupted(e)
+            log.warning("[%s] stopping the workers (%s)", v.name, error)
+            _abort(trainer)
+            result = None
+            record["status"] = "interrupted"
         except Exception as e:  # Ray raises TrainingFailedError (and friends) from fit()
             result, error = None, e
             log.debug("variant %s failed:\n%s", v.name, traceback.format_exc())
+        finally:
+            # What killed workers left behind: half-written staging, uploads Ray never registered.
+            shutil.rmtree(vdir / checkpoint.STAGING_DIR, ignore_errors=True)
+            checkpoint.prune_unregistered(vdir / checkpoint.STORAGE_NAME)
     if error is None and result is not None and isinstance(result.return_value, dict):
         record.update(result.return_value)
         record["attention"] = v.attention  # the request; the worker's flags are in 'env'

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import execute, plan as plan_mod, preflight, rundir, storage
+from orchestrator import capacity, execute, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, storage
 from orchestrator.errors import EXIT_VARIANT_SKIPPED, UsageError
 from trainer import data as data_mod
 from trainer.loop import WorkerSpec
@@ -43,6 +43,7 @@ class TrainOptions:
     seed: Optional[int] = None
     name: Optional[str] = None
     debug: bool = False
+    resume: Optional[str] = None  # a stopped run's directory: continue it with its own options
 
 
 @dataclass
@@ -51,6 +52,14 @@ class Prepared:
     variants: list[config_mod.VariantConfig]
     data_path: Path
     vocab_size: int
+
+
+def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume_mod.SavedRun]]:
+    """The options this invocation runs with: as given, or under --resume the stopped run's own."""
+    if not opts.resume:
+        return opts, None
+    saved = resume_mod.load(opts)
+    return TrainOptions(**saved.options), saved
 
 
 def prepare(opts: TrainOptions) -> Prepared:
@@ -128,67 +137,127 @@ def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None) -> dict:
 
     ``nodes`` gives the planner the cluster's nodes once Ray is connected (default: preflight
     probes every node and its verdicts are the planner's view; tests inject canned nodes).
+    SIGINT/SIGTERM raise ``Interrupted`` after the workers are stopped and a summary with
+    status "interrupted" is written; ``train(TrainOptions(resume=run_dir))`` continues it.
     """
+    with interrupt.handle_signals():
+        return _train(opts, nodes)
+
+
+def _config_to_save(prep: Prepared) -> dict:
+    cfg = prep.cfg.model_dump(mode="json")
+    if cfg["data"]["path"]:
+        cfg["data"]["path"] = str(prep.data_path)  # absolute, so --resume works from any directory
+    return cfg
+
+
+def _train(opts: TrainOptions, nodes: Optional[NodesFn]) -> dict:
+    opts, saved = effective_options(opts)
     prep = prepare(opts)
-    rundir.check_new(Path(opts.output_dir), opts.name)
+    finished = saved.finished() if saved else {}
+    if saved and all(v.name in finished for v in prep.variants):
+        log.info("nothing to resume: every variant of %s already succeeded", saved.run_dir)
+        return saved.summary
+    previous = (saved.summary or {}) if saved else {}
+    if not saved:
+        rundir.check_new(Path(opts.output_dir), opts.name)
     started = time.time()
+    results: dict[str, dict] = {}
+    address, run_dir, plan, t_ray, t_plan = None, None, None, None, None
 
-    from orchestrator.session import ray_session
-
-    with ray_session(opts.address, log_to_driver=opts.debug) as address:
-        t_ray = time.time()
-        report = None
-        if nodes is None:  # probe every node; its verdicts are the planner's view of the cluster
-            report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn))
-        # Planned before the run directory exists: an infeasible request leaves nothing behind.
-        plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
-                                  report.node_capacities() if report else nodes())
-        run_dir = rundir.create(Path(opts.output_dir), opts.name)
-        try:  # on several nodes, every node must see the run directory and the data
-            storage.check_nodes(run_dir, prep.data_path)
-        except UsageError:
-            shutil.rmtree(run_dir, ignore_errors=True)  # ours, made a moment ago, holds no results
-            raise
-        t_plan = time.time()
-        log.info("run directory: %s", run_dir)
-        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(prep.cfg.model_dump(mode="json"), sort_keys=False))
-        rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
-        if report is not None:
-            _, log_path = report.write(run_dir)
-            for line in report.table():
-                log.info(line)
-            log.info("flash attention log: %s", log_path)
-        rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
-        for line in plan.describe():
-            log.info(line)
-        if all(v.env["ATTN_IMPL"] == "standard" for v in plan.variants):
-            log.info("Flash Attention is disabled - will use standard attention implementation")
-        elif report is not None:
-            for line in report.outcome_lines():
-                log.info(line)
-        specs = {}
-        for vc in prep.variants:
-            model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)
-            specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=str(prep.data_path),
-                                        out_dir=str((run_dir / vc.name).resolve()))
-        sc = prep.cfg.scaling
-        results = execute.run_plan(plan, specs, max_failures=sc.max_failures, keep_checkpoints=sc.keep_checkpoints,
-                                   placement_timeout_s=sc.placement_timeout_s)
-    summary = {
-        "run": {
+    def write_summary(status: str | None = None) -> dict:
+        run = {
             "name": run_dir.name, "dir": str(run_dir.resolve()), "ray_address": address,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": round(time.time() - started, 3), "data": str(prep.data_path),
             "command": " ".join(sys.argv), "versions": _versions(),
-            "status": run_status(results), "mode": plan.mode,
-            "startup_s": startup_phases(_process_start(), t_ray, t_plan, results),
-        },
-        "variants": results,
-    }
-    summary["run"]["exit_code"] = exit_code(summary)
-    rundir.write_json(run_dir / SUMMARY_FILE, summary)
+            "status": status or run_status(results), "mode": plan.mode if plan else None,
+            "startup_s": startup_phases(_process_start(), t_ray, t_plan, results) if t_plan else None,
+        }
+        if saved:
+            run["resumes"] = int((previous.get("run") or {}).get("resumes", 0)) + 1
+        for v in prep.variants:  # not reached before the interrupt: they run on --resume
+            results.setdefault(v.name, {"status": "interrupted", "attention": v.attention, "steps": 0,
+                                        "restarts": 0, "error": "not started: the run was interrupted"})
+        summary = {"run": run, "variants": {v.name: results[v.name] for v in prep.variants}}
+        if status is None:
+            run["exit_code"] = exit_code(summary)
+        rundir.write_json(run_dir / SUMMARY_FILE, summary)
+        return summary
+
+    from orchestrator.session import ray_session
+
+    try:
+        with ray_session(opts.address, log_to_driver=opts.debug, keep_logs=opts.debug) as address:
+            t_ray = time.time()
+            import ray
+
+            # Cluster totals first: a config that can never fit fails before nodes are probed.
+            capacity.check_fits(prep.cfg.scaling, dict(ray.cluster_resources()), opts.config_file or "built-in config")
+            report = None
+            if nodes is None:  # probe every node; its verdicts are the planner's view of the cluster
+                report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn))
+            # Planned before a new run directory exists: an infeasible request leaves nothing behind.
+            plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
+                                      report.node_capacities() if report else nodes())
+            if saved:
+                run_dir = saved.run_dir
+                log.info("resuming run directory: %s", run_dir)
+            else:
+                run_dir = rundir.create(Path(opts.output_dir), opts.name)
+                log.info("run directory: %s", run_dir)
+            storage.check_nodes(run_dir, prep.data_path)  # on several nodes, all must see the run and the data
+            t_plan = time.time()
+            if not saved:
+                (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(_config_to_save(prep), sort_keys=False))
+                rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
+            if report is not None:
+                _, log_path = report.write(run_dir)
+                for line in report.table():
+                    log.info(line)
+                log.info("flash attention log: %s", log_path)
+            rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
+            for line in plan.describe():
+                log.info(line)
+            if all(v.env["ATTN_IMPL"] == "standard" for v in plan.variants):
+                log.info("Flash Attention is disabled - will use standard attention implementation")
+            elif report is not None:
+                for line in report.outcome_lines():
+                    log.info(line)
+            for name in finished:
+                log.info("[%s] already succeeded; not rerun", name)
+            results.update({n: r for n, r in finished.items() if n in {v.name for v in prep.variants}})
+            specs = {}
+            for vc in prep.variants:
+                model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)
+                specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg,
+                                            data_path=str(prep.data_path), out_dir=str((run_dir / vc.name).resolve()))
+            sc = prep.cfg.scaling
+            todo = plan_mod.Plan(variants=[v for v in plan.variants if v.name not in finished], mode=plan.mode,
+                                 notes=plan.notes, cluster=plan.cluster)
+            for name, record in execute.run_plan(todo, specs, max_failures=sc.max_failures,
+                                                 keep_checkpoints=sc.keep_checkpoints,
+                                                 placement_timeout_s=sc.placement_timeout_s).items():
+                before = (previous.get("variants") or {}).get(name) or {}
+                record["restarts"] = record.get("restarts", 0) + int(before.get("restarts") or 0)
+                results[name] = record
+            if any(r["status"] == "interrupted" for r in results.values()):
+                raise interrupt.as_interrupted(KeyboardInterrupt())
+    except UsageError:
+        if run_dir is not None and not saved:  # found before anything ran: leave no trace of this run
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    except KeyboardInterrupt as e:  # SIGINT/SIGTERM (orchestrator/interrupt.py)
+        stopped = interrupt.as_interrupted(e)
+        if run_dir is not None:
+            write_summary("interrupted")
+        stopped.run_dir = run_dir
+        raise stopped from None
+    summary = write_summary()
     _write_report(run_dir)
     return summary
+
+
 
 
 def _process_start() -> float:
@@ -237,6 +306,8 @@ def describe_summary(summary: dict) -> list[str]:
                          f"peak mem {mem}, restarts {r['restarts']}")
         elif r["status"] == "skipped":
             lines.append(f"  {name}: skipped ({r.get('reason')})")
+        elif r["status"] == "interrupted":
+            lines.append(f"  {name}: interrupted after {r.get('steps') or 0} steps")
         else:
             lines.append(f"  {name}: failed: {r['error']}")
     code = exit_code(summary)

@@ -1,23 +1,31 @@
 """Checkpoint files: what one rank writes, and how a directory is verified before it is used.
 
 Rank 0 writes the model, optimizer and progress; every rank writes its own RNG state. Each
-rank also writes a manifest of its files' SHA-256, last, so a partial or corrupt checkpoint
-is detected on load (and the caller falls back to the previous one).
+rank also writes a manifest of its files' SHA-256 and the world size, last, so a partial or
+corrupt checkpoint (a rank that never finished, a truncated file) is detected on load and the
+previous one is used instead. Nothing is trusted that does not verify.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "state.pt"
 STORAGE_NAME = "checkpoints"  # Ray Train's experiment name inside a variant's directory
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray's controller on registration
+# Where ranks write a checkpoint before Ray copies it into storage: inside the variant's
+# directory rather than /tmp, so the driver can remove what a killed worker left half-written.
+STAGING_DIR = ".staging"
 
 
 def wait_until_registered(storage_dir: Path, checkpoint_dir_name: str, timeout_s: float = 60.0) -> bool:
@@ -40,6 +48,26 @@ def wait_until_registered(storage_dir: Path, checkpoint_dir_name: str, timeout_s
 
 class CorruptCheckpoint(RuntimeError):
     pass
+
+
+def checkpoint_dirs(storage_dir: Path) -> list[Path]:
+    """``checkpoint_<step>`` directories, newest first (not Ray's checkpoint_manager_snapshot.json)."""
+    if not storage_dir.is_dir():
+        return []
+    return sorted((p for p in storage_dir.glob("checkpoint_*") if p.name[11:].isdigit() and p.is_dir()), reverse=True)
+
+
+def _manifest(directory: Path, rank: int) -> dict:
+    path = directory / f"manifest_rank{rank}.json"
+    if not path.is_file():
+        raise CorruptCheckpoint(f"{directory}: no {path.name} (incomplete checkpoint)")
+    try:
+        m = json.loads(path.read_text())
+        if not (isinstance(m, dict) and isinstance(m["files"], dict) and int(m["world_size"]) > 0):
+            raise ValueError("not a manifest")
+    except (ValueError, KeyError, TypeError):
+        raise CorruptCheckpoint(f"{path}: unreadable") from None
+    return m
 
 
 def _sha256(path: Path) -> str:
@@ -65,7 +93,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write(directory: Path, rank: int, state: dict | None) -> None:
+def write(directory: Path, rank: int, state: dict | None, world_size: int = 1) -> None:
     """Write this rank's share: ``state`` (rank 0 only), its RNG, and its manifest last."""
     files = {}
     if state is not None:
@@ -74,23 +102,66 @@ def write(directory: Path, rank: int, state: dict | None) -> None:
     rng_file = f"rng_rank{rank}.pt"
     torch.save(rng_state(), directory / rng_file)
     files[rng_file] = _sha256(directory / rng_file)
-    (directory / f"manifest_rank{rank}.json").write_text(json.dumps(files, indent=1))
+    manifest = {"rank": rank, "world_size": world_size, "files": files}
+    (directory / f"manifest_rank{rank}.json").write_text(json.dumps(manifest, indent=1))
 
 
 def verify(directory: Path) -> None:
-    """Raise CorruptCheckpoint unless rank 0's manifest is there and every listed file matches."""
-    manifests = sorted(directory.glob("manifest_rank*.json"))
-    if not (directory / "manifest_rank0.json").is_file():
-        raise CorruptCheckpoint(f"{directory}: no manifest_rank0.json (incomplete checkpoint)")
-    for manifest in manifests:
-        try:
-            files = json.loads(manifest.read_text())
-        except ValueError:
-            raise CorruptCheckpoint(f"{manifest}: unreadable") from None
-        for name, digest in files.items():
+    """Raise CorruptCheckpoint unless every rank's manifest is there and every file matches it."""
+    world = int(_manifest(directory, 0)["world_size"])
+    for rank in range(world):
+        for name, digest in _manifest(directory, rank)["files"].items():
             path = directory / name
             if not path.is_file() or _sha256(path) != digest:
                 raise CorruptCheckpoint(f"{path}: missing or does not match its checksum")
+    if not (directory / STATE_FILE).is_file():
+        raise CorruptCheckpoint(f"{directory}: no {STATE_FILE}")
+
+
+def newest_usable(storage_dir: Path, committed: Path | None = None) -> Path | None:
+    """The newest checkpoint in ``storage_dir`` that verifies, or None when there is none.
+
+    ``committed`` is Ray's latest registered checkpoint. A newer directory can exist when a
+    crash came after every rank had uploaded it but before Ray's controller registered it;
+    complete and verified, it is as good as a committed one, and using it means a fault costs
+    at most one checkpoint interval. Raises CorruptCheckpoint when ``committed`` is given and
+    neither it nor anything else is usable (a fresh start would silently lose the run).
+    """
+    candidates = checkpoint_dirs(storage_dir)
+    if committed is not None and committed not in candidates:
+        candidates.append(committed)
+        candidates.sort(key=lambda p: p.name, reverse=True)
+    skipped = []
+    for path in candidates:
+        try:
+            verify(path)
+            if skipped:
+                log.warning("using checkpoint %s; skipped unusable %s", path.name, "; ".join(skipped))
+            return path
+        except (CorruptCheckpoint, OSError) as e:
+            skipped.append(f"{path.name} ({e})")
+    if committed is not None:
+        raise CorruptCheckpoint(f"no usable checkpoint in {storage_dir}: " + "; ".join(skipped))
+    return None
+
+
+def prune_unregistered(storage_dir: Path) -> None:
+    """Remove checkpoint directories Ray never registered that are older than its latest one.
+
+    They are uploads a crash cut off from Ray's bookkeeping (see ``newest_usable``); Ray's
+    ``num_to_keep`` does not know them, so without this they would stay forever.
+    """
+    try:
+        snap = json.loads((storage_dir / SNAPSHOT_FILE).read_text())
+        known = {r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])}
+        latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not latest:
+        return
+    for path in checkpoint_dirs(storage_dir):
+        if path.name < latest and path.name not in known:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read(directory: Path, rank: int, map_location="cpu") -> tuple[dict, dict | None]:

@@ -9,9 +9,9 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import signal
 import statistics
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -84,22 +84,22 @@ def _maybe_inject_fault(spec: WorkerSpec, step: int, rank: int, last_checkpoint:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _load_latest_checkpoint(ckpt, rank: int, device: torch.device):
-    """Verify and read Ray's latest checkpoint; if it is corrupt, the newest older one that is not."""
-    if ckpt is None:
+def _load_latest_checkpoint(storage_dir: Path, committed: Path | None, rank: int, world: int, device: torch.device):
+    """(path, state, rng) of the newest usable checkpoint, or None to start fresh.
+
+    Rank 0 chooses (``checkpoint.newest_usable``: Ray's committed one or a newer complete
+    upload, corrupt ones skipped) and tells the others, so every rank resumes from the same one.
+    """
+    choice = [None]
+    if rank == 0:
+        found = checkpoint.newest_usable(storage_dir, committed)
+        choice[0] = str(found) if found else None
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
         return None
-    candidates = [Path(ckpt.path)]
-    parent = candidates[0].parent
-    if parent.is_dir():  # older checkpoints of the same run, newest first (names sort by step)
-        candidates += sorted((p for p in parent.glob("checkpoint_*") if p.name < candidates[0].name), reverse=True)
-    for path in candidates:
-        try:
-            with (ckpt.as_directory() if path == candidates[0] else nullcontext(str(path))) as d:
-                state, rng = checkpoint.read(Path(d), rank, map_location=device)
-                return path, state, rng
-        except (checkpoint.CorruptCheckpoint, OSError, RuntimeError, EOFError) as e:
-            log.warning("skipping unusable checkpoint %s: %s", path, e)
-    raise RuntimeError(f"no usable checkpoint among {[str(p) for p in candidates]}")
+    state, rng = checkpoint.read(Path(choice[0]), rank, map_location=device)
+    return Path(choice[0]), state, rng
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -129,6 +129,7 @@ def train_loop_per_worker(config: dict) -> dict:
         "rank": rank,
         "node_id": ray.get_runtime_context().get_node_id(),  # [ray]
         "hostname": platform.node(),
+        "pid": os.getpid(),
         "device": torch.cuda.get_device_name(device) if is_gpu else "cpu",
         "kernel": resolved.kernel,
         "rejected_kernels": resolved.rejected,
@@ -153,19 +154,24 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # ---------------------------------------------------------------- resume
     start_step, first_loss, restored_from = 0, None, None
-    loaded = _load_latest_checkpoint(ray.train.get_checkpoint(), rank, device)  # [ray]
+    record: dict = {}  # the last logged step's metrics
+    ray_ckpt = ray.train.get_checkpoint()  # [ray] the latest committed one: Ray restores it after a failure or from storage
+    committed = Path(ray_ckpt.path) if ray_ckpt is not None else None
+    loaded = _load_latest_checkpoint(Path(spec.out_dir) / checkpoint.STORAGE_NAME, committed, rank, world, device)
     if loaded is not None:
         path, state, rng = loaded
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, first_loss, restored_from = state["step"], state.get("first_loss"), str(path)
+        record = state.get("record") or {}  # reported as is when the checkpoint is the last step
         if rng is not None:
             checkpoint.set_rng_state(rng)
         log.info("rank %d resumed from %s at step %d", rank, path, start_step)
 
     if rank == 0:
         append_attempt(Path(spec.out_dir), {"time": time.time(), "start_step": start_step,
-                                            "restored_from": restored_from, "pid": os.getpid()})
+                                            "restored_from": restored_from, "ray_checkpoint": str(committed) if committed else None,
+                                            "pid": os.getpid(), "pids": [w["pid"] for w in workers]})
 
     n_win = num_windows(len(dataset.tokens), tc.seq_len)
     if n_win < 1:
@@ -178,17 +184,22 @@ def train_loop_per_worker(config: dict) -> dict:
     last_checkpoint: str | None = None
 
     def save_checkpoint(step: int, metrics: dict) -> str:
-        with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(spec.out_dir) / checkpoint.STAGING_DIR / f"rank{rank}-{step:08d}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
             state = None
             if rank == 0:
                 state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "first_loss": first_loss, "samples_consumed": step * sampler.samples_per_step,
-                         "world_size": world, "variant": spec.variant}
-            checkpoint.write(Path(tmp), rank, state)
+                         "world_size": world, "variant": spec.variant, "record": record}
+            checkpoint.write(staging, rank, state, world)
             ray.train.report(  # [ray] a barrier: every rank reports, rank 0's metrics are kept
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
                 checkpoint_dir_name=f"checkpoint_{step:08d}",
             )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return f"checkpoint_{step:08d}"
 
     # ---------------------------------------------------------------- train
@@ -198,7 +209,6 @@ def train_loop_per_worker(config: dict) -> dict:
     step_times: list[float] = []
     t_ready, t_first_step = time.time(), None
     t_last, steps_since_log = time.perf_counter(), 0
-    record: dict = {}
     for step in range(start_step, tc.max_steps):
         _maybe_inject_fault(spec, step + 1, rank, last_checkpoint)
         lr = lr_at(step, tc)

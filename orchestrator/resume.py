@@ -1,0 +1,87 @@
+"""``train --resume RUN_DIR``: continue a stopped run in its own directory.
+
+The run keeps what it started with: its saved ``config.yaml`` (flags such as ``--max-steps``
+already applied) and ``options.json``. Each unfinished variant gets the same Ray storage
+(``<variant>/checkpoints``), and Ray Train restores its checkpoint list from the
+``checkpoint_manager_snapshot.json`` there, so ``ray.train.get_checkpoint()`` hands the
+workers the last committed checkpoint. Variants that already succeeded are not rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from orchestrator.errors import UsageError
+
+# Options a resumed run takes from its saved files; giving them again contradicts --resume.
+SAVED_OPTIONS = {
+    "config_file": "--config-file", "preprocessed_data": "--preprocessed-data",
+    "disable_flash_attn": "--disable-flash-attn", "run_both_models": "--run-both-models",
+    "output_dir": "--output-dir", "max_steps": "--max-steps", "seed": "--seed", "name": "--name",
+}
+CONFIG_FILE, OPTIONS_FILE, SUMMARY_FILE = "config.yaml", "options.json", "summary.json"
+
+
+@dataclass
+class SavedRun:
+    run_dir: Path
+    options: dict  # the effective TrainOptions fields for this invocation
+    summary: Optional[dict]  # the previous summary.json, if the run got that far
+
+    def finished(self) -> dict[str, dict]:
+        """Records of the variants that already succeeded: kept as they are, not rerun."""
+        variants = (self.summary or {}).get("variants") or {}
+        return {n: r for n, r in variants.items() if isinstance(r, dict) and r.get("status") == "succeeded"}
+
+
+def check_flags(opts) -> None:
+    """--resume with a flag that the saved run already fixed is a usage error."""
+    defaults = {f.name: f.default for f in dataclasses.fields(opts)}
+    given = [flag for key, flag in SAVED_OPTIONS.items() if getattr(opts, key) != defaults[key]]
+    if given:
+        raise UsageError(f"--resume contradicts {', '.join(given)}: a resumed run keeps the options and config "
+                         f"it started with (saved in its {OPTIONS_FILE} and {CONFIG_FILE})")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing; is this a run directory made by 'orchestrator train'?") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: unreadable {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: unreadable {what} (expected a JSON object)")
+    return data
+
+
+def load(opts) -> SavedRun:
+    """The stopped run behind ``opts.resume``; raises UsageError and touches nothing."""
+    check_flags(opts)
+    run_dir = Path(opts.resume)
+    if not run_dir.is_dir():
+        raise UsageError(f"--resume {run_dir}: run directory not found")
+    saved = _read_json(run_dir / OPTIONS_FILE, "run options")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UsageError(f"{run_dir / CONFIG_FILE}: missing; is this a run directory made by 'orchestrator train'?")
+    summary = None
+    if (run_dir / SUMMARY_FILE).is_file():
+        try:
+            summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        except (OSError, ValueError):
+            summary = None  # cut short by a crash: every variant reruns from its checkpoints
+    options = {
+        "config_file": str(run_dir / CONFIG_FILE),
+        "disable_flash_attn": bool(saved.get("disable_flash_attn")),
+        "run_both_models": bool(saved.get("run_both_models")),
+        "output_dir": str(run_dir.parent),
+        "name": run_dir.name,
+        "address": opts.address,
+        "debug": opts.debug,
+        "resume": str(run_dir),
+    }
+    return SavedRun(run_dir=run_dir, options=options, summary=summary if isinstance(summary, dict) else None)

@@ -1,0 +1,204 @@
+"""Faults a run survives: a worker SIGKILLed mid-run, SIGINT/SIGTERM to the driver, then --resume.
+
+Each compares with one uninterrupted run of the same config and seed: batches are a pure
+function of (seed, step, rank) and the checkpoint restores model, optimizer, schedule and RNG,
+so a run that resumes correctly reproduces the uninterrupted losses (to float tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.errors import Interrupted
+from orchestrator.run import TrainOptions, train
+from tests.conftest import write_config
+from tests.procs import leftovers, session_dirs
+from trainer import checkpoint
+from trainer.metrics import read_metrics
+
+pytestmark = pytest.mark.ray
+
+EVERY = 3
+LONG = {"train": {"max_steps": 24, "checkpoint_every": EVERY}}
+
+
+def _train(tmp_path, name, overrides=LONG, **opts):
+    cfg = write_config(tmp_path / f"{name}.yaml", overrides)
+    return train(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs"), name=name, **opts))
+
+
+def committed_step(storage: Path) -> int:
+    """The step of Ray's latest registered checkpoint (0 if none yet)."""
+    try:
+        snap = json.loads((storage / checkpoint.SNAPSHOT_FILE).read_text())
+        return int(snap["latest_checkpoint_result"]["checkpoint_dir_name"].rsplit("_", 1)[1])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def wait_for_commit(storage: Path, step: int, timeout_s: float = 300, proc=None) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = committed_step(storage)
+        if got >= step:
+            return got
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint >= step {step} committed in {storage}")
+
+
+def last_step(metrics: Path) -> int:
+    recs = read_metrics(metrics)
+    return recs[-1]["step"] if recs else 0
+
+
+def attempts(vdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (vdir / "attempts.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_session, tmp_path_factory):
+    """The uninterrupted reference: LONG with the default seed."""
+    tmp = tmp_path_factory.mktemp("clean")
+    rec = _train(tmp, "clean")["variants"]["flash"]
+    assert rec["status"] == "succeeded" and rec["restarts"] == 0
+    return read_metrics(tmp / "runs" / "clean" / "flash" / "metrics.jsonl")
+
+
+def assert_matches_clean(metrics: Path, clean: list[dict]) -> None:
+    got = read_metrics(metrics)
+    assert [r["step"] for r in got] == list(range(1, LONG["train"]["max_steps"] + 1))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in clean], rel=1e-5)
+
+
+def test_a_worker_killed_with_sigkill_resumes_losing_at_most_one_interval(ray_session, tmp_path, clean_run):
+    """A real SIGKILL to rank 1's RayTrainWorker process, once a checkpoint is committed."""
+    vdir = tmp_path / "runs" / "killed" / "flash"
+    seen: dict = {}
+
+    def kill_rank_1():
+        try:
+            seen["committed"] = wait_for_commit(vdir / checkpoint.STORAGE_NAME, EVERY)
+            seen["reached"] = last_step(vdir / "metrics.jsonl")
+            pid = attempts(vdir)[-1]["pids"][1]
+            seen["name"] = psutil.Process(pid).name()
+            if "RayTrainWorker" in seen["name"]:  # never kill anything but the run's own worker
+                os.kill(pid, signal.SIGKILL)
+        except BaseException as e:  # reported by the asserts below
+            seen["error"] = repr(e)
+
+    killer = threading.Thread(target=kill_rank_1)
+    killer.start()
+    rec = _train(tmp_path, "killed")["variants"]["flash"]
+    killer.join()
+    assert "error" not in seen and "RayTrainWorker" in seen["name"], seen
+    assert rec["status"] == "succeeded" and rec["restarts"] == 1, rec
+    resumed_at = attempts(vdir)[-1]["start_step"]
+    assert resumed_at >= seen["committed"]  # nothing committed is lost
+    assert seen["reached"] - resumed_at <= EVERY  # at most one checkpoint interval is redone
+    assert_matches_clean(vdir / "metrics.jsonl", clean_run)
+    assert rec["final_loss"] == pytest.approx(clean_run[-1]["loss"], rel=1e-5)
+    assert not (vdir / checkpoint.STAGING_DIR).exists()
+
+
+def test_sigint_to_the_driver_stops_the_workers_and_keeps_a_usable_checkpoint(ray_session, tmp_path):
+    """Ctrl-C while train() runs in this process: Interrupted (exit code 130), an
+    "interrupted" summary, the workers gone, and a checkpoint that verifies."""
+    vdir = tmp_path / "runs" / "ctrl-c" / "flash"
+    pids: list[int] = []
+
+    def ctrl_c():
+        wait_for_commit(vdir / checkpoint.STORAGE_NAME, EVERY, timeout_s=300)
+        pids.extend(attempts(vdir)[-1]["pids"])
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    # Long enough that the signal always lands while train() runs (and handles it).
+    with pytest.raises(Interrupted) as e:
+        _train(tmp_path, "ctrl-c", {"train": {"max_steps": 500, "checkpoint_every": EVERY}})
+    assert e.value.exit_code == 130 and e.value.run_dir == tmp_path / "runs" / "ctrl-c"
+    summary = json.loads((tmp_path / "runs" / "ctrl-c" / "summary.json").read_text())
+    assert summary["run"]["status"] == "interrupted"
+    assert summary["variants"]["flash"]["status"] == "interrupted"
+    assert summary["variants"]["flash"]["error"] == "interrupted by SIGINT"
+    assert checkpoint.newest_usable(vdir / checkpoint.STORAGE_NAME) is not None
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if psutil.pid_exists(p)], "workers still running after the interrupt"
+    assert signal.getsignal(signal.SIGINT) is not None  # handlers restored after train()
+
+
+def _start_cli(args: list[str], env: dict, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_sigterm_to_the_cli_leaves_a_run_that_resume_completes(tmp_path, cli_env, clean_run):
+    """SIGTERM to ``python -m orchestrator train``: exit 143, workers and the local Ray gone,
+    its /tmp/ray session removed; ``train --resume`` then finishes the same run, Ray restoring
+    its checkpoint list from storage, with the losses of an uninterrupted run."""
+    cfg = write_config(tmp_path / "long.yaml", LONG)
+    run_dir = tmp_path / "runs" / "r"
+    vdir = run_dir / "flash"
+    proc = _start_cli(["train", "--config-file", str(cfg), "--output-dir", "runs", "--name", "r"], cli_env, tmp_path)
+    try:
+        wait_for_commit(vdir / checkpoint.STORAGE_NAME, EVERY, proc=proc)
+        tree = _descendants(proc.pid)
+        assert any("raylet" in p.name() for p in tree)  # the local Ray this command started
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out + err
+    assert err.strip().splitlines()[-1] == (f"error: interrupted by SIGTERM; continue it with: "
+                                            f"python -m orchestrator train --resume {Path('runs') / 'r'}")
+    assert "Traceback" not in err
+    assert leftovers(proc.pid, tree) == []
+    assert session_dirs(proc.pid) == []
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["run"]["status"] == "interrupted" and summary["variants"]["flash"]["status"] == "interrupted"
+    assert not (vdir / checkpoint.STAGING_DIR).exists()
+
+    resume = _start_cli(["train", "--resume", str(run_dir)], cli_env, tmp_path)
+    try:
+        out, err = resume.communicate(timeout=400)
+    finally:
+        if resume.poll() is None:
+            resume.kill()
+    assert resume.returncode == 0, out + err
+    assert f"resuming run directory: {run_dir}" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rec = summary["variants"]["flash"]
+    assert summary["run"]["status"] == "succeeded" and summary["run"]["resumes"] == 1
+    assert rec["status"] == "succeeded" and rec["steps"] == LONG["train"]["max_steps"] and rec["restarts"] == 0
+    resumed = attempts(vdir)[-1]
+    assert resumed["ray_checkpoint"] is not None  # Ray restored its snapshot from the same storage
+    assert resumed["start_step"] >= EVERY and rec["restored_from"] == resumed["restored_from"]
+    assert_matches_clean(vdir / "metrics.jsonl", clean_run)
+    assert leftovers(resume.pid) == [] and session_dirs(resume.pid) == []
+    # Resuming a finished run does nothing and touches nothing.
+    before = (run_dir / "summary.json").read_bytes()
+    again = _start_cli(["train", "--resume", str(run_dir)], cli_env, tmp_path)
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0 and "nothing to resume" in out, out + err
+    assert (run_dir / "summary.json").read_bytes() == before

@@ -1,0 +1,43 @@
+"""SIGINT/SIGTERM in the driver, without Ray: which exception, which exit code, when."""
+
+import os
+import signal
+
+import pytest
+
+from orchestrator import interrupt
+from orchestrator.errors import Interrupted
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_raises_interrupted_with_128_plus_its_number(sig, code):
+    before = signal.getsignal(sig)
+    with pytest.raises(Interrupted) as e:
+        with interrupt.handle_signals():
+            os.kill(os.getpid(), sig)  # the handler runs before the next line
+            pytest.fail("no exception")
+    assert e.value.exit_code == code and e.value.signum == sig
+    assert signal.getsignal(sig) is before  # restored
+
+
+def test_a_signal_inside_deferred_is_raised_when_the_block_ends_and_a_second_is_ignored():
+    steps = []
+    with pytest.raises(Interrupted):
+        with interrupt.handle_signals():
+            with interrupt.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("block finished")
+                os.kill(os.getpid(), signal.SIGTERM)  # again: only logged
+                steps.append("still running")
+    assert steps == ["block finished", "still running"]
+    assert interrupt.received() == signal.SIGTERM
+
+
+def test_a_plain_keyboard_interrupt_from_ray_get_keeps_its_signal():
+    """Ray re-raises a bare KeyboardInterrupt out of ray.get; the signal is looked up."""
+    with interrupt.handle_signals():
+        with pytest.raises(Interrupted):
+            with interrupt.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+        stopped = interrupt.as_interrupted(KeyboardInterrupt())
+    assert stopped.exit_code == 143 and str(stopped) == "interrupted by SIGTERM"
