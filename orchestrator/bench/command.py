@@ -163,6 +163,8 @@ def ray_share(cfg, args, variant: str, dataset, device, warmup: int, iters: int)
 
     bare = training.bench_variant(variant, model_cfg=cfg.model, train_cfg=cfg.train, tokens=dataset.tokens,
                                   vocab_size=dataset.vocab_size, device=device, warmup=warmup, iters=iters)
+    log.info("bare %s seq %d: %s tok/s (kernel %s)", variant, cfg.train.seq_len,
+             f"{bare['tokens_per_s']:.0f}" if bare.get("tokens_per_s") else bare.get("status"), bare.get("kernel"))
     steps = max(cfg.train.max_steps, (warmup + iters) * cfg.train.log_every)
     tmp_cfg = Path(args.output_dir) / f".bench-ray-{time.time_ns()}.yaml"
     import yaml
