@@ -45,13 +45,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.run import TrainOptions, describe_summary, effective_options, exit_code, train
+    from orchestrator.run import TrainOptions, describe_summary, effective_options, exit_code, process_started, train
     from trainer import import_guard
 
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
     if effective_options(opts)[0].disable_flash_attn:  # under --resume, as the run started
         import_guard.install()  # no process of the run imports flash-attn, the driver included
-    summary = train(opts)
+    summary = train(opts, command_started=process_started())
     log.info("summary:")
     for line in describe_summary(summary):
         log.info(line)

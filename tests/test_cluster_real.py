@@ -94,6 +94,8 @@ def cluster(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "RAY_USAGE_STATS_ENABLED": "0", "FO_START_TIMEOUT": "150", "FO_STOP_TIMEOUT": "30"}
     env.pop("RAY_ADDRESS", None)
+    # conftest's loopback-only switch makes `ray start` refuse a second node; a real cluster needs it off.
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     env.pop("RAY_AUTH_TOKEN", None)
     gcs, dash, client, *rest = free_ports(15)
     head_env = {**env, "FO_STATE_DIR": str(tmp_path / "state-head")}

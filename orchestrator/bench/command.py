@@ -158,14 +158,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def ray_share(cfg, args, variant: str, dataset, device, warmup: int, iters: int) -> dict:
-    """The same variant at the config's sequence length: bare loop vs TorchTrainer, one worker."""
+    """The same variant at the config's sequence length and the same number of steps: the
+    bare loop vs TorchTrainer, one worker. Equal lengths matter: a GPU's speed drifts a few
+    percent over a minute of training, so a short bare run against a long Ray run misleads."""
     from orchestrator.run import TrainOptions, train
 
+    every = cfg.train.log_every
+    steps = -(-(warmup + iters) // every) * every  # whole logging intervals
     bare = training.bench_variant(variant, model_cfg=cfg.model, train_cfg=cfg.train, tokens=dataset.tokens,
-                                  vocab_size=dataset.vocab_size, device=device, warmup=warmup, iters=iters)
+                                  vocab_size=dataset.vocab_size, device=device, warmup=warmup, iters=steps - warmup)
     log.info("bare %s seq %d: %s tok/s (kernel %s)", variant, cfg.train.seq_len,
              f"{bare['tokens_per_s']:.0f}" if bare.get("tokens_per_s") else bare.get("status"), bare.get("kernel"))
-    steps = max(cfg.train.max_steps, (warmup + iters) * cfg.train.log_every)
     tmp_cfg = Path(args.output_dir) / f".bench-ray-{time.time_ns()}.yaml"
     import yaml
 
