@@ -1,6 +1,7 @@
 """Checkpoints on disk, without Ray: a corrupt or partial one is detected and the previous one used."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from trainer import checkpoint
 from trainer.loop import _load_latest_checkpoint
 
 
-def _save(storage, step: int, world: int = 2) -> "Path":
+def _save(storage, step: int, world: int = 2) -> Path:
     d = storage / f"checkpoint_{step:08d}"
     d.mkdir(parents=True)
     for rank in range(world):

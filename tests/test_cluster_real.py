@@ -60,7 +60,7 @@ def free_range(width: int) -> int:
 
 def node_args(ports: list[int], workers: int, temp_dir: Path) -> list[str]:
     nm, om, agent, agent_grpc, renv, metrics = ports
-    return [f"--node-ip-address=127.0.0.1", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+    return ["--node-ip-address=127.0.0.1", f"--node-manager-port={nm}", f"--object-manager-port={om}",
             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",
             f"--min-worker-port={workers}", f"--max-worker-port={workers + 39}",
@@ -175,7 +175,7 @@ def test_job_submitted_to_a_two_node_cluster_trains_and_the_nodes_carry_their_la
     logs = sh(["ray", "job", "logs", "--address", dash, job], env, timeout=60).stdout
     assert status == "SUCCEEDED", f"job ended {status or 'not within the timeout'}; its log:\n{logs[-4000:]}"
 
-    assert f"joining Ray cluster at" in logs and f":{cluster['gcs_port']}" in logs  # it used the cluster it ran in
+    assert "joining Ray cluster at" in logs and f":{cluster['gcs_port']}" in logs  # it used the cluster it ran in
     assert "storage: all 2 nodes see" in logs
     summary = json.loads((out / "on-cluster" / "summary.json").read_text())
     assert summary["run"]["status"] == "succeeded"

@@ -13,7 +13,6 @@ import shutil
 import signal
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch

@@ -66,7 +66,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             return {**row, "status": "oom", "error": "out of memory"}
         return {**row, "status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     finally:
-        del model, optimizer, stepper
+        model = optimizer = stepper = None  # free the GPU memory before the next variant
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
