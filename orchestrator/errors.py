@@ -28,7 +28,7 @@ class Interrupted(KeyboardInterrupt):
 
     A KeyboardInterrupt because that is the one exception Ray lets a signal handler raise out
     of a blocking ``ray.get`` (it re-raises a plain KeyboardInterrupt, so catchers look up the
-    signal with ``interrupt.received()``); and no ``except Exception`` on the way up swallows it.
+    signal with ``interrupt.as_interrupted()``); and no ``except Exception`` on the way up swallows it.
     """
 
     def __init__(self, signum: int):

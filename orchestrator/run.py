@@ -156,15 +156,23 @@ def _config_to_save(prep: Prepared) -> dict:
 def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float) -> dict:
     opts, saved = effective_options(opts)
     prep = prepare(opts)
-    finished = saved.finished() if saved else {}
+    names = {v.name for v in prep.variants}
+    finished = {n: r for n, r in (saved.finished() if saved else {}).items() if n in names}
     if saved and all(v.name in finished for v in prep.variants):
         log.info("nothing to resume: every variant of %s already succeeded", saved.run_dir)
-        return saved.summary
+        summary = saved.summary
+        # A run interrupted after its last variant finished says "interrupted": settle it.
+        summary["run"]["status"] = run_status(summary["variants"])
+        summary["run"]["exit_code"] = exit_code(summary)
+        rundir.write_json(saved.run_dir / SUMMARY_FILE, summary)
+        return summary
     previous = (saved.summary or {}) if saved else {}
     if not saved:
         rundir.check_new(Path(opts.output_dir), opts.name)
     started = time.time()
-    results: dict[str, dict] = {}
+    # Variants an earlier invocation finished are results from the start, so an interrupt at
+    # any point of this one cannot write them over.
+    results: dict[str, dict] = dict(finished)
     address, run_dir, plan, t_ray, t_plan = None, None, None, None, None
 
     def write_summary(status: str | None = None) -> dict:
@@ -174,7 +182,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             "duration_s": round(time.time() - started, 3), "data": str(prep.data_path),
             "command": " ".join(sys.argv), "versions": _versions(),
             "status": status or run_status(results), "mode": plan.mode if plan else None,
-            "startup_s": startup_phases(command_started, t_ray, t_plan, results) if t_plan else None,
+            "startup_s": startup_phases(command_started, t_ray, t_plan,
+                                        {n: r for n, r in results.items() if n not in finished}) if t_plan else None,
         }
         if saved:
             run["resumes"] = int((previous.get("run") or {}).get("resumes", 0)) + 1
@@ -228,7 +237,6 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
                     log.info(line)
             for name in finished:
                 log.info("[%s] already succeeded; not rerun", name)
-            results.update({n: r for n, r in finished.items() if n in {v.name for v in prep.variants}})
             specs = {}
             for vc in prep.variants:
                 model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)
@@ -297,6 +305,11 @@ _EXIT_MEANING = {0: "every variant succeeded", 1: "a variant failed",
                  EXIT_VARIANT_SKIPPED: "finished, but a requested variant was skipped"}
 
 
+def _fmt(value, fmt: str) -> str:
+    """A figure, or n/a where none was measured (a run resumed at its last step trains no step)."""
+    return "n/a" if value is None else format(value, fmt)
+
+
 def describe_summary(summary: dict) -> list[str]:
     """The short human summary printed at the end of a run."""
     lines = []
@@ -304,8 +317,8 @@ def describe_summary(summary: dict) -> list[str]:
         if r["status"] == "succeeded":
             mem = f"{r['peak_mem_bytes'] / 2**20:.0f} MiB" if r.get("peak_mem_bytes") else "n/a"
             lines.append(f"  {name}: succeeded, kernel {r['backend']}, {r['steps']} steps, loss "
-                         f"{r['first_loss']:.3f} -> {r['final_loss']:.3f}, {r['tokens_per_s']:.0f} tok/s, "
-                         f"peak mem {mem}, restarts {r['restarts']}")
+                         f"{_fmt(r.get('first_loss'), '.3f')} -> {_fmt(r.get('final_loss'), '.3f')}, "
+                         f"{_fmt(r.get('tokens_per_s'), '.0f')} tok/s, peak mem {mem}, restarts {r['restarts']}")
         elif r["status"] == "skipped":
             lines.append(f"  {name}: skipped ({r.get('reason')})")
         elif r["status"] == "interrupted":

@@ -96,6 +96,8 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
                     session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
             except (ConnectionError, RuntimeError, ValueError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if address is None:
+                    raise UsageError(f"cannot start a local Ray ({first})") from None
                 raise UsageError(f"{flag} {address}: cannot connect to a Ray cluster ({first})") from None
             finally:
                 interrupt.install()  # ray.init replaced our SIGTERM handler with its own
