@@ -42,32 +42,28 @@ def _by_family(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def _version_names(path: str | Path, section_type: type) -> list[str]:
+    """Symbol-version names of one kind of version section (needed or defined)."""
+    names = []
+    try:
+        with open(path, "rb") as f:
+            for section in ELFFile(f).iter_sections():
+                if isinstance(section, section_type):
+                    for _, aux in section.iter_versions():
+                        names += [a.name for a in aux]
+    except ELFError as e:
+        raise ValueError(f"{path}: not an ELF file ({e})") from None
+    return names
+
+
 def required_versions(path: str | Path) -> dict[str, str]:
     """The highest version the library needs per family, e.g. {'GLIBC': '2.32', 'GLIBCXX': '3.4.29'}.
 
     Raises ValueError when the file is not an ELF shared object.
     """
-    names = []
-    try:
-        with open(path, "rb") as f:
-            for section in ELFFile(f).iter_sections():
-                if isinstance(section, GNUVerNeedSection):
-                    for _, aux in section.iter_versions():
-                        names += [a.name for a in aux]
-    except ELFError as e:
-        raise ValueError(f"{path}: not an ELF file ({e})") from None
-    return _by_family(names)
+    return _by_family(_version_names(path, GNUVerNeedSection))
 
 
 def provided_versions(path: str | Path) -> dict[str, str]:
     """The highest version a library defines per family (libc.so.6 -> GLIBC, libstdc++ -> GLIBCXX)."""
-    names = []
-    try:
-        with open(path, "rb") as f:
-            for section in ELFFile(f).iter_sections():
-                if isinstance(section, GNUVerDefSection):
-                    for _, aux in section.iter_versions():
-                        names += [a.name for a in aux]
-    except ELFError as e:
-        raise ValueError(f"{path}: not an ELF file ({e})") from None
-    return _by_family(names)
+    return _by_family(_version_names(path, GNUVerDefSection))
