@@ -44,10 +44,25 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="continue a stopped run in its directory, with its saved config and options")
 
 
+def disable_flash_attn_from_env(args: argparse.Namespace, environ=None) -> None:
+    """``DISABLE_FLASH_ATTN=1`` in the driver's environment means ``--disable-flash-attn``, as it
+    did in our users' single-machine scripts; a resumed run keeps the choice it started with."""
+    from trainer import import_guard
+
+    if getattr(args, "resume", None) or args.disable_flash_attn or not import_guard.disabled_by_env(environ):
+        return
+    if getattr(args, "run_both_models", False):
+        raise UsageError("DISABLE_FLASH_ATTN=1 (set in the environment) and --run-both-models contradict each "
+                         "other: the flash variant cannot run with flash attention disabled; unset the variable")
+    log.info("DISABLE_FLASH_ATTN=1 is set: flash attention disabled, as with --disable-flash-attn")
+    args.disable_flash_attn = True
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.run import TrainOptions, describe_summary, effective_options, exit_code, process_started, train
     from trainer import import_guard
 
+    disable_flash_attn_from_env(args)
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
     if effective_options(opts)[0].disable_flash_attn:  # under --resume, as the run started
         import_guard.install()  # no process of the run imports flash-attn, the driver included
@@ -134,6 +149,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
         for name in ("orchestrator", "trainer"):
             for handler in logging.getLogger(name).handlers:
                 handler.setStream(sys.stderr)
+    disable_flash_attn_from_env(args)
     cfg = config_mod.load(args.config_file)
     settings = preflight_settings(cfg, config_mod.variant_configs(cfg, False, args.disable_flash_attn),
                                   args.disable_flash_attn)

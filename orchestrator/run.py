@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -180,7 +181,7 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             "name": run_dir.name, "dir": str(run_dir.resolve()), "ray_address": address,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": round(time.time() - started, 3), "data": str(prep.data_path),
-            "command": " ".join(sys.argv), "versions": _versions(),
+            "command": command_line(), "versions": _versions(),
             "status": status or run_status(results), "mode": plan.mode if plan else None,
             "startup_s": startup_phases(command_started, t_ray, t_plan,
                                         {n: r for n, r in results.items() if n not in finished}) if t_plan else None,
@@ -274,6 +275,15 @@ def process_started() -> float:
     import psutil
 
     return psutil.Process().create_time()
+
+
+def command_line(argv: Optional[list[str]] = None) -> str:
+    """The command as the user typed it: ``python -m orchestrator ...`` rather than the path
+    Python put in argv[0] for ``-m``; a script calling ``train()`` gets its own argv."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and Path(argv[0]).parts[-2:] == ("orchestrator", "__main__.py"):
+        argv[0:1] = ["python", "-m", "orchestrator"]
+    return shlex.join(argv)
 
 
 def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[str, dict]) -> dict | None:

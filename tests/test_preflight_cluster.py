@@ -1,5 +1,6 @@
-"""A two-node cluster on one machine (ray.cluster_utils.Cluster), each node with its own labels and
-its own broken flash-attn on the workers' path: `preflight --json` probes and judges node by node."""
+"""A three-node cluster on one machine (ray.cluster_utils.Cluster), each node with its own labels and
+its own environment (a broken flash-attn on the workers' path, or DISABLE_FLASH_ATTN=1):
+`preflight --json` probes and judges node by node."""
 
 import json
 import os
@@ -23,6 +24,9 @@ def two_node_cluster(tmp_path_factory):
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "labels": {"zone": "a"}, "env_vars": env["a"], "include_dashboard": False})
     cluster.add_node(num_cpus=1, labels={"zone": "b"}, env_vars=env["b"])
+    # A node whose own environment disables flash attention, as an admin would before `ray start`.
+    cluster.add_node(num_cpus=1, labels={"zone": "c"}, env_vars={"DISABLE_FLASH_ATTN": "1", "PYTHONPATH": str(ROOT),
+                                                                 "RAY_USAGE_STATS_ENABLED": "0"})
     cluster.wait_for_nodes()
     yield cluster
     cluster.shutdown()
@@ -35,7 +39,10 @@ def test_preflight_probes_each_node_and_classifies_its_own_flash_attn_failure(tw
     report = json.loads(out.stdout)  # stdout holds only the JSON report
     assert report == json.loads((tmp_path / "pf" / "preflight.json").read_text()) | {"created": report["created"]}
     by_zone = {n["labels"]["zone"]: n for n in report["nodes"]}
-    assert sorted(by_zone) == ["a", "b"] and all(n["cpus"] == 1 for n in report["nodes"])
+    assert sorted(by_zone) == ["a", "b", "c"] and all(n["cpus"] == 1 for n in report["nodes"])
+    disabled = by_zone.pop("c")["verdict"]
+    assert (disabled["flash_ok"], disabled["reason"]) == (
+        False, "flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)")
     expected = {"a": "glibc_too_old", "b": "torch_abi_mismatch"}
     log = (tmp_path / "pf" / "flash_attention_log.txt").read_text()
     for zone, node in by_zone.items():

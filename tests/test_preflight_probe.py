@@ -78,7 +78,7 @@ def test_probe_with_flash_disabled_reads_metadata_but_never_imports_flash_attn(t
     assert not marker.exists()
     assert facts["flash_attn"]["disabled"] and facts["flash_attn"]["distributions"][0]["version"] == "2.7.4.post1"
     assert all(i.get("skipped") for i in facts["flash_attn"]["imports"])
-    assert rules.verdict(facts).reason == "flash attention disabled (--disable-flash-attn)"
+    assert rules.verdict(facts).reason == "flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)"
 
 
 def test_probe_child_honours_disable_flash_attn_through_the_import_guard(tmp_path):

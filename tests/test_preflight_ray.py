@@ -9,7 +9,7 @@ import pytest
 from orchestrator.preflight import ProbeSettings, cluster, run_preflight
 from orchestrator.run import TrainOptions, train
 from tests.conftest import ROOT, write_config
-from tests.preflight_fakes import fake_flash_attn
+from tests.preflight_fakes import IMPORT_ERRORS, fake_flash_attn, import_failing
 
 pytestmark = pytest.mark.ray
 
@@ -50,3 +50,23 @@ def test_flash_attn_that_crashes_on_import_gives_standard_attention_and_the_run_
     assert "[crash] import flash_attn: import flash_attn killed the process (SIGSEGV)" in log and "fix: " in log
     assert "Flash Attention is disabled - will use standard attention implementation" in caplog.text
     assert f"flash attention log: {run / 'flash_attention_log.txt'}" in caplog.text
+
+
+@pytest.mark.parametrize("code", sorted(IMPORT_ERRORS))
+def test_each_real_import_error_is_classified_in_preflight_json_and_the_log(ray_session, tmp_path, code):
+    """A node whose flash-attn import fails with a real user-reported error: preflight.json and
+    flash_attention_log.txt name the cause, the fix and the raw text; the node still trains with
+    a fused kernel that does not need the broken package."""
+    site = fake_flash_attn(tmp_path / "site", import_failing(IMPORT_ERRORS[code]))
+    settings = ProbeSettings(timeout_s=60)
+    report = run_preflight(settings, command=["env", f"PYTHONPATH={site}{os.pathsep}{ROOT}"]
+                           + cluster.probe_command(settings))
+    json_path, log_path = report.write(tmp_path / "out")
+    [node] = json.loads(json_path.read_text())["nodes"]
+    issues = [(i["check"], i["code"]) for i in node["verdict"]["issues"]]
+    assert ("import flash_attn", code) in issues
+    assert node["facts"]["flash_attn"]["distributions"][0]["version"] == "2.7.4.post1"
+    log_text = log_path.read_text()
+    assert f"[{code}] import flash_attn" in log_text and "fix: " in log_text
+    assert IMPORT_ERRORS[code].partition(": ")[2] in log_text  # the raw error, as the user would search it
+    assert node["verdict"]["flash_ok"] and node["verdict"]["flash_kernel"] == "sdpa_flash_cpu"

@@ -97,9 +97,9 @@ def test_disabled_flash_attn_gives_standard_with_that_reason():
     facts = _gpu_facts()
     facts["flash_attn"] = {"disabled": True, "distributions": [], "imports": [
         {"module": "flash_attn", "kernel": "flash_attn_2", "ok": False, "skipped": "flash attention disabled"}]}
-    facts["kernels"] = {"sdpa_flash": {"ok": False, "skipped": "flash attention disabled (--disable-flash-attn)"}}
+    facts["kernels"] = {"sdpa_flash": {"ok": False, "skipped": "flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)"}}
     v = rules.verdict(facts)
-    assert (v.flash_ok, v.reason) == (False, "flash attention disabled (--disable-flash-attn)")
+    assert (v.flash_ok, v.reason) == (False, "flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)")
 
 
 def test_torch_that_does_not_import_gives_standard_and_the_classified_cause():

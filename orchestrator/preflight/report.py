@@ -104,7 +104,7 @@ class Report:
         s = self.settings
         lines = [f"Flash attention compatibility log - preflight at {self.created}",
                  f"checked: causal fwd+bwd, head dim {s.head_dim}, {s.n_heads} query / {s.n_kv_heads} kv heads, "
-                 f"dtype {s.dtype}; flash attention {'DISABLED (--disable-flash-attn)' if s.disable_flash_attn else 'enabled'}",
+                 f"dtype {s.dtype}; flash attention {'DISABLED (--disable-flash-attn or DISABLE_FLASH_ATTN=1)' if s.disable_flash_attn else 'enabled'}",
                  *[f"note: {n}" for n in self.notes], ""]
         for n in self.nodes:
             v = n.verdict
