@@ -46,6 +46,22 @@ def test_a_users_tokenizer_json_is_used_as_is(tmp_path):
     assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
 
 
+def test_a_users_sentencepiece_model_is_used_and_kept_with_the_data(tmp_path):
+    import sentencepiece as spm
+
+    files = _raw(tmp_path)
+    spm.SentencePieceTrainer.train(input=str(files[0]), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                   model_type="bpe", minloglevel=2)
+    meta = data.preprocess(files, tmp_path / "out", tokenizer_path=tmp_path / "sp.model")
+    (tmp_path / "sp.model").unlink()  # the dataset carries its own copy
+    ds = data.load_dataset(tmp_path / "out")
+    tok = ds.tokenizer()
+    assert meta["tokenizer"]["kind"] == "sentencepiece" and ds.vocab_size == 40 and tok.eos_id == 2
+    ids = [int(t) for t in ds.tokens]
+    first_doc = ids[:ids.index(tok.eos_id)]
+    assert tok.decode(first_doc) == files[0].read_text().strip()
+
+
 def test_embedded_dataset_is_built_once_and_cached(tmp_path):
     path = data.embedded_dataset(tmp_path)
     stamp = (path / "tokens.bin").stat().st_mtime_ns

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE, TOKENS_FILE, TOKENIZER_FILE = "meta.json", "tokens.bin", "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"  # a user's SentencePiece model, copied with the data
 EMBEDDED_NAME = "embedded-pydoc-v1"
 EMBEDDED_VOCAB = 2048
 
@@ -140,7 +141,8 @@ class Tokenizer:
         if self.kind == "tokenizers":
             self.impl.save(str(directory / TOKENIZER_FILE))
             return TOKENIZER_FILE
-        return None
+        (directory / SENTENCEPIECE_FILE).write_bytes(self.impl.serialized_model_proto())
+        return SENTENCEPIECE_FILE
 
 
 # ---------------------------------------------------------------- writing a dataset
