@@ -72,7 +72,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.info(line)
     code = exit_code(summary)
     if code == RunFailed.exit_code:
-        raise RunFailed("a variant failed; see summary.json in the run directory")
+        run_dir = summary["run"]["dir"]
+        raise RunFailed(f"a variant failed; see {run_dir}/summary.json. Once the cause is fixed, continue "
+                        f"from its last checkpoint with: python -m orchestrator train --resume {run_dir}")
     return code
 
 

@@ -202,3 +202,28 @@ def test_sigterm_to_the_cli_leaves_a_run_that_resume_completes(tmp_path, cli_env
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0 and "nothing to resume" in out, out + err
     assert (run_dir / "summary.json").read_bytes() == before
+
+
+def test_a_failed_run_says_how_to_resume_and_resume_completes_it(tmp_path, cli_env, clean_run):
+    """A worker dies with no restarts allowed (max_failures 0): exit 1, one line naming the run's
+    summary and the --resume command; that command then finishes the run from its checkpoint."""
+    cfg = write_config(tmp_path / "fails.yaml", {
+        "train": {**LONG["train"], "fault": {"rank": 1, "step": EVERY + 2}},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0}})
+    run_dir = (tmp_path / "runs" / "f").resolve()
+    failed = _start_cli(["train", "--config-file", str(cfg), "--output-dir", "runs", "--name", "f"], cli_env, tmp_path)
+    out, err = failed.communicate(timeout=300)
+    assert failed.returncode == 1, out + err
+    assert err.strip().splitlines()[-1] == (
+        f"error: a variant failed; see {run_dir}/summary.json. Once the cause is fixed, continue from its last "
+        f"checkpoint with: python -m orchestrator train --resume {run_dir}")
+    rec = json.loads((run_dir / "summary.json").read_text())["variants"]["flash"]
+    assert rec["status"] == "failed" and "worker process has died" in rec["error"]
+    assert leftovers(failed.pid) == [] and session_dirs(failed.pid) == []
+
+    resume = _start_cli(["train", "--resume", str(run_dir)], cli_env, tmp_path)
+    out, err = resume.communicate(timeout=300)
+    assert resume.returncode == 0, out + err
+    rec = json.loads((run_dir / "summary.json").read_text())["variants"]["flash"]
+    assert rec["status"] == "succeeded" and rec["start_step"] == EVERY
+    assert_matches_clean(run_dir / "flash" / "metrics.jsonl", clean_run)

@@ -96,8 +96,10 @@ def run(variants: list[str], seq_lens: list[int], *, model_cfg: ModelConfig, tra
             row = bench_variant(attn, model_cfg=model_cfg, train_cfg=tc, tokens=tokens, vocab_size=vocab_size,
                                 device=device, warmup=warmup, iters=iters)
             mfu = f", MFU {row['mfu']:.1%}" if row.get("mfu") else ""
+            # The peak is measured on CUDA only; a CPU row says so rather than "0 B".
+            peak = f"peak {row['peak_mem_bytes'] / 2**30:.1f} GiB" if row.get("peak_mem_bytes") else "peak n/a"
             log.info("train %-8s seq %6d x %d: %s", attn, seq, mb,
-                     f"{row['tokens_per_s']:.0f} tok/s{mfu}, peak {row['peak_mem_bytes'] or 0:,} B"
+                     f"{row['tokens_per_s']:.0f} tok/s{mfu}, {peak}"
                      if row["status"] == "ok" else f"{row['status']} {row.get('error', '')}")
             rows.append(row)
             if on_row:
