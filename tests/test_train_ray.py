@@ -51,7 +51,7 @@ def test_disable_flash_attn_gives_workers_both_flags_and_blocks_imports(ray_sess
     assert node["facts"]["flash_attn"]["disabled"] and node["verdict"]["reason"] == \
         "flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)"
     assert all(k.get("skipped") for k in node["facts"]["kernels"].values())
-    assert "flash attention DISABLED (--disable-flash-attn or DISABLE_FLASH_ATTN=1)" in (run / "flash_attention_log.txt").read_text()
+    assert "; flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)" in (run / "flash_attention_log.txt").read_text()
 
 
 def test_killed_worker_resumes_from_checkpoint_to_the_same_losses(ray_session, tmp_path):

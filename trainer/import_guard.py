@@ -21,6 +21,8 @@ BLOCKED_TOP_LEVEL = (
     "flash_attn_4",
     "hopper",  # FA3's source-tree package name
 )
+# Why a node or worker has no flash attention when it was switched off, in every report.
+DISABLED_REASON = "flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)"
 # Only 'hopper.flash_attn_interface' style paths, not every package called hopper.
 _BLOCKED_PREFIXES = tuple(n for n in BLOCKED_TOP_LEVEL if n != "hopper") + ("hopper.flash_attn",)
 

@@ -229,7 +229,7 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
     results: dict[str, dict] = {}
     for name in attention.flash_candidates(device):
         if disabled:
-            results[name] = {"ok": False, "skipped": "flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)"}
+            results[name] = {"ok": False, "skipped": import_guard.DISABLED_REASON}
             continue
         if name in attention.FLASH_ATTN_PACKAGE_KERNELS:
             imp = imported.get(name)

@@ -15,6 +15,7 @@ from typing import Optional
 from orchestrator.plan import NodeCapacity
 from orchestrator.preflight.child import ProbeSettings
 from orchestrator.preflight.rules import Verdict
+from trainer import import_guard
 
 PREFLIGHT_FILE, LOG_FILE = "preflight.json", "flash_attention_log.txt"
 COLUMNS = ("node", "GPUs", "CC", "driver", "CUDA", "GLIBC", "torch", "flash-attn", "verdict", "reason")
@@ -104,7 +105,7 @@ class Report:
         s = self.settings
         lines = [f"Flash attention compatibility log - preflight at {self.created}",
                  f"checked: causal fwd+bwd, head dim {s.head_dim}, {s.n_heads} query / {s.n_kv_heads} kv heads, "
-                 f"dtype {s.dtype}; flash attention {'DISABLED (--disable-flash-attn or DISABLE_FLASH_ATTN=1)' if s.disable_flash_attn else 'enabled'}",
+                 f"dtype {s.dtype}; {import_guard.DISABLED_REASON if s.disable_flash_attn else 'flash attention enabled'}",
                  *[f"note: {n}" for n in self.notes], ""]
         for n in self.nodes:
             v = n.verdict
