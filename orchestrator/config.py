@@ -7,10 +7,10 @@ that list the valid names. The built-in default is this schema's defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from orchestrator import labels
 from orchestrator.errors import UsageError
@@ -19,21 +19,24 @@ from trainer.config import ModelConfig, Strict, TrainConfig
 ATTENTIONS = ("flash", "standard")
 
 
+def _checked_selector(selector: dict[str, str]) -> dict[str, str]:
+    labels.check(selector)
+    return selector
+
+
+# A Ray label selector, its syntax checked at load (``labels.check``).
+LabelSelector = Annotated[dict[str, str], AfterValidator(_checked_selector)]
+
+
 class ScalingConfig(Strict):
     num_workers: int = Field(2, gt=0, description="data-parallel workers per variant")
     use_gpu: Union[Literal["auto"], bool] = Field("auto", description="auto: GPUs when the cluster has enough")
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(3, ge=-1, description="worker-failure restarts from the last checkpoint; -1 = unbounded")
     keep_checkpoints: int = Field(2, gt=0)
-    label_selector: dict[str, str] = Field(default_factory=dict,
-                                           description="Ray label selector every variant's workers must match")
+    label_selector: LabelSelector = Field(default_factory=dict,
+                                          description="Ray label selector every variant's workers must match")
     placement_timeout_s: float = Field(60.0, gt=0, description="give up when workers cannot be placed for this long")
-
-    @field_validator("label_selector")
-    @classmethod
-    def _selector_syntax(cls, v):
-        labels.check(v)
-        return v
 
 
 class DataConfig(Strict):
@@ -45,14 +48,8 @@ class VariantConfig(Strict):
     attention: Literal["flash", "standard"]
     model: dict[str, Any] = Field(default_factory=dict, description="overrides of model fields")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of train fields")
-    label_selector: dict[str, str] = Field(default_factory=dict,
-                                           description="added to scaling.label_selector for this variant")
-
-    @field_validator("label_selector")
-    @classmethod
-    def _selector_syntax(cls, v):
-        labels.check(v)
-        return v
+    label_selector: LabelSelector = Field(default_factory=dict,
+                                          description="added to scaling.label_selector for this variant")
 
 
 class RunConfig(Strict):
