@@ -155,6 +155,9 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
                            else "training returned no result")
     attempts = count_attempts(vdir, started)
     record["restarts"] = max(0, attempts - 1)
+    if record["status"] == "failed" and attempts:  # workers ran and failed: say which knob allows more
+        record["error"] += (f" (gave up after {record['restarts']} restart(s): scaling.max_failures is "
+                            f"{max_failures})")
     record.setdefault("steps", read_metrics(vdir / METRICS_FILE)[-1]["step"] if read_metrics(vdir / METRICS_FILE) else 0)
     for key in ("first_loss", "final_loss", "tokens_per_s", "peak_mem_bytes"):
         record.setdefault(key, None)

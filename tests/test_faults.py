@@ -219,6 +219,7 @@ def test_a_failed_run_says_how_to_resume_and_resume_completes_it(tmp_path, cli_e
         f"checkpoint with: python -m orchestrator train --resume {run_dir}")
     rec = json.loads((run_dir / "summary.json").read_text())["variants"]["flash"]
     assert rec["status"] == "failed" and "worker process has died" in rec["error"]
+    assert rec["error"].endswith("(gave up after 0 restart(s): scaling.max_failures is 0)")
     assert leftovers(failed.pid) == [] and session_dirs(failed.pid) == []
 
     resume = _start_cli(["train", "--resume", str(run_dir)], cli_env, tmp_path)
