@@ -99,7 +99,9 @@ def cluster(tmp_path):
     env.pop("RAY_AUTH_TOKEN", None)
     gcs, dash, client, *rest = free_ports(15)
     head_env = {**env, "FO_STATE_DIR": str(tmp_path / "state-head")}
-    worker_env = {**env, "FO_STATE_DIR": str(tmp_path / "state-worker"),
+    # The second node's own environment switches flash attention off, as an admin would for a
+    # node with a broken flash-attn: preflight must find that, and the planner act on it.
+    worker_env = {**env, "FO_STATE_DIR": str(tmp_path / "state-worker"), "DISABLE_FLASH_ATTN": "1",
                   "FO_EXTRA_LABELS": "fo-flash-attn=broken,fo-test-node=second"}
     head_cmd = [str(SCRIPT), "head", f"--port={gcs}", f"--dashboard-port={dash}",
                 f"--ray-client-server-port={client}", *node_args(rest[:6], free_range(40), temps[0])]
@@ -140,7 +142,9 @@ def node_labels(cluster) -> list[dict]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_job_submitted_to_a_two_node_cluster_trains_and_the_nodes_carry_their_labels(cluster, tmp_path):
+def test_job_submitted_to_a_two_node_cluster_trains_both_variants_where_preflight_allows(cluster, tmp_path):
+    """`ray job submit` of `train --run-both-models` to a head and a second node whose
+    environment disables flash attention: the variants run at once, flash on the head."""
     env, dash = cluster["env"], cluster["dashboard"]
 
     # Starting the head again is a no-op that says so.
@@ -164,7 +168,7 @@ def test_job_submitted_to_a_two_node_cluster_trains_and_the_nodes_carry_their_la
     submit = ["ray", "job", "submit", "--address", dash, "--submission-id", job, "--no-wait",
               "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": ["runs/", ".git"]}),
               "--", "python", "-m", "orchestrator", "train", "--config-file", str(cfg),
-              "--output-dir", str(out), "--name", "on-cluster"]
+              "--output-dir", str(out), "--name", "on-cluster", "--run-both-models"]
     r = sh(submit, env)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -180,5 +184,16 @@ def test_job_submitted_to_a_two_node_cluster_trains_and_the_nodes_carry_their_la
     summary = json.loads((out / "on-cluster" / "summary.json").read_text())
     assert summary["run"]["status"] == "succeeded"
     assert summary["run"]["ray_address"].endswith(f":{cluster['gcs_port']}")
-    v = summary["variants"]["flash"]
-    assert v["status"] == "succeeded" and v["steps"] == 4 and v["num_workers"] == 1
+    assert summary["run"]["mode"] == "concurrent"
+    preflight = json.loads((out / "on-cluster" / "preflight.json").read_text())
+    node_of = {("second" if n["labels"].get("fo-test-node") == "second" else "head"): n for n in preflight["nodes"]}
+    assert node_of["second"]["verdict"]["reason"] == "flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)"
+    assert node_of["head"]["verdict"]["flash_kernel"] == "sdpa_flash_cpu"
+    flash, standard = summary["variants"]["flash"], summary["variants"]["standard"]
+    for v in (flash, standard):
+        assert v["status"] == "succeeded" and v["steps"] == 4 and v["num_workers"] == 1
+    assert [w["node_id"] for w in flash["workers"]] == [node_of["head"]["node_id"]]
+    assert [w["node_id"] for w in standard["workers"]] == [node_of["second"]["node_id"]]
+    assert (flash["backend"], flash["env"]) == ("sdpa_flash_cpu", {"ATTN_IMPL": "flash"})
+    assert standard["env"] == {"ATTN_IMPL": "standard", "DISABLE_FLASH_ATTN": "1"}
+    assert flash["first_loss"] == pytest.approx(standard["first_loss"], rel=1e-5)  # same seed, same weights
