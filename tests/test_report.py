@@ -8,6 +8,7 @@ import pytest
 from orchestrator import report
 from orchestrator.run import exit_code, run_status
 from tests.conftest import run_cli, write_config
+from trainer.metrics import read_metrics
 
 
 def _recs(losses, tok=1000.0):
@@ -125,3 +126,27 @@ def test_run_both_models_on_the_embedded_default_writes_report_plots_and_both_va
     assert "flash vs standard: OK" in text
     for png in ("loss.png", "throughput.png", "memory.png"):
         assert (run_dir / png).stat().st_size > 10_000
+    # `tensorboard --logdir <run>` shows each variant's own curve: the logged losses, step by step.
+    for variant in ("flash", "standard"):
+        logged = {r["step"]: r["loss"] for r in read_metrics(run_dir / variant / "metrics.jsonl")}
+        assert tensorboard_scalars(run_dir / variant / "tb", "loss") == pytest.approx(logged)
+        assert len(logged) == 30
+
+
+def tensorboard_scalars(tb_dir, tag: str) -> dict[int, float]:
+    """{step: value} of one scalar tag, read back from the TFRecord event files."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    values = {}
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack_from("<Q", data, pos)
+            event = Event.FromString(data[pos + 12: pos + 12 + length])  # after length and its CRC
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                if v.tag == tag:
+                    values[event.step] = v.simple_value
+    return values
