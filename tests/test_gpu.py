@@ -1,5 +1,5 @@
 """On a CUDA GPU (skipped on CPU machines, as in CI): the flash request resolves to a fused
-kernel, which agrees with standard attention in bf16, and a training step runs in bf16.
+kernel, which agrees with standard attention in bf16, and the summary's peak memory is CUDA's.
 GPU figures themselves live in docs/BENCHMARKS.md."""
 
 import pytest
