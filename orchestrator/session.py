@@ -39,7 +39,7 @@ def check_reachable(address: str, flag: str = "--address") -> None:
         raise UsageError(f"{flag} {address}: no Ray cluster answers at {hp[0]}:{hp[1]} ({why})") from None
 
 
-def _remove_session_dir(session_dir: Path) -> None:
+def remove_session_dir(session_dir: Path) -> None:
     """Remove the temp files of a Ray this command started (logs, sockets, spilled objects).
 
     Only that session's directory, and ``session_latest`` if it still points at it; other
@@ -109,4 +109,4 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
                 if keep_logs:
                     log.info("Ray logs kept in %s", session_dir)
                 else:
-                    _remove_session_dir(session_dir)
+                    remove_session_dir(session_dir)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -60,8 +62,16 @@ def ray_session():
     test_variants_ray.py) shuts it down and calls init_local_ray() again when done."""
     import ray
 
+    from orchestrator.session import remove_session_dir
+
     yield init_local_ray()
-    ray.shutdown()
+    ray.shutdown(wait_for_processes=True)
+    # Leave /tmp/ray as we found it, as the CLI does: Ray names a session after its start time
+    # and the pid of the process that started it, so these are the sessions this process started.
+    born = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(psutil.Process().create_time() - 1))
+    for d in (Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray").glob(f"session_*_{os.getpid()}"):
+        if d.name[len("session_"):len("session_") + len(born)] >= born:
+            remove_session_dir(d)
 
 
 @pytest.fixture
