@@ -158,7 +158,9 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     if record["status"] == "failed" and attempts:  # workers ran and failed: say which knob allows more
         record["error"] += (f" (gave up after {record['restarts']} restart(s): scaling.max_failures is "
                             f"{max_failures})")
-    record.setdefault("steps", read_metrics(vdir / METRICS_FILE)[-1]["step"] if read_metrics(vdir / METRICS_FILE) else 0)
+    if "steps" not in record:  # the worker returned no result: count what it logged
+        logged = read_metrics(vdir / METRICS_FILE)
+        record["steps"] = logged[-1]["step"] if logged else 0
     for key in ("first_loss", "final_loss", "tokens_per_s", "peak_mem_bytes"):
         record.setdefault(key, None)
     record.setdefault("num_workers", v.num_workers)
