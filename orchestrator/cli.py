@@ -51,9 +51,6 @@ def disable_flash_attn_from_env(args: argparse.Namespace, environ=None) -> None:
 
     if getattr(args, "resume", None) or args.disable_flash_attn or not import_guard.disabled_by_env(environ):
         return
-    if getattr(args, "run_both_models", False):
-        raise UsageError("DISABLE_FLASH_ATTN=1 (set in the environment) and --run-both-models contradict each "
-                         "other: the flash variant cannot run with flash attention disabled; unset the variable")
     log.info("DISABLE_FLASH_ATTN=1 is set: flash attention disabled, as with --disable-flash-attn")
     args.disable_flash_attn = True
 
@@ -153,7 +150,8 @@ def cmd_preflight(args: argparse.Namespace) -> int:
                 handler.setStream(sys.stderr)
     disable_flash_attn_from_env(args)
     cfg = config_mod.load(args.config_file)
-    settings = preflight_settings(cfg, config_mod.variant_configs(cfg, False, args.disable_flash_attn),
+    settings = preflight_settings(cfg, config_mod.variant_configs(cfg, False, args.disable_flash_attn,
+                                                                      args.config_file or "built-in config"),
                                   args.disable_flash_attn)
     settings = dataclasses.replace(settings, timeout_s=args.timeout)
     if args.disable_flash_attn:

@@ -191,21 +191,27 @@ def with_overrides(cfg: RunConfig, source: str, **sections: dict) -> RunConfig:
     return validate(data, source)
 
 
-def variant_configs(cfg: RunConfig, run_both: bool, disable_flash: bool) -> list[VariantConfig]:
-    """The variants to run: the config's list, flash+standard for --run-both-models, or one."""
+def variant_configs(cfg: RunConfig, run_both: bool, disable_flash: bool = False,
+                    source: str = "config") -> list[VariantConfig]:
+    """The variants to run: the config's list, one variant, or with --run-both-models two.
+
+    --run-both-models runs the config's own two variants (two *model* variants, as in the
+    workflow our users come from: a model and its baseline), or flash and standard when the
+    config lists none. Disabling flash attention names the lone default variant `standard`;
+    it leaves a list of variants as it is: the planner gives every variant standard
+    attention and keeps each one's request for the record.
+    """
     if run_both:
-        if cfg.variants:
-            raise UsageError("--run-both-models conflicts with the config's 'variants' list; use one or the other")
-        variants = [VariantConfig(name="flash", attention="flash"), VariantConfig(name="standard", attention="standard")]
-    elif cfg.variants:
-        variants = list(cfg.variants)
-    else:
-        attn = "standard" if disable_flash else cfg.attention
-        variants = [VariantConfig(name=attn, attention=attn)]
-    if disable_flash:
-        # --disable-flash-attn forces standard attention everywhere, variants included.
-        variants = [v.model_copy(update={"attention": "standard"}) for v in variants]
-    return variants
+        if cfg.variants is None:
+            return [VariantConfig(name="flash", attention="flash"), VariantConfig(name="standard", attention="standard")]
+        if len(cfg.variants) != 2:
+            raise UsageError(f"{source}: --run-both-models runs the config's two variants, but 'variants' lists "
+                             f"{len(cfg.variants)} ({', '.join(v.name for v in cfg.variants)}); list exactly two, "
+                             "or drop --run-both-models to run them all")
+    if cfg.variants:
+        return list(cfg.variants)
+    attn = "standard" if disable_flash else cfg.attention
+    return [VariantConfig(name=attn, attention=attn)]
 
 
 def resolved_sections(cfg: RunConfig, variant: VariantConfig) -> tuple[ModelConfig, TrainConfig]:

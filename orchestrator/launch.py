@@ -128,7 +128,8 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             worker_runtime_env={"env_vars": dict(v.env)},
         ),
     )
-    record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None}
+    record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None,
+              "reason": v.reason}
     with ProgressFollower(vdir / METRICS_FILE, v.name, spec.train.max_steps):
         try:
             result = trainer.fit()

@@ -12,6 +12,8 @@ Rules, in order, per variant:
    with preflight's reasons and the others still run; when it is the run's only kind of
    attention, it trains with standard attention instead (ATTN_IMPL=standard,
    DISABLE_FLASH_ATTN=1) and the reason is recorded: detect, disable, log, still train.
+   With flash attention disabled for the run (--disable-flash-attn, DISABLE_FLASH_ATTN=1)
+   every variant trains with standard attention, placed as it would be without the switch.
 3. GPU or CPU: ``use_gpu: true|false`` as given; ``auto`` takes GPUs when all workers fit on
    the candidates' GPUs (one GPU and ``cpus_per_worker`` CPUs each), else CPUs.
 4. The workers must fit the candidates' total capacity, else infeasible (exit 2): Ray Train
@@ -32,6 +34,7 @@ from typing import Optional, Sequence, Union
 from orchestrator import labels
 from orchestrator.config import ScalingConfig, VariantConfig
 from orchestrator.errors import InfeasibleRequest
+from trainer import import_guard
 
 # Orders of variants tried when packing them together; beyond this many variants, the most
 # constrained-first order alone (the search is factorial).
@@ -77,7 +80,7 @@ class PlannedVariant:
     use_gpu: bool
     cpus_per_worker: float
     status: str = "planned"  # planned | skipped
-    reason: Optional[str] = None  # why skipped
+    reason: Optional[str] = None  # why skipped, or why its attention differs from the request
     # One selector for all workers, or one per worker (concurrent plans pin each worker to a node).
     label_selector: Union[dict[str, str], list[dict[str, str]], None] = None
     nodes: list[str] = field(default_factory=list)  # the node of each worker, as packed
@@ -92,6 +95,7 @@ class Plan:
     variants: list[PlannedVariant]
     mode: str  # concurrent | sequential
     notes: list[str] = field(default_factory=list)
+    flash_disabled: Optional[str] = None  # why every variant runs standard attention, if it does
     cluster: list[NodeCapacity] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -184,8 +188,13 @@ def _total(nodes: list[NodeCapacity], key: str) -> float:
     return sum(n.cpus if key == "CPU" else n.gpus for n in nodes)
 
 
-def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list[NodeCapacity]) -> Plan:
+def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list[NodeCapacity],
+              flash_disabled: bool = False) -> Plan:
     """Variants onto the cluster (see the module docstring for the rules).
+
+    ``flash_disabled`` (--disable-flash-attn, DISABLE_FLASH_ATTN=1) gives every variant standard
+    attention, whatever it asked for, and places them as the same variants would be placed
+    without it: the request stays in ``attention``, the reason in ``reason``.
 
     Raises InfeasibleRequest (exit 2) for a request no state of this cluster can satisfy.
     """
@@ -203,7 +212,9 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
         pv = PlannedVariant(name=vc.name, attention=vc.attention, env=attention_env(vc.attention),
                             num_workers=scaling.num_workers, use_gpu=False, cpus_per_worker=scaling.cpus_per_worker,
                             label_selector=selector or None)
-        usable = [n for n in matching if n.flash_ok] if vc.attention == "flash" else matching
+        if flash_disabled:
+            pv.env, pv.reason = attention_env("standard"), import_guard.DISABLED_REASON
+        usable = [n for n in matching if n.flash_ok] if pv.env["ATTN_IMPL"] == "flash" else matching
         if not usable and any(v.attention == "standard" for v in variants):
             pv.status, pv.reason = "skipped", _flash_reason(matching)
             planned.append(pv)
@@ -234,7 +245,8 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
         planned.append(pv)
 
     runnable = [v for v in planned if v.status == "planned"]
-    plan = Plan(variants=planned, mode="sequential", cluster=list(nodes))
+    plan = Plan(variants=planned, mode="sequential", cluster=list(nodes),
+                flash_disabled=import_guard.DISABLED_REASON if flash_disabled else None)
     together = _pack_together(runnable, candidates, nodes) if len(runnable) > 1 else None
     if together is not None:
         plan.mode = "concurrent"

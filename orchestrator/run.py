@@ -65,9 +65,6 @@ def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume
 
 def prepare(opts: TrainOptions) -> Prepared:
     """Load and cross-check config, flags and data. Raises UsageError; touches nothing."""
-    if opts.disable_flash_attn and opts.run_both_models:
-        raise UsageError("--disable-flash-attn and --run-both-models contradict each other: "
-                         "the flash variant cannot run with flash attention disabled")
     problem = storage.output_dir_problem(opts.output_dir, os.getcwd())
     if problem:
         raise UsageError(problem)
@@ -78,7 +75,7 @@ def prepare(opts: TrainOptions) -> Prepared:
         train={"max_steps": opts.max_steps, "seed": opts.seed},
         data={"path": opts.preprocessed_data} if opts.preprocessed_data else {},
     )
-    variants = config_mod.variant_configs(cfg, opts.run_both_models, opts.disable_flash_attn)
+    variants = config_mod.variant_configs(cfg, opts.run_both_models, opts.disable_flash_attn, source)
     try:
         data_path = Path(cfg.data.path) if cfg.data.path else data_mod.embedded_dataset()
         dataset = data_mod.load_dataset(data_path)
@@ -211,7 +208,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
                 report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn))
             # Planned before a new run directory exists: an infeasible request leaves nothing behind.
             plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
-                                      report.node_capacities() if report else nodes())
+                                      report.node_capacities() if report else nodes(),
+                                      flash_disabled=opts.disable_flash_attn)
             if saved:
                 run_dir = saved.run_dir
                 log.info("resuming run directory: %s", run_dir)

@@ -53,6 +53,7 @@ def workdir(tmp_path):
         (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     write_config(tmp_path / "long.yaml", {"train": {"seq_len": 10_000_000}})
     write_config(tmp_path / "small-vocab.yaml", {"model": {"vocab_size": 100}})
+    write_config(tmp_path / "three-variants.yaml", {"variants": [{"name": n, "attention": "flash"} for n in "abc"]})
     write_config(tmp_path / "many-workers.yaml", {"scaling": {"num_workers": 64}})
     write_config(tmp_path / "gpus.yaml", {"scaling": {"use_gpu": True}})
     ok = np.arange(4000) % 300
@@ -100,7 +101,8 @@ ROWS = [
     ("vocab-smaller-than-tokenizer", T + ["--config-file", "small-vocab.yaml"], 2,
      "model.vocab_size 100 is smaller than the tokenizer's vocab"),
     ("seq-len-longer-than-data", T + ["--config-file", "long.yaml"], 2, "train.seq_len 10000000 is longer than the data"),
-    ("contradictory-flags", T + ["--disable-flash-attn", "--run-both-models"], 2, "contradict each other"),
+    ("run-both-models-with-three-variants", T + ["--run-both-models", "--config-file", "three-variants.yaml"], 2,
+     "--run-both-models runs the config's two variants, but 'variants' lists 3 (a, b, c)"),
     ("resume-with-config", ["train", "--resume", "runs/earlier", "--config-file", "long.yaml"], 2,
      "--resume contradicts --config-file"),
     ("resume-with-max-steps", ["train", "--resume", "runs/earlier", "--max-steps", "9"], 2,

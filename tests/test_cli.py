@@ -47,15 +47,6 @@ def test_disable_flash_attn_in_the_environment_means_the_flag_unless_resuming():
     assert not args.disable_flash_attn
 
 
-def test_disable_flash_attn_in_the_environment_contradicts_run_both_models(tmp_path, cli_env):
-    out = run_cli(["train", "--run-both-models"], {**cli_env, "DISABLE_FLASH_ATTN": "1"}, tmp_path, timeout=60)
-    assert out.returncode == 2
-    assert out.stderr.startswith("error: DISABLE_FLASH_ATTN=1 (set in the environment) and --run-both-models "
-                                 "contradict each other")
-    assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.ray
 def test_preflight_with_disable_flash_attn_in_the_environment_reports_standard_and_prints_only_json(tmp_path, cli_env):
     out = run_cli(["preflight", "--json", "--output-dir", "pf"], {**cli_env, "DISABLE_FLASH_ATTN": "1"}, tmp_path)
     assert out.returncode == 0, out.stderr

@@ -60,6 +60,19 @@ def test_variants_run_both_and_disable_flash():
     assert [(v.name, v.attention) for v in config.variant_configs(cfg, False, True)] == [("standard", "standard")]
     both = config.variant_configs(cfg, True, False)
     assert [(v.name, v.attention) for v in both] == [("flash", "flash"), ("standard", "standard")]
+    # With flash attention disabled the pair stays a pair: the planner switches each to standard.
+    assert [(v.name, v.attention) for v in config.variant_configs(cfg, True, True)] == [
+        ("flash", "flash"), ("standard", "standard")]
+
+
+def test_run_both_models_runs_the_configs_two_model_variants_and_refuses_three():
+    two = config.validate({"variants": [{"name": "baseline", "attention": "flash"},
+                                        {"name": "deeper", "attention": "flash", "model": {"n_layers": 6}}]})
+    assert [v.name for v in config.variant_configs(two, True, True, "two.yaml")] == ["baseline", "deeper"]
+    three = config.validate({"variants": [{"name": n, "attention": "flash"} for n in ("a", "b", "c")]})
+    with pytest.raises(UsageError, match=r"^three.yaml: --run-both-models runs the config's two variants, but "
+                                         r"'variants' lists 3 \(a, b, c\)"):
+        config.variant_configs(three, True, False, "three.yaml")
 
 
 def test_variant_overrides_apply_to_their_variant_only():

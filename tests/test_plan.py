@@ -234,3 +234,19 @@ def test_a_lone_flash_variant_that_works_nowhere_trains_with_standard_attention_
     assert v.status == "planned" and v.attention == "flash"
     assert v.env == {"ATTN_IMPL": "standard", "DISABLE_FLASH_ATTN": "1"}
     assert "GLIBC too old" in v.reason and v.reason.startswith("standard attention")
+
+
+def test_disabling_flash_gives_every_variant_standard_attention_on_the_same_placement():
+    """--run-both-models --disable-flash-attn: the same two runs side by side, both standard."""
+    nodes = [node("a", gpus=2, cpus=8), node("b", gpus=2, cpus=8, flash_ok=False, reason="GPU too old")]
+    plain, off = make_plan(BOTH, scaling(), nodes), make_plan(BOTH, scaling(), nodes, flash_disabled=True)
+    assert off.mode == plain.mode == "concurrent"
+    assert [(v.name, v.attention, v.use_gpu, v.status) for v in off.variants] == [
+        ("flash", "flash", True, "planned"), ("standard", "standard", True, "planned")]
+    for v in off.variants:
+        assert v.env == {"ATTN_IMPL": "standard", "DISABLE_FLASH_ATTN": "1"}
+        assert v.reason == "flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)"
+    assert off.flash_disabled == v.reason and plain.flash_disabled is None
+    # Without the switch flash may only use node a; with it, no variant is kept off node b.
+    assert set(plain.variants[0].nodes) == {"a"}
+    assert sorted(off.variants[0].nodes + off.variants[1].nodes) == ["a", "a", "b", "b"]

@@ -59,6 +59,23 @@ def test_report_has_a_table_per_variant_ratios_parity_and_readable_charts(tmp_pa
         assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
 
 
+def test_report_of_a_run_with_flash_disabled_claims_no_ratio_and_checks_parity_tightly(tmp_path):
+    d = _run_dir(tmp_path, LOSSES, LOSSES)
+    reason = "flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)"
+    (d / "plan.json").write_text(json.dumps({"mode": "concurrent", "notes": [], "flash_disabled": reason}))
+    written = report.write(d)
+    text = written.path.read_text()
+    assert (f"Flash attention was disabled for all 2 variants ({reason}): every one trained with standard "
+            "attention, so no flash/standard speed ratio is claimed.") in text
+    assert "higher is faster" not in text
+    assert written.parities[0].status == "agree" and "within 1e-05 (float32)" in written.parities[0].detail
+    assert "](loss.png)" in text
+    # Differences the flash/standard tolerance allows are too large for two runs of one kernel.
+    d2 = _run_dir(tmp_path / "off", LOSSES, [x * (1 + 1e-4) for x in LOSSES])
+    (d2 / "plan.json").write_text(json.dumps({"mode": "concurrent", "notes": [], "flash_disabled": reason}))
+    assert report.write(d2).parities[0].status == "diverged"
+
+
 def test_report_flags_losses_that_diverge_in_the_first_steps(tmp_path):
     drifted = LOSSES[:4] + [x * 1.01 for x in LOSSES[4:]]
     written = report.write(_run_dir(tmp_path, drifted, LOSSES))
