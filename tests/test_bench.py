@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from orchestrator.bench import command, kernels, timing
+from orchestrator.bench import command, kernels
+from trainer import timing
 from tests.conftest import run_cli
 
 

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from orchestrator.bench import timing
+from trainer import timing
 from trainer import attention
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Training steps in a bare process: tokens/s, MFU and peak memory per variant and sequence
 length, through the same ``trainer.step.Stepper`` the Ray workers use.
 
-MFU = (6 x non-embedding params + 12 x layers x dim x seq) FLOPs per token x tokens/s over
+MFU (trainer.timing.mfu) = (6 x non-embedding params + 12 x layers x dim x seq) FLOPs per token x tokens/s over
 the device's dense bf16 peak (989 TFLOP/s for H100/H200).
 """
 
@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from orchestrator.bench import timing
+from trainer import timing
 from trainer import attention
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import BatchSampler, get_batch, num_windows
@@ -76,7 +76,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     peak = timing.peak_tflops(device)
     flops = margs.flops_per_token(tc.seq_len)
     return {**row, "status": "ok", "step_time_s": step_s, "tokens_per_s": tps,
-            "tflops": flops * tps / 1e12, "mfu": flops * tps / (peak * 1e12) if peak else None,
+            "tflops": flops * tps / 1e12, "mfu": timing.mfu(flops, tps, peak),
             "peak_mem_bytes": timing.peak_memory(device), "params": margs.non_embedding_params(),
             "first_loss": loss_values[0], "last_loss": loss_values[-1],
             "loss_finite": bool(np.isfinite(loss_values).all())}
