@@ -117,3 +117,16 @@ def test_the_real_block_timer_times_a_kernel_forward_and_backward_on_cpu():
     timer = kernel_select.block_timer(SHAPE, torch.device("cpu"), warmup=1, iters=2)
     ms = timer("sdpa_flash_cpu", attention.kernel_fn("sdpa_flash_cpu"))
     assert 0 < ms < 10_000
+
+
+def test_past_the_time_budget_the_rest_go_untimed_and_the_partial_choice_is_not_cached(tmp_path):
+    import time
+
+    def slow(name, fn):
+        time.sleep(0.05)
+        return {"flash_attn_4": 3.0, "sdpa_cudnn": 1.0}[name]
+
+    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=slow, directory=tmp_path, versions=VERSIONS,
+                                budget_s=0.01)
+    assert pick(_fake_kernels("flash_attn_4", "sdpa_cudnn")) == ("flash_attn_4", {"flash_attn_4": 3.0})
+    assert list(tmp_path.glob("*.json")) == []

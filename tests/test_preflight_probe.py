@@ -11,7 +11,7 @@ import torch
 from orchestrator.preflight import elf, rules
 from orchestrator.preflight.child import ProbeSettings, parse_probe, probe_command, probe_env, run_probe
 from orchestrator.preflight.probe import check_import, glibc_version
-from tests.preflight_fakes import IMPORT_ERRORS, fake_flash_attn, import_failing, patched_so
+from tests.preflight_fakes import IMPORT_ERRORS, fake_flash_attn, fake_flash_attn_4_only, import_failing, patched_so
 
 
 def test_elf_reads_the_glibc_needs_of_a_real_extension_without_loading_it():
@@ -118,3 +118,19 @@ def test_a_timed_out_probe_takes_its_children_with_it(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"grandchild {pid} still running")
+
+
+def test_a_flash_attn_4_only_install_is_a_normal_install_not_an_issue(tmp_path):
+    site = fake_flash_attn_4_only(tmp_path / "site")
+    facts = _probe(ProbeSettings(head_dim=16, n_heads=4, n_kv_heads=2), site, tmp_path)
+    imports = {i["module"]: i for i in facts["flash_attn"]["imports"]}
+    assert imports["flash_attn.cute"]["ok"]
+    assert "no flash_attn_func" in imports["flash_attn"]["skipped"] and "error" not in imports["flash_attn"]
+    assert [d["name"] for d in facts["flash_attn"]["distributions"]] == ["flash-attn-4"]
+    v = rules.verdict(facts)
+    assert v.flash_ok and v.issues == []
+
+
+def test_an_fa2_less_namespace_error_text_is_classified_as_not_installed_not_unknown():
+    cause = rules.classify("AttributeError: module 'flash_attn' has no attribute 'flash_attn_func'")
+    assert cause.code == "not_installed" and "flash-attn-4" in cause.summary

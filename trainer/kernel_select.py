@@ -18,6 +18,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,10 +65,18 @@ class Selection:
 # ---------------------------------------------------------------- the decision
 
 
-def fastest(candidates: dict[str, AttnFn], timer: Timer) -> Selection:
-    """Time every candidate; the fastest wins. A candidate whose timing raises is left out."""
+OUT_OF_TIME = "not timed: the time budget was spent"
+
+
+def fastest(candidates: dict[str, AttnFn], timer: Timer, *, budget_s: Optional[float] = None) -> Selection:
+    """Time every candidate; the fastest wins. A candidate whose timing raises is left out, and
+    so is every candidate after ``budget_s`` seconds (a partial choice, never cached)."""
     sel = Selection(None)
+    started = time.monotonic()
     for name, fn in candidates.items():
+        if budget_s is not None and sel.timings and time.monotonic() - started > budget_s:
+            sel.failed[name] = OUT_OF_TIME
+            continue
         try:
             sel.timings[name] = float(timer(name, fn))
         except Exception as e:  # a kernel that fails at the real shape (memory, launch) is not a choice
@@ -201,8 +210,8 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
     return time_ms
 
 
-def picker(shape: Shape, device: torch.device, *, timer: Optional[Timer] = None,
-           directory: Optional[Path] = None, versions: Optional[dict] = None) -> Picker:
+def picker(shape: Shape, device: torch.device, *, timer: Optional[Timer] = None, directory: Optional[Path] = None,
+           versions: Optional[dict] = None, budget_s: Optional[float] = None) -> Picker:
     """``trainer.attention.resolve``'s ``pick``: the cached choice for this node and shape if it
     is still among the kernels that passed, else time them all (when there is a choice)."""
 
@@ -216,13 +225,14 @@ def picker(shape: Shape, device: torch.device, *, timer: Optional[Timer] = None,
         if cached is not None and cached.kernel in passed:
             log.info("attention kernels: cached choice %s (%s)", describe(cached.kernel, cached.timings), where)
             return cached.kernel, cached.timings
-        sel = fastest(passed, timer or block_timer(shape, device))
+        sel = fastest(passed, timer or block_timer(shape, device), budget_s=budget_s)
         if shape.compile and timer is None:
             torch._dynamo.reset()  # the blocks' graphs are no use to the model's compile
         if sel.kernel is None:
             log.warning("no flash kernel could be timed; using %s (first in order)", first)
             return first, {}
-        store(key, sel, where)
+        if OUT_OF_TIME not in sel.failed.values():
+            store(key, sel, where)
         log.info("attention kernels timed: %s", describe(sel.kernel, sel.timings))
         return sel.kernel, sel.timings
 

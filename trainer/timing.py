@@ -27,6 +27,15 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | No
     return flops_per_token * tokens_per_s_per_device / (peak * 1e12) if peak else None
 
 
+def per_gpu(tokens_per_s: float | None, world_size: int, flops_per_token: float, device: torch.device,
+            peak: float | None) -> dict:
+    """``tokens_per_s_per_gpu`` and ``mfu`` of a data-parallel run (None on CPU, where they mean nothing)."""
+    if device.type != "cuda" or not tokens_per_s:
+        return {"tokens_per_s_per_gpu": None, "mfu": None}
+    tps = tokens_per_s / world_size
+    return {"tokens_per_s_per_gpu": tps, "mfu": mfu(flops_per_token, tps, peak)}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
