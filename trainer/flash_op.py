@@ -70,9 +70,9 @@ def register(name: str, fwd: FwdFn, bwd: BwdFn) -> AttnFn:
     forward.register_autograd(grad, setup_context=setup_context)
 
     def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # (B, nh, T, hs) -> the kernel's (B, T, nh, hs), contiguous as the kernels require.
-        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-        out, _ = forward(qt, kt, vt, 1.0 / math.sqrt(q.size(-1)))
+        # (B, nh, T, hs) -> the kernel's (B, T, nh, hs): strided views, no copies (the kernels
+        # need only the head dim contiguous).
+        out, _ = forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 1.0 / math.sqrt(q.size(-1)))
         return out.transpose(1, 2)
 
     _registered[name] = attn
@@ -98,11 +98,12 @@ def fa4() -> AttnFn:
     from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
     def fwd(q, k, v, softmax_scale):
-        # return_lse: the op's inputs never require grad, and FA4 only makes the lse for those that do.
-        out, lse = _flash_attn_fwd(q, k, v, softmax_scale=softmax_scale, causal=True, return_lse=True)
-        return out, lse
+        # return_lse: the op's inputs never require grad, and FA4 only makes the lse for those
+        # that do. Releases differ in what follows (out, lse): 4.0.0b36 adds three more.
+        res = _flash_attn_fwd(q, k, v, softmax_scale=softmax_scale, causal=True, return_lse=True)
+        return res[0], res[1]
 
     def bwd(dout, q, k, v, out, lse, softmax_scale):
-        return _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, True)
+        return tuple(_flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, True)[:3])
 
     return register("fa4", fwd, bwd)
