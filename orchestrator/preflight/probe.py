@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="time the kernels that pass at this sequence length (the run's)")
     p.add_argument("--micro-batch", type=int, default=1, help="... and this micro-batch")
     p.add_argument("--compile", choices=("auto", "true", "false"), default="auto", help="as train.compile")
-    p.add_argument("--timing-budget", type=float, default=90.0, help="seconds for timing kernels; the rest untimed")
+    p.add_argument("--timing-budget", type=float, default=60.0, help="seconds for timing kernels; the rest untimed")
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn")
     p.add_argument("--import-timeout", type=float, default=60.0, help="seconds per flash-attn import")
     return p
