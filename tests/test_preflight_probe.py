@@ -134,3 +134,23 @@ def test_a_flash_attn_4_only_install_is_a_normal_install_not_an_issue(tmp_path):
 def test_an_fa2_less_namespace_error_text_is_classified_as_not_installed_not_unknown():
     cause = rules.classify("AttributeError: module 'flash_attn' has no attribute 'flash_attn_func'")
     assert cause.code == "not_installed" and "flash-attn-4" in cause.summary
+
+
+def test_probe_times_every_kernel_that_passed_at_the_run_shape_and_caches_the_choice(tmp_path, monkeypatch):
+    import argparse
+
+    from orchestrator.preflight import probe
+    from trainer import attention, kernel_select
+
+    # Two kernels pass on this CPU: the fused one and (standing in for a second fused kernel) standard.
+    monkeypatch.setattr(attention, "flash_candidates", lambda device: ["sdpa_flash_cpu", "standard"])
+    monkeypatch.setenv(kernel_select.CACHE_ENV, str(tmp_path))
+    settings = probe.build_parser().parse_args(["--head-dim", "16", "--n-heads", "4", "--n-kv-heads", "2",
+                                                "--seq-len", "32", "--micro-batch", "2"])
+    check, results, selection = probe.kernel_checks(settings, [], disabled=False)
+    assert set(selection["timings"]) == {"sdpa_flash_cpu", "standard"}
+    assert selection["kernel"] == min(selection["timings"], key=selection["timings"].get)
+    assert selection["shape"]["seq_len"] == 32 and selection["shape"]["compile"] is False
+    assert len(list(tmp_path.glob("*.json"))) == 1  # the workers on this node read it
+    facts = {"flash_attn": {}, "kernels": results, "kernel_selection": selection}
+    assert rules.verdict(facts).flash_kernel == selection["kernel"]

@@ -121,6 +121,9 @@ class Report:
             host = (n.facts or {}).get("hostname", "?")
             outcome = f"flash attention: {v.flash_kernel}" if v.flash_ok else f"standard attention: {v.reason}"
             lines.append(f"node {n.node_id} ({host}, {n.address}): {outcome}")
+            if v.flash_ok and v.kernel_timings:
+                lines.append(f"  timed at the run's shape: " + ", ".join(f"{k} {ms:.3g} ms" for k, ms in
+                                                                        sorted(v.kernel_timings.items(), key=lambda kv: kv[1])))
             if not v.issues:
                 lines.append("  no issues found")
             for issue in v.issues:
