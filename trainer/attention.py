@@ -1,10 +1,12 @@
 """Attention backends, resolved in one place.
 
 ``standard`` is the explicit matmul -> causal mask -> softmax -> matmul our users know.
-``flash`` is the fastest fused kernel that works on this worker, chosen by trying each
-candidate on a tiny causal forward+backward at the model's head dim, GQA ratio and dtype,
-and comparing it to ``standard``. The chosen SDPA kernel is pinned with ``sdpa_kernel`` so
-PyTorch cannot silently fall back to another one: the name recorded is the kernel that ran.
+``flash`` is the fastest fused kernel that works on this worker: each candidate is tried on a
+tiny causal forward+backward at the model's head dim, GQA ratio and dtype and compared to
+``standard``; among those that pass, ``resolve``'s ``pick`` (trainer/kernel_select.py) times
+them at the run's shape, else the first in ``flash_candidates`` order wins. The chosen SDPA
+kernel is pinned with ``sdpa_kernel`` so PyTorch cannot silently fall back to another one:
+the name recorded is the kernel that ran. GQA goes to every kernel natively.
 """
 
 from __future__ import annotations
@@ -45,14 +47,17 @@ def standard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
 
 def _sdpa(kernel: SDPBackend, native_gqa: bool = True) -> AttnFn:
+    native = native_gqa and _SDPA_HAS_GQA
+
     def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n_rep = q.size(1) // k.size(1)
-        if n_rep > 1 and not (native_gqa and _SDPA_HAS_GQA):
+        gqa = {}
+        if n_rep > 1 and native:
+            gqa = {"enable_gqa": True}  # K and V stay at nkv heads: no copies
+        elif n_rep > 1:
             k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
         with sdpa_kernel([kernel]):
-            if n_rep > 1 and native_gqa and _SDPA_HAS_GQA:  # K and V stay nkv heads: no copies
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
 
     return attn
 
@@ -80,7 +85,8 @@ def _flash_attn_package(module: str) -> AttnFn:
     return attn
 
 
-# Candidate kernels for "flash", by device type, fastest first. On Hopper cuDNN's fused
+# Candidate kernels for "flash", by device type, in the order tried (the first that passes wins
+# where nothing is timed: one candidate, or no pick). On Hopper cuDNN's fused
 # attention beats FlashAttention-2 (see docs/BENCHMARKS.md), so it goes before FA2 there.
 def flash_candidates(device: torch.device) -> list[str]:
     if device.type != "cuda":
