@@ -48,6 +48,7 @@ def skipped_record(v: PlannedVariant) -> dict:
     return {
         "status": "skipped", "attention": v.attention, "backend": None, "env": v.env, "steps": 0,
         "first_loss": None, "final_loss": None, "tokens_per_s": None, "peak_mem_bytes": None,
+        "tokens_per_s_per_gpu": None, "mfu": None, "kernel_timings": {},
         "num_workers": v.num_workers, "use_gpu": v.use_gpu, "restarts": 0, "error": None, "reason": v.reason,
     }
 
@@ -162,7 +163,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     if "steps" not in record:  # the worker returned no result: count what it logged
         logged = read_metrics(vdir / METRICS_FILE)
         record["steps"] = logged[-1]["step"] if logged else 0
-    for key in ("first_loss", "final_loss", "tokens_per_s", "peak_mem_bytes"):
+    for key in ("first_loss", "final_loss", "tokens_per_s", "peak_mem_bytes", "tokens_per_s_per_gpu", "mfu"):
         record.setdefault(key, None)
     record.setdefault("num_workers", v.num_workers)
     record.setdefault("use_gpu", v.use_gpu)

@@ -10,6 +10,16 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def gpu_figures(rec: dict) -> str:
+    """'  MFU 55.7%  9,925 tok/s/GPU' where the worker measured them (GPU runs), else ''."""
+    out = ""
+    if rec.get("mfu") is not None:
+        out += f"  MFU {rec['mfu']:.1%}"
+    if rec.get("tokens_per_s_per_gpu") is not None:
+        out += f"  {rec['tokens_per_s_per_gpu']:,.0f} tok/s/GPU"
+    return out
+
+
 class ProgressFollower:
     """A background thread that logs one line per new metrics record, until stopped."""
 
@@ -51,5 +61,5 @@ class ProgressFollower:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            log.info("[%s] step %d/%d  loss %.4f  %.0f tok/s  %.3f s/step", self.label, rec["step"],
-                     self.max_steps, rec["loss"], rec["tokens_per_s"], rec["step_time_s"])
+            log.info("[%s] step %d/%d  loss %.4f  %.0f tok/s  %.3f s/step%s", self.label, rec["step"],
+                     self.max_steps, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], gpu_figures(rec))

@@ -23,6 +23,7 @@ from orchestrator import config as config_mod
 from orchestrator import capacity, execute, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, storage
 from orchestrator.errors import EXIT_VARIANT_SKIPPED, UsageError
 from trainer import data as data_mod
+from trainer import float8
 from trainer.loop import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ def prepare(opts: TrainOptions) -> Prepared:
         raise UsageError(str(e)) from None
     for v in variants:
         model, train = config_mod.resolved_sections(cfg, v)
+        if train.float8 and cfg.scaling.use_gpu is False:
+            raise UsageError(f"{source}: variant {v.name}: {float8.refusal(False, [])}")
         if model.vocab_size is not None and model.vocab_size < dataset.vocab_size:
             raise UsageError(f"{source}: model.vocab_size {model.vocab_size} is smaller than the tokenizer's "
                              f"vocab ({dataset.vocab_size}) in {data_path}")
@@ -99,7 +102,25 @@ def preflight_settings(cfg: config_mod.RunConfig, variants: list[config_mod.Vari
     model, train_cfg = config_mod.resolved_sections(cfg, variant)
     return preflight.ProbeSettings(head_dim=model.dim // model.n_heads, n_heads=model.n_heads,
                                    n_kv_heads=model.n_kv_heads or model.n_heads, dtype=train_cfg.dtype,
-                                   disable_flash_attn=disable_flash_attn)
+                                   disable_flash_attn=disable_flash_attn, seq_len=train_cfg.seq_len,
+                                   micro_batch_size=train_cfg.micro_batch_size,
+                                   compile=str(train_cfg.compile).lower())
+
+
+def float8_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig], plan: plan_mod.Plan,
+                   report: Optional[preflight.Report]) -> Optional[str]:
+    """Why a variant with train.float8 cannot run where it is planned (None: all can)."""
+    planned = {v.name: v for v in plan.variants}
+    for vc in variants:
+        if not config_mod.resolved_sections(cfg, vc)[1].float8 or vc.name not in planned:
+            continue
+        pv = planned[vc.name]
+        nodes = [n for n in (report.nodes if report else []) if not pv.nodes or n.node_id in pv.nodes]
+        caps = [g["capability"] for n in nodes for g in (n.facts or {}).get("gpus") or []]
+        problem = float8.refusal(pv.use_gpu, caps)
+        if problem:
+            return f"variant {vc.name}: {problem}"
+    return None
 
 
 def _versions() -> dict:
@@ -210,6 +231,9 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
                                       report.node_capacities() if report else nodes(),
                                       flash_disabled=opts.disable_flash_attn)
+            problem = float8_refusal(prep.cfg, prep.variants, plan, report)
+            if problem:
+                raise UsageError(f"{opts.config_file or 'built-in config'}: {problem}")
             if saved:
                 run_dir = saved.run_dir
                 log.info("resuming run directory: %s", run_dir)

@@ -61,3 +61,16 @@ def fake_flash_attn(root: Path, init_source: str, version: str = "2.7.4.post1", 
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: flash_attn\nVersion: {version}\n")
     (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
     return root
+
+
+def fake_flash_attn_4_only(root: Path, version: str = "4.0.0b36") -> Path:
+    """What flash-attn-4 alone installs: a ``flash_attn`` namespace (no __init__.py) holding
+    ``cute`` with its flash_attn_func, and no FA2 ``flash_attn_func``."""
+    cute = root / "flash_attn" / "cute"
+    cute.mkdir(parents=True)
+    (cute / "__init__.py").write_text("def flash_attn_func(q, k, v, causal=False):\n    raise RuntimeError('fake')\n")
+    info = root / f"flash_attn_4-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: flash-attn-4\nVersion: {version}\n")
+    (info / "RECORD").write_text("flash_attn/cute/__init__.py,,\n")
+    return root

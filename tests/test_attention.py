@@ -76,3 +76,40 @@ def test_a_kernel_that_computes_the_wrong_thing_is_rejected_by_the_check():
     with pytest.raises(RuntimeError, match="differs from standard"):
         attention.check_kernel(wrong, device=torch.device("cpu"), dtype=torch.float32,
                                head_dim=16, n_heads=4, n_kv_heads=2)
+
+
+@pytest.mark.parametrize("H,KV", [(8, 2), (6, 1)])
+def test_gqa_is_passed_natively_without_copying_k_and_v_and_matches_standard(monkeypatch, H, KV):
+    q0, k0, v0 = (t.float() for t in _qkv(2, H, KV, 33, 16, seed=H))
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    want = attention.standard_attention(q, k, v)
+    want.pow(2).sum().backward()
+    want_grads = [t.grad for t in (q, k, v)]
+
+    def no_copies(x, n_rep):
+        raise AssertionError(f"K/V repeated {n_rep}x: GQA was not passed natively")
+
+    fn = attention.checked_fn("sdpa_flash_cpu", device=torch.device("cpu"), dtype=torch.float32,
+                              head_dim=16, n_heads=H, n_kv_heads=KV)
+    monkeypatch.setattr(attention, "_repeat_kv", no_copies)
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    got = fn(q, k, v)
+    got.pow(2).sum().backward()
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-4)
+    for g, w in zip((q.grad, k.grad, v.grad), want_grads):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_an_sdpa_kernel_refusing_native_gqa_is_kept_with_k_and_v_repeated(monkeypatch):
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def no_gqa(*args, enable_gqa=False, **kwargs):
+        if enable_gqa:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", no_gqa)
+    fn = attention.checked_fn("sdpa_flash_cpu", device=torch.device("cpu"), dtype=torch.float32,
+                              head_dim=16, n_heads=8, n_kv_heads=2)
+    q, k, v = (t.float() for t in _qkv(1, 8, 2, 9, 16))
+    torch.testing.assert_close(fn(q, k, v), attention.standard_attention(q, k, v), atol=1e-5, rtol=1e-4)

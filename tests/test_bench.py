@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from orchestrator.bench import command, kernels, timing
+from orchestrator.bench import command, kernels
+from trainer import timing
 from tests.conftest import run_cli
 
 
@@ -53,3 +54,33 @@ def test_ratios_pair_variants_at_the_same_length_only():
 def test_bad_bench_flags_are_usage_errors(tmp_path, cli_env, args, message):
     out = run_cli(["bench", *args, "--output-dir", str(tmp_path)], cli_env, tmp_path, timeout=60)
     assert out.returncode == 2 and message in out.stderr
+
+
+def test_bench_by_kernel_trains_every_candidate_on_the_same_config_and_names_the_fastest():
+    import torch
+
+    from orchestrator import config as config_mod
+    from orchestrator.bench import training
+    from trainer import data as data_mod
+
+    cfg = config_mod.validate(command.QUICK, "--quick")
+    dataset = data_mod.load_dataset(data_mod.embedded_dataset())
+    device = torch.device("cpu")
+    names = command._kernels("all", device)
+    assert names == ["standard", "sdpa_flash_cpu"]
+    rows = training.run(["flash"], [32], model_cfg=cfg.model, train_cfg=cfg.train, tokens=dataset.tokens,
+                        vocab_size=dataset.vocab_size, device=device, warmup=1, iters=2, kernels=names)
+    assert [(r["variant"], r["kernel"], r["status"]) for r in rows] == [("standard", "standard", "ok"),
+                                                                         ("flash", "sdpa_flash_cpu", "ok")]
+    fastest = command.fastest_by_seq(rows)
+    assert fastest == {32: max(rows, key=lambda r: r["tokens_per_s"])["kernel"]}
+    md = command.markdown({"started": "now", "command": "bench --kernels all", "environment": {"device": "cpu", "torch": "x"},
+                           "training_by_kernel": rows, "fastest_kernel": fastest})
+    assert "## Training steps by attention kernel" in md and f"fastest: seq 32: {fastest[32]}" in md
+
+
+def test_an_unknown_kernel_is_a_usage_error_listing_the_known_ones():
+    import torch
+
+    with pytest.raises(command.UsageError, match="--kernels: unknown fa9; expected all or some of standard"):
+        command._kernels("sdpa_cudnn,fa9", torch.device("cpu"))

@@ -11,7 +11,7 @@ import torch
 from orchestrator.preflight import elf, rules
 from orchestrator.preflight.child import ProbeSettings, parse_probe, probe_command, probe_env, run_probe
 from orchestrator.preflight.probe import check_import, glibc_version
-from tests.preflight_fakes import IMPORT_ERRORS, fake_flash_attn, import_failing, patched_so
+from tests.preflight_fakes import IMPORT_ERRORS, fake_flash_attn, fake_flash_attn_4_only, import_failing, patched_so
 
 
 def test_elf_reads_the_glibc_needs_of_a_real_extension_without_loading_it():
@@ -118,3 +118,39 @@ def test_a_timed_out_probe_takes_its_children_with_it(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"grandchild {pid} still running")
+
+
+def test_a_flash_attn_4_only_install_is_a_normal_install_not_an_issue(tmp_path):
+    site = fake_flash_attn_4_only(tmp_path / "site")
+    facts = _probe(ProbeSettings(head_dim=16, n_heads=4, n_kv_heads=2), site, tmp_path)
+    imports = {i["module"]: i for i in facts["flash_attn"]["imports"]}
+    assert imports["flash_attn.cute"]["ok"]
+    assert "no flash_attn_func" in imports["flash_attn"]["skipped"] and "error" not in imports["flash_attn"]
+    assert [d["name"] for d in facts["flash_attn"]["distributions"]] == ["flash-attn-4"]
+    v = rules.verdict(facts)
+    assert v.flash_ok and v.issues == []
+
+
+def test_an_fa2_less_namespace_error_text_is_classified_as_not_installed_not_unknown():
+    cause = rules.classify("AttributeError: module 'flash_attn' has no attribute 'flash_attn_func'")
+    assert cause.code == "not_installed" and "flash-attn-4" in cause.summary
+
+
+def test_probe_times_every_kernel_that_passed_at_the_run_shape_and_caches_the_choice(tmp_path, monkeypatch):
+    import argparse
+
+    from orchestrator.preflight import probe
+    from trainer import attention, kernel_select
+
+    # Two kernels pass on this CPU: the fused one and (standing in for a second fused kernel) standard.
+    monkeypatch.setattr(attention, "flash_candidates", lambda device: ["sdpa_flash_cpu", "standard"])
+    monkeypatch.setenv(kernel_select.CACHE_ENV, str(tmp_path))
+    settings = probe.build_parser().parse_args(["--head-dim", "16", "--n-heads", "4", "--n-kv-heads", "2",
+                                                "--seq-len", "32", "--micro-batch", "2"])
+    check, results, selection = probe.kernel_checks(settings, [], disabled=False)
+    assert set(selection["timings"]) == {"sdpa_flash_cpu", "standard"}
+    assert selection["kernel"] == min(selection["timings"], key=selection["timings"].get)
+    assert selection["shape"]["seq_len"] == 32 and selection["shape"]["compile"] is False
+    assert len(list(tmp_path.glob("*.json"))) == 1  # the workers on this node read it
+    facts = {"flash_attn": {}, "kernels": results, "kernel_selection": selection}
+    assert rules.verdict(facts).flash_kernel == selection["kernel"]

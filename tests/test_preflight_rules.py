@@ -166,3 +166,26 @@ def test_node_capacities_carry_the_verdict_for_the_planner():
     assert "did not finish" in caps[1].flash_reason
     assert _report().outcome_lines() == ["Flash attention: kernel sdpa_flash on aaaaaaaa (10.0.0.1)",
                                          "Standard attention on bbbbbbbb (10.0.0.2) (see flash_attention_log.txt)"]
+
+
+def _timed_facts():
+    return _gpu_facts(kernel_selection={"kernel": "sdpa_cudnn", "timings": {"sdpa_flash": 5.25, "sdpa_cudnn": 4.5,
+                                                                            "sdpa_efficient": 7.0}})
+
+
+def test_the_kernel_timed_fastest_at_the_run_shape_wins_over_the_first_in_order(tmp_path):
+    v = rules.verdict(_timed_facts())
+    assert (v.flash_kernel, v.kernel_timings["sdpa_cudnn"]) == ("sdpa_cudnn", 4.5)
+    node = NodeReport("a" * 56, "10.0.0.1", 16, 1, {}, _timed_facts(), v, 4.2)
+    report = Report([node], ProbeSettings(head_dim=64, n_heads=8, n_kv_heads=2, seq_len=1024))
+    assert report.outcome_lines() == [
+        "Flash attention: kernel sdpa_cudnn (4.5 ms/iter), runner-up sdpa_flash (5.25 ms) on aaaaaaaa (10.0.0.1)"]
+    assert "flash (sdpa_cudnn, 4.5 ms)" in report.table()[2]
+    json_path, _ = report.write(tmp_path)
+    timings = json.loads(json_path.read_text())["nodes"][0]["verdict"]["kernel_timings"]
+    assert timings == {"sdpa_flash": 5.25, "sdpa_cudnn": 4.5, "sdpa_efficient": 7.0}
+
+
+def test_a_timed_kernel_that_failed_its_check_is_never_chosen():
+    facts = _gpu_facts(kernel_selection={"kernel": "flash_attn_2", "timings": {"flash_attn_2": 1.0}})
+    assert rules.verdict(facts).flash_kernel == "sdpa_flash"

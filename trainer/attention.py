@@ -1,10 +1,12 @@
 """Attention backends, resolved in one place.
 
 ``standard`` is the explicit matmul -> causal mask -> softmax -> matmul our users know.
-``flash`` is the fastest fused kernel that works on this worker, chosen by trying each
-candidate on a tiny causal forward+backward at the model's head dim, GQA ratio and dtype,
-and comparing it to ``standard``. The chosen SDPA kernel is pinned with ``sdpa_kernel`` so
-PyTorch cannot silently fall back to another one: the name recorded is the kernel that ran.
+``flash`` is the fastest fused kernel that works on this worker: each candidate is tried on a
+tiny causal forward+backward at the model's head dim, GQA ratio and dtype and compared to
+``standard``; among those that pass, ``resolve``'s ``pick`` (trainer/kernel_select.py) times
+them at the run's shape, else the first in ``flash_candidates`` order wins. The chosen SDPA
+kernel is pinned with ``sdpa_kernel`` so PyTorch cannot silently fall back to another one:
+the name recorded is the kernel that ran. GQA goes to every kernel natively.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 IMPLS = ("flash", "standard")
+# SDPA takes GQA natively (enable_gqa) from torch 2.5 on.
+_SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -42,13 +46,18 @@ def standard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return att @ v
 
 
-def _sdpa(kernel: SDPBackend) -> AttnFn:
+def _sdpa(kernel: SDPBackend, native_gqa: bool = True) -> AttnFn:
+    native = native_gqa and _SDPA_HAS_GQA
+
     def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n_rep = q.size(1) // k.size(1)
-        # Not every fused kernel takes GQA natively; expanding kv keeps them all on one path.
-        k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+        gqa = {}
+        if n_rep > 1 and native:
+            gqa = {"enable_gqa": True}  # K and V stay at nkv heads: no copies
+        elif n_rep > 1:
+            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
         with sdpa_kernel([kernel]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
 
     return attn
 
@@ -58,22 +67,26 @@ def _flash_attn_package(module: str) -> AttnFn:
     import importlib
 
     if module == "flash_attn_4":
-        func = importlib.import_module("flash_attn.cute").flash_attn_func
-    elif module == "flash_attn_3":
+        # A registered custom op: torch.compile traces through it without a graph break.
+        from trainer import flash_op
+
+        return flash_op.fa4()
+    if module == "flash_attn_3":
         func = importlib.import_module("flash_attn_interface").flash_attn_func
     else:
         func = importlib.import_module("flash_attn").flash_attn_func
 
     def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        if isinstance(out, tuple):  # FA3/FA4 return (out, lse)
+        if isinstance(out, tuple):  # FA3 returns (out, lse)
             out = out[0]
         return out.transpose(1, 2)
 
     return attn
 
 
-# Candidate kernels for "flash", by device type, fastest first. On Hopper cuDNN's fused
+# Candidate kernels for "flash", by device type, in the order tried (the first that passes wins
+# where nothing is timed: one candidate, or no pick). On Hopper cuDNN's fused
 # attention beats FlashAttention-2 (see docs/BENCHMARKS.md), so it goes before FA2 there.
 def flash_candidates(device: torch.device) -> list[str]:
     if device.type != "cuda":
@@ -129,12 +142,42 @@ def check_kernel(
             raise RuntimeError(f"{what} differs from standard attention by {err:.3g} (tolerance {tol})")
 
 
+def checked_fn(name: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, n_heads: int,
+               n_kv_heads: int) -> AttnFn:
+    """``kernel_fn(name)`` once it passed ``check_kernel`` here; raises when it does not.
+
+    An SDPA kernel that refuses native GQA on this device (not every fused kernel takes it)
+    is checked again with K and V repeated, so the kernel is not lost for a GQA model.
+    """
+    shape = dict(device=device, dtype=dtype, head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+    fn = kernel_fn(name)
+    try:
+        check_kernel(fn, **shape)
+        return fn
+    except Exception:
+        if name not in _SDPA_KERNELS or n_heads == n_kv_heads or not _SDPA_HAS_GQA:
+            raise
+    fn = _sdpa(_SDPA_KERNELS[name], native_gqa=False)
+    check_kernel(fn, **shape)
+    return fn
+
+
+def _why(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+# Chooses among the kernels that passed their check: (kernel, {kernel: ms per iteration}).
+Picker = Callable[[dict[str, AttnFn]], tuple[str, dict[str, float]]]
+
+
 @dataclass
 class Resolved:
     requested: str
     kernel: str
     fn: AttnFn
     rejected: dict[str, str] = field(default_factory=dict)  # kernel -> why it was passed over
+    timings: dict[str, float] = field(default_factory=dict)  # kernel -> ms per iteration, when timed
 
 
 def resolve(
@@ -146,27 +189,36 @@ def resolve(
     n_heads: int,
     n_kv_heads: int,
     flash_attn_allowed: bool = True,
+    pick: Picker | None = None,
 ) -> Resolved:
     """Pick the kernel for ``requested`` ('flash' or 'standard') on this worker.
 
-    'flash' falls back to 'standard' when no fused kernel passes its check here; the
-    reasons land in ``rejected`` so the caller can log and record them.
+    Without ``pick`` the first candidate (in ``flash_candidates`` order) that passes its check
+    wins; with it, every candidate is checked and ``pick`` chooses among those that passed
+    (``trainer.kernel_select``: by timing). 'flash' falls back to 'standard' when no fused
+    kernel passes its check here; the reasons land in ``rejected`` so the caller can log and
+    record them.
     """
     if requested not in IMPLS:
         raise ValueError(f"unknown attention {requested!r}; expected one of {', '.join(IMPLS)}")
     if requested == "standard":
         return Resolved(requested, "standard", standard_attention)
     rejected: dict[str, str] = {}
+    passed: dict[str, AttnFn] = {}
     for name in flash_candidates(device):
         if name in FLASH_ATTN_PACKAGE_KERNELS and not flash_attn_allowed:
             rejected[name] = "flash-attn imports are blocked (DISABLE_FLASH_ATTN=1)"
             continue
         try:
-            fn = kernel_fn(name)
-            check_kernel(fn, device=device, dtype=dtype, head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+            passed[name] = checked_fn(name, device=device, dtype=dtype, head_dim=head_dim, n_heads=n_heads,
+                                      n_kv_heads=n_kv_heads)
         except Exception as e:  # any failure (import, launch, numerics) disqualifies the kernel
-            rejected[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            rejected[name] = _why(e)
             continue
-        return Resolved(requested, name, fn, rejected)
-    log.warning("no flash kernel works on this worker; using standard attention: %s", rejected)
-    return Resolved(requested, "standard", standard_attention, rejected)
+        if pick is None:
+            return Resolved(requested, name, passed[name], rejected)
+    if not passed:
+        log.warning("no flash kernel works on this worker; using standard attention: %s", rejected)
+        return Resolved(requested, "standard", standard_attention, rejected)
+    kernel, timings = pick(passed)
+    return Resolved(requested, kernel, passed[kernel], rejected, timings)

@@ -80,6 +80,8 @@ class TrainConfig(Strict):
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile; auto: on for GPU")
     activation_checkpointing: bool = False
+    float8: bool = Field(False, description="fp8 matmuls via torchao (GPUs of compute capability 8.9+; "
+                                            "pip install 'flash-orchestrator[float8]')")
     fault: Optional[FaultConfig] = Field(None, description="test hook: kill one rank at one step, once")
 
     @model_validator(mode="after")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from trainer import attention, checkpoint, import_guard
+from trainer import attention, checkpoint, float8, import_guard, kernel_select, timing
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
@@ -120,10 +120,17 @@ def train_loop_per_worker(config: dict) -> dict:
     dataset = load_dataset(spec.data_path)
     margs = spec.model.args(vocab_size=dataset.vocab_size, max_seq_len=tc.seq_len,
                             activation_checkpointing=tc.activation_checkpointing)
+    use_compile = compile_enabled(tc, device)
+    shape = kernel_select.Shape(seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, n_heads=margs.n_heads,
+                                n_kv_heads=margs.n_kv_heads, head_dim=margs.head_dim,
+                                dtype=str(dtype).removeprefix("torch."), compile=use_compile)
     resolved = attention.resolve(
         requested, device=device, dtype=dtype, head_dim=margs.head_dim, n_heads=margs.n_heads,
         n_kv_heads=margs.n_kv_heads, flash_attn_allowed=not import_guard.installed(),
+        pick=kernel_select.picker(shape, device),  # the fastest at this shape (cached per node by preflight)
     )
+    if rank == 0 and requested == "flash":
+        log.info("Flash attention: %s", kernel_select.describe(resolved.kernel, resolved.timings))
     worker_info = {
         "rank": rank,
         "node_id": ray.get_runtime_context().get_node_id(),  # [ray]
@@ -146,10 +153,11 @@ def train_loop_per_worker(config: dict) -> dict:
         raise ValueError(f"model.vocab_size {margs.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
     torch.manual_seed(tc.seed)  # same seed on every rank and variant: same initial weights
     model = Transformer(margs, resolved.fn)
+    if tc.float8:
+        float8.convert(model, device)
     model = ray.train.torch.prepare_model(model)  # [ray] moves to device, wraps in DDP
     raw_model = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(raw_model, tc, device)
-    use_compile = compile_enabled(tc, device)
 
     # ---------------------------------------------------------------- resume
     start_step, first_loss, restored_from = 0, None, None
@@ -178,6 +186,7 @@ def train_loop_per_worker(config: dict) -> dict:
     sampler = BatchSampler(seed=tc.seed, n_windows=n_win, micro_batch=tc.micro_batch_size,
                            grad_accum=tc.grad_accum_steps, world_size=world)
     tokens_per_step = sampler.samples_per_step * tc.seq_len
+    peak_tflops = timing.peak_tflops(device)
     writer = MetricsWriter(Path(spec.out_dir), start_step=start_step, tag=spec.variant) if rank == 0 else None
 
     last_checkpoint: str | None = None
@@ -231,7 +240,8 @@ def train_loop_per_worker(config: dict) -> dict:
             if first_loss is None:
                 first_loss = loss_value
             record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                      "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step}
+                      "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step,
+                      **timing.per_gpu(tokens_per_step / dt, world, margs.flops_per_token(tc.seq_len), device, peak_tflops)}
             if writer:
                 writer.write(record)
 
@@ -259,6 +269,10 @@ def train_loop_per_worker(config: dict) -> dict:
         "final_loss": record.get("loss"),
         "step_time_s": median_step,
         "tokens_per_s": tokens_per_step / median_step if median_step else None,
+        **timing.per_gpu(tokens_per_step / median_step if median_step else None, world,
+                         margs.flops_per_token(tc.seq_len), device, peak_tflops),
+        "kernel_timings": resolved.timings,
+        "float8": tc.float8,
         "peak_mem_bytes": peak,
         "peak_mem_kind": peak_kind,
         "num_workers": world,

@@ -19,6 +19,7 @@ from orchestrator import config as config_mod
 from orchestrator import rundir
 from orchestrator.bench import kernels, training
 from orchestrator.errors import UsageError
+from trainer import attention
 from trainer import data as data_mod
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens-per-step", type=int,
                    help="micro-batch = max(1, N // seq) at each length (default: the config's seq_len x micro_batch_size)")
     p.add_argument("--variants", default="flash,standard", help="attention variants to train (default flash,standard)")
+    p.add_argument("--kernels", help="train once per attention kernel instead of per variant: 'all' (standard and "
+                                     "every flash candidate of this device) or a comma-separated list")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator)")
     p.add_argument("--iters", type=int, default=10, help="timed steps; the median is reported")
     p.add_argument("--skip-kernels", action="store_true")
@@ -65,6 +68,15 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
     return out
 
 
+def _training_table(rows: list[dict]) -> list[str]:
+    return _table([dict(r, peak_gib=r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None,
+                        mfu_pct=100 * r["mfu"] if r.get("mfu") else None) for r in rows],
+                  [("variant", "variant", ""), ("kernel", "kernel", ""), ("seq", "seq_len", "d"),
+                   ("micro-batch", "micro_batch", "d"), ("status", "status", ""),
+                   ("tokens/s", "tokens_per_s", ",.0f"), ("step s", "step_time_s", ".4f"),
+                   ("MFU %", "mfu_pct", ".1f"), ("peak GiB", "peak_gib", ".1f")])
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Benchmark {report['started']}", "",
@@ -78,17 +90,16 @@ def markdown(report: dict) -> str:
                          ("peak MiB", "peak_mib", ".0f")])
         lines.append("")
     if report.get("training"):
-        lines += ["## Training steps (bare process)", ""]
-        lines += _table([dict(r, peak_gib=r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None,
-                              mfu_pct=100 * r["mfu"] if r.get("mfu") else None) for r in report["training"]],
-                        [("variant", "variant", ""), ("kernel", "kernel", ""), ("seq", "seq_len", "d"),
-                         ("micro-batch", "micro_batch", "d"), ("status", "status", ""),
-                         ("tokens/s", "tokens_per_s", ",.0f"), ("step s", "step_time_s", ".4f"),
-                         ("MFU %", "mfu_pct", ".1f"), ("peak GiB", "peak_gib", ".1f")])
-        lines.append("")
+        lines += ["## Training steps (bare process)", "", *_training_table(report["training"]), ""]
         ratios = report.get("flash_over_standard") or {}
         if ratios:
             lines += ["flash / standard tokens/s: " + ", ".join(f"seq {k}: {v:.2f}x" for k, v in ratios.items()), ""]
+    if report.get("training_by_kernel"):
+        lines += ["## Training steps by attention kernel (bare process, same config)", "",
+                  *_training_table(report["training_by_kernel"]), ""]
+        fastest = report.get("fastest_kernel") or {}
+        if fastest:
+            lines += ["fastest: " + ", ".join(f"seq {k}: {v}" for k, v in fastest.items()), ""]
     if report.get("ray"):
         r = report["ray"]
         lines += ["## Under Ray Train", "",
@@ -98,6 +109,28 @@ def markdown(report: dict) -> str:
             lines += ["time from command to first step, by phase (s): " +
                       ", ".join(f"{k} {v:.1f}" for k, v in r["startup_s"].items()), ""]
     return "\n".join(lines)
+
+
+def _kernels(text: str | None, device: torch.device) -> list[str] | None:
+    if not text:
+        return None
+    if text.strip() == "all":
+        return kernels.usable_kernels(device)
+    names = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in names if k not in attention.KERNELS]
+    if bad or not names:
+        what = ", ".join(bad) or repr(text)
+        raise UsageError(f"--kernels: unknown {what}; expected all or some of {', '.join(attention.KERNELS)}")
+    return names
+
+
+def fastest_by_seq(rows: list[dict]) -> dict[int, str]:
+    """Sequence length -> the kernel of the highest tokens/s."""
+    best: dict[int, dict] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["tokens_per_s"] > best.get(r["seq_len"], {}).get("tokens_per_s", 0):
+            best[r["seq_len"]] = r
+    return {seq: r["kernel"] for seq, r in best.items()}
 
 
 def flash_over_standard(rows: list[dict]) -> dict[int, float]:
@@ -120,6 +153,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     kernel_seq_lens = args.kernel_seq_lens or seq_lens
     warmup, iters = (1, 2) if args.quick else (args.warmup, args.iters)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_kernels = _kernels(args.kernels, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_dir = rundir.create(Path(args.output_dir), None, prefix="bench")
     report = {
@@ -142,11 +176,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                         on_row=save_partial("kernels"))
     dataset = data_mod.load_dataset(cfg.data.path or data_mod.embedded_dataset())
     if not args.skip_training:
-        report["training"] = training.run(variants, seq_lens, model_cfg=m, train_cfg=cfg.train,
-                                          tokens=dataset.tokens, vocab_size=dataset.vocab_size, device=device,
-                                          warmup=warmup, iters=iters, tokens_per_step=args.tokens_per_step,
-                                          on_row=save_partial("training"))
-        report["flash_over_standard"] = flash_over_standard(report["training"])
+        key = "training_by_kernel" if train_kernels else "training"
+        report[key] = training.run(variants, seq_lens, model_cfg=m, train_cfg=cfg.train, tokens=dataset.tokens,
+                                   vocab_size=dataset.vocab_size, device=device, warmup=warmup, iters=iters,
+                                   tokens_per_step=args.tokens_per_step, on_row=save_partial(key), kernels=train_kernels)
+        if train_kernels:
+            report["fastest_kernel"] = fastest_by_seq(report[key])
+        else:
+            report["flash_over_standard"] = flash_over_standard(report[key])
     if args.ray:
         report["ray"] = ray_share(cfg, args, variants[0], dataset, device, warmup, iters)
     rundir.write_json(out_dir / "bench.json", report)

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from orchestrator.bench import timing
+from trainer import timing
 from trainer import attention
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,7 @@ def bench_kernel(name: str, *, seq: int, tokens: int, heads: int, kv_heads: int,
     row = {"kernel": name, "seq_len": seq, "batch": batch, "heads": heads, "kv_heads": kv_heads,
            "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch.")}
     try:
-        fn = attention.kernel_fn(name)
-        attention.check_kernel(fn, device=device, dtype=dtype, head_dim=head_dim, n_heads=heads, n_kv_heads=kv_heads)
+        fn = attention.checked_fn(name, device=device, dtype=dtype, head_dim=head_dim, n_heads=heads, n_kv_heads=kv_heads)
     except Exception as e:
         return {**row, "status": "unavailable", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     gen = torch.Generator(device=device).manual_seed(0)

@@ -1,7 +1,7 @@
 """Training steps in a bare process: tokens/s, MFU and peak memory per variant and sequence
 length, through the same ``trainer.step.Stepper`` the Ray workers use.
 
-MFU = (6 x non-embedding params + 12 x layers x dim x seq) FLOPs per token x tokens/s over
+MFU (trainer.timing.mfu) = (6 x non-embedding params + 12 x layers x dim x seq) FLOPs per token x tokens/s over
 the device's dense bf16 peak (989 TFLOP/s for H100/H200).
 """
 
@@ -13,8 +13,8 @@ import logging
 import numpy as np
 import torch
 
-from orchestrator.bench import timing
-from trainer import attention
+from trainer import timing
+from trainer import attention, float8
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import BatchSampler, get_batch, num_windows
 from trainer.model import Transformer
@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, tokens: np.ndarray,
-                  vocab_size: int, device: torch.device, warmup: int, iters: int) -> dict:
-    """Train ``warmup + iters`` steps of one variant; time the last ``iters`` (median step)."""
+                  vocab_size: int, device: torch.device, warmup: int, iters: int, kernel: str | None = None) -> dict:
+    """Train ``warmup + iters`` steps of one variant; time the last ``iters`` (median step).
+    ``kernel`` forces one attention kernel (after its check) instead of resolving ``attn``."""
     tc = train_cfg
     dtype = training_dtype(tc, device)
     margs = model_cfg.args(vocab_size=vocab_size, max_seq_len=tc.seq_len,
@@ -40,11 +41,18 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         # with dynamic shapes (slower to build and to run) once the sequence length changes.
         torch._dynamo.reset()
         timing.reset_peak_memory(device)
-        resolved = attention.resolve(attn, device=device, dtype=dtype, head_dim=margs.head_dim,
-                                     n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads)
-        row["kernel"] = resolved.kernel
+        if kernel is None:
+            resolved = attention.resolve(attn, device=device, dtype=dtype, head_dim=margs.head_dim,
+                                         n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads)
+            kernel, fn = resolved.kernel, resolved.fn
+        else:
+            fn = attention.checked_fn(kernel, device=device, dtype=dtype, head_dim=margs.head_dim,
+                                      n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads)
+        row["kernel"] = kernel
         torch.manual_seed(tc.seed)
-        model = Transformer(margs, resolved.fn).to(device)
+        model = Transformer(margs, fn).to(device)
+        if tc.float8:
+            float8.convert(model, device)
         optimizer = build_optimizer(model, tc, device)
         stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
                           grad_clip=tc.grad_clip, compile=compile_enabled(tc, device))
@@ -76,7 +84,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     peak = timing.peak_tflops(device)
     flops = margs.flops_per_token(tc.seq_len)
     return {**row, "status": "ok", "step_time_s": step_s, "tokens_per_s": tps,
-            "tflops": flops * tps / 1e12, "mfu": flops * tps / (peak * 1e12) if peak else None,
+            "tflops": flops * tps / 1e12, "mfu": timing.mfu(flops, tps, peak),
             "peak_mem_bytes": timing.peak_memory(device), "params": margs.non_embedding_params(),
             "first_loss": loss_values[0], "last_loss": loss_values[-1],
             "loss_finite": bool(np.isfinite(loss_values).all())}
@@ -84,21 +92,23 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
 
 def run(variants: list[str], seq_lens: list[int], *, model_cfg: ModelConfig, train_cfg: TrainConfig,
         tokens: np.ndarray, vocab_size: int, device: torch.device, warmup: int, iters: int,
-        tokens_per_step: int | None = None, on_row=None) -> list[dict]:
+        tokens_per_step: int | None = None, on_row=None, kernels: list[str] | None = None) -> list[dict]:
     """Each variant at each sequence length, with micro-batch max(1, tokens_per_step // seq)
-    (default: the config's seq_len x micro_batch_size tokens)."""
+    (default: the config's seq_len x micro_batch_size tokens). With ``kernels``, each kernel
+    instead: the end-to-end comparison of every candidate on the same config."""
+    runs = [(k if k == "standard" else "flash", k) for k in kernels] if kernels else [(v, None) for v in variants]
     rows = []
     per_step = tokens_per_step or train_cfg.seq_len * train_cfg.micro_batch_size
     for seq in seq_lens:
         mb = max(1, per_step // seq)
         tc = train_cfg.model_copy(update={"seq_len": seq, "micro_batch_size": mb})
-        for attn in variants:
+        for attn, kernel in runs:
             row = bench_variant(attn, model_cfg=model_cfg, train_cfg=tc, tokens=tokens, vocab_size=vocab_size,
-                                device=device, warmup=warmup, iters=iters)
+                                device=device, warmup=warmup, iters=iters, kernel=kernel)
             mfu = f", MFU {row['mfu']:.1%}" if row.get("mfu") else ""
             # The peak is measured on CUDA only; a CPU row says so rather than "0 B".
             peak = f"peak {row['peak_mem_bytes'] / 2**30:.1f} GiB" if row.get("peak_mem_bytes") else "peak n/a"
-            log.info("train %-8s seq %6d x %d: %s", attn, seq, mb,
+            log.info("train %-8s seq %6d x %d: %s", kernel or attn, seq, mb,
                      f"{row['tokens_per_s']:.0f} tok/s{mfu}, {peak}"
                      if row["status"] == "ok" else f"{row['status']} {row.get('error', '')}")
             rows.append(row)

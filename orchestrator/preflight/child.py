@@ -32,6 +32,10 @@ class ProbeSettings:
     n_kv_heads: int = 2
     dtype: str = "auto"  # as train.dtype: auto = bf16 on GPU, fp32 on CPU
     disable_flash_attn: bool = False
+    # The run's real shape, at which the kernels that pass are timed (None: no timing).
+    seq_len: Optional[int] = None
+    micro_batch_size: int = 1
+    compile: str = "auto"  # as train.compile: auto = on GPU
     timeout_s: float = 180.0  # the whole probe on one node
     import_timeout_s: float = 60.0  # one flash-attn import
 
@@ -40,6 +44,9 @@ def probe_command(settings: ProbeSettings) -> list[str]:
     argv = [PYTHON, "-m", "orchestrator.preflight.probe", "--json", "--head-dim", str(settings.head_dim),
             "--n-heads", str(settings.n_heads), "--n-kv-heads", str(settings.n_kv_heads), "--dtype", settings.dtype,
             "--import-timeout", str(settings.import_timeout_s)]
+    if settings.seq_len:
+        argv += ["--seq-len", str(settings.seq_len), "--micro-batch", str(settings.micro_batch_size),
+                 "--compile", settings.compile]
     return argv + (["--disable-flash-attn"] if settings.disable_flash_attn else [])
 
 

@@ -13,6 +13,7 @@ and the import guard is installed, as in every other process of such a run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -34,7 +35,11 @@ SCHEMA = 1
 DISTRIBUTIONS = ("flash-attn", "flash-attn-3", "flash-attn-4")
 # The module each flash_attn kernel of trainer.attention imports.
 KERNEL_MODULES = {"flash_attn_2": "flash_attn", "flash_attn_3": "flash_attn_interface", "flash_attn_4": "flash_attn.cute"}
-_IMPORT_SNIPPET = "import importlib, sys; importlib.import_module(sys.argv[1]).flash_attn_func"
+# Exit 3: the module imports but has no flash_attn_func. flash-attn-4 alone installs a
+# ``flash_attn`` namespace holding only ``cute``: FA2 is absent there, not broken.
+_IMPORT_SNIPPET = ("import importlib, sys; "
+                   "sys.exit(0 if hasattr(importlib.import_module(sys.argv[1]), 'flash_attn_func') else 3)")
+_NO_FLASH_ATTN_FUNC = 3
 _TAIL_LINES = 25
 
 
@@ -188,6 +193,9 @@ def check_import(module: str, timeout_s: float, env: Optional[dict] = None) -> d
         if proc.returncode < 0:
             name = signal.Signals(-proc.returncode).name
             out.update(signal=name, error=_tail(proc.stderr) or f"killed by {name}")
+        elif proc.returncode == _NO_FLASH_ATTN_FUNC:
+            out["skipped"] = (f"{module} has no flash_attn_func: a namespace without that kernel "
+                              "(flash-attn-4 alone installs flash_attn.cute only)")
         elif proc.returncode:
             out["error"] = _tail(proc.stderr)
     out["seconds"] = round(time.monotonic() - started, 3)
@@ -214,8 +222,9 @@ def flash_imports(disabled: bool, timeout_s: float) -> list[dict]:
 # ---------------------------------------------------------------- kernels
 
 
-def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: bool) -> tuple[dict, dict]:
-    """Each flash candidate of trainer.attention, checked fwd+bwd against standard attention."""
+def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: bool) -> tuple[dict, dict, dict]:
+    """Each flash candidate of trainer.attention, checked fwd+bwd against standard attention;
+    then, given the run's shape, those that passed timed as training runs them (the selection)."""
     import torch
 
     from trainer import attention
@@ -227,6 +236,7 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
              "n_heads": settings.n_heads, "n_kv_heads": settings.n_kv_heads}
     imported = {i["kernel"]: i for i in imports}
     results: dict[str, dict] = {}
+    passed = {}
     for name in attention.flash_candidates(device):
         if disabled:
             results[name] = {"ok": False, "skipped": import_guard.DISABLED_REASON}
@@ -237,20 +247,39 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
                 results[name] = {"ok": False, "skipped": f"{KERNEL_MODULES[name]} is not installed"}
                 continue
             if not imp["ok"]:
-                results[name] = {"ok": False, "skipped": f"import {KERNEL_MODULES[name]} failed"}
+                results[name] = {"ok": False, "skipped": imp.get("skipped") or f"import {KERNEL_MODULES[name]} failed"}
                 continue
         started = time.monotonic()
         try:
-            fn = attention.kernel_fn(name)
-            attention.check_kernel(fn, device=device, dtype=dtype, head_dim=settings.head_dim,
-                                   n_heads=settings.n_heads, n_kv_heads=settings.n_kv_heads)
+            passed[name] = attention.checked_fn(name, device=device, dtype=dtype, head_dim=settings.head_dim,
+                                                n_heads=settings.n_heads, n_kv_heads=settings.n_kv_heads)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # surface asynchronous kernel errors here, not later
             results[name] = {"ok": True}
         except Exception as e:  # every failure disqualifies the kernel; the text says why
+            passed.pop(name, None)
             results[name] = {"ok": False, "error": _tail(_error_text(e))}
         results[name]["seconds"] = round(time.monotonic() - started, 3)
-    return check, results
+    selection = select_kernel(settings, passed, device, dtype) if passed and settings.seq_len else {}
+    return check, results, selection
+
+
+def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype) -> dict:
+    """The kernel choice by timing at the run's shape (trainer.kernel_select), cached on this
+    node where the workers read it; bounded so a slow compile cannot time the probe out."""
+    from trainer import kernel_select
+
+    compile_on = settings.compile == "true" or (settings.compile == "auto" and device.type == "cuda")
+    shape = kernel_select.Shape(seq_len=settings.seq_len, micro_batch=settings.micro_batch,
+                                n_heads=settings.n_heads, n_kv_heads=settings.n_kv_heads, head_dim=settings.head_dim,
+                                dtype=str(dtype).removeprefix("torch."), compile=compile_on)
+    started = time.monotonic()
+    try:
+        kernel, timings = kernel_select.picker(shape, device, budget_s=settings.timing_budget)(passed)
+    except Exception as e:  # timing is an optimisation: the check's order still gives a kernel
+        return {"error": _tail(_error_text(e)), "seconds": round(time.monotonic() - started, 3)}
+    return {"kernel": kernel, "timings": timings, "shape": dataclasses.asdict(shape),
+            "seconds": round(time.monotonic() - started, 3)}
 
 
 # ---------------------------------------------------------------- all together
@@ -275,9 +304,9 @@ def gather(settings: argparse.Namespace) -> dict:
     imports = flash_imports(disabled, settings.import_timeout)
     facts["flash_attn"] = {"disabled": disabled, "distributions": distributions, "imports": imports}
     if torch_ok:
-        facts["check"], facts["kernels"] = kernel_checks(settings, imports, disabled)
+        facts["check"], facts["kernels"], facts["kernel_selection"] = kernel_checks(settings, imports, disabled)
     else:
-        facts["check"], facts["kernels"] = {}, {}
+        facts["check"], facts["kernels"], facts["kernel_selection"] = {}, {}, {}
     return facts
 
 
@@ -288,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-heads", type=int, default=6)
     p.add_argument("--n-kv-heads", type=int, default=2)
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--seq-len", type=int, help="time the kernels that pass at this sequence length (the run's)")
+    p.add_argument("--micro-batch", type=int, default=1, help="... and this micro-batch")
+    p.add_argument("--compile", choices=("auto", "true", "false"), default="auto", help="as train.compile")
+    p.add_argument("--timing-budget", type=float, default=60.0, help="seconds for timing kernels; the rest untimed")
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn")
     p.add_argument("--import-timeout", type=float, default=60.0, help="seconds per flash-attn import")
     return p

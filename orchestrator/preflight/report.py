@@ -15,7 +15,7 @@ from typing import Optional
 from orchestrator.plan import NodeCapacity
 from orchestrator.preflight.child import ProbeSettings
 from orchestrator.preflight.rules import Verdict
-from trainer import import_guard
+from trainer import import_guard, kernel_select
 
 PREFLIGHT_FILE, LOG_FILE = "preflight.json", "flash_attention_log.txt"
 COLUMNS = ("node", "GPUs", "CC", "driver", "CUDA", "GLIBC", "torch", "flash-attn", "verdict", "reason")
@@ -48,7 +48,9 @@ class NodeReport:
         dists = (f.get("flash_attn") or {}).get("distributions") or []
         v = self.verdict
         if v.flash_ok:
-            verdict, reason = f"flash ({v.flash_kernel})", ", ".join(sorted({i.cause.code for i in v.issues})) or "-"
+            timed = v.kernel_timings.get(v.flash_kernel)
+            verdict = f"flash ({v.flash_kernel}, {timed:.3g} ms)" if timed else f"flash ({v.flash_kernel})"
+            reason = ", ".join(sorted({i.cause.code for i in v.issues})) or "-"
             if reason != "-":
                 reason = f"issues logged: {reason}"
         else:
@@ -92,6 +94,13 @@ class Report:
                 out.setdefault(n.verdict.flash_kernel, []).append(n.name)
         return out
 
+    def _timed_choice(self, kernel: str) -> str:
+        """'kernel X (Y ms/iter), runner-up Z (W ms)' from the first node that timed it."""
+        for n in self.nodes:
+            if n.verdict.flash_kernel == kernel and n.verdict.kernel_timings:
+                return kernel_select.describe(kernel, n.verdict.kernel_timings)
+        return f"kernel {kernel}"
+
     # ------------------------------------------------------------ for people
 
     def table(self) -> list[str]:
@@ -112,6 +121,9 @@ class Report:
             host = (n.facts or {}).get("hostname", "?")
             outcome = f"flash attention: {v.flash_kernel}" if v.flash_ok else f"standard attention: {v.reason}"
             lines.append(f"node {n.node_id} ({host}, {n.address}): {outcome}")
+            if v.flash_ok and v.kernel_timings:
+                lines.append(f"  timed at the run's shape: " + ", ".join(f"{k} {ms:.3g} ms" for k, ms in
+                                                                        sorted(v.kernel_timings.items(), key=lambda kv: kv[1])))
             if not v.issues:
                 lines.append("  no issues found")
             for issue in v.issues:
@@ -129,7 +141,7 @@ class Report:
         flash = self.flash_nodes()
         if not flash:
             return ["Flash Attention is disabled - will use standard attention implementation"]
-        lines = [f"Flash attention: kernel {k} on {', '.join(nodes)}" for k, nodes in flash.items()]
+        lines = [f"Flash attention: {self._timed_choice(k)} on {', '.join(nodes)}" for k, nodes in flash.items()]
         std = [n.name for n in self.nodes if not n.verdict.flash_ok]
         if std:
             lines.append(f"Standard attention on {', '.join(std)} (see flash_attention_log.txt)")

@@ -67,6 +67,9 @@ _PATTERNS: list[tuple[re.Pattern, str, str, str]] = [
     (re.compile(r"only supports? fp16 and bf16 data type"), "dtype_unsupported",
      "the kernel runs only in fp16 or bf16",
      "train in bf16 (train.dtype: bf16, or auto on GPU)"),
+    (re.compile(r"module '(flash_attn[\w.]*)' has no attribute 'flash_attn_func'"), "not_installed",
+     "{0} has no flash_attn_func: that kernel is not installed (flash-attn-4 alone installs flash_attn.cute only)",
+     "nothing to fix when flash-attn-4 is what you installed; pip install flash-attn for FA2"),
     (re.compile(r"No module named '((?:flash_attn|hopper)[\w.]*)'"), "not_installed",
      "{0} is not installed on this node",
      "pip install flash-attn --no-build-isolation (it builds against this node's torch and CUDA)"),
@@ -144,10 +147,12 @@ class Verdict:
     reason: Optional[str]  # why flash is off here (None when it is on)
     backends: dict[str, dict] = field(default_factory=dict)
     issues: list[Issue] = field(default_factory=list)
+    kernel_timings: dict[str, float] = field(default_factory=dict)  # kernel -> ms/iter at the run's shape
 
     def to_json(self) -> dict:
         return {"flash_ok": self.flash_ok, "flash_kernel": self.flash_kernel, "reason": self.reason,
-                "backends": self.backends, "issues": [i.to_json() for i in self.issues]}
+                "backends": self.backends, "issues": [i.to_json() for i in self.issues],
+                "kernel_timings": self.kernel_timings}
 
 
 def probe_failed(what: str, cause: Cause, error: str) -> Verdict:
@@ -215,6 +220,11 @@ def verdict(facts: dict) -> Verdict:
         # DISABLE_FLASH_ATTN=1, which means standard attention, keeps a crashing import out of it.
         return Verdict(False, None, "; ".join(crashed_imports), backends, issues)
     if flash_kernel:
+        # Timed at the run's shape, the fastest that passed wins over the first in order.
+        selection = facts.get("kernel_selection") or {}
+        timed = selection.get("kernel")
+        if timed and backends.get(timed, {}).get("ok"):
+            return Verdict(True, timed, None, backends, issues, dict(selection.get("timings") or {}))
         return Verdict(True, flash_kernel, None, backends, issues)
     failed = [f"{n}: {b['reason']}" for n, b in backends.items() if n != "standard"]
     if facts.get("torch", {}).get("error"):

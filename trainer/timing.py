@@ -1,4 +1,6 @@
-"""Timing that waits for the device: CUDA events on GPU, perf_counter on CPU; median of runs."""
+"""Timing that waits for the device (CUDA events on GPU, perf_counter on CPU; median of runs),
+and model FLOPs utilisation against the device's dense bf16 peak. One owner for the bench, the
+kernel selection and the training loop's live MFU."""
 
 from __future__ import annotations
 
@@ -18,6 +20,20 @@ def peak_tflops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+
+
+def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s of one device over its peak (None: peak unknown)."""
+    return flops_per_token * tokens_per_s_per_device / (peak * 1e12) if peak else None
+
+
+def per_gpu(tokens_per_s: float | None, world_size: int, flops_per_token: float, device: torch.device,
+            peak: float | None) -> dict:
+    """``tokens_per_s_per_gpu`` and ``mfu`` of a data-parallel run (None on CPU, where they mean nothing)."""
+    if device.type != "cuda" or not tokens_per_s:
+        return {"tokens_per_s_per_gpu": None, "mfu": None}
+    tps = tokens_per_s / world_size
+    return {"tokens_per_s_per_gpu": tps, "mfu": mfu(flops_per_token, tps, peak)}
 
 
 def synchronize(device: torch.device) -> None:

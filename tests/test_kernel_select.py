@@ -1,0 +1,132 @@
+"""Flash kernels are chosen by timing: the fastest that passed its check wins, a kernel that
+cannot be timed is skipped, and the choice is cached per node and shape."""
+
+import json
+
+import pytest
+import torch
+
+from trainer import attention, kernel_select
+from trainer.kernel_select import Shape
+
+SHAPE = Shape(seq_len=64, micro_batch=2, n_heads=4, n_kv_heads=2, head_dim=16, dtype="float32", compile=False)
+VERSIONS = {"torch": "2.11.0", "gpu": "NVIDIA H100 80GB HBM3", "driver": "580.1", "flash-attn-4": "4.0.0b36"}
+
+
+def _fake_kernels(*names):
+    return {n: attention.standard_attention for n in names}
+
+
+class Timer:
+    """Injected timings; counts calls so a cache hit is visible."""
+
+    def __init__(self, ms: dict[str, float], fail: dict[str, Exception] | None = None):
+        self.ms, self.fail, self.calls = ms, fail or {}, []
+
+    def __call__(self, name, fn):
+        self.calls.append(name)
+        if name in self.fail:
+            raise self.fail[name]
+        return self.ms[name]
+
+
+def test_the_fastest_candidate_wins_not_the_first_in_order():
+    sel = kernel_select.fastest(_fake_kernels("flash_attn_4", "sdpa_cudnn", "sdpa_flash"),
+                                Timer({"flash_attn_4": 9.5, "sdpa_cudnn": 4.1, "sdpa_flash": 6.0}))
+    assert sel.kernel == "sdpa_cudnn"
+    assert sel.timings == {"flash_attn_4": 9.5, "sdpa_cudnn": 4.1, "sdpa_flash": 6.0}
+    assert kernel_select.describe(sel.kernel, sel.timings) == "kernel sdpa_cudnn (4.1 ms/iter), runner-up sdpa_flash (6 ms)"
+
+
+def test_a_candidate_that_fails_at_the_real_shape_is_skipped_with_its_reason():
+    sel = kernel_select.fastest(_fake_kernels("flash_attn_4", "sdpa_cudnn"),
+                                Timer({"sdpa_cudnn": 4.1}, fail={"flash_attn_4": torch.OutOfMemoryError("CUDA out of memory")}))
+    assert sel.kernel == "sdpa_cudnn" and "flash_attn_4" not in sel.timings
+    assert sel.failed["flash_attn_4"].startswith("OutOfMemoryError: CUDA out of memory")
+
+
+def test_cache_miss_times_and_stores_then_a_hit_does_not_time_again(tmp_path):
+    candidates = _fake_kernels("flash_attn_4", "sdpa_cudnn")
+    timer = Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0})
+    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
+    assert pick(candidates) == ("flash_attn_4", {"flash_attn_4": 3.0, "sdpa_cudnn": 4.0})
+    assert timer.calls == ["flash_attn_4", "sdpa_cudnn"]
+    [cached] = tmp_path.glob("*.json")
+    assert json.loads(cached.read_text())["kernel"] == "flash_attn_4"
+
+    again = Timer({"flash_attn_4": 99.0, "sdpa_cudnn": 1.0})
+    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=again, directory=tmp_path, versions=VERSIONS)
+    assert pick(candidates) == ("flash_attn_4", {"flash_attn_4": 3.0, "sdpa_cudnn": 4.0})
+    assert again.calls == []
+
+
+@pytest.mark.parametrize("change", [
+    {"shape": {"seq_len": 4096}}, {"shape": {"micro_batch": 4}}, {"shape": {"n_kv_heads": 4}},
+    {"shape": {"dtype": "bfloat16"}}, {"versions": {"torch": "2.12.0"}}, {"versions": {"flash-attn-4": "4.0.0"}},
+    {"versions": {"driver": "590.2"}}, {"versions": {"gpu": "NVIDIA H200"}},
+])
+def test_another_shape_or_version_is_a_cache_miss(tmp_path, change):
+    candidates = _fake_kernels("flash_attn_4", "sdpa_cudnn")
+    kernel_select.picker(SHAPE, torch.device("cpu"), timer=Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0}),
+                         directory=tmp_path, versions=VERSIONS)(candidates)
+    shape = Shape(**{**SHAPE.__dict__, **change.get("shape", {})})
+    timer = Timer({"flash_attn_4": 5.0, "sdpa_cudnn": 2.0})
+    pick = kernel_select.picker(shape, torch.device("cpu"), timer=timer, directory=tmp_path,
+                                versions={**VERSIONS, **change.get("versions", {})})
+    assert pick(candidates)[0] == "sdpa_cudnn" and timer.calls == ["flash_attn_4", "sdpa_cudnn"]
+
+
+def test_a_corrupt_cache_file_is_ignored_with_a_warning_and_rewritten(tmp_path, caplog):
+    candidates = _fake_kernels("flash_attn_4", "sdpa_cudnn")
+    kernel_select.picker(SHAPE, torch.device("cpu"), timer=Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0}),
+                         directory=tmp_path, versions=VERSIONS)(candidates)
+    [cached] = tmp_path.glob("*.json")
+    cached.write_text('{"key": ')
+    timer = Timer({"flash_attn_4": 5.0, "sdpa_cudnn": 2.0})
+    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
+    assert pick(candidates)[0] == "sdpa_cudnn"
+    assert "ignoring the kernel cache file" in caplog.text
+    assert json.loads(cached.read_text())["kernel"] == "sdpa_cudnn"
+
+
+def test_a_cached_kernel_that_no_longer_passes_its_check_is_timed_again(tmp_path):
+    kernel_select.picker(SHAPE, torch.device("cpu"), timer=Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0}),
+                         directory=tmp_path, versions=VERSIONS)(_fake_kernels("flash_attn_4", "sdpa_cudnn"))
+    timer = Timer({"sdpa_flash": 5.0, "sdpa_cudnn": 4.0})
+    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
+    assert pick(_fake_kernels("sdpa_cudnn", "sdpa_flash"))[0] == "sdpa_cudnn" and len(timer.calls) == 2
+
+
+def test_the_cache_directory_comes_from_the_environment(tmp_path):
+    assert kernel_select.cache_dir({kernel_select.CACHE_ENV: str(tmp_path)}) == tmp_path
+    assert kernel_select.cache_dir({}) == kernel_select.DEFAULT_CACHE_DIR
+
+
+def test_resolve_times_every_passing_candidate_and_records_the_timings(monkeypatch, tmp_path):
+    monkeypatch.setattr(attention, "flash_candidates", lambda device: ["sdpa_flash_cpu", "flash_attn_4", "sdpa_efficient"])
+    timer = Timer({"sdpa_flash_cpu": 2.0})
+    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
+    r = attention.resolve("flash", device=torch.device("cpu"), dtype=torch.float32, head_dim=16, n_heads=4,
+                          n_kv_heads=2, pick=pick, flash_attn_allowed=False)
+    # flash_attn_4 is blocked and sdpa_efficient has no CPU kernel: one passes, so nothing is timed.
+    assert (r.kernel, r.timings) == ("sdpa_flash_cpu", {}) and timer.calls == []
+    assert set(r.rejected) == {"flash_attn_4", "sdpa_efficient"}
+
+
+def test_the_real_block_timer_times_a_kernel_forward_and_backward_on_cpu():
+    timer = kernel_select.block_timer(SHAPE, torch.device("cpu"), warmup=1, iters=2)
+    ms = timer("sdpa_flash_cpu", attention.kernel_fn("sdpa_flash_cpu"))
+    assert 0 < ms < 10_000
+
+
+def test_past_the_time_budget_the_rest_go_untimed_and_the_partial_choice_is_not_cached(tmp_path):
+    import time
+
+    def slow(name, fn):
+        time.sleep(0.05)
+        return {"flash_attn_4": 3.0, "sdpa_cudnn": 1.0}[name]
+
+    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=slow, directory=tmp_path, versions=VERSIONS,
+                                budget_s=0.01)
+    assert pick(_fake_kernels("flash_attn_4", "sdpa_cudnn")) == ("flash_attn_4", {"flash_attn_4": 3.0})
+    assert list(tmp_path.glob("*.json")) == []

@@ -1,0 +1,239 @@
+"""Choose the flash kernel by timing it, at the run's real shape, as the training step runs it.
+
+A fixed kernel order lies: on one H100 FA4 beats cuDNN on the bare kernel and still made
+training 2-2.5x slower (docs/BENCHMARKS.md). So every kernel that passed its correctness check
+is timed forward+backward inside an attention block (projections, rotary, attention, output
+projection; ``torch.compile``d when training compiles), at the run's micro-batch, sequence
+length, heads, KV heads, head dim and dtype, and the fastest wins.
+
+The decision (``fastest``) is pure, and the timer is injectable. The result is cached per node
+in a JSON file keyed by GPU, driver, torch and package versions and the shape, so preflight's
+timing is what the workers on that node read, and a second run costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from trainer import timing
+from trainer.attention import AttnFn, Picker
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "FLASH_ORCHESTRATOR_KERNEL_CACHE"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "flash-orchestrator" / "kernels"
+# Packages whose version changes a kernel's speed: a new one means timing again.
+VERSIONED_PACKAGES = ("flash-attn", "flash-attn-3", "flash-attn-4", "nvidia-cutlass-dsl", "nvidia-cudnn-cu12",
+                      "nvidia-cudnn-cu13", "torchao")
+
+# (kernel name, attention function) -> ms per forward+backward iteration; raises when it cannot run.
+Timer = Callable[[str, AttnFn], float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shape:
+    """What the attention block is timed at: the run's real shape."""
+
+    seq_len: int
+    micro_batch: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: str  # "bfloat16" | "float32"
+    compile: bool
+
+
+@dataclass
+class Selection:
+    kernel: Optional[str]  # None when no candidate could be timed
+    timings: dict[str, float] = field(default_factory=dict)  # kernel -> ms per iteration
+    failed: dict[str, str] = field(default_factory=dict)  # kernel -> why it could not be timed
+    cached: bool = False
+
+
+# ---------------------------------------------------------------- the decision
+
+
+OUT_OF_TIME = "not timed: the time budget was spent"
+
+
+def fastest(candidates: dict[str, AttnFn], timer: Timer, *, budget_s: Optional[float] = None) -> Selection:
+    """Time every candidate; the fastest wins. A candidate whose timing raises is left out, and
+    so is every candidate after ``budget_s`` seconds (a partial choice, never cached)."""
+    sel = Selection(None)
+    started = time.monotonic()
+    for name, fn in candidates.items():
+        if budget_s is not None and sel.timings and time.monotonic() - started > budget_s:
+            sel.failed[name] = OUT_OF_TIME
+            continue
+        try:
+            sel.timings[name] = float(timer(name, fn))
+        except Exception as e:  # a kernel that fails at the real shape (memory, launch) is not a choice
+            sel.failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            log.warning("kernel %s could not be timed: %s", name, sel.failed[name])
+    if sel.timings:
+        sel.kernel = min(sel.timings, key=sel.timings.get)
+    return sel
+
+
+def runner_up(kernel: str, timings: dict[str, float]) -> Optional[str]:
+    others = {k: ms for k, ms in timings.items() if k != kernel}
+    return min(others, key=others.get) if others else None
+
+
+def describe(kernel: str, timings: dict[str, float]) -> str:
+    """'kernel X (Y ms/iter), runner-up Z (W ms)', or just the kernel when nothing was timed."""
+    if kernel not in timings:
+        return f"kernel {kernel}"
+    text = f"kernel {kernel} ({timings[kernel]:.3g} ms/iter)"
+    second = runner_up(kernel, timings)
+    return text + (f", runner-up {second} ({timings[second]:.3g} ms)" if second else "")
+
+
+# ---------------------------------------------------------------- the per-node cache
+
+
+def cache_dir(environ=None) -> Path:
+    env = os.environ if environ is None else environ
+    return Path(env[CACHE_ENV]) if env.get(CACHE_ENV) else DEFAULT_CACHE_DIR
+
+
+def node_versions(device: torch.device) -> dict:
+    """What makes a timing valid on this node: GPU, driver, torch and package versions."""
+    out: dict = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": device.type}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["driver"] = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            try:
+                out["driver"] = str(pynvml.nvmlSystemGetDriverVersion())
+            finally:
+                pynvml.nvmlShutdown()
+        except Exception:  # no NVML: torch's CUDA version still pins the runtime
+            pass
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def cache_key(shape: Shape, versions: dict) -> dict:
+    return {"shape": asdict(shape), "versions": versions}
+
+
+def _cache_path(key: dict, directory: Path) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return directory / f"{digest}.json"
+
+
+def load(key: dict, directory: Path) -> Optional[Selection]:
+    """The cached selection for ``key``; a corrupt or foreign file is ignored with a warning."""
+    path = _cache_path(key, directory)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data["key"] != key:
+            raise ValueError("it holds another key")
+        timings = {str(k): float(v) for k, v in data["timings"].items()}
+        kernel = str(data["kernel"])
+        if kernel not in timings:
+            raise ValueError(f"its kernel {kernel} has no timing")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("ignoring the kernel cache file %s: %s", path, e)
+        return None
+    return Selection(kernel, timings, cached=True)
+
+
+def store(key: dict, sel: Selection, directory: Path) -> None:
+    """Write atomically (temp file + rename): concurrent workers on one node never read half a file."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = _cache_path(key, directory)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "kernel": sel.kernel, "timings": sel.timings}, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home must not stop training
+        log.warning("could not write the kernel cache in %s: %s", directory, e)
+
+
+# ---------------------------------------------------------------- timing in the attention block
+
+
+def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: int = 10) -> Timer:
+    """Forward+backward of one attention block with the candidate kernel, median ms per iteration."""
+    from trainer.model import Attention, ModelArgs, rotary_tables
+
+    dtype = getattr(torch, shape.dtype)
+    dim = shape.n_heads * shape.head_dim
+    args = ModelArgs(vocab_size=1, dim=dim, n_layers=1, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
+                     ffn_hidden=1, max_seq_len=shape.seq_len)
+    cos, sin = (t.to(device) for t in rotary_tables(shape.head_dim, shape.seq_len, args.rope_theta))
+
+    def time_ms(name: str, fn: AttnFn) -> float:
+        torch.manual_seed(0)
+        block = Attention(args, fn).to(device)
+        run = torch.compile(block, dynamic=False) if shape.compile else block
+        # As in training: fp32 weights, the step under autocast.
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        x = torch.randn(shape.micro_batch, shape.seq_len, dim, device=device, requires_grad=True)
+        dy = torch.randn(shape.micro_batch, shape.seq_len, dim, device=device)
+
+        def step():
+            with autocast:
+                y = run(x, cos, sin)
+            y.backward(dy)
+
+        try:
+            return timing.median(timing.time_runs(step, device, warmup=warmup, iters=iters)) * 1e3
+        finally:
+            del block, run
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    return time_ms
+
+
+def picker(shape: Shape, device: torch.device, *, timer: Optional[Timer] = None, directory: Optional[Path] = None,
+           versions: Optional[dict] = None, budget_s: Optional[float] = None) -> Picker:
+    """``trainer.attention.resolve``'s ``pick``: the cached choice for this node and shape if it
+    is still among the kernels that passed, else time them all (when there is a choice)."""
+
+    def pick(passed: dict[str, AttnFn]) -> tuple[str, dict[str, float]]:
+        first = next(iter(passed))
+        if len(passed) == 1:
+            return first, {}  # nothing to choose: no timing, no compile
+        key = cache_key(shape, versions if versions is not None else node_versions(device))
+        where = directory if directory is not None else cache_dir()
+        cached = load(key, where)
+        if cached is not None and cached.kernel in passed:
+            log.info("attention kernels: cached choice %s (%s)", describe(cached.kernel, cached.timings), where)
+            return cached.kernel, cached.timings
+        sel = fastest(passed, timer or block_timer(shape, device), budget_s=budget_s)
+        if shape.compile and timer is None:
+            torch._dynamo.reset()  # the blocks' graphs are no use to the model's compile
+        if sel.kernel is None:
+            log.warning("no flash kernel could be timed; using %s (first in order)", first)
+            return first, {}
+        if OUT_OF_TIME not in sel.failed.values():
+            store(key, sel, where)
+        log.info("attention kernels timed: %s", describe(sel.kernel, sel.timings))
+        return sel.kernel, sel.timings
+
+    return pick
