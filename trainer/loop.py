@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from trainer import attention, checkpoint, import_guard
+from trainer import attention, checkpoint, hf_checkpoint, import_guard
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
@@ -146,6 +146,8 @@ def train_loop_per_worker(config: dict) -> dict:
         raise ValueError(f"model.vocab_size {margs.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
     torch.manual_seed(tc.seed)  # same seed on every rank and variant: same initial weights
     model = Transformer(margs, resolved.fn)
+    if spec.model.init_from:  # a checkpoint to resume from, if any, replaces these weights below
+        model.load_state_dict(hf_checkpoint.load_state_dict(spec.model.init_from, margs))
     model = ray.train.torch.prepare_model(model)  # [ray] moves to device, wraps in DDP
     raw_model = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(raw_model, tc, device)
