@@ -23,8 +23,10 @@ def _backend(tok: data_mod.Tokenizer):
         return tok.impl
     try:
         from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
-    except ImportError:
-        raise UsageError("exporting a SentencePiece tokenizer needs transformers: pip install -e '.[hf]'") from None
+
+        SpmConverter.build_tokenizer_from_spm_proto  # transformers 5; 4.x converts only known model classes
+    except (ImportError, AttributeError):
+        raise UsageError("exporting a SentencePiece tokenizer needs transformers 5: pip install -e '.[hf]'") from None
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".model") as f:
