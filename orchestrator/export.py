@@ -65,6 +65,8 @@ def export(run_dir: Path, output_dir: Path, *, variant: Optional[str] = None, st
         files += hf_tokenizer.save(model.tokenizer, staging, model_max_length=model.args.max_seq_len)
         (staging / GENERATION_CONFIG).write_text(json.dumps(generation_config(model.tokenizer.eos_id), indent=2) + "\n")
         files.append(GENERATION_CONFIG)
+        for f in staging.iterdir():  # safetensors writes owner-only files; an export is for sharing
+            f.chmod(0o644)
         _move_in(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
