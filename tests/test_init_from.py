@@ -70,6 +70,10 @@ def _break(path, what):
         t = load_file(str(path / "model.safetensors"))
         del t["model.layers.1.mlp.up_proj.weight"]
         save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
+    elif what == "extra layer":
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["num_hidden_layers"] = 1
+        (path / "config.json").write_text(json.dumps(cfg))
     elif what == "shape":
         cfg = json.loads((path / "config.json").read_text())
         cfg["num_key_value_heads"] = 1
@@ -81,6 +85,7 @@ def _break(path, what):
 @pytest.mark.parametrize("what, message", [
     ("model_type", "config.json: model_type 'gpt2', expected 'llama'"),
     ("tensor", ": missing tensor model.layers.1.mlp.up_proj.weight"),
+    ("extra layer", ": unexpected tensor model.layers.1."),
     ("shape", ": tensor model.layers.0.self_attn.k_proj.weight has shape [32, 64], the config implies [16, 64]"),
     ("config", "config.json: missing (expected a Hugging Face Llama checkpoint)"),
 ])

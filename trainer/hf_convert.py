@@ -92,13 +92,19 @@ def expected_hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def check_hf_shapes(shapes: dict[str, tuple[int, ...]], args: ModelArgs) -> None:
-    """Raise NotLlama naming the first missing tensor or shape that does not match the config."""
-    for name, want in expected_hf_shapes(args).items():
+    """Raise NotLlama naming the first missing, unexpected or misshapen tensor."""
+    expected = expected_hf_shapes(args)
+    for name, want in expected.items():
         got = shapes.get(name)
         if got is None:
             raise NotLlama(f"missing tensor {name}")
         if tuple(got) != want:
             raise NotLlama(f"tensor {name} has shape {list(got)}, the config implies {list(want)}")
+    # Older transformers saved rotary inv_freq buffers; a tied model may still carry its head.
+    extra = [n for n in shapes if n not in expected and not n.endswith("rotary_emb.inv_freq")
+             and not (n == "lm_head.weight" and args.tie_embeddings)]
+    if extra:
+        raise NotLlama(f"unexpected tensor {extra[0]} (a Llama of this config has no such tensor)")
 
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -114,7 +120,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
         elif name in hf_globals:
             ours = hf_globals[name]
         else:
-            continue  # e.g. rotary inv_freq buffers older exports carry
+            continue  # rotary inv_freq: a buffer older transformers saved; recomputed from rope_theta
         if ours.endswith("attn.wq.weight"):
             t = half_to_interleaved(t, args.n_heads)
         elif ours.endswith("attn.wk.weight"):
