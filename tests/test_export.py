@@ -177,3 +177,14 @@ def test_tokenizer_smaller_than_the_model_vocab(tmp_path, capsys):
     _fails(capsys, ["export", str(run), "--output-dir", str(tmp_path / "out")],
            f"{data}: tokenizer vocab {_vocab()} is smaller than the model's vocab {_vocab() + 64}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_on_the_gpu_gives_the_cpu_text(tmp_path, capsys):
+    run, _ = fake_run(tmp_path)
+    args = ["generate", str(run), "--prompt", "def main", "--max-new-tokens", "8"]
+    assert main(args + ["--device", "cpu"]) == 0
+    cpu = capsys.readouterr().out
+    assert main(args + ["--device", "cuda"]) == 0
+    assert capsys.readouterr().out == cpu
