@@ -107,7 +107,14 @@ def load(run_dir: Path, variant: Optional[str] = None, step: Optional[int] = Non
         if vc is None:
             raise UsageError(f"{run_dir}: no variant {variant!r}; the run has {', '.join(names)}")
     ckpt = choose_checkpoint(run_dir / vc.name / checkpoint.STORAGE_NAME, step)
-    state = read_model_state(ckpt)
+    data_path = Path(cfg.data.path) if cfg.data.path else data_mod.embedded_dataset()
+    try:
+        tokenizer = data_mod.load_dataset(data_path).tokenizer()
+    except data_mod.DataError as e:
+        raise UsageError(f"{e} (the tokenizer of run {run_dir})") from None
+    if tokenizer is None:
+        raise UsageError(f"{data_path}: the dataset records no tokenizer file")
+    state = read_model_state(ckpt)  # the one expensive read, after the cheap checks
     model_cfg, train_cfg = config_mod.resolved_sections(cfg, vc)
     args = model_cfg.args(vocab_size=state["tok_embeddings.weight"].shape[0], max_seq_len=train_cfg.seq_len)
     if args.tie_embeddings:  # a sharded checkpoint may hold the shared tensor once
@@ -116,13 +123,6 @@ def load(run_dir: Path, variant: Optional[str] = None, step: Optional[int] = Non
         hf_convert.check_hf_shapes({hf_convert.hf_name(k): tuple(v.shape) for k, v in state.items()}, args)
     except (hf_convert.NotLlama, KeyError) as e:
         raise UsageError(f"{ckpt}: does not match the model in {run_dir / CONFIG_FILE} ({e})") from None
-    data_path = Path(cfg.data.path) if cfg.data.path else data_mod.embedded_dataset()
-    try:
-        tokenizer = data_mod.load_dataset(data_path).tokenizer()
-    except data_mod.DataError as e:
-        raise UsageError(f"{e} (the tokenizer of run {run_dir})") from None
-    if tokenizer is None:
-        raise UsageError(f"{data_path}: the dataset records no tokenizer file")
     if tokenizer.vocab_size < args.vocab_size:
         raise UsageError(f"{data_path}: tokenizer vocab {tokenizer.vocab_size} is smaller than the model's "
                          f"vocab {args.vocab_size} (checkpoint {ckpt}): not the tokenizer the model was trained with")
