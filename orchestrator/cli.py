@@ -172,12 +172,58 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export and generate
+
+
+def add_model_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by 'train'")
+    p.add_argument("--variant", help="which variant's model (default: the run's first)")
+    p.add_argument("--step", type=int, help="the checkpoint of this step (default: the newest usable one)")
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    add_model_source_args(p)
+    p.add_argument("--output-dir", required=True, metavar="DIR", help="where the Hugging Face model goes (new or empty)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty DIR, replacing an earlier export")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.export import export
+
+    out = export(Path(args.run_dir), Path(args.output_dir), variant=args.variant, step=args.step, force=args.force)
+    log.info("exported variant %s at step %d (%s, %.2fM parameters) to %s", out.variant, out.step,
+             out.checkpoint, out.params / 1e6, out.output_dir)
+    log.info("  %s", ", ".join(out.files))
+    return 0
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    add_model_source_args(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="at most N new tokens (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy (default); above 0: sample")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU if there is one")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from orchestrator.generate import generate
+
+    text = generate(Path(args.run_dir), args.prompt, variant=args.variant, step=args.step,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                    device=args.device)
+    print(text)  # the command's output: stdout, for pipes
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train one or more variants on Ray Train", add_train_args, cmd_train),
     "preprocess": ("tokenize raw text into a token dataset", add_preprocess_args, cmd_preprocess),
     "report": ("write the comparison report (report.md and charts) of a run directory", add_report_args, cmd_report),
     "bench": ("benchmark attention kernels and training steps", bench_command.add_args, bench_command.cmd_bench),
     "preflight": ("probe every node's GPU, driver, CUDA, GLIBC and flash-attn", add_preflight_args, cmd_preflight),
+    "export": ("write a run's model as a Hugging Face Llama directory", add_export_args, cmd_export),
+    "generate": ("continue a prompt with a run's model", add_generate_args, cmd_generate),
 }
 
 

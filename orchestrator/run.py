@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import capacity, execute, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, storage
+from orchestrator import capacity, execute, init_from, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, storage
 from orchestrator.errors import EXIT_VARIANT_SKIPPED, UsageError
 from trainer import data as data_mod
 from trainer import float8
@@ -69,8 +69,8 @@ def prepare(opts: TrainOptions) -> Prepared:
     problem = storage.output_dir_problem(opts.output_dir, os.getcwd())
     if problem:
         raise UsageError(problem)
-    cfg = config_mod.load(opts.config_file)
     source = opts.config_file or "built-in config"
+    cfg = init_from.resolve(config_mod.load(opts.config_file), source)  # model shapes of a Hugging Face start
     cfg = config_mod.with_overrides(
         cfg, source,
         train={"max_steps": opts.max_steps, "seed": opts.seed},

@@ -114,8 +114,9 @@ def verify(directory: Path) -> None:
             path = directory / name
             if not path.is_file() or _sha256(path) != digest:
                 raise CorruptCheckpoint(f"{path}: missing or does not match its checksum")
-    if not (directory / STATE_FILE).is_file():
-        raise CorruptCheckpoint(f"{directory}: no {STATE_FILE}")
+    # DDP writes state.pt; FSDP a torch.distributed.checkpoint directory, complete once its .metadata is.
+    if not (directory / STATE_FILE).is_file() and not (directory / "dcp" / ".metadata").is_file():
+        raise CorruptCheckpoint(f"{directory}: no {STATE_FILE} or dcp/.metadata")
 
 
 def newest_usable(storage_dir: Path, committed: Path | None = None) -> Path | None:

@@ -26,6 +26,8 @@ class ModelConfig(Strict):
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = Field(True, description="share the token embedding with the output head")
+    init_from: Optional[str] = Field(None, description="a local Hugging Face Llama directory to start from; "
+                                     "the shapes above come from its config.json (leave them unset)")
 
     @model_validator(mode="after")
     def _shapes(self) -> "ModelConfig":

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from trainer import attention, checkpoint, float8, import_guard, kernel_select, timing
+from trainer import attention, checkpoint, float8, hf_checkpoint, import_guard, kernel_select, timing
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
@@ -153,6 +153,8 @@ def train_loop_per_worker(config: dict) -> dict:
         raise ValueError(f"model.vocab_size {margs.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
     torch.manual_seed(tc.seed)  # same seed on every rank and variant: same initial weights
     model = Transformer(margs, resolved.fn)
+    if spec.model.init_from:  # a checkpoint to resume from, if any, replaces these weights below
+        model.load_state_dict(hf_checkpoint.load_state_dict(spec.model.init_from, margs))
     if tc.float8:
         float8.convert(model, device)
     model = ray.train.torch.prepare_model(model)  # [ray] moves to device, wraps in DDP

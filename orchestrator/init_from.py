@@ -1,0 +1,59 @@
+"""``model.init_from``: the model shapes of a run that starts from a Hugging Face Llama directory.
+
+Checked on the driver before anything starts: the directory must be a Llama checkpoint whose
+tensors all have the shapes its config.json implies, and any model field the user set must
+agree with that config. The shapes are then written into the run's config (saved with the run,
+so ``--resume``, ``export`` and ``generate`` see them); every worker loads the weights itself.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from orchestrator.config import RunConfig, validate
+from orchestrator.errors import UsageError
+from trainer import hf_checkpoint
+from trainer.hf_convert import NotLlama
+
+
+def _fields(path: str, where: str, source: str) -> tuple[str, dict]:
+    resolved = Path(path).expanduser().resolve()
+    try:
+        return str(resolved), hf_checkpoint.model_fields(resolved)
+    except NotLlama as e:
+        raise UsageError(f"{source}: {where}.init_from: {e}") from None
+
+
+def _agree(a, b) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) or isinstance(b, float) else a == b
+
+
+def _check_set_fields(explicit: dict, fields: dict, where: str, path: str, source: str) -> None:
+    """A model field the user set (not null) must equal the checkpoint's."""
+    for key, value in fields.items():
+        mine = explicit.get(key)
+        if mine is not None and not _agree(mine, value):
+            raise UsageError(f"{source}: {where}.{key} is {mine!r} but {path}/config.json has {value!r}; "
+                             f"leave {where}.{key} unset to take it from model.init_from")
+
+
+def resolve(cfg: RunConfig, source: str) -> RunConfig:
+    """``cfg`` with the shapes of every ``init_from`` filled in; UsageError on a bad directory or
+    a disagreeing field. Call on the config as loaded (it tells set fields from defaults)."""
+    data = cfg.model_dump()
+    base_fields = None
+    if cfg.model.init_from:
+        path, base_fields = _fields(cfg.model.init_from, "model", source)
+        explicit = {k: getattr(cfg.model, k) for k in cfg.model.model_fields_set}
+        _check_set_fields(explicit, base_fields, "model", path, source)
+        data["model"].update(base_fields, init_from=path)
+    for i, (v, vdata) in enumerate(zip(cfg.variants or [], data.get("variants") or [])):
+        where = f"variants[{i}] ({v.name}).model"
+        if v.model.get("init_from"):
+            path, fields = _fields(v.model["init_from"], where, source)
+            _check_set_fields(v.model, fields, where, path, source)
+            vdata["model"] = {**v.model, **fields, "init_from": path}
+        elif base_fields is not None:
+            _check_set_fields(v.model, base_fields, where, data["model"]["init_from"], source)
+    return validate(data, source)

@@ -1,0 +1,130 @@
+"""A trained model in a run directory: which variant, which checkpoint, its weights, shapes and
+tokenizer. What ``export`` writes out and ``generate`` runs; read without a GPU or Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from orchestrator import config as config_mod
+from orchestrator.errors import UsageError
+from trainer import checkpoint, hf_convert
+from trainer import data as data_mod
+from trainer.model import ModelArgs
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, OPTIONS_FILE = "config.yaml", "options.json"
+DCP_DIR = "dcp"  # FSDP checkpoints: torch.distributed.checkpoint's directory inside checkpoint_<step>
+DCP_MODEL_PREFIX = "model."  # DCP flattens {"model": state_dict} into "model.<param name>"
+
+
+@dataclass
+class Trained:
+    run_dir: Path
+    variant: str
+    checkpoint: Path
+    step: int
+    args: ModelArgs
+    state: dict[str, torch.Tensor]  # our Transformer's state dict, full tensors on CPU
+    tokenizer: data_mod.Tokenizer
+    data_path: Path
+
+
+def read_model_state(directory: Path) -> dict[str, torch.Tensor]:
+    """Full model tensors on CPU from a checkpoint directory of either layout (DDP ``state.pt``
+    or FSDP ``dcp/``), in one process with no process group.
+
+    The one place to swap for ``trainer.checkpoint.load_model_state_dict`` once it exists.
+    """
+    if (directory / checkpoint.STATE_FILE).is_file():
+        return torch.load(directory / checkpoint.STATE_FILE, map_location="cpu", weights_only=False)["model"]
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(directory / DCP_DIR))
+    # Allocate only the model's tensors, as the metadata describes them: the optimizer state
+    # in the same checkpoint is never read.
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in reader.read_metadata().state_dict_metadata.items()
+             if k.startswith(DCP_MODEL_PREFIX) and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return {k[len(DCP_MODEL_PREFIX):]: v for k, v in state.items()}
+
+
+def run_variants(run_dir: Path) -> tuple[config_mod.RunConfig, list[config_mod.VariantConfig]]:
+    """The run's saved config and its variants, as ``train`` ran them."""
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: run directory not found")
+    cfg = config_mod.load(run_dir / CONFIG_FILE)
+    try:
+        options = json.loads((run_dir / OPTIONS_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{run_dir / OPTIONS_FILE}: unreadable ({e}); is this a run directory made by "
+                         "'orchestrator train'?") from None
+    return cfg, config_mod.variant_configs(cfg, bool(options.get("run_both_models")),
+                                           bool(options.get("disable_flash_attn")))
+
+
+def choose_checkpoint(storage: Path, step: Optional[int]) -> Path:
+    """``checkpoint_<step>`` if given, else the newest that verifies; UsageError if unusable."""
+    if step is None:
+        found = checkpoint.newest_usable(storage)
+        if found is None:
+            raise UsageError(f"{storage}: no usable checkpoint (the variant never saved one, or none verifies)")
+        return found
+    path = storage / f"checkpoint_{step:08d}"
+    if not path.is_dir():
+        steps = ", ".join(str(int(p.name[11:])) for p in reversed(checkpoint.checkpoint_dirs(storage))) or "none"
+        raise UsageError(f"{path}: no checkpoint at step {step} (steps saved: {steps})")
+    try:
+        checkpoint.verify(path)
+    except (checkpoint.CorruptCheckpoint, OSError) as e:
+        raise UsageError(f"{path}: not usable ({e})") from None
+    return path
+
+
+def load(run_dir: Path, variant: Optional[str] = None, step: Optional[int] = None) -> Trained:
+    """The model of ``variant`` (default: the run's first) at ``step`` (default: the newest
+    usable checkpoint). Raises UsageError naming the path and what is wrong."""
+    cfg, variants = run_variants(run_dir)
+    names = [v.name for v in variants]
+    if variant is None:
+        vc = variants[0]
+        if len(variants) > 1:
+            log.info("variant %s (of %s; --variant chooses another)", vc.name, ", ".join(names))
+    else:
+        vc = next((v for v in variants if v.name == variant), None)
+        if vc is None:
+            raise UsageError(f"{run_dir}: no variant {variant!r}; the run has {', '.join(names)}")
+    ckpt = choose_checkpoint(run_dir / vc.name / checkpoint.STORAGE_NAME, step)
+    data_path = Path(cfg.data.path) if cfg.data.path else data_mod.embedded_dataset()
+    try:
+        tokenizer = data_mod.load_dataset(data_path).tokenizer()
+    except data_mod.DataError as e:
+        raise UsageError(f"{e} (the tokenizer of run {run_dir})") from None
+    if tokenizer is None:
+        raise UsageError(f"{data_path}: the dataset records no tokenizer file")
+    state = read_model_state(ckpt)  # the one expensive read, after the cheap checks
+    model_cfg, train_cfg = config_mod.resolved_sections(cfg, vc)
+    args = model_cfg.args(vocab_size=state["tok_embeddings.weight"].shape[0], max_seq_len=train_cfg.seq_len)
+    if args.tie_embeddings:  # a sharded checkpoint may hold the shared tensor once
+        state.setdefault("output.weight", state["tok_embeddings.weight"])
+    try:
+        hf_convert.check_hf_shapes({hf_convert.hf_name(k): tuple(v.shape) for k, v in state.items()}, args)
+    except (hf_convert.NotLlama, KeyError) as e:
+        raise UsageError(f"{ckpt}: does not match the model in {run_dir / CONFIG_FILE} ({e})") from None
+    if tokenizer.vocab_size < args.vocab_size:
+        raise UsageError(f"{data_path}: tokenizer vocab {tokenizer.vocab_size} is smaller than the model's "
+                         f"vocab {args.vocab_size} (checkpoint {ckpt}): not the tokenizer the model was trained with")
+    return Trained(run_dir=run_dir, variant=vc.name, checkpoint=ckpt, step=int(ckpt.name[11:]), args=args,
+                   state=state, tokenizer=tokenizer, data_path=data_path)
