@@ -22,6 +22,7 @@ import yaml
 from orchestrator import config as config_mod
 from orchestrator import capacity, execute, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, storage
 from orchestrator.errors import EXIT_VARIANT_SKIPPED, UsageError
+from orchestrator.strategy import Workload
 from trainer import data as data_mod
 from trainer.loop import WorkerSpec
 
@@ -93,6 +94,16 @@ def prepare(opts: TrainOptions) -> Prepared:
             raise UsageError(f"{source}: train.seq_len {train.seq_len} is longer than the data in {data_path} "
                              f"({len(dataset.tokens)} tokens)")
     return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size)
+
+
+def workloads(prep: Prepared) -> dict[str, Workload]:
+    """What each variant trains, for the plan's memory estimate."""
+    out = {}
+    for v in prep.variants:
+        model, train_cfg = config_mod.resolved_sections(prep.cfg, v)
+        out[v.name] = Workload(model.args(vocab_size=prep.vocab_size, max_seq_len=train_cfg.seq_len,
+                                          activation_checkpointing=train_cfg.activation_checkpointing), train_cfg)
+    return out
 
 
 def preflight_settings(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig],
@@ -211,7 +222,7 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
                 report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn))
             # Planned before a new run directory exists: an infeasible request leaves nothing behind.
             plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
-                                      report.node_capacities() if report else nodes())
+                                      report.node_capacities() if report else nodes(), workloads(prep))
             if saved:
                 run_dir = saved.run_dir
                 log.info("resuming run directory: %s", run_dir)
@@ -239,10 +250,12 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             for name in finished:
                 log.info("[%s] already succeeded; not rerun", name)
             specs = {}
+            strategies = {v.name: v.strategy for v in plan.variants}
             for vc in prep.variants:
                 model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)
                 specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg,
-                                            data_path=str(prep.data_path), out_dir=str((run_dir / vc.name).resolve()))
+                                            data_path=str(prep.data_path), out_dir=str((run_dir / vc.name).resolve()),
+                                            strategy=strategies[vc.name])
             sc = prep.cfg.scaling
             todo = plan_mod.Plan(variants=[v for v in plan.variants if v.name not in finished], mode=plan.mode,
                                  notes=plan.notes, cluster=plan.cluster)

@@ -64,6 +64,10 @@ class NodeReport:
             verdict, reason,
         ]
 
+    def smallest_gpu_bytes(self) -> Optional[int]:
+        sizes = [g["memory_bytes"] for g in (self.facts or {}).get("gpus") or [] if g.get("memory_bytes")]
+        return min(sizes) if sizes else None
+
     def to_json(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "cpus": self.cpus, "gpus": self.gpus,
                 "labels": self.labels, "probe_seconds": self.probe_seconds, "verdict": self.verdict.to_json(),
@@ -82,7 +86,8 @@ class Report:
     def node_capacities(self) -> list[NodeCapacity]:
         return [NodeCapacity(node_id=n.node_id, cpus=n.cpus, gpus=n.gpus, labels=dict(n.labels),
                              flash_ok=n.verdict.flash_ok, flash_kernel=n.verdict.flash_kernel,
-                             flash_reason=n.verdict.reason) for n in self.nodes]
+                             flash_reason=n.verdict.reason, gpu_memory_bytes=n.smallest_gpu_bytes(),
+                             memory_bytes=(n.facts or {}).get("memory_bytes")) for n in self.nodes]
 
     def flash_nodes(self) -> dict[str, list[str]]:
         """Flash kernel -> the nodes where it will run."""
