@@ -21,7 +21,8 @@ import yaml
 
 from orchestrator import config as config_mod
 from orchestrator import capacity, execute, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, storage
-from orchestrator.errors import EXIT_VARIANT_SKIPPED, UsageError
+from orchestrator.errors import EXIT_VARIANT_SKIPPED, InfeasibleRequest, UsageError
+from orchestrator.preflight import interconnect
 from orchestrator.strategy import Workload
 from trainer import data as data_mod
 from trainer.loop import WorkerSpec
@@ -223,6 +224,13 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             # Planned before a new run directory exists: an infeasible request leaves nothing behind.
             plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
                                       report.node_capacities() if report else nodes(), workloads(prep))
+            if report is not None:  # a hang in training's first all-reduce, found in seconds instead
+                report.interconnect = interconnect.check_plan(plan, setting=prep.cfg.scaling.interconnect_check,
+                                                              timeout_s=prep.cfg.scaling.interconnect_timeout_s)
+                if report.interconnect and report.interconnect.failures():
+                    for line in report.interconnect.table():
+                        log.info(line)
+                    raise InfeasibleRequest(interconnect.failure_message(report.interconnect))
             if saved:
                 run_dir = saved.run_dir
                 log.info("resuming run directory: %s", run_dir)

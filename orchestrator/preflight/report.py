@@ -14,6 +14,7 @@ from typing import Optional
 
 from orchestrator.plan import NodeCapacity
 from orchestrator.preflight.child import ProbeSettings
+from orchestrator.preflight.interconnect import InterconnectReport
 from orchestrator.preflight.rules import Verdict
 from trainer import import_guard
 
@@ -80,6 +81,7 @@ class Report:
     settings: ProbeSettings
     notes: list[str] = field(default_factory=list)  # plain statements: no alive nodes, no GPUs
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    interconnect: Optional[InterconnectReport] = None  # the all-reduce checks, once the plan is known
 
     # ------------------------------------------------------------ for the planner
 
@@ -104,7 +106,8 @@ class Report:
         widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return lines + [f"note: {n}" for n in self.notes]
+        lines += [f"note: {n}" for n in self.notes]
+        return lines + (self.interconnect.table() if self.interconnect else [])
 
     def log_text(self) -> str:
         s = self.settings
@@ -144,7 +147,8 @@ class Report:
 
     def to_json(self) -> dict:
         return {"created": self.created, "settings": asdict(self.settings), "notes": self.notes,
-                "flash_nodes": self.flash_nodes(), "nodes": [n.to_json() for n in self.nodes]}
+                "flash_nodes": self.flash_nodes(), "nodes": [n.to_json() for n in self.nodes],
+                "interconnect": self.interconnect.to_json() if self.interconnect else None}
 
     def write(self, directory: Path) -> tuple[Path, Path]:
         """preflight.json and flash_attention_log.txt in ``directory``; returns their paths."""
