@@ -38,6 +38,7 @@ def test_bus_bandwidth_follows_the_nccl_tests_definition():
     ("[../third_party/gloo/gloo/transport/tcp/pair.cc:144] connect [10.0.0.2]:41234: Connection refused", "unreachable"),
     ("NCCL WARN NET/IB : Got completion with error 12", "infiniband"),
     ("NCCL error: unhandled cuda error, NCCL version 2.21.5", "nccl_cuda_error"),
+    ("DistNetworkError: Timed out after 5 seconds waiting for clients. 1/2 clients joined.", "timeout"),
     ("something else entirely", "error"),
 ])
 def test_errors_are_classified_with_a_hint_naming_where(text, code):

@@ -128,12 +128,15 @@ _FIREWALL_HINT = ("open TCP between the nodes (NCCL and gloo use random ports: a
                   "allows only Ray's ports blocks them), and set NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME to the "
                   "interface the nodes share (e.g. eth0); NCCL_DEBUG=INFO shows where it stops")
 
+_UNREACHABLE = re.compile(r"Connection refused|No route to host|Connection reset|Network is unreachable|"
+                          r"connectFullMesh|Socket Timeout|Connection timed out")
+_TIMED_OUT = re.compile(r"[Tt]imed out|[Tt]imeout")
+
 _PATTERNS: list[tuple[re.Pattern, str, str, str]] = [
     (re.compile(r"wrong all-reduce result"), "wrong_result",
      "the all-reduce returned wrong values",
      "a faulty link or GPU: try NCCL_P2P_DISABLE=1 and NCCL_PROTO=Simple, and check the node with nvidia-smi and dmesg"),
-    (re.compile(r"Connection refused|No route to host|Connection reset|Network is unreachable|connectFullMesh|"
-                r"Socket Timeout|Connection timed out"), "unreachable",
+    (_UNREACHABLE, "unreachable",
      "the ranks could not connect to each other", _FIREWALL_HINT),
     (re.compile(r"ibv_|NET/IB|InfiniBand|mlx5"), "infiniband",
      "NCCL's InfiniBand transport failed",
@@ -159,10 +162,12 @@ _PATTERNS: list[tuple[re.Pattern, str, str, str]] = [
 
 def classify(error: Optional[str], *, timed_out: bool, where: str, backend: str, timeout_s: float) -> Cause:
     """A failed check's cause and fix, naming the node or pair."""
+    text = error or ""
+    if not timed_out and _TIMED_OUT.search(text) and not _UNREACHABLE.search(text):
+        timed_out = True  # a rank gave up waiting for another (rendezvous or collective timeout)
     if timed_out:
         return Cause("timeout", f"the {backend} all-reduce across {where} did not finish in {timeout_s:g} s (a hang)",
                      _FIREWALL_HINT)
-    text = error or ""
     for pattern, code, summary, hint in _PATTERNS:
         if pattern.search(text):
             return Cause(code, f"{summary} ({where}, {backend})", hint)
