@@ -113,3 +113,15 @@ def test_an_injected_fault_is_classified_and_names_the_node(ray_session, monkeyp
     rep = ic.run_checks([[node, node]], use_gpu=False, timeout_s=5, nbytes=2**20, iters=1)
     (r,) = rep.failures()
     assert r.cause.code == code and f"node {node[:8]}" in r.cause.summary
+
+
+@pytest.mark.gpu
+@pytest.mark.ray
+@pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+                    reason="needs two CUDA GPUs")
+def test_nccl_all_reduce_across_two_gpus_of_a_node_reports_bus_bandwidth(ray_session):
+    node = _local_node(ray_session)
+    rep = ic.run_checks([[node, node]], use_gpu=True, timeout_s=120)
+    (r,) = rep.results
+    assert r.status == "ok", r.to_json()
+    assert r.backend == "nccl" and r.busbw_gbps > 1  # NVLink or PCIe, far above a broken link

@@ -57,26 +57,32 @@ def add_scaling(rows: list[dict]) -> list[dict]:
 def run(cfg, counts: list[int], *, variant: str, steps: int, output_dir: str) -> list[dict]:
     """Train ``steps`` steps of ``variant`` at each worker count; one row per count."""
     from orchestrator.run import TrainOptions, train
+    from orchestrator.session import ray_session
 
     rows = []
-    for n in counts:
-        data = cfg.model_dump(mode="json")
-        data["train"]["max_steps"] = steps
-        data["train"]["checkpoint_every"] = max(steps, data["train"]["checkpoint_every"])
-        data["scaling"]["num_workers"] = n
-        data["attention"], data["variants"] = variant, None
-        tmp = Path(output_dir) / f".bench-workers-{n}-{time.time_ns()}.yaml"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(yaml.safe_dump(data))
-        try:
-            summary = train(TrainOptions(config_file=str(tmp), output_dir=output_dir,
-                                         disable_flash_attn=variant == "standard"))
-        finally:
-            tmp.unlink(missing_ok=True)
-        r = row(n, summary)
-        log.info("workers %d: %s", n, f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else r["status"])
-        rows.append(r)
+    with ray_session(None):  # one Ray for every count: train() reuses it
+        for n in counts:
+            rows.append(_one(cfg, n, variant=variant, steps=steps, output_dir=output_dir,
+                             train=train, options=TrainOptions))
     return add_scaling(rows)
+
+
+def _one(cfg, n: int, *, variant: str, steps: int, output_dir: str, train, options) -> dict:
+    data = cfg.model_dump(mode="json")
+    data["train"]["max_steps"] = steps
+    data["train"]["checkpoint_every"] = max(steps, data["train"]["checkpoint_every"])
+    data["scaling"]["num_workers"] = n
+    data["attention"], data["variants"] = variant, None
+    tmp = Path(output_dir) / f".bench-workers-{n}-{time.time_ns()}.yaml"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(yaml.safe_dump(data))
+    try:
+        summary = train(options(config_file=str(tmp), output_dir=output_dir, disable_flash_attn=variant == "standard"))
+    finally:
+        tmp.unlink(missing_ok=True)
+    r = row(n, summary)
+    log.info("workers %d: %s", n, f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else r["status"])
+    return r
 
 
 def markdown(rows: list[dict]) -> list[str]:
