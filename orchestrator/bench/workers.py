@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 
 from orchestrator.bench import timing
+from orchestrator.run import TrainOptions, train
+from orchestrator.session import ray_session
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +58,14 @@ def add_scaling(rows: list[dict]) -> list[dict]:
 
 def run(cfg, counts: list[int], *, variant: str, steps: int, output_dir: str) -> list[dict]:
     """Train ``steps`` steps of ``variant`` at each worker count; one row per count."""
-    from orchestrator.run import TrainOptions, train
-    from orchestrator.session import ray_session
-
     rows = []
     with ray_session(None):  # one Ray for every count: train() reuses it
         for n in counts:
-            rows.append(_one(cfg, n, variant=variant, steps=steps, output_dir=output_dir,
-                             train=train, options=TrainOptions))
+            rows.append(_one(cfg, n, variant=variant, steps=steps, output_dir=output_dir))
     return add_scaling(rows)
 
 
-def _one(cfg, n: int, *, variant: str, steps: int, output_dir: str, train, options) -> dict:
+def _one(cfg, n: int, *, variant: str, steps: int, output_dir: str) -> dict:
     data = cfg.model_dump(mode="json")
     data["train"]["max_steps"] = steps
     data["train"]["checkpoint_every"] = max(steps, data["train"]["checkpoint_every"])
@@ -77,7 +75,8 @@ def _one(cfg, n: int, *, variant: str, steps: int, output_dir: str, train, optio
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(yaml.safe_dump(data))
     try:
-        summary = train(options(config_file=str(tmp), output_dir=output_dir, disable_flash_attn=variant == "standard"))
+        summary = train(TrainOptions(config_file=str(tmp), output_dir=output_dir,
+                                     disable_flash_attn=variant == "standard"))
     finally:
         tmp.unlink(missing_ok=True)
     r = row(n, summary)
