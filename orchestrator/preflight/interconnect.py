@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-from orchestrator.preflight.rules import Cause
+from orchestrator.preflight.rules import Cause, first_match
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +168,9 @@ def classify(error: Optional[str], *, timed_out: bool, where: str, backend: str,
     if timed_out:
         return Cause("timeout", f"the {backend} all-reduce across {where} did not finish in {timeout_s:g} s (a hang)",
                      _FIREWALL_HINT)
-    for pattern, code, summary, hint in _PATTERNS:
-        if pattern.search(text):
-            return Cause(code, f"{summary} ({where}, {backend})", hint)
+    cause = first_match(_PATTERNS, text)
+    if cause:
+        return Cause(cause.code, f"{cause.summary} ({where}, {backend})", cause.hint)
     first = text.strip().splitlines()[-1] if text.strip() else "no error text"
     return Cause("error", f"the {backend} all-reduce across {where} failed: {first[:160]}",
                  "rerun with NCCL_DEBUG=INFO (GPU) or TORCH_DISTRIBUTED_DEBUG=DETAIL and read the failing rank's log")
