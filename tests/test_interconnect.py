@@ -125,3 +125,25 @@ def test_nccl_all_reduce_across_two_gpus_of_a_node_reports_bus_bandwidth(ray_ses
     (r,) = rep.results
     assert r.status == "ok", r.to_json()
     assert r.backend == "nccl" and r.busbw_gbps > 1  # NVLink or PCIe, far above a broken link
+
+
+@pytest.mark.ray
+def test_train_refuses_a_plan_whose_interconnect_check_fails_naming_the_node(ray_session, tmp_path, cli_env):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import write_config
+
+    cfg = write_config(tmp_path / "check.yaml", {"scaling": {"num_workers": 2, "interconnect_check": True,
+                                                              "interconnect_timeout_s": 10}})
+    address = "127.0.0.1:" + ray_session.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+    env = {**cli_env, ic.FAULT_ENV: "error", **{k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH")}}
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "train", "--config-file", str(cfg), "--address", address,
+                          "--output-dir", str(tmp_path / "runs")], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    node = ray_session.get_runtime_context().get_node_id()[:8]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith("error: interconnect check failed") and f"node {node}" in out.stderr
+    assert "[nccl_system_error]" in out.stdout + out.stderr or "NCCL hit a system error" in out.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing left behind
