@@ -128,22 +128,18 @@ def test_nccl_all_reduce_across_two_gpus_of_a_node_reports_bus_bandwidth(ray_ses
 
 
 @pytest.mark.ray
-def test_train_refuses_a_plan_whose_interconnect_check_fails_naming_the_node(ray_session, tmp_path, cli_env):
-    import os
-    import subprocess
-    import sys
-
+def test_train_refuses_a_plan_whose_interconnect_check_fails_naming_the_node(ray_session, tmp_path, monkeypatch):
+    from orchestrator.errors import InfeasibleRequest
+    from orchestrator.run import TrainOptions, train
     from tests.conftest import write_config
 
     cfg = write_config(tmp_path / "check.yaml", {"scaling": {"num_workers": 2, "interconnect_check": True,
                                                               "interconnect_timeout_s": 10}})
-    address = "127.0.0.1:" + ray_session.get_runtime_context().gcs_address.rsplit(":", 1)[1]
-    env = {**cli_env, ic.FAULT_ENV: "error", **{k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH")}}
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "train", "--config-file", str(cfg), "--address", address,
-                          "--output-dir", str(tmp_path / "runs")], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    node = ray_session.get_runtime_context().get_node_id()[:8]
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.startswith("error: interconnect check failed") and f"node {node}" in out.stderr
-    assert "[nccl_system_error]" in out.stdout + out.stderr or "NCCL hit a system error" in out.stderr
+    monkeypatch.setenv(ic.FAULT_ENV, "error")
+    node = _local_node(ray_session)[:8]
+    with pytest.raises(InfeasibleRequest) as e:  # the session's Ray: train() reuses it
+        train(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs")))
+    msg = str(e.value)
+    assert msg.startswith("interconnect check failed") and "\n" not in msg
+    assert f"node {node}: NCCL hit a system error (node {node}, gloo); fix: " in msg
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing left behind
