@@ -275,6 +275,7 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
     runnable = [v for v in planned if v.status == "planned"]
     plan = Plan(variants=planned, mode="sequential", cluster=list(nodes))
     together = _pack_together(runnable, candidates, nodes) if len(runnable) > 1 else None
+    memory_bound = False  # the variants fit the CPUs together but not the RAM
     if together is not None:
         alone = {v.name: v.nodes for v in runnable}
         for v in runnable:
@@ -282,7 +283,7 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
         try:  # side by side, CPU workers share their nodes' RAM
             _resolve_strategies(runnable, nodes, scaling, workloads, concurrent=True)
         except InfeasibleRequest:
-            together = None
+            together, memory_bound = None, True
             for v in runnable:
                 v.nodes = alone[v.name]
             plan.notes.append("the variants fit the cluster's CPUs at once but not its memory: "
@@ -296,7 +297,7 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
         for v in runnable:
             v.label_selector = [{labels.NODE_ID_KEY: n} for n in v.nodes]
     else:
-        if len(runnable) > 1 and not any("memory" in n for n in plan.notes):
+        if len(runnable) > 1 and not memory_bound:
             demand = "; ".join(f"{v.name}: {v.num_workers} x {'GPU' if v.use_gpu else 'CPU'}" for v in runnable)
             plan.notes.append(f"the cluster cannot hold all {len(runnable)} variants at once ({demand}; cluster: "
                               f"{_total(nodes, 'CPU'):g} CPU, {_total(nodes, 'GPU'):g} GPU): "
