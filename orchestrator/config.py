@@ -37,6 +37,13 @@ class ScalingConfig(Strict):
     label_selector: LabelSelector = Field(default_factory=dict,
                                           description="Ray label selector every variant's workers must match")
     placement_timeout_s: float = Field(60.0, gt=0, description="give up when workers cannot be placed for this long")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="ddp: a full replica per worker; fsdp: sharded; auto: fsdp when ddp's model state "
+                            "would not fit comfortably on the smallest planned device")
+    memory_headroom: float = Field(0.9, gt=0, le=1, description="fraction of a device's memory a plan may use")
+    interconnect_check: Union[Literal["auto"], bool] = Field(
+        "auto", description="all-reduce across the planned workers before training; auto: on GPU or multi-node plans")
+    interconnect_timeout_s: float = Field(60.0, gt=0, description="an all-reduce check slower than this is a hang")
 
 
 class DataConfig(Strict):

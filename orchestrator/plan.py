@@ -18,6 +18,9 @@ Rules, in order, per variant:
    the candidates' GPUs (one GPU and ``cpus_per_worker`` CPUs each), else CPUs.
 4. The workers must fit the candidates' total capacity, else infeasible (exit 2): Ray Train
    would otherwise wait for placement that can never happen.
+5. Once placed, each variant's strategy is resolved (``scaling.strategy``; auto: ddp or fsdp)
+   and its workers' memory estimate is checked against their devices (``strategy.py``): a
+   variant that fits under no strategy is infeasible (exit 2) before anything is allocated.
 Then all runnable variants are packed onto the cluster at once. If they fit, they run
 concurrently, each worker pinned to its node with a ``ray.io/node-id`` selector so the
 variants cannot take each other's CPUs or GPUs. If not, they run one after the other on the
@@ -28,12 +31,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
 
-from orchestrator import labels
+from orchestrator import labels, strategy as strategy_mod
 from orchestrator.config import ScalingConfig, VariantConfig
 from orchestrator.errors import InfeasibleRequest
+from orchestrator.strategy import Workload
 from trainer import import_guard
 
 # Orders of variants tried when packing them together; beyond this many variants, the most
@@ -65,6 +70,8 @@ class NodeCapacity:
     flash_ok: bool = True
     flash_kernel: Optional[str] = None
     flash_reason: Optional[str] = None
+    gpu_memory_bytes: Optional[int] = None  # the node's smallest GPU; None: not measured
+    memory_bytes: Optional[int] = None  # the node's RAM; None: not measured
 
     def all_labels(self) -> dict[str, str]:
         """The labels a selector sees: Ray adds the node id to every node's labels."""
@@ -84,6 +91,9 @@ class PlannedVariant:
     # One selector for all workers, or one per worker (concurrent plans pin each worker to a node).
     label_selector: Union[dict[str, str], list[dict[str, str]], None] = None
     nodes: list[str] = field(default_factory=list)  # the node of each worker, as packed
+    strategy: str = "ddp"  # ddp | fsdp: scaling.strategy, resolved (strategy.py)
+    strategy_reason: Optional[str] = None
+    memory: Optional[dict] = None  # the per-worker estimate (trainer/memory.py) and its limit
 
     def demand(self) -> dict[str, float]:
         """What one worker asks Ray for (the same dict launch passes as resources_per_worker)."""
@@ -113,9 +123,13 @@ class Plan:
                 where += " on " + ", ".join(f"{n[:12]} ({c})" for n, c in counts.items())
             env = " ".join(f"{k}={val}" for k, val in v.env.items())
             line = f"  {v.name}: {v.status}, {where}, {env}"
+            if v.status == "planned":
+                line += f", strategy {v.strategy}"
             if v.reason:
                 line += f" ({v.reason})"
             lines.append(line)
+            if v.status == "planned" and v.strategy_reason:
+                lines.append(f"    strategy: {v.strategy_reason}")
         lines += [f"  note: {n}" for n in self.notes]
         return lines
 
@@ -188,14 +202,37 @@ def _total(nodes: list[NodeCapacity], key: str) -> float:
     return sum(n.cpus if key == "CPU" else n.gpus for n in nodes)
 
 
+def _resolve_strategies(runnable: list[PlannedVariant], nodes: list[NodeCapacity], scaling: ScalingConfig,
+                        workloads: Optional[dict[str, Workload]], concurrent: bool) -> None:
+    """Each variant's strategy and memory estimate (strategy.py), or InfeasibleRequest."""
+    gpu_memory = {n.node_id: n.gpu_memory_bytes for n in nodes}
+    ram = {n.node_id: n.memory_bytes for n in nodes}
+    for v in runnable:
+        if workloads is None:  # nothing to estimate from: the strategy as asked
+            v.strategy = "ddp" if scaling.strategy == "auto" else scaling.strategy
+            continue
+        sharing = runnable if concurrent else [v]
+        workers_on = Counter(n for u in sharing if not u.use_gpu for n in u.nodes)
+        limit = strategy_mod.budget(v.nodes, use_gpu=v.use_gpu, gpu_memory=gpu_memory, ram=ram,
+                                    workers_on=workers_on, headroom=scaling.memory_headroom)
+        choice = strategy_mod.resolve(v.name, scaling.strategy, workloads[v.name], num_workers=v.num_workers,
+                                      attention=v.env["ATTN_IMPL"], use_gpu=v.use_gpu, limit=limit,
+                                      headroom=scaling.memory_headroom)
+        v.strategy, v.strategy_reason = choice.strategy, choice.reason
+        v.memory = {"per_worker": choice.estimate.to_json(), "limit_bytes": limit.bytes if limit else None,
+                    "limit": limit.describe(scaling.memory_headroom) if limit else None}
+
+
 def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list[NodeCapacity],
-              flash_disabled: bool = False) -> Plan:
+              workloads: Optional[dict[str, Workload]] = None, flash_disabled: bool = False) -> Plan:
     """Variants onto the cluster (see the module docstring for the rules).
 
-    ``flash_disabled`` (--disable-flash-attn, DISABLE_FLASH_ATTN=1) gives every variant standard
-    attention, whatever it asked for, and places them as the same variants would be placed
-    without it: the request stays in ``attention``, the reason in ``reason``.
-
+    ``workloads`` (variant name -> model and train settings) lets the plan choose each
+    variant's strategy and check that its workers fit in memory; without it the strategy is
+    taken as asked (auto: ddp) and memory is not checked. ``flash_disabled``
+    (--disable-flash-attn, DISABLE_FLASH_ATTN=1) gives every variant standard attention,
+    whatever it asked for, and places them as the same variants would be placed without it:
+    the request stays in ``attention``, the reason in ``reason``.
     Raises InfeasibleRequest (exit 2) for a request no state of this cluster can satisfy.
     """
     if not nodes:
@@ -248,15 +285,29 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
     plan = Plan(variants=planned, mode="sequential", cluster=list(nodes),
                 flash_disabled=import_guard.DISABLED_REASON if flash_disabled else None)
     together = _pack_together(runnable, candidates, nodes) if len(runnable) > 1 else None
+    memory_bound = False  # the variants fit the CPUs together but not the RAM
+    if together is not None:
+        alone = {v.name: v.nodes for v in runnable}
+        for v in runnable:
+            v.nodes = together[v.name]
+        try:  # side by side, CPU workers share their nodes' RAM
+            _resolve_strategies(runnable, nodes, scaling, workloads, concurrent=True)
+        except InfeasibleRequest:
+            together, memory_bound = None, True
+            for v in runnable:
+                v.nodes = alone[v.name]
+            plan.notes.append("the variants fit the cluster's CPUs at once but not its memory: "
+                              "they run one after the other")
+    if together is None:
+        _resolve_strategies(runnable, nodes, scaling, workloads, concurrent=False)
     if together is not None:
         plan.mode = "concurrent"
         plan.notes.append(f"the cluster holds all {len(runnable)} variants at once: they run concurrently, "
                           "each worker pinned to its own node's CPUs/GPUs")
         for v in runnable:
-            v.nodes = together[v.name]
             v.label_selector = [{labels.NODE_ID_KEY: n} for n in v.nodes]
     else:
-        if len(runnable) > 1:
+        if len(runnable) > 1 and not memory_bound:
             demand = "; ".join(f"{v.name}: {v.num_workers} x {'GPU' if v.use_gpu else 'CPU'}" for v in runnable)
             plan.notes.append(f"the cluster cannot hold all {len(runnable)} variants at once ({demand}; cluster: "
                               f"{_total(nodes, 'CPU'):g} CPU, {_total(nodes, 'GPU'):g} GPU): "

@@ -21,7 +21,9 @@ import yaml
 
 from orchestrator import config as config_mod
 from orchestrator import capacity, execute, init_from, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, storage
-from orchestrator.errors import EXIT_VARIANT_SKIPPED, UsageError
+from orchestrator.errors import EXIT_VARIANT_SKIPPED, InfeasibleRequest, UsageError
+from orchestrator.preflight import interconnect
+from orchestrator.strategy import Workload
 from trainer import data as data_mod
 from trainer import float8
 from trainer.loop import WorkerSpec
@@ -93,6 +95,16 @@ def prepare(opts: TrainOptions) -> Prepared:
             raise UsageError(f"{source}: train.seq_len {train.seq_len} is longer than the data in {data_path} "
                              f"({len(dataset.tokens)} tokens)")
     return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size)
+
+
+def workloads(prep: Prepared) -> dict[str, Workload]:
+    """What each variant trains, for the plan's memory estimate."""
+    out = {}
+    for v in prep.variants:
+        model, train_cfg = config_mod.resolved_sections(prep.cfg, v)
+        out[v.name] = Workload(model.args(vocab_size=prep.vocab_size, max_seq_len=train_cfg.seq_len,
+                                          activation_checkpointing=train_cfg.activation_checkpointing), train_cfg)
+    return out
 
 
 def preflight_settings(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig],
@@ -229,11 +241,18 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
                 report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn))
             # Planned before a new run directory exists: an infeasible request leaves nothing behind.
             plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
-                                      report.node_capacities() if report else nodes(),
+                                      report.node_capacities() if report else nodes(), workloads(prep),
                                       flash_disabled=opts.disable_flash_attn)
             problem = float8_refusal(prep.cfg, prep.variants, plan, report)
             if problem:
                 raise UsageError(f"{opts.config_file or 'built-in config'}: {problem}")
+            if report is not None:  # a hang in training's first all-reduce, found in seconds instead
+                report.interconnect = interconnect.check_plan(plan, setting=prep.cfg.scaling.interconnect_check,
+                                                              timeout_s=prep.cfg.scaling.interconnect_timeout_s)
+                if report.interconnect and report.interconnect.failures():
+                    for line in report.interconnect.table():
+                        log.info(line)
+                    raise InfeasibleRequest(interconnect.failure_message(report.interconnect))
             if saved:
                 run_dir = saved.run_dir
                 log.info("resuming run directory: %s", run_dir)
@@ -261,10 +280,12 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             for name in finished:
                 log.info("[%s] already succeeded; not rerun", name)
             specs = {}
+            strategies = {v.name: v.strategy for v in plan.variants}
             for vc in prep.variants:
                 model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)
                 specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg,
-                                            data_path=str(prep.data_path), out_dir=str((run_dir / vc.name).resolve()))
+                                            data_path=str(prep.data_path), out_dir=str((run_dir / vc.name).resolve()),
+                                            strategy=strategies[vc.name])
             sc = prep.cfg.scaling
             todo = plan_mod.Plan(variants=[v for v in plan.variants if v.name not in finished], mode=plan.mode,
                                  notes=plan.notes, cluster=plan.cluster)

@@ -56,6 +56,8 @@ def workdir(tmp_path):
     write_config(tmp_path / "three-variants.yaml", {"variants": [{"name": n, "attention": "flash"} for n in "abc"]})
     write_config(tmp_path / "many-workers.yaml", {"scaling": {"num_workers": 64}})
     write_config(tmp_path / "gpus.yaml", {"scaling": {"use_gpu": True}})
+    write_config(tmp_path / "layers.yaml", {"model": {"n_layers": 100000}})
+    write_config(tmp_path / "micro-batch.yaml", {"train": {"micro_batch_size": 1000000}})
     ok = np.arange(4000) % 300
     _dataset(tmp_path / "empty-data", np.zeros(0), 300, count=0)
     _dataset(tmp_path / "truncated-data", ok[:1000], 300, count=4000)
@@ -121,6 +123,11 @@ ROWS = [
     pytest.param("more-gpus-than-the-cluster-has", T + ["--config-file", "gpus.yaml", "--address", "{cluster}"], 2,
                  "scaling.use_gpu true with num_workers 2 needs 2 GPUs; the cluster has 0", marks=pytest.mark.ray,
                  id="more-gpus-than-the-cluster-has"),
+]
+ROWS += [  # the plan's memory estimate refuses them before any worker allocates (issue 18)
+    pytest.param(case, T + ["--config-file", f"{case}.yaml"], 2,
+                 "does not fit in memory under any strategy: ddp needs", marks=pytest.mark.ray, id=case)
+    for case in ("layers", "micro-batch")
 ]
 ROWS = [r if hasattr(r, "marks") else pytest.param(*r, id=r[0]) for r in ROWS]
 

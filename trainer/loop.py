@@ -14,6 +14,7 @@ import signal
 import statistics
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,7 @@ class WorkerSpec(BaseModel):
     train: TrainConfig
     data_path: str
     out_dir: str  # the variant's directory in the run directory: metrics, TensorBoard
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 def attention_from_env(environ=None) -> str:

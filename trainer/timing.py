@@ -18,8 +18,12 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, 
 def peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name(device))
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """The peak of a GPU by the name CUDA gives it (a worker reports its own); None if unknown or a CPU."""
+    return next((v for k, v in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in device_name), None)
 
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | None) -> float | None:

@@ -3,6 +3,7 @@
 ``--quick`` is a CPU smoke run of every path (CI runs it); the real numbers come from a GPU.
 ``--ray`` also trains the first variant under Ray Train's TorchTrainer to measure Ray's share
 (steady-state tokens/s against the bare process) and the time from command to first step.
+``--workers 1,2`` trains it under TorchTrainer at each worker count (``bench/workers.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from orchestrator import config as config_mod
 from orchestrator import rundir
-from orchestrator.bench import kernels, training
+from orchestrator.bench import kernels, training, workers
 from orchestrator.errors import UsageError
 from trainer import attention
 from trainer import data as data_mod
@@ -54,6 +55,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--ray", action="store_true", help="also train under TorchTrainer and compare with the bare loop")
+    p.add_argument("--workers", type=_ints, metavar="N,M",
+                   help="also train the first variant under TorchTrainer at each worker count (e.g. 1,2): "
+                        "tokens/s, MFU, peak memory per GPU and the scaling ratio")
     p.add_argument("--output-dir", default="runs", help="a bench-<time> directory is made here")
 
 
@@ -108,6 +112,8 @@ def markdown(report: dict) -> str:
         if r.get("startup_s"):
             lines += ["time from command to first step, by phase (s): " +
                       ", ".join(f"{k} {v:.1f}" for k, v in r["startup_s"].items()), ""]
+    if report.get("workers"):
+        lines += ["## Worker counts, under Ray Train", ""] + workers.markdown(report["workers"]) + [""]
     return "\n".join(lines)
 
 
@@ -186,6 +192,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             report["flash_over_standard"] = flash_over_standard(report[key])
     if args.ray:
         report["ray"] = ray_share(cfg, args, variants[0], dataset, device, warmup, iters)
+    if args.workers:
+        every = cfg.train.log_every
+        report["workers"] = workers.run(cfg, args.workers, variant=variants[0], output_dir=args.output_dir,
+                                        steps=-(-(warmup + iters) // every) * every)  # whole logging intervals
     rundir.write_json(out_dir / "bench.json", report)
     (out_dir / "bench.md").write_text(markdown(report))
     log.info("%s", markdown(report))

@@ -27,6 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import psutil
+
 from trainer import import_guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
 
 MARKER = "PREFLIGHT-FACTS "
@@ -297,6 +299,7 @@ def gather(settings: argparse.Namespace) -> dict:
     torch_ok = "error" not in facts["torch"]
     facts["libstdcxx"] = loaded_libstdcxx()
     facts["driver"], facts["gpus"] = gpu_facts(torch_ok)
+    facts["memory_bytes"] = psutil.virtual_memory().total  # the planner's memory check on CPU nodes
     try:
         distributions = flash_distributions()
     except Exception as e:  # unreadable metadata must not hide the other checks

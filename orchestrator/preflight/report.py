@@ -14,6 +14,7 @@ from typing import Optional
 
 from orchestrator.plan import NodeCapacity
 from orchestrator.preflight.child import ProbeSettings
+from orchestrator.preflight.interconnect import InterconnectReport
 from orchestrator.preflight.rules import Verdict
 from trainer import import_guard, kernel_select
 
@@ -66,6 +67,10 @@ class NodeReport:
             verdict, reason,
         ]
 
+    def smallest_gpu_bytes(self) -> Optional[int]:
+        sizes = [g["memory_bytes"] for g in (self.facts or {}).get("gpus") or [] if g.get("memory_bytes")]
+        return min(sizes) if sizes else None
+
     def to_json(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "cpus": self.cpus, "gpus": self.gpus,
                 "labels": self.labels, "probe_seconds": self.probe_seconds, "verdict": self.verdict.to_json(),
@@ -78,13 +83,15 @@ class Report:
     settings: ProbeSettings
     notes: list[str] = field(default_factory=list)  # plain statements: no alive nodes, no GPUs
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    interconnect: Optional[InterconnectReport] = None  # the all-reduce checks, once the plan is known
 
     # ------------------------------------------------------------ for the planner
 
     def node_capacities(self) -> list[NodeCapacity]:
         return [NodeCapacity(node_id=n.node_id, cpus=n.cpus, gpus=n.gpus, labels=dict(n.labels),
                              flash_ok=n.verdict.flash_ok, flash_kernel=n.verdict.flash_kernel,
-                             flash_reason=n.verdict.reason) for n in self.nodes]
+                             flash_reason=n.verdict.reason, gpu_memory_bytes=n.smallest_gpu_bytes(),
+                             memory_bytes=(n.facts or {}).get("memory_bytes")) for n in self.nodes]
 
     def flash_nodes(self) -> dict[str, list[str]]:
         """Flash kernel -> the nodes where it will run."""
@@ -108,7 +115,8 @@ class Report:
         widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return lines + [f"note: {n}" for n in self.notes]
+        lines += [f"note: {n}" for n in self.notes]
+        return lines + (self.interconnect.table() if self.interconnect else [])
 
     def log_text(self) -> str:
         s = self.settings
@@ -151,7 +159,8 @@ class Report:
 
     def to_json(self) -> dict:
         return {"created": self.created, "settings": asdict(self.settings), "notes": self.notes,
-                "flash_nodes": self.flash_nodes(), "nodes": [n.to_json() for n in self.nodes]}
+                "flash_nodes": self.flash_nodes(), "nodes": [n.to_json() for n in self.nodes],
+                "interconnect": self.interconnect.to_json() if self.interconnect else None}
 
     def write(self, directory: Path) -> tuple[Path, Path]:
         """preflight.json and flash_attention_log.txt in ``directory``; returns their paths."""

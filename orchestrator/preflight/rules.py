@@ -90,15 +90,19 @@ _PATTERNS: list[tuple[re.Pattern, str, str, str]] = [
 UNKNOWN = Cause("unknown", "unrecognised error", "read the raw error below; try `python -c 'import flash_attn'` on the node")
 
 
-def classify(error_text: str) -> Cause:
-    """The cause of an import or kernel error, from its text (a traceback is fine)."""
-    text = error_text or ""
-    for pattern, code, summary, hint in _PATTERNS:
+def first_match(patterns: list[tuple[re.Pattern, str, str, str]], text: str) -> Optional[Cause]:
+    """The cause of the first (pattern, code, summary template, hint) whose pattern is in ``text``."""
+    for pattern, code, summary, hint in patterns:
         m = pattern.search(text)
         if m:
             groups = [g for g in m.groups() if g] if m.groups() else []
             return Cause(code, summary.format(*(groups or [m.group(0)])), hint)
-    return UNKNOWN
+    return None
+
+
+def classify(error_text: str) -> Cause:
+    """The cause of an import or kernel error, from its text (a traceback is fine)."""
+    return first_match(_PATTERNS, error_text or "") or UNKNOWN
 
 
 def crash_cause(what: str, signal_name: Optional[str], timed_out: bool) -> Cause:

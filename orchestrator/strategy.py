@@ -1,0 +1,109 @@
+"""DDP or FSDP, and does it fit: each planned variant's workers against their devices' memory.
+
+Pure: the planner calls ``resolve`` once the workers are placed, with what preflight found on
+each node (the smallest GPU's memory, the node's RAM) and the per-worker estimate of
+``trainer/memory.py``. A worker may use ``scaling.memory_headroom`` of its device: the rest is
+for what no estimate sees (allocator fragmentation, other processes). On a CPU node the
+workers placed there at the same time share its RAM.
+
+``auto`` takes DDP while the model state (parameters, gradients, AdamW moments) fills at most
+half of what a worker may use, so activations have room, and FSDP beyond that; a plan that
+fits under no strategy is refused before anything is allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from orchestrator.errors import InfeasibleRequest
+from trainer import memory
+from trainer.config import TrainConfig
+from trainer.model import ModelArgs
+
+# ``auto``'s "fits comfortably": DDP's model state may take this share of a worker's memory.
+COMFORT_FRACTION = 0.5
+
+_ADVICE = ("lower the model's size, train.micro_batch_size or train.seq_len, set train.activation_checkpointing: "
+           "true, add workers (fsdp shards over them) or raise scaling.memory_headroom")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one variant trains: enough to estimate its memory."""
+
+    model: ModelArgs
+    train: TrainConfig
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The bytes one worker of a variant may use, and where that limit comes from."""
+
+    bytes: int
+    device_bytes: int
+    what: str  # "GPU" or "RAM shared by N worker(s)"
+    node: str
+
+    def describe(self, headroom: float) -> str:
+        return f"{memory.gib(self.bytes)} ({headroom:g} x {memory.gib(self.device_bytes)} {self.what} on node {self.node[:12]})"
+
+
+@dataclass(frozen=True)
+class Choice:
+    strategy: str
+    estimate: memory.MemoryEstimate
+    reason: str
+
+
+def budget(nodes: list[str], *, use_gpu: bool, gpu_memory: dict[str, Optional[int]], ram: dict[str, Optional[int]],
+           workers_on: dict[str, int], headroom: float) -> Optional[Budget]:
+    """The tightest per-worker limit over the nodes a variant's workers are placed on; None
+    when preflight could not measure any of them (nothing to check against)."""
+    limits = []
+    for node in dict.fromkeys(nodes):
+        if use_gpu:
+            total, share, what = gpu_memory.get(node), 1, "GPU"
+        else:
+            share = max(1, workers_on.get(node, 1))
+            total, what = ram.get(node), f"RAM shared by {share} worker(s)"
+        if total:
+            limits.append(Budget(int(headroom * total / share), total, what, node))
+    return min(limits, key=lambda b: b.bytes) if limits else None
+
+
+def resolve(name: str, requested: str, work: Workload, *, num_workers: int, attention: str, use_gpu: bool,
+            limit: Optional[Budget], headroom: float) -> Choice:
+    """The strategy for one variant, or InfeasibleRequest (exit 2) with the estimates."""
+    device = "cuda" if use_gpu else "cpu"
+
+    def est(strategy: str) -> memory.MemoryEstimate:
+        return memory.estimate(work.model, work.train, strategy=strategy, world_size=num_workers,
+                               attention=attention, device=device)
+
+    ddp, fsdp = est("ddp"), est("fsdp")
+    if limit is None:
+        chosen = "ddp" if requested == "auto" else requested
+        return Choice(chosen, ddp if chosen == "ddp" else fsdp,
+                      "device memory unknown: not checked" + (" (auto: ddp)" if requested == "auto" else ""))
+    where = limit.describe(headroom)
+    if requested != "auto":
+        e = ddp if requested == "ddp" else fsdp
+        if e.total <= limit.bytes:
+            return Choice(requested, e, f"scaling.strategy {requested}: {memory.gib(e.total)} per worker of {where}")
+        other = fsdp if requested == "ddp" else ddp
+        hint = (f"scaling.strategy {other.strategy} would fit ({memory.gib(other.total)}); "
+                if other.total <= limit.bytes and (other.strategy == "ddp" or num_workers > 1) else "")
+        raise InfeasibleRequest(f"variant {name}: does not fit in memory under scaling.strategy {requested}: needs "
+                                f"{e.describe()}; a worker may use {where}; {hint}{_ADVICE}")
+    if ddp.model_state <= COMFORT_FRACTION * limit.bytes and ddp.total <= limit.bytes:
+        return Choice("ddp", ddp, f"auto: ddp, model state {memory.gib(ddp.model_state)} fits comfortably in {where}")
+    if num_workers > 1 and fsdp.total <= limit.bytes:
+        why = (f"ddp's params+grads+optimizer {memory.gib(ddp.model_state)} exceed half"
+               if ddp.total <= limit.bytes else f"ddp's {memory.gib(ddp.total)} exceed all")
+        return Choice("fsdp", fsdp, f"auto: fsdp, {why} of {where}; sharded: {memory.gib(fsdp.total)} per worker")
+    if ddp.total <= limit.bytes:
+        return Choice("ddp", ddp, f"auto: ddp, {memory.gib(ddp.total)} per worker fits {where} "
+                                  "(one worker: nothing to shard over)")
+    raise InfeasibleRequest(f"variant {name}: does not fit in memory under any strategy: ddp needs {ddp.describe()}; "
+                            f"fsdp needs {fsdp.describe()}; a worker may use {where}; {_ADVICE}")

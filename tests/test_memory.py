@@ -1,0 +1,127 @@
+"""The per-worker memory estimate (trainer/memory.py): hand-computed cases on a tiny model, the
+parameter count against the real model, and the estimate against a measured CPU peak."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from trainer.config import ModelConfig, TrainConfig
+from trainer.memory import RUNTIME_BYTES, estimate, param_counts
+from trainer.model import Transformer
+
+# dim 8, one block, 2 query heads of dim 4, 1 kv head, FFN 16, vocab 10, tied head.
+TINY = ModelConfig(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=16).args(vocab_size=10, max_seq_len=4)
+TRAIN = TrainConfig(seq_len=4, micro_batch_size=2, compile=False)  # 8 tokens per micro-batch
+CPU = RUNTIME_BYTES["cpu"]
+
+
+def test_parameter_count_matches_the_model_built_from_the_same_args():
+    for args in (TINY, ModelConfig(tie_embeddings=False).args(vocab_size=300, max_seq_len=16)):
+        model = Transformer(args, lambda q, k, v: q)
+        assert param_counts(args)[0] == sum(p.numel() for p in model.parameters())
+    # by hand: block = wq 64 + wk,wv 2*32 + wo 64 + MLP 3*128 + norms 16 = 592; root = embedding 80 + norm 8
+    assert param_counts(TINY) == (680, 592, 88)
+
+
+def test_ddp_on_two_cpu_workers_holds_the_full_replica_and_its_buckets():
+    e = estimate(TINY, TRAIN, strategy="ddp", world_size=2, attention="flash", device="cpu")
+    assert (e.dtype, e.params, e.grads, e.optimizer, e.gathered) == ("fp32", 2720, 2720, 5440, 0)
+    # per token, fp32: residual in 64 + norms 128 + rotary 48 + q,k,v 96 + attention out 64 + MLP 256 = 656
+    assert e.activations == 656 * 8 * 2  # one block saved + one block's backward workspace
+    assert e.logits == 8 * (128 + 10 * 16)
+    assert e.total == 2720 + 5440 + 2720 + (10496 + 2304) + CPU  # gradients live in DDP's buckets
+
+
+def test_fsdp_shards_model_state_by_world_size_and_adds_the_gathered_units():
+    e = estimate(TINY, TRAIN, strategy="fsdp", world_size=2, attention="flash", device="cpu")
+    assert (e.params, e.grads, e.optimizer) == (1360, 1360, 2720)
+    assert e.gathered == 88 * 8 + 2 * 592 * 8  # root + two blocks, each with its unsharded fp32 gradients
+    # gradients trade places with activations in backward: the larger end counts
+    assert e.total == 1360 + 2720 + e.gathered + max(10496 + 2304, 1360 + 1024 // 2) + CPU
+
+
+def test_standard_attention_adds_the_score_matrix_and_flash_does_not():
+    flash = estimate(TINY, TRAIN, strategy="ddp", world_size=1, attention="flash", device="cpu")
+    std = estimate(TINY, TRAIN, strategy="ddp", world_size=1, attention="standard", device="cpu")
+    assert std.activations - flash.activations == 2 * (2 * 4 * 4) * 8  # 2 heads x T=4 fp32 per token, 2 blocks' worth
+    long = TRAIN.model_copy(update={"seq_len": 4096, "micro_batch_size": 1})
+    big = ModelConfig(dim=512, n_layers=8, n_heads=8).args(vocab_size=1000, max_seq_len=4096)
+    f = estimate(big, long, strategy="ddp", world_size=1, attention="flash", device="cpu").activations
+    s = estimate(big, long, strategy="ddp", world_size=1, attention="standard", device="cpu").activations
+    assert s > 3 * f  # T x T dominates at long sequences
+
+
+def test_activation_checkpointing_keeps_block_inputs_and_one_recomputed_block():
+    ckpt = estimate(TINY, TRAIN.model_copy(update={"activation_checkpointing": True}), strategy="ddp",
+                    world_size=1, attention="flash", device="cpu")
+    assert ckpt.activations == 1 * 4 * 8 * 8 + 2 * 5248
+
+
+def test_bf16_on_gpu_compiled_halves_what_blocks_keep_and_skips_optimizer_temporaries():
+    e = estimate(TINY, TrainConfig(seq_len=4, micro_batch_size=2), strategy="ddp", world_size=1,
+                 attention="flash", device="cuda")
+    assert e.dtype == "bf16" and e.step_temp == 0 and e.runtime == RUNTIME_BYTES["cuda"]
+    # compiled: residual in 64 + normed bf16 32 + q,k,v 48 + attention out 16 + w1, w3 out 64 = 224 per token
+    assert e.activations == 224 * 8 * 2
+    assert e.logits == 8 * (128 + 10 * (2 + 12))
+
+
+def test_llama3_8b_needs_fsdp_on_two_80gb_gpus():
+    m = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256,
+                    rope_theta=500000, tie_embeddings=False).args(vocab_size=128256, max_seq_len=4096)
+    tc = TrainConfig(seq_len=4096, micro_batch_size=1, activation_checkpointing=True)
+    usable = 0.9 * 81559 * 2**20  # an H100 80GB as NVML reports it
+    ddp = estimate(m, tc, strategy="ddp", world_size=2, attention="flash", device="cuda")
+    fsdp = estimate(m, tc, strategy="fsdp", world_size=2, attention="flash", device="cuda")
+    assert 15.5 * 8.03e9 < ddp.model_state < 16.5 * 8.03e9  # ~16 bytes per parameter
+    assert ddp.total > usable > fsdp.total
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="strategy 'zero'"):
+        estimate(TINY, TRAIN, strategy="zero", world_size=1, attention="flash", device="cpu")
+
+
+MEASURE = """
+import json, resource, sys
+import psutil, torch
+from trainer import attention, data
+from trainer.config import ModelConfig, TrainConfig
+from trainer.data import BatchSampler, get_batch, num_windows
+from trainer.memory import estimate
+from trainer.model import Transformer
+from trainer.optim import build_optimizer
+from trainer.step import Stepper
+
+attn = sys.argv[1]
+torch.set_num_threads(1)
+ds = data.load_dataset(data.embedded_dataset())
+tc = TrainConfig(seq_len=256, micro_batch_size=16)
+margs = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4).args(vocab_size=ds.vocab_size, max_seq_len=256)
+cpu = torch.device("cpu")
+fn = attention.resolve(attn, device=cpu, dtype=torch.float32, head_dim=margs.head_dim, n_heads=margs.n_heads,
+                       n_kv_heads=margs.n_kv_heads).fn
+base = psutil.Process().memory_info().rss  # interpreter, torch, the dataset: the runtime's share
+model = Transformer(margs, fn)
+opt = build_optimizer(model, tc, cpu)
+step = Stepper(model, opt, device=cpu, dtype=torch.float32, grad_accum=1, grad_clip=1.0, compile=False)
+sampler = BatchSampler(seed=0, n_windows=num_windows(len(ds.tokens), 256), micro_batch=16, grad_accum=1, world_size=1)
+for s in range(3):
+    step([get_batch(ds.tokens, sampler.indices(s, 0, 0), 256)], 1e-3)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+e = estimate(margs, tc, strategy="ddp", world_size=1, attention=attn, device="cpu")
+print(json.dumps({"measured": peak - base, "estimated": e.total - e.runtime}))
+"""
+
+
+@pytest.mark.ray  # a subprocess training a model of ~0.5 GB of activations
+@pytest.mark.parametrize("attn", ["flash", "standard"])
+def test_estimate_is_within_15_percent_of_a_measured_cpu_peak(attn):
+    out = subprocess.run([sys.executable, "-c", MEASURE, attn], cwd=ROOT, capture_output=True, text=True,
+                         check=True, timeout=300)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["measured"] > 300 * 2**20  # the model's tensors dominate what is measured
+    assert 0.85 <= r["estimated"] / r["measured"] <= 1.15, r

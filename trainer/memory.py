@@ -1,0 +1,180 @@
+"""How much memory one worker needs: parameters, gradients, optimizer state, activations.
+
+A pure function of the model's shape, the training settings, the strategy (ddp or fsdp), the
+world size and the attention, so the driver can refuse a plan that cannot fit before anything
+is allocated (``orchestrator/plan.py``), and tests can check it by hand.
+
+What is counted, in bytes, for the model in ``trainer/model.py`` trained by ``trainer/step.py``:
+- model state: fp32 parameters (the master copy under bf16 autocast), fp32 gradients and
+  AdamW's two fp32 moments, 16 bytes per parameter. ``ddp`` holds all of it on every worker
+  (DDP's buckets are the gradients themselves: ``gradient_as_bucket_view``). ``fsdp`` holds
+  1/world of it, plus what FSDP2 gathers: the root (embedding, final norm, head) with its
+  unsharded gradients for the whole pass, and two blocks (the one computing and the one
+  prefetched) with theirs.
+- activations saved for backward at the micro-batch and sequence length, per block, counted
+  tensor by tensor from the model's forward (see ``_block_bytes_per_token``). The residual
+  stream is fp32 under autocast (the embedding and the adds are not autocast ops).
+  Standard attention adds its (B, heads, T, T) softmax; the fused kernels keep no T x T matrix.
+  Backward needs about one block's worth again for the gradients in flight. Activation
+  checkpointing keeps only each block's input, plus one block being recomputed.
+  Under torch.compile fewer tensors are kept (the rest is recomputed in backward).
+- logits: the head's output, held through backward, the fp32 log-softmax and its gradients.
+- the optimizer step's temporaries (AdamW on CPU runs tensor by tensor, with fp32 temporaries
+  the size of the largest parameter; the fused CUDA kernel none) and a fixed runtime allowance per process (CUDA
+  context and communication buffers on a GPU; the interpreter, torch and Ray on a CPU).
+
+The peak: backward frees a block's activations as it makes that block's gradients, so the two
+trade places, and their sum is largest at one end: at the start of backward (all activations
+and the logits) or at the optimizer step (all gradients, and the step's temporaries). Under
+DDP with several workers the gradients live in DDP's buckets for the whole run, so they add.
+The README states the accuracy against measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from trainer.config import TrainConfig
+from trainer.model import ModelArgs
+from trainer.step import compile_enabled, training_dtype
+
+Strategy = Literal["ddp", "fsdp"]
+STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
+
+GiB = 2**30
+FP32 = 4
+# Allowances, not measurements of this model: what a training process holds besides its
+# tensors. A CUDA context with cuBLAS workspaces and NCCL's buffers is 0.5-1 GiB; a CPU
+# worker process (Python, torch, Ray's worker runtime) about 0.5 GiB of resident memory.
+RUNTIME_BYTES = {"cuda": 1 * GiB, "cpu": GiB // 2}
+# FSDP2 gathers the unit computing now and prefetches the next one.
+FSDP_UNITS_IN_FLIGHT = 2
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one worker needs at its peak, by part."""
+
+    strategy: str
+    world_size: int
+    dtype: str  # bf16 or fp32: the compute dtype
+    params: int
+    grads: int
+    optimizer: int
+    gathered: int  # fsdp: the unsharded units in flight; 0 for ddp
+    activations: int
+    logits: int
+    step_temp: int  # the optimizer step's temporaries
+    runtime: int
+    grads_resident: bool  # DDP's buckets: the gradients never leave
+
+
+    @property
+    def model_state(self) -> int:
+        """Parameters, gradients and optimizer state: what sharding divides."""
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> int:
+        fixed = self.params + self.optimizer + self.gathered + self.runtime
+        backward_start, step = self.activations + self.logits, self.step_temp
+        if self.grads_resident:
+            return fixed + self.grads + max(backward_start, step)
+        return fixed + max(backward_start, self.grads + step)
+
+    def describe(self) -> str:
+        parts = [("params", self.params), ("grads", self.grads), ("optimizer", self.optimizer),
+                 ("gathered", self.gathered), ("activations", self.activations), ("logits", self.logits),
+                 ("runtime", self.runtime)]
+        inner = " + ".join(f"{name} {gib(v)}" for name, v in parts if v)
+        return f"{gib(self.total)} per worker under {self.strategy} x{self.world_size} ({inner})"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "model_state": self.model_state, "total": self.total}
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n < 100 * GiB else f"{n / GiB:,.0f} GiB"
+
+
+def param_counts(m: ModelArgs) -> tuple[int, int, int]:
+    """(all parameters, one block's, the root's: embedding, final norm and an untied head)."""
+    d, kv = m.dim, m.n_kv_heads * m.head_dim
+    block = d * d + 2 * d * kv + d * d + 3 * d * m.ffn_hidden + 2 * d
+    root = m.vocab_size * d + d + (0 if m.tie_embeddings else d * m.vocab_size)
+    return m.n_layers * block + root, block, root
+
+
+def _block_bytes_per_token(m: ModelArgs, e: int, seq_len: int, attention: str, compiled: bool) -> int:
+    """Bytes one block saves for backward per token, from its forward in trainer/model.py.
+
+    ``e`` is the compute dtype's size. Eager, under bf16 autocast every linear's input is a
+    fresh bf16 copy of an fp32 tensor (``cast``; in fp32 the tensor itself). Compiled, the
+    partitioner keeps the fewest tensors and recomputes the cheap ones (norms, rotation, SiLU
+    and its product), which the GPU benchmarks' measured peaks bear out (README).
+    """
+    d, f, kv = m.dim, m.ffn_hidden, m.n_kv_heads * m.head_dim
+    inputs = 2 * FP32 * d  # the fp32 residual entering each norm
+    attn_in = 3 * e * d  # rotated q, and k, v repeated to every query head
+    if compiled:
+        total = inputs + 2 * e * d + attn_in + e * d + 2 * e * f  # normed inputs, attention out, w1 and w3 out
+        if attention == "standard":
+            total += m.n_heads * seq_len * FP32  # the causal softmax
+        return total
+    cast = e if e != FP32 else 0
+    norms = 2 * (2 * FP32 * d)  # each RMSNorm: the normalised and the weighted fp32 tensor
+    casts = (3 + 2) * cast * d  # wq, wk, wv and w1, w3 take a bf16 copy each
+    rotary = FP32 * (d + kv)  # q and k in fp32 for the rotation
+    attn_out = 2 * e * d  # the kernel's output and its (B, T, d) copy for wo
+    mlp = 4 * e * f  # w1 out, w3 out, silu out, their product
+    total = inputs + norms + casts + rotary + attn_in + attn_out + mlp
+    if attention == "standard":
+        # The causal softmax, fp32, and its copy in the compute dtype for the matmul with v.
+        total += m.n_heads * seq_len * (FP32 + cast)
+    return total
+
+
+def estimate(model: ModelArgs, train: TrainConfig, *, strategy: Strategy, world_size: int, attention: str,
+             device: str = "cuda") -> MemoryEstimate:
+    """Peak bytes of one worker training ``model`` with ``train`` (see the module docstring).
+
+    ``attention``: 'flash' (a fused kernel, no T x T matrix) or 'standard'; ``device``: 'cuda' or 'cpu'.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    dev = torch.device(device)
+    e = training_dtype(train, dev).itemsize
+    compiled = compile_enabled(train, dev)
+    n, block, root = param_counts(model)
+    shard = world_size if strategy == "fsdp" else 1
+    params, grads, optimizer = FP32 * n // shard, FP32 * n // shard, 2 * FP32 * n // shard
+    gathered = 0
+    if strategy == "fsdp":
+        # Parameters and unsharded gradients in the compute dtype; a block's gradients also get
+        # the fp32 copy that is reduce-scattered under mixed precision (the root's come at the
+        # very end of backward, when the activations are gone).
+        per_block_param = 2 * e + (FP32 if e != FP32 else 0)
+        gathered = root * 2 * e + FSDP_UNITS_IN_FLIGHT * block * per_block_param
+
+    tokens = train.micro_batch_size * train.seq_len
+    per_block = _block_bytes_per_token(model, e, train.seq_len, attention, compiled) * tokens
+    # Differentiating a block takes about as much again as it saved, for its gradients in flight.
+    workspace = per_block
+    if train.activation_checkpointing:
+        activations = model.n_layers * FP32 * model.dim * tokens + per_block + workspace  # one block recomputed
+    else:
+        activations = model.n_layers * per_block + workspace
+    # Final norm (as a block's) and, per vocabulary entry: the head's output held through
+    # backward, the fp32 log-softmax, and the two fp32 gradients at the start of backward.
+    logits = tokens * (2 * 2 * FP32 * model.dim + model.vocab_size * (e + 3 * FP32))
+    largest = max(model.vocab_size * model.dim, model.dim * model.ffn_hidden)
+    step_temp = 0 if device == "cuda" else 2 * FP32 * largest // shard
+    return MemoryEstimate(strategy=strategy, world_size=world_size, dtype="bf16" if e == 2 else "fp32",
+                          params=params, grads=grads, optimizer=optimizer, gathered=gathered,
+                          activations=activations, logits=logits,
+                          step_temp=step_temp, runtime=RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"],
+                          # Ray wraps the model in DDP only for several workers (prepare_model).
+                          grads_resident=strategy == "ddp" and world_size > 1)
