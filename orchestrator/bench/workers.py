@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.bench import timing
+from trainer import timing
 from orchestrator.run import TrainOptions, train
 from orchestrator.session import ray_session
 
