@@ -45,6 +45,7 @@ class TrainOptions:
     name: Optional[str] = None
     debug: bool = False
     resume: Optional[str] = None  # a stopped run's directory: continue it with its own options
+    fresh_preflight: bool = False  # probe every node again rather than reuse its cached result
 
 
 @dataclass
@@ -60,7 +61,8 @@ def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume
     if not opts.resume:
         return opts, None
     saved = resume_mod.load(opts)
-    return TrainOptions(**saved.options), saved
+    # Probing afresh is this invocation's wish, not a property of the run.
+    return TrainOptions(**dict(saved.options, fresh_preflight=opts.fresh_preflight)), saved
 
 
 def prepare(opts: TrainOptions) -> Prepared:
@@ -208,7 +210,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             capacity.check_fits(prep.cfg.scaling, dict(ray.cluster_resources()), opts.config_file or "built-in config")
             report = None
             if nodes is None:  # probe every node; its verdicts are the planner's view of the cluster
-                report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn))
+                report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn),
+                                                 fresh=opts.fresh_preflight)
             # Planned before a new run directory exists: an infeasible request leaves nothing behind.
             plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
                                       report.node_capacities() if report else nodes())

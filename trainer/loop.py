@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from trainer import attention, checkpoint, import_guard
+from trainer import attention, checkpoint, import_guard, verified_kernel
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
@@ -120,9 +120,10 @@ def train_loop_per_worker(config: dict) -> dict:
     dataset = load_dataset(spec.data_path)
     margs = spec.model.args(vocab_size=dataset.vocab_size, max_seq_len=tc.seq_len,
                             activation_checkpointing=tc.activation_checkpointing)
-    resolved = attention.resolve(
-        requested, device=device, dtype=dtype, head_dim=margs.head_dim, n_heads=margs.n_heads,
-        n_kv_heads=margs.n_kv_heads, flash_attn_allowed=not import_guard.installed(),
+    resolved, verdict_reuse = verified_kernel.resolve(  # the node's preflight verdict, when it holds
+        requested, dtype_setting=tc.dtype, log_dir=Path(spec.out_dir).parent, device=device, dtype=dtype,
+        head_dim=margs.head_dim, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
+        flash_attn_allowed=not import_guard.installed(),
     )
     worker_info = {
         "rank": rank,
@@ -132,6 +133,7 @@ def train_loop_per_worker(config: dict) -> dict:
         "device": torch.cuda.get_device_name(device) if is_gpu else "cpu",
         "kernel": resolved.kernel,
         "rejected_kernels": resolved.rejected,
+        "preflight_verdict": verdict_reuse,
         "env": {k: os.environ[k] for k in ATTN_ENV_VARS if k in os.environ},
         "flash_attn_imports_blocked": import_guard.installed(),
     }
