@@ -118,6 +118,7 @@ def train_loop_per_worker(config: dict) -> dict:
     requested = attention_from_env()
     dtype = training_dtype(tc, device)
     dataset = load_dataset(spec.data_path)
+    t_data = time.time()
     margs = spec.model.args(vocab_size=dataset.vocab_size, max_seq_len=tc.seq_len,
                             activation_checkpointing=tc.activation_checkpointing)
     resolved, verdict_reuse = verified_kernel.resolve(  # the node's preflight verdict, when it holds
@@ -125,6 +126,7 @@ def train_loop_per_worker(config: dict) -> dict:
         head_dim=margs.head_dim, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
         flash_attn_allowed=not import_guard.installed(),
     )
+    t_attention = time.time()
     worker_info = {
         "rank": rank,
         "node_id": ray.get_runtime_context().get_node_id(),  # [ray]
@@ -152,6 +154,7 @@ def train_loop_per_worker(config: dict) -> dict:
     raw_model = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(raw_model, tc, device)
     use_compile = compile_enabled(tc, device)
+    t_model = time.time()
 
     # ---------------------------------------------------------------- resume
     start_step, first_loss, restored_from = 0, None, None
@@ -271,5 +274,6 @@ def train_loop_per_worker(config: dict) -> dict:
         "flops_per_token": margs.flops_per_token(tc.seq_len),
         "tokens_per_step": tokens_per_step,
         # Wall-clock times for the driver's startup breakdown (worker up -> ready -> first step).
-        "timeline": {"worker_start": t_start, "ready": t_ready, "first_step": t_first_step},
+        "timeline": {"worker_start": t_start, "data": t_data, "attention": t_attention, "model": t_model,
+                     "ready": t_ready, "first_step": t_first_step},
     }
