@@ -216,3 +216,18 @@ def test_a_wrong_reused_verdict_falls_back_marks_the_entry_stale_and_is_logged(t
     _, again = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **WORKER_SHAPE)
     assert again["reused"] is False and "stale" in again["why_not"]
     assert (tmp_path / LOG_FILE).read_text() == logged
+
+
+# ---------------------------------------------------------------- through Ray
+
+
+@pytest.mark.ray
+def test_preflight_on_a_ray_node_is_reused_until_fresh_preflight_is_asked(ray_session):
+    from orchestrator.preflight import run_preflight
+
+    settings = ProbeSettings(head_dim=8, n_heads=2, n_kv_heads=1, timeout_s=120)  # a shape no other test uses
+    first, second, fresh = (run_preflight(settings, fresh=f) for f in (False, False, True))
+    assert [n.reused for r in (first, second, fresh) for n in r.nodes] == [False, True, False]
+    assert second.nodes[0].verdict.flash_kernel == first.nodes[0].verdict.flash_kernel
+    assert "reused" in second.table()[2] and any("reused their cached result" in l for l in second.table())
+    assert "preflight result reused from" in second.log_text()

@@ -56,11 +56,14 @@ def load_artifacts(path: Path) -> bool:
     if not path.is_file() or not hasattr(torch.compiler, "load_cache_artifacts"):
         return False
     try:
-        torch.compiler.load_cache_artifacts(path.read_bytes())
+        # None (after torch's own warning) for bytes it cannot read.
+        loaded = torch.compiler.load_cache_artifacts(path.read_bytes()) is not None
     except Exception as e:  # a file from another torch build, or cut short: compile as without it
         log.warning("compile cache %s not loaded (%s: %s)", path, type(e).__name__, e)
         return False
-    return True
+    if not loaded:
+        log.warning("compile cache %s not loaded (unreadable); compiling in full", path)
+    return loaded
 
 
 def save_artifacts(path: Path) -> bool:
