@@ -64,6 +64,17 @@ def _stat(path: str | Path) -> Optional[list]:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
+def _code_digest() -> str:
+    # Contents, not paths or mtimes: `ray job submit` unpacks the same code into a new directory per job.
+    h = hashlib.sha256()
+    for rel in _PROBE_CODE:
+        try:
+            h.update((_PACKAGE_ROOT / rel).read_bytes())
+        except OSError:
+            h.update(f"missing {rel}".encode())
+    return h.hexdigest()[:16]
+
+
 def _read(path: str) -> Optional[str]:
     try:
         return Path(path).read_text(errors="replace").strip()
@@ -125,7 +136,7 @@ def node_key(settings, environ: Optional[Mapping[str, str]] = None, argv: Option
     torch_dist = next(iter(importlib.metadata.distributions(name="torch", path=path)), None)
     return {
         "format": FORMAT, "probe_schema": SCHEMA, "hostname": platform.node(),
-        "probe_code": [_stat(_PACKAGE_ROOT / p) for p in _PROBE_CODE],
+        "probe_code": _code_digest(),
         "python": [sys.executable, platform.python_version()],
         "driver": _read("/sys/module/nvidia/version") or _read("/proc/driver/nvidia/version"),
         # Not CUDA_VISIBLE_DEVICES: the probe task and the workers see different masks of the same GPUs.
