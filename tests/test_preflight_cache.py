@@ -231,3 +231,24 @@ def test_preflight_on_a_ray_node_is_reused_until_fresh_preflight_is_asked(ray_se
     assert second.nodes[0].verdict.flash_kernel == first.nodes[0].verdict.flash_kernel
     assert "reused" in second.table()[2] and any("reused their cached result" in l for l in second.table())
     assert "preflight result reused from" in second.log_text()
+
+
+@pytest.mark.ray
+def test_a_run_whose_reused_verdict_is_wrong_still_trains_logs_it_and_leaves_the_entry_stale(ray_session, tmp_path):
+    from orchestrator.run import TrainOptions, train
+    from tests.conftest import write_config
+
+    cfg = str(write_config(tmp_path / "c.yaml", {"train": {"max_steps": 2, "checkpoint_every": 2}}))
+    first = train(TrainOptions(config_file=cfg, output_dir=str(tmp_path / "runs"), name="first"))
+    [entry_path] = {w["preflight_verdict"]["path"] for w in first["variants"]["flash"]["workers"]}
+    entry = cache.load(Path(entry_path)).entry
+    # The node's verdict names a kernel that no longer works here (say flash-attn broke in a way
+    # the key cannot see); its facts still hold, so preflight reuses the entry as it is.
+    cache.store(Path(entry_path), entry["key"], entry["raw"], {"flash_ok": True, "flash_kernel": "flash_attn_2"})
+    second = train(TrainOptions(config_file=cfg, output_dir=str(tmp_path / "runs"), name="second"))
+    rec = second["variants"]["flash"]
+    assert rec["status"] == "succeeded" and rec["backend"] == first["variants"]["flash"]["backend"]
+    assert all("verdict flash_attn_2 was wrong" in w["preflight_verdict"]["why_not"] for w in rec["workers"])
+    log_text = (tmp_path / "runs" / "second" / LOG_FILE).read_text()
+    assert "the reused preflight verdict (kernel flash_attn_2" in log_text and "cache entry marked stale" in log_text
+    assert "marked stale" in cache.load(Path(entry_path)).why_not
