@@ -252,3 +252,16 @@ def test_a_run_whose_reused_verdict_is_wrong_still_trains_logs_it_and_leaves_the
     log_text = (tmp_path / "runs" / "second" / LOG_FILE).read_text()
     assert "the reused preflight verdict (kernel flash_attn_2" in log_text and "cache entry marked stale" in log_text
     assert "marked stale" in cache.load(Path(entry_path)).why_not
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_a_real_probe_verdict_is_reused_by_the_worker_and_skips_the_other_candidates(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    settings = ProbeSettings(head_dim=64, n_heads=8, n_kv_heads=2, dtype="auto", timeout_s=300)
+    raw = probe_or_reuse(probe_command(settings), settings, False, dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert raw["cache"]["reused"] is False
+    shape = dict(device=torch.device("cuda", 0), dtype=torch.bfloat16, head_dim=64, n_heads=8, n_kv_heads=2)
+    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **shape)
+    assert reuse["reused"] is True, reuse
+    assert resolved.kernel == attention.resolve("flash", **shape).kernel and resolved.rejected == {}
