@@ -29,6 +29,9 @@ class Parser(argparse.ArgumentParser):
 
 # ---------------------------------------------------------------- train
 
+FRESH_PREFLIGHT_HELP = ("probe every node again instead of reusing its cached result (which is reused only "
+                        "while nothing it depends on has changed)")
+
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-file", metavar="PATH", help="YAML config (default: the built-in small config)")
@@ -42,6 +45,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="run name (default: run-<date>-<time>, made unique)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run in its directory, with its saved config and options")
+    p.add_argument("--fresh-preflight", action="store_true", help=FRESH_PREFLIGHT_HELP)
 
 
 def disable_flash_attn_from_env(args: argparse.Namespace, environ=None) -> None:
@@ -131,6 +135,7 @@ def add_preflight_args(p: argparse.ArgumentParser) -> None:
                    "(default: the built-in config)")
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn; report facts only")
     p.add_argument("--timeout", type=float, default=180.0, metavar="S", help="seconds per node probe (default: 180)")
+    p.add_argument("--fresh-preflight", action="store_true", help=FRESH_PREFLIGHT_HELP)
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
@@ -159,7 +164,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
         import_guard.install()
     with ray_session(args.address, log_to_driver=args.debug):
-        report = run_preflight(settings)
+        report = run_preflight(settings, fresh=args.fresh_preflight)
     json_path, log_path = report.write(Path(args.output_dir))
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))

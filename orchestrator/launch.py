@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 import traceback
@@ -42,6 +43,14 @@ def _placement_error(err: BaseException, v: PlannedVariant, timeout_s: float) ->
     where = f" with label selector {v.label_selector}" if v.label_selector else ""
     return (f"could not place {v.num_workers} worker(s) x ({need}){where} within {timeout_s:g} s "
             "(scaling.placement_timeout_s): the resources are held by something else, or the nodes are gone")
+
+
+def worker_threads_env(cpus_per_worker: float, environ=None) -> dict[str, str]:
+    """One intra-op thread per CPU the worker holds, so workers sharing a node do not fight over
+    its cores (PyTorch would start one thread per core in each). Set before the worker process
+    starts, so torch sees it on import; a value in the driver's environment wins."""
+    env = os.environ if environ is None else environ
+    return {} if "OMP_NUM_THREADS" in env else {"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker)))}
 
 
 def skipped_record(v: PlannedVariant) -> dict:
@@ -126,7 +135,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             # Set before each worker process starts, so even its first import sees them.
-            worker_runtime_env={"env_vars": dict(v.env)},
+            worker_runtime_env={"env_vars": {**worker_threads_env(v.cpus_per_worker), **v.env}},
         ),
     )
     record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None,

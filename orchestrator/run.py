@@ -48,6 +48,7 @@ class TrainOptions:
     name: Optional[str] = None
     debug: bool = False
     resume: Optional[str] = None  # a stopped run's directory: continue it with its own options
+    fresh_preflight: bool = False  # probe every node again rather than reuse its cached result
 
 
 @dataclass
@@ -63,7 +64,8 @@ def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume
     if not opts.resume:
         return opts, None
     saved = resume_mod.load(opts)
-    return TrainOptions(**saved.options), saved
+    # Probing afresh is this invocation's wish, not a property of the run.
+    return TrainOptions(**dict(saved.options, fresh_preflight=opts.fresh_preflight)), saved
 
 
 def prepare(opts: TrainOptions) -> Prepared:
@@ -204,7 +206,7 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
     # Variants an earlier invocation finished are results from the start, so an interrupt at
     # any point of this one cannot write them over.
     results: dict[str, dict] = dict(finished)
-    address, run_dir, plan, t_ray, t_plan = None, None, None, None, None
+    address, run_dir, plan, t_ray, t_plan, probe_s = None, None, None, None, None, None
 
     def write_summary(status: str | None = None) -> dict:
         run = {
@@ -214,7 +216,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             "command": command_line(), "versions": _versions(),
             "status": status or run_status(results), "mode": plan.mode if plan else None,
             "startup_s": startup_phases(command_started, t_ray, t_plan,
-                                        {n: r for n, r in results.items() if n not in finished}) if t_plan else None,
+                                        {n: r for n, r in results.items() if n not in finished},
+                                        t_ray_init=t_ray_init, probe_s=probe_s) if t_plan else None,
         }
         if saved:
             run["resumes"] = int((previous.get("run") or {}).get("resumes", 0)) + 1
@@ -229,6 +232,11 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
 
     from orchestrator.session import ray_session
 
+    if not (opts.address or os.environ.get("RAY_ADDRESS")):
+        # A Ray of this command's own is one machine nobody drains: Ray Train's preemption
+        # watcher (an extra actor process per worker group) has nothing to watch.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    t_ray_init = time.time()
     try:
         with ray_session(opts.address, log_to_driver=opts.debug, keep_logs=opts.debug) as address:
             t_ray = time.time()
@@ -238,7 +246,10 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             capacity.check_fits(prep.cfg.scaling, dict(ray.cluster_resources()), opts.config_file or "built-in config")
             report = None
             if nodes is None:  # probe every node; its verdicts are the planner's view of the cluster
-                report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn))
+                t_probe = time.time()
+                report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn),
+                                                 fresh=opts.fresh_preflight)
+                probe_s = time.time() - t_probe
             # Planned before a new run directory exists: an infeasible request leaves nothing behind.
             plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
                                       report.node_capacities() if report else nodes(), workloads(prep),
@@ -329,8 +340,16 @@ def command_line(argv: Optional[list[str]] = None) -> str:
     return shlex.join(argv)
 
 
-def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[str, dict]) -> dict | None:
-    """Seconds from command to first step, by phase, for the first variant that trained."""
+# The parts some phases are made of, in the summary after the phases: (part, phase it belongs to).
+STARTUP_PARTS = {"ray_init": "ray_start", "probe": "preflight_and_plan", "data": "setup", "attention": "setup",
+                 "model_init": "setup"}
+
+
+def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[str, dict], *,
+                   t_ray_init: Optional[float] = None, probe_s: Optional[float] = None) -> dict | None:
+    """Seconds from command to first step, by phase, for the first variant that trained; then
+    the parts of some phases (``STARTUP_PARTS``): ``ray_init`` (of ray_start, which also holds
+    the imports and input checks), ``probe`` (preflight on every node, reused or probed), and ``data``, ``attention`` (choosing the kernel) and ``model_init`` (of setup)."""
     rec = next((r for r in results.values() if r.get("timeline") and r["timeline"].get("first_step")), None)
     if rec is None:
         return None
@@ -339,6 +358,11 @@ def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[
               "workers_up": tl["worker_start"] - rec["started_at"], "setup": tl["ready"] - tl["worker_start"],
               "first_step": tl["first_step"] - tl["ready"]}
     phases["total"] = tl["first_step"] - t_command
+    parts = {"ray_init": t_ray - t_ray_init if t_ray_init else None, "probe": probe_s}
+    if tl.get("model"):  # workers of this version; older ones recorded only the phase ends
+        parts.update(data=tl["data"] - tl["worker_start"], attention=tl["attention"] - tl["data"],
+                     model_init=tl["model"] - tl["attention"])
+    phases.update({k: v for k, v in parts.items() if v is not None})
     return {k: round(v, 3) for k, v in phases.items()}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every Ray the tests start (local, simulated multi-node, the CLI's) binds to 127.0.0.1 only;
 # Ray reads this when it is first imported, which happens after conftest.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Preflight results and compiled code are cached per user; the tests' go to a directory of
+# their own (the Ray they start inherits it), never into the user's ~/.cache.
+_TEST_CACHE = tempfile.TemporaryDirectory(prefix="fo-test-cache-")
+os.environ.setdefault("FLASH_ORCHESTRATOR_PREFLIGHT_CACHE", os.path.join(_TEST_CACHE.name, "preflight"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_TEST_CACHE.name, "inductor"))
 
 # A config small enough that a two-worker CPU run takes seconds.
 TINY = {

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from trainer import attention, checkpoint, float8, hf_checkpoint, import_guard, kernel_select, timing
+from trainer import attention, checkpoint, float8, hf_checkpoint, import_guard, kernel_select, timing, verified_kernel
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
@@ -120,17 +120,21 @@ def train_loop_per_worker(config: dict) -> dict:
     requested = attention_from_env()
     dtype = training_dtype(tc, device)
     dataset = load_dataset(spec.data_path)
+    t_data = time.time()
     margs = spec.model.args(vocab_size=dataset.vocab_size, max_seq_len=tc.seq_len,
                             activation_checkpointing=tc.activation_checkpointing)
     use_compile = compile_enabled(tc, device)
     shape = kernel_select.Shape(seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, n_heads=margs.n_heads,
                                 n_kv_heads=margs.n_kv_heads, head_dim=margs.head_dim,
                                 dtype=str(dtype).removeprefix("torch."), compile=use_compile)
-    resolved = attention.resolve(
-        requested, device=device, dtype=dtype, head_dim=margs.head_dim, n_heads=margs.n_heads,
-        n_kv_heads=margs.n_kv_heads, flash_attn_allowed=not import_guard.installed(),
-        pick=kernel_select.picker(shape, device),  # the fastest at this shape (cached per node by preflight)
+    resolved, verdict_reuse = verified_kernel.resolve(  # the node's preflight verdict, when it holds
+        requested, dtype_setting=tc.dtype, log_dir=Path(spec.out_dir).parent, device=device, dtype=dtype,
+        head_dim=margs.head_dim, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
+        flash_attn_allowed=not import_guard.installed(), seq_len=tc.seq_len,
+        micro_batch_size=tc.micro_batch_size, compile_setting=str(tc.compile).lower(),
+        pick=kernel_select.picker(shape, device),  # else the fastest at this shape (cached per node)
     )
+    t_attention = time.time()
     if rank == 0 and requested == "flash":
         log.info("Flash attention: %s", kernel_select.describe(resolved.kernel, resolved.timings))
     worker_info = {
@@ -141,6 +145,7 @@ def train_loop_per_worker(config: dict) -> dict:
         "device": torch.cuda.get_device_name(device) if is_gpu else "cpu",
         "kernel": resolved.kernel,
         "rejected_kernels": resolved.rejected,
+        "preflight_verdict": verdict_reuse,
         "env": {k: os.environ[k] for k in ATTN_ENV_VARS if k in os.environ},
         "flash_attn_imports_blocked": import_guard.installed(),
     }
@@ -162,6 +167,7 @@ def train_loop_per_worker(config: dict) -> dict:
     model = ray.train.torch.prepare_model(model)  # [ray] moves to device, wraps in DDP
     raw_model = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(raw_model, tc, device)
+    t_model = time.time()
 
     # ---------------------------------------------------------------- resume
     start_step, first_loss, restored_from = 0, None, None
@@ -287,5 +293,6 @@ def train_loop_per_worker(config: dict) -> dict:
         "flops_per_token": margs.flops_per_token(tc.seq_len),
         "tokens_per_step": tokens_per_step,
         # Wall-clock times for the driver's startup breakdown (worker up -> ready -> first step).
-        "timeline": {"worker_start": t_start, "ready": t_ready, "first_step": t_first_step},
+        "timeline": {"worker_start": t_start, "data": t_data, "attention": t_attention, "model": t_model,
+                     "ready": t_ready, "first_step": t_first_step},
     }

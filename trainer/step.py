@@ -10,6 +10,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from trainer import compile_cache
 from trainer.config import TrainConfig
 
 
@@ -37,13 +38,20 @@ class Stepper:
                  dtype: torch.dtype, grad_accum: int, grad_clip: float, compile: bool):
         self.model = model  # possibly DDP-wrapped: no_sync() skips the all-reduce on early micro-steps
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if compile:
+            compile_cache.enable()  # before the first compile: a later run of the same shapes reuses it
         self.forward = torch.compile(model, dynamic=False) if compile else model  # shapes are fixed per run
-        self.optimizer, self.device = optimizer, device
+        self.compile_artifacts = None  # the mega-cache file, known at the first step (its shapes)
+        self.optimizer, self.device, self.dtype = optimizer, device, dtype
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     def __call__(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (mean loss, grad norm) as device tensors."""
+        first_compile = self.forward is not self.model and self.compile_artifacts is None
+        if first_compile:
+            self.compile_artifacts = compile_cache.artifacts_path(f"{self.model!r} {batches[0][0].shape} {self.dtype}")
+            compile_cache.load_artifacts(self.compile_artifacts)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
@@ -60,4 +68,6 @@ class Stepper:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if first_compile:
+            compile_cache.save_artifacts(self.compile_artifacts)
         return loss_sum / len(batches), grad_norm

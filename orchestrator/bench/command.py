@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from orchestrator import config as config_mod
 from orchestrator import rundir
-from orchestrator.bench import kernels, training, workers
+from orchestrator.bench import kernels, startup, training, workers
 from orchestrator.errors import UsageError
 from trainer import attention
 from trainer import data as data_mod
@@ -58,6 +59,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_ints, metavar="N,M",
                    help="also train the first variant under TorchTrainer at each worker count (e.g. 1,2): "
                         "tokens/s, MFU, peak memory per GPU and the scaling ratio")
+    p.add_argument("--startup", action="store_true",
+                   help="only time command to first step: train cold (empty caches) and warm (again), and the bare "
+                        "Ray floor; with --config-file, that config")
     p.add_argument("--output-dir", default="runs", help="a bench-<time> directory is made here")
 
 
@@ -145,9 +149,30 @@ def flash_over_standard(rows: list[dict]) -> dict[int, float]:
             for (v, seq) in ok if v == "flash" and ("standard", seq) in ok}
 
 
+def cmd_startup(args: argparse.Namespace) -> int:
+    import sys
+
+    if args.quick:
+        raise UsageError("--startup times the train command itself; drop --quick")
+    out_dir = rundir.create(Path(args.output_dir), None, prefix="bench")
+    train_args = (["--config-file", str(Path(args.config_file).resolve())] if args.config_file else []) + [
+        "--max-steps", "2"]
+    report = startup.run(train_args, out_dir)
+    report.update(command=" ".join(["python -m orchestrator", *sys.argv[1:]]),
+                  machine={"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None})
+    rundir.write_json(out_dir / "bench-startup.json", report)
+    for line in startup.table(report):
+        log.info(line)
+    log.info("wrote %s", out_dir / "bench-startup.json")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import sys
 
+    if args.startup:
+        return cmd_startup(args)
     cfg = config_mod.validate(QUICK, "--quick") if args.quick else config_mod.load(args.config_file)
     if args.quick and args.config_file:
         raise UsageError("--quick uses its own tiny config; drop --config-file")

@@ -1,11 +1,21 @@
 """Preflight: what each node can run, before anything trains.
 
-probe (facts, in a child process on each node) -> rules (causes and verdicts, pure) ->
-report (table, preflight.json, flash_attention_log.txt, NodeCapacity for the planner).
+probe (facts, in a child process on each node, or reused from the node's cache) -> rules
+(causes and verdicts, pure) -> report (table, preflight.json, flash_attention_log.txt,
+NodeCapacity for the planner).
+
+The names below load on first use: a probe task on a node imports this package, and must not
+pay for torch (which the report's planner types pull in) before it has even looked at its cache.
 """
 
-from orchestrator.preflight.child import ProbeSettings
-from orchestrator.preflight.cluster import run_preflight
-from orchestrator.preflight.report import LOG_FILE, PREFLIGHT_FILE, NodeReport, Report
+import importlib
 
-__all__ = ["ProbeSettings", "run_preflight", "Report", "NodeReport", "PREFLIGHT_FILE", "LOG_FILE"]
+_EXPORTS = {"ProbeSettings": "child", "run_preflight": "cluster", "Report": "report", "NodeReport": "report",
+            "PREFLIGHT_FILE": "report", "LOG_FILE": "report"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

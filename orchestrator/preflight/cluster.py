@@ -2,7 +2,9 @@
 
 Each probe is a Ray task pinned to its node (hard node affinity) that asks for no CPU, so it
 is scheduled even when training holds every core. The task only starts the child process; the
-driver parses, judges and bounds everything, so no node can hang it.
+driver parses, judges and bounds everything, so no node can hang it. A node whose software has
+not changed since its last probe answers from its cache (orchestrator/preflight/cache.py)
+unless ``fresh`` is set; a ``command`` of its own (tests) is always run.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import time
 from typing import Optional
 
+from orchestrator.preflight import node as node_mod
 from orchestrator.preflight.child import ProbeSettings, parse_probe, probe_command, probe_env, run_probe
 from orchestrator.preflight.report import NodeReport, Report
 from orchestrator.preflight.rules import Issue, crash_cause, probe_failed, verdict
@@ -31,21 +34,25 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optional[list[str]] = None) -> Report:
-    """Probe every alive node of the connected Ray cluster; ``command`` replaces the probe's argv."""
+def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optional[list[str]] = None,
+                  fresh: bool = False) -> Report:
+    """Probe every alive node of the connected Ray cluster (``fresh``: never reuse a node's cached
+    result); ``command`` replaces the probe's argv."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = alive_nodes()
     if not nodes:
         return Report([], settings, ["the Ray cluster has no alive nodes: nothing can run"])
-    argv = command or probe_command(settings)
-    task = ray.remote(_probe_on_node)
+    if command:
+        task, args = ray.remote(_probe_on_node), (command, settings.timeout_s, settings.disable_flash_attn)
+    else:
+        task, args = ray.remote(node_mod.probe_or_reuse), (probe_command(settings), settings, fresh)
     refs = {}
     for n in nodes:
         refs[task.options(num_cpus=0, max_retries=0, name=f"preflight-probe-{n['NodeID'][:8]}",
                           scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-                          ).remote(argv, settings.timeout_s, settings.disable_flash_attn)] = n
+                          ).remote(*args)] = n
     log.info("preflight: probing %d node(s)", len(nodes))
     deadline = time.monotonic() + settings.timeout_s + SCHEDULING_MARGIN_S
     pending = list(refs)
@@ -75,7 +82,7 @@ def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optiona
             node_id=n["NodeID"], address=n.get("NodeManagerAddress", "?"), cpus=float(res.get("CPU", 0)),
             gpus=float(res.get("GPU", 0)), labels=dict(n.get("Labels") or {}), facts=facts,
             verdict=verdict(facts) if facts is not None else probe_failed(issue.check, issue.cause, issue.error),
-            probe_seconds=raw.get("seconds") if raw else None,
+            probe_seconds=raw.get("seconds") if raw else None, cache=raw.get("cache") if raw else None,
         ))
     notes = []
     if not any(r.gpus for r in reports) and not any((r.facts or {}).get("gpus") for r in reports):

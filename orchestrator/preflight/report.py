@@ -19,7 +19,7 @@ from orchestrator.preflight.rules import Verdict
 from trainer import import_guard, kernel_select
 
 PREFLIGHT_FILE, LOG_FILE = "preflight.json", "flash_attention_log.txt"
-COLUMNS = ("node", "GPUs", "CC", "driver", "CUDA", "GLIBC", "torch", "flash-attn", "verdict", "reason")
+COLUMNS = ("node", "GPUs", "CC", "driver", "CUDA", "GLIBC", "torch", "flash-attn", "probe", "verdict", "reason")
 _REASON_WIDTH = 90
 
 
@@ -33,10 +33,21 @@ class NodeReport:
     facts: Optional[dict]  # None when the probe crashed, hung or returned garbage
     verdict: Verdict
     probe_seconds: Optional[float] = None
+    cache: Optional[dict] = None  # node.probe_or_reuse's: reused or not, the entry's path, why not
 
     @property
     def name(self) -> str:
         return f"{self.node_id[:8]} ({self.address})"
+
+    @property
+    def reused(self) -> bool:
+        return bool((self.cache or {}).get("reused"))
+
+    def probe_text(self) -> str:
+        """'reused' (the node's cached result) or the probe's seconds."""
+        if self.reused:
+            return "reused"
+        return "-" if self.probe_seconds is None else f"{self.probe_seconds:.1f} s"
 
     def row(self) -> list[str]:
         f = self.facts or {}
@@ -64,7 +75,7 @@ class NodeReport:
             torch_f.get("cuda") or ("-" if self.facts else "?"), f.get("glibc") or ("-" if self.facts else "?"),
             torch_f.get("version") or ("error" if torch_f.get("error") else "?"),
             ", ".join(f"{d['name']} {d.get('version')}" for d in dists) or ("-" if self.facts else "?"),
-            verdict, reason,
+            self.probe_text(), verdict, reason,
         ]
 
     def smallest_gpu_bytes(self) -> Optional[int]:
@@ -73,8 +84,8 @@ class NodeReport:
 
     def to_json(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "cpus": self.cpus, "gpus": self.gpus,
-                "labels": self.labels, "probe_seconds": self.probe_seconds, "verdict": self.verdict.to_json(),
-                "facts": self.facts}
+                "labels": self.labels, "probe_seconds": self.probe_seconds, "cache": self.cache,
+                "verdict": self.verdict.to_json(), "facts": self.facts}
 
 
 @dataclass
@@ -115,6 +126,10 @@ class Report:
         widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        reused = sum(n.reused for n in self.nodes)
+        if reused:
+            lines.append(f"preflight: {reused} of {len(self.nodes)} node(s) reused their cached result (nothing it "
+                         "depends on changed); --fresh-preflight probes again")
         lines += [f"note: {n}" for n in self.notes]
         return lines + (self.interconnect.table() if self.interconnect else [])
 
@@ -132,6 +147,10 @@ class Report:
             if v.flash_ok and v.kernel_timings:
                 lines.append(f"  timed at the run's shape: " + ", ".join(f"{k} {ms:.3g} ms" for k, ms in
                                                                         sorted(v.kernel_timings.items(), key=lambda kv: kv[1])))
+            if n.reused:
+                when = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(n.cache["created"]))
+                lines.append(f"  preflight result reused from {n.cache['path']} (probed at {when}; "
+                             "nothing it depends on has changed since)")
             if not v.issues:
                 lines.append("  no issues found")
             for issue in v.issues:

@@ -1,0 +1,228 @@
+"""A node's preflight result, reused while nothing it depends on has changed.
+
+The probe imports torch and every flash-attn build in child processes and runs each kernel:
+seconds to tens of seconds per node, for facts that change only when the node's software does.
+So each node keeps its last good probe result under a key made of what the result depends on:
+the NVIDIA driver and GPUs, the Python and torch installs, GLIBC and libstdc++, the flash-attn
+distributions and their files (names, sizes, mtimes), the probe's own code, the checked shape
+and dtype, and the disable switch. The key is read from metadata and ``stat`` alone (no torch,
+no flash-attn import), so computing it costs milliseconds; any change gives a new key and a
+new probe. A worker whose reused kernel fails marks the entry stale (``mark_stale``), so the
+next run probes again.
+
+One JSON file per key under ``<cache dir>/<hostname>/``: per node even where home directories
+are shared over NFS. Writes go to a temp file renamed into place, so concurrent runs on a node
+never see half a file; a file that cannot be read is ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "FLASH_ORCHESTRATOR_PREFLIGHT_CACHE"  # overrides the location (tests, shared homes)
+FORMAT = 1
+# The probe's own code: a change to what it checks must not be answered from an older result.
+_PROBE_CODE = ("orchestrator/preflight/probe.py", "orchestrator/preflight/child.py", "orchestrator/preflight/elf.py",
+               "trainer/attention.py", "trainer/import_guard.py")
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+_LIBSTDCXX_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                   "/lib/x86_64-linux-gnu", "/lib64")
+
+
+def cache_dir(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """Where this user's preflight results live on this node."""
+    env = os.environ if environ is None else environ
+    if env.get(CACHE_DIR_ENV):
+        return Path(env[CACHE_DIR_ENV])
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flash-orchestrator" / "preflight"
+
+
+# ---------------------------------------------------------------- the key, without importing torch
+
+
+def _stat(path: str | Path) -> Optional[list]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _code_digest() -> str:
+    # Contents, not paths or mtimes: `ray job submit` unpacks the same code into a new directory per job.
+    h = hashlib.sha256()
+    for rel in _PROBE_CODE:
+        try:
+            h.update((_PACKAGE_ROOT / rel).read_bytes())
+        except OSError:
+            h.update(f"missing {rel}".encode())
+    return h.hexdigest()[:16]
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        return Path(path).read_text(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _search_path(env: Mapping[str, str]) -> list[str]:
+    # The probe child runs with the node's PYTHONPATH in front (child.probe_env): look where it looks.
+    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return extra + [p for p in sys.path if p not in extra]
+
+
+def _distribution(name: str, path: list[str]) -> Optional[dict]:
+    dist = next(iter(importlib.metadata.distributions(name=name, path=path)), None)
+    if dist is None:
+        return None
+    record = {"name": dist.metadata["Name"], "version": dist.version, "at": str(dist.locate_file(""))}
+    files = [f for f in dist.files or [] if ".so" in f.name]
+    record["so_files"] = [[f.name, *(_stat(dist.locate_file(f)) or [None, None, None])[1:]] for f in files]
+    return record
+
+
+def _gpus() -> list[str]:
+    # The driver publishes one file per GPU (model, bus, ...): readable without NVML or CUDA.
+    return [_read(p) or "" for p in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information"))]
+
+
+def _libstdcxx(env: Mapping[str, str]) -> list:
+    dirs = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    dirs += [os.path.join(sys.prefix, "lib"), *_LIBSTDCXX_DIRS]
+    seen = []
+    for d in dirs:
+        real = os.path.realpath(os.path.join(d, "libstdc++.so.6"))
+        if os.path.exists(real) and real not in [s[0] for s in seen]:
+            seen.append(_stat(real))
+    return seen
+
+
+def _module_origin(module: str, path: list[str]) -> Optional[list]:
+    """Where a top-level flash module would be imported from (also a package without dist-info)."""
+    for entry in path:
+        for candidate in (Path(entry) / module / "__init__.py", *Path(entry).glob(f"{module}.*.so"),
+                          Path(entry) / f"{module}.py"):
+            if candidate.is_file():
+                return _stat(candidate)
+    return None
+
+
+def node_key(settings, environ: Optional[Mapping[str, str]] = None, argv: Optional[list[str]] = None) -> dict:
+    """What a probe result on this node depends on, as plain JSON (``settings``: ProbeSettings;
+    ``argv``: the probe command, by default the one ``settings`` give)."""
+    from orchestrator.preflight.child import probe_command
+    from orchestrator.preflight.probe import DISTRIBUTIONS, KERNEL_MODULES, SCHEMA, glibc_version
+    from trainer import import_guard
+
+    env = os.environ if environ is None else environ
+    path = _search_path(env)
+    torch_dist = next(iter(importlib.metadata.distributions(name="torch", path=path)), None)
+    return {
+        "format": FORMAT, "probe_schema": SCHEMA, "hostname": platform.node(),
+        "probe_code": _code_digest(),
+        "python": [sys.executable, platform.python_version()],
+        "driver": _read("/sys/module/nvidia/version") or _read("/proc/driver/nvidia/version"),
+        # Not CUDA_VISIBLE_DEVICES: the probe task and the workers see different masks of the same GPUs.
+        "gpus": _gpus(),
+        "torch": [torch_dist.version, _stat(Path(str(torch_dist.locate_file(""))) / "torch" / "version.py")]
+        if torch_dist else None,
+        "glibc": glibc_version(), "libstdcxx": _libstdcxx(env),
+        "flash_attn": [d for d in (_distribution(n, path) for n in DISTRIBUTIONS) if d],
+        "flash_modules": {m: _module_origin(m.split(".")[0], path) for m in sorted(set(KERNEL_MODULES.values()))},
+        "probe_command": argv or probe_command(settings),  # the shape and dtype checked, and the flags
+        "check": {"head_dim": settings.head_dim, "n_heads": settings.n_heads, "n_kv_heads": settings.n_kv_heads,
+                  "dtype": settings.dtype},
+        "disabled": bool(settings.disable_flash_attn or import_guard.disabled_by_env(env)),
+    }
+
+
+def digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def entry_path(key: dict, environ: Optional[Mapping[str, str]] = None) -> Path:
+    return cache_dir(environ) / platform.node() / f"{digest(key)}.json"
+
+
+# ---------------------------------------------------------------- entries
+
+
+@dataclass
+class Lookup:
+    """What the cache held for a key: a usable entry, or why there is none (for the output)."""
+
+    path: Path
+    entry: Optional[dict]
+    why_not: Optional[str]  # None when ``entry`` is reused
+
+
+def load(path: Path) -> Lookup:
+    """The entry at ``path``; a missing, stale or unreadable one is a miss (never an error)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return Lookup(path, None, "no cached result for this node's current state")
+    except OSError as e:
+        log.warning("preflight cache %s is unreadable (%s); probing again", path, e)
+        return Lookup(path, None, f"cache unreadable: {e}")
+    try:
+        entry = json.loads(text)
+        if not isinstance(entry, dict) or entry.get("format") != FORMAT or not isinstance(entry.get("raw"), dict):
+            raise ValueError("not a preflight cache entry")
+    except ValueError as e:
+        log.warning("preflight cache %s is corrupt (%s); ignoring it and probing again", path, e)
+        return Lookup(path, None, "cache corrupt")
+    if entry.get("stale"):
+        return Lookup(path, None, f"cached result marked stale: {entry['stale']}")
+    return Lookup(path, entry, None)
+
+
+def _write(path: Path, entry: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry, f, default=str)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def store(path: Path, key: dict, raw: dict, verdict: dict) -> None:
+    """Keep a good probe result (``raw``: run_probe's output) and its flash verdict for reuse."""
+    try:
+        _write(path, {"format": FORMAT, "created": time.time(), "key": key, "raw": raw, "verdict": verdict,
+                      "stale": None})
+    except OSError as e:  # a read-only or full home only costs the next run a probe
+        log.warning("could not write the preflight cache %s (%s)", path, e)
+
+
+def mark_stale(path: Path, reason: str) -> bool:
+    """Make the next lookup of this entry a miss; True if there was an entry to mark."""
+    found = load(path)
+    if found.entry is None:
+        return False
+    try:
+        _write(path, dict(found.entry, stale=reason))
+    except OSError as e:
+        log.warning("could not mark the preflight cache %s stale (%s); removing it", path, e)
+        path.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,28 @@
+"""What runs on each node during preflight: the node's cached result while its key holds,
+else the probe child (whose good result is then cached). Imports neither torch nor flash-attn,
+so a reused result costs the task milliseconds, not the seconds of a torch import.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from orchestrator.preflight import cache
+from orchestrator.preflight.child import ProbeSettings, parse_probe, probe_env, run_probe
+from orchestrator.preflight.rules import verdict
+
+
+def probe_or_reuse(argv: list[str], settings: ProbeSettings, fresh: bool, environ: Optional[dict] = None) -> dict:
+    """run_probe's output (reused or new) plus ``cache``: reused or not, the entry, and why not."""
+    env = probe_env(settings.disable_flash_attn, environ)
+    key = cache.node_key(settings, env, argv)
+    path = cache.entry_path(key, env)
+    found = cache.Lookup(path, None, "--fresh-preflight") if fresh else cache.load(path)
+    if found.entry is not None:
+        return dict(found.entry["raw"], cache={"reused": True, "path": str(path), "created": found.entry["created"]})
+    raw = run_probe(argv, settings.timeout_s, env)
+    facts, _ = parse_probe(raw, settings.timeout_s)
+    if facts is not None:  # a crash or a hang may be transient: only a complete result is kept
+        v = verdict(facts)
+        cache.store(path, key, raw, {"flash_ok": v.flash_ok, "flash_kernel": v.flash_kernel})
+    return dict(raw, cache={"reused": False, "path": str(path), "why_not": found.why_not})

@@ -1,0 +1,75 @@
+"""Startup: the phase breakdown in summary.json, the startup bench's goals, worker threads and
+the persistent compile cache's settings (pure: no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.bench import startup
+from orchestrator.cli import build_parser
+from orchestrator.launch import worker_threads_env
+from orchestrator.run import STARTUP_PARTS, TrainOptions, startup_phases
+from trainer import compile_cache
+
+
+def test_startup_phases_add_up_and_name_their_parts():
+    record = {"started_at": 110.0, "timeline": {"worker_start": 120.0, "data": 121.0, "attention": 123.5,
+                                                "model": 124.0, "ready": 125.0, "first_step": 127.0}}
+    phases = startup_phases(100.0, 105.0, 109.0, {"flash": record}, t_ray_init=102.0, probe_s=3.0)
+    assert phases == {"ray_start": 5.0, "preflight_and_plan": 4.0, "workers_up": 10.0, "setup": 5.0,
+                      "first_step": 2.0, "total": 27.0, "ray_init": 3.0, "probe": 3.0, "data": 1.0,
+                      "attention": 2.5, "model_init": 0.5}
+    whole = ("ray_start", "preflight_and_plan", "workers_up", "setup", "first_step")
+    assert sum(phases[p] for p in whole) == phases["total"] - (110.0 - 109.0)  # less the launch gap
+    for part, phase in STARTUP_PARTS.items():
+        assert phases[part] <= phases[phase]
+
+
+def test_startup_phases_of_an_older_worker_leave_its_parts_out():
+    record = {"started_at": 1.0, "timeline": {"worker_start": 2.0, "ready": 3.0, "first_step": 4.0}}
+    assert set(startup_phases(0.0, 0.5, 0.8, {"v": record})) == {
+        "ray_start", "preflight_and_plan", "workers_up", "setup", "first_step", "total"}
+
+
+def test_startup_goals_compare_warm_with_cold_and_with_the_floor():
+    cold = {"startup_s": {"preflight_and_plan": 15.0, "total": 60.0}}
+    warm = {"startup_s": {"preflight_and_plan": 1.5, "total": 44.0}}
+    got = startup.goals(cold, warm, {"total": 38.0})
+    assert got["warm_preflight_over_cold"] == {"value": 0.1, "goal": 0.4, "met": True}
+    assert got["warm_total_over_floor"]["met"] is False and got["warm_total_over_floor"]["value"] == round(44 / 38, 3)
+    lines = startup.table({"cold": cold, "warm": warm, "floor": {"total": 38.0}, "goals": got})
+    assert "| total | 60.0 | 44.0 | 38.0 |" in lines
+    assert any(l.startswith("goal warm_total_over_floor: 1.16 (goal <= 1.10): not met") for l in lines)
+
+
+def test_each_worker_gets_one_thread_per_cpu_unless_the_user_chose():
+    assert worker_threads_env(2.0, {}) == {"OMP_NUM_THREADS": "2"}
+    assert worker_threads_env(0.5, {}) == {"OMP_NUM_THREADS": "1"}
+    assert worker_threads_env(4.0, {"OMP_NUM_THREADS": "3"}) == {}
+
+
+def test_fresh_preflight_is_a_flag_of_train_and_preflight():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--fresh-preflight"])
+    assert TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__}).fresh_preflight is True
+    assert parser.parse_args(["preflight", "--fresh-preflight"]).fresh_preflight is True
+    assert parser.parse_args(["train"]).fresh_preflight is False
+
+
+def test_the_compile_cache_persists_under_the_users_cache_unless_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    env: dict = {}
+    assert compile_cache.enable(env) == tmp_path / "flash-orchestrator" / "inductor"
+    assert env == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "flash-orchestrator" / "inductor"),
+                   "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+    mine = {"TORCHINDUCTOR_CACHE_DIR": "/data/inductor", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}
+    assert compile_cache.enable(mine) == Path("/data/inductor")
+    assert mine["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "0"  # switched off on purpose: stays off
+
+
+def test_a_bad_compile_cache_file_only_costs_a_full_compile(tmp_path, caplog):
+    bad = tmp_path / "artifacts.bin"
+    bad.write_bytes(b"not a cache")
+    assert compile_cache.load_artifacts(bad) is False
+    assert "not loaded" in caplog.text
+    assert compile_cache.load_artifacts(tmp_path / "missing.bin") is False

@@ -1,0 +1,95 @@
+"""The worker's attention kernel from its node's preflight verdict, when one holds.
+
+Preflight already imported, ran and compared every flash candidate on this node, and cached its
+verdict under a key of what that depends on (orchestrator/preflight/cache.py). A worker whose
+node still has the same key takes the verified kernel and runs only its tiny check, instead of
+trying every candidate again. If that kernel fails here after all, the worker chooses exactly as
+without a verdict (``attention.resolve``), marks the cache entry stale so the next run probes
+again, and says so in the run's flash_attention_log.txt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from trainer import attention
+
+log = logging.getLogger(__name__)
+
+
+def _cached_verdict(settings) -> tuple[Path | None, str | None, str]:
+    """(cache entry path, verified flash kernel or None, why none) for this node and check."""
+    from orchestrator.preflight import cache
+
+    try:
+        path = cache.entry_path(cache.node_key(settings))
+    except Exception as e:  # the key is an optimisation: failing to compute it means choosing afresh
+        return None, None, f"node key: {type(e).__name__}: {e}"
+    found = cache.load(path)
+    if found.entry is None:
+        return path, None, found.why_not
+    verdict = found.entry.get("verdict") or {}
+    if not verdict.get("flash_ok"):
+        return path, None, "the cached verdict has no flash kernel for this node"
+    return path, verdict.get("flash_kernel"), ""
+
+
+def _log_wrong_verdict(log_dir: Path, path: Path, kernel: str, error: str, chosen: str) -> None:
+    from orchestrator.preflight.report import LOG_FILE
+
+    line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} worker {platform.node()} pid {os.getpid()}: the reused preflight "
+            f"verdict (kernel {kernel}, {path}) was wrong: {error}; chose afresh: {chosen}; cache entry marked stale\n")
+    try:
+        with open(log_dir / LOG_FILE, "a") as f:  # one write per line: concurrent workers do not interleave
+            f.write(line)
+    except OSError as e:
+        log.warning("could not append to %s: %s", log_dir / LOG_FILE, e)
+
+
+def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.device, dtype: torch.dtype,
+            head_dim: int, n_heads: int, n_kv_heads: int, flash_attn_allowed: bool = True,
+            seq_len: int | None = None, micro_batch_size: int = 1, compile_setting: str = "auto",
+            pick: attention.Picker | None = None) -> tuple[attention.Resolved, dict]:
+    """(the resolved attention, what became of the node's verdict: reused, or why not).
+
+    ``dtype_setting`` and ``compile_setting`` are train.dtype and train.compile as configured,
+    and ``seq_len``/``micro_batch_size`` the run's shape: the preflight keyed its check (and its
+    timing) on them. ``log_dir`` holds the run's flash_attention_log.txt. ``pick`` chooses
+    among the kernels that pass when there is no verdict to reuse (``attention.resolve``).
+    """
+    from orchestrator.preflight import cache
+    from orchestrator.preflight.child import ProbeSettings
+
+    shape = dict(device=device, dtype=dtype, head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+
+    def afresh() -> attention.Resolved:
+        return attention.resolve(requested, flash_attn_allowed=flash_attn_allowed, pick=pick, **shape)
+
+    if requested != "flash":
+        return afresh(), {"reused": False, "why_not": f"{requested} attention needs no verdict"}
+    settings = ProbeSettings(head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype_setting,
+                             disable_flash_attn=not flash_attn_allowed, seq_len=seq_len,
+                             micro_batch_size=micro_batch_size, compile=compile_setting)
+    path, kernel, why_not = _cached_verdict(settings)
+    if kernel is None:
+        return afresh(), {"reused": False, "why_not": why_not}
+    try:
+        if kernel not in attention.flash_candidates(device):
+            raise RuntimeError(f"{kernel} is not a flash candidate on {device.type}")
+        fn = attention.kernel_fn(kernel)
+        attention.check_kernel(fn, **shape)
+    except Exception as e:  # any failure (import, launch, numerics) means the verdict no longer holds
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        resolved = afresh()
+        log.warning("the preflight verdict for this node (kernel %s) was wrong here (%s); chose afresh: %s",
+                    kernel, error, resolved.kernel)
+        cache.mark_stale(path, f"kernel {kernel} failed in a worker: {error}")
+        _log_wrong_verdict(log_dir, path, kernel, error, resolved.kernel)
+        return resolved, {"reused": False, "why_not": f"verdict {kernel} was wrong: {error}", "stale": str(path)}
+    return attention.Resolved(requested, kernel, fn), {"reused": True, "kernel": kernel, "path": str(path)}
