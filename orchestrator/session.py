@@ -110,11 +110,23 @@ def _driver_alive(marker: dict) -> bool:
         return False
 
 
+def _names(arg: str, session_dir: Path) -> bool:
+    """Whether a command-line argument names ``session_dir`` (not a longer name it prefixes)."""
+    d = str(session_dir)
+    i = arg.find(d)
+    while i != -1:
+        end = i + len(d)
+        if end == len(arg) or arg[end] in "/ ,;'\"":
+            return True
+        i = arg.find(d, end)
+    return False
+
+
 def _session_processes(session_dir: Path) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(str(session_dir) in a for a in p.info["cmdline"] or []):
+            if any(_names(a, session_dir) for a in p.info["cmdline"] or []):
                 out.append(p)
         except psutil.Error:
             continue
