@@ -74,6 +74,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     code = exit_code(summary)
     if code == RunFailed.exit_code:
         run_dir = summary["run"]["dir"]
+        failed = [r for r in summary["variants"].values() if r["status"] == "failed"]
+        if all(r.get("failure_kind") in ("out_of_memory", "config") for r in failed):
+            # A resumed run keeps its config, so --resume would fail the same way.
+            raise RunFailed(f"a variant failed and was not retried: {failed[0]['error']}; see {run_dir}/summary.json. "
+                            "A resumed run keeps its config: change the config and start a new run")
         raise RunFailed(f"a variant failed; see {run_dir}/summary.json. Once the cause is fixed, continue "
                         f"from its last checkpoint with: python -m orchestrator train --resume {run_dir}")
     return code
@@ -259,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(debug)
     try:
         args = build_parser().parse_args(argv)
+        from orchestrator.session import remove_dead_sessions
+
+        remove_dead_sessions()  # what a driver killed with SIGKILL left in /tmp/ray
         return COMMANDS[args.command][2](args)
     except (UsageError, RunFailed) as e:
         if debug:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
 
-from orchestrator import labels
+from orchestrator import labels, yamlload
 from orchestrator.errors import UsageError
 from trainer.config import ModelConfig, Strict, TrainConfig
 
@@ -179,7 +179,11 @@ def load(path: str | Path | None) -> RunConfig:
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not a text file (binary content)") from None
     try:
-        data = yaml.safe_load(text)
+        data = yamlload.load(text)
+    except yamlload.DuplicateKeyError as e:
+        mark = e.problem_mark
+        raise UsageError(f"{path}: duplicate key '{e.key_path}' at line {mark.line + 1}, column {mark.column + 1}; "
+                         "give each key once") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -34,7 +34,8 @@ def _handler(signum, frame) -> None:
         log.warning("received %s again; already stopping the run", signal.Signals(signum).name)
         return
     _State.received = signum
-    log.warning("received %s: stopping the workers; the last checkpoint stays usable", signal.Signals(signum).name)
+    # Only what is true now: whether a checkpoint exists is said per variant once its workers stop.
+    log.warning("received %s: stopping the run", signal.Signals(signum).name)
     if _State.defer_depth == 0:
         raise Interrupted(signum)
 

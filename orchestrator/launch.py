@@ -15,7 +15,7 @@ from pathlib import Path
 from orchestrator import interrupt
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
-from trainer import checkpoint
+from trainer import checkpoint, driver_watch, failures
 from trainer.loop import WorkerSpec, train_loop_per_worker
 from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
 
@@ -76,6 +76,15 @@ def count_attempts(variant_dir: Path, since: float) -> int:
     return n
 
 
+def committed_checkpoint(storage_dir: Path) -> str | None:
+    """The name of the latest checkpoint Ray Train registered (what --resume restores), or None."""
+    try:
+        snap = json.loads((storage_dir / checkpoint.SNAPSHOT_FILE).read_text())
+        return snap["latest_checkpoint_result"]["checkpoint_dir_name"] or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _trainer_class():
     from ray.train.torch import TorchTrainer
 
@@ -91,6 +100,13 @@ def _trainer_class():
 
         def _register_sigint_handler(self, controller):
             self.controller = controller
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            from orchestrator.failure_policy import FailFastPolicy
+
+            # A deterministic worker failure is not retried (orchestrator/failure_policy.py).
+            controller_init_kwargs["failure_policy"] = FailFastPolicy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return Trainer
 
@@ -135,7 +151,9 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             # Set before each worker process starts, so even its first import sees them.
-            worker_runtime_env={"env_vars": {**worker_threads_env(v.cpus_per_worker), **v.env}},
+            # The driver's identity lets the workers on its host stop when it dies (trainer/driver_watch.py).
+            worker_runtime_env={"env_vars": {**worker_threads_env(v.cpus_per_worker), **v.env,
+                                             **driver_watch.env_for_workers()}},
         ),
     )
     record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None,
@@ -148,6 +166,9 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             error = interrupt.as_interrupted(e)
             log.warning("[%s] stopping the workers (%s)", v.name, error)
             _abort(trainer)
+            kept = committed_checkpoint(vdir / checkpoint.STORAGE_NAME)
+            log.warning("[%s] %s", v.name, f"{kept} stays usable for --resume" if kept
+                        else "no checkpoint was written yet: --resume starts this variant from step 0")
             result = None
             record["status"] = "interrupted"
         except Exception as e:  # Ray raises TrainingFailedError (and friends) from fit()
@@ -162,11 +183,15 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
         record["attention"] = v.attention  # the request; the worker's flags are in 'env'
         record["status"] = "succeeded"
     else:
-        record["error"] = ((_placement_error(error, v, placement_timeout_s) or _one_line(error)) if error
+        deterministic = failures.find(error) if error else None
+        if deterministic is not None:
+            record["failure_kind"] = deterministic.kind
+        record["error"] = ((_placement_error(error, v, placement_timeout_s) or
+                            (str(deterministic) if deterministic else _one_line(error))) if error
                            else "training returned no result")
     attempts = count_attempts(vdir, started)
     record["restarts"] = max(0, attempts - 1)
-    if record["status"] == "failed" and attempts:  # workers ran and failed: say which knob allows more
+    if record["status"] == "failed" and attempts and "failure_kind" not in record:  # say which knob allows more
         record["error"] += (f" (gave up after {record['restarts']} restart(s): scaling.max_failures is "
                             f"{max_failures})")
     if "steps" not in record:  # the worker returned no result: count what it logged

@@ -1,4 +1,9 @@
-"""Live progress: follows each variant's metrics.jsonl (written by its rank 0) and logs lines."""
+"""Live progress: follows each variant's attempts.jsonl and metrics.jsonl (written by its rank 0)
+and logs one line per new step, and one per worker-group start that resumes from a checkpoint.
+
+Only what this invocation trains is shown: a resumed run says the step and checkpoint it starts
+from instead of replaying the steps an earlier invocation logged.
+"""
 
 from __future__ import annotations
 
@@ -20,13 +25,58 @@ def gpu_figures(rec: dict) -> str:
     return out
 
 
-class ProgressFollower:
-    """A background thread that logs one line per new metrics record, until stopped."""
+class _Tail:
+    """New complete JSON lines of a file that is appended to, or rewritten from the start."""
 
-    def __init__(self, metrics_path: Path, label: str, max_steps: int, interval_s: float = 1.0):
-        self.path, self.label, self.max_steps, self.interval_s = metrics_path, label, max_steps, interval_s
+    def __init__(self, path: Path, from_end: bool):
+        self.path = path
+        self.offset = path.stat().st_size if from_end and path.is_file() else 0
+
+    def records(self) -> list[dict]:
+        try:
+            size = self.path.stat().st_size
+            if size < self.offset:  # rewritten (a resumed attempt drops the steps it redoes)
+                self.offset = 0
+            with self.path.open() as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        complete, _, _ = chunk.rpartition("\n")
+        if not complete:
+            return []
+        self.offset += len(complete) + 1
+        out = []
+        for line in complete.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+
+def _last_step(path: Path) -> int:
+    from trainer.metrics import read_metrics
+
+    recs = read_metrics(path)
+    return recs[-1]["step"] if recs else 0
+
+
+class ProgressFollower:
+    """A background thread that logs new steps and resumptions, until stopped."""
+
+    def __init__(self, metrics_path: Path, label: str, max_steps: int, interval_s: float = 1.0,
+                 attempts_path: Path | None = None):
+        from trainer.metrics import ATTEMPTS_FILE
+
+        self.label, self.max_steps, self.interval_s = label, max_steps, interval_s
+        self._metrics = _Tail(metrics_path, from_end=True)
+        self._attempts = _Tail(attempts_path or metrics_path.with_name(ATTEMPTS_FILE), from_end=True)
+        self._shown = _last_step(metrics_path)  # steps up to here were logged by an earlier invocation
+        self._starts = 0
         self._stop = threading.Event()
-        self._offset = 0
         self._thread = threading.Thread(target=self._run, name=f"progress-{label}", daemon=True)
 
     def __enter__(self):
@@ -43,23 +93,18 @@ class ProgressFollower:
             self._poll()
 
     def _poll(self) -> None:
-        try:
-            with self.path.open() as f:
-                f.seek(self._offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return
-        if self.path.stat().st_size < self._offset:  # rewritten on resume
-            self._offset = 0
-            return
-        complete, _, _ = chunk.rpartition("\n")
-        if not complete:
-            return
-        self._offset += len(complete) + 1
-        for line in complete.splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
+        for att in self._attempts.records():  # rank 0 appends it before it rewrites metrics
+            self._starts += 1
+            step = int(att.get("start_step") or 0)
+            source = Path(att["restored_from"]).name if att.get("restored_from") else None
+            if source:
+                log.info("[%s] resuming at step %d from %s", self.label, step, source)
+            elif self._starts > 1 or self._shown:
+                log.info("[%s] no usable checkpoint: starting again from step 0", self.label)
+            self._shown = step
+        for rec in self._metrics.records():
+            if not isinstance(rec.get("step"), int) or rec["step"] <= self._shown:
                 continue
+            self._shown = rec["step"]
             log.info("[%s] step %d/%d  loss %.4f  %.0f tok/s  %.3f s/step%s", self.label, rec["step"],
                      self.max_steps, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], gpu_figures(rec))

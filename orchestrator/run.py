@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import capacity, execute, init_from, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, storage
+from orchestrator import capacity, execute, init_from, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, runlock, storage
 from orchestrator.errors import EXIT_VARIANT_SKIPPED, InfeasibleRequest, UsageError
 from orchestrator.preflight import interconnect
 from orchestrator.strategy import Workload
@@ -175,7 +175,7 @@ def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None, command_starte
     ``command_started`` (default: now) is where the startup breakdown in the summary begins;
     the CLI passes its process's start, so imports count too.
     """
-    with interrupt.handle_signals():
+    with interrupt.handle_signals(), runlock.scope():  # the run directory's lock lasts the command
         return _train(opts, nodes, command_started or time.time())
 
 
@@ -188,6 +188,8 @@ def _config_to_save(prep: Prepared) -> dict:
 
 def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float) -> dict:
     opts, saved = effective_options(opts)
+    if saved:  # before anything else: a live driver of this run is never disturbed
+        runlock.acquire(saved.run_dir)
     prep = prepare(opts)
     names = {v.name for v in prep.variants}
     finished = {n: r for n, r in (saved.finished() if saved else {}).items() if n in names}
@@ -269,6 +271,7 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
                 log.info("resuming run directory: %s", run_dir)
             else:
                 run_dir = rundir.create(Path(opts.output_dir), opts.name)
+                runlock.acquire(run_dir)
                 log.info("run directory: %s", run_dir)
             storage.check_nodes(run_dir, prep.data_path)  # on several nodes, all must see the run and the data
             t_plan = time.time()

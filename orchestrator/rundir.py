@@ -7,21 +7,47 @@ import os
 import time
 from pathlib import Path
 
+from orchestrator import runlock
 from orchestrator.errors import UsageError
+
+# Longest file name most filesystems take (ext4, xfs, NFS: 255 bytes); a longer --name would
+# fail only once Ray is up, as a raw OSError.
+NAME_MAX = 255
 
 
 def _check_name(name: str) -> None:
     if not name or "/" in name or name in (".", ".."):
         raise UsageError(f"--name {name!r}: expected a plain directory name")
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise UsageError(f"--name: {len(os.fsencode(name))} bytes long; a directory name may have at most {NAME_MAX}")
+
+
+def _taken(path: Path) -> UsageError:
+    live = runlock.holder(path)
+    if live is not None:  # --resume would be refused too: say so rather than recommend it
+        return UsageError(f"{path}: a live run ({live.describe()}) uses this name; choose another --name")
+    return UsageError(f"{path}: a run with this name exists; choose another --name or use --resume {path}")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an --output-dir that can never hold a run directory (a file, or under one)."""
+    for p in (output_dir, *output_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == output_dir else f"is under {p}, which is a file"
+                raise UsageError(f"--output-dir {output_dir}: {where}; expected a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise UsageError(f"--output-dir {output_dir}: {p} is not writable")
+            return
 
 
 def check_new(output_dir: Path, name: str | None) -> None:
-    """Refuse a given name that is taken, before anything starts (``create`` re-checks atomically)."""
+    """Refuse what ``create`` would refuse, before anything starts (``create`` re-checks atomically)."""
+    check_output_dir(output_dir)
     if name is not None:
         _check_name(name)
         if (output_dir / name).exists():
-            path = output_dir / name
-            raise UsageError(f"{path}: a run with this name exists; choose another --name or use --resume {path}")
+            raise _taken(output_dir / name)
 
 
 def create(output_dir: Path, name: str | None, prefix: str = "run") -> Path:
@@ -36,7 +62,7 @@ def create(output_dir: Path, name: str | None, prefix: str = "run") -> Path:
         try:
             path.mkdir()
         except FileExistsError:
-            raise UsageError(f"{path}: a run with this name exists; choose another --name or use --resume {path}") from None
+            raise _taken(path) from None
         return path
     base = time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
     for i in range(1, 10_000):

@@ -1,14 +1,31 @@
-"""Joining a Ray cluster, or starting a local one for the length of a command."""
+"""Joining a Ray cluster, or starting a local one for the length of a command.
+
+A local Ray listens on 127.0.0.1 only: it serves this one command on this one machine, and
+otherwise its GCS, raylet, workers and agents (about 22 TCP ports) would be open on every
+interface. Setting ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` in the environment asks for the
+node's address instead (for a ``ray start --address`` from another machine to join it).
+torch.distributed's rendezvous store, which Ray Train opens in rank 0, still binds every
+interface: torch has no setting for its address.
+
+A driver killed with SIGKILL cannot clean up: its local Ray's agents outlive it by a minute
+and its session directory under /tmp/ray stays. Each local Ray of ours leaves a marker in its
+session directory naming its driver, so the next command removes what a dead one left.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import platform
 import shutil
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+import psutil
 
 from orchestrator import interrupt
 from orchestrator.errors import UsageError
@@ -54,6 +71,107 @@ def remove_session_dir(session_dir: Path) -> None:
         pass
 
 
+# Ray reads this when ray_constants is imported; "0" makes a node's address 127.0.0.1, and
+# every process Ray starts gets the node's address on its command line.
+CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+DRIVER_MARKER = "orchestrator_driver.json"
+TERM_GRACE_S = 5.0
+
+
+@contextmanager
+def loopback_only() -> Iterator[bool]:
+    """Within the block, a local Ray started binds to 127.0.0.1 (unless the user set CLUSTER_ENV)."""
+    from ray._private import ray_constants
+
+    if CLUSTER_ENV in os.environ:
+        yield os.environ[CLUSTER_ENV] == "0"
+        return
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[CLUSTER_ENV] = "0"  # for the processes Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which imported Ray already
+    try:
+        yield True
+    finally:
+        os.environ.pop(CLUSTER_ENV, None)
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def _driver_id(p: psutil.Process) -> dict:
+    return {"pid": p.pid, "host": platform.node(), "create_time": p.create_time()}
+
+
+def mark_session(session_dir: Path) -> None:
+    """Name this driver in its local Ray's session directory (see remove_dead_sessions)."""
+    (session_dir / DRIVER_MARKER).write_text(json.dumps(_driver_id(psutil.Process())) + "\n")
+
+
+def _driver_alive(marker: dict) -> bool:
+    try:
+        return abs(psutil.Process(int(marker["pid"])).create_time() - float(marker["create_time"])) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _names(arg: str, session_dir: Path) -> bool:
+    """Whether a command-line argument names ``session_dir`` (not a longer name it prefixes)."""
+    d = str(session_dir)
+    i = arg.find(d)
+    while i != -1:
+        end = i + len(d)
+        if end == len(arg) or arg[end] in "/ ,;'\"":
+            return True
+        i = arg.find(d, end)
+    return False
+
+
+def _session_processes(session_dir: Path) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(_names(a, session_dir) for a in p.info["cmdline"] or []):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def remove_dead_sessions(ray_tmp: Path | None = None) -> list[Path]:
+    """Remove the session directories of our local Rays whose driver died (SIGKILL, OOM killer),
+    after stopping the processes of that session still running; returns what was removed.
+
+    Only directories holding our marker, written on this host by a driver that is gone; every
+    other session on the machine (another program's Ray, a live run) is left alone.
+    """
+    ray_tmp = ray_tmp or Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
+    removed = []
+    for marker_path in ray_tmp.glob(f"session_*/{DRIVER_MARKER}"):
+        try:
+            marker = json.loads(marker_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(marker, dict) or marker.get("host") != platform.node() or _driver_alive(marker):
+            continue
+        session_dir = marker_path.parent
+        if session_dir.is_symlink():  # session_latest: its target is visited on its own
+            continue
+        procs = _session_processes(session_dir)
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=TERM_GRACE_S)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        log.info("removed %s, left by a driver (pid %s) that was killed", session_dir, marker.get("pid"))
+        remove_session_dir(session_dir)
+        removed.append(session_dir)
+    return removed
+
+
 @contextmanager
 def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: int | None = None,
                 keep_logs: bool = False) -> Iterator[str]:
@@ -76,6 +194,8 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
     os.environ.update({k: v for k, v in env.items() if k not in os.environ})
     if address:
         check_reachable(address, flag)
+    else:
+        remove_dead_sessions()
     session_dir = None
     try:
         with interrupt.deferred():  # an exception inside ray.init would leave half-started processes
@@ -91,9 +211,11 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
                     # user of a Ray that lives only as long as this command, and it would break
                     # the one-line-on-stderr promise.
                     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-                    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                             log_to_driver=log_to_driver, logging_level=logging.WARNING)
+                    with loopback_only():
+                        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                                 log_to_driver=log_to_driver, logging_level=logging.WARNING)
                     session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
+                    mark_session(session_dir)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 if address is None:

@@ -29,6 +29,7 @@ CONFIGS = {
     "wrong-type.yaml": "train: {max_steps: ten}",
     "negative-lr.yaml": "train: {lr: -0.1}",
     "heads.yaml": "model: {dim: 100, n_heads: 3}",
+    "duplicate-key.yaml": "train: {lr: 0.001, lr: 0.5}",
 }
 
 
@@ -66,6 +67,8 @@ def workdir(tmp_path):
     (tmp_path / "no-tokens").mkdir()
     (tmp_path / "no-tokens" / "meta.json").write_text((tmp_path / "empty-data" / "meta.json").read_text())
     (tmp_path / "not-a-run").mkdir()
+    (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     earlier = tmp_path / "runs" / "earlier"
     (earlier / "flash" / "checkpoints" / "checkpoint_00000003").mkdir(parents=True)
     (earlier / "flash" / "checkpoints" / "checkpoint_00000003" / "state.pt").write_bytes(b"weights")
@@ -112,6 +115,14 @@ ROWS = [
     ("resume-missing-dir", ["train", "--resume", "runs/nope"], 2, "--resume runs/nope: run directory not found"),
     ("resume-not-a-run", ["train", "--resume", "not-a-run"], 2, "not-a-run/options.json: missing"),
     ("existing-run-name", T + ["--name", "earlier"], 2, "a run with this name exists"),
+    ("duplicate-yaml-key", T + ["--config-file", "duplicate-key.yaml"], 2,
+     "duplicate-key.yaml: duplicate key 'train.lr' at line 1, column 20"),
+    ("name-too-long", T + ["--name", "n" * 300], 2, "--name: 300 bytes long; a directory name may have at most 255"),
+    ("output-dir-is-a-file", ["train", "--output-dir", "a-file"], 2, "--output-dir a-file: is a file; expected a directory"),
+    ("output-dir-under-a-file", ["train", "--output-dir", "a-file/runs"], 2,
+     "--output-dir a-file/runs: is under a-file, which is a file"),
+    ("preprocess-binary-txt", ["preprocess", "--raw-data", "image.txt", "--output-dir", "o"], 2,
+     "image.txt: not a text file (NUL byte at offset 8)"),
     ("unknown-flag", T + ["--bogus"], 2, "unrecognized arguments: --bogus"),
     ("unknown-command", ["nonsense"], 2, "invalid choice: 'nonsense'"),
     ("preprocess-missing-input", ["preprocess", "--raw-data", "none.txt", "--output-dir", "o"], 2,

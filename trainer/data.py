@@ -35,13 +35,26 @@ class DataError(ValueError):
 # ---------------------------------------------------------------- reading raw text
 
 
+def read_text_file(path: Path) -> str:
+    """A .txt file's text; a file that is not UTF-8 text (a binary named .txt) is refused,
+    since tokenising its bytes would fill the dataset with noise."""
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise DataError(f"{path}: not a text file (NUL byte at offset {raw.index(0)})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file (invalid byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    return text
+
+
 def iter_documents(path: Path) -> Iterator[str]:
     """Text documents from .txt (one per file), .jsonl ('text' field) or .parquet ('text' column)."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield read_text_file(path)
     elif suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from trainer import attention, checkpoint, float8, hf_checkpoint, import_guard, kernel_select, timing, verified_kernel
+from trainer import (attention, checkpoint, driver_watch, failures, float8, hf_checkpoint, import_guard, kernel_select,
+                     timing, verified_kernel)
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
@@ -103,12 +104,14 @@ def _load_latest_checkpoint(storage_dir: Path, committed: Path | None, rank: int
     return Path(choice[0]), state, rng
 
 
+@failures.fail_fast  # an error no restart fixes fails the variant at once (trainer/failures.py)
 def train_loop_per_worker(config: dict) -> dict:
     import ray  # [ray]
     import ray.train  # [ray]
     import ray.train.torch  # [ray]
 
     t_start = time.time()
+    driver_watch.start()  # stop at once if the driver dies (trainer/driver_watch.py)
     spec = WorkerSpec.model_validate(config)
     tc = spec.train
     ctx = ray.train.get_context()  # [ray]

@@ -1,0 +1,53 @@
+"""YAML for config files: PyYAML's safe loader, with a duplicate key an error.
+
+A plain ``yaml.safe_load`` keeps the last of two equal keys (``train: {lr: 0.001, lr: 0.5}``
+trains at 0.5) without a word; a config that says one thing twice is a mistake to report.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key_path: str, mark):
+        self.key_path, self.problem_mark = key_path, mark
+        self.problem = f"duplicate key '{key_path}'"
+        super().__init__(self.problem)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping holding one key twice, naming its full path."""
+
+    def construct_document(self, node):
+        _check_unique(node, "", set())
+        return super().construct_document(node)
+
+
+def _check_unique(node, path: str, seen: set[int]) -> None:
+    # An alias is the same node object again: visit each once, so alias bombs stay cheap.
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: set = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue
+            key = (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+            child = f"{path}.{name}" if path else str(name)
+            if key in keys:
+                raise DuplicateKeyError(child, key_node.start_mark)
+            keys.add(key)
+            _check_unique(value_node, child, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique(item, f"{path}[{i}]", seen)
+
+
+def load(text: str):
+    """The document in ``text``; raises yaml.YAMLError (DuplicateKeyError for a repeated key)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
