@@ -95,3 +95,17 @@ def run_cli(args: list[str], env: dict, cwd: Path, timeout: float = 300):
 
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _restore_cli_logging():
+    """A test that calls ``cli.main`` in-process gets the CLI's stdout handlers with propagation
+    off; put the loggers back, so later tests' ``caplog`` still sees their records."""
+    import logging
+
+    saved = {n: (lg.handlers[:], lg.propagate, lg.level)
+             for n in ("orchestrator", "trainer") for lg in [logging.getLogger(n)]}
+    yield
+    for name, (handlers, propagate, level) in saved.items():
+        lg = logging.getLogger(name)
+        lg.handlers[:], lg.propagate, lg.level = handlers, propagate, level

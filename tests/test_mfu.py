@@ -29,10 +29,9 @@ def test_the_progress_line_shows_mfu_and_tokens_per_gpu_when_measured(tmp_path, 
     gpu = {"step": 1, "loss": 7.5, "tokens_per_s": 160_000.0, "step_time_s": 0.1, "mfu": 0.557,
            "tokens_per_s_per_gpu": 80_000.0}
     cpu = {"step": 2, "loss": 7.4, "tokens_per_s": 6000.0, "step_time_s": 0.3, "mfu": None, "tokens_per_s_per_gpu": None}
-    path.write_text(json.dumps(gpu) + "\n" + json.dumps(cpu) + "\n")
     with caplog.at_level(logging.INFO, logger="orchestrator.progress"):
-        with ProgressFollower(path, "flash", 2, interval_s=0.05):
-            pass
+        with ProgressFollower(path, "flash", 2, interval_s=0.05):  # follows what is written after it starts
+            path.write_text(json.dumps(gpu) + "\n" + json.dumps(cpu) + "\n")
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == "[flash] step 1/2  loss 7.5000  160000 tok/s  0.100 s/step  MFU 55.7%  80,000 tok/s/GPU"
     assert lines[1] == "[flash] step 2/2  loss 7.4000  6000 tok/s  0.300 s/step"
