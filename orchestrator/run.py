@@ -242,7 +242,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             for vc in prep.variants:
                 model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)
                 specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg,
-                                            data_path=str(prep.data_path), out_dir=str((run_dir / vc.name).resolve()))
+                                            data_path=str(prep.data_path), out_dir=str((run_dir / vc.name).resolve()),
+                                            strategy="fsdp" if prep.cfg.scaling.strategy == "fsdp" else "ddp")
             sc = prep.cfg.scaling
             todo = plan_mod.Plan(variants=[v for v in plan.variants if v.name not in finished], mode=plan.mode,
                                  notes=plan.notes, cluster=plan.cluster)
