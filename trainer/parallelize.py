@@ -1,7 +1,9 @@
 """How the model is spread over the workers: DDP (every worker holds the whole model) or FSDP2
 (every worker holds a shard of each block). The model file knows nothing of this, as in
-torchtitan's ``parallelize_llama``: here activation checkpointing (the model's own, per block),
-then ``torch.compile`` per block, then ``fully_shard`` per block and on the root, in that order.
+torchtitan's ``parallelize_llama``: ``torch.compile`` per block, then ``fully_shard`` per block
+and on the root, in that order. Activation checkpointing is the model's own
+(``train.activation_checkpointing``: ``Transformer.forward`` recomputes each block, so it sits
+outside the compiled block and FSDP's unshard hooks run again for the recompute).
 
 Both strategies start from the same weights for the same seed. DDP builds the model on the CPU
 under ``torch.manual_seed(seed)``, as before. FSDP builds it on the meta device (no memory),
@@ -14,7 +16,6 @@ of ``Transformer(args)`` under the same seed, bit for bit.
 
 from __future__ import annotations
 
-import logging
 from typing import Literal
 
 import torch
@@ -22,10 +23,7 @@ import torch.nn as nn
 
 from trainer.model import AttnFn, ModelArgs, Transformer, rotary_tables
 
-log = logging.getLogger(__name__)
-
 Strategy = Literal["ddp", "fsdp"]
-STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 # DDP all-reduce bucket: fewer, larger all-reduces than the 25 MB default (torchtitan's choice).
 DDP_BUCKET_MB = 100
 
