@@ -158,6 +158,8 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     )
     record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None,
               "reason": v.reason}
+    # A resume: Ray must never hand a worker a checkpoint that does not verify (logged when dropped).
+    checkpoint.drop_unusable(vdir / checkpoint.STORAGE_NAME)
     with ProgressFollower(vdir / METRICS_FILE, v.name, spec.train.max_steps):
         try:
             result = trainer.fit()
@@ -175,13 +177,13 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             result, error = None, e
             log.debug("variant %s failed:\n%s", v.name, traceback.format_exc())
         finally:
-            # What killed workers left behind: half-written staging, uploads Ray never registered.
-            shutil.rmtree(vdir / checkpoint.STAGING_DIR, ignore_errors=True)
+            # What killed workers left behind: partial checkpoints, uploads Ray never registered.
             checkpoint.prune_unregistered(vdir / checkpoint.STORAGE_NAME)
     if error is None and result is not None and isinstance(result.return_value, dict):
         record.update(result.return_value)
         record["attention"] = v.attention  # the request; the worker's flags are in 'env'
-        record["status"] = "succeeded"
+        # A worker that stopped on a deterministic failure (a full disk) returns its error.
+        record["status"] = "failed" if record.get("error") else "succeeded"
     else:
         deterministic = failures.find(error) if error else None
         if deterministic is not None:

@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from trainer import checkpoint
-from trainer.loop import _load_latest_checkpoint
+from trainer.save_restore import restore
 
 
 def _save(storage, step: int, world: int = 2) -> Path:
     d = storage / f"checkpoint_{step:08d}"
     d.mkdir(parents=True)
     for rank in range(world):
-        state = {"step": step, "model": {"w": torch.full((4,), float(step))}} if rank == 0 else None
+        state = {"step": step, "model": {"w": torch.full((4,), float(step))},
+                 "optimizer": torch.optim.SGD([torch.nn.Parameter(torch.zeros(4))], lr=0.1).state_dict()} if rank == 0 else None
         checkpoint.write(d, rank, state, world)
     return d
 
@@ -47,9 +48,14 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(storage, dam
 
 def test_resume_reads_the_previous_checkpoint_when_the_latest_is_corrupt(storage):
     _truncate(storage / "checkpoint_00000009" / "state.pt")
-    path, state, rng = _load_latest_checkpoint(storage, storage / "checkpoint_00000009", 0, 1, torch.device("cpu"))
-    assert path.name == "checkpoint_00000006" and state["step"] == 6
-    assert torch.equal(state["model"]["w"], torch.full((4,), 6.0)) and rng is not None
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    got = restore(storage, storage / "checkpoint_00000009", rank=0, world=1, device=torch.device("cpu"),
+                  model=model, raw_model=model, optimizer=optimizer, strategy="ddp")
+    assert got.path.name == "checkpoint_00000006" and got.step == 6
+    assert torch.equal(model.w.detach(), torch.full((4,), 6.0))
+    assert got.skipped and got.skipped[0].startswith("checkpoint_00000009")
 
 
 def test_a_complete_upload_newer_than_rays_latest_is_used(storage):

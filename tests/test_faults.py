@@ -109,7 +109,7 @@ def test_a_worker_killed_with_sigkill_resumes_losing_at_most_one_interval(ray_se
     assert seen["reached"] - resumed_at <= EVERY  # at most one checkpoint interval is redone
     assert_matches_clean(vdir / "metrics.jsonl", clean_run)
     assert rec["final_loss"] == pytest.approx(clean_run[-1]["loss"], rel=1e-5)
-    assert not (vdir / checkpoint.STAGING_DIR).exists()
+    assert all(checkpoint.verifies(d) for d in checkpoint.checkpoint_dirs(vdir / checkpoint.STORAGE_NAME))
 
 
 def test_sigint_to_the_driver_stops_the_workers_and_keeps_a_usable_checkpoint(ray_session, tmp_path):
@@ -177,7 +177,7 @@ def test_sigterm_to_the_cli_leaves_a_run_that_resume_completes(tmp_path, cli_env
     assert session_dirs(proc.pid) == []
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["run"]["status"] == "interrupted" and summary["variants"]["flash"]["status"] == "interrupted"
-    assert not (vdir / checkpoint.STAGING_DIR).exists()
+    assert all(checkpoint.verifies(d) for d in checkpoint.checkpoint_dirs(vdir / checkpoint.STORAGE_NAME))
 
     resume = _start_cli(["train", "--resume", str(run_dir)], cli_env, tmp_path)
     try:

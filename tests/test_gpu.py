@@ -26,7 +26,7 @@ def test_flash_resolves_to_a_fused_kernel_that_matches_standard_in_bf16(H, KV, T
 
 
 def test_cuda_peak_memory_is_what_the_summary_reports():
-    from trainer.loop import peak_memory_bytes
+    from trainer.result import peak_memory_bytes
 
     device = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats(device)

@@ -1,13 +1,24 @@
 """Checkpoint files: what one rank writes, and how a directory is verified before it is used.
 
-Rank 0 writes the model, optimizer and progress; every rank writes its own RNG state. Each
-rank also writes a manifest of its files' SHA-256 and the world size, last, so a partial or
-corrupt checkpoint (a rank that never finished, a truncated file) is detected on load and the
-previous one is used instead. Nothing is trusted that does not verify.
+A checkpoint is ``<variant>/checkpoints/checkpoint_<step:08d>/``, written in place by the ranks
+(no staging copy) and then registered with Ray Train. Two layouts:
+
+- ddp: rank 0 writes ``state.pt``, a dict with "model" (``Transformer.state_dict()``),
+  "optimizer" and the progress ("step", "first_loss", "samples_consumed", "world_size", ...).
+- fsdp: every rank writes its own shards of ``{"model": ..., "optimizer": ...}`` into ``dcp/``
+  with ``torch.distributed.checkpoint`` (files ``__<rank>_<n>.distcp``; rank 0 also
+  ``.metadata``), so nothing is gathered onto one rank; model tensors are stored under
+  ``model.<parameter name>``. Rank 0 writes the progress alone into ``state.pt``. DCP reshards
+  on load: a checkpoint of N workers loads into a run of M workers.
+
+Every rank writes its RNG state and, last, a manifest of its files' SHA-256 and the world size,
+so a partial or corrupt checkpoint (a rank that never finished, a truncated or altered file)
+is detected on load and the previous one is used instead. Nothing is trusted that does not verify.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -21,11 +32,12 @@ import torch
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+DCP_DIR = "dcp"
+DCP_METADATA = ".metadata"  # DCP's index, written by rank 0 once every rank's shards are down
 STORAGE_NAME = "checkpoints"  # Ray Train's experiment name inside a variant's directory
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray's controller on registration
-# Where ranks write a checkpoint before Ray copies it into storage: inside the variant's
-# directory rather than /tmp, so the driver can remove what a killed worker left half-written.
-STAGING_DIR = ".staging"
+# A checkpoint needs about its tensors' bytes; the margin covers pickling and the filesystem.
+SPACE_MARGIN = 1.1
 
 
 def wait_until_registered(storage_dir: Path, checkpoint_dir_name: str, timeout_s: float = 60.0) -> bool:
@@ -48,6 +60,58 @@ def wait_until_registered(storage_dir: Path, checkpoint_dir_name: str, timeout_s
 
 class CorruptCheckpoint(RuntimeError):
     pass
+
+
+class DiskFull(OSError):
+    """No space left for a checkpoint: deterministic, so the run stops instead of retrying."""
+
+    def __init__(self, path: Path, needed: int, free: int | None = None):
+        free_txt = f", {_mb(free)} free" if free is not None else ""
+        super().__init__(errno.ENOSPC, f"no space left on device: checkpoint {path} needs about "
+                                       f"{_mb(needed)}{free_txt}; free space there, or lower "
+                                       f"scaling.keep_checkpoints / raise train.checkpoint_every")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested state dict (a DTensor counts its local shard)."""
+    if isinstance(obj, torch.Tensor):
+        local = obj.to_local() if hasattr(obj, "to_local") else obj
+        return local.numel() * local.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """Raise DiskFull unless the filesystem of ``directory`` has room for ``needed`` bytes."""
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed * SPACE_MARGIN:
+        raise DiskFull(directory, int(needed * SPACE_MARGIN), free)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC however it surfaces: an OSError, or torch.save's RuntimeError from its zip
+    writer ("unexpected pos ..."), anywhere in the exception's chain."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def checkpoint_dirs(storage_dir: Path) -> list[Path]:
@@ -93,9 +157,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write(directory: Path, rank: int, state: dict | None, world_size: int = 1) -> None:
-    """Write this rank's share: ``state`` (rank 0 only), its RNG, and its manifest last."""
+def write(directory: Path, rank: int, state: dict | None, world_size: int = 1, sharded: dict | None = None) -> None:
+    """Write this rank's share: ``state`` (rank 0 only: state.pt), its shards of ``sharded``
+    (fsdp, every rank, collective: DCP), its RNG, and its manifest last."""
     files = {}
+    if sharded is not None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(sharded, checkpoint_id=directory / DCP_DIR)
+        files.update({f"{DCP_DIR}/{p.name}": _sha256(p) for p in sorted((directory / DCP_DIR).glob(f"__{rank}_*"))})
+        if rank == 0:
+            files[f"{DCP_DIR}/{DCP_METADATA}"] = _sha256(directory / DCP_DIR / DCP_METADATA)
     if state is not None:
         torch.save(state, directory / STATE_FILE)
         files[STATE_FILE] = _sha256(directory / STATE_FILE)
@@ -106,6 +178,10 @@ def write(directory: Path, rank: int, state: dict | None, world_size: int = 1) -
     (directory / f"manifest_rank{rank}.json").write_text(json.dumps(manifest, indent=1))
 
 
+def is_sharded(directory: Path) -> bool:
+    return (directory / DCP_DIR).is_dir()
+
+
 def verify(directory: Path) -> None:
     """Raise CorruptCheckpoint unless every rank's manifest is there and every file matches it."""
     world = int(_manifest(directory, 0)["world_size"])
@@ -114,12 +190,13 @@ def verify(directory: Path) -> None:
             path = directory / name
             if not path.is_file() or _sha256(path) != digest:
                 raise CorruptCheckpoint(f"{path}: missing or does not match its checksum")
-    # DDP writes state.pt; FSDP a torch.distributed.checkpoint directory, complete once its .metadata is.
-    if not (directory / STATE_FILE).is_file() and not (directory / "dcp" / ".metadata").is_file():
-        raise CorruptCheckpoint(f"{directory}: no {STATE_FILE} or dcp/.metadata")
+    if not (directory / STATE_FILE).is_file():
+        raise CorruptCheckpoint(f"{directory}: no {STATE_FILE}")
+    if is_sharded(directory) and not (directory / DCP_DIR / DCP_METADATA).is_file():
+        raise CorruptCheckpoint(f"{directory}: no {DCP_DIR}/{DCP_METADATA} (incomplete sharded checkpoint)")
 
 
-def newest_usable(storage_dir: Path, committed: Path | None = None) -> Path | None:
+def newest_usable(storage_dir: Path, committed: Path | None = None, skipped: list[str] | None = None) -> Path | None:
     """The newest checkpoint in ``storage_dir`` that verifies, or None when there is none.
 
     ``committed`` is Ray's latest registered checkpoint. A newer directory can exist when a
@@ -127,12 +204,13 @@ def newest_usable(storage_dir: Path, committed: Path | None = None) -> Path | No
     complete and verified, it is as good as a committed one, and using it means a fault costs
     at most one checkpoint interval. Raises CorruptCheckpoint when ``committed`` is given and
     neither it nor anything else is usable (a fresh start would silently lose the run).
+    ``skipped`` (when given) receives one line per checkpoint skipped, with the reason.
     """
     candidates = checkpoint_dirs(storage_dir)
     if committed is not None and committed not in candidates:
         candidates.append(committed)
         candidates.sort(key=lambda p: p.name, reverse=True)
-    skipped = []
+    skipped = [] if skipped is None else skipped
     for path in candidates:
         try:
             verify(path)
@@ -146,29 +224,137 @@ def newest_usable(storage_dir: Path, committed: Path | None = None) -> Path | No
     return None
 
 
-def prune_unregistered(storage_dir: Path) -> None:
-    """Remove checkpoint directories Ray never registered that are older than its latest one.
-
-    They are uploads a crash cut off from Ray's bookkeeping (see ``newest_usable``); Ray's
-    ``num_to_keep`` does not know them, so without this they would stay forever.
-    """
+def _snapshot(storage_dir: Path) -> dict | None:
     try:
         snap = json.loads((storage_dir / SNAPSHOT_FILE).read_text())
-        known = {r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])}
-        latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    except (OSError, ValueError, KeyError, TypeError):
+        return snap if isinstance(snap, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def registered(storage_dir: Path) -> set[str]:
+    """Names of the checkpoints Ray Train has registered (and may hand to a worker or delete)."""
+    snap = _snapshot(storage_dir) or {}
+    try:
+        return {r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])}
+    except (KeyError, TypeError):
+        return set()
+
+
+def prune_unregistered(storage_dir: Path) -> None:
+    """Remove checkpoint directories Ray never registered that are older than its latest one,
+    or that do not verify (what a killed or failed write left).
+
+    Complete older ones are uploads a crash cut off from Ray's bookkeeping (see
+    ``newest_usable``); Ray's ``num_to_keep`` does not know them, so without this they would
+    stay forever. A complete one newer than Ray's latest is kept: a resume uses it.
+    """
+    snap = _snapshot(storage_dir)
+    if snap is None:
         return
-    if not latest:
-        return
+    known = registered(storage_dir)
+    latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") or ""
     for path in checkpoint_dirs(storage_dir):
-        if path.name < latest and path.name not in known:
+        if path.name in known:
+            continue
+        if path.name < latest or not verifies(path):
             shutil.rmtree(path, ignore_errors=True)
 
 
+def verifies(path: Path) -> bool:
+    try:
+        verify(path)
+        return True
+    except (CorruptCheckpoint, OSError):
+        return False
+
+
+def drop_unusable(storage_dir: Path) -> list[str]:
+    """Before Ray Train starts on ``storage_dir`` (a resume): unregister and delete every
+    registered checkpoint that does not verify, so Ray never hands it to a worker nor counts
+    it again. Returns one line per checkpoint dropped, and logs it.
+
+    Ray reads its snapshot only when its controller starts, so this edits the file (its format
+    is Ray's: ``orchestrator``'s Ray-internals list names it) and then removes the directory.
+    """
+    snap = _snapshot(storage_dir)
+    if not snap or not snap.get("checkpoint_results"):
+        return []
+    results, indices = snap["checkpoint_results"], snap.get("checkpoint_report_indices", [])
+    bad = []
+    for r in results:
+        name = r.get("checkpoint_dir_name", "")
+        try:
+            verify(storage_dir / name)
+        except (CorruptCheckpoint, OSError) as e:
+            bad.append((name, str(e)))
+    if not bad:
+        return []
+    names = {name for name, _ in bad}
+    keep = [i for i, r in enumerate(results) if r["checkpoint_dir_name"] not in names]
+    snap["checkpoint_results"] = [results[i] for i in keep]
+    if len(indices) == len(results):
+        snap["checkpoint_report_indices"] = [indices[i] for i in keep]
+    latest = snap.get("latest_checkpoint_result") or {}
+    if latest.get("checkpoint_dir_name") in names:
+        snap["latest_checkpoint_result"] = snap["checkpoint_results"][-1] if snap["checkpoint_results"] else None
+    for key in ("pending_training_results",):
+        snap[key] = [r for r in snap.get(key, []) if r.get("checkpoint_dir_name") not in names]
+    tmp = storage_dir / (SNAPSHOT_FILE + ".tmp")
+    tmp.write_text(json.dumps(snap))
+    tmp.replace(storage_dir / SNAPSHOT_FILE)
+    lines = []
+    for name, why in bad:
+        shutil.rmtree(storage_dir / name, ignore_errors=True)
+        lines.append(f"skipped and removed checkpoint {name}: {why}")
+        log.warning("%s", lines[-1])
+    return lines
+
+
 def read(directory: Path, rank: int, map_location="cpu") -> tuple[dict, dict | None]:
-    """The shared state and this rank's RNG state (None when the rank did not exist then)."""
+    """The shared state (state.pt) and this rank's RNG state (None when the rank did not exist
+    then). For a sharded checkpoint the model and optimizer are loaded by ``load_sharded``."""
     verify(directory)
     state = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=False)
     rng_file = directory / f"rng_rank{rank}.pt"
     rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
     return state, rng
+
+
+def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a DCP checkpoint into a sharded model and its optimizer (collective; reshards when
+    the checkpoint was written by a different number of workers)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    sd = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(sd, checkpoint_id=directory / DCP_DIR)
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def load_model_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The model's weights in a checkpoint of either layout, as full CPU tensors keyed like
+    ``Transformer.state_dict()``. Needs no process group (for export and inspection)."""
+    directory = Path(checkpoint_dir)
+    verify(directory)
+    if not is_sharded(directory):
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        return dict(state["model"])
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(directory / DCP_DIR))
+    meta = reader.read_metadata().state_dict_metadata
+    model = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+             for key, m in meta.items() if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    sd = {"model": model}
+    dcp.load(sd, storage_reader=reader, no_dist=True)
+    return sd["model"]

@@ -58,10 +58,12 @@ class ModelConfig(Strict):
 
 
 class FaultConfig(Strict):
-    """Test hook: kill the worker of ``rank`` once, when it reaches ``step``."""
+    """Test hook, once per run: ``kill`` SIGKILLs the worker of ``rank`` when it reaches
+    ``step``; ``enospc`` makes that rank's checkpoint write at ``step`` fail as a full disk would."""
 
     rank: int = Field(0, ge=0)
     step: int = Field(..., gt=0)
+    kind: Literal["kill", "enospc"] = "kill"
 
 
 class TrainConfig(Strict):

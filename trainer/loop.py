@@ -8,10 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import resource
-import shutil
 import signal
-import statistics
 import time
 from pathlib import Path
 from typing import Literal
@@ -20,19 +17,19 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from trainer import (attention, checkpoint, driver_watch, failures, float8, hf_checkpoint, import_guard, kernel_select,
-                     timing, verified_kernel)
+from trainer import (attention, checkpoint, driver_watch, failures, hf_checkpoint, import_guard, kernel_select,
+                     parallelize, timing, verified_kernel)
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
-from trainer.model import Transformer
 from trainer.optim import build_optimizer, lr_at
+from trainer.result import StepTimes, worker_result
+from trainer.save_restore import FAULT_MARKER, Saver, restore
 from trainer.step import Stepper, compile_enabled, training_dtype
 
 log = logging.getLogger(__name__)
 
 ATTN_ENV_VARS = ("ATTN_IMPL", "DISABLE_FLASH_ATTN")
-FAULT_MARKER = ".fault-injected"
 
 
 class WorkerSpec(BaseModel):
@@ -44,7 +41,7 @@ class WorkerSpec(BaseModel):
     train: TrainConfig
     data_path: str
     out_dir: str  # the variant's directory in the run directory: metrics, TensorBoard
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # how the model is spread over the workers (trainer/parallelize.py)
 
 
 def attention_from_env(environ=None) -> str:
@@ -61,12 +58,6 @@ def attention_from_env(environ=None) -> str:
     return impl
 
 
-def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
-
-
 def _maybe_inject_fault(spec: WorkerSpec, step: int, rank: int, last_checkpoint: str | None) -> None:
     """Test hook: SIGKILL this worker once, at the configured rank and step.
 
@@ -74,7 +65,7 @@ def _maybe_inject_fault(spec: WorkerSpec, step: int, rank: int, last_checkpoint:
     fault always lands after it: tests then know exactly where the run must resume.
     """
     fault = spec.train.fault
-    if fault is None or fault.rank != rank or fault.step != step:
+    if fault is None or fault.kind != "kill" or fault.rank != rank or fault.step != step:
         return
     marker = Path(spec.out_dir) / FAULT_MARKER
     if marker.exists():
@@ -84,24 +75,6 @@ def _maybe_inject_fault(spec: WorkerSpec, step: int, rank: int, last_checkpoint:
     marker.write_text(f"rank {rank} killed at step {step}\n")
     log.warning("fault injection: killing rank %d at step %d", rank, step)
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _load_latest_checkpoint(storage_dir: Path, committed: Path | None, rank: int, world: int, device: torch.device):
-    """(path, state, rng) of the newest usable checkpoint, or None to start fresh.
-
-    Rank 0 chooses (``checkpoint.newest_usable``: Ray's committed one or a newer complete
-    upload, corrupt ones skipped) and tells the others, so every rank resumes from the same one.
-    """
-    choice = [None]
-    if rank == 0:
-        found = checkpoint.newest_usable(storage_dir, committed)
-        choice[0] = str(found) if found else None
-    if world > 1:
-        dist.broadcast_object_list(choice, src=0)
-    if choice[0] is None:
-        return None
-    state, rng = checkpoint.read(Path(choice[0]), rank, map_location=device)
-    return Path(choice[0]), state, rng
 
 
 @failures.fail_fast  # an error no restart fixes fails the variant at once (trainer/failures.py)
@@ -118,6 +91,7 @@ def train_loop_per_worker(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # [ray]
     is_gpu = device.type == "cuda"
+    storage_dir = Path(spec.out_dir) / checkpoint.STORAGE_NAME
 
     # ---------------------------------------------------------------- attention
     requested = attention_from_env()
@@ -161,36 +135,26 @@ def train_loop_per_worker(config: dict) -> dict:
     # ---------------------------------------------------------------- model and optimizer
     if margs.vocab_size < dataset.vocab_size:
         raise ValueError(f"model.vocab_size {margs.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
-    torch.manual_seed(tc.seed)  # same seed on every rank and variant: same initial weights
-    model = Transformer(margs, resolved.fn)
-    if spec.model.init_from:  # a checkpoint to resume from, if any, replaces these weights below
-        model.load_state_dict(hf_checkpoint.load_state_dict(spec.model.init_from, margs))
-    if tc.float8:
-        float8.convert(model, device)
-    model = ray.train.torch.prepare_model(model)  # [ray] moves to device, wraps in DDP
-    raw_model = model.module if hasattr(model, "module") else model
+    init_weights = (lambda: hf_checkpoint.load_state_dict(spec.model.init_from, margs)) if spec.model.init_from else None
+    model, raw_model = parallelize.build(margs, resolved.fn, strategy=spec.strategy, device=device, seed=tc.seed,
+                                         compile=use_compile, world_size=world, init_weights=init_weights,
+                                         float8=tc.float8)
     optimizer = build_optimizer(raw_model, tc, device)
     t_model = time.time()
 
     # ---------------------------------------------------------------- resume
-    start_step, first_loss, restored_from = 0, None, None
-    record: dict = {}  # the last logged step's metrics
     ray_ckpt = ray.train.get_checkpoint()  # [ray] the latest committed one: Ray restores it after a failure or from storage
     committed = Path(ray_ckpt.path) if ray_ckpt is not None else None
-    loaded = _load_latest_checkpoint(Path(spec.out_dir) / checkpoint.STORAGE_NAME, committed, rank, world, device)
-    if loaded is not None:
-        path, state, rng = loaded
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, first_loss, restored_from = state["step"], state.get("first_loss"), str(path)
-        record = state.get("record") or {}  # reported as is when the checkpoint is the last step
-        if rng is not None:
-            checkpoint.set_rng_state(rng)
-        log.info("rank %d resumed from %s at step %d", rank, path, start_step)
-
+    restored = restore(storage_dir, committed, rank=rank, world=world, device=device, model=model,
+                       raw_model=raw_model, optimizer=optimizer, strategy=spec.strategy)
+    start_step = restored.step if restored else 0
+    first_loss = restored.first_loss if restored else None
+    record: dict = restored.record if restored else {}  # the last logged step's metrics
     if rank == 0:
         append_attempt(Path(spec.out_dir), {"time": time.time(), "start_step": start_step,
-                                            "restored_from": restored_from, "ray_checkpoint": str(committed) if committed else None,
+                                            "restored_from": str(restored.path) if restored else None,
+                                            "skipped_checkpoints": restored.skipped if restored else [],
+                                            "ray_checkpoint": str(committed) if committed else None,
                                             "pid": os.getpid(), "pids": [w["pid"] for w in workers]})
 
     n_win = num_windows(len(dataset.tokens), tc.seq_len)
@@ -198,104 +162,67 @@ def train_loop_per_worker(config: dict) -> dict:
         raise ValueError(f"train.seq_len {tc.seq_len} is longer than the data ({len(dataset.tokens)} tokens)")
     sampler = BatchSampler(seed=tc.seed, n_windows=n_win, micro_batch=tc.micro_batch_size,
                            grad_accum=tc.grad_accum_steps, world_size=world)
+    if restored:  # a checkpoint of another worker count: continue at the window it stopped at
+        sampler.offset = restored.samples_consumed - start_step * sampler.samples_per_step
     tokens_per_step = sampler.samples_per_step * tc.seq_len
     peak_tflops = timing.peak_tflops(device)
+    flops_per_token = margs.flops_per_token(tc.seq_len)
     writer = MetricsWriter(Path(spec.out_dir), start_step=start_step, tag=spec.variant) if rank == 0 else None
-
-    last_checkpoint: str | None = None
-
-    def save_checkpoint(step: int, metrics: dict) -> str:
-        staging = Path(spec.out_dir) / checkpoint.STAGING_DIR / f"rank{rank}-{step:08d}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            state = None
-            if rank == 0:
-                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "first_loss": first_loss, "samples_consumed": step * sampler.samples_per_step,
-                         "world_size": world, "variant": spec.variant, "record": record}
-            checkpoint.write(staging, rank, state, world)
-            ray.train.report(  # [ray] a barrier: every rank reports, rank 0's metrics are kept
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
-                checkpoint_dir_name=f"checkpoint_{step:08d}",
-            )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return f"checkpoint_{step:08d}"
+    save = Saver(storage_dir, rank=rank, world=world, strategy=spec.strategy, model=raw_model, optimizer=optimizer,
+                 fault=tc.fault, marker_dir=Path(spec.out_dir))
 
     # ---------------------------------------------------------------- train
     model.train()
     stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
-                      grad_clip=tc.grad_clip, compile=use_compile)
-    step_times: list[float] = []
+                      grad_clip=tc.grad_clip, compiled=use_compile)
+    times = StepTimes()
     t_ready, t_first_step = time.time(), None
-    t_last, steps_since_log = time.perf_counter(), 0
-    for step in range(start_step, tc.max_steps):
-        _maybe_inject_fault(spec, step + 1, rank, last_checkpoint)
-        lr = lr_at(step, tc)
-        batches = [get_batch(dataset.tokens, sampler.indices(step, micro, rank), tc.seq_len)
-                   for micro in range(tc.grad_accum_steps)]
-        mean_loss, grad_norm = stepper(batches, lr)
-        if t_first_step is None:  # startup phases: one sync, on the first step only
-            mean_loss.item()
-            t_first_step = time.time()
-        steps_since_log += 1
-        done = step + 1
+    last_checkpoint: str | None = None
+    try:
+        for step in range(start_step, tc.max_steps):
+            _maybe_inject_fault(spec, step + 1, rank, last_checkpoint)
+            lr = lr_at(step, tc)
+            batches = [get_batch(dataset.tokens, sampler.indices(step, micro, rank), tc.seq_len)
+                       for micro in range(tc.grad_accum_steps)]
+            mean_loss, grad_norm = stepper(batches, lr)
+            if t_first_step is None:  # startup phases: one sync, on the first step only
+                mean_loss.item()
+                t_first_step = time.time()
+            times.stepped()
+            done = step + 1
 
-        if done % tc.log_every == 0 or done == tc.max_steps or done % tc.checkpoint_every == 0:
-            if world > 1:
-                dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
-            loss_value = mean_loss.item()  # the one host sync, only on logging steps
-            now = time.perf_counter()
-            dt = (now - t_last) / steps_since_log
-            step_times += [dt] * steps_since_log
-            t_last, steps_since_log = now, 0
-            if first_loss is None:
-                first_loss = loss_value
-            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                      "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step,
-                      **timing.per_gpu(tokens_per_step / dt, world, margs.flops_per_token(tc.seq_len), device, peak_tflops)}
-            if writer:
-                writer.write(record)
+            if done % tc.log_every == 0 or done == tc.max_steps or done % tc.checkpoint_every == 0:
+                if world > 1:
+                    dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+                loss_value = mean_loss.item()  # the one host sync, only on logging steps
+                dt = times.logged()
+                if first_loss is None:
+                    first_loss = loss_value
+                record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                          "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step,
+                          **timing.per_gpu(tokens_per_step / dt, world, flops_per_token, device, peak_tflops)}
+                if writer:
+                    writer.write(record)
 
-        if done % tc.checkpoint_every == 0 or done == tc.max_steps:
-            last_checkpoint = save_checkpoint(done, {"step": done, "loss": record.get("loss")})
+            if done % tc.checkpoint_every == 0 or done == tc.max_steps:
+                progress = {"step": done, "first_loss": first_loss, "samples_consumed": sampler.offset + done * sampler.samples_per_step,
+                            "world_size": world, "variant": spec.variant, "strategy": spec.strategy, "record": record}
+                last_checkpoint = save(done, progress, {"step": done, "loss": record.get("loss")}) or last_checkpoint
+    except checkpoint.DiskFull as e:
+        # Deterministic: a restart would hit the same full disk. The variant fails at once.
+        log.error("rank %d: %s", rank, e)
+        return {"variant": spec.variant, "status": "failed", "error": e.strerror, "strategy": spec.strategy}
+    finally:
+        if writer:
+            writer.close()
 
     # ---------------------------------------------------------------- results (rank 0's is returned)
-    if writer:
-        writer.close()
-    # Steady state: leave out the first steps of this process (compile, allocator warm-up).
-    skip = min(len(step_times) - 1, max(1, len(step_times) // 10)) if step_times else 0
-    steady = step_times[skip:]
-    median_step = statistics.median(steady) if steady else None
-    peak, peak_kind = peak_memory_bytes(device)
-    return {
-        "variant": spec.variant,
-        "attention": requested,
-        "backend": resolved.kernel,
-        "env": worker_info["env"],
-        "workers": workers,
-        "steps": tc.max_steps,
-        "start_step": start_step,
-        "restored_from": restored_from,
-        "first_loss": first_loss,
-        "final_loss": record.get("loss"),
-        "step_time_s": median_step,
-        "tokens_per_s": tokens_per_step / median_step if median_step else None,
-        **timing.per_gpu(tokens_per_step / median_step if median_step else None, world,
-                         margs.flops_per_token(tc.seq_len), device, peak_tflops),
-        "kernel_timings": resolved.timings,
-        "float8": tc.float8,
-        "peak_mem_bytes": peak,
-        "peak_mem_kind": peak_kind,
-        "num_workers": world,
-        "use_gpu": is_gpu,
-        "dtype": str(dtype).removeprefix("torch."),
-        "compiled": use_compile,
-        "params": sum(p.numel() for p in raw_model.parameters()),
-        "flops_per_token": margs.flops_per_token(tc.seq_len),
-        "tokens_per_step": tokens_per_step,
-        # Wall-clock times for the driver's startup breakdown (worker up -> ready -> first step).
-        "timeline": {"worker_start": t_start, "data": t_data, "attention": t_attention, "model": t_model,
-                     "ready": t_ready, "first_step": t_first_step},
-    }
+    return worker_result(
+        spec=spec, requested=requested, kernel=resolved.kernel, env=worker_info["env"], workers=workers,
+        start_step=start_step, restored_from=str(restored.path) if restored else None, first_loss=first_loss,
+        record=record, times=times, device=device, world=world, dtype=dtype, compiled=use_compile,
+        params=sum(p.numel() for p in raw_model.parameters()), flops_per_token=flops_per_token,
+        tokens_per_step=tokens_per_step, kernel_timings=resolved.timings, peak_tflops=peak_tflops,
+        timeline={"worker_start": t_start, "data": t_data, "attention": t_attention, "model": t_model,
+                  "ready": t_ready, "first_step": t_first_step},
+    )

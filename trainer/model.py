@@ -124,6 +124,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, attn_fn: AttnFn):
         super().__init__()
+        rng = torch.get_rng_state()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, attn_fn) for _ in range(args.n_layers))
@@ -134,16 +135,24 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2 style scaled init of the residual projections keeps early activations tame.
-        for name, p in self.named_parameters():
-            if name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+        # The weights are a function of the RNG state at entry alone (the submodules' own
+        # default inits are discarded), so a sharded build can replay them shard by shard
+        # (trainer/parallelize.py) and get the same model.
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                std = self.init_std(name, p)
+                p.fill_(1.0) if std is None else p.normal_(0.0, std)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def init_std(self, name: str, p: torch.Tensor) -> float | None:
+        """The init of parameter ``name``: normal with this std, or None for ones (norm gains).
+        Drawn in ``named_parameters()`` order (a tied weight once)."""
+        if p.dim() < 2:
+            return None
+        if name.endswith(("wo.weight", "w2.weight")):
+            # GPT-2 style scaled init of the residual projections keeps early activations tame.
+            return 0.02 / math.sqrt(2 * self.args.n_layers)
+        return 0.02
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = idx.shape

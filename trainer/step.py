@@ -5,10 +5,11 @@ without blocking, and the loss stays on the device until the caller asks for it.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from trainer import compile_cache
 from trainer.config import TrainConfig
@@ -31,16 +32,39 @@ def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return t
 
 
+def grad_sync(model: torch.nn.Module, sync: bool):
+    """A context in which backward reduces gradients across workers only when ``sync``: gradient
+    accumulation reduces once per optimizer step, on its last micro-step."""
+    if sync:
+        return nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: the flag holds until set again
+        return _fsdp_no_sync(model)
+    return nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 class Stepper:
-    """Forward and backward over ``grad_accum`` micro-batches, clip, AdamW step."""
+    """Forward and backward over ``grad_accum`` micro-batches, clip, AdamW step.
+
+    ``model`` is what ``trainer.parallelize.build`` returned (blocks already compiled when
+    compile is on): plain, DDP-wrapped or FSDP-sharded.
+    """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                 dtype: torch.dtype, grad_accum: int, grad_clip: float, compile: bool):
-        self.model = model  # possibly DDP-wrapped: no_sync() skips the all-reduce on early micro-steps
+                 dtype: torch.dtype, grad_accum: int, grad_clip: float, compiled: bool = False):
+        self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if compile:
-            compile_cache.enable()  # before the first compile: a later run of the same shapes reuses it
-        self.forward = torch.compile(model, dynamic=False) if compile else model  # shapes are fixed per run
+        self.compiled = compiled  # blocks compiled (trainer/parallelize.py): the compile cache's artifacts apply
         self.compile_artifacts = None  # the mega-cache file, known at the first step (its shapes)
         self.optimizer, self.device, self.dtype = optimizer, device, dtype
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
@@ -48,7 +72,7 @@ class Stepper:
 
     def __call__(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (mean loss, grad norm) as device tensors."""
-        first_compile = self.forward is not self.model and self.compile_artifacts is None
+        first_compile = self.compiled and self.compile_artifacts is None
         if first_compile:
             self.compile_artifacts = compile_cache.artifacts_path(f"{self.model!r} {batches[0][0].shape} {self.dtype}")
             compile_cache.load_artifacts(self.compile_artifacts)
@@ -58,14 +82,15 @@ class Stepper:
         for micro, (x, y) in enumerate(batches):
             x, y = to_device(x, self.device), to_device(y, self.device)
             last = micro == len(batches) - 1
-            sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
+            with grad_sync(self.model, last):
                 with self.autocast:
-                    _, loss = self.forward(x, y)
+                    _, loss = self.model(x, y)
                 (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every worker's shards
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if first_compile:

@@ -19,6 +19,7 @@ from trainer.config import ModelConfig, TrainConfig
 from trainer.data import BatchSampler, get_batch, num_windows
 from trainer.model import Transformer
 from trainer.optim import build_optimizer
+from trainer.parallelize import compile_blocks
 from trainer.step import Stepper, compile_enabled, training_dtype
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,10 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         if tc.float8:
             float8.convert(model, device)
         optimizer = build_optimizer(model, tc, device)
+        if compile_enabled(tc, device):
+            compile_blocks(model)
         stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
-                          grad_clip=tc.grad_clip, compile=compile_enabled(tc, device))
+                          grad_clip=tc.grad_clip)
         sampler = BatchSampler(seed=tc.seed, n_windows=num_windows(len(tokens), tc.seq_len),
                                micro_batch=tc.micro_batch_size, grad_accum=tc.grad_accum_steps, world_size=1)
         step_no = iter(range(10**9))
