@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import socket
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator

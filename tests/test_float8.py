@@ -6,7 +6,6 @@ import torch
 
 from orchestrator import config as config_mod
 from orchestrator import run as run_mod
-from orchestrator.errors import UsageError
 from orchestrator.plan import Plan, PlannedVariant
 from tests.conftest import run_cli, write_config
 from trainer import float8

@@ -137,7 +137,6 @@ def test_an_fa2_less_namespace_error_text_is_classified_as_not_installed_not_unk
 
 
 def test_probe_times_every_kernel_that_passed_at_the_run_shape_and_caches_the_choice(tmp_path, monkeypatch):
-    import argparse
 
     from orchestrator.preflight import probe
     from trainer import attention, kernel_select

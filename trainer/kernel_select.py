@@ -203,7 +203,7 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
         try:
             return timing.median(timing.time_runs(step, device, warmup=warmup, iters=iters)) * 1e3
         finally:
-            del block, run
+            block = run = None  # the compiled block goes before the next kernel is timed
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

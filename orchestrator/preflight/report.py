@@ -145,7 +145,7 @@ class Report:
             outcome = f"flash attention: {v.flash_kernel}" if v.flash_ok else f"standard attention: {v.reason}"
             lines.append(f"node {n.node_id} ({host}, {n.address}): {outcome}")
             if v.flash_ok and v.kernel_timings:
-                lines.append(f"  timed at the run's shape: " + ", ".join(f"{k} {ms:.3g} ms" for k, ms in
+                lines.append("  timed at the run's shape: " + ", ".join(f"{k} {ms:.3g} ms" for k, ms in
                                                                         sorted(v.kernel_timings.items(), key=lambda kv: kv[1])))
             if n.reused:
                 when = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(n.cache["created"]))
