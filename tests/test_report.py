@@ -86,12 +86,14 @@ def test_report_of_a_run_whose_flash_was_skipped_says_why_and_has_no_ratios(tmp_
     assert "(exit code 3)" in text
 
 
+@pytest.mark.ray
 def test_report_command_on_a_directory_without_a_run_is_a_usage_error(tmp_path, cli_env):
     out = run_cli(["report", str(tmp_path)], cli_env, tmp_path, timeout=60)
     assert out.returncode == 2 and "no readable summary.json" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.ray
 def test_report_command_regenerates_the_report(tmp_path, cli_env):
     d = _run_dir(tmp_path, LOSSES, LOSSES)
     out = run_cli(["report", str(d)], cli_env, tmp_path, timeout=60)
