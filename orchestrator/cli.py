@@ -59,7 +59,7 @@ def disable_flash_attn_from_env(args: argparse.Namespace, environ=None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.run import TrainOptions, describe_summary, effective_options, exit_code, process_started, train
+    from orchestrator.run import TrainOptions, effective_options, process_started, train
     from trainer import import_guard
 
     disable_flash_attn_from_env(args)
@@ -68,11 +68,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         import_guard.install()  # no process of the run imports flash-attn, the driver included
     summary = train(opts, command_started=process_started())
     log.info("summary:")
-    for line in describe_summary(summary):
+    for line in summary.describe():
         log.info(line)
-    code = exit_code(summary)
+    code = summary.run.exit_code
     if code == RunFailed.exit_code:
-        run_dir = summary["run"]["dir"]
+        run_dir = summary.run.dir
         raise RunFailed(f"a variant failed; see {run_dir}/summary.json. Once the cause is fixed, continue "
                         f"from its last checkpoint with: python -m orchestrator train --resume {run_dir}")
     return code

@@ -11,7 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
-from orchestrator import interrupt
+from orchestrator import interrupt, results
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
 from trainer import checkpoint
@@ -44,12 +44,8 @@ def _placement_error(err: BaseException, v: PlannedVariant, timeout_s: float) ->
             "(scaling.placement_timeout_s): the resources are held by something else, or the nodes are gone")
 
 
-def skipped_record(v: PlannedVariant) -> dict:
-    return {
-        "status": "skipped", "attention": v.attention, "backend": None, "env": v.env, "steps": 0,
-        "first_loss": None, "final_loss": None, "tokens_per_s": None, "peak_mem_bytes": None,
-        "num_workers": v.num_workers, "use_gpu": v.use_gpu, "restarts": 0, "error": None, "reason": v.reason,
-    }
+def skipped_record(v: PlannedVariant) -> results.VariantResult:
+    return results.skipped(v.attention, v.env, v.num_workers, v.use_gpu, v.reason)
 
 
 def count_attempts(variant_dir: Path, since: float) -> int:
@@ -98,7 +94,7 @@ def _abort(trainer) -> None:
 
 
 def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_checkpoints: int,
-                placement_timeout_s: float = 60.0) -> dict:
+                placement_timeout_s: float = 60.0) -> results.VariantResult:
     """Train one variant to completion (or failure) and return its summary record.
 
     Placement is tried once: with ``controller_failure_limit=0`` Ray Train gives up when the
@@ -147,7 +143,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             shutil.rmtree(vdir / checkpoint.STAGING_DIR, ignore_errors=True)
             checkpoint.prune_unregistered(vdir / checkpoint.STORAGE_NAME)
     if error is None and result is not None and isinstance(result.return_value, dict):
-        record.update(result.return_value)
+        record.update({k: x for k, x in result.return_value.items() if k != "variant"})  # the name is the key
         record["attention"] = v.attention  # the request; the worker's flags are in 'env'
         record["status"] = "succeeded"
     else:
@@ -161,11 +157,9 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     if "steps" not in record:  # the worker returned no result: count what it logged
         logged = read_metrics(vdir / METRICS_FILE)
         record["steps"] = logged[-1]["step"] if logged else 0
-    for key in ("first_loss", "final_loss", "tokens_per_s", "peak_mem_bytes"):
-        record.setdefault(key, None)
     record.setdefault("num_workers", v.num_workers)
     record.setdefault("use_gpu", v.use_gpu)
     ended = time.time()
     record["wall_time_s"] = round(ended - started, 3)
     record["started_at"], record["ended_at"] = started, ended  # epoch seconds: shows concurrent variants overlap
-    return record
+    return results.VariantResult(**record)

@@ -21,14 +21,13 @@ import yaml
 
 from orchestrator import config as config_mod
 from orchestrator import capacity, execute, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, storage
-from orchestrator.errors import EXIT_VARIANT_SKIPPED, UsageError
+from orchestrator.errors import UsageError
+from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
+                                  run_status)
 from trainer import data as data_mod
 from trainer.loop import WorkerSpec
 
 log = logging.getLogger(__name__)
-
-SUMMARY_FILE, PLAN_FILE, CONFIG_FILE, OPTIONS_FILE = "summary.json", "plan.json", "config.yaml", "options.json"
-
 
 @dataclass(kw_only=True)
 class TrainOptions:
@@ -112,28 +111,10 @@ def _versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
 
 
-# Exit codes of ``train`` (the CLI's, and what scripts check): see ``exit_code``.
-RUN_STATUS_EXIT = {"succeeded": 0, "failed": 1, "partial": EXIT_VARIANT_SKIPPED}
-
-
-def run_status(results: dict[str, dict]) -> str:
-    """failed if any variant failed; partial if none failed but one was skipped; else succeeded."""
-    statuses = {r["status"] for r in results.values()}
-    if "failed" in statuses:
-        return "failed"
-    return "partial" if "skipped" in statuses else "succeeded"
-
-
-def exit_code(summary: dict) -> int:
-    """0 every requested variant succeeded; 1 a variant failed; 3 nothing failed but a
-    requested variant was skipped (flash attention works on no node)."""
-    return RUN_STATUS_EXIT[summary["run"]["status"]]
-
-
 NodesFn = Callable[[], list[plan_mod.NodeCapacity]]
 
 
-def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None, command_started: Optional[float] = None) -> dict:
+def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None, command_started: Optional[float] = None) -> RunSummary:
     """Run ``orchestrator train``; returns the summary (also written to summary.json).
 
     ``nodes`` gives the planner the cluster's nodes once Ray is connected (default: preflight
@@ -154,47 +135,43 @@ def _config_to_save(prep: Prepared) -> dict:
     return cfg
 
 
-def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float) -> dict:
+def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float) -> RunSummary:
     opts, saved = effective_options(opts)
     prep = prepare(opts)
     names = {v.name for v in prep.variants}
     finished = {n: r for n, r in (saved.finished() if saved else {}).items() if n in names}
     if saved and all(v.name in finished for v in prep.variants):
         log.info("nothing to resume: every variant of %s already succeeded", saved.run_dir)
-        summary = saved.summary
         # A run interrupted after its last variant finished says "interrupted": settle it.
-        summary["run"]["status"] = run_status(summary["variants"])
-        summary["run"]["exit_code"] = exit_code(summary)
-        rundir.write_json(saved.run_dir / SUMMARY_FILE, summary)
+        summary = saved.summary.settle()
+        summary.write(saved.run_dir)
         return summary
-    previous = (saved.summary or {}) if saved else {}
+    previous = saved.summary if saved else None
     if not saved:
         rundir.check_new(Path(opts.output_dir), opts.name)
     started = time.time()
     # Variants an earlier invocation finished are results from the start, so an interrupt at
     # any point of this one cannot write them over.
-    results: dict[str, dict] = dict(finished)
+    results: dict[str, VariantResult] = dict(finished)
     address, run_dir, plan, t_ray, t_plan = None, None, None, None, None
 
-    def write_summary(status: str | None = None) -> dict:
-        run = {
-            "name": run_dir.name, "dir": str(run_dir.resolve()), "ray_address": address,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "duration_s": round(time.time() - started, 3), "data": str(prep.data_path),
-            "command": command_line(), "versions": _versions(),
-            "status": status or run_status(results), "mode": plan.mode if plan else None,
-            "startup_s": startup_phases(command_started, t_ray, t_plan,
-                                        {n: r for n, r in results.items() if n not in finished}) if t_plan else None,
-        }
-        if saved:
-            run["resumes"] = int((previous.get("run") or {}).get("resumes", 0)) + 1
+    def write_summary(status: str | None = None) -> RunSummary:
         for v in prep.variants:  # not reached before the interrupt: they run on --resume
-            results.setdefault(v.name, {"status": "interrupted", "attention": v.attention, "steps": 0,
-                                        "restarts": 0, "error": "not started: the run was interrupted"})
-        summary = {"run": run, "variants": {v.name: results[v.name] for v in prep.variants}}
+            results.setdefault(v.name, not_started(v.attention))
+        run = RunInfo(
+            name=run_dir.name, dir=str(run_dir.resolve()), ray_address=address,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            duration_s=round(time.time() - started, 3), data=str(prep.data_path),
+            command=command_line(), versions=_versions(),
+            status=status or run_status(results), mode=plan.mode if plan else None,
+            startup_s=startup_phases(command_started, t_ray, t_plan,
+                                     {n: r for n, r in results.items() if n not in finished}) if t_plan else None,
+            resumes=(previous.run.resumes if previous else 0) + 1 if saved else 0,
+        )
+        summary = RunSummary(run=run, variants={v.name: results[v.name] for v in prep.variants})
         if status is None:
-            run["exit_code"] = exit_code(summary)
-        rundir.write_json(run_dir / SUMMARY_FILE, summary)
+            summary.settle()
+        summary.write(run_dir)
         return summary
 
     from orchestrator.session import ray_session
@@ -249,10 +226,10 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             for name, record in execute.run_plan(todo, specs, max_failures=sc.max_failures,
                                                  keep_checkpoints=sc.keep_checkpoints,
                                                  placement_timeout_s=sc.placement_timeout_s).items():
-                before = (previous.get("variants") or {}).get(name) or {}
-                record["restarts"] = record.get("restarts", 0) + int(before.get("restarts") or 0)
+                before = previous.variants.get(name) if previous else None
+                record.restarts += before.restarts if before else 0
                 results[name] = record
-            if any(r["status"] == "interrupted" for r in results.values()):
+            if any(r.status == "interrupted" for r in results.values()):
                 raise interrupt.as_interrupted(KeyboardInterrupt())
     except UsageError:
         if run_dir is not None and not saved:  # found before anything ran: leave no trace of this run
@@ -267,8 +244,6 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
     summary = write_summary()
     _write_report(run_dir)
     return summary
-
-
 
 
 def process_started() -> float:
@@ -286,14 +261,15 @@ def command_line(argv: Optional[list[str]] = None) -> str:
     return shlex.join(argv)
 
 
-def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[str, dict]) -> dict | None:
+def startup_phases(t_command: float, t_ray: float, t_plan: float,
+                   results: dict[str, VariantResult]) -> dict[str, float] | None:
     """Seconds from command to first step, by phase, for the first variant that trained."""
-    rec = next((r for r in results.values() if r.get("timeline") and r["timeline"].get("first_step")), None)
+    rec = next((r for r in results.values() if r.timeline and r.timeline.get("first_step")), None)
     if rec is None:
         return None
-    tl = rec["timeline"]
+    tl = rec.timeline
     phases = {"ray_start": t_ray - t_command, "preflight_and_plan": t_plan - t_ray,
-              "workers_up": tl["worker_start"] - rec["started_at"], "setup": tl["ready"] - tl["worker_start"],
+              "workers_up": tl["worker_start"] - rec.started_at, "setup": tl["ready"] - tl["worker_start"],
               "first_step": tl["first_step"] - tl["ready"]}
     phases["total"] = tl["first_step"] - t_command
     return {k: round(v, 3) for k, v in phases.items()}
@@ -309,33 +285,3 @@ def _write_report(run_dir: Path) -> None:
     except Exception as e:  # noqa: BLE001 - the results are in summary.json either way
         log.warning("could not write the report (%s: %s); retry with: python -m orchestrator report %s",
                     type(e).__name__, e, run_dir)
-
-
-_EXIT_MEANING = {0: "every variant succeeded", 1: "a variant failed",
-                 EXIT_VARIANT_SKIPPED: "finished, but a requested variant was skipped"}
-
-
-def _fmt(value, fmt: str) -> str:
-    """A figure, or n/a where none was measured (a run resumed at its last step trains no step)."""
-    return "n/a" if value is None else format(value, fmt)
-
-
-def describe_summary(summary: dict) -> list[str]:
-    """The short human summary printed at the end of a run."""
-    lines = []
-    for name, r in summary["variants"].items():
-        if r["status"] == "succeeded":
-            mem = f"{r['peak_mem_bytes'] / 2**20:.0f} MiB" if r.get("peak_mem_bytes") else "n/a"
-            lines.append(f"  {name}: succeeded, kernel {r['backend']}, {r['steps']} steps, loss "
-                         f"{_fmt(r.get('first_loss'), '.3f')} -> {_fmt(r.get('final_loss'), '.3f')}, "
-                         f"{_fmt(r.get('tokens_per_s'), '.0f')} tok/s, peak mem {mem}, restarts {r['restarts']}")
-        elif r["status"] == "skipped":
-            lines.append(f"  {name}: skipped ({r.get('reason')})")
-        elif r["status"] == "interrupted":
-            lines.append(f"  {name}: interrupted after {r.get('steps') or 0} steps")
-        else:
-            lines.append(f"  {name}: failed: {r['error']}")
-    code = exit_code(summary)
-    lines.append(f"exit code {code}: {_EXIT_MEANING[code]}")
-    lines.append(f"run directory: {summary['run']['dir']}")
-    return lines

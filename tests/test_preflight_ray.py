@@ -35,12 +35,12 @@ def test_flash_attn_that_crashes_on_import_gives_standard_attention_and_the_run_
     cfg = write_config(tmp_path / "c.yaml", {"train": {"max_steps": 3, "checkpoint_every": 3}})
     with caplog.at_level(logging.INFO, logger="orchestrator"):
         summary = train(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs"), name="r"))
-    rec = summary["variants"]["flash"]
-    assert rec["status"] == "succeeded" and rec["steps"] == 3
-    assert rec["attention"] == "flash" and rec["backend"] == "standard"
-    assert rec["env"] == {"ATTN_IMPL": "standard", "DISABLE_FLASH_ATTN": "1"}
-    assert "import flash_attn killed the process (SIGSEGV)" in rec["reason"]
-    assert all(w["flash_attn_imports_blocked"] for w in rec["workers"])
+    rec = summary.variants["flash"]
+    assert rec.status == "succeeded" and rec.steps == 3
+    assert rec.attention == "flash" and rec.backend == "standard"
+    assert rec.env == {"ATTN_IMPL": "standard", "DISABLE_FLASH_ATTN": "1"}
+    assert "import flash_attn killed the process (SIGSEGV)" in rec.reason
+    assert all(w["flash_attn_imports_blocked"] for w in rec.workers)
     run = tmp_path / "runs" / "r"
     plan = json.loads((run / "plan.json").read_text())["variants"][0]
     assert plan["env"]["ATTN_IMPL"] == "standard" and "flash attention works on no node" in plan["reason"]

@@ -180,8 +180,8 @@ def ray_share(cfg, args, variant: str, dataset, device, warmup: int, iters: int)
                                      disable_flash_attn=variant == "standard"))
     finally:
         tmp_cfg.unlink(missing_ok=True)
-    rec = next(iter(summary["variants"].values()))
+    rec = next(iter(summary.variants.values()))
     return {"variant": variant, "bare_tokens_per_s": bare.get("tokens_per_s"), "bare_kernel": bare.get("kernel"),
-            "ray_tokens_per_s": rec.get("tokens_per_s"), "ray_kernel": rec.get("backend"),
-            "ray_status": rec.get("status"), "ray_error": rec.get("error"),
-            "startup_s": summary["run"].get("startup_s"), "run_dir": summary["run"]["dir"]}
+            "ray_tokens_per_s": rec.tokens_per_s, "ray_kernel": rec.backend,
+            "ray_status": rec.status, "ray_error": rec.error,
+            "startup_s": summary.run.startup_s, "run_dir": summary.run.dir}
