@@ -137,12 +137,10 @@ def add_preflight_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
 
     from orchestrator import config as config_mod
-    from orchestrator.preflight import run_preflight
-    from orchestrator.run import preflight_settings
+    from orchestrator.preflight import run_preflight, settings_for
     from orchestrator.session import ray_session
 
     if args.timeout <= 0:
@@ -153,9 +151,8 @@ def cmd_preflight(args: argparse.Namespace) -> int:
                 handler.setStream(sys.stderr)
     disable_flash_attn_from_env(args)
     cfg = config_mod.load(args.config_file)
-    settings = preflight_settings(cfg, config_mod.variant_configs(cfg, False, args.disable_flash_attn),
-                                  args.disable_flash_attn)
-    settings = dataclasses.replace(settings, timeout_s=args.timeout)
+    settings = settings_for(cfg, config_mod.variant_configs(cfg, False, args.disable_flash_attn),
+                            args.disable_flash_attn, timeout_s=args.timeout)
     if args.disable_flash_attn:
         from trainer import import_guard
 

@@ -13,7 +13,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -94,16 +94,6 @@ def prepare(opts: TrainOptions) -> Prepared:
     return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size)
 
 
-def preflight_settings(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig],
-                       disable_flash_attn: bool) -> preflight.ProbeSettings:
-    """The attention shape the probe checks: that of the first flash variant (else the first)."""
-    variant = next((v for v in variants if v.attention == "flash"), variants[0])
-    model, train_cfg = config_mod.resolved_sections(cfg, variant)
-    return preflight.ProbeSettings(head_dim=model.dim // model.n_heads, n_heads=model.n_heads,
-                                   n_kv_heads=model.n_kv_heads or model.n_heads, dtype=train_cfg.dtype,
-                                   disable_flash_attn=disable_flash_attn)
-
-
 def _versions() -> dict:
     import ray
     import torch
@@ -135,115 +125,178 @@ def _config_to_save(prep: Prepared) -> dict:
     return cfg
 
 
+# ---------------------------------------------------------------- the driver, in phases
+# connect -> probe -> plan -> open the run directory -> execute -> finish. Each phase reads and
+# fills in one RunState; ``_train`` runs them in order and owns the failure paths.
+
+
+@dataclass
+class RunState:
+    """What the driver knows so far about this invocation."""
+
+    opts: TrainOptions
+    prep: Prepared
+    saved: Optional[resume_mod.SavedRun]  # the stopped run under --resume
+    command_started: float
+    started: float = field(default_factory=time.time)
+    # Variants an earlier invocation finished are results from the start, so an interrupt at
+    # any point of this one cannot write them over.
+    finished: dict[str, VariantResult] = field(default_factory=dict)
+    results: dict[str, VariantResult] = field(default_factory=dict)
+    address: Optional[str] = None  # connect
+    t_ray: Optional[float] = None
+    preflight: Optional[preflight.Report] = None  # probe (None when the caller gave the nodes)
+    nodes: list[plan_mod.NodeCapacity] = field(default_factory=list)
+    plan: Optional[plan_mod.Plan] = None  # plan
+    run_dir: Optional[Path] = None  # open the run directory
+    t_plan: Optional[float] = None
+
+    def summary(self, status: Optional[str] = None) -> RunSummary:
+        """The summary as of now: settled (status None) or with ``status`` ("interrupted")."""
+        for v in self.prep.variants:  # not reached before the interrupt: they run on --resume
+            self.results.setdefault(v.name, not_started(v.attention))
+        previous = self.saved.summary if self.saved else None
+        new = {n: r for n, r in self.results.items() if n not in self.finished}
+        run = RunInfo(
+            name=self.run_dir.name, dir=str(self.run_dir.resolve()), ray_address=self.address,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+            duration_s=round(time.time() - self.started, 3), data=str(self.prep.data_path),
+            command=command_line(), versions=_versions(),
+            status=status or run_status(self.results), mode=self.plan.mode if self.plan else None,
+            startup_s=startup_phases(self.command_started, self.t_ray, self.t_plan, new) if self.t_plan else None,
+            resumes=(previous.run.resumes if previous else 0) + 1 if self.saved else 0,
+        )
+        summary = RunSummary(run=run, variants={v.name: self.results[v.name] for v in self.prep.variants})
+        return summary.settle() if status is None else summary
+
+
+def _connect(state: RunState, address: str) -> None:
+    """Ray is up: check the cluster's totals, so a config that can never fit fails before nodes are probed."""
+    import ray
+
+    state.address, state.t_ray = address, time.time()
+    capacity.check_fits(state.prep.cfg.scaling, dict(ray.cluster_resources()),
+                        state.opts.config_file or "built-in config")
+
+
+def _probe(state: RunState, nodes: Optional[NodesFn]) -> None:
+    """Every node's facts and verdicts: the planner's view of the cluster."""
+    if nodes is not None:  # given by the caller (tests)
+        state.nodes = nodes()
+        return
+    state.preflight = preflight.run_preflight(
+        preflight.settings_for(state.prep.cfg, state.prep.variants, state.opts.disable_flash_attn))
+    state.nodes = state.preflight.node_capacities()
+
+
+def _plan(state: RunState) -> None:
+    """Variants onto nodes; before a new run directory exists, so an infeasible request leaves nothing behind."""
+    state.plan = plan_mod.make_plan(state.prep.variants, state.prep.cfg.scaling, state.nodes)
+
+
+def _open_run_dir(state: RunState) -> None:
+    """The run directory (new, or the stopped run's under --resume) with the config, options,
+    preflight files and plan; the plan and the attention outcome are printed."""
+    opts, prep, plan, report = state.opts, state.prep, state.plan, state.preflight
+    if state.saved:
+        state.run_dir = state.saved.run_dir
+        log.info("resuming run directory: %s", state.run_dir)
+    else:
+        state.run_dir = rundir.create(Path(opts.output_dir), opts.name)
+        log.info("run directory: %s", state.run_dir)
+    run_dir = state.run_dir
+    storage.check_nodes(run_dir, prep.data_path)  # on several nodes, all must see the run and the data
+    state.t_plan = time.time()
+    if not state.saved:
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(_config_to_save(prep), sort_keys=False))
+        rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
+    if report is not None:
+        _, log_path = report.write(run_dir)
+        for line in report.table():
+            log.info(line)
+        log.info("flash attention log: %s", log_path)
+    rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
+    for line in plan.describe():
+        log.info(line)
+    if all(v.env["ATTN_IMPL"] == "standard" for v in plan.variants):
+        log.info("Flash Attention is disabled - will use standard attention implementation")
+    elif report is not None:
+        for line in report.outcome_lines():
+            log.info(line)
+
+
+def _worker_specs(state: RunState) -> dict[str, WorkerSpec]:
+    """What each variant's workers are handed."""
+    specs = {}
+    for vc in state.prep.variants:
+        model, train_cfg = config_mod.resolved_sections(state.prep.cfg, vc)
+        specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=str(state.prep.data_path),
+                                    out_dir=str((state.run_dir / vc.name).resolve()))
+    return specs
+
+
+def _execute(state: RunState) -> None:
+    """Train the variants an earlier invocation did not finish; an interrupted one stops the run."""
+    plan, sc = state.plan, state.prep.cfg.scaling
+    previous = state.saved.summary if state.saved else None
+    for name in state.finished:
+        log.info("[%s] already succeeded; not rerun", name)
+    todo = plan_mod.Plan(variants=[v for v in plan.variants if v.name not in state.finished], mode=plan.mode,
+                         notes=plan.notes, cluster=plan.cluster)
+    for name, record in execute.run_plan(todo, _worker_specs(state), max_failures=sc.max_failures,
+                                         keep_checkpoints=sc.keep_checkpoints,
+                                         placement_timeout_s=sc.placement_timeout_s).items():
+        before = previous.variants.get(name) if previous else None
+        record.restarts += before.restarts if before else 0
+        state.results[name] = record
+    if any(r.status == "interrupted" for r in state.results.values()):
+        raise interrupt.as_interrupted(KeyboardInterrupt())
+
+
+def _finish(state: RunState) -> RunSummary:
+    """summary.json with the settled status, then the report."""
+    summary = state.summary()
+    summary.write(state.run_dir)
+    _write_report(state.run_dir)
+    return summary
+
+
 def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float) -> RunSummary:
     opts, saved = effective_options(opts)
     prep = prepare(opts)
+    state = RunState(opts=opts, prep=prep, saved=saved, command_started=command_started)
     names = {v.name for v in prep.variants}
-    finished = {n: r for n, r in (saved.finished() if saved else {}).items() if n in names}
-    if saved and all(v.name in finished for v in prep.variants):
+    state.finished = {n: r for n, r in (saved.finished() if saved else {}).items() if n in names}
+    state.results = dict(state.finished)
+    if saved and names <= state.finished.keys():
         log.info("nothing to resume: every variant of %s already succeeded", saved.run_dir)
         # A run interrupted after its last variant finished says "interrupted": settle it.
         summary = saved.summary.settle()
         summary.write(saved.run_dir)
         return summary
-    previous = saved.summary if saved else None
     if not saved:
         rundir.check_new(Path(opts.output_dir), opts.name)
-    started = time.time()
-    # Variants an earlier invocation finished are results from the start, so an interrupt at
-    # any point of this one cannot write them over.
-    results: dict[str, VariantResult] = dict(finished)
-    address, run_dir, plan, t_ray, t_plan = None, None, None, None, None
-
-    def write_summary(status: str | None = None) -> RunSummary:
-        for v in prep.variants:  # not reached before the interrupt: they run on --resume
-            results.setdefault(v.name, not_started(v.attention))
-        run = RunInfo(
-            name=run_dir.name, dir=str(run_dir.resolve()), ray_address=address,
-            started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            duration_s=round(time.time() - started, 3), data=str(prep.data_path),
-            command=command_line(), versions=_versions(),
-            status=status or run_status(results), mode=plan.mode if plan else None,
-            startup_s=startup_phases(command_started, t_ray, t_plan,
-                                     {n: r for n, r in results.items() if n not in finished}) if t_plan else None,
-            resumes=(previous.run.resumes if previous else 0) + 1 if saved else 0,
-        )
-        summary = RunSummary(run=run, variants={v.name: results[v.name] for v in prep.variants})
-        if status is None:
-            summary.settle()
-        summary.write(run_dir)
-        return summary
 
     from orchestrator.session import ray_session
 
     try:
         with ray_session(opts.address, log_to_driver=opts.debug, keep_logs=opts.debug) as address:
-            t_ray = time.time()
-            import ray
-
-            # Cluster totals first: a config that can never fit fails before nodes are probed.
-            capacity.check_fits(prep.cfg.scaling, dict(ray.cluster_resources()), opts.config_file or "built-in config")
-            report = None
-            if nodes is None:  # probe every node; its verdicts are the planner's view of the cluster
-                report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn))
-            # Planned before a new run directory exists: an infeasible request leaves nothing behind.
-            plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
-                                      report.node_capacities() if report else nodes())
-            if saved:
-                run_dir = saved.run_dir
-                log.info("resuming run directory: %s", run_dir)
-            else:
-                run_dir = rundir.create(Path(opts.output_dir), opts.name)
-                log.info("run directory: %s", run_dir)
-            storage.check_nodes(run_dir, prep.data_path)  # on several nodes, all must see the run and the data
-            t_plan = time.time()
-            if not saved:
-                (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(_config_to_save(prep), sort_keys=False))
-                rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
-            if report is not None:
-                _, log_path = report.write(run_dir)
-                for line in report.table():
-                    log.info(line)
-                log.info("flash attention log: %s", log_path)
-            rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
-            for line in plan.describe():
-                log.info(line)
-            if all(v.env["ATTN_IMPL"] == "standard" for v in plan.variants):
-                log.info("Flash Attention is disabled - will use standard attention implementation")
-            elif report is not None:
-                for line in report.outcome_lines():
-                    log.info(line)
-            for name in finished:
-                log.info("[%s] already succeeded; not rerun", name)
-            specs = {}
-            for vc in prep.variants:
-                model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)
-                specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg,
-                                            data_path=str(prep.data_path), out_dir=str((run_dir / vc.name).resolve()))
-            sc = prep.cfg.scaling
-            todo = plan_mod.Plan(variants=[v for v in plan.variants if v.name not in finished], mode=plan.mode,
-                                 notes=plan.notes, cluster=plan.cluster)
-            for name, record in execute.run_plan(todo, specs, max_failures=sc.max_failures,
-                                                 keep_checkpoints=sc.keep_checkpoints,
-                                                 placement_timeout_s=sc.placement_timeout_s).items():
-                before = previous.variants.get(name) if previous else None
-                record.restarts += before.restarts if before else 0
-                results[name] = record
-            if any(r.status == "interrupted" for r in results.values()):
-                raise interrupt.as_interrupted(KeyboardInterrupt())
+            _connect(state, address)
+            _probe(state, nodes)
+            _plan(state)
+            _open_run_dir(state)
+            _execute(state)
     except UsageError:
-        if run_dir is not None and not saved:  # found before anything ran: leave no trace of this run
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if state.run_dir is not None and not saved:  # found before anything ran: leave no trace of this run
+            shutil.rmtree(state.run_dir, ignore_errors=True)
         raise
     except KeyboardInterrupt as e:  # SIGINT/SIGTERM (orchestrator/interrupt.py)
         stopped = interrupt.as_interrupted(e)
-        if run_dir is not None:
-            write_summary("interrupted")
-        stopped.run_dir = run_dir
+        if state.run_dir is not None:
+            state.summary("interrupted").write(state.run_dir)
+        stopped.run_dir = state.run_dir
         raise stopped from None
-    summary = write_summary()
-    _write_report(run_dir)
-    return summary
+    return _finish(state)
 
 
 def process_started() -> float:

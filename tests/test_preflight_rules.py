@@ -5,7 +5,8 @@ import json
 import pytest
 
 from orchestrator.preflight import rules
-from orchestrator.preflight.child import ProbeSettings, parse_probe
+from orchestrator.preflight.settings import ProbeSettings
+from orchestrator.preflight.child import parse_probe
 from orchestrator.preflight.probe import MARKER, SCHEMA
 from orchestrator.preflight.report import NodeReport, Report
 from tests.preflight_fakes import IMPORT_ERRORS, RUN_ERRORS

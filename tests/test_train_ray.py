@@ -32,7 +32,7 @@ def test_flash_run_writes_the_summary_contract_and_metrics(ray_session, tmp_path
     assert [w["kernel"] for w in rec.workers] == ["sdpa_flash_cpu"] * 2
     preflight = json.loads((run_dir / "preflight.json").read_text())
     assert preflight["flash_nodes"] and list(preflight["flash_nodes"]) == ["sdpa_flash_cpu"]
-    assert json.loads((run_dir / "summary.json").read_text())["variants"]["flash"]["final_loss"] == rec["final_loss"]
+    assert json.loads((run_dir / "summary.json").read_text())["variants"]["flash"]["final_loss"] == rec.final_loss
     steps = read_metrics(run_dir / "flash" / "metrics.jsonl")
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert steps[-1]["loss"] == rec.final_loss

@@ -4,8 +4,8 @@ probe (facts, in a child process on each node) -> rules (causes and verdicts, pu
 report (table, preflight.json, flash_attention_log.txt, NodeCapacity for the planner).
 """
 
-from orchestrator.preflight.child import ProbeSettings
+from orchestrator.preflight.settings import ProbeSettings, settings_for
 from orchestrator.preflight.cluster import run_preflight
 from orchestrator.preflight.report import LOG_FILE, PREFLIGHT_FILE, NodeReport, Report
 
-__all__ = ["ProbeSettings", "run_preflight", "Report", "NodeReport", "PREFLIGHT_FILE", "LOG_FILE"]
+__all__ = ["ProbeSettings", "settings_for", "run_preflight", "Report", "NodeReport", "PREFLIGHT_FILE", "LOG_FILE"]

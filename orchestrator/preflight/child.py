@@ -12,28 +12,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from orchestrator.preflight.probe import MARKER, SCHEMA
 from orchestrator.preflight.rules import Cause, Issue, classify, crash_cause
+from orchestrator.preflight.settings import ProbeSettings
 
 PYTHON = "python"  # replaced by the node's own interpreter in run_probe
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # holds orchestrator/ and trainer/
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProbeSettings:
-    """What the probe checks: the attention shape the workers will run, and the flash flag."""
-
-    head_dim: int = 32
-    n_heads: int = 6
-    n_kv_heads: int = 2
-    dtype: str = "auto"  # as train.dtype: auto = bf16 on GPU, fp32 on CPU
-    disable_flash_attn: bool = False
-    timeout_s: float = 180.0  # the whole probe on one node
-    import_timeout_s: float = 60.0  # one flash-attn import
 
 
 def probe_command(settings: ProbeSettings) -> list[str]:

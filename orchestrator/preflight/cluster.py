@@ -11,7 +11,8 @@ import logging
 import time
 from typing import Optional
 
-from orchestrator.preflight.child import ProbeSettings, parse_probe, probe_command, probe_env, run_probe
+from orchestrator.preflight.settings import ProbeSettings
+from orchestrator.preflight.child import parse_probe, probe_command, probe_env, run_probe
 from orchestrator.preflight.report import NodeReport, Report
 from orchestrator.preflight.rules import Issue, crash_cause, probe_failed, verdict
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.plan import NodeCapacity
-from orchestrator.preflight.child import ProbeSettings
+from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.rules import Verdict
 from trainer import import_guard
 
