@@ -86,12 +86,12 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator import report
+    from orchestrator import comparison
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: run directory not found")
-    for line in report.write(run_dir).describe():
+    for line in comparison.write(run_dir).describe():
         log.info(line)
     return 0
 
@@ -107,7 +107,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from trainer import data
+    from trainer import preprocess
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
@@ -115,8 +115,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if args.vocab_size < 257:
         raise UsageError(f"--vocab-size {args.vocab_size}: must be at least 257 (256 bytes + end-of-text)")
     try:
-        meta = data.preprocess(args.raw_data, out, Path(args.tokenizer) if args.tokenizer else None, args.vocab_size)
-    except data.DataError as e:
+        meta = preprocess.preprocess(args.raw_data, out, Path(args.tokenizer) if args.tokenizer else None, args.vocab_size)
+    except preprocess.DataError as e:
         raise UsageError(str(e)) from None
     log.info("wrote %d tokens (vocab %d, %s) to %s", meta["num_tokens"], meta["vocab_size"], meta["dtype"], out)
     return 0

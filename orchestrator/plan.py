@@ -32,6 +32,7 @@ from typing import Optional, Sequence, Union
 from orchestrator import labels
 from orchestrator.config import ScalingConfig, VariantConfig
 from orchestrator.errors import InfeasibleRequest
+from orchestrator.preflight.findings import PreflightReport
 
 # Orders of variants tried when packing them together; beyond this many variants, the most
 # constrained-first order alone (the search is factorial).
@@ -50,8 +51,8 @@ def attention_env(attention: str) -> dict[str, str]:
 class NodeCapacity:
     """One alive node as the planner sees it: what preflight found, reduced to what placement needs.
 
-    Produced by preflight (``orchestrator/preflight``) from each node's probe; consumed by
-    ``make_plan``. ``flash_ok`` is True when some flash kernel passed its checks on the node
+    Made from preflight's findings by ``nodes_from_preflight`` (tests build them directly);
+    consumed by ``make_plan``. ``flash_ok`` is True when some flash kernel passed its checks on the node
     (the flash_attn package or PyTorch's fused SDPA kernels); ``flash_reason`` says why not.
     """
 
@@ -66,6 +67,13 @@ class NodeCapacity:
     def all_labels(self) -> dict[str, str]:
         """The labels a selector sees: Ray adds the node id to every node's labels."""
         return {labels.NODE_ID_KEY: self.node_id, **self.labels}
+
+
+def nodes_from_preflight(report: PreflightReport) -> list[NodeCapacity]:
+    """Preflight's findings per node, reduced to what placement needs."""
+    return [NodeCapacity(node_id=n.node_id, cpus=n.cpus, gpus=n.gpus, labels=dict(n.labels),
+                         flash_ok=n.verdict.flash_ok, flash_kernel=n.verdict.flash_kernel,
+                         flash_reason=n.verdict.reason) for n in report.nodes]
 
 
 @dataclass

@@ -24,7 +24,7 @@ from orchestrator import capacity, execute, interrupt, plan as plan_mod, preflig
 from orchestrator.errors import UsageError
 from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
                                   run_status)
-from trainer import data as data_mod
+from trainer import dataset as dataset_mod, preprocess
 from trainer.loop import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -79,16 +79,16 @@ def prepare(opts: TrainOptions) -> Prepared:
     )
     variants = config_mod.variant_configs(cfg, opts.run_both_models, opts.disable_flash_attn)
     try:
-        data_path = Path(cfg.data.path) if cfg.data.path else data_mod.embedded_dataset()
-        dataset = data_mod.load_dataset(data_path)
-    except data_mod.DataError as e:
+        data_path = Path(cfg.data.path) if cfg.data.path else preprocess.embedded_dataset()
+        dataset = dataset_mod.load_dataset(data_path)
+    except dataset_mod.DataError as e:
         raise UsageError(str(e)) from None
     for v in variants:
         model, train = config_mod.resolved_sections(cfg, v)
         if model.vocab_size is not None and model.vocab_size < dataset.vocab_size:
             raise UsageError(f"{source}: model.vocab_size {model.vocab_size} is smaller than the tokenizer's "
                              f"vocab ({dataset.vocab_size}) in {data_path}")
-        if data_mod.num_windows(len(dataset.tokens), train.seq_len) < 1:
+        if dataset_mod.num_windows(len(dataset.tokens), train.seq_len) < 1:
             raise UsageError(f"{source}: train.seq_len {train.seq_len} is longer than the data in {data_path} "
                              f"({len(dataset.tokens)} tokens)")
     return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size)
@@ -145,7 +145,7 @@ class RunState:
     results: dict[str, VariantResult] = field(default_factory=dict)
     address: Optional[str] = None  # connect
     t_ray: Optional[float] = None
-    preflight: Optional[preflight.Report] = None  # probe (None when the caller gave the nodes)
+    preflight: Optional[preflight.PreflightReport] = None  # probe (None when the caller gave the nodes)
     nodes: list[plan_mod.NodeCapacity] = field(default_factory=list)
     plan: Optional[plan_mod.Plan] = None  # plan
     run_dir: Optional[Path] = None  # open the run directory
@@ -186,7 +186,7 @@ def _probe(state: RunState, nodes: Optional[NodesFn]) -> None:
         return
     state.preflight = preflight.run_preflight(
         preflight.settings_for(state.prep.cfg, state.prep.variants, state.opts.disable_flash_attn))
-    state.nodes = state.preflight.node_capacities()
+    state.nodes = plan_mod.nodes_from_preflight(state.preflight)
 
 
 def _plan(state: RunState) -> None:
@@ -330,10 +330,10 @@ def startup_phases(t_command: float, t_ray: float, t_plan: float,
 
 def _write_report(run_dir: Path) -> None:
     """The comparison report; a plotting problem must not turn a finished run into a failed one."""
-    from orchestrator import report
+    from orchestrator import comparison
 
     try:
-        for line in report.write(run_dir).describe():
+        for line in comparison.write(run_dir).describe():
             log.info(line)
     except Exception as e:  # noqa: BLE001 - the results are in summary.json either way
         log.warning("could not write the report (%s: %s); retry with: python -m orchestrator report %s",

@@ -23,7 +23,7 @@ import torch
 
 from trainer.attention import kernel_fn
 from trainer.config import ModelConfig, TrainConfig
-from trainer.data import BatchSampler, get_batch, num_windows
+from trainer.dataset import BatchSampler, get_batch, num_windows
 from trainer.model import Transformer
 from trainer.optim import build_optimizer, lr_at
 from trainer.step import Stepper

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from trainer import attention, checkpoint, import_guard
 from trainer.config import ModelConfig, TrainConfig
-from trainer.data import BatchSampler, get_batch, load_dataset, num_windows
+from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
 from trainer.model import Transformer
 from trainer.optim import build_optimizer, lr_at

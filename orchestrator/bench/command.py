@@ -19,7 +19,7 @@ from orchestrator import config as config_mod
 from orchestrator import rundir
 from orchestrator.bench import kernels, training
 from orchestrator.errors import UsageError
-from trainer import data as data_mod
+from trainer import dataset as dataset_mod, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                         heads=m.n_heads, kv_heads=m.n_kv_heads or m.n_heads,
                                         head_dim=m.dim // m.n_heads, device=device, dtype=dtype, iters=iters,
                                         on_row=save_partial("kernels"))
-    dataset = data_mod.load_dataset(cfg.data.path or data_mod.embedded_dataset())
+    dataset = dataset_mod.load_dataset(cfg.data.path or preprocess.embedded_dataset())
     if not args.skip_training:
         report["training"] = training.run(variants, seq_lens, model_cfg=m, train_cfg=cfg.train,
                                           tokens=dataset.tokens, vocab_size=dataset.vocab_size, device=device,

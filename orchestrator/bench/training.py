@@ -16,7 +16,7 @@ import torch
 from orchestrator.bench import timing
 from trainer import attention
 from trainer.config import ModelConfig, TrainConfig
-from trainer.data import BatchSampler, get_batch, num_windows
+from trainer.dataset import BatchSampler, get_batch, num_windows
 from trainer.model import Transformer
 from trainer.optim import build_optimizer
 from trainer.step import Stepper, compile_enabled, training_dtype

@@ -5,7 +5,7 @@ report (table, preflight.json, flash_attention_log.txt, NodeCapacity for the pla
 """
 
 from orchestrator.preflight.settings import ProbeSettings, settings_for
-from orchestrator.preflight.cluster import run_preflight
-from orchestrator.preflight.report import LOG_FILE, PREFLIGHT_FILE, NodeReport, Report
+from orchestrator.preflight.fanout import run_preflight
+from orchestrator.preflight.findings import LOG_FILE, PREFLIGHT_FILE, NodeReport, PreflightReport
 
-__all__ = ["ProbeSettings", "settings_for", "run_preflight", "Report", "NodeReport", "PREFLIGHT_FILE", "LOG_FILE"]
+__all__ = ["ProbeSettings", "settings_for", "run_preflight", "PreflightReport", "NodeReport", "PREFLIGHT_FILE", "LOG_FILE"]

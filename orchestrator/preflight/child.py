@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.preflight.probe import MARKER, SCHEMA
+from orchestrator.preflight.probe import MARKER, SCHEMA, tail
 from orchestrator.preflight.rules import Cause, Issue, classify, crash_cause
 from orchestrator.preflight.settings import ProbeSettings
 
@@ -66,18 +66,14 @@ def run_probe(argv: list[str], timeout_s: float, env: Optional[dict] = None) -> 
             "seconds": round(time.monotonic() - started, 3)}
 
 
-def _tail(text: str, n: int = 25) -> str:
-    return "\n".join((text or "").strip().splitlines()[-n:])
-
-
 def parse_probe(raw: dict, timeout_s: float) -> tuple[Optional[dict], Optional[Issue]]:
     """(facts, None) for a good probe; (None, issue) for one that crashed, hung or printed garbage."""
     what = "the probe"
     if raw.get("timed_out"):
-        return None, Issue("probe", crash_cause(f"{what} ({timeout_s:g} s timeout)", None, True), _tail(raw.get("stderr")))
+        return None, Issue("probe", crash_cause(f"{what} ({timeout_s:g} s timeout)", None, True), tail(raw.get("stderr") or ""))
     rc = raw.get("returncode")
     if rc is None or rc != 0:
-        stderr = _tail(raw.get("stderr"))
+        stderr = tail(raw.get("stderr") or "")
         if rc is not None and rc < 0:
             cause = crash_cause(what, signal.Signals(-rc).name, False)
         else:
@@ -96,7 +92,7 @@ def parse_probe(raw: dict, timeout_s: float) -> tuple[Optional[dict], Optional[I
         except ValueError:
             facts = None
     if not isinstance(facts, dict) or facts.get("schema") != SCHEMA:
-        out = _tail(raw.get("stdout"), 5)
+        out = tail(raw.get("stdout") or "", 5)
         return None, Issue("probe", Cause("probe_garbage", f"{what} returned no readable facts",
                                           "the probe and the driver may run different versions of this package; "
                                           "install the same version on every node"), out or "(no output)")

@@ -38,7 +38,8 @@ _IMPORT_SNIPPET = "import importlib, sys; importlib.import_module(sys.argv[1]).f
 _TAIL_LINES = 25
 
 
-def _tail(text: str, n: int = _TAIL_LINES) -> str:
+def tail(text: str, n: int = _TAIL_LINES) -> str:
+    """The last ``n`` lines: where a traceback says what went wrong."""
     return "\n".join(text.strip().splitlines()[-n:])
 
 
@@ -182,14 +183,14 @@ def check_import(module: str, timeout_s: float, env: Optional[dict] = None) -> d
                               timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        out.update(timed_out=True, error=_tail(err) or f"import did not finish in {timeout_s:g} s")
+        out.update(timed_out=True, error=tail(err) or f"import did not finish in {timeout_s:g} s")
     else:
         out["ok"] = proc.returncode == 0
         if proc.returncode < 0:
             name = signal.Signals(-proc.returncode).name
-            out.update(signal=name, error=_tail(proc.stderr) or f"killed by {name}")
+            out.update(signal=name, error=tail(proc.stderr) or f"killed by {name}")
         elif proc.returncode:
-            out["error"] = _tail(proc.stderr)
+            out["error"] = tail(proc.stderr)
     out["seconds"] = round(time.monotonic() - started, 3)
     return out
 
@@ -248,7 +249,7 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
                 torch.cuda.synchronize(device)  # surface asynchronous kernel errors here, not later
             results[name] = {"ok": True}
         except Exception as e:  # every failure disqualifies the kernel; the text says why
-            results[name] = {"ok": False, "error": _tail(_error_text(e))}
+            results[name] = {"ok": False, "error": tail(_error_text(e))}
         results[name]["seconds"] = round(time.monotonic() - started, 3)
     return check, results
 

@@ -1,4 +1,4 @@
-"""Run the probe on every alive node of the Ray cluster, in parallel, and collect a Report.
+"""Run the probe on every alive node of the Ray cluster, in parallel, and collect a PreflightReport.
 
 Each probe is a Ray task pinned to its node (hard node affinity) that asks for no CPU, so it
 is scheduled even when training holds every core. The task only starts the child process; the
@@ -13,7 +13,7 @@ from typing import Optional
 
 from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.child import parse_probe, probe_command, probe_env, run_probe
-from orchestrator.preflight.report import NodeReport, Report
+from orchestrator.preflight.findings import NodeReport, PreflightReport
 from orchestrator.preflight.rules import Issue, crash_cause, probe_failed, verdict
 
 log = logging.getLogger(__name__)
@@ -32,14 +32,14 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optional[list[str]] = None) -> Report:
+def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optional[list[str]] = None) -> PreflightReport:
     """Probe every alive node of the connected Ray cluster; ``command`` replaces the probe's argv."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = alive_nodes()
     if not nodes:
-        return Report([], settings, ["the Ray cluster has no alive nodes: nothing can run"])
+        return PreflightReport([], settings, ["the Ray cluster has no alive nodes: nothing can run"])
     argv = command or probe_command(settings)
     task = ray.remote(_probe_on_node)
     refs = {}
@@ -81,4 +81,4 @@ def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optiona
     notes = []
     if not any(r.gpus for r in reports) and not any((r.facts or {}).get("gpus") for r in reports):
         notes.append("no GPUs in the cluster: flash attention means PyTorch's fused CPU kernel here")
-    return Report(reports, settings, notes)
+    return PreflightReport(reports, settings, notes)

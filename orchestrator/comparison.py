@@ -43,11 +43,11 @@ class Parity:
 
 
 def check_parity(flash: str, standard: str, a: list[dict], b: list[dict], dtype: Optional[str],
-                 comparable: Optional[str] = None) -> Parity:
-    """Compare the first PARITY_STEPS logged losses of two variants. ``comparable`` is the
+                 not_comparable: Optional[str] = None) -> Parity:
+    """Compare the first PARITY_STEPS logged losses of two variants. ``not_comparable`` is the
     reason they cannot be compared (different config), if any."""
-    if comparable:
-        return Parity(flash, standard, "not checked", comparable, [])
+    if not_comparable:
+        return Parity(flash, standard, "not checked", not_comparable, [])
     rtol = PARITY_RTOL.get(dtype or "float32", PARITY_RTOL["bfloat16"])
     by_step = {r["step"]: r["loss"] for r in b}
     rows = [(r["step"], r["loss"], by_step[r["step"]], abs(r["loss"] - by_step[r["step"]]) / max(abs(by_step[r["step"]]), 1e-12))
@@ -199,7 +199,7 @@ def render(summary: RunSummary, plan: Optional[dict], parities: list[Parity], im
 
 
 @dataclass
-class Report:
+class ComparisonReport:
     path: Path
     parities: list[Parity]
 
@@ -209,7 +209,7 @@ class Report:
         return lines
 
 
-def write(run_dir: Path) -> Report:
+def write(run_dir: Path) -> ComparisonReport:
     """Write report.md and the charts into ``run_dir``."""
     run_dir = Path(run_dir)
     summary = read_summary(run_dir)
@@ -238,4 +238,4 @@ def write(run_dir: Path) -> Report:
         images.append(plots.memory(peaks, run_dir / MEMORY_PNG).name)
     path = run_dir / REPORT_FILE
     path.write_text(render(summary, plan, parities, images, run_dir))
-    return Report(path, parities)
+    return ComparisonReport(path, parities)

@@ -1,11 +1,11 @@
-"""The comparison report (report.md, charts, loss parity), the run's exit code, and the
-README's --run-both-models command end to end."""
+"""The comparison report (report.md, charts, loss parity) and the README's --run-both-models
+command end to end."""
 
 import json
 
 import pytest
 
-from orchestrator import report
+from orchestrator import comparison
 from orchestrator.results import RunInfo, RunSummary, VariantResult
 from tests.conftest import run_cli, write_config
 from trainer.metrics import read_metrics
@@ -46,7 +46,7 @@ LOSSES = [7.6, 7.5, 7.3, 7.1, 7.0, 6.8, 6.7, 6.6, 6.5, 6.4, 6.3, 6.2]
 
 def test_report_has_a_table_per_variant_ratios_parity_and_readable_charts(tmp_path):
     d = _run_dir(tmp_path, LOSSES, [x * (1 + 1e-6) for x in LOSSES])
-    written = report.write(d)
+    written = comparison.write(d)
     text = written.path.read_text()
     assert "| kernel that ran | `sdpa_flash_cpu` | `standard` |" in text
     assert "| tokens/s (steady) | 3,000 | 2,000 |" in text
@@ -60,7 +60,7 @@ def test_report_has_a_table_per_variant_ratios_parity_and_readable_charts(tmp_pa
 
 def test_report_flags_losses_that_diverge_in_the_first_steps(tmp_path):
     drifted = LOSSES[:4] + [x * 1.01 for x in LOSSES[4:]]
-    written = report.write(_run_dir(tmp_path, drifted, LOSSES))
+    written = comparison.write(_run_dir(tmp_path, drifted, LOSSES))
     p = written.parities[0]
     assert p.status == "diverged" and "at step 5 exceeds 0.001 (float32)" in p.detail
     assert "**DIVERGED**" in written.path.read_text()
@@ -68,17 +68,17 @@ def test_report_flags_losses_that_diverge_in_the_first_steps(tmp_path):
 
 def test_bf16_losses_get_the_looser_tolerance():
     a, b = _recs(LOSSES), _recs([x * 1.01 for x in LOSSES])
-    assert report.check_parity("f", "s", a, b, "bfloat16").status == "agree"
-    assert report.check_parity("f", "s", a, b, "float32").status == "diverged"
+    assert comparison.check_parity("f", "s", a, b, "bfloat16").status == "agree"
+    assert comparison.check_parity("f", "s", a, b, "float32").status == "diverged"
 
 
 def test_parity_is_not_claimed_for_variants_with_different_settings():
-    p = report.check_parity("f", "s", _recs(LOSSES), _recs(LOSSES), "float32", comparable="f and s differ in num_workers")
+    p = comparison.check_parity("f", "s", _recs(LOSSES), _recs(LOSSES), "float32", not_comparable="f and s differ in num_workers")
     assert p.status == "not checked" and "num_workers" in p.detail
 
 
 def test_report_of_a_run_whose_flash_was_skipped_says_why_and_has_no_ratios(tmp_path):
-    written = report.write(_run_dir(tmp_path, LOSSES, LOSSES, skipped=True))
+    written = comparison.write(_run_dir(tmp_path, LOSSES, LOSSES, skipped=True))
     text = written.path.read_text()
     assert "| status | skipped | succeeded |" in text
     assert "flash attention works on no node" in text and "No ratios" in text
