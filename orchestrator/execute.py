@@ -17,13 +17,13 @@ from typing import Iterator
 from orchestrator import launch
 from orchestrator.results import VariantResult
 from orchestrator.plan import Plan, PlannedVariant
+from trainer import ray_internals
 from trainer.loop import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-# Read by Ray Train's worker group when it waits for its placement group; the controller
-# actor gets it from the driver's environment (ray.train.v2 propagates it).
-START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# The controller actor gets it from the driver's environment (ray.train.v2 propagates it).
+START_TIMEOUT_ENV = ray_internals.START_TIMEOUT_ENV
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from pathlib import Path
 from orchestrator import interrupt, results
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
-from trainer import checkpoint
+from trainer import checkpoint, ray_internals
 from trainer.loop import WorkerSpec, train_loop_per_worker
 from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
 
@@ -35,8 +35,8 @@ def _one_line(err: BaseException) -> str:
 
 def _placement_error(err: BaseException, v: PlannedVariant, timeout_s: float) -> str | None:
     """A clear message when Ray Train gave up placing the workers, else None."""
-    failure = getattr(err, "controller_failure", None)
-    if type(failure).__name__ not in ("WorkerGroupStartupTimeoutError", "InsufficientClusterResourcesError"):
+    failure = getattr(err, ray_internals.CONTROLLER_FAILURE_ATTR, None)
+    if type(failure).__name__ not in ray_internals.PLACEMENT_FAILURES:
         return None
     need = " + ".join(f"{x:g} {k}" for k, x in v.demand().items())
     where = f" with label selector {v.label_selector}" if v.label_selector else ""
@@ -75,9 +75,10 @@ def _trainer_class():
 
         controller = None
 
-        def _register_sigint_handler(self, controller):
-            self.controller = controller
+    def keep_controller(self, controller):
+        self.controller = controller
 
+    setattr(Trainer, ray_internals.SIGINT_HOOK, keep_controller)  # replaces Ray's SIGINT handler
     return Trainer
 
 
@@ -88,7 +89,7 @@ def _abort(trainer) -> None:
     if trainer.controller is None:
         return
     try:
-        ray.get(trainer.controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+        ray.get(getattr(trainer.controller, ray_internals.CONTROLLER_ABORT).remote(), timeout=ABORT_TIMEOUT_S)
     except Exception as e:  # the controller exits as it aborts: RayActorError is the normal answer
         log.debug("controller abort: %s", _one_line(e))
 

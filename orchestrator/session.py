@@ -12,6 +12,7 @@ from typing import Iterator
 
 from orchestrator import interrupt
 from orchestrator.errors import UsageError
+from trainer import ray_internals
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,10 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
                     # Ray's notice that its default (token auth on) is in force: not news to a
                     # user of a Ray that lives only as long as this command, and it would break
                     # the one-line-on-stderr promise.
-                    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+                    logging.getLogger(ray_internals.AUTH_TOKEN_LOGGER).setLevel(logging.ERROR)
                     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                              log_to_driver=log_to_driver, logging_level=logging.WARNING)
-                    session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
+                    session_dir = ray_internals.local_session_dir()
             except (ConnectionError, RuntimeError, ValueError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 if address is None:

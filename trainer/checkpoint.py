@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 STORAGE_NAME = "checkpoints"  # Ray Train's experiment name inside a variant's directory
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray's controller on registration
+from trainer.ray_internals import CHECKPOINT_SNAPSHOT_FILE as SNAPSHOT_FILE  # Ray's controller writes it on registration
 # Where ranks write a checkpoint before Ray copies it into storage: inside the variant's
 # directory rather than /tmp, so the driver can remove what a killed worker left half-written.
 STAGING_DIR = ".staging"
