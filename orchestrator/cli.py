@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from orchestrator.bench import command as bench_command
+from orchestrator import options
 from orchestrator.errors import Interrupted, RunFailed, UsageError
 
 log = logging.getLogger("orchestrator")
@@ -28,20 +29,6 @@ class Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------- train
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config-file", metavar="PATH", help="YAML config (default: the built-in small config)")
-    p.add_argument("--preprocessed-data", metavar="DIR", help="token dataset from 'preprocess' (default: embedded corpus)")
-    p.add_argument("--disable-flash-attn", action="store_true", help="standard attention everywhere; no process imports flash-attn")
-    p.add_argument("--run-both-models", action="store_true", help="train the flash and the standard variant side by side")
-    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray, shut it down after)")
-    p.add_argument("--output-dir", default="runs", help="where run directories go (default: ./runs)")
-    p.add_argument("--max-steps", type=int, help="override train.max_steps")
-    p.add_argument("--seed", type=int, help="override train.seed")
-    p.add_argument("--name", help="run name (default: run-<date>-<time>, made unique)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue a stopped run in its directory, with its saved config and options")
 
 
 def disable_flash_attn_from_env(args: argparse.Namespace, environ=None) -> None:
@@ -59,11 +46,11 @@ def disable_flash_attn_from_env(args: argparse.Namespace, environ=None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.run import TrainOptions, effective_options, process_started, train
+    from orchestrator.run import effective_options, process_started, train
     from trainer import import_guard
 
     disable_flash_attn_from_env(args)
-    opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
+    opts = options.from_args(args)
     if effective_options(opts)[0].disable_flash_attn:  # under --resume, as the run started
         import_guard.install()  # no process of the run imports flash-attn, the driver included
     summary = train(opts, command_started=process_started())
@@ -172,7 +159,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "train": ("train one or more variants on Ray Train", add_train_args, cmd_train),
+    "train": ("train one or more variants on Ray Train", options.add_train_args, cmd_train),
     "preprocess": ("tokenize raw text into a token dataset", add_preprocess_args, cmd_preprocess),
     "report": ("write the comparison report (report.md and charts) of a run directory", add_report_args, cmd_report),
     "bench": ("benchmark attention kernels and training steps", bench_command.add_args, bench_command.cmd_bench),

@@ -16,14 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.errors import UsageError
+from orchestrator.options import SAVED_OPTIONS
 from orchestrator.results import CONFIG_FILE, OPTIONS_FILE, RunSummary, VariantResult, read_summary
 
-# Options a resumed run takes from its saved files; giving them again contradicts --resume.
-SAVED_OPTIONS = {
-    "config_file": "--config-file", "preprocessed_data": "--preprocessed-data",
-    "disable_flash_attn": "--disable-flash-attn", "run_both_models": "--run-both-models",
-    "output_dir": "--output-dir", "max_steps": "--max-steps", "seed": "--seed", "name": "--name",
-}
 
 
 @dataclass

@@ -22,29 +22,13 @@ import yaml
 from orchestrator import config as config_mod
 from orchestrator import capacity, execute, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, storage
 from orchestrator.errors import UsageError
+from orchestrator.options import TrainOptions
 from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
                                   run_status)
 from trainer import dataset as dataset_mod, preprocess
 from trainer.loop import WorkerSpec
 
 log = logging.getLogger(__name__)
-
-@dataclass(kw_only=True)
-class TrainOptions:
-    """Everything ``orchestrator train`` takes; a script can build one and call ``train``."""
-
-    config_file: Optional[str] = None
-    preprocessed_data: Optional[str] = None
-    disable_flash_attn: bool = False
-    run_both_models: bool = False
-    address: Optional[str] = None
-    output_dir: str = "runs"
-    max_steps: Optional[int] = None
-    seed: Optional[int] = None
-    name: Optional[str] = None
-    debug: bool = False
-    resume: Optional[str] = None  # a stopped run's directory: continue it with its own options
-
 
 @dataclass
 class Prepared:

@@ -13,13 +13,8 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
-from orchestrator import config as config_mod
 from orchestrator import rundir
-from orchestrator.bench import kernels, training
 from orchestrator.errors import UsageError
-from trainer import dataset as dataset_mod, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +104,13 @@ def flash_over_standard(rows: list[dict]) -> dict[int, float]:
 def cmd_bench(args: argparse.Namespace) -> int:
     import sys
 
+    # Here, not at the top: the CLI builds every command's flags, and --help must not wait for torch.
+    import torch
+
+    from orchestrator import config as config_mod
+    from orchestrator.bench import kernels, training
+    from trainer import dataset as dataset_mod, preprocess
+
     cfg = config_mod.validate(QUICK, "--quick") if args.quick else config_mod.load(args.config_file)
     if args.quick and args.config_file:
         raise UsageError("--quick uses its own tiny config; drop --config-file")
@@ -160,6 +162,7 @@ def ray_share(cfg, args, variant: str, dataset, device, warmup: int, iters: int)
     """The same variant at the config's sequence length and the same number of steps: the
     bare loop vs TorchTrainer, one worker. Equal lengths matter: a GPU's speed drifts a few
     percent over a minute of training, so a short bare run against a long Ray run misleads."""
+    from orchestrator.bench import training
     from orchestrator.run import TrainOptions, train
 
     every = cfg.train.log_every
