@@ -35,7 +35,6 @@ class Prepared:
     cfg: config_mod.RunConfig
     variants: list[config_mod.VariantConfig]
     data_path: Path
-    vocab_size: int
 
 
 def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume_mod.SavedRun]]:
@@ -75,7 +74,7 @@ def prepare(opts: TrainOptions) -> Prepared:
         if dataset_mod.num_windows(len(dataset.tokens), train.seq_len) < 1:
             raise UsageError(f"{source}: train.seq_len {train.seq_len} is longer than the data in {data_path} "
                              f"({len(dataset.tokens)} tokens)")
-    return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size)
+    return Prepared(cfg, variants, data_path.resolve())
 
 
 def _versions() -> dict:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from trainer.model import ModelArgs
 
 
 class Strict(BaseModel):
-    # Unknown keys are errors; ints are not silently accepted for bools and so on.
+    # Unknown keys are errors. Numbers are lax (YAML's 1 for 1.0); switches are StrictBool, so
+    # `tie_embeddings: 1` or `compile: "off"` is an error naming the key, not a silent guess.
     model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
 
 
@@ -25,7 +26,7 @@ class ModelConfig(Strict):
     vocab_size: Optional[int] = Field(None, gt=0, description="null = the dataset's vocab size")
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
-    tie_embeddings: bool = Field(True, description="share the token embedding with the output head")
+    tie_embeddings: StrictBool = Field(True, description="share the token embedding with the output head")
 
     @model_validator(mode="after")
     def _shapes(self) -> "ModelConfig":
@@ -78,8 +79,8 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (and at the end)")
     log_every: int = Field(1, gt=0)
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
-    compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile; auto: on for GPU")
-    activation_checkpointing: bool = False
+    compile: Union[Literal["auto"], StrictBool] = Field("auto", description="torch.compile; auto: on for GPU")
+    activation_checkpointing: StrictBool = False
     fault: Optional[FaultConfig] = Field(None, description="test hook: kill one rank at one step, once")
 
     @model_validator(mode="after")

@@ -178,7 +178,7 @@ def train_loop_per_worker(config: dict) -> dict:
     sampler = BatchSampler(seed=tc.seed, n_windows=n_win, micro_batch=tc.micro_batch_size,
                            grad_accum=tc.grad_accum_steps, world_size=world)
     tokens_per_step = sampler.samples_per_step * tc.seq_len
-    writer = MetricsWriter(Path(spec.out_dir), start_step=start_step, tag=spec.variant) if rank == 0 else None
+    writer = MetricsWriter(Path(spec.out_dir), start_step=start_step) if rank == 0 else None
 
     last_checkpoint: str | None = None
 

@@ -24,7 +24,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # holds orchestrator/ 
 
 
 def probe_command(settings: ProbeSettings) -> list[str]:
-    argv = [PYTHON, "-m", "orchestrator.preflight.probe", "--json", "--head-dim", str(settings.head_dim),
+    argv = [PYTHON, "-m", "orchestrator.preflight.probe", "--head-dim", str(settings.head_dim),
             "--n-heads", str(settings.n_heads), "--n-kv-heads", str(settings.n_kv_heads), "--dtype", settings.dtype,
             "--import-timeout", str(settings.import_timeout_s)]
     return argv + (["--disable-flash-attn"] if settings.disable_flash_attn else [])
@@ -82,7 +82,7 @@ def parse_probe(raw: dict, timeout_s: float) -> tuple[Optional[dict], Optional[I
             cause = Cause("probe_crashed", f"{what} exited with code {rc}"
                           + (f": {found.summary}" if found.code != "unknown" else ""),
                           found.hint if found.code != "unknown" else "run the probe by hand on the node: "
-                          "python -m orchestrator.preflight.probe --json")
+                          "python -m orchestrator.preflight.probe")
         return None, Issue("probe", cause, stderr)
     lines = [l for l in (raw.get("stdout") or "").splitlines() if l.startswith(MARKER)]
     facts = None

@@ -1,4 +1,4 @@
-"""Gather one node's facts, in a child process: ``python -m orchestrator.preflight.probe --json``.
+"""Gather one node's facts, in a child process: ``python -m orchestrator.preflight.probe``.
 
 Run as a child because a broken flash-attn ``.so`` can crash (or hang) whoever imports it. Each
 flash-attn import is tried in a grandchild of its own, so even a segfaulting import is reported
@@ -284,7 +284,6 @@ def gather(settings: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.preflight.probe", description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="print the facts as JSON (the only output format)")
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--n-heads", type=int, default=6)
     p.add_argument("--n-kv-heads", type=int, default=2)
