@@ -45,7 +45,10 @@ def iter_documents(path: Path) -> Iterator[str]:
                     raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
                 yield record["text"]
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: .parquet input needs pyarrow: pip install 'flash-orchestrator[parquet]'") from None
 
         try:
             table = pq.read_table(path, columns=["text"])
