@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return Interrupted(signal.SIGINT).exit_code
     except Exception as e:  # an unexpected failure is a failed run, still one line
         if debug:
             traceback.print_exc()

@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from trainer.model import AttnFn  # the attention callable the model takes
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-log = logging.getLogger(__name__)
+from trainer.config import ATTENTIONS as IMPLS  # the names a worker can be asked for
+from trainer.model import AttnFn  # the attention callable the model takes
 
-IMPLS = ("flash", "standard")
+log = logging.getLogger(__name__)
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -4,11 +4,15 @@ carry the exact key path, so a bad value is reported as ``train.lr`` rather than
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from trainer.model import ModelArgs
+
+# The attentions a variant can ask for; trainer/attention.py resolves each to a kernel.
+AttentionName = Literal["flash", "standard"]
+ATTENTIONS: tuple[str, ...] = get_args(AttentionName)
 
 
 class Strict(BaseModel):

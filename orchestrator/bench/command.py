@@ -110,12 +110,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from orchestrator import config as config_mod
     from orchestrator.bench import kernels, training
     from trainer import dataset as dataset_mod, preprocess
+    from trainer.config import ATTENTIONS
 
     cfg = config_mod.validate(QUICK, "--quick") if args.quick else config_mod.load(args.config_file)
     if args.quick and args.config_file:
         raise UsageError("--quick uses its own tiny config; drop --config-file")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in config_mod.ATTENTIONS]
+    bad = [v for v in variants if v not in ATTENTIONS]
     if bad:
         raise UsageError(f"--variants: unknown {', '.join(bad)}; expected flash and/or standard")
     seq_lens = args.seq_lens or ([32, 64] if args.quick else [cfg.train.seq_len])

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from orchestrator.preflight.settings import ProbeSettings
 from trainer import import_guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
 
 MARKER = "PREFLIGHT-FACTS "
@@ -284,12 +285,13 @@ def gather(settings: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.preflight.probe", description=__doc__.splitlines()[0])
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--n-heads", type=int, default=6)
-    p.add_argument("--n-kv-heads", type=int, default=2)
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    d = ProbeSettings()  # the defaults live there
+    p.add_argument("--head-dim", type=int, default=d.head_dim)
+    p.add_argument("--n-heads", type=int, default=d.n_heads)
+    p.add_argument("--n-kv-heads", type=int, default=d.n_kv_heads)
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=d.dtype)
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn")
-    p.add_argument("--import-timeout", type=float, default=60.0, help="seconds per flash-attn import")
+    p.add_argument("--import-timeout", type=float, default=d.import_timeout_s, help="seconds per flash-attn import")
     return p
 
 

@@ -4,8 +4,10 @@ run and the flash flag. ``train`` and ``preflight`` both take their settings fro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from orchestrator import config as config_mod
+if TYPE_CHECKING:
+    from orchestrator import config as config_mod
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +26,10 @@ class ProbeSettings:
 def settings_for(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig], disable_flash_attn: bool,
                  **overrides) -> ProbeSettings:
     """The attention shape the probe checks: that of the first flash variant (else the first)."""
+    # Imported here: the probe's child process imports this package, and must not import torch
+    # (through the config) before its own guarded check of it.
+    from orchestrator import config as config_mod
+
     variant = next((v for v in variants if v.attention == "flash"), variants[0])
     model, train_cfg = config_mod.resolved_sections(cfg, variant)
     return ProbeSettings(head_dim=model.dim // model.n_heads, n_heads=model.n_heads,
