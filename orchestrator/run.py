@@ -1,7 +1,9 @@
 """The Python API behind ``orchestrator train``: validate everything, then plan and launch.
 
 Order matters for our users: every input is checked before a run directory is made or Ray
-is started, so bad input costs seconds and leaves nothing behind.
+is started, so bad input costs seconds and leaves nothing behind. Then the driver runs its
+phases in order over one ``RunState``: connect -> probe -> plan -> open the run directory ->
+execute -> finish.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from trainer import dataset as dataset_mod, preprocess
 from trainer.loop import WorkerSpec
 
 log = logging.getLogger(__name__)
+
+__all__ = ["TrainOptions", "train", "prepare", "effective_options"]  # TrainOptions: defined in options.py
+
 
 @dataclass
 class Prepared:
