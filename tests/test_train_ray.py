@@ -58,8 +58,8 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_losses(ray_session, t
     """Rank 1 is SIGKILLed at step 5, after the step-3 checkpoint: Ray restarts the group, the
     run resumes at step 3 (model, optimizer, schedule, data position) and every later loss
     matches an uninterrupted run exactly."""
-    clean = _train(tmp_path, "clean")["variants"]["flash"]
-    faulty = _train(tmp_path, "faulty", {"train": {"fault": {"rank": 1, "step": 5}}})["variants"]["flash"]
+    clean = _train(tmp_path, "clean").variants["flash"]
+    faulty = _train(tmp_path, "faulty", {"train": {"fault": {"rank": 1, "step": 5}}}).variants["flash"]
     assert faulty.status == "succeeded" and faulty.restarts == 1
     assert faulty.start_step == 3 and faulty.restored_from.endswith("checkpoint_00000003")
     a = read_metrics(tmp_path / "runs" / "clean" / "flash" / "metrics.jsonl")
