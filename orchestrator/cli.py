@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Callable
 
 from orchestrator.bench import command as bench_command
+from orchestrator import options
 from orchestrator.errors import Interrupted, RunFailed, UsageError
 
 log = logging.getLogger("orchestrator")
@@ -28,25 +30,6 @@ class Parser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------- train
-
-FRESH_PREFLIGHT_HELP = ("probe every node again instead of reusing its cached result (which is reused only "
-                        "while nothing it depends on has changed)")
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config-file", metavar="PATH", help="YAML config (default: the built-in small config)")
-    p.add_argument("--preprocessed-data", metavar="DIR", help="token dataset from 'preprocess' (default: embedded corpus)")
-    p.add_argument("--disable-flash-attn", action="store_true", help="standard attention everywhere; no process imports flash-attn")
-    p.add_argument("--run-both-models", action="store_true", help="train the flash and the standard variant side by side")
-    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray, shut it down after)")
-    p.add_argument("--output-dir", default="runs", help="where run directories go (default: ./runs)")
-    p.add_argument("--max-steps", type=int, help="override train.max_steps")
-    p.add_argument("--seed", type=int, help="override train.seed")
-    p.add_argument("--name", help="run name (default: run-<date>-<time>, made unique)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue a stopped run in its directory, with its saved config and options")
-    p.add_argument("--fresh-preflight", action="store_true", help=FRESH_PREFLIGHT_HELP)
-
 
 def disable_flash_attn_from_env(args: argparse.Namespace, environ=None) -> None:
     """``DISABLE_FLASH_ATTN=1`` in the driver's environment means ``--disable-flash-attn``, as it
@@ -60,24 +43,24 @@ def disable_flash_attn_from_env(args: argparse.Namespace, environ=None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.run import TrainOptions, describe_summary, effective_options, exit_code, process_started, train
+    from orchestrator.run import effective_options, process_started, train
     from trainer import import_guard
 
     disable_flash_attn_from_env(args)
-    opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
+    opts = options.from_args(args)
     if effective_options(opts)[0].disable_flash_attn:  # under --resume, as the run started
         import_guard.install()  # no process of the run imports flash-attn, the driver included
     summary = train(opts, command_started=process_started())
     log.info("summary:")
-    for line in describe_summary(summary):
+    for line in summary.describe():
         log.info(line)
-    code = exit_code(summary)
+    code = summary.run.exit_code
     if code == RunFailed.exit_code:
-        run_dir = summary["run"]["dir"]
-        failed = [r for r in summary["variants"].values() if r["status"] == "failed"]
-        if all(r.get("failure_kind") in ("out_of_memory", "config") for r in failed):
+        run_dir = summary.run.dir
+        failed = [r for r in summary.variants.values() if r.status == "failed"]
+        if all(r.failure_kind in ("out_of_memory", "config") for r in failed):
             # A resumed run keeps its config, so --resume would fail the same way.
-            raise RunFailed(f"a variant failed and was not retried: {failed[0]['error']}; see {run_dir}/summary.json. "
+            raise RunFailed(f"a variant failed and was not retried: {failed[0].error}; see {run_dir}/summary.json. "
                             "A resumed run keeps its config: change the config and start a new run")
         raise RunFailed(f"a variant failed; see {run_dir}/summary.json. Once the cause is fixed, continue "
                         f"from its last checkpoint with: python -m orchestrator train --resume {run_dir}")
@@ -92,12 +75,12 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator import report
+    from orchestrator import comparison
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: run directory not found")
-    for line in report.write(run_dir).describe():
+    for line in comparison.write(run_dir).describe():
         log.info(line)
     return 0
 
@@ -113,7 +96,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from trainer import data
+    from trainer import preprocess
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
@@ -121,8 +104,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if args.vocab_size < 257:
         raise UsageError(f"--vocab-size {args.vocab_size}: must be at least 257 (256 bytes + end-of-text)")
     try:
-        meta = data.preprocess(args.raw_data, out, Path(args.tokenizer) if args.tokenizer else None, args.vocab_size)
-    except data.DataError as e:
+        meta = preprocess.preprocess(args.raw_data, out, Path(args.tokenizer) if args.tokenizer else None, args.vocab_size)
+    except preprocess.DataError as e:
         raise UsageError(str(e)) from None
     log.info("wrote %d tokens (vocab %d, %s) to %s", meta["num_tokens"], meta["vocab_size"], meta["dtype"], out)
     return 0
@@ -140,16 +123,14 @@ def add_preflight_args(p: argparse.ArgumentParser) -> None:
                    "(default: the built-in config)")
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn; report facts only")
     p.add_argument("--timeout", type=float, default=180.0, metavar="S", help="seconds per node probe (default: 180)")
-    p.add_argument("--fresh-preflight", action="store_true", help=FRESH_PREFLIGHT_HELP)
+    p.add_argument("--fresh-preflight", action="store_true", help=options.FRESH_PREFLIGHT_HELP)
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
 
     from orchestrator import config as config_mod
-    from orchestrator.preflight import run_preflight
-    from orchestrator.run import preflight_settings
+    from orchestrator.preflight import run_preflight, settings_for
     from orchestrator.session import ray_session
 
     if args.timeout <= 0:
@@ -160,10 +141,9 @@ def cmd_preflight(args: argparse.Namespace) -> int:
                 handler.setStream(sys.stderr)
     disable_flash_attn_from_env(args)
     cfg = config_mod.load(args.config_file)
-    settings = preflight_settings(cfg, config_mod.variant_configs(cfg, False, args.disable_flash_attn,
-                                                                      args.config_file or "built-in config"),
-                                  args.disable_flash_attn)
-    settings = dataclasses.replace(settings, timeout_s=args.timeout)
+    settings = settings_for(cfg, config_mod.variant_configs(cfg, False, args.disable_flash_attn,
+                                                            args.config_file or "built-in config"),
+                            args.disable_flash_attn, timeout_s=args.timeout)
     if args.disable_flash_attn:
         from trainer import import_guard
 
@@ -227,7 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "train": ("train one or more variants on Ray Train", add_train_args, cmd_train),
+    "train": ("train one or more variants on Ray Train", options.add_train_args, cmd_train),
     "preprocess": ("tokenize raw text into a token dataset", add_preprocess_args, cmd_preprocess),
     "report": ("write the comparison report (report.md and charts) of a run directory", add_report_args, cmd_report),
     "bench": ("benchmark attention kernels and training steps", bench_command.add_args, bench_command.cmd_bench),
@@ -280,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return Interrupted(signal.SIGINT).exit_code
     except Exception as e:  # an unexpected failure is a failed run, still one line
         if debug:
             traceback.print_exc()

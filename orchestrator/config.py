@@ -14,9 +14,8 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_va
 
 from orchestrator import labels, yamlload
 from orchestrator.errors import UsageError
-from trainer.config import ModelConfig, Strict, TrainConfig
+from trainer.config import AttentionName, ModelConfig, Strict, TrainConfig
 
-ATTENTIONS = ("flash", "standard")
 
 
 def _checked_selector(selector: dict[str, str]) -> dict[str, str]:
@@ -54,7 +53,7 @@ class DataConfig(Strict):
 
 class VariantConfig(Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    attention: Literal["flash", "standard"]
+    attention: AttentionName
     model: dict[str, Any] = Field(default_factory=dict, description="overrides of model fields")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of train fields")
     label_selector: LabelSelector = Field(default_factory=dict,
@@ -66,7 +65,7 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    attention: Literal["flash", "standard"] = Field("flash", description="attention of the single variant")
+    attention: AttentionName = Field("flash", description="attention of the single variant")
     variants: Optional[list[VariantConfig]] = Field(None, description="several variants side by side")
 
     @field_validator("variants")

@@ -15,14 +15,15 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from orchestrator import launch
+from orchestrator.results import VariantResult
 from orchestrator.plan import Plan, PlannedVariant
+from trainer import ray_internals
 from trainer.loop import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-# Read by Ray Train's worker group when it waits for its placement group; the controller
-# actor gets it from the driver's environment (ray.train.v2 propagates it).
-START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# The controller actor gets it from the driver's environment (ray.train.v2 propagates it).
+START_TIMEOUT_ENV = ray_internals.START_TIMEOUT_ENV
 
 
 @contextmanager
@@ -39,16 +40,16 @@ def placement_timeout(seconds: float) -> Iterator[None]:
 
 
 def run_plan(plan: Plan, specs: dict[str, WorkerSpec], *, max_failures: int, keep_checkpoints: int,
-             placement_timeout_s: float) -> dict[str, dict]:
+             placement_timeout_s: float) -> dict[str, VariantResult]:
     """Every variant's summary record, keyed by name, in the plan's order."""
     results = {v.name: launch.skipped_record(v) for v in plan.variants if v.status == "skipped"}
 
-    def one(v: PlannedVariant) -> dict:
+    def one(v: PlannedVariant) -> VariantResult:
         log.info("[%s] starting %d worker(s), %s", v.name, v.num_workers, " ".join(f"{k}={x}" for k, x in v.env.items()))
         record = launch.run_variant(v, specs[v.name], max_failures=max_failures, keep_checkpoints=keep_checkpoints,
                                     placement_timeout_s=placement_timeout_s)
         if v.reason:  # e.g. why a flash variant runs standard attention; 'attention' stays the request
-            record["reason"] = v.reason
+            record.reason = v.reason
         return record
 
     runnable = plan.runnable()
@@ -65,6 +66,6 @@ def run_plan(plan: Plan, specs: dict[str, WorkerSpec], *, max_failures: int, kee
         else:
             for v in runnable:
                 results[v.name] = one(v)
-                if results[v.name]["status"] == "interrupted":  # the caller stops the run
+                if results[v.name].status == "interrupted":  # the caller stops the run
                     break
     return {v.name: results[v.name] for v in plan.variants if v.name in results}

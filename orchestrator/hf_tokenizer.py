@@ -12,12 +12,12 @@ import json
 from pathlib import Path
 
 from orchestrator.errors import UsageError
-from trainer import data as data_mod
+from trainer import preprocess
 
 TOKENIZER_JSON = "tokenizer.json"
 
 
-def _backend(tok: data_mod.Tokenizer):
+def _backend(tok: preprocess.Tokenizer):
     """A ``tokenizers.Tokenizer`` equal to ``tok``."""
     if tok.kind == "tokenizers":
         return tok.impl
@@ -38,7 +38,7 @@ def _backend(tok: data_mod.Tokenizer):
     return SpmConverter.build_tokenizer_from_spm_proto(extractor.proto, vocab, legacy=True)
 
 
-def save(tok: data_mod.Tokenizer, directory: Path, *, model_max_length: int) -> list[str]:
+def save(tok: preprocess.Tokenizer, directory: Path, *, model_max_length: int) -> list[str]:
     """Write the tokenizer files into ``directory``; returns their names."""
     backend = _backend(tok)
     backend.save(str(directory / TOKENIZER_JSON))

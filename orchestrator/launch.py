@@ -11,16 +11,17 @@ import time
 import traceback
 from pathlib import Path
 
-from orchestrator import interrupt
+from orchestrator import interrupt, results
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
-from trainer import checkpoint, driver_watch, failures
+from trainer import checkpoint, driver_watch, failures, ray_internals
 from trainer.loop import WorkerSpec, train_loop_per_worker
 from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 
 ABORT_TIMEOUT_S = 30.0
+
 
 def _one_line(err: BaseException) -> str:
     """The root cause of a (possibly wrapped) Ray error, on one line."""
@@ -35,8 +36,8 @@ def _one_line(err: BaseException) -> str:
 
 def _placement_error(err: BaseException, v: PlannedVariant, timeout_s: float) -> str | None:
     """A clear message when Ray Train gave up placing the workers, else None."""
-    failure = getattr(err, "controller_failure", None)
-    if type(failure).__name__ not in ("WorkerGroupStartupTimeoutError", "InsufficientClusterResourcesError"):
+    failure = getattr(err, ray_internals.CONTROLLER_FAILURE_ATTR, None)
+    if type(failure).__name__ not in ray_internals.PLACEMENT_FAILURES:
         return None
     need = " + ".join(f"{x:g} {k}" for k, x in v.demand().items())
     where = f" with label selector {v.label_selector}" if v.label_selector else ""
@@ -52,13 +53,8 @@ def worker_threads_env(cpus_per_worker: float, environ=None) -> dict[str, str]:
     return {} if "OMP_NUM_THREADS" in env else {"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker)))}
 
 
-def skipped_record(v: PlannedVariant) -> dict:
-    return {
-        "status": "skipped", "attention": v.attention, "backend": None, "env": v.env, "steps": 0,
-        "first_loss": None, "final_loss": None, "tokens_per_s": None, "peak_mem_bytes": None,
-        "tokens_per_s_per_gpu": None, "mfu": None, "kernel_timings": {},
-        "num_workers": v.num_workers, "use_gpu": v.use_gpu, "restarts": 0, "error": None, "reason": v.reason,
-    }
+def skipped_record(v: PlannedVariant) -> results.VariantResult:
+    return results.skipped(v.attention, v.env, v.num_workers, v.use_gpu, v.reason)
 
 
 def count_attempts(variant_dir: Path, since: float) -> int:
@@ -97,16 +93,18 @@ def _trainer_class():
 
         controller = None
 
-        def _register_sigint_handler(self, controller):
-            self.controller = controller
-
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             from orchestrator.failure_policy import FailFastPolicy
 
-            # A deterministic worker failure is not retried (orchestrator/failure_policy.py).
+            # A deterministic worker failure is not retried (orchestrator/failure_policy.py);
+            # the method is Ray's private one (trainer/ray_internals.CONTROLLER_START).
             controller_init_kwargs["failure_policy"] = FailFastPolicy(self.run_config.failure_config)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 
+    def keep_controller(self, controller):
+        self.controller = controller
+
+    setattr(Trainer, ray_internals.SIGINT_HOOK, keep_controller)  # replaces Ray's SIGINT handler
     return Trainer
 
 
@@ -117,13 +115,13 @@ def _abort(trainer) -> None:
     if trainer.controller is None:
         return
     try:
-        ray.get(trainer.controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+        ray.get(getattr(trainer.controller, ray_internals.CONTROLLER_ABORT).remote(), timeout=ABORT_TIMEOUT_S)
     except Exception as e:  # the controller exits as it aborts: RayActorError is the normal answer
         log.debug("controller abort: %s", _one_line(e))
 
 
 def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_checkpoints: int,
-                placement_timeout_s: float = 60.0) -> dict:
+                placement_timeout_s: float = 60.0) -> results.VariantResult:
     """Train one variant to completion (or failure) and return its summary record.
 
     Placement is tried once: with ``controller_failure_limit=0`` Ray Train gives up when the
@@ -179,7 +177,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             # What killed workers left behind: partial checkpoints, uploads Ray never registered.
             checkpoint.prune_unregistered(vdir / checkpoint.STORAGE_NAME)
     if error is None and result is not None and isinstance(result.return_value, dict):
-        record.update(result.return_value)
+        record.update({k: x for k, x in result.return_value.items() if k != "variant"})  # the name is the key
         record["attention"] = v.attention  # the request; the worker's flags are in 'env'
         # A worker that stopped on a deterministic failure (a full disk) returns its error.
         record["status"] = "failed" if record.get("error") else "succeeded"
@@ -198,11 +196,9 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     if "steps" not in record:  # the worker returned no result: count what it logged
         logged = read_metrics(vdir / METRICS_FILE)
         record["steps"] = logged[-1]["step"] if logged else 0
-    for key in ("first_loss", "final_loss", "tokens_per_s", "peak_mem_bytes", "tokens_per_s_per_gpu", "mfu"):
-        record.setdefault(key, None)
     record.setdefault("num_workers", v.num_workers)
     record.setdefault("use_gpu", v.use_gpu)
     ended = time.time()
     record["wall_time_s"] = round(ended - started, 3)
     record["started_at"], record["ended_at"] = started, ended  # epoch seconds: shows concurrent variants overlap
-    return record
+    return results.VariantResult(**record)

@@ -38,6 +38,7 @@ from typing import Optional, Sequence, Union
 from orchestrator import labels, strategy as strategy_mod
 from orchestrator.config import ScalingConfig, VariantConfig
 from orchestrator.errors import InfeasibleRequest
+from orchestrator.preflight.findings import PreflightReport
 from orchestrator.strategy import Workload
 from trainer import import_guard
 
@@ -58,8 +59,8 @@ def attention_env(attention: str) -> dict[str, str]:
 class NodeCapacity:
     """One alive node as the planner sees it: what preflight found, reduced to what placement needs.
 
-    Produced by preflight (``orchestrator/preflight``) from each node's probe; consumed by
-    ``make_plan``. ``flash_ok`` is True when some flash kernel passed its checks on the node
+    Made from preflight's findings by ``nodes_from_preflight`` (tests build them directly);
+    consumed by ``make_plan``. ``flash_ok`` is True when some flash kernel passed its checks on the node
     (the flash_attn package or PyTorch's fused SDPA kernels); ``flash_reason`` says why not.
     """
 
@@ -76,6 +77,14 @@ class NodeCapacity:
     def all_labels(self) -> dict[str, str]:
         """The labels a selector sees: Ray adds the node id to every node's labels."""
         return {labels.NODE_ID_KEY: self.node_id, **self.labels}
+
+
+def nodes_from_preflight(report: PreflightReport) -> list[NodeCapacity]:
+    """Preflight's findings per node, reduced to what placement needs."""
+    return [NodeCapacity(node_id=n.node_id, cpus=n.cpus, gpus=n.gpus, labels=dict(n.labels),
+                         flash_ok=n.verdict.flash_ok, flash_kernel=n.verdict.flash_kernel,
+                         flash_reason=n.verdict.reason, gpu_memory_bytes=n.smallest_gpu_bytes(),
+                         memory_bytes=(n.facts or {}).get("memory_bytes")) for n in report.nodes]
 
 
 @dataclass

@@ -16,26 +16,21 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.errors import UsageError
+from orchestrator.options import SAVED_OPTIONS
+from orchestrator.results import CONFIG_FILE, OPTIONS_FILE, RunSummary, VariantResult, read_summary
 
-# Options a resumed run takes from its saved files; giving them again contradicts --resume.
-SAVED_OPTIONS = {
-    "config_file": "--config-file", "preprocessed_data": "--preprocessed-data",
-    "disable_flash_attn": "--disable-flash-attn", "run_both_models": "--run-both-models",
-    "output_dir": "--output-dir", "max_steps": "--max-steps", "seed": "--seed", "name": "--name",
-}
-CONFIG_FILE, OPTIONS_FILE, SUMMARY_FILE = "config.yaml", "options.json", "summary.json"
 
 
 @dataclass
 class SavedRun:
     run_dir: Path
     options: dict  # the effective TrainOptions fields for this invocation
-    summary: Optional[dict]  # the previous summary.json, if the run got that far
+    summary: Optional[RunSummary]  # the previous summary.json, if the run got that far
 
-    def finished(self) -> dict[str, dict]:
+    def finished(self) -> dict[str, VariantResult]:
         """Records of the variants that already succeeded: kept as they are, not rerun."""
-        variants = (self.summary or {}).get("variants") or {}
-        return {n: r for n, r in variants.items() if isinstance(r, dict) and r.get("status") == "succeeded"}
+        variants = self.summary.variants if self.summary else {}
+        return {n: r for n, r in variants.items() if r.status == "succeeded"}
 
 
 def check_flags(opts) -> None:
@@ -68,12 +63,7 @@ def load(opts) -> SavedRun:
     saved = _read_json(run_dir / OPTIONS_FILE, "run options")
     if not (run_dir / CONFIG_FILE).is_file():
         raise UsageError(f"{run_dir / CONFIG_FILE}: missing; is this a run directory made by 'orchestrator train'?")
-    summary = None
-    if (run_dir / SUMMARY_FILE).is_file():
-        try:
-            summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-        except (OSError, ValueError):
-            summary = None  # cut short by a crash: every variant reruns from its checkpoints
+    summary = read_summary(run_dir)  # None if cut short by a crash: every variant reruns from its checkpoints
     options = {
         "config_file": str(run_dir / CONFIG_FILE),
         "disable_flash_attn": bool(saved.get("disable_flash_attn")),
@@ -84,4 +74,4 @@ def load(opts) -> SavedRun:
         "debug": opts.debug,
         "resume": str(run_dir),
     }
-    return SavedRun(run_dir=run_dir, options=options, summary=summary if isinstance(summary, dict) else None)
+    return SavedRun(run_dir=run_dir, options=options, summary=summary)

@@ -1,7 +1,9 @@
 """The Python API behind ``orchestrator train``: validate everything, then plan and launch.
 
 Order matters for our users: every input is checked before a run directory is made or Ray
-is started, so bad input costs seconds and leaves nothing behind.
+is started, so bad input costs seconds and leaves nothing behind. Then the driver runs its
+phases in order over one ``RunState``: connect -> probe -> plan -> open the run directory ->
+execute -> finish.
 """
 
 from __future__ import annotations
@@ -13,42 +15,27 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import capacity, execute, init_from, interrupt, plan as plan_mod, preflight, resume as resume_mod, rundir, runlock, storage
-from orchestrator.errors import EXIT_VARIANT_SKIPPED, InfeasibleRequest, UsageError
+from orchestrator import (capacity, execute, init_from, interrupt, plan as plan_mod, preflight, resume as resume_mod,
+                          rundir, runlock, storage)
+from orchestrator.errors import InfeasibleRequest, UsageError
+from orchestrator.options import TrainOptions
 from orchestrator.preflight import interconnect
+from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
+                                  run_status)
 from orchestrator.strategy import Workload
-from trainer import data as data_mod
-from trainer import float8
+from trainer import dataset as dataset_mod, float8, preprocess
 from trainer.loop import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE, PLAN_FILE, CONFIG_FILE, OPTIONS_FILE = "summary.json", "plan.json", "config.yaml", "options.json"
-
-
-@dataclass(kw_only=True)
-class TrainOptions:
-    """Everything ``orchestrator train`` takes; a script can build one and call ``train``."""
-
-    config_file: Optional[str] = None
-    preprocessed_data: Optional[str] = None
-    disable_flash_attn: bool = False
-    run_both_models: bool = False
-    address: Optional[str] = None
-    output_dir: str = "runs"
-    max_steps: Optional[int] = None
-    seed: Optional[int] = None
-    name: Optional[str] = None
-    debug: bool = False
-    resume: Optional[str] = None  # a stopped run's directory: continue it with its own options
-    fresh_preflight: bool = False  # probe every node again rather than reuse its cached result
+__all__ = ["TrainOptions", "train", "prepare", "effective_options"]  # TrainOptions: defined in options.py
 
 
 @dataclass
@@ -56,7 +43,7 @@ class Prepared:
     cfg: config_mod.RunConfig
     variants: list[config_mod.VariantConfig]
     data_path: Path
-    vocab_size: int
+    vocab_size: int  # the dataset's: the plan's memory estimate needs the model's real shape
 
 
 def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume_mod.SavedRun]]:
@@ -82,9 +69,9 @@ def prepare(opts: TrainOptions) -> Prepared:
     )
     variants = config_mod.variant_configs(cfg, opts.run_both_models, opts.disable_flash_attn, source)
     try:
-        data_path = Path(cfg.data.path) if cfg.data.path else data_mod.embedded_dataset()
-        dataset = data_mod.load_dataset(data_path)
-    except data_mod.DataError as e:
+        data_path = Path(cfg.data.path) if cfg.data.path else preprocess.embedded_dataset()
+        dataset = dataset_mod.load_dataset(data_path)
+    except dataset_mod.DataError as e:
         raise UsageError(str(e)) from None
     for v in variants:
         model, train = config_mod.resolved_sections(cfg, v)
@@ -93,7 +80,7 @@ def prepare(opts: TrainOptions) -> Prepared:
         if model.vocab_size is not None and model.vocab_size < dataset.vocab_size:
             raise UsageError(f"{source}: model.vocab_size {model.vocab_size} is smaller than the tokenizer's "
                              f"vocab ({dataset.vocab_size}) in {data_path}")
-        if data_mod.num_windows(len(dataset.tokens), train.seq_len) < 1:
+        if dataset_mod.num_windows(len(dataset.tokens), train.seq_len) < 1:
             raise UsageError(f"{source}: train.seq_len {train.seq_len} is longer than the data in {data_path} "
                              f"({len(dataset.tokens)} tokens)")
     return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size)
@@ -109,20 +96,8 @@ def workloads(prep: Prepared) -> dict[str, Workload]:
     return out
 
 
-def preflight_settings(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig],
-                       disable_flash_attn: bool) -> preflight.ProbeSettings:
-    """The attention shape the probe checks: that of the first flash variant (else the first)."""
-    variant = next((v for v in variants if v.attention == "flash"), variants[0])
-    model, train_cfg = config_mod.resolved_sections(cfg, variant)
-    return preflight.ProbeSettings(head_dim=model.dim // model.n_heads, n_heads=model.n_heads,
-                                   n_kv_heads=model.n_kv_heads or model.n_heads, dtype=train_cfg.dtype,
-                                   disable_flash_attn=disable_flash_attn, seq_len=train_cfg.seq_len,
-                                   micro_batch_size=train_cfg.micro_batch_size,
-                                   compile=str(train_cfg.compile).lower())
-
-
 def float8_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig], plan: plan_mod.Plan,
-                   report: Optional[preflight.Report]) -> Optional[str]:
+                   report: Optional[preflight.PreflightReport]) -> Optional[str]:
     """Why a variant with train.float8 cannot run where it is planned (None: all can)."""
     planned = {v.name: v for v in plan.variants}
     for vc in variants:
@@ -144,28 +119,10 @@ def _versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
 
 
-# Exit codes of ``train`` (the CLI's, and what scripts check): see ``exit_code``.
-RUN_STATUS_EXIT = {"succeeded": 0, "failed": 1, "partial": EXIT_VARIANT_SKIPPED}
-
-
-def run_status(results: dict[str, dict]) -> str:
-    """failed if any variant failed; partial if none failed but one was skipped; else succeeded."""
-    statuses = {r["status"] for r in results.values()}
-    if "failed" in statuses:
-        return "failed"
-    return "partial" if "skipped" in statuses else "succeeded"
-
-
-def exit_code(summary: dict) -> int:
-    """0 every requested variant succeeded; 1 a variant failed; 3 nothing failed but a
-    requested variant was skipped (flash attention works on no node)."""
-    return RUN_STATUS_EXIT[summary["run"]["status"]]
-
-
 NodesFn = Callable[[], list[plan_mod.NodeCapacity]]
 
 
-def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None, command_started: Optional[float] = None) -> dict:
+def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None, command_started: Optional[float] = None) -> RunSummary:
     """Run ``orchestrator train``; returns the summary (also written to summary.json).
 
     ``nodes`` gives the planner the cluster's nodes once Ray is connected (default: preflight
@@ -186,51 +143,180 @@ def _config_to_save(prep: Prepared) -> dict:
     return cfg
 
 
-def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float) -> dict:
+# ---------------------------------------------------------------- the driver, in phases
+# connect -> probe -> plan -> open the run directory -> execute -> finish. Each phase reads and
+# fills in one RunState; ``_train`` runs them in order and owns the failure paths.
+
+
+@dataclass
+class RunState:
+    """What the driver knows so far about this invocation."""
+
+    opts: TrainOptions
+    prep: Prepared
+    saved: Optional[resume_mod.SavedRun]  # the stopped run under --resume
+    command_started: float
+    started: float = field(default_factory=time.time)
+    # Variants an earlier invocation finished are results from the start, so an interrupt at
+    # any point of this one cannot write them over.
+    finished: dict[str, VariantResult] = field(default_factory=dict)
+    results: dict[str, VariantResult] = field(default_factory=dict)
+    address: Optional[str] = None  # connect
+    t_ray_init: Optional[float] = None  # when ray.init began (the startup breakdown's ray_init)
+    t_ray: Optional[float] = None
+    probe_s: Optional[float] = None  # probe: seconds preflight took on every node
+    preflight: Optional[preflight.PreflightReport] = None  # probe (None when the caller gave the nodes)
+    nodes: list[plan_mod.NodeCapacity] = field(default_factory=list)
+    plan: Optional[plan_mod.Plan] = None  # plan
+    run_dir: Optional[Path] = None  # open the run directory
+    t_plan: Optional[float] = None
+
+    def summary(self, status: Optional[str] = None) -> RunSummary:
+        """The summary as of now: settled (status None) or with ``status`` ("interrupted")."""
+        for v in self.prep.variants:  # not reached before the interrupt: they run on --resume
+            self.results.setdefault(v.name, not_started(v.attention))
+        previous = self.saved.summary if self.saved else None
+        new = {n: r for n, r in self.results.items() if n not in self.finished}
+        run = RunInfo(
+            name=self.run_dir.name, dir=str(self.run_dir.resolve()), ray_address=self.address,
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+            duration_s=round(time.time() - self.started, 3), data=str(self.prep.data_path),
+            command=command_line(), versions=_versions(),
+            status=status or run_status(self.results), mode=self.plan.mode if self.plan else None,
+            startup_s=startup_phases(self.command_started, self.t_ray, self.t_plan, new, t_ray_init=self.t_ray_init,
+                                     probe_s=self.probe_s) if self.t_plan else None,
+            resumes=(previous.run.resumes if previous else 0) + 1 if self.saved else 0,
+        )
+        summary = RunSummary(run=run, variants={v.name: self.results[v.name] for v in self.prep.variants})
+        return summary.settle() if status is None else summary
+
+
+def _connect(state: RunState, address: str) -> None:
+    """Ray is up: check the cluster's totals, so a config that can never fit fails before nodes are probed."""
+    import ray
+
+    state.address, state.t_ray = address, time.time()
+    capacity.check_fits(state.prep.cfg.scaling, dict(ray.cluster_resources()),
+                        state.opts.config_file or "built-in config")
+
+
+def _probe(state: RunState, nodes: Optional[NodesFn]) -> None:
+    """Every node's facts and verdicts: the planner's view of the cluster."""
+    if nodes is not None:  # given by the caller (tests)
+        state.nodes = nodes()
+        return
+    t_probe = time.time()
+    state.preflight = preflight.run_preflight(
+        preflight.settings_for(state.prep.cfg, state.prep.variants, state.opts.disable_flash_attn),
+        fresh=state.opts.fresh_preflight)
+    state.probe_s = time.time() - t_probe
+    state.nodes = plan_mod.nodes_from_preflight(state.preflight)
+
+
+def _plan(state: RunState) -> None:
+    """Variants onto nodes, then the checks only a plan allows (float8's GPUs, the interconnect);
+    before a new run directory exists, so an infeasible request leaves nothing behind."""
+    prep, report = state.prep, state.preflight
+    state.plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling, state.nodes, workloads(prep),
+                                    flash_disabled=state.opts.disable_flash_attn)
+    problem = float8_refusal(prep.cfg, prep.variants, state.plan, report)
+    if problem:
+        raise UsageError(f"{state.opts.config_file or 'built-in config'}: {problem}")
+    if report is not None:  # a hang in training's first all-reduce, found in seconds instead
+        report.interconnect = interconnect.check_plan(state.plan, setting=prep.cfg.scaling.interconnect_check,
+                                                      timeout_s=prep.cfg.scaling.interconnect_timeout_s)
+        if report.interconnect and report.interconnect.failures():
+            for line in report.interconnect.table():
+                log.info(line)
+            raise InfeasibleRequest(interconnect.failure_message(report.interconnect))
+
+
+def _open_run_dir(state: RunState) -> None:
+    """The run directory (new, or the stopped run's under --resume) with the config, options,
+    preflight files and plan; the plan and the attention outcome are printed."""
+    opts, prep, plan, report = state.opts, state.prep, state.plan, state.preflight
+    if state.saved:
+        state.run_dir = state.saved.run_dir
+        log.info("resuming run directory: %s", state.run_dir)
+    else:
+        state.run_dir = rundir.create(Path(opts.output_dir), opts.name)
+        runlock.acquire(state.run_dir)
+        log.info("run directory: %s", state.run_dir)
+    run_dir = state.run_dir
+    storage.check_nodes(run_dir, prep.data_path)  # on several nodes, all must see the run and the data
+    state.t_plan = time.time()
+    if not state.saved:
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(_config_to_save(prep), sort_keys=False))
+        rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
+    if report is not None:
+        _, log_path = report.write(run_dir)
+        for line in report.table():
+            log.info(line)
+        log.info("flash attention log: %s", log_path)
+    rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
+    for line in plan.describe():
+        log.info(line)
+    if all(v.env["ATTN_IMPL"] == "standard" for v in plan.variants):
+        log.info("Flash Attention is disabled - will use standard attention implementation")
+    elif report is not None:
+        for line in report.outcome_lines():
+            log.info(line)
+
+
+def _worker_specs(state: RunState) -> dict[str, WorkerSpec]:
+    """What each variant's workers are handed."""
+    specs = {}
+    strategies = {v.name: v.strategy for v in state.plan.variants}
+    for vc in state.prep.variants:
+        model, train_cfg = config_mod.resolved_sections(state.prep.cfg, vc)
+        specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=str(state.prep.data_path),
+                                    out_dir=str((state.run_dir / vc.name).resolve()), strategy=strategies[vc.name])
+    return specs
+
+
+def _execute(state: RunState) -> None:
+    """Train the variants an earlier invocation did not finish; an interrupted one stops the run."""
+    plan, sc = state.plan, state.prep.cfg.scaling
+    previous = state.saved.summary if state.saved else None
+    for name in state.finished:
+        log.info("[%s] already succeeded; not rerun", name)
+    todo = plan_mod.Plan(variants=[v for v in plan.variants if v.name not in state.finished], mode=plan.mode,
+                         notes=plan.notes, cluster=plan.cluster)
+    for name, record in execute.run_plan(todo, _worker_specs(state), max_failures=sc.max_failures,
+                                         keep_checkpoints=sc.keep_checkpoints,
+                                         placement_timeout_s=sc.placement_timeout_s).items():
+        before = previous.variants.get(name) if previous else None
+        record.restarts += before.restarts if before else 0
+        state.results[name] = record
+    if any(r.status == "interrupted" for r in state.results.values()):
+        raise interrupt.as_interrupted(KeyboardInterrupt())
+
+
+def _finish(state: RunState) -> RunSummary:
+    """summary.json with the settled status, then the report."""
+    summary = state.summary()
+    summary.write(state.run_dir)
+    _write_report(state.run_dir)
+    return summary
+
+
+def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float) -> RunSummary:
     opts, saved = effective_options(opts)
     if saved:  # before anything else: a live driver of this run is never disturbed
         runlock.acquire(saved.run_dir)
     prep = prepare(opts)
+    state = RunState(opts=opts, prep=prep, saved=saved, command_started=command_started)
     names = {v.name for v in prep.variants}
-    finished = {n: r for n, r in (saved.finished() if saved else {}).items() if n in names}
-    if saved and all(v.name in finished for v in prep.variants):
+    state.finished = {n: r for n, r in (saved.finished() if saved else {}).items() if n in names}
+    state.results = dict(state.finished)
+    if saved and names <= state.finished.keys():
         log.info("nothing to resume: every variant of %s already succeeded", saved.run_dir)
-        summary = saved.summary
         # A run interrupted after its last variant finished says "interrupted": settle it.
-        summary["run"]["status"] = run_status(summary["variants"])
-        summary["run"]["exit_code"] = exit_code(summary)
-        rundir.write_json(saved.run_dir / SUMMARY_FILE, summary)
+        summary = saved.summary.settle()
+        summary.write(saved.run_dir)
         return summary
-    previous = (saved.summary or {}) if saved else {}
     if not saved:
         rundir.check_new(Path(opts.output_dir), opts.name)
-    started = time.time()
-    # Variants an earlier invocation finished are results from the start, so an interrupt at
-    # any point of this one cannot write them over.
-    results: dict[str, dict] = dict(finished)
-    address, run_dir, plan, t_ray, t_plan, probe_s = None, None, None, None, None, None
-
-    def write_summary(status: str | None = None) -> dict:
-        run = {
-            "name": run_dir.name, "dir": str(run_dir.resolve()), "ray_address": address,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-            "duration_s": round(time.time() - started, 3), "data": str(prep.data_path),
-            "command": command_line(), "versions": _versions(),
-            "status": status or run_status(results), "mode": plan.mode if plan else None,
-            "startup_s": startup_phases(command_started, t_ray, t_plan,
-                                        {n: r for n, r in results.items() if n not in finished},
-                                        t_ray_init=t_ray_init, probe_s=probe_s) if t_plan else None,
-        }
-        if saved:
-            run["resumes"] = int((previous.get("run") or {}).get("resumes", 0)) + 1
-        for v in prep.variants:  # not reached before the interrupt: they run on --resume
-            results.setdefault(v.name, {"status": "interrupted", "attention": v.attention, "steps": 0,
-                                        "restarts": 0, "error": "not started: the run was interrupted"})
-        summary = {"run": run, "variants": {v.name: results[v.name] for v in prep.variants}}
-        if status is None:
-            run["exit_code"] = exit_code(summary)
-        rundir.write_json(run_dir / SUMMARY_FILE, summary)
-        return summary
 
     from orchestrator.session import ray_session
 
@@ -238,94 +324,25 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         # A Ray of this command's own is one machine nobody drains: Ray Train's preemption
         # watcher (an extra actor process per worker group) has nothing to watch.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    t_ray_init = time.time()
+    state.t_ray_init = time.time()
     try:
         with ray_session(opts.address, log_to_driver=opts.debug, keep_logs=opts.debug) as address:
-            t_ray = time.time()
-            import ray
-
-            # Cluster totals first: a config that can never fit fails before nodes are probed.
-            capacity.check_fits(prep.cfg.scaling, dict(ray.cluster_resources()), opts.config_file or "built-in config")
-            report = None
-            if nodes is None:  # probe every node; its verdicts are the planner's view of the cluster
-                t_probe = time.time()
-                report = preflight.run_preflight(preflight_settings(prep.cfg, prep.variants, opts.disable_flash_attn),
-                                                 fresh=opts.fresh_preflight)
-                probe_s = time.time() - t_probe
-            # Planned before a new run directory exists: an infeasible request leaves nothing behind.
-            plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling,
-                                      report.node_capacities() if report else nodes(), workloads(prep),
-                                      flash_disabled=opts.disable_flash_attn)
-            problem = float8_refusal(prep.cfg, prep.variants, plan, report)
-            if problem:
-                raise UsageError(f"{opts.config_file or 'built-in config'}: {problem}")
-            if report is not None:  # a hang in training's first all-reduce, found in seconds instead
-                report.interconnect = interconnect.check_plan(plan, setting=prep.cfg.scaling.interconnect_check,
-                                                              timeout_s=prep.cfg.scaling.interconnect_timeout_s)
-                if report.interconnect and report.interconnect.failures():
-                    for line in report.interconnect.table():
-                        log.info(line)
-                    raise InfeasibleRequest(interconnect.failure_message(report.interconnect))
-            if saved:
-                run_dir = saved.run_dir
-                log.info("resuming run directory: %s", run_dir)
-            else:
-                run_dir = rundir.create(Path(opts.output_dir), opts.name)
-                runlock.acquire(run_dir)
-                log.info("run directory: %s", run_dir)
-            storage.check_nodes(run_dir, prep.data_path)  # on several nodes, all must see the run and the data
-            t_plan = time.time()
-            if not saved:
-                (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(_config_to_save(prep), sort_keys=False))
-                rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
-            if report is not None:
-                _, log_path = report.write(run_dir)
-                for line in report.table():
-                    log.info(line)
-                log.info("flash attention log: %s", log_path)
-            rundir.write_json(run_dir / PLAN_FILE, plan.to_json())
-            for line in plan.describe():
-                log.info(line)
-            if all(v.env["ATTN_IMPL"] == "standard" for v in plan.variants):
-                log.info("Flash Attention is disabled - will use standard attention implementation")
-            elif report is not None:
-                for line in report.outcome_lines():
-                    log.info(line)
-            for name in finished:
-                log.info("[%s] already succeeded; not rerun", name)
-            specs = {}
-            strategies = {v.name: v.strategy for v in plan.variants}
-            for vc in prep.variants:
-                model, train_cfg = config_mod.resolved_sections(prep.cfg, vc)
-                specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg,
-                                            data_path=str(prep.data_path), out_dir=str((run_dir / vc.name).resolve()),
-                                            strategy=strategies[vc.name])
-            sc = prep.cfg.scaling
-            todo = plan_mod.Plan(variants=[v for v in plan.variants if v.name not in finished], mode=plan.mode,
-                                 notes=plan.notes, cluster=plan.cluster)
-            for name, record in execute.run_plan(todo, specs, max_failures=sc.max_failures,
-                                                 keep_checkpoints=sc.keep_checkpoints,
-                                                 placement_timeout_s=sc.placement_timeout_s).items():
-                before = (previous.get("variants") or {}).get(name) or {}
-                record["restarts"] = record.get("restarts", 0) + int(before.get("restarts") or 0)
-                results[name] = record
-            if any(r["status"] == "interrupted" for r in results.values()):
-                raise interrupt.as_interrupted(KeyboardInterrupt())
+            _connect(state, address)
+            _probe(state, nodes)
+            _plan(state)
+            _open_run_dir(state)
+            _execute(state)
     except UsageError:
-        if run_dir is not None and not saved:  # found before anything ran: leave no trace of this run
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if state.run_dir is not None and not saved:  # found before anything ran: leave no trace of this run
+            shutil.rmtree(state.run_dir, ignore_errors=True)
         raise
     except KeyboardInterrupt as e:  # SIGINT/SIGTERM (orchestrator/interrupt.py)
         stopped = interrupt.as_interrupted(e)
-        if run_dir is not None:
-            write_summary("interrupted")
-        stopped.run_dir = run_dir
+        if state.run_dir is not None:
+            state.summary("interrupted").write(state.run_dir)
+        stopped.run_dir = state.run_dir
         raise stopped from None
-    summary = write_summary()
-    _write_report(run_dir)
-    return summary
-
-
+    return _finish(state)
 
 
 def process_started() -> float:
@@ -348,17 +365,18 @@ STARTUP_PARTS = {"ray_init": "ray_start", "probe": "preflight_and_plan", "data":
                  "model_init": "setup"}
 
 
-def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[str, dict], *,
-                   t_ray_init: Optional[float] = None, probe_s: Optional[float] = None) -> dict | None:
+def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[str, VariantResult], *,
+                   t_ray_init: Optional[float] = None, probe_s: Optional[float] = None) -> dict[str, float] | None:
     """Seconds from command to first step, by phase, for the first variant that trained; then
     the parts of some phases (``STARTUP_PARTS``): ``ray_init`` (of ray_start, which also holds
-    the imports and input checks), ``probe`` (preflight on every node, reused or probed), and ``data``, ``attention`` (choosing the kernel) and ``model_init`` (of setup)."""
-    rec = next((r for r in results.values() if r.get("timeline") and r["timeline"].get("first_step")), None)
+    the imports and input checks), ``probe`` (preflight on every node, reused or probed), and
+    ``data``, ``attention`` (choosing the kernel) and ``model_init`` (of setup)."""
+    rec = next((r for r in results.values() if r.timeline and r.timeline.get("first_step")), None)
     if rec is None:
         return None
-    tl = rec["timeline"]
+    tl = rec.timeline
     phases = {"ray_start": t_ray - t_command, "preflight_and_plan": t_plan - t_ray,
-              "workers_up": tl["worker_start"] - rec["started_at"], "setup": tl["ready"] - tl["worker_start"],
+              "workers_up": tl["worker_start"] - rec.started_at, "setup": tl["ready"] - tl["worker_start"],
               "first_step": tl["first_step"] - tl["ready"]}
     phases["total"] = tl["first_step"] - t_command
     parts = {"ray_init": t_ray - t_ray_init if t_ray_init else None, "probe": probe_s}
@@ -371,41 +389,11 @@ def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[
 
 def _write_report(run_dir: Path) -> None:
     """The comparison report; a plotting problem must not turn a finished run into a failed one."""
-    from orchestrator import report
+    from orchestrator import comparison
 
     try:
-        for line in report.write(run_dir).describe():
+        for line in comparison.write(run_dir).describe():
             log.info(line)
     except Exception as e:  # noqa: BLE001 - the results are in summary.json either way
         log.warning("could not write the report (%s: %s); retry with: python -m orchestrator report %s",
                     type(e).__name__, e, run_dir)
-
-
-_EXIT_MEANING = {0: "every variant succeeded", 1: "a variant failed",
-                 EXIT_VARIANT_SKIPPED: "finished, but a requested variant was skipped"}
-
-
-def _fmt(value, fmt: str) -> str:
-    """A figure, or n/a where none was measured (a run resumed at its last step trains no step)."""
-    return "n/a" if value is None else format(value, fmt)
-
-
-def describe_summary(summary: dict) -> list[str]:
-    """The short human summary printed at the end of a run."""
-    lines = []
-    for name, r in summary["variants"].items():
-        if r["status"] == "succeeded":
-            mem = f"{r['peak_mem_bytes'] / 2**20:.0f} MiB" if r.get("peak_mem_bytes") else "n/a"
-            lines.append(f"  {name}: succeeded, kernel {r['backend']}, {r['steps']} steps, loss "
-                         f"{_fmt(r.get('first_loss'), '.3f')} -> {_fmt(r.get('final_loss'), '.3f')}, "
-                         f"{_fmt(r.get('tokens_per_s'), '.0f')} tok/s, peak mem {mem}, restarts {r['restarts']}")
-        elif r["status"] == "skipped":
-            lines.append(f"  {name}: skipped ({r.get('reason')})")
-        elif r["status"] == "interrupted":
-            lines.append(f"  {name}: interrupted after {r.get('steps') or 0} steps")
-        else:
-            lines.append(f"  {name}: failed: {r['error']}")
-    code = exit_code(summary)
-    lines.append(f"exit code {code}: {_EXIT_MEANING[code]}")
-    lines.append(f"run directory: {summary['run']['dir']}")
-    return lines

@@ -75,8 +75,12 @@ def create(output_dir: Path, name: str | None, prefix: str = "run") -> Path:
     raise UsageError(f"{output_dir}: could not find a free run name")
 
 
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically: readers see the old file or the new one, never half of one."""
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically: readers see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

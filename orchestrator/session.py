@@ -28,6 +28,7 @@ import psutil
 
 from orchestrator import interrupt
 from orchestrator.errors import UsageError
+from trainer import ray_internals
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def remove_session_dir(session_dir: Path) -> None:
 
 # Ray reads this when ray_constants is imported; "0" makes a node's address 127.0.0.1, and
 # every process Ray starts gets the node's address on its command line.
-CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+CLUSTER_ENV = ray_internals.LOOPBACK_ENV
 DRIVER_MARKER = "orchestrator_driver.json"
 TERM_GRACE_S = 5.0
 
@@ -85,14 +86,14 @@ def loopback_only() -> Iterator[bool]:
     if CLUSTER_ENV in os.environ:
         yield os.environ[CLUSTER_ENV] == "0"
         return
-    before = ray_constants.ENABLE_RAY_CLUSTER
+    before = getattr(ray_constants, ray_internals.LOOPBACK_CONSTANT)
     os.environ[CLUSTER_ENV] = "0"  # for the processes Ray starts
-    ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which imported Ray already
+    setattr(ray_constants, ray_internals.LOOPBACK_CONSTANT, False)  # for this one, which imported Ray already
     try:
         yield True
     finally:
         os.environ.pop(CLUSTER_ENV, None)
-        ray_constants.ENABLE_RAY_CLUSTER = before
+        setattr(ray_constants, ray_internals.LOOPBACK_CONSTANT, before)
 
 
 def _driver_id(p: psutil.Process) -> dict:
@@ -209,11 +210,11 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
                     # Ray's notice that its default (token auth on) is in force: not news to a
                     # user of a Ray that lives only as long as this command, and it would break
                     # the one-line-on-stderr promise.
-                    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+                    logging.getLogger(ray_internals.AUTH_TOKEN_LOGGER).setLevel(logging.ERROR)
                     with loopback_only():
                         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                                  log_to_driver=log_to_driver, logging_level=logging.WARNING)
-                    session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
+                    session_dir = ray_internals.local_session_dir()
                     mark_session(session_dir)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -107,7 +107,7 @@ def fingerprint(data_path: str) -> Optional[DataFingerprint]:
     """The dataset's header facts, or None where it is not there."""
     import json
 
-    from trainer.data import META_FILE, TOKENS_FILE
+    from trainer.dataset import META_FILE, TOKENS_FILE
 
     try:
         meta = json.loads((Path(data_path) / META_FILE).read_text())

@@ -16,7 +16,7 @@ import torch
 from orchestrator import config as config_mod
 from orchestrator.errors import UsageError
 from trainer import checkpoint, hf_convert
-from trainer import data as data_mod
+from trainer import dataset as dataset_mod, preprocess
 from trainer.model import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class Trained:
     step: int
     args: ModelArgs
     state: dict[str, torch.Tensor]  # our Transformer's state dict, full tensors on CPU
-    tokenizer: data_mod.Tokenizer
+    tokenizer: preprocess.Tokenizer
     data_path: Path
 
 
@@ -44,7 +44,7 @@ def read_model_state(directory: Path) -> dict[str, torch.Tensor]:
 
     The one place to swap for ``trainer.checkpoint.load_model_state_dict`` once it exists.
     """
-    if (directory / checkpoint.STATE_FILE).is_file():
+    if not checkpoint.is_sharded(directory):  # a sharded one's state.pt holds the progress alone
         return torch.load(directory / checkpoint.STATE_FILE, map_location="cpu", weights_only=False)["model"]
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -107,10 +107,10 @@ def load(run_dir: Path, variant: Optional[str] = None, step: Optional[int] = Non
         if vc is None:
             raise UsageError(f"{run_dir}: no variant {variant!r}; the run has {', '.join(names)}")
     ckpt = choose_checkpoint(run_dir / vc.name / checkpoint.STORAGE_NAME, step)
-    data_path = Path(cfg.data.path) if cfg.data.path else data_mod.embedded_dataset()
+    data_path = Path(cfg.data.path) if cfg.data.path else preprocess.embedded_dataset()
     try:
-        tokenizer = data_mod.load_dataset(data_path).tokenizer()
-    except data_mod.DataError as e:
+        tokenizer = dataset_mod.load_dataset(data_path).tokenizer()
+    except dataset_mod.DataError as e:
         raise UsageError(f"{e} (the tokenizer of run {run_dir})") from None
     if tokenizer is None:
         raise UsageError(f"{data_path}: the dataset records no tokenizer file")

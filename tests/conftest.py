@@ -80,6 +80,17 @@ def ray_session():
             remove_session_dir(d)
 
 
+SLOW_FIXTURES = ("ray_session", "cli_env")
+
+
+def pytest_runtest_setup(item):
+    """The fast loop (``-m "not ray and not gpu"``) must stay fast: a test that starts Ray or
+    runs the CLI in a subprocess without the ``ray`` marker fails here, naming the marker."""
+    slow = [f for f in SLOW_FIXTURES if f in item.fixturenames]
+    if slow and item.get_closest_marker("ray") is None:
+        pytest.fail(f"{item.nodeid} uses {', '.join(slow)}: mark it @pytest.mark.ray", pytrace=False)
+
+
 @pytest.fixture
 def cli_env():
     """Environment for running the CLI in a subprocess from the repo root."""

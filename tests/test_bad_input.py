@@ -21,6 +21,8 @@ import pytest
 from tests.conftest import write_config
 from tests.procs import leftovers, session_dirs
 
+pytestmark = pytest.mark.ray  # every row runs the CLI in a subprocess
+
 CONFIGS = {
     "malformed.yaml": "train: {lr: [1, 2",
     "list.yaml": "- a\n- b\n",

@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from orchestrator.bench import command, kernels
+from orchestrator.bench import command
 from trainer import timing
 from tests.conftest import run_cli
 
 
+@pytest.mark.ray
 def test_quick_bench_writes_kernel_and_training_rows(tmp_path, cli_env):
     out = run_cli(["bench", "--quick", "--output-dir", str(tmp_path)], cli_env, tmp_path)
     assert out.returncode == 0, out.stderr
@@ -26,16 +27,10 @@ def test_quick_bench_writes_kernel_and_training_rows(tmp_path, cli_env):
     assert "partial" not in report
 
 
-def test_attention_flops_follow_the_flash_attention_convention():
-    # Causal fwd+bwd = 3.5 x (4 B H T^2 D / 2): the figures in docs/BENCHMARKS.md use it.
-    assert kernels.attention_flops(4, 16, 4096, 128) == pytest.approx(3.5 * 2 * 4 * 16 * 4096**2 * 128)
-
-
-def test_mfu_peak_is_known_for_hopper_and_absent_on_cpu():
+def test_mfu_is_not_claimed_on_cpu():
     import torch
 
     assert timing.peak_tflops(torch.device("cpu")) is None
-    assert timing.PEAK_BF16_TFLOPS["H100"] == 989.0
 
 
 def test_ratios_pair_variants_at_the_same_length_only():
@@ -46,6 +41,7 @@ def test_ratios_pair_variants_at_the_same_length_only():
     assert command.flash_over_standard(rows) == {2048: 3.0}
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("args,message", [
     (["--variants", "flash,fast"], "--variants: unknown fast"),
     (["--seq-lens", "12,x"], "expected comma-separated integers"),
@@ -61,10 +57,10 @@ def test_bench_by_kernel_trains_every_candidate_on_the_same_config_and_names_the
 
     from orchestrator import config as config_mod
     from orchestrator.bench import training
-    from trainer import data as data_mod
+    from trainer import dataset as dataset_mod, preprocess
 
     cfg = config_mod.validate(command.QUICK, "--quick")
-    dataset = data_mod.load_dataset(data_mod.embedded_dataset())
+    dataset = dataset_mod.load_dataset(preprocess.embedded_dataset())
     device = torch.device("cpu")
     names = command._kernels("all", device)
     assert names == ["standard", "sdpa_flash_cpu"]

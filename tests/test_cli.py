@@ -24,6 +24,7 @@ def test_train_on_the_embedded_default_under_a_local_ray(tmp_path, cli_env):
     assert summary["run"]["command"].startswith("python -m orchestrator train --max-steps 12 ")
 
 
+@pytest.mark.ray
 def test_preprocess_writes_a_dataset_that_train_accepts(tmp_path, cli_env):
     (tmp_path / "t.txt").write_text("hello world, this is a small corpus. " * 200)
     out = run_cli(["preprocess", "--raw-data", "t.txt", "--output-dir", "ds", "--vocab-size", "300"], cli_env, tmp_path)
@@ -47,6 +48,7 @@ def test_disable_flash_attn_in_the_environment_means_the_flag_unless_resuming():
     assert not args.disable_flash_attn
 
 
+@pytest.mark.ray
 def test_preflight_with_disable_flash_attn_in_the_environment_reports_standard_and_prints_only_json(tmp_path, cli_env):
     out = run_cli(["preflight", "--json", "--output-dir", "pf"], {**cli_env, "DISABLE_FLASH_ATTN": "1"}, tmp_path)
     assert out.returncode == 0, out.stderr

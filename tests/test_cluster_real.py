@@ -166,7 +166,7 @@ def test_job_submitted_to_a_two_node_cluster_trains_both_variants_where_prefligh
     out = tmp_path / "runs"
     job = f"fo-test-{secrets.token_hex(3)}"
     submit = ["ray", "job", "submit", "--address", dash, "--submission-id", job, "--no-wait",
-              "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": ["runs/", ".git"]}),
+              "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": ["runs/", ".git", "preflight.json", "flash_attention_log.txt"]}),
               "--", "python", "-m", "orchestrator", "train", "--config-file", str(cfg),
               "--output-dir", str(out), "--name", "on-cluster", "--run-both-models"]
     r = sh(submit, env)

@@ -26,6 +26,8 @@ def _load(tmp_path, content: str | bytes):
     ("scaling: {num_workers: 0}", "scaling.num_workers: Input should be greater than 0"),
     ("attention: fast", "attention: Input should be 'flash' or 'standard'"),
     ("train: {compile: maybe}", "train.compile: Input should be 'auto' or a valid boolean"),
+    ("train: {compile: \"off\"}", "train.compile: Input should be 'auto' or a valid boolean"),
+    ("model: {tie_embeddings: 1}", "model.tie_embeddings: Input should be a valid boolean"),
     ("variants: [{name: a, attention: flash}, {name: a, attention: standard}]", "duplicate variant name(s): a"),
     ("variants: [{name: a, attention: flash, train: {lr: 0}}]", "variants[0] (a).train: lr: Input should be greater than 0"),
     ("variants: [{name: a, attention: flash, model: {depth: 3}}]", "variants[0] (a).model"),

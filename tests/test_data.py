@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer import data
+from trainer import dataset, preprocess
 
 
 def _raw(tmp_path):
@@ -19,8 +19,8 @@ def _raw(tmp_path):
 
 def test_preprocess_round_trip_decodes_back_to_the_input_text(tmp_path):
     files = _raw(tmp_path)
-    meta = data.preprocess(files, tmp_path / "out", vocab_size=300)
-    ds = data.load_dataset(tmp_path / "out")
+    meta = preprocess.preprocess(files, tmp_path / "out", vocab_size=300)
+    ds = dataset.load_dataset(tmp_path / "out")
     assert meta["num_tokens"] == len(ds.tokens) and ds.vocab_size == meta["vocab_size"] <= 300
     tok = ds.tokenizer()
     ids = [int(t) for t in ds.tokens]
@@ -40,9 +40,9 @@ def test_preprocess_round_trip_decodes_back_to_the_input_text(tmp_path):
 
 def test_a_users_tokenizer_json_is_used_as_is(tmp_path):
     files = _raw(tmp_path)
-    data.preprocess(files, tmp_path / "first", vocab_size=280)
-    data.preprocess(files, tmp_path / "second", tokenizer_path=tmp_path / "first" / "tokenizer.json")
-    a, b = data.load_dataset(tmp_path / "first"), data.load_dataset(tmp_path / "second")
+    preprocess.preprocess(files, tmp_path / "first", vocab_size=280)
+    preprocess.preprocess(files, tmp_path / "second", tokenizer_path=tmp_path / "first" / "tokenizer.json")
+    a, b = dataset.load_dataset(tmp_path / "first"), dataset.load_dataset(tmp_path / "second")
     assert np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
 
 
@@ -52,9 +52,9 @@ def test_a_users_sentencepiece_model_is_used_and_kept_with_the_data(tmp_path):
     files = _raw(tmp_path)
     spm.SentencePieceTrainer.train(input=str(files[0]), model_prefix=str(tmp_path / "sp"), vocab_size=40,
                                    model_type="bpe", minloglevel=2)
-    meta = data.preprocess(files, tmp_path / "out", tokenizer_path=tmp_path / "sp.model")
+    meta = preprocess.preprocess(files, tmp_path / "out", tokenizer_path=tmp_path / "sp.model")
     (tmp_path / "sp.model").unlink()  # the dataset carries its own copy
-    ds = data.load_dataset(tmp_path / "out")
+    ds = dataset.load_dataset(tmp_path / "out")
     tok = ds.tokenizer()
     assert meta["tokenizer"]["kind"] == "sentencepiece" and ds.vocab_size == 40 and tok.eos_id == 2
     ids = [int(t) for t in ds.tokens]
@@ -63,27 +63,27 @@ def test_a_users_sentencepiece_model_is_used_and_kept_with_the_data(tmp_path):
 
 
 def test_embedded_dataset_is_built_once_and_cached(tmp_path):
-    path = data.embedded_dataset(tmp_path)
+    path = preprocess.embedded_dataset(tmp_path)
     stamp = (path / "tokens.bin").stat().st_mtime_ns
-    assert data.embedded_dataset(tmp_path) == path
+    assert preprocess.embedded_dataset(tmp_path) == path
     assert (path / "tokens.bin").stat().st_mtime_ns == stamp
-    ds = data.load_dataset(path)
-    assert ds.vocab_size == data.EMBEDDED_VOCAB and len(ds.tokens) > 100_000
+    ds = dataset.load_dataset(path)
+    assert ds.vocab_size == preprocess.EMBEDDED_VOCAB and len(ds.tokens) > 100_000
     assert ds.meta["sources"] == ["pydoc_data.topics"]
 
 
 def test_batches_are_a_pure_function_of_seed_and_step_and_cover_each_window_once_per_epoch():
     kw = dict(seed=3, n_windows=50, micro_batch=2, grad_accum=1, world_size=2)
-    a, b = data.BatchSampler(**kw), data.BatchSampler(**kw)
+    a, b = dataset.BatchSampler(**kw), dataset.BatchSampler(**kw)
     assert np.array_equal(a.indices(7, 0, 1), b.indices(7, 0, 1))
     seen = np.concatenate([a.indices(s, 0, r) for s in range(12) for r in range(2)] + [a.indices(12, 0, 0)])
     assert sorted(seen[:50]) == list(range(50))
-    assert not np.array_equal(data.BatchSampler(**{**kw, "seed": 4}).indices(0, 0, 0), a.indices(0, 0, 0))
+    assert not np.array_equal(dataset.BatchSampler(**{**kw, "seed": 4}).indices(0, 0, 0), a.indices(0, 0, 0))
 
 
 def test_targets_are_inputs_shifted_by_one():
     tokens = np.arange(100, dtype=np.uint16)
-    x, y = data.get_batch(tokens, np.array([0, 3]), 8)
+    x, y = dataset.get_batch(tokens, np.array([0, 3]), 8)
     assert x[1].tolist() == list(range(24, 32)) and y[1].tolist() == list(range(25, 33))
 
 
@@ -96,7 +96,7 @@ def test_targets_are_inputs_shifted_by_one():
     ("id_outside_vocab", "outside the vocab"),
 ])
 def test_bad_datasets_are_refused_with_the_file_named(tmp_path, breakage, message):
-    data.preprocess(_raw(tmp_path), tmp_path / "ds", vocab_size=280)
+    preprocess.preprocess(_raw(tmp_path), tmp_path / "ds", vocab_size=280)
     ds = tmp_path / "ds"
     if breakage == "missing_dir":
         ds = tmp_path / "nope"
@@ -113,16 +113,16 @@ def test_bad_datasets_are_refused_with_the_file_named(tmp_path, breakage, messag
         meta = json.loads((ds / "meta.json").read_text())
         meta["vocab_size"] = 5
         (ds / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(data.DataError, match=message):
-        data.load_dataset(ds)
+    with pytest.raises(dataset.DataError, match=message):
+        dataset.load_dataset(ds)
 
 
 def test_raw_inputs_errors_name_the_file(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(data.DataError, match=r"x.csv: unsupported file type"):
-        data.preprocess([tmp_path / "x.csv"], tmp_path / "o")
+    with pytest.raises(dataset.DataError, match=r"x.csv: unsupported file type"):
+        preprocess.preprocess([tmp_path / "x.csv"], tmp_path / "o")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
-    with pytest.raises(data.DataError, match=r"bad.jsonl:2: not valid JSON"):
-        data.preprocess([tmp_path / "bad.jsonl"], tmp_path / "o")
-    with pytest.raises(data.DataError, match="no such file"):
-        data.preprocess([tmp_path / "missing.txt"], tmp_path / "o")
+    with pytest.raises(dataset.DataError, match=r"bad.jsonl:2: not valid JSON"):
+        preprocess.preprocess([tmp_path / "bad.jsonl"], tmp_path / "o")
+    with pytest.raises(dataset.DataError, match="no such file"):
+        preprocess.preprocess([tmp_path / "missing.txt"], tmp_path / "o")

@@ -7,7 +7,8 @@ import pytest
 
 from orchestrator import rundir, yamlload
 from orchestrator.errors import UsageError
-from trainer.data import DataError, read_text_file
+from trainer.dataset import DataError
+from trainer.preprocess import read_text_file
 
 
 @pytest.mark.parametrize("text,key,line", [

@@ -11,7 +11,7 @@ import yaml
 from orchestrator import trained
 from orchestrator.cli import main
 from trainer import checkpoint
-from trainer import data as data_mod
+from trainer import dataset as dataset_mod, preprocess
 from trainer.attention import standard_attention
 from trainer.config import ModelConfig
 from trainer.model import Transformer
@@ -23,7 +23,7 @@ SEQ = 32
 
 
 def _vocab() -> int:
-    return data_mod.load_dataset(data_mod.embedded_dataset()).vocab_size
+    return dataset_mod.load_dataset(preprocess.embedded_dataset()).vocab_size
 
 
 def fake_run(tmp_path, *, layout="ddp", steps=(3, 6), model=None, data_path=None):
@@ -44,12 +44,9 @@ def fake_run(tmp_path, *, layout="ddp", steps=(3, 6), model=None, data_path=None
         d.mkdir(parents=True)
         if layout == "ddp":
             checkpoint.write(d, 0, {"model": m.state_dict(), "optimizer": {}, "step": step})
-        else:  # FSDP's layout: model and optimizer in one DCP directory, saved in-process
-            import torch.distributed.checkpoint as dcp
-
+        else:  # FSDP's layout: model and optimizer in one DCP directory, the progress alone in state.pt
             optim = {"state": {"layers.0.attn.wq.weight": {"exp_avg": torch.randn(64, 64)}}}
-            dcp.save({"model": m.state_dict(), "optimizer": optim}, checkpoint_id=str(d / "dcp"), no_dist=True)
-            checkpoint.write(d, 0, None)
+            checkpoint.write(d, 0, {"step": step}, sharded={"model": m.state_dict(), "optimizer": optim})
         models[step] = m
     return run, models
 
@@ -76,7 +73,7 @@ def test_export_of_the_newest_checkpoint_loads_in_transformers_with_our_logits(t
         "generation_config.json"])
     _assert_same_logits(out, models[6])
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    ours = data_mod.load_dataset(data_mod.embedded_dataset()).tokenizer()
+    ours = dataset_mod.load_dataset(preprocess.embedded_dataset()).tokenizer()
     text = "def f(x):\n    return x + 1  # the sum"
     assert tok(text).input_ids == ours.encode(text)
     assert tok.eos_token_id == ours.eos_id == json.loads((out / "generation_config.json").read_text())["eos_token_id"]
@@ -97,7 +94,7 @@ def test_tied_head_and_sentencepiece_tokenizer_export(tmp_path):
     corpus.write_text("\n".join(f"the quick brown fox jumps over dog number {i}" for i in range(300)))
     sp.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60,
                                   model_type="bpe", minloglevel=2)
-    data_mod.preprocess([corpus], tmp_path / "ds", tmp_path / "sp.model")
+    preprocess.preprocess([corpus], tmp_path / "ds", tmp_path / "sp.model")
     # fake_run sizes the model by the embedded dataset; this one needs the SentencePiece vocab.
     run, models = fake_run(tmp_path, model={"tie_embeddings": True, "vocab_size": 60}, data_path=str(tmp_path / "ds"))
     out = tmp_path / "hf"
@@ -108,7 +105,7 @@ def test_tied_head_and_sentencepiece_tokenizer_export(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, models[6](ids), rtol=1e-5, atol=1e-5)
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    ours = data_mod.load_dataset(tmp_path / "ds").tokenizer()
+    ours = dataset_mod.load_dataset(tmp_path / "ds").tokenizer()
     for text in ["the quick brown fox", "  jumps over\ndog number 17 "]:
         assert tok(text).input_ids == ours.encode(text)
 
@@ -173,7 +170,7 @@ def test_non_empty_output_dir_needs_force_which_replaces_an_earlier_export(tmp_p
 
 def test_tokenizer_smaller_than_the_model_vocab(tmp_path, capsys):
     run, _ = fake_run(tmp_path, steps=(3,), model={"vocab_size": _vocab() + 64})
-    data = data_mod.embedded_dataset()
+    data = preprocess.embedded_dataset()
     _fails(capsys, ["export", str(run), "--output-dir", str(tmp_path / "out")],
            f"{data}: tokenizer vocab {_vocab()} is smaller than the model's vocab {_vocab() + 64}")
     assert not (tmp_path / "out").exists()

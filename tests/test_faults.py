@@ -71,8 +71,8 @@ def attempts(vdir: Path) -> list[dict]:
 def clean_run(ray_session, tmp_path_factory):
     """The uninterrupted reference: LONG with the default seed."""
     tmp = tmp_path_factory.mktemp("clean")
-    rec = _train(tmp, "clean")["variants"]["flash"]
-    assert rec["status"] == "succeeded" and rec["restarts"] == 0
+    rec = _train(tmp, "clean").variants["flash"]
+    assert rec.status == "succeeded" and rec.restarts == 0
     return read_metrics(tmp / "runs" / "clean" / "flash" / "metrics.jsonl")
 
 
@@ -100,15 +100,15 @@ def test_a_worker_killed_with_sigkill_resumes_losing_at_most_one_interval(ray_se
 
     killer = threading.Thread(target=kill_rank_1)
     killer.start()
-    rec = _train(tmp_path, "killed")["variants"]["flash"]
+    rec = _train(tmp_path, "killed").variants["flash"]
     killer.join()
     assert "error" not in seen and "RayTrainWorker" in seen["name"], seen
-    assert rec["status"] == "succeeded" and rec["restarts"] == 1, rec
+    assert rec.status == "succeeded" and rec.restarts == 1, rec
     resumed_at = attempts(vdir)[-1]["start_step"]
     assert resumed_at >= seen["committed"]  # nothing committed is lost
     assert seen["reached"] - resumed_at <= EVERY  # at most one checkpoint interval is redone
     assert_matches_clean(vdir / "metrics.jsonl", clean_run)
-    assert rec["final_loss"] == pytest.approx(clean_run[-1]["loss"], rel=1e-5)
+    assert rec.final_loss == pytest.approx(clean_run[-1]["loss"], rel=1e-5)
     assert all(checkpoint.verifies(d) for d in checkpoint.checkpoint_dirs(vdir / checkpoint.STORAGE_NAME))
 
 

@@ -25,7 +25,7 @@ FSDP = {**BASE, "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failure
 
 def _train(tmp_path: Path, name: str, overrides: dict, **opts) -> dict:
     cfg = write_config(tmp_path / f"{name}.yaml", overrides)
-    return train(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs"), name=name, **opts))
+    return train(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs"), name=name, **opts)).model_dump()
 
 
 def _losses(vdir: Path) -> list[float]:
@@ -113,7 +113,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_resume_runs_to_the_end(ray_s
     _flip_a_byte(newest / checkpoint.STATE_FILE)
 
     with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
-        rec = train(TrainOptions(resume=str(run_dir)))["variants"]["flash"]
+        rec = train(TrainOptions(resume=str(run_dir))).variants["flash"].model_dump()
     assert rec["status"] == "succeeded" and rec["start_step"] == EVERY, rec
     assert f"skipped and removed checkpoint {newest.name}" in caplog.text
     assert all(checkpoint.verifies(d) for d in checkpoint.checkpoint_dirs(vdir / checkpoint.STORAGE_NAME))

@@ -11,7 +11,7 @@ from orchestrator.cli import main
 from orchestrator.run import TrainOptions, train
 from tests.conftest import TINY, write_config
 from tests.test_init_from import tiny_llama
-from trainer import data as data_mod
+from trainer import dataset as dataset_mod, preprocess
 from trainer.attention import standard_attention
 from trainer.model import Transformer
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.ray
 
 def _train(tmp_path, name, overrides):
     cfg = write_config(tmp_path / f"{name}.yaml", overrides)
-    rec = train(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs"), name=name))["variants"]["flash"]
+    rec = train(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs"), name=name)).variants["flash"].model_dump()
     assert rec["status"] == "succeeded", rec.get("error")
     return rec
 
@@ -29,14 +29,14 @@ def _train(tmp_path, name, overrides):
 def first_step_loss(hf_model) -> float:
     """The loss the run's first step must report: the model's mean loss over the first
     micro-batch of each of the two ranks (the worker's sampler, seed and windows)."""
-    ds = data_mod.load_dataset(data_mod.embedded_dataset())
+    ds = dataset_mod.load_dataset(preprocess.embedded_dataset())
     tc = TINY["train"]
-    sampler = data_mod.BatchSampler(seed=1337, n_windows=data_mod.num_windows(len(ds.tokens), tc["seq_len"]),
+    sampler = dataset_mod.BatchSampler(seed=1337, n_windows=dataset_mod.num_windows(len(ds.tokens), tc["seq_len"]),
                                     micro_batch=tc["micro_batch_size"], grad_accum=1, world_size=2)
     losses = []
     with torch.no_grad():
         for rank in range(2):
-            x, y = data_mod.get_batch(ds.tokens, sampler.indices(0, 0, rank), tc["seq_len"])
+            x, y = dataset_mod.get_batch(ds.tokens, sampler.indices(0, 0, rank), tc["seq_len"])
             logits = hf_model(torch.from_numpy(x)).logits
             losses.append(F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y).flatten()).item())
     return sum(losses) / 2

@@ -1,9 +1,11 @@
 """DISABLE_FLASH_ATTN=1 blocks every flash-attn import in the process, even a working one."""
 
+import os
 import subprocess
 import sys
 import textwrap
 
+from tests.conftest import ROOT
 from trainer import import_guard
 
 
@@ -15,9 +17,9 @@ def _fake_flash_attn(tmp_path):
     return tmp_path
 
 
-def _run(code, env_extra, path, cli_env):
-    env = dict(cli_env, **env_extra)
-    env["PYTHONPATH"] = f"{path}:{env['PYTHONPATH']}"
+def _run(code, env_extra, path):
+    env = dict(os.environ, **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(path), str(ROOT), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True)
 
 
@@ -32,16 +34,16 @@ CODE = """
 """
 
 
-def test_worker_package_import_blocks_flash_attn_when_disabled(tmp_path, cli_env):
-    out = _run(CODE, {"DISABLE_FLASH_ATTN": "1"}, _fake_flash_attn(tmp_path), cli_env)
+def test_worker_package_import_blocks_flash_attn_when_disabled(tmp_path):
+    out = _run(CODE, {"DISABLE_FLASH_ATTN": "1"}, _fake_flash_attn(tmp_path))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert all("blocked" in line for line in lines), lines
     assert "flash attention is disabled in this process (DISABLE_FLASH_ATTN=1)" in lines[0]
 
 
-def test_flash_attn_imports_normally_when_not_disabled(tmp_path, cli_env):
-    out = _run(CODE, {"DISABLE_FLASH_ATTN": ""}, _fake_flash_attn(tmp_path), cli_env)
+def test_flash_attn_imports_normally_when_not_disabled(tmp_path):
+    out = _run(CODE, {"DISABLE_FLASH_ATTN": ""}, _fake_flash_attn(tmp_path))
     assert out.stdout.splitlines()[:2] == ["flash_attn imported", "flash_attn_interface imported"]
 
 

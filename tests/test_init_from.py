@@ -11,14 +11,14 @@ import yaml
 from orchestrator.errors import UsageError
 from orchestrator.run import TrainOptions, prepare
 from tests.conftest import write_config
-from trainer import data as data_mod
+from trainer import dataset as dataset_mod, preprocess
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama(path, *, vocab_size=None, seed=0, **kw):
     """A random LlamaForCausalLM saved with transformers' own save_pretrained (GQA, untied)."""
-    cfg = dict(vocab_size=vocab_size or data_mod.load_dataset(data_mod.embedded_dataset()).vocab_size,
+    cfg = dict(vocab_size=vocab_size or dataset_mod.load_dataset(preprocess.embedded_dataset()).vocab_size,
                hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=20000.0, tie_word_embeddings=False,
                max_position_embeddings=128, initializer_range=0.1)  # far from uniform: a loss of its own

@@ -9,8 +9,8 @@ import pytest
 from orchestrator.config import ScalingConfig, VariantConfig
 from orchestrator.plan import NodeCapacity, make_plan
 from orchestrator.preflight import interconnect as ic
-from orchestrator.preflight.report import Report
-from orchestrator.preflight.child import ProbeSettings
+from orchestrator.preflight.findings import PreflightReport
+from orchestrator.preflight.settings import ProbeSettings
 
 NODE_A, NODE_B, NODE_C = "a" * 40, "b" * 40, "c" * 40
 
@@ -80,7 +80,7 @@ def test_a_failed_check_shows_in_the_preflight_table_json_and_refusal():
     links = ic.InterconnectReport([ic.Result(ic.Group("node", (NODE_A, NODE_A)), "nccl", "ok", 2**28, 0.002,
                                              ic.bus_bandwidth(2**28, 0.002, 2)),
                                    ic.Result(group, "nccl", "failed", 2**28, cause=cause)])
-    report = Report([], ProbeSettings(), interconnect=links)
+    report = PreflightReport([], ProbeSettings(), interconnect=links)
     table = "\n".join(report.table())
     assert "node aaaaaaaa" in table and "134.22 GB/s" in table
     assert "FAILED [timeout]" in table and "fix (pair aaaaaaaa - bbbbbbbb)" in table

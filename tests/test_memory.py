@@ -88,9 +88,9 @@ def test_unknown_strategy_is_refused():
 MEASURE = """
 import json, resource, sys
 import psutil, torch
-from trainer import attention, data
+from trainer import attention, preprocess
 from trainer.config import ModelConfig, TrainConfig
-from trainer.data import BatchSampler, get_batch, num_windows
+from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.memory import estimate
 from trainer.model import Transformer
 from trainer.optim import build_optimizer
@@ -98,7 +98,7 @@ from trainer.step import Stepper
 
 attn = sys.argv[1]
 torch.set_num_threads(1)
-ds = data.load_dataset(data.embedded_dataset())
+ds = load_dataset(preprocess.embedded_dataset())
 tc = TrainConfig(seq_len=256, micro_batch_size=16)
 margs = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4).args(vocab_size=ds.vocab_size, max_seq_len=256)
 cpu = torch.device("cpu")

@@ -38,9 +38,9 @@ def test_the_progress_line_shows_mfu_and_tokens_per_gpu_when_measured(tmp_path, 
 
 
 def test_mfu_goes_to_tensorboard_with_the_other_scalars(tmp_path):
-    from tests.test_report import tensorboard_scalars
+    from tests.test_comparison import tensorboard_scalars
 
-    writer = MetricsWriter(tmp_path, start_step=0, tag="flash")
+    writer = MetricsWriter(tmp_path, start_step=0)
     writer.write({"step": 1, "loss": 7.5, "tokens_per_s": 1.0, "mfu": 0.557, "tokens_per_s_per_gpu": 80_000.0})
     writer.close()
     assert tensorboard_scalars(tmp_path / "tb", "mfu") == {1: pytest.approx(0.557)}

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from orchestrator.preflight import cache
-from orchestrator.preflight.child import ProbeSettings, probe_command, run_probe
+from orchestrator.preflight.child import probe_command, run_probe
+from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.node import probe_or_reuse
-from orchestrator.preflight.report import LOG_FILE, NodeReport
+from orchestrator.preflight.findings import LOG_FILE, NodeReport
 from orchestrator.preflight.rules import verdict
 from tests.preflight_fakes import IMPORT_ERRORS, fake_flash_attn, import_failing
 from trainer import attention, verified_kernel
@@ -239,13 +240,13 @@ def test_a_run_whose_reused_verdict_is_wrong_still_trains_logs_it_and_leaves_the
     from tests.conftest import write_config
 
     cfg = str(write_config(tmp_path / "c.yaml", {"train": {"max_steps": 2, "checkpoint_every": 2}}))
-    first = train(TrainOptions(config_file=cfg, output_dir=str(tmp_path / "runs"), name="first"))
+    first = train(TrainOptions(config_file=cfg, output_dir=str(tmp_path / "runs"), name="first")).model_dump()
     [entry_path] = {w["preflight_verdict"]["path"] for w in first["variants"]["flash"]["workers"]}
     entry = cache.load(Path(entry_path)).entry
     # The node's verdict names a kernel that no longer works here (say flash-attn broke in a way
     # the key cannot see); its facts still hold, so preflight reuses the entry as it is.
     cache.store(Path(entry_path), entry["key"], entry["raw"], {"flash_ok": True, "flash_kernel": "flash_attn_2"})
-    second = train(TrainOptions(config_file=cfg, output_dir=str(tmp_path / "runs"), name="second"))
+    second = train(TrainOptions(config_file=cfg, output_dir=str(tmp_path / "runs"), name="second")).model_dump()
     rec = second["variants"]["flash"]
     assert rec["status"] == "succeeded" and rec["backend"] == first["variants"]["flash"]["backend"]
     assert all("verdict flash_attn_2 was wrong" in w["preflight_verdict"]["why_not"] for w in rec["workers"])

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster(tmp_path_factory):
+def three_node_cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     sites = {}
@@ -32,8 +32,8 @@ def two_node_cluster(tmp_path_factory):
     cluster.shutdown()
 
 
-def test_preflight_probes_each_node_and_classifies_its_own_flash_attn_failure(two_node_cluster, tmp_path, cli_env):
-    out = run_cli(["preflight", "--address", two_node_cluster.address, "--json", "--output-dir", "pf"], cli_env,
+def test_preflight_probes_each_node_and_classifies_its_own_flash_attn_failure(three_node_cluster, tmp_path, cli_env):
+    out = run_cli(["preflight", "--address", three_node_cluster.address, "--json", "--output-dir", "pf"], cli_env,
                   tmp_path, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)  # stdout holds only the JSON report

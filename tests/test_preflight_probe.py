@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from orchestrator.preflight import elf, rules
-from orchestrator.preflight.child import ProbeSettings, parse_probe, probe_command, probe_env, run_probe
+from orchestrator.preflight.settings import ProbeSettings
+from orchestrator.preflight.child import parse_probe, probe_command, probe_env, run_probe
 from orchestrator.preflight.probe import check_import, glibc_version
 from tests.preflight_fakes import IMPORT_ERRORS, fake_flash_attn, fake_flash_attn_4_only, import_failing, patched_so
 

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from orchestrator.preflight import ProbeSettings, cluster, run_preflight
+from orchestrator.plan import nodes_from_preflight
+from orchestrator.preflight import ProbeSettings, fanout, run_preflight
 from orchestrator.run import TrainOptions, train
 from tests.conftest import ROOT, write_config
 from tests.preflight_fakes import IMPORT_ERRORS, fake_flash_attn, import_failing
@@ -20,7 +21,7 @@ def test_a_node_whose_probe_prints_garbage_is_reported_and_gets_standard_attenti
     assert node.node_id == ray_session.get_runtime_context().get_node_id()
     assert not node.verdict.flash_ok and node.verdict.issues[0].cause.code == "probe_garbage"
     assert report.outcome_lines() == ["Flash Attention is disabled - will use standard attention implementation"]
-    assert report.node_capacities()[0].flash_reason == "preflight the probe returned no readable facts"
+    assert nodes_from_preflight(report)[0].flash_reason == "preflight the probe returned no readable facts"
 
 
 def test_flash_attn_that_crashes_on_import_gives_standard_attention_and_the_run_still_trains(
@@ -28,19 +29,19 @@ def test_flash_attn_that_crashes_on_import_gives_standard_attention_and_the_run_
     """The node's flash-attn segfaults on import (a broken .so): preflight finds it in a child,
     logs why, and the flash variant's workers get standard attention and DISABLE_FLASH_ATTN=1."""
     site = fake_flash_attn(tmp_path / "site", "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
-    real = cluster.probe_command
+    real = fanout.probe_command
     # Only the probe sees the broken install; a wrapper puts it first on the child's path.
-    monkeypatch.setattr(cluster, "probe_command",
+    monkeypatch.setattr(fanout, "probe_command",
                         lambda s: ["env", f"PYTHONPATH={site}{os.pathsep}{ROOT}"] + real(s))
     cfg = write_config(tmp_path / "c.yaml", {"train": {"max_steps": 3, "checkpoint_every": 3}})
     with caplog.at_level(logging.INFO, logger="orchestrator"):
         summary = train(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs"), name="r"))
-    rec = summary["variants"]["flash"]
-    assert rec["status"] == "succeeded" and rec["steps"] == 3
-    assert rec["attention"] == "flash" and rec["backend"] == "standard"
-    assert rec["env"] == {"ATTN_IMPL": "standard", "DISABLE_FLASH_ATTN": "1"}
-    assert "import flash_attn killed the process (SIGSEGV)" in rec["reason"]
-    assert all(w["flash_attn_imports_blocked"] for w in rec["workers"])
+    rec = summary.variants["flash"]
+    assert rec.status == "succeeded" and rec.steps == 3
+    assert rec.attention == "flash" and rec.backend == "standard"
+    assert rec.env == {"ATTN_IMPL": "standard", "DISABLE_FLASH_ATTN": "1"}
+    assert "import flash_attn killed the process (SIGSEGV)" in rec.reason
+    assert all(w["flash_attn_imports_blocked"] for w in rec.workers)
     run = tmp_path / "runs" / "r"
     plan = json.loads((run / "plan.json").read_text())["variants"][0]
     assert plan["env"]["ATTN_IMPL"] == "standard" and "flash attention works on no node" in plan["reason"]
@@ -60,7 +61,7 @@ def test_each_real_import_error_is_classified_in_preflight_json_and_the_log(ray_
     site = fake_flash_attn(tmp_path / "site", import_failing(IMPORT_ERRORS[code]))
     settings = ProbeSettings(timeout_s=60)
     report = run_preflight(settings, command=["env", f"PYTHONPATH={site}{os.pathsep}{ROOT}"]
-                           + cluster.probe_command(settings))
+                           + fanout.probe_command(settings))
     json_path, log_path = report.write(tmp_path / "out")
     [node] = json.loads(json_path.read_text())["nodes"]
     issues = [(i["check"], i["code"]) for i in node["verdict"]["issues"]]

@@ -20,7 +20,7 @@ from orchestrator import launch
 from orchestrator.plan import PlannedVariant
 from tests.conftest import write_config
 from tests.procs import leftovers, session_dirs
-from trainer import checkpoint, data
+from trainer import checkpoint, preprocess
 from trainer.config import ModelConfig, TrainConfig
 from trainer.loop import WorkerSpec
 
@@ -158,10 +158,10 @@ def test_an_allocation_that_cannot_fit_fails_once_without_restarts(ray_session, 
     Launched directly, as the plan's memory estimate would refuse this config before launch."""
     spec = WorkerSpec(variant="oom", model=ModelConfig(dim=1024, n_layers=1, n_heads=8, n_kv_heads=2),
                       train=TrainConfig(seq_len=128, micro_batch_size=200_000, max_steps=2, compile=False),
-                      data_path=str(data.embedded_dataset()), out_dir=str(tmp_path / "oom"))
+                      data_path=str(preprocess.embedded_dataset()), out_dir=str(tmp_path / "oom"))
     v = PlannedVariant(name="oom", attention="standard", env={"ATTN_IMPL": "standard"}, num_workers=1,
                        use_gpu=False, cpus_per_worker=1)
-    rec = launch.run_variant(v, spec, max_failures=3, keep_checkpoints=2)
+    rec = launch.run_variant(v, spec, max_failures=3, keep_checkpoints=2).model_dump()
     assert rec["status"] == "failed" and rec["restarts"] == 0 and rec["failure_kind"] == "out_of_memory", rec
     assert rec["error"].startswith("out of memory: RuntimeError: ") and "can't allocate memory" in rec["error"]
     assert rec["error"].endswith("(not retried: a restart would fail the same way)")

@@ -6,7 +6,8 @@ from dataclasses import asdict
 import yaml
 
 from orchestrator import config
-from orchestrator.run import TrainOptions, describe_summary, train
+from orchestrator.results import RunSummary, VariantResult
+from orchestrator.run import TrainOptions, train
 
 
 def test_resuming_a_run_interrupted_after_its_last_variant_settles_its_status(tmp_path):
@@ -22,14 +23,15 @@ def test_resuming_a_run_interrupted_after_its_last_variant_settles_its_status(tm
     (run_dir / "summary.json").write_text(json.dumps(
         {"run": {"name": "done", "dir": str(run_dir), "status": "interrupted"}, "variants": {"flash": record}}))
     summary = train(TrainOptions(resume=str(run_dir)))
-    assert (summary["run"]["status"], summary["run"]["exit_code"]) == ("succeeded", 0)
+    assert (summary.run.status, summary.run.exit_code) == ("succeeded", 0)
     on_disk = json.loads((run_dir / "summary.json").read_text())
-    assert on_disk["run"]["status"] == "succeeded" and on_disk["variants"]["flash"] == record
+    assert on_disk["run"]["status"] == "succeeded"
+    assert on_disk["variants"]["flash"] == VariantResult(**record).model_dump(mode="json")
 
 
 def test_summary_of_a_variant_with_no_timed_steps_prints_n_a_instead_of_crashing():
-    summary = {"run": {"dir": "/runs/x", "status": "succeeded"}, "variants": {"flash": {
+    summary = RunSummary.model_validate({"run": {"name": "x", "dir": "/runs/x", "status": "succeeded"}, "variants": {"flash": {
         "status": "succeeded", "backend": "sdpa_flash_cpu", "steps": 100, "first_loss": 7.6, "final_loss": None,
-        "tokens_per_s": None, "peak_mem_bytes": None, "restarts": 0}}}
-    line = describe_summary(summary)[0]
+        "tokens_per_s": None, "peak_mem_bytes": None, "restarts": 0, "attention": "flash"}}})
+    line = summary.describe()[0]
     assert "loss 7.600 -> n/a, n/a tok/s, peak mem n/a" in line

@@ -8,6 +8,7 @@ from pathlib import Path
 from orchestrator.bench import startup
 from orchestrator.cli import build_parser
 from orchestrator.launch import worker_threads_env
+from orchestrator.results import VariantResult
 from orchestrator.run import STARTUP_PARTS, TrainOptions, startup_phases
 from trainer import compile_cache
 
@@ -15,7 +16,8 @@ from trainer import compile_cache
 def test_startup_phases_add_up_and_name_their_parts():
     record = {"started_at": 110.0, "timeline": {"worker_start": 120.0, "data": 121.0, "attention": 123.5,
                                                 "model": 124.0, "ready": 125.0, "first_step": 127.0}}
-    phases = startup_phases(100.0, 105.0, 109.0, {"flash": record}, t_ray_init=102.0, probe_s=3.0)
+    phases = startup_phases(100.0, 105.0, 109.0, {"flash": VariantResult(status="succeeded", attention="flash", **record)},
+                            t_ray_init=102.0, probe_s=3.0)
     assert phases == {"ray_start": 5.0, "preflight_and_plan": 4.0, "workers_up": 10.0, "setup": 5.0,
                       "first_step": 2.0, "total": 27.0, "ray_init": 3.0, "probe": 3.0, "data": 1.0,
                       "attention": 2.5, "model_init": 0.5}
@@ -27,7 +29,7 @@ def test_startup_phases_add_up_and_name_their_parts():
 
 def test_startup_phases_of_an_older_worker_leave_its_parts_out():
     record = {"started_at": 1.0, "timeline": {"worker_start": 2.0, "ready": 3.0, "first_step": 4.0}}
-    assert set(startup_phases(0.0, 0.5, 0.8, {"v": record})) == {
+    assert set(startup_phases(0.0, 0.5, 0.8, {"v": VariantResult(status="succeeded", attention="flash", **record)})) == {
         "ray_start", "preflight_and_plan", "workers_up", "setup", "first_step", "total"}
 
 

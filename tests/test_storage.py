@@ -65,6 +65,7 @@ def test_a_node_that_does_not_answer_is_an_error():
     assert "10.0.0.2" in msg and "did not answer" in msg
 
 
+@pytest.mark.ray
 def test_cli_refuses_an_s3_output_dir_before_anything_starts(tmp_path, cli_env):
     cfg = write_config(tmp_path / "c.yaml")
     r = run_cli(["train", "--config-file", str(cfg), "--output-dir", "s3://bucket/runs"], cli_env, tmp_path, timeout=120)

@@ -21,33 +21,33 @@ def _train(tmp_path, name, overrides=None, **opts):
 
 def test_flash_run_writes_the_summary_contract_and_metrics(ray_session, tmp_path):
     summary = _train(tmp_path, "flash")
-    rec = summary["variants"]["flash"]
-    assert SUMMARY_FIELDS <= rec.keys()
-    assert rec["status"] == "succeeded" and rec["error"] is None
-    assert (rec["attention"], rec["backend"], rec["env"]) == ("flash", "sdpa_flash_cpu", {"ATTN_IMPL": "flash"})
-    assert rec["steps"] == 6 and rec["num_workers"] == 2 and rec["use_gpu"] is False and rec["restarts"] == 0
-    assert rec["final_loss"] < rec["first_loss"]
-    assert rec["tokens_per_s"] > 0 and rec["peak_mem_bytes"] > 0
-    # GPU figures are n/a on CPU; one fused CPU kernel passes, so there was nothing to time.
-    assert (rec["mfu"], rec["tokens_per_s_per_gpu"], rec["kernel_timings"]) == (None, None, {})
-    assert [w["kernel"] for w in rec["workers"]] == ["sdpa_flash_cpu"] * 2
+    rec = summary.variants["flash"]
     run_dir = tmp_path / "runs" / "flash"
+    assert SUMMARY_FIELDS <= json.loads((run_dir / "summary.json").read_text())["variants"]["flash"].keys()
+    assert rec.status == "succeeded" and rec.error is None
+    assert (rec.attention, rec.backend, rec.env) == ("flash", "sdpa_flash_cpu", {"ATTN_IMPL": "flash"})
+    assert rec.steps == 6 and rec.num_workers == 2 and rec.use_gpu is False and rec.restarts == 0
+    assert rec.final_loss < rec.first_loss
+    assert rec.tokens_per_s > 0 and rec.peak_mem_bytes > 0
+    # GPU figures are n/a on CPU; one fused CPU kernel passes, so there was nothing to time.
+    assert (rec.mfu, rec.tokens_per_s_per_gpu, rec.kernel_timings) == (None, None, {})
+    assert [w["kernel"] for w in rec.workers] == ["sdpa_flash_cpu"] * 2
     preflight = json.loads((run_dir / "preflight.json").read_text())
     assert preflight["flash_nodes"] and list(preflight["flash_nodes"]) == ["sdpa_flash_cpu"]
-    assert json.loads((run_dir / "summary.json").read_text())["variants"]["flash"]["final_loss"] == rec["final_loss"]
+    assert json.loads((run_dir / "summary.json").read_text())["variants"]["flash"]["final_loss"] == rec.final_loss
     steps = read_metrics(run_dir / "flash" / "metrics.jsonl")
     assert [r["step"] for r in steps] == list(range(1, 7))
-    assert steps[-1]["loss"] == rec["final_loss"]
+    assert steps[-1]["loss"] == rec.final_loss
     assert list((run_dir / "flash" / "tb").glob("events.out.tfevents.*"))
 
 
 def test_disable_flash_attn_gives_workers_both_flags_and_blocks_imports(ray_session, tmp_path):
     summary = _train(tmp_path, "std", disable_flash_attn=True)
-    rec = summary["variants"]["standard"]
-    assert rec["status"] == "succeeded"
-    assert rec["env"] == {"ATTN_IMPL": "standard", "DISABLE_FLASH_ATTN": "1"}
-    assert rec["backend"] == "standard"
-    assert all(w["flash_attn_imports_blocked"] for w in rec["workers"])
+    rec = summary.variants["standard"]
+    assert rec.status == "succeeded"
+    assert rec.env == {"ATTN_IMPL": "standard", "DISABLE_FLASH_ATTN": "1"}
+    assert rec.backend == "standard"
+    assert all(w["flash_attn_imports_blocked"] for w in rec.workers)
     run = tmp_path / "runs" / "std"
     [node] = json.loads((run / "preflight.json").read_text())["nodes"]
     assert node["facts"]["flash_attn"]["disabled"] and node["verdict"]["reason"] == \
@@ -60,12 +60,12 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_losses(ray_session, t
     """Rank 1 is SIGKILLed at step 5, after the step-3 checkpoint: Ray restarts the group, the
     run resumes at step 3 (model, optimizer, schedule, data position) and every later loss
     matches an uninterrupted run exactly."""
-    clean = _train(tmp_path, "clean")["variants"]["flash"]
-    faulty = _train(tmp_path, "faulty", {"train": {"fault": {"rank": 1, "step": 5}}})["variants"]["flash"]
-    assert faulty["status"] == "succeeded" and faulty["restarts"] == 1
-    assert faulty["start_step"] == 3 and faulty["restored_from"].endswith("checkpoint_00000003")
+    clean = _train(tmp_path, "clean").variants["flash"]
+    faulty = _train(tmp_path, "faulty", {"train": {"fault": {"rank": 1, "step": 5}}}).variants["flash"]
+    assert faulty.status == "succeeded" and faulty.restarts == 1
+    assert faulty.start_step == 3 and faulty.restored_from.endswith("checkpoint_00000003")
     a = read_metrics(tmp_path / "runs" / "clean" / "flash" / "metrics.jsonl")
     b = read_metrics(tmp_path / "runs" / "faulty" / "flash" / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
-    assert faulty["final_loss"] == pytest.approx(clean["final_loss"], rel=1e-6)
+    assert faulty.final_loss == pytest.approx(clean.final_loss, rel=1e-6)

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import execute, launch, run
+from orchestrator import execute, launch
 from orchestrator.errors import EXIT_VARIANT_SKIPPED, UsageError
 from orchestrator.plan import PlannedVariant
 from orchestrator.run import TrainOptions, train
@@ -100,20 +100,20 @@ def _train(tmp_path, name, nodes, overrides=None, **opts):
 
 
 def _nodes_of(rec):
-    return {w["node_id"] for w in rec["workers"]}
+    return {w["node_id"] for w in rec.workers}
 
 
 def _overlap(a, b):
-    return a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]
+    return a.started_at < b.ended_at and b.started_at < a.ended_at
 
 
 def test_both_variants_run_concurrently_flash_on_the_flash_capable_node(cluster, tmp_path):
     summary = _train(tmp_path, "both", by_label, run_both_models=True)
-    flash, standard = summary["variants"]["flash"], summary["variants"]["standard"]
-    assert summary["run"]["mode"] == "concurrent" and summary["run"]["status"] == "succeeded"
-    assert flash["status"] == standard["status"] == "succeeded"
+    flash, standard = summary.variants["flash"], summary.variants["standard"]
+    assert summary.run.mode == "concurrent" and summary.run.status == "succeeded"
+    assert flash.status == standard.status == "succeeded"
     assert _nodes_of(flash) == {cluster.flashy} and _nodes_of(standard) == {cluster.plain}
-    assert flash["backend"] == "sdpa_flash_cpu" and standard["backend"] == "standard"
+    assert flash.backend == "sdpa_flash_cpu" and standard.backend == "standard"
     assert _overlap(flash, standard), "the two fits did not run at the same time"
     plan = json.loads((tmp_path / "runs" / "both" / "plan.json").read_text())
     assert plan["mode"] == "concurrent"
@@ -125,9 +125,9 @@ def test_variants_that_do_not_fit_together_run_one_after_the_other(cluster, tmp_
     one 2-CPU worker at a time."""
     scaling = {"num_workers": 1, "cpus_per_worker": 2, "label_selector": {"flash-capable": "yes"}}
     summary = _train(tmp_path, "seq", everywhere, {"scaling": scaling}, run_both_models=True)
-    flash, standard = summary["variants"]["flash"], summary["variants"]["standard"]
-    assert summary["run"]["mode"] == "sequential"
-    assert flash["status"] == standard["status"] == "succeeded"
+    flash, standard = summary.variants["flash"], summary.variants["standard"]
+    assert summary.run.mode == "sequential"
+    assert flash.status == standard.status == "succeeded"
     assert _nodes_of(flash) == _nodes_of(standard) == {cluster.flashy}
     assert not _overlap(flash, standard)
     notes = json.loads((tmp_path / "runs" / "seq" / "plan.json").read_text())["notes"]
@@ -136,12 +136,12 @@ def test_variants_that_do_not_fit_together_run_one_after_the_other(cluster, tmp_
 
 def test_flash_that_works_on_no_node_is_skipped_with_its_reason_and_standard_still_runs(cluster, tmp_path):
     summary = _train(tmp_path, "skip", nowhere, {"scaling": {"num_workers": 1}}, run_both_models=True)
-    flash, standard = summary["variants"]["flash"], summary["variants"]["standard"]
-    assert flash["status"] == "skipped" and NO_FLASH_REASON in flash["reason"]
-    assert standard["status"] == "succeeded" and standard["final_loss"] < standard["first_loss"]
-    assert summary["run"]["status"] == "partial"
-    assert run.exit_code(summary) == summary["run"]["exit_code"] == EXIT_VARIANT_SKIPPED
-    assert f"exit code {EXIT_VARIANT_SKIPPED}: finished, but a requested variant was skipped" in run.describe_summary(summary)
+    flash, standard = summary.variants["flash"], summary.variants["standard"]
+    assert flash.status == "skipped" and NO_FLASH_REASON in flash.reason
+    assert standard.status == "succeeded" and standard.final_loss < standard.first_loss
+    assert summary.run.status == "partial"
+    assert summary.run.exit_code == EXIT_VARIANT_SKIPPED
+    assert f"exit code {EXIT_VARIANT_SKIPPED}: finished, but a requested variant was skipped" in summary.describe()
     on_disk = json.loads((tmp_path / "runs" / "skip" / "summary.json").read_text())
     assert on_disk["variants"]["flash"]["status"] == "skipped"
 
@@ -171,5 +171,5 @@ def test_ray_train_gives_up_placing_workers_after_the_placement_timeout(cluster,
     with execute.placement_timeout(3):
         rec = launch.run_variant(pv, spec, max_failures=0, keep_checkpoints=1, placement_timeout_s=3)
     assert time.monotonic() - t0 < 30
-    assert rec["status"] == "failed"
-    assert "could not place 1 worker(s) x (1 CPU)" in rec["error"] and "within 3 s" in rec["error"]
+    assert rec.status == "failed"
+    assert "could not place 1 worker(s) x (1 CPU)" in rec.error and "within 3 s" in rec.error

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-log = logging.getLogger(__name__)
+from trainer.config import ATTENTIONS as IMPLS  # the names a worker can be asked for
+from trainer.model import AttnFn  # the attention callable the model takes
 
-AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-IMPLS = ("flash", "standard")
 # SDPA takes GQA natively (enable_gqa) from torch 2.5 on.
 _SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+log = logging.getLogger(__name__)
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.ray_internals import CHECKPOINT_SNAPSHOT_FILE as SNAPSHOT_FILE  # Ray's controller writes it on registration
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 DCP_DIR = "dcp"
 DCP_METADATA = ".metadata"  # DCP's index, written by rank 0 once every rank's shards are down
 STORAGE_NAME = "checkpoints"  # Ray Train's experiment name inside a variant's directory
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # written by Ray's controller on registration
 # A checkpoint needs about its tensors' bytes; the margin covers pickling and the filesystem.
 SPACE_MARGIN = 1.1
 

@@ -21,7 +21,7 @@ from typing import Mapping, MutableMapping, Optional
 
 import torch
 
-from trainer.data import cache_root
+from trainer.preprocess import cache_root
 
 log = logging.getLogger(__name__)
 

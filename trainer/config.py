@@ -4,15 +4,20 @@ carry the exact key path, so a bad value is reported as ``train.lr`` rather than
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from trainer.model import ModelArgs
 
+# The attentions a variant can ask for; trainer/attention.py resolves each to a kernel.
+AttentionName = Literal["flash", "standard"]
+ATTENTIONS: tuple[str, ...] = get_args(AttentionName)
+
 
 class Strict(BaseModel):
-    # Unknown keys are errors; ints are not silently accepted for bools and so on.
+    # Unknown keys are errors. Numbers are lax (YAML's 1 for 1.0); switches are StrictBool, so
+    # `tie_embeddings: 1` or `compile: "off"` is an error naming the key, not a silent guess.
     model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
 
 
@@ -25,7 +30,7 @@ class ModelConfig(Strict):
     vocab_size: Optional[int] = Field(None, gt=0, description="null = the dataset's vocab size")
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
-    tie_embeddings: bool = Field(True, description="share the token embedding with the output head")
+    tie_embeddings: StrictBool = Field(True, description="share the token embedding with the output head")
     init_from: Optional[str] = Field(None, description="a local Hugging Face Llama directory to start from; "
                                      "the shapes above come from its config.json (leave them unset)")
 
@@ -82,10 +87,10 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (and at the end)")
     log_every: int = Field(1, gt=0)
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
-    compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile; auto: on for GPU")
-    activation_checkpointing: bool = False
-    float8: bool = Field(False, description="fp8 matmuls via torchao (GPUs of compute capability 8.9+; "
-                                            "pip install 'flash-orchestrator[float8]')")
+    compile: Union[Literal["auto"], StrictBool] = Field("auto", description="torch.compile; auto: on for GPU")
+    activation_checkpointing: StrictBool = False
+    float8: StrictBool = Field(False, description="fp8 matmuls via torchao (GPUs of compute capability 8.9+; "
+                                                  "pip install 'flash-orchestrator[float8]')")
     fault: Optional[FaultConfig] = Field(None, description="test hook: kill one rank at one step, once")
 
     @model_validator(mode="after")

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from trainer import (attention, checkpoint, driver_watch, failures, hf_checkpoint, import_guard, kernel_select,
                      parallelize, timing, verified_kernel)
 from trainer.config import ModelConfig, TrainConfig
-from trainer.data import BatchSampler, get_batch, load_dataset, num_windows
+from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
 from trainer.optim import build_optimizer, lr_at
 from trainer.result import StepTimes, worker_result
@@ -167,7 +167,7 @@ def train_loop_per_worker(config: dict) -> dict:
     tokens_per_step = sampler.samples_per_step * tc.seq_len
     peak_tflops = timing.peak_tflops(device)
     flops_per_token = margs.flops_per_token(tc.seq_len)
-    writer = MetricsWriter(Path(spec.out_dir), start_step=start_step, tag=spec.variant) if rank == 0 else None
+    writer = MetricsWriter(Path(spec.out_dir), start_step=start_step) if rank == 0 else None
     save = Saver(storage_dir, rank=rank, world=world, strategy=spec.strategy, model=raw_model, optimizer=optimizer,
                  fault=tc.fault, marker_dir=Path(spec.out_dir))
 

@@ -34,7 +34,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsWriter:
-    def __init__(self, out_dir: Path, *, start_step: int, tag: str):
+    def __init__(self, out_dir: Path, *, start_step: int):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / METRICS_FILE
         # On resume drop what the lost steps wrote, so the file reads as one clean run.
@@ -44,7 +44,6 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
-        self.tag = tag
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -41,7 +41,7 @@ def _cached_verdict(settings) -> tuple[Path | None, str | None, str]:
 
 
 def _log_wrong_verdict(log_dir: Path, path: Path, kernel: str, error: str, chosen: str) -> None:
-    from orchestrator.preflight.report import LOG_FILE
+    from orchestrator.results import FLASH_LOG_FILE as LOG_FILE
 
     line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} worker {platform.node()} pid {os.getpid()}: the reused preflight "
             f"verdict (kernel {kernel}, {path}) was wrong: {error}; chose afresh: {chosen}; cache entry marked stale\n")

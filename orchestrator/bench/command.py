@@ -14,15 +14,13 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from orchestrator import config as config_mod
 from orchestrator import rundir
-from orchestrator.bench import kernels, startup, training, workers
 from orchestrator.errors import UsageError
-from trainer import attention
-from trainer import data as data_mod
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +115,8 @@ def markdown(report: dict) -> str:
             lines += ["time from command to first step, by phase (s): " +
                       ", ".join(f"{k} {v:.1f}" for k, v in r["startup_s"].items()), ""]
     if report.get("workers"):
+        from orchestrator.bench import workers
+
         lines += ["## Worker counts, under Ray Train", ""] + workers.markdown(report["workers"]) + [""]
     return "\n".join(lines)
 
@@ -124,6 +124,9 @@ def markdown(report: dict) -> str:
 def _kernels(text: str | None, device: torch.device) -> list[str] | None:
     if not text:
         return None
+    from orchestrator.bench import kernels
+    from trainer import attention
+
     if text.strip() == "all":
         return kernels.usable_kernels(device)
     names = [k.strip() for k in text.split(",") if k.strip()]
@@ -152,6 +155,10 @@ def flash_over_standard(rows: list[dict]) -> dict[int, float]:
 def cmd_startup(args: argparse.Namespace) -> int:
     import sys
 
+    import torch
+
+    from orchestrator.bench import startup
+
     if args.quick:
         raise UsageError("--startup times the train command itself; drop --quick")
     out_dir = rundir.create(Path(args.output_dir), None, prefix="bench")
@@ -173,11 +180,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.startup:
         return cmd_startup(args)
+    # Here, not at the top: the CLI builds every command's flags, and --help must not wait for torch.
+    import torch
+
+    from orchestrator import config as config_mod
+    from orchestrator.bench import kernels, training
+    from trainer import dataset as dataset_mod, preprocess
+    from trainer.config import ATTENTIONS
+
     cfg = config_mod.validate(QUICK, "--quick") if args.quick else config_mod.load(args.config_file)
     if args.quick and args.config_file:
         raise UsageError("--quick uses its own tiny config; drop --config-file")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in config_mod.ATTENTIONS]
+    bad = [v for v in variants if v not in ATTENTIONS]
     if bad:
         raise UsageError(f"--variants: unknown {', '.join(bad)}; expected flash and/or standard")
     seq_lens = args.seq_lens or ([32, 64] if args.quick else [cfg.train.seq_len])
@@ -205,7 +220,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                         heads=m.n_heads, kv_heads=m.n_kv_heads or m.n_heads,
                                         head_dim=m.dim // m.n_heads, device=device, dtype=dtype, iters=iters,
                                         on_row=save_partial("kernels"))
-    dataset = data_mod.load_dataset(cfg.data.path or data_mod.embedded_dataset())
+    dataset = dataset_mod.load_dataset(cfg.data.path or preprocess.embedded_dataset())
     if not args.skip_training:
         key = "training_by_kernel" if train_kernels else "training"
         report[key] = training.run(variants, seq_lens, model_cfg=m, train_cfg=cfg.train, tokens=dataset.tokens,
@@ -218,6 +233,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.ray:
         report["ray"] = ray_share(cfg, args, variants[0], dataset, device, warmup, iters)
     if args.workers:
+        from orchestrator.bench import workers
+
         every = cfg.train.log_every
         report["workers"] = workers.run(cfg, args.workers, variant=variants[0], output_dir=args.output_dir,
                                         steps=-(-(warmup + iters) // every) * every)  # whole logging intervals
@@ -232,6 +249,7 @@ def ray_share(cfg, args, variant: str, dataset, device, warmup: int, iters: int)
     """The same variant at the config's sequence length and the same number of steps: the
     bare loop vs TorchTrainer, one worker. Equal lengths matter: a GPU's speed drifts a few
     percent over a minute of training, so a short bare run against a long Ray run misleads."""
+    from orchestrator.bench import training
     from orchestrator.run import TrainOptions, train
 
     every = cfg.train.log_every
@@ -252,8 +270,8 @@ def ray_share(cfg, args, variant: str, dataset, device, warmup: int, iters: int)
                                      disable_flash_attn=variant == "standard"))
     finally:
         tmp_cfg.unlink(missing_ok=True)
-    rec = next(iter(summary["variants"].values()))
+    rec = next(iter(summary.variants.values()))
     return {"variant": variant, "bare_tokens_per_s": bare.get("tokens_per_s"), "bare_kernel": bare.get("kernel"),
-            "ray_tokens_per_s": rec.get("tokens_per_s"), "ray_kernel": rec.get("backend"),
-            "ray_status": rec.get("status"), "ray_error": rec.get("error"),
-            "startup_s": summary["run"].get("startup_s"), "run_dir": summary["run"]["dir"]}
+            "ray_tokens_per_s": rec.tokens_per_s, "ray_kernel": rec.backend,
+            "ray_status": rec.status, "ray_error": rec.error,
+            "startup_s": summary.run.startup_s, "run_dir": summary.run.dir}

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "STARTUP-FLOOR "
 RUN_TIMEOUT_S = 900.0
-# Goals of issue 14 on CPU: the warm run's preflight at most 40% of the cold one's, and its
+# The startup goals on CPU: the warm run's preflight at most 40% of the cold one's, and its
 # total within 10% of the bare Ray floor.
 PREFLIGHT_GOAL, FLOOR_GOAL = 0.40, 1.10
 
@@ -40,10 +40,10 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from orchestrator.session import remove_session_dir
-from pathlib import Path
+from trainer import ray_internals
 ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 t_ray = time.time()
-session = Path(ray._private.worker._global_node.get_session_dir_path())
+session = ray_internals.local_session_dir()
 def noop(config):
     return time.time()
 with tempfile.TemporaryDirectory() as storage:

@@ -16,7 +16,7 @@ import torch
 from trainer import timing
 from trainer import attention, float8
 from trainer.config import ModelConfig, TrainConfig
-from trainer.data import BatchSampler, get_batch, num_windows
+from trainer.dataset import BatchSampler, get_batch, num_windows
 from trainer.model import Transformer
 from trainer.optim import build_optimizer
 from trainer.parallelize import compile_blocks

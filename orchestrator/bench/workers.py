@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from trainer import timing
-from orchestrator.run import TrainOptions, train
+from orchestrator.options import TrainOptions
+from orchestrator.run import train
 from orchestrator.session import ray_session
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _one(cfg, n: int, *, variant: str, steps: int, output_dir: str) -> dict:
                                      disable_flash_attn=variant == "standard"))
     finally:
         tmp.unlink(missing_ok=True)
-    r = row(n, summary)
+    r = row(n, summary.model_dump())  # the same fields as summary.json
     log.info("workers %d: %s", n, f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else r["status"])
     return r
 

@@ -10,8 +10,9 @@ pay for torch (which the report's planner types pull in) before it has even look
 
 import importlib
 
-_EXPORTS = {"ProbeSettings": "child", "run_preflight": "cluster", "Report": "report", "NodeReport": "report",
-            "PREFLIGHT_FILE": "report", "LOG_FILE": "report"}
+_EXPORTS = {"ProbeSettings": "settings", "settings_for": "settings", "run_preflight": "fanout",
+            "PreflightReport": "findings", "NodeReport": "findings", "PREFLIGHT_FILE": "findings",
+            "LOG_FILE": "findings"}
 __all__ = list(_EXPORTS)
 
 

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 CACHE_DIR_ENV = "FLASH_ORCHESTRATOR_PREFLIGHT_CACHE"  # overrides the location (tests, shared homes)
 FORMAT = 1
 # The probe's own code: a change to what it checks must not be answered from an older result.
-_PROBE_CODE = ("orchestrator/preflight/probe.py", "orchestrator/preflight/child.py", "orchestrator/preflight/elf.py",
+_PROBE_CODE = ("orchestrator/preflight/probe.py", "orchestrator/preflight/child.py", "orchestrator/preflight/settings.py",
+               "orchestrator/preflight/elf.py",
                "trainer/attention.py", "trainer/import_guard.py")
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 _LIBSTDCXX_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",

@@ -12,36 +12,19 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.preflight.probe import MARKER, SCHEMA
+from orchestrator.preflight.probe import MARKER, SCHEMA, tail
 from orchestrator.preflight.rules import Cause, Issue, classify, crash_cause
+from orchestrator.preflight.settings import ProbeSettings
 
 PYTHON = "python"  # replaced by the node's own interpreter in run_probe
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # holds orchestrator/ and trainer/
 
 
-@dataclass(frozen=True, kw_only=True)
-class ProbeSettings:
-    """What the probe checks: the attention shape the workers will run, and the flash flag."""
-
-    head_dim: int = 32
-    n_heads: int = 6
-    n_kv_heads: int = 2
-    dtype: str = "auto"  # as train.dtype: auto = bf16 on GPU, fp32 on CPU
-    disable_flash_attn: bool = False
-    # The run's real shape, at which the kernels that pass are timed (None: no timing).
-    seq_len: Optional[int] = None
-    micro_batch_size: int = 1
-    compile: str = "auto"  # as train.compile: auto = on GPU
-    timeout_s: float = 180.0  # the whole probe on one node
-    import_timeout_s: float = 60.0  # one flash-attn import
-
-
 def probe_command(settings: ProbeSettings) -> list[str]:
-    argv = [PYTHON, "-m", "orchestrator.preflight.probe", "--json", "--head-dim", str(settings.head_dim),
+    argv = [PYTHON, "-m", "orchestrator.preflight.probe", "--head-dim", str(settings.head_dim),
             "--n-heads", str(settings.n_heads), "--n-kv-heads", str(settings.n_kv_heads), "--dtype", settings.dtype,
             "--import-timeout", str(settings.import_timeout_s)]
     if settings.seq_len:
@@ -86,18 +69,14 @@ def run_probe(argv: list[str], timeout_s: float, env: Optional[dict] = None) -> 
             "seconds": round(time.monotonic() - started, 3)}
 
 
-def _tail(text: str, n: int = 25) -> str:
-    return "\n".join((text or "").strip().splitlines()[-n:])
-
-
 def parse_probe(raw: dict, timeout_s: float) -> tuple[Optional[dict], Optional[Issue]]:
     """(facts, None) for a good probe; (None, issue) for one that crashed, hung or printed garbage."""
     what = "the probe"
     if raw.get("timed_out"):
-        return None, Issue("probe", crash_cause(f"{what} ({timeout_s:g} s timeout)", None, True), _tail(raw.get("stderr")))
+        return None, Issue("probe", crash_cause(f"{what} ({timeout_s:g} s timeout)", None, True), tail(raw.get("stderr") or ""))
     rc = raw.get("returncode")
     if rc is None or rc != 0:
-        stderr = _tail(raw.get("stderr"))
+        stderr = tail(raw.get("stderr") or "")
         if rc is not None and rc < 0:
             cause = crash_cause(what, signal.Signals(-rc).name, False)
         else:
@@ -106,7 +85,7 @@ def parse_probe(raw: dict, timeout_s: float) -> tuple[Optional[dict], Optional[I
             cause = Cause("probe_crashed", f"{what} exited with code {rc}"
                           + (f": {found.summary}" if found.code != "unknown" else ""),
                           found.hint if found.code != "unknown" else "run the probe by hand on the node: "
-                          "python -m orchestrator.preflight.probe --json")
+                          "python -m orchestrator.preflight.probe")
         return None, Issue("probe", cause, stderr)
     lines = [l for l in (raw.get("stdout") or "").splitlines() if l.startswith(MARKER)]
     facts = None
@@ -116,7 +95,7 @@ def parse_probe(raw: dict, timeout_s: float) -> tuple[Optional[dict], Optional[I
         except ValueError:
             facts = None
     if not isinstance(facts, dict) or facts.get("schema") != SCHEMA:
-        out = _tail(raw.get("stdout"), 5)
+        out = tail(raw.get("stdout") or "", 5)
         return None, Issue("probe", Cause("probe_garbage", f"{what} returned no readable facts",
                                           "the probe and the driver may run different versions of this package; "
                                           "install the same version on every node"), out or "(no output)")

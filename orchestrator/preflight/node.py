@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Optional
 
 from orchestrator.preflight import cache
-from orchestrator.preflight.child import ProbeSettings, parse_probe, probe_env, run_probe
+from orchestrator.preflight.child import parse_probe, probe_env, run_probe
+from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.rules import verdict
 
 

@@ -1,4 +1,4 @@
-"""Gather one node's facts, in a child process: ``python -m orchestrator.preflight.probe --json``.
+"""Gather one node's facts, in a child process: ``python -m orchestrator.preflight.probe``.
 
 Run as a child because a broken flash-attn ``.so`` can crash (or hang) whoever imports it. Each
 flash-attn import is tried in a grandchild of its own, so even a segfaulting import is reported
@@ -29,6 +29,7 @@ from typing import Optional
 
 import psutil
 
+from orchestrator.preflight.settings import ProbeSettings
 from trainer import import_guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
 
 MARKER = "PREFLIGHT-FACTS "
@@ -45,7 +46,8 @@ _NO_FLASH_ATTN_FUNC = 3
 _TAIL_LINES = 25
 
 
-def _tail(text: str, n: int = _TAIL_LINES) -> str:
+def tail(text: str, n: int = _TAIL_LINES) -> str:
+    """The last ``n`` lines: where a traceback says what went wrong."""
     return "\n".join(text.strip().splitlines()[-n:])
 
 
@@ -189,17 +191,17 @@ def check_import(module: str, timeout_s: float, env: Optional[dict] = None) -> d
                               timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        out.update(timed_out=True, error=_tail(err) or f"import did not finish in {timeout_s:g} s")
+        out.update(timed_out=True, error=tail(err) or f"import did not finish in {timeout_s:g} s")
     else:
         out["ok"] = proc.returncode == 0
         if proc.returncode < 0:
             name = signal.Signals(-proc.returncode).name
-            out.update(signal=name, error=_tail(proc.stderr) or f"killed by {name}")
+            out.update(signal=name, error=tail(proc.stderr) or f"killed by {name}")
         elif proc.returncode == _NO_FLASH_ATTN_FUNC:
             out["skipped"] = (f"{module} has no flash_attn_func: a namespace without that kernel "
                               "(flash-attn-4 alone installs flash_attn.cute only)")
         elif proc.returncode:
-            out["error"] = _tail(proc.stderr)
+            out["error"] = tail(proc.stderr)
     out["seconds"] = round(time.monotonic() - started, 3)
     return out
 
@@ -260,7 +262,7 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
             results[name] = {"ok": True}
         except Exception as e:  # every failure disqualifies the kernel; the text says why
             passed.pop(name, None)
-            results[name] = {"ok": False, "error": _tail(_error_text(e))}
+            results[name] = {"ok": False, "error": tail(_error_text(e))}
         results[name]["seconds"] = round(time.monotonic() - started, 3)
     selection = select_kernel(settings, passed, device, dtype) if passed and settings.seq_len else {}
     return check, results, selection
@@ -279,7 +281,7 @@ def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype) -> 
     try:
         kernel, timings = kernel_select.picker(shape, device, budget_s=settings.timing_budget)(passed)
     except Exception as e:  # timing is an optimisation: the check's order still gives a kernel
-        return {"error": _tail(_error_text(e)), "seconds": round(time.monotonic() - started, 3)}
+        return {"error": tail(_error_text(e)), "seconds": round(time.monotonic() - started, 3)}
     return {"kernel": kernel, "timings": timings, "shape": dataclasses.asdict(shape),
             "seconds": round(time.monotonic() - started, 3)}
 
@@ -315,17 +317,17 @@ def gather(settings: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.preflight.probe", description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="print the facts as JSON (the only output format)")
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--n-heads", type=int, default=6)
-    p.add_argument("--n-kv-heads", type=int, default=2)
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    d = ProbeSettings()  # the defaults live there
+    p.add_argument("--head-dim", type=int, default=d.head_dim)
+    p.add_argument("--n-heads", type=int, default=d.n_heads)
+    p.add_argument("--n-kv-heads", type=int, default=d.n_kv_heads)
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=d.dtype)
     p.add_argument("--seq-len", type=int, help="time the kernels that pass at this sequence length (the run's)")
-    p.add_argument("--micro-batch", type=int, default=1, help="... and this micro-batch")
-    p.add_argument("--compile", choices=("auto", "true", "false"), default="auto", help="as train.compile")
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch_size, help="... and this micro-batch")
+    p.add_argument("--compile", choices=("auto", "true", "false"), default=d.compile, help="as train.compile")
     p.add_argument("--timing-budget", type=float, default=60.0, help="seconds for timing kernels; the rest untimed")
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn")
-    p.add_argument("--import-timeout", type=float, default=60.0, help="seconds per flash-attn import")
+    p.add_argument("--import-timeout", type=float, default=d.import_timeout_s, help="seconds per flash-attn import")
     return p
 
 

@@ -165,7 +165,8 @@ def probe_failed(what: str, cause: Cause, error: str) -> Verdict:
                    [Issue(what, cause, error)])
 
 
-def _first_line(text: str) -> str:
+def _last_line(text: str) -> str:
+    """The last non-empty line: in a traceback, the one that names the exception."""
     lines = [l.strip() for l in (text or "").strip().splitlines() if l.strip()]
     return lines[-1] if lines else ""
 
@@ -232,7 +233,7 @@ def verdict(facts: dict) -> Verdict:
         return Verdict(True, flash_kernel, None, backends, issues)
     failed = [f"{n}: {b['reason']}" for n, b in backends.items() if n != "standard"]
     if facts.get("torch", {}).get("error"):
-        reason = f"torch does not import: {_first_line(facts['torch']['error'])}"
+        reason = f"torch does not import: {_last_line(facts['torch']['error'])}"
     elif not failed:
         reason = "no flash kernel was checked"
     else:

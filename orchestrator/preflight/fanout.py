@@ -1,4 +1,4 @@
-"""Run the probe on every alive node of the Ray cluster, in parallel, and collect a Report.
+"""Run the probe on every alive node of the Ray cluster, in parallel, and collect a PreflightReport.
 
 Each probe is a Ray task pinned to its node (hard node affinity) that asks for no CPU, so it
 is scheduled even when training holds every core. The task only starts the child process; the
@@ -14,8 +14,9 @@ import time
 from typing import Optional
 
 from orchestrator.preflight import node as node_mod
-from orchestrator.preflight.child import ProbeSettings, parse_probe, probe_command, probe_env, run_probe
-from orchestrator.preflight.report import NodeReport, Report
+from orchestrator.preflight.settings import ProbeSettings
+from orchestrator.preflight.child import parse_probe, probe_command, probe_env, run_probe
+from orchestrator.preflight.findings import NodeReport, PreflightReport
 from orchestrator.preflight.rules import Issue, crash_cause, probe_failed, verdict
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def alive_nodes() -> list[dict]:
 
 
 def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optional[list[str]] = None,
-                  fresh: bool = False) -> Report:
+                  fresh: bool = False) -> PreflightReport:
     """Probe every alive node of the connected Ray cluster (``fresh``: never reuse a node's cached
     result); ``command`` replaces the probe's argv."""
     import ray
@@ -43,7 +44,7 @@ def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optiona
 
     nodes = alive_nodes()
     if not nodes:
-        return Report([], settings, ["the Ray cluster has no alive nodes: nothing can run"])
+        return PreflightReport([], settings, ["the Ray cluster has no alive nodes: nothing can run"])
     if command:
         task, args = ray.remote(_probe_on_node), (command, settings.timeout_s, settings.disable_flash_attn)
     else:
@@ -87,4 +88,4 @@ def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optiona
     notes = []
     if not any(r.gpus for r in reports) and not any((r.facts or {}).get("gpus") for r in reports):
         notes.append("no GPUs in the cluster: flash attention means PyTorch's fused CPU kernel here")
-    return Report(reports, settings, notes)
+    return PreflightReport(reports, settings, notes)

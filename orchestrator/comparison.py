@@ -23,12 +23,12 @@ import yaml
 
 from orchestrator import plots
 from orchestrator.errors import UsageError
+from orchestrator.results import (CONFIG_FILE, LOSS_PNG, MEMORY_PNG, PLAN_FILE, REPORT_FILE, THROUGHPUT_PNG, RunSummary,
+                                  VariantResult, fmt, mib, read_summary)
 from trainer.metrics import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.md"
-LOSS_PNG, THROUGHPUT_PNG, MEMORY_PNG = "loss.png", "throughput.png", "memory.png"
 PARITY_STEPS = 10
 PARITY_RTOL = {"float32": 1e-3, "bfloat16": 2e-2}
 # Two runs of the same kernel (flash attention disabled for both) differ only by the order
@@ -46,12 +46,12 @@ class Parity:
 
 
 def check_parity(flash: str, standard: str, a: list[dict], b: list[dict], dtype: Optional[str],
-                 comparable: Optional[str] = None, same_kernel: bool = False) -> Parity:
-    """Compare the first PARITY_STEPS logged losses of two variants. ``comparable`` is the
+                 not_comparable: Optional[str] = None, same_kernel: bool = False) -> Parity:
+    """Compare the first PARITY_STEPS logged losses of two variants. ``not_comparable`` is the
     reason they cannot be compared (different config), if any; ``same_kernel`` asks for the
     tight tolerance of two runs of one attention kernel."""
-    if comparable:
-        return Parity(flash, standard, "not checked", comparable, [])
+    if not_comparable:
+        return Parity(flash, standard, "not checked", not_comparable, [])
     table = SAME_KERNEL_RTOL if same_kernel else PARITY_RTOL
     rtol = table.get(dtype or "float32", table["bfloat16"])
     by_step = {r["step"]: r["loss"] for r in b}
@@ -92,100 +92,96 @@ def _overrides(config: Optional[dict], name: str) -> dict:
     return {"model": {}, "train": {}}
 
 
-def _not_comparable(config: Optional[dict], a: str, b: str, ra: dict, rb: dict) -> Optional[str]:
+def _not_comparable(config: Optional[dict], a: str, b: str, ra: VariantResult, rb: VariantResult) -> Optional[str]:
     """Why two variants' losses are not expected to match, or None."""
     if _overrides(config, a) != _overrides(config, b):
         return f"{a} and {b} override different model/train settings"
     for key in ("num_workers", "dtype", "tokens_per_step", "params"):
-        if ra.get(key) != rb.get(key):
-            return f"{a} and {b} differ in {key} ({ra.get(key)} vs {rb.get(key)})"
+        if getattr(ra, key) != getattr(rb, key):
+            return f"{a} and {b} differ in {key} ({getattr(ra, key)} vs {getattr(rb, key)})"
     return None
 
 
-def _pairs(variants: dict[str, dict], flash_disabled: bool = False) -> list[tuple[str, str]]:
+def _pairs(variants: dict[str, VariantResult], flash_disabled: bool = False) -> list[tuple[str, str]]:
     """(flash, standard) pairs to compare: every succeeded flash variant against the first
     succeeded standard one. With flash attention disabled for the run every variant ran
     standard attention: the first is compared with each of the others."""
-    ok = {n: r for n, r in variants.items() if r.get("status") == "succeeded"}
+    ok = {n: r for n, r in variants.items() if r.status == "succeeded"}
     if flash_disabled:
         names = list(ok)
         return [(names[0], n) for n in names[1:]]
-    standard = next((n for n, r in ok.items() if r.get("attention") == "standard"), None)
+    standard = next((n for n, r in ok.items() if r.attention == "standard"), None)
     if standard is None:
         return []
-    return [(n, standard) for n, r in ok.items() if r.get("attention") == "flash"]
+    return [(n, standard) for n, r in ok.items() if r.attention == "flash"]
 
 
 # ---------------------------------------------------------------- rendering
 
 
 def _fmt(x, spec: str = ",.0f", unit: str = "") -> str:
-    return "–" if x is None else f"{x:{spec}}{unit}"
+    return fmt(x, spec, "–", unit)
 
 
-def _mib(x) -> str:
-    return "–" if not x else f"{x / 2**20:,.0f} MiB"
-
-
-def _workers(r: dict) -> str:
-    if r.get("status") == "skipped":
+def _workers(r: VariantResult) -> str:
+    if r.status == "skipped":
         return "–"
-    kind = "GPU" if r.get("use_gpu") else "CPU"
-    nodes = sorted({w.get("node_id", "")[:12] for w in r.get("workers") or []})
+    kind = "GPU" if r.use_gpu else "CPU"
+    nodes = sorted({w.get("node_id", "")[:12] for w in r.workers})
     where = f" on {', '.join(nodes)}" if nodes else ""
-    return f"{r.get('num_workers')} x {kind}{where}"
+    return f"{r.num_workers} x {kind}{where}"
 
 
-def _variant_table(variants: dict[str, dict]) -> list[str]:
+def _variant_table(variants: dict[str, VariantResult]) -> list[str]:
     names = list(variants)
     rows = [
-        ("status", lambda r: r.get("status", "?")),
-        ("attention requested", lambda r: r.get("attention") or "–"),
-        ("kernel that ran", lambda r: f"`{r['backend']}`" if r.get("backend") else "–"),
-        ("env", lambda r: " ".join(f"`{k}={v}`" for k, v in (r.get("env") or {}).items()) or "–"),
+        ("status", lambda r: r.status),
+        ("attention requested", lambda r: r.attention),
+        ("kernel that ran", lambda r: f"`{r.backend}`" if r.backend else "–"),
+        ("env", lambda r: " ".join(f"`{k}={v}`" for k, v in r.env.items()) or "–"),
         ("workers", _workers),
-        ("dtype", lambda r: r.get("dtype") or "–"),
-        ("steps", lambda r: str(r.get("steps", "–"))),
-        ("tokens/s (steady)", lambda r: _fmt(r.get("tokens_per_s"))),
-        ("step time (median)", lambda r: _fmt(r.get("step_time_s") and r["step_time_s"] * 1000, ",.1f", " ms")),
-        ("peak memory (rank 0)", lambda r: _mib(r.get("peak_mem_bytes"))),
-        ("first loss", lambda r: _fmt(r.get("first_loss"), ".4f")),
-        ("final loss", lambda r: _fmt(r.get("final_loss"), ".4f")),
-        ("restarts", lambda r: str(r.get("restarts", "–"))),
-        ("wall time", lambda r: _fmt(r.get("wall_time_s"), ",.1f", " s")),
+        ("dtype", lambda r: r.dtype or "–"),
+        ("steps", lambda r: str(r.steps)),
+        ("tokens/s (steady)", lambda r: _fmt(r.tokens_per_s)),
+        ("step time (median)", lambda r: _fmt(r.step_time_s and r.step_time_s * 1000, ",.1f", " ms")),
+        ("peak memory (rank 0)", lambda r: mib(r.peak_mem_bytes, "–")),
+        ("first loss", lambda r: _fmt(r.first_loss, ".4f")),
+        ("final loss", lambda r: _fmt(r.final_loss, ".4f")),
+        ("restarts", lambda r: str(r.restarts)),
+        ("wall time", lambda r: _fmt(r.wall_time_s, ",.1f", " s")),
     ]
     out = ["| | " + " | ".join(f"**{n}**" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, get in rows:
         out.append(f"| {label} | " + " | ".join(get(variants[n]) for n in names) + " |")
-    if any(r.get("error") or r.get("reason") for r in variants.values()):
-        why = [(variants[n].get("error") or variants[n].get("reason") or "").replace("|", "\\|") for n in names]
+    if any(r.error or r.reason for r in variants.values()):
+        why = [(variants[n].error or variants[n].reason or "").replace("|", "\\|") for n in names]
         out.append("| error / why skipped | " + " | ".join(why) + " |")
     return out
 
 
-def _ratio_table(variants: dict[str, dict], pairs: list[tuple[str, str]]) -> list[str]:
+def _ratio_table(variants: dict[str, VariantResult], pairs: list[tuple[str, str]]) -> list[str]:
     out = ["| metric | " + " | ".join(f"{f} / {s}" for f, s in pairs) + " |", "|---" * (len(pairs) + 1) + "|"]
     metrics = [("tokens/s", "tokens_per_s", "higher is faster"), ("step time", "step_time_s", "lower is faster"),
                ("peak memory", "peak_mem_bytes", "lower uses less"), ("final loss", "final_loss", "≈ 1 expected")]
     for label, key, hint in metrics:
-        cells = [_fmt(ratio(variants[f].get(key), variants[s].get(key)), ".3f", "x") for f, s in pairs]
+        cells = [_fmt(ratio(getattr(variants[f], key), getattr(variants[s], key)), ".3f", "x") for f, s in pairs]
         out.append(f"| {label} ({hint}) | " + " | ".join(cells) + " |")
     return out
 
 
-def render(summary: dict, plan: Optional[dict], parities: list[Parity], images: list[str], run_dir: Path) -> str:
-    run, variants = summary.get("run", {}), summary.get("variants", {})
+def render(summary: RunSummary, plan: Optional[dict], parities: list[Parity], images: list[str], run_dir: Path) -> str:
+    run, variants = summary.run, summary.variants
     pairs = [(p.flash, p.standard) for p in parities]
-    lines = [f"# Run `{run.get('name', run_dir.name)}`: {' vs '.join(variants) or 'no variants'}", ""]
-    lines += [f"- status: **{run.get('status', '?')}** (exit code {run.get('exit_code', '?')})",
-              f"- variants ran: {run.get('mode') or (plan or {}).get('mode', '?')}",
-              f"- command: `{run.get('command', '')}`",
-              f"- data: `{run.get('data', '')}`",
-              f"- duration: {_fmt(run.get('duration_s'), ',.1f', ' s')}"]
+    lines = [f"# Run `{run.name}`: {' vs '.join(variants) or 'no variants'}", ""]
+    lines += [f"- status: **{run.status}** (exit code {_fmt(run.exit_code, 'd')})",
+              f"- variants ran: {run.mode or (plan or {}).get('mode', '?')}",
+              f"- command: `{run.command or ''}`",
+              f"- data: `{run.data or ''}`",
+              f"- duration: {_fmt(run.duration_s, ',.1f', ' s')}"]
     for note in (plan or {}).get("notes", []):
         lines.append(f"- plan: {note}")
     lines += ["", "## Variants", ""] + _variant_table(variants)
-    fell_back = [n for n, r in variants.items() if r.get("attention") == "flash" and r.get("backend") == "standard"]
+    fell_back = [n for n, r in variants.items() if r.attention == "flash" and r.backend == "standard"]
     if fell_back:
         lines += ["", f"Note: {', '.join(fell_back)} asked for flash but ran the standard kernel "
                       "(no fused kernel passed its check on the workers)."]
@@ -215,12 +211,12 @@ def render(summary: dict, plan: Optional[dict], parities: list[Parity], images: 
     lines += ["", "## Charts", ""] + [f"![{Path(i).stem}]({i})" for i in images]
     lines += ["", "## TensorBoard", "",
               "Every variant logs to `<run>/<variant>/tb`; one command overlays them:", "",
-              "```bash", f"tensorboard --logdir {run.get('dir', str(run_dir))}", "```", ""]
+              "```bash", f"tensorboard --logdir {run.dir}", "```", ""]
     return "\n".join(lines)
 
 
 @dataclass
-class Report:
+class ComparisonReport:
     path: Path
     parities: list[Parity]
 
@@ -230,36 +226,35 @@ class Report:
         return lines
 
 
-def write(run_dir: Path) -> Report:
+def write(run_dir: Path) -> ComparisonReport:
     """Write report.md and the charts into ``run_dir``."""
     run_dir = Path(run_dir)
-    summary = _read_json(run_dir / "summary.json")
-    if summary is None or not isinstance(summary.get("variants"), dict):
+    summary = read_summary(run_dir)
+    if summary is None:
         raise UsageError(f"{run_dir}: no readable summary.json; is this a run directory?")
-    plan = _read_json(run_dir / "plan.json")
+    plan = _read_json(run_dir / PLAN_FILE)
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
     except (OSError, yaml.YAMLError):
         config = None
-    variants = summary["variants"]
+    variants = summary.variants
     series = {n: recs for n in variants if (recs := read_metrics(run_dir / n / METRICS_FILE))}
     parities = []
     disabled = bool((plan or {}).get("flash_disabled"))
     for f, s in _pairs(variants, disabled):
         why = _not_comparable(config, f, s, variants[f], variants[s])
-        parities.append(check_parity(f, s, series.get(f, []), series.get(s, []), variants[f].get("dtype"), why,
+        parities.append(check_parity(f, s, series.get(f, []), series.get(s, []), variants[f].dtype, why,
                                      same_kernel=disabled))
         if parities[-1].status == "diverged":
             log.warning("loss parity: %s vs %s %s", f, s, parities[-1].detail)
     images = []
     if series:
         images.append(plots.loss(series, run_dir / LOSS_PNG).name)
-        steady = {n: variants[n].get("tokens_per_s") for n in series}
+        steady = {n: variants[n].tokens_per_s for n in series}
         images.append(plots.throughput(series, steady, run_dir / THROUGHPUT_PNG).name)
-    peaks = {n: (r["peak_mem_bytes"], r.get("peak_mem_kind") or "peak") for n, r in variants.items()
-             if r.get("peak_mem_bytes")}
+    peaks = {n: (r.peak_mem_bytes, r.peak_mem_kind or "peak") for n, r in variants.items() if r.peak_mem_bytes}
     if peaks:
         images.append(plots.memory(peaks, run_dir / MEMORY_PNG).name)
     path = run_dir / REPORT_FILE
     path.write_text(render(summary, plan, parities, images, run_dir))
-    return Report(path, parities)
+    return ComparisonReport(path, parities)

@@ -1,9 +1,5 @@
-"""Token datasets: a flat array of token ids (``tokens.bin``) plus a JSON header (``meta.json``).
-
-The header names the tokenizer, vocab size, dtype and token count; it is written last, so a
-directory with a header is complete. Batches are a pure function of (seed, step, rank), so a
-resumed run sees exactly the batches it would have seen, and two variants with one seed see
-the same data in the same order.
+"""Driver-side preprocessing: raw text (.txt, .jsonl, .parquet) -> tokenizer -> a token dataset
+in the format ``trainer/dataset.py`` reads, and the embedded default corpus built once per node.
 """
 
 from __future__ import annotations
@@ -13,23 +9,17 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from trainer.dataset import FORMAT_VERSION, META_FILE, SENTENCEPIECE_FILE, TOKENIZER_FILE, TOKENS_FILE, DataError
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-META_FILE, TOKENS_FILE, TOKENIZER_FILE = "meta.json", "tokens.bin", "tokenizer.json"
-SENTENCEPIECE_FILE = "tokenizer.model"  # a user's SentencePiece model, copied with the data
 EMBEDDED_NAME = "embedded-pydoc-v1"
 EMBEDDED_VOCAB = 2048
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message names the file and what is wrong."""
 
 
 # ---------------------------------------------------------------- reading raw text
@@ -68,7 +58,10 @@ def iter_documents(path: Path) -> Iterator[str]:
                     raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
                 yield record["text"]
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: .parquet input needs pyarrow: pip install 'flash-orchestrator[parquet]'") from None
 
         try:
             table = pq.read_table(path, columns=["text"])
@@ -228,100 +221,3 @@ def embedded_dataset(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-# ---------------------------------------------------------------- reading a dataset
-
-
-@dataclass
-class TokenDataset:
-    path: Path
-    meta: dict
-    tokens: np.ndarray  # memory-mapped, 1-D
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
-
-    def tokenizer(self) -> Tokenizer | None:
-        f = self.meta["tokenizer"].get("file")
-        return Tokenizer.from_file(self.path / f) if f else None
-
-
-def load_dataset(path: str | Path) -> TokenDataset:
-    path = Path(path)
-    meta_path = path / META_FILE
-    if not path.is_dir():
-        raise DataError(f"{path}: data directory not found")
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path}: missing; run 'python -m orchestrator preprocess' to make a dataset")
-    try:
-        meta = json.loads(meta_path.read_text())
-        dtype = np.dtype(meta["dtype"])
-        count, vocab = int(meta["num_tokens"]), int(meta["vocab_size"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{meta_path}: corrupt header ({type(e).__name__}: {e})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-    tokens_path = path / TOKENS_FILE
-    if not tokens_path.is_file():
-        raise DataError(f"{tokens_path}: missing")
-    size = tokens_path.stat().st_size
-    if size == 0 or count <= 1:
-        raise DataError(f"{tokens_path}: empty dataset")
-    if size != count * dtype.itemsize:
-        raise DataError(f"{tokens_path}: {size} bytes, but the header promises {count} {dtype.name} tokens ({count * dtype.itemsize} bytes)")
-    tokens = np.memmap(tokens_path, dtype=dtype, mode="r")
-    # Spot-check ids against the vocab: a mismatched tokenizer or a corrupt file shows here.
-    sample = np.asarray(tokens[:: max(1, count // 4096)])
-    if sample.max() >= vocab:
-        raise DataError(f"{tokens_path}: token id {int(sample.max())} is outside the vocab of {vocab}")
-    return TokenDataset(path, meta, tokens)
-
-
-def num_windows(num_tokens: int, seq_len: int) -> int:
-    return (num_tokens - 1) // seq_len
-
-
-class BatchSampler:
-    """Window ids for each micro-batch, a pure function of (seed, step, micro_step, rank).
-
-    Windows are the non-overlapping ``seq_len + 1`` token spans of the data; each epoch visits
-    them in a fresh permutation seeded by (seed, epoch). One optimizer step consumes
-    ``micro_batch * grad_accum * world_size`` windows, so the data position is the step.
-    ``offset`` shifts it, for a run resumed by a different number of workers than wrote the
-    checkpoint: it continues at the exact window the old run stopped at.
-    """
-
-    def __init__(self, *, seed: int, n_windows: int, micro_batch: int, grad_accum: int, world_size: int,
-                 offset: int = 0):
-        if n_windows <= 0:
-            raise DataError("the data holds no full window")
-        self.seed, self.n_windows = seed, n_windows
-        self.micro_batch, self.grad_accum, self.world_size = micro_batch, grad_accum, world_size
-        self.offset = offset
-        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-
-    @property
-    def samples_per_step(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.n_windows)
-            self._perm_epoch = epoch
-        return self._perm
-
-    def indices(self, step: int, micro_step: int, rank: int) -> np.ndarray:
-        first = self.offset + step * self.samples_per_step + (micro_step * self.world_size + rank) * self.micro_batch
-        out = np.empty(self.micro_batch, dtype=np.int64)
-        for j, g in enumerate(range(first, first + self.micro_batch)):
-            epoch, pos = divmod(g, self.n_windows)
-            out[j] = self._permutation(epoch)[pos]
-        return out
-
-
-def get_batch(tokens: np.ndarray, windows: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs and next-token targets, each (B, T) int64, for the given window ids."""
-    rows = np.stack([np.asarray(tokens[w * seq_len : w * seq_len + seq_len + 1], dtype=np.int64) for w in windows])
-    return rows[:, :-1], rows[:, 1:]

@@ -1,24 +1,23 @@
 """The preflight report: one record per node (facts and verdict), shown as a table, saved as
-``preflight.json`` and ``flash_attention_log.txt``, and reduced to the planner's NodeCapacity list.
+``preflight.json`` and ``flash_attention_log.txt``, which the planner reads (``plan.nodes_from_preflight``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from orchestrator.plan import NodeCapacity
-from orchestrator.preflight.child import ProbeSettings
 from orchestrator.preflight.interconnect import InterconnectReport
+from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.rules import Verdict
+from orchestrator import rundir
+from orchestrator.results import FLASH_LOG_FILE as LOG_FILE, PREFLIGHT_FILE
 from trainer import import_guard, kernel_select
 
-PREFLIGHT_FILE, LOG_FILE = "preflight.json", "flash_attention_log.txt"
 COLUMNS = ("node", "GPUs", "CC", "driver", "CUDA", "GLIBC", "torch", "flash-attn", "probe", "verdict", "reason")
 _REASON_WIDTH = 90
 
@@ -89,20 +88,12 @@ class NodeReport:
 
 
 @dataclass
-class Report:
+class PreflightReport:
     nodes: list[NodeReport]
     settings: ProbeSettings
     notes: list[str] = field(default_factory=list)  # plain statements: no alive nodes, no GPUs
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     interconnect: Optional[InterconnectReport] = None  # the all-reduce checks, once the plan is known
-
-    # ------------------------------------------------------------ for the planner
-
-    def node_capacities(self) -> list[NodeCapacity]:
-        return [NodeCapacity(node_id=n.node_id, cpus=n.cpus, gpus=n.gpus, labels=dict(n.labels),
-                             flash_ok=n.verdict.flash_ok, flash_kernel=n.verdict.flash_kernel,
-                             flash_reason=n.verdict.reason, gpu_memory_bytes=n.smallest_gpu_bytes(),
-                             memory_bytes=(n.facts or {}).get("memory_bytes")) for n in self.nodes]
 
     def flash_nodes(self) -> dict[str, list[str]]:
         """Flash kernel -> the nodes where it will run."""
@@ -187,7 +178,5 @@ class Report:
         json_path, log_path = directory / PREFLIGHT_FILE, directory / LOG_FILE
         for path, text in ((json_path, json.dumps(self.to_json(), indent=2, default=str) + "\n"),
                            (log_path, self.log_text())):
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            rundir.write_text(path, text)
         return json_path, log_path

@@ -1,0 +1,73 @@
+"""The options of ``orchestrator train``, in one table: each field of ``TrainOptions`` carries
+its command-line flag, help text and whether a resumed run takes it from its saved files.
+The CLI's flags (``add_train_args``) and ``--resume``'s check (``SAVED_OPTIONS``) are made
+from it, so a new option is added once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+FRESH_PREFLIGHT_HELP = ("probe every node again instead of reusing its cached result (which is reused only "
+                        "while nothing it depends on has changed)")
+
+
+def _opt(default, flag: Optional[str], help: str, *, metavar: Optional[str] = None, saved: bool = False):
+    """A field with its flag (None: no flag of its own), help, and saved: a resumed run keeps it."""
+    return field(default=default, metadata={"flag": flag, "help": help, "metavar": metavar, "saved": saved})
+
+
+@dataclass(kw_only=True)
+class TrainOptions:
+    """Everything ``orchestrator train`` takes; a script can build one and call ``run.train``."""
+
+    config_file: Optional[str] = _opt(None, "--config-file", "YAML config (default: the built-in small config)",
+                                      metavar="PATH", saved=True)
+    preprocessed_data: Optional[str] = _opt(None, "--preprocessed-data", "token dataset from 'preprocess' "
+                                            "(default: embedded corpus)", metavar="DIR", saved=True)
+    disable_flash_attn: bool = _opt(False, "--disable-flash-attn", "standard attention everywhere; no process "
+                                    "imports flash-attn", saved=True)
+    run_both_models: bool = _opt(False, "--run-both-models", "train the flash and the standard variant side by side",
+                                 saved=True)
+    address: Optional[str] = _opt(None, "--address", "Ray cluster to join (default: start a local Ray, shut it "
+                                  "down after)")
+    output_dir: str = _opt("runs", "--output-dir", "where run directories go (default: ./runs)", saved=True)
+    max_steps: Optional[int] = _opt(None, "--max-steps", "override train.max_steps", saved=True)
+    seed: Optional[int] = _opt(None, "--seed", "override train.seed", saved=True)
+    name: Optional[str] = _opt(None, "--name", "run name (default: run-<date>-<time>, made unique)", saved=True)
+    debug: bool = _opt(False, None, "tracebacks on errors and worker logs on the console (the global --debug)")
+    resume: Optional[str] = _opt(None, "--resume", "continue a stopped run in its directory, with its saved config "
+                                 "and options", metavar="RUN_DIR")
+    # Not saved: probing afresh is this invocation's wish, not a property of the run.
+    fresh_preflight: bool = _opt(False, "--fresh-preflight", FRESH_PREFLIGHT_HELP)
+
+
+FIELDS = dataclasses.fields(TrainOptions)
+
+# Options a resumed run takes from its saved files; giving them again contradicts --resume.
+SAVED_OPTIONS = {f.name: f.metadata["flag"] for f in FIELDS if f.metadata["saved"]}
+_TYPES = {"Optional[int]": int}  # annotations are strings here (from __future__ import annotations)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``train``, one per option that has one."""
+    for f in FIELDS:
+        flag = f.metadata["flag"]
+        if flag is None:
+            continue
+        kw = {"help": f.metadata["help"], "default": f.default}
+        if f.type == "bool":
+            kw["action"] = "store_true"
+        else:
+            kw.update(metavar=f.metadata["metavar"], type=_TYPES.get(f.type, str))
+            if kw["metavar"] is None:
+                del kw["metavar"]
+        p.add_argument(flag, dest=f.name, **kw)
+
+
+def from_args(args: argparse.Namespace) -> TrainOptions:
+    return TrainOptions(**{f.name: getattr(args, f.name) for f in FIELDS})

@@ -1,0 +1,203 @@
+"""The results contract: what a run leaves in its directory for people and scripts.
+
+``summary.json`` is a ``RunSummary``: the run's own facts under ``run`` and one
+``VariantResult`` per variant under ``variants``. Every producer (the worker's record through
+``launch``, the records of skipped and interrupted variants) builds these types, and every
+reader (``report``, ``--resume``, the CLI) reads them, so a field is named in one place. The
+README's field tables are checked against these models (tests/test_results.py).
+
+This module also owns the run directory's file names, the run status -> exit code map and the
+short human summary printed at the end of ``train``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator import rundir
+from orchestrator.errors import EXIT_VARIANT_SKIPPED, RunFailed
+from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE  # written by the worker, which cannot import this
+
+# ---------------------------------------------------------------- the run directory
+
+SUMMARY_FILE = "summary.json"
+PLAN_FILE = "plan.json"
+CONFIG_FILE = "config.yaml"
+OPTIONS_FILE = "options.json"
+REPORT_FILE = "report.md"
+PREFLIGHT_FILE = "preflight.json"
+FLASH_LOG_FILE = "flash_attention_log.txt"
+LOSS_PNG, THROUGHPUT_PNG, MEMORY_PNG = "loss.png", "throughput.png", "memory.png"
+VARIANT_FILES = (METRICS_FILE, ATTEMPTS_FILE)  # inside <run>/<variant>/
+
+# ---------------------------------------------------------------- statuses and exit codes
+
+VariantStatus = Literal["succeeded", "failed", "skipped", "interrupted"]
+RunStatus = Literal["succeeded", "failed", "partial", "interrupted"]
+
+# Exit codes of ``train`` (the CLI's, and what scripts check) by settled run status.
+RUN_STATUS_EXIT = {"succeeded": 0, "failed": RunFailed.exit_code, "partial": EXIT_VARIANT_SKIPPED}
+EXIT_MEANING = {0: "every variant succeeded", RunFailed.exit_code: "a variant failed",
+                EXIT_VARIANT_SKIPPED: "finished, but a requested variant was skipped"}
+
+
+class Record(BaseModel):
+    # Unknown fields are errors: a new field is added here (and in the README) or not at all.
+    model_config = ConfigDict(extra="forbid")
+
+
+class VariantResult(Record):
+    """One variant's outcome: ``summary.json``'s ``variants.<name>``."""
+
+    status: VariantStatus = Field(description="succeeded, failed, skipped (flash works on no node) or interrupted "
+                                              "(SIGINT/SIGTERM; continue with --resume)")
+    attention: str = Field(description="the attention requested: flash or standard")
+    backend: Optional[str] = Field(None, description="the attention kernel that really ran (rank 0)")
+    env: dict[str, str] = Field(default_factory=dict, description="the attention env vars as the workers saw them")
+    reason: Optional[str] = Field(None, description="why a variant was skipped or runs standard attention")
+    error: Optional[str] = Field(None, description="a failed or interrupted variant's error, one line")
+    steps: int = Field(0, description="optimizer steps done")
+    start_step: Optional[int] = Field(None, description="the step this attempt resumed at (0: a fresh start)")
+    restored_from: Optional[str] = Field(None, description="the checkpoint the last attempt resumed from")
+    first_loss: Optional[float] = Field(None, description="the loss of the first logged step")
+    final_loss: Optional[float] = Field(None, description="the loss of the last logged step")
+    step_time_s: Optional[float] = Field(None, description="median seconds per step, steady state")
+    tokens_per_s: Optional[float] = Field(None, description="tokens per second over all workers, steady state")
+    peak_mem_bytes: Optional[int] = Field(None, description="rank 0's peak memory, bytes")
+    peak_mem_kind: Optional[str] = Field(None, description="cuda_max_allocated or cpu_max_rss")
+    num_workers: Optional[int] = Field(None, description="Ray Train workers")
+    use_gpu: Optional[bool] = Field(None, description="one GPU per worker, or CPU workers")
+    restarts: int = Field(0, description="worker-group restarts after failures, over every invocation")
+    dtype: Optional[str] = Field(None, description="float32, or bfloat16 under autocast")
+    compiled: Optional[bool] = Field(None, description="torch.compile was on")
+    params: Optional[int] = Field(None, description="model parameters")
+    flops_per_token: Optional[float] = Field(None, description="training FLOPs per token (for MFU)")
+    tokens_per_step: Optional[int] = Field(None, description="tokens per optimizer step over all workers")
+    workers: list[dict[str, Any]] = Field(default_factory=list, description="per worker: rank, node_id, hostname, "
+                                          "pid, device, kernel, rejected_kernels, preflight_verdict, env, "
+                                          "flash_attn_imports_blocked")
+    timeline: Optional[dict[str, Optional[float]]] = Field(None, description="epoch seconds of worker_start, data, "
+                                                           "attention, model, ready, first_step (the startup "
+                                                           "breakdown)")
+    wall_time_s: Optional[float] = Field(None, description="seconds this invocation spent on the variant")
+    started_at: Optional[float] = Field(None, description="epoch seconds the variant's fit started")
+    ended_at: Optional[float] = Field(None, description="epoch seconds it ended (overlaps show concurrency)")
+    strategy: Optional[Literal["ddp", "fsdp"]] = Field(None, description="ddp (a full model per worker) or fsdp (sharded)")
+    kernel_timings: Optional[dict[str, Any]] = Field(None, description="the attention kernels timed on the worker "
+                                                     "when it chose one")
+    mfu: Optional[float] = Field(None, description="model FLOPs utilisation, steady state (GPU only)")
+    tokens_per_s_per_gpu: Optional[float] = Field(None, description="tokens_per_s divided by the GPUs used")
+    float8: Optional[bool] = Field(None, description="train.float8: fp8 matmuls via torchao")
+    failure_kind: Optional[str] = Field(None, description="a deterministic failure that was not retried "
+                                        "(out_of_memory, no_space or config); null for others")
+
+
+def skipped(attention: str, env: dict[str, str], num_workers: int, use_gpu: bool, reason: Optional[str]) -> VariantResult:
+    """A variant the plan did not run (flash attention works on no node)."""
+    return VariantResult(status="skipped", attention=attention, env=env, num_workers=num_workers, use_gpu=use_gpu,
+                         reason=reason)
+
+
+def not_started(attention: str) -> VariantResult:
+    """A variant the run never reached before it was interrupted: it runs on --resume."""
+    return VariantResult(status="interrupted", attention=attention, error="not started: the run was interrupted")
+
+
+class RunInfo(Record):
+    """The run's own facts: ``summary.json``'s ``run``."""
+
+    name: str = Field(description="the run directory's name")
+    dir: str = Field(description="the run directory, absolute")
+    status: RunStatus = Field(description="succeeded, failed (a variant failed), partial (nothing failed, a "
+                                          "variant was skipped) or interrupted")
+    exit_code: Optional[int] = Field(None, description="the exit code of train (null while interrupted)")
+    mode: Optional[str] = Field(None, description="concurrent or sequential: how the plan ran the variants")
+    ray_address: Optional[str] = Field(None, description="the Ray cluster's address")
+    started: Optional[str] = Field(None, description="local time the run started, ISO 8601")
+    duration_s: Optional[float] = Field(None, description="seconds from start to the summary")
+    data: Optional[str] = Field(None, description="the token dataset, absolute")
+    command: Optional[str] = Field(None, description="the command as typed")
+    versions: dict[str, str] = Field(default_factory=dict, description="python, torch and ray on the driver")
+    startup_s: Optional[dict[str, float]] = Field(None, description="seconds from command to first step by phase: "
+                                                  "ray_start, preflight_and_plan, workers_up, setup, first_step, total; then parts "
+                                                  "of phases: ray_init, probe, data, attention, model_init")
+    resumes: int = Field(0, description="how many times --resume continued the run")
+
+
+def run_status(variants: dict[str, VariantResult]) -> RunStatus:
+    """failed if any variant failed; partial if none failed but one was skipped; else succeeded."""
+    statuses = {r.status for r in variants.values()}
+    if "failed" in statuses:
+        return "failed"
+    return "partial" if "skipped" in statuses else "succeeded"
+
+
+def exit_code(status: str) -> int:
+    """0 every requested variant succeeded; 1 a variant failed; 3 nothing failed but a
+    requested variant was skipped (flash attention works on no node)."""
+    return RUN_STATUS_EXIT[status]
+
+
+def fmt(value: Optional[float], spec: str, missing: str = "n/a", unit: str = "") -> str:
+    """A figure, or ``missing`` where none was measured (a run resumed at its last step trains no step)."""
+    return missing if value is None else f"{value:{spec}}{unit}"
+
+
+def mib(value: Optional[int], missing: str = "n/a") -> str:
+    """Bytes as MiB; 0 or None is unmeasured."""
+    return fmt(value / 2**20 if value else None, ",.0f", missing, " MiB")
+
+
+class RunSummary(Record):
+    """``summary.json``: the results contract."""
+
+    run: RunInfo = Field(description="the run's own facts")
+    variants: dict[str, VariantResult] = Field(description="one record per variant, keyed by its name, in config order")
+
+    def settle(self) -> "RunSummary":
+        """The status and exit code the variants' records give (a finished run)."""
+        self.run.status = run_status(self.variants)
+        self.run.exit_code = exit_code(self.run.status)
+        return self
+
+    def describe(self) -> list[str]:
+        """The short human summary printed at the end of a run."""
+        lines = []
+        for name, r in self.variants.items():
+            if r.status == "succeeded":
+                lines.append(f"  {name}: succeeded, kernel {r.backend}, {r.steps} steps, loss "
+                             f"{fmt(r.first_loss, '.3f')} -> {fmt(r.final_loss, '.3f')}, "
+                             f"{fmt(r.tokens_per_s, '.0f')} tok/s, peak mem {mib(r.peak_mem_bytes)}, "
+                             f"restarts {r.restarts}")
+            elif r.status == "skipped":
+                lines.append(f"  {name}: skipped ({r.reason})")
+            elif r.status == "interrupted":
+                lines.append(f"  {name}: interrupted after {r.steps} steps")
+            else:
+                lines.append(f"  {name}: failed: {r.error}")
+        code = exit_code(self.run.status)
+        lines.append(f"exit code {code}: {EXIT_MEANING[code]}")
+        lines.append(f"run directory: {self.run.dir}")
+        return lines
+
+    def write(self, run_dir: Path) -> None:
+        rundir.write_json(Path(run_dir) / SUMMARY_FILE, self.model_dump(mode="json"))
+
+
+def read_summary(run_dir: Path) -> Optional[RunSummary]:
+    """The summary.json in ``run_dir``, or None where there is none or it is unreadable
+    (a crash cut it short, or an older version wrote it)."""
+    try:
+        return RunSummary.model_validate(json.loads((Path(run_dir) / SUMMARY_FILE).read_text()))
+    except (OSError, ValueError, ValidationError):
+        return None
+
+
+def field_table(model: type[BaseModel]) -> list[str]:
+    """A model's fields as the README's markdown table: name and description."""
+    rows = ["| field | what |", "| --- | --- |"]
+    return rows + [f"| `{name}` | {f.description} |" for name, f in model.model_fields.items()]

@@ -1,0 +1,42 @@
+"""The train options, made from one table: the CLI's flags, the README's flag table and
+--resume's check all follow TrainOptions; and the CLI starts without torch."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator import cli, options, resume
+from orchestrator.errors import UsageError
+from tests.conftest import ROOT
+
+
+def _readme_train_flags() -> set[str]:
+    text = (ROOT / "README.md").read_text()
+    table = text.split("## `train`", 1)[1].split("\n\n", 2)[1]
+    return set(re.findall(r"`(--[a-z-]+)", table))
+
+
+def test_the_readme_lists_every_train_flag():
+    flags = {f.metadata["flag"] for f in options.FIELDS if f.metadata["flag"]}
+    assert _readme_train_flags() == flags
+
+
+def test_parsed_flags_become_the_options_a_script_would_build():
+    args = cli.build_parser().parse_args(["train", "--max-steps", "5", "--run-both-models", "--name", "x"])
+    assert options.from_args(args) == options.TrainOptions(max_steps=5, run_both_models=True, name="x")
+
+
+@pytest.mark.parametrize("flag", options.SAVED_OPTIONS.values())
+def test_resume_refuses_every_saved_option_given_again(flag):
+    args = cli.build_parser().parse_args(["train", "--resume", "r", flag] + ([] if flag in (
+        "--disable-flash-attn", "--run-both-models") else ["7"]))
+    with pytest.raises(UsageError, match=f"--resume contradicts {flag}"):
+        resume.check_flags(options.from_args(args))
+
+
+def test_the_cli_and_its_help_load_without_torch():
+    code = "import sys, orchestrator.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr

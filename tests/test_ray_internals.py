@@ -1,0 +1,63 @@
+"""Ray's private parts that this project relies on (trainer/ray_internals.py), checked against
+the installed Ray without starting it: a Ray upgrade that changes one fails here, by name."""
+
+import inspect
+
+import ray
+from ray.train.v2._internal import constants, exceptions
+from ray.train.v2._internal.execution.controller.controller import TrainController
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+from ray.train.v2.api.exceptions import ControllerError
+
+from trainer import ray_internals
+
+
+def test_the_checkpoint_snapshot_file_is_the_one_ray_train_writes():
+    assert constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == ray_internals.CHECKPOINT_SNAPSHOT_FILE
+
+
+def test_fit_still_hands_the_controller_to_the_sigint_hook_we_override():
+    assert f"self.{ray_internals.SIGINT_HOOK}(controller)" in inspect.getsource(DataParallelTrainer)
+    assert list(inspect.signature(getattr(DataParallelTrainer, ray_internals.SIGINT_HOOK)).parameters) == [
+        "self", "controller"]
+
+
+def test_the_controller_can_still_be_aborted():
+    assert callable(getattr(TrainController, ray_internals.CONTROLLER_ABORT))
+
+
+def test_the_worker_group_start_timeout_is_still_read_from_our_env_var():
+    assert constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR == ray_internals.START_TIMEOUT_ENV
+
+
+def test_placement_failures_still_have_the_names_we_recognise():
+    for name in ray_internals.PLACEMENT_FAILURES:
+        assert issubclass(getattr(exceptions, name), Exception), name
+    assert ray_internals.CONTROLLER_FAILURE_ATTR in inspect.signature(ControllerError).parameters
+
+
+def test_the_auth_token_logger_and_the_session_dir_are_still_where_we_look():
+    import importlib
+
+    importlib.import_module(ray_internals.AUTH_TOKEN_LOGGER)
+    assert hasattr(ray._private.worker, "_global_node")
+    assert callable(ray._private.node.Node.get_session_dir_path)
+
+
+def test_the_controller_is_still_started_from_keyword_arguments_that_take_a_failure_policy():
+    import importlib
+
+    from ray.train.v2._internal.execution.controller.controller import TrainController
+
+    src = inspect.getsource(getattr(DataParallelTrainer, ray_internals.CONTROLLER_START))
+    assert "controller_actor_cls.remote(**controller_init_kwargs)" in src
+    assert "failure_policy" in inspect.signature(TrainController).parameters
+    module = importlib.import_module(ray_internals.FAILURE_HANDLING_MODULE)
+    assert callable(module.DefaultFailurePolicy.make_decision) and module.FailureDecision.RAISE
+
+
+def test_a_local_ray_can_still_be_bound_to_loopback_by_env_var_and_constant():
+    from ray._private import ray_constants
+
+    assert ray_internals.LOOPBACK_ENV in inspect.getsource(ray_constants)
+    assert isinstance(getattr(ray_constants, ray_internals.LOOPBACK_CONSTANT), bool)

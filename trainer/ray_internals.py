@@ -1,0 +1,58 @@
+"""Every private part of Ray this project relies on, in one place.
+
+Ray does not promise to keep these across releases; ``tests/test_ray_internals.py`` checks
+each one against the installed Ray without starting it, so a Ray upgrade that changes one
+fails there, by name, rather than somewhere in a run. Tested with Ray 2.60.
+
+Here rather than in ``orchestrator/``: the worker (``trainer/checkpoint.py``) reads the
+snapshot file too, and ``trainer/`` never imports ``orchestrator/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Ray Train V2's controller writes its list of registered checkpoints here, in the run's
+# storage directory; --resume and the worker's checkpoint choice read it
+# (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).
+CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+# The method DataParallelTrainer.fit calls with the controller actor (main thread only) to
+# install Ray's own SIGINT handler; orchestrator/launch.py overrides it to keep the handle
+# and leave signals to the driver.
+SIGINT_HOOK = "_register_sigint_handler"
+
+# The DataParallelTrainer method that builds the controller actor from keyword arguments;
+# orchestrator/launch.py overrides it to add ``failure_policy`` (no public argument takes one),
+# a subclass of Ray Train's DefaultFailurePolicy (orchestrator/failure_policy.py imports it
+# from FAILURE_HANDLING_MODULE).
+CONTROLLER_START = "_initialize_and_run_controller"
+FAILURE_HANDLING_MODULE = "ray.train.v2._internal.execution.failure_handling"
+
+# The controller actor's method that stops a run gracefully (TrainController.abort).
+CONTROLLER_ABORT = "abort"
+
+# Read by Ray Train's worker group when it waits for its placement group
+# (ray.train.v2._internal.constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR).
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+# TrainingFailedError's attribute holding the controller's exception, and the class names
+# (ray.train.v2._internal.exceptions) that mean the workers could not be placed.
+CONTROLLER_FAILURE_ATTR = "controller_failure"
+PLACEMENT_FAILURES = ("WorkerGroupStartupTimeoutError", "InsufficientClusterResourcesError")
+
+# Read when ray_constants is imported: "0" binds a local Ray to 127.0.0.1 and every process it
+# starts inherits it; a Ray already imported reads ray_constants.ENABLE_RAY_CLUSTER instead
+# (orchestrator/session.py sets both).
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK_CONSTANT = "ENABLE_RAY_CLUSTER"
+
+# The logger that announces token authentication on every local ray.init().
+AUTH_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def local_session_dir() -> Path:
+    """The session directory (logs, sockets) of the Ray this process started with ray.init()."""
+    import ray
+
+    return Path(ray._private.worker._global_node.get_session_dir_path())
