@@ -80,3 +80,19 @@ def test_an_unknown_kernel_is_a_usage_error_listing_the_known_ones():
 
     with pytest.raises(command.UsageError, match="--kernels: unknown fa9; expected all or some of standard"):
         command._kernels("sdpa_cudnn,fa9", torch.device("cpu"))
+
+
+def test_a_kernel_whose_package_is_not_installed_is_unavailable_by_name():
+    import torch
+
+    from orchestrator import config as config_mod
+    from orchestrator.bench import training
+    from trainer import dataset as dataset_mod, preprocess
+
+    cfg = config_mod.validate(command.QUICK, "--quick")
+    dataset = dataset_mod.load_dataset(preprocess.embedded_dataset())
+    rows = training.run(["flash"], [32], model_cfg=cfg.model, train_cfg=cfg.train, tokens=dataset.tokens,
+                        vocab_size=dataset.vocab_size, device=torch.device("cpu"), warmup=1, iters=1,
+                        kernels=["flash_attn_2"])  # no flash_attn package on this machine
+    assert [(r["kernel"], r["status"]) for r in rows] == [("flash_attn_2", "unavailable")]
+    assert "flash_attn" in rows[0]["error"]

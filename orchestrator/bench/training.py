@@ -47,8 +47,12 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
                                          n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads)
             kernel, fn = resolved.kernel, resolved.fn
         else:
-            fn = attention.checked_fn(kernel, device=device, dtype=dtype, head_dim=margs.head_dim,
-                                      n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads)
+            row["kernel"] = kernel
+            try:
+                fn = attention.checked_fn(kernel, device=device, dtype=dtype, head_dim=margs.head_dim,
+                                          n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads)
+            except ImportError as e:  # its package is not installed here: as the kernel table says it
+                return {**row, "status": "unavailable", "error": f"{type(e).__name__}: {e}"}
         row["kernel"] = kernel
         torch.manual_seed(tc.seed)
         model = Transformer(margs, fn).to(device)
