@@ -33,8 +33,6 @@ class ScalingConfig(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(3, ge=-1, description="worker-failure restarts from the last checkpoint; -1 = unbounded")
     keep_checkpoints: int = Field(2, gt=0)
-    # The same field as branch net's (which adds the plan's choice for auto); here auto = ddp.
-    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="ddp: replicate the model; fsdp: shard it")
     label_selector: LabelSelector = Field(default_factory=dict,
                                           description="Ray label selector every variant's workers must match")
     placement_timeout_s: float = Field(60.0, gt=0, description="give up when workers cannot be placed for this long")
