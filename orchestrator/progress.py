@@ -30,13 +30,17 @@ class _Tail:
 
     def __init__(self, path: Path, from_end: bool):
         self.path = path
-        self.offset = path.stat().st_size if from_end and path.is_file() else 0
+        st = path.stat() if path.is_file() else None
+        self.offset = st.st_size if from_end and st else 0
+        self.inode = st.st_ino if st else None
 
     def records(self) -> list[dict]:
         try:
-            size = self.path.stat().st_size
-            if size < self.offset:  # rewritten (a resumed attempt drops the steps it redoes)
-                self.offset = 0
+            st = self.path.stat()
+            # Rewritten: a resumed attempt replaces the file without the steps it redoes (a new
+            # file, so a rewrite that has already grown past the old size is still seen).
+            if st.st_ino != self.inode or st.st_size < self.offset:
+                self.offset, self.inode = 0, st.st_ino
             with self.path.open() as f:
                 f.seek(self.offset)
                 chunk = f.read()

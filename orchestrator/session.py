@@ -125,10 +125,16 @@ def _names(arg: str, session_dir: Path) -> bool:
 
 
 def _session_processes(session_dir: Path) -> list[psutil.Process]:
+    """Processes whose command line names ``session_dir``, and Ray's agents, which retitle
+    themselves (``ray::DashboardAgent``: no arguments left) but write their logs into it."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(_names(a, session_dir) for a in p.info["cmdline"] or []):
+            cmdline = p.info["cmdline"] or []
+            if any(_names(a, session_dir) for a in cmdline):
+                out.append(p)
+            elif cmdline and cmdline[0].startswith("ray::") and any(
+                    _names(f.path, session_dir) for f in p.open_files()):
                 out.append(p)
         except psutil.Error:
             continue

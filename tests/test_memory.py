@@ -107,7 +107,7 @@ fn = attention.resolve(attn, device=cpu, dtype=torch.float32, head_dim=margs.hea
 base = psutil.Process().memory_info().rss  # interpreter, torch, the dataset: the runtime's share
 model = Transformer(margs, fn)
 opt = build_optimizer(model, tc, cpu)
-step = Stepper(model, opt, device=cpu, dtype=torch.float32, grad_accum=1, grad_clip=1.0, compile=False)
+step = Stepper(model, opt, device=cpu, dtype=torch.float32, grad_accum=1, grad_clip=1.0)
 sampler = BatchSampler(seed=0, n_windows=num_windows(len(ds.tokens), 256), micro_batch=16, grad_accum=1, world_size=1)
 for s in range(3):
     step([get_batch(ds.tokens, sampler.indices(s, 0, 0), 256)], 1e-3)

@@ -6,6 +6,7 @@ tensorboardX is the writer: it comes with ray[train] already and needs no Tensor
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -39,7 +40,9 @@ class MetricsWriter:
         self.path = out_dir / METRICS_FILE
         # On resume drop what the lost steps wrote, so the file reads as one clean run.
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)  # a new file: followers (orchestrator/progress.py) see the rewrite
         self._file = self.path.open("a")
         from tensorboardX import SummaryWriter
 
