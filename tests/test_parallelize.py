@@ -29,6 +29,93 @@ def test_fsdp_refuses_a_model_with_a_dimension_smaller_than_the_worker_count():
     parallelize.check_shardable(ARGS, 2)
 
 
+UNTIED_GQA = ModelArgs(vocab_size=96, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_hidden=96, max_seq_len=16,
+                       tie_embeddings=False, activation_checkpointing=True)
+
+
+def _ddp_build(monkeypatch, args: ModelArgs, device: torch.device, seed: int = 7):
+    """The DDP path of ``build`` up to Ray's ``prepare_model`` (which only moves and wraps)."""
+    monkeypatch.setattr(parallelize, "_wrap_ddp", lambda model, device: model)
+    model, raw = parallelize.build(args, _attn, strategy="ddp", device=device, seed=seed, compile=False, world_size=1)
+    assert model is raw
+    return raw
+
+
+def _draws(monkeypatch) -> list[tuple[str, torch.Tensor, torch.Generator | None]]:
+    """Record every init draw: the parameter's name, the tensor filled and the generator used."""
+    seen = []
+    real = Transformer.draw_init
+
+    def spy(self, name, out, generator=None):
+        seen.append((name, out, generator))
+        real(self, name, out, generator)
+
+    monkeypatch.setattr(Transformer, "draw_init", spy)
+    return seen
+
+
+@pytest.mark.parametrize("args", [ARGS, UNTIED_GQA], ids=["tied", "untied-gqa"])
+def test_the_meta_built_model_replays_transformers_own_cpu_init_bit_for_bit(monkeypatch, args):
+    model = _ddp_build(monkeypatch, args, torch.device("cpu"))
+    torch.manual_seed(7)
+    plain = Transformer(args, _attn)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    for name, want in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[name], want), name
+    for buf in ("rope_cos", "rope_sin"):  # not in the state dict: computed for real, not left empty
+        assert torch.equal(getattr(model, buf), getattr(plain, buf)), buf
+    assert (model.output.weight is model.tok_embeddings.weight) == args.tie_embeddings
+    x = torch.arange(24).reshape(2, 12) % args.vocab_size
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+def test_the_init_is_drawn_into_the_parameters_by_a_generator_on_their_device_not_torchs_global_one(monkeypatch):
+    draws = _draws(monkeypatch)
+    before = torch.get_rng_state()
+    model = _ddp_build(monkeypatch, UNTIED_GQA, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before), "the build drew from torch's global CPU generator"
+    params = dict(model.named_parameters())
+    real = [d for d in draws if not d[1].is_meta]  # the constructor's own draws, on meta, cost nothing
+    assert [name for name, _, _ in real] == list(params)
+    for name, out, gen in real:
+        assert out is params[name], f"{name}: drawn into a separate tensor, then copied"
+        assert gen is not None and gen.device == out.device == torch.device("cpu"), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_every_weight_is_drawn_by_a_cuda_generator(monkeypatch):
+    draws = _draws(monkeypatch)
+    before = torch.get_rng_state()
+    model = _ddp_build(monkeypatch, UNTIED_GQA, torch.device("cuda"))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(p.device.type == "cuda" for p in model.parameters()) and model.rope_cos.device.type == "cuda"
+    real = [d for d in draws if not d[1].is_meta]
+    assert real and all(out.device.type == gen.device.type == "cuda" for _, out, gen in real)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    want = torch.empty(model.tok_embeddings.weight.shape, device="cuda").normal_(0.0, 0.02, generator=gen)
+    assert torch.equal(model.tok_embeddings.weight, want)
+
+
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("options,broadcasts", [("ours", 0), ("torch's defaults", 1)])
+def test_ddp_does_not_broadcast_the_rotary_tables_before_every_forward(one_rank_group, monkeypatch, options, broadcasts):
+    torch.manual_seed(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        Transformer(ARGS, _attn), **(parallelize.ddp_options() if options == "ours" else {}))
+    calls = []
+    monkeypatch.setattr(ddp, "_sync_buffers", lambda: calls.append(1))
+    x = torch.arange(24).reshape(2, 12) % ARGS.vocab_size
+    ddp(x, x)[1].backward()
+    assert len(calls) == broadcasts
+
+
 def test_a_disk_too_small_for_a_checkpoint_is_refused_before_writing(tmp_path):
     with pytest.raises(checkpoint.DiskFull, match=r"^\[Errno 28\] no space left on device: checkpoint .*needs about"):
         checkpoint.check_free_space(tmp_path / "checkpoint_00000003", 1 << 60)

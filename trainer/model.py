@@ -130,19 +130,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, attn_fn) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # The weights are a function of the RNG state at entry alone (the submodules' own
-        # default inits are discarded), so a sharded build can replay them shard by shard
-        # (trainer/parallelize.py) and get the same model.
+        # default inits are discarded), so a build on the meta device can replay them with a
+        # generator on the target device (trainer/parallelize.py) and get the same model.
         torch.set_rng_state(rng)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                std = self.init_std(name, p)
-                p.fill_(1.0) if std is None else p.normal_(0.0, std)
+        for name, p in self.named_parameters():
+            self.draw_init(name, p)
 
     def init_std(self, name: str, p: torch.Tensor) -> float | None:
         """The init of parameter ``name``: normal with this std, or None for ones (norm gains).
@@ -153,6 +150,25 @@ class Transformer(nn.Module):
             # GPT-2 style scaled init of the residual projections keeps early activations tame.
             return 0.02 / math.sqrt(2 * self.args.n_layers)
         return 0.02
+
+    @torch.no_grad()
+    def draw_init(self, name: str, out: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Fill ``out`` (parameter ``name`` or a tensor of its full shape) with its init, drawn
+        from ``generator`` (None: torch's default one for ``out``'s device)."""
+        std = self.init_std(name, out)
+        out.fill_(1.0) if std is None else out.normal_(0.0, std, generator=generator)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head (``tie_embeddings``); again after ``to_empty``,
+        which gives each module its own new tensor."""
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def compute_buffers(self) -> None:
+        """The rotary tables, for real: they are in no checkpoint, and a model built on the meta
+        device has none until now (computed on the CPU in float64, then moved)."""
+        cos, sin = rotary_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = idx.shape

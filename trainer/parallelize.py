@@ -5,24 +5,29 @@ and on the root, in that order. Activation checkpointing is the model's own
 (``train.activation_checkpointing``: ``Transformer.forward`` recomputes each block, so it sits
 outside the compiled block and FSDP's unshard hooks run again for the recompute).
 
-Both strategies start from the same weights for the same seed. DDP builds the model on the CPU
-under ``torch.manual_seed(seed)``, as before. FSDP builds it on the meta device (no memory),
-shards it, allocates only the local shards, and then replays the model's own init
-(``Transformer.init_plan``) with the same seeded CPU generator: each parameter is drawn in full,
-one at a time, and each rank keeps its slice. So no process ever holds more than one full
-parameter (the largest, the 8B model's embedding, is 2 GB in fp32), and the weights are those
-of ``Transformer(args)`` under the same seed, bit for bit.
+Both strategies build the model on the meta device (no memory, no init), materialise it on the
+worker's device (``to_empty``) and then replay the model's own init (``Transformer.draw_init``,
+in ``named_parameters()`` order) with a generator on that device seeded with ``seed``: on a GPU
+every weight is drawn by the GPU, none on the CPU. DDP draws straight into its parameters;
+FSDP (sharded first) draws each full parameter, one at a time, keeps its slice and frees the
+rest, so no process holds more than one full parameter besides its shards (the largest, the 8B
+model's embedding, is 2 GB in fp32). Hence for the same seed and device the two strategies start
+from the same weights, bit for bit, on any number of workers; on the CPU those are the weights
+of ``Transformer(args)`` under ``torch.manual_seed(seed)``. (A CUDA generator's numbers depend
+on the GPU model, its count of multiprocessors included: the same seed gives the same weights on
+the same kind of GPU, other weights on another kind or on the CPU.)
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
 
 from trainer import compile_cache
-from trainer.model import AttnFn, ModelArgs, Transformer, rotary_tables
+from trainer.model import AttnFn, ModelArgs, Transformer
 
 Strategy = Literal["ddp", "fsdp"]
 # DDP all-reduce bucket: fewer, larger all-reduces than the 25 MB default (torchtitan's choice).
@@ -78,17 +83,27 @@ def build(args: ModelArgs, attn_fn: AttnFn, *, strategy: Strategy, device: torch
         if init_weights is not None:
             _load_full_state(model, init_weights)
         return model, model
-    torch.manual_seed(seed)  # same seed on every rank and variant: same initial weights
-    raw = Transformer(args, attn_fn)
+    raw = _on_meta(args, attn_fn, device=device, float8=float8)
+    raw.to_empty(device=device)
+    raw.tie_weights()
+    init_replayed(raw, device, seed)
     if init_weights is not None:  # a checkpoint to resume from, if any, replaces these weights later
         raw.load_state_dict(init_weights())
-    if float8:
-        from trainer import float8 as float8_mod
-
-        float8_mod.convert(raw, device)
     if compile:
         compile_blocks(raw)
     return _wrap_ddp(raw, device), raw
+
+
+def _on_meta(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, float8: bool) -> Transformer:
+    """The model's structure without memory or init; float8 swaps its Linear layers first, so
+    the init is replayed into the layers that train."""
+    with torch.device("meta"):
+        model = Transformer(args, attn_fn)
+    if float8:
+        from trainer import float8 as float8_mod
+
+        float8_mod.convert(model, device)
+    return model
 
 
 def _load_full_state(model: nn.Module, full_state: Callable[[], dict]) -> None:
@@ -100,12 +115,22 @@ def _load_full_state(model: nn.Module, full_state: Callable[[], dict]) -> None:
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
+def ddp_options() -> dict:
+    """DistributedDataParallel's arguments: 100 MB buckets, gradients as views of them, and no
+    broadcast of the buffers before every forward: the only buffers are the rotary tables,
+    computed alike on every rank, and the broadcast would be a collective (a wait for the
+    other ranks) at the start of every step. torch 2.13 renamed the switch."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return {"bucket_cap_mb": DDP_BUCKET_MB, "gradient_as_bucket_view": True, **no_sync}
+
+
 def _wrap_ddp(model: Transformer, device: torch.device) -> nn.Module:
     import ray.train.torch  # [ray]
 
     on_gpu = device.type == "cuda"
-    model = ray.train.torch.prepare_model(  # [ray] moves to the device, wraps in DDP when world > 1
-        model, parallel_strategy_kwargs={"bucket_cap_mb": DDP_BUCKET_MB, "gradient_as_bucket_view": True})
+    model = ray.train.torch.prepare_model(  # [ray] a no-op move (built on the device), DDP when world > 1
+        model, parallel_strategy_kwargs=ddp_options())
     if on_gpu and isinstance(model, nn.parallel.DistributedDataParallel):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 
@@ -129,12 +154,7 @@ def _build_fsdp(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, seed:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    with torch.device("meta"):
-        model = Transformer(args, attn_fn)
-    if float8:
-        from trainer import float8 as float8_mod
-
-        float8_mod.convert(model, device)
+    model = _on_meta(args, attn_fn, device=device, float8=float8)
     # Activation checkpointing is the model's own (per block, args.activation_checkpointing).
     if compile:
         compile_blocks(model)
@@ -146,27 +166,27 @@ def _build_fsdp(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, seed:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device=device)
-    init_sharded(model, seed)
+    init_replayed(model, device, seed)
     return model
 
 
 @torch.no_grad()
-def init_sharded(model: Transformer, seed: int) -> None:
-    """Fill the local shards with exactly what ``Transformer(args)`` draws after
-    ``torch.manual_seed(seed)``: the same parameters, order and stds (``Transformer.init_std``)."""
+def init_replayed(model: Transformer, device: torch.device, seed: int) -> None:
+    """Fill a materialised model's parameters (plain or FSDP shards) with exactly what
+    ``Transformer(args)`` draws, the same parameters, order and stds, from a generator on
+    ``device`` seeded with ``seed``; and compute its rotary tables."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
-        std = model.init_std(name, param)
-        full = torch.empty(param.shape, dtype=torch.float32)
-        full.fill_(1.0) if std is None else full.normal_(0.0, std, generator=gen)
         if isinstance(param, DTensor):
-            # Every rank drew the same full tensor: each keeps its slice, no communication.
-            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(full.to_local())
+            # Every rank draws the same full tensor on its device and keeps its slice: no
+            # communication, and the full tensor is freed before the next one is drawn.
+            full = torch.empty(param.shape, dtype=param.dtype, device=device)
+            model.draw_init(name, full, gen)
+            param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements,
+                                                     src_data_rank=None).to_local())
+            del full
         else:
-            param.copy_(full)
-    # Non-persistent buffers are not in any checkpoint: compute them for real.
-    cos, sin = rotary_tables(model.args.head_dim, model.args.max_seq_len, model.args.rope_theta)
-    model.rope_cos, model.rope_sin = cos.to(model.rope_cos.device), sin.to(model.rope_sin.device)
+            model.draw_init(name, param, gen)
+    model.compute_buffers()

@@ -25,7 +25,9 @@ def compile_enabled(tc: TrainConfig, device: torch.device) -> bool:
 
 
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(a)
+    # Contiguous first: a batch is a strided view (inputs and targets share their rows), pinning
+    # keeps the strides, and a strided source is copied again, into pageable memory, for the transfer.
+    t = torch.from_numpy(np.ascontiguousarray(a))
     if device.type == "cuda":
         # A copy from pageable memory makes the host wait for the stream; pinned does not.
         return t.pin_memory().to(device, non_blocking=True)

@@ -3,7 +3,8 @@
 ``--quick`` is a CPU smoke run of every path (CI runs it); the real numbers come from a GPU.
 ``--ray`` also trains the first variant under Ray Train's TorchTrainer to measure Ray's share
 (steady-state tokens/s against the bare process) and the time from command to first step.
-``--workers 1,2`` trains it under TorchTrainer at each worker count (``bench/workers.py``).
+``--workers 1,2`` trains it under TorchTrainer at each worker count (``bench/workers.py``), and
+``--strategies ddp,fsdp`` at each count under each strategy.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _strategies(text: str) -> list[str]:
+    from trainer.memory import STRATEGIES
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in STRATEGIES]
+    if bad or not names:
+        raise UsageError(f"--strategies: unknown {', '.join(bad) or repr(text)}; expected some of {', '.join(STRATEGIES)}")
+    return list(dict.fromkeys(names))
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run of every benchmark path")
     p.add_argument("--config-file", metavar="PATH", help="model/train config (e.g. configs/llama-0.95b.yaml)")
@@ -57,6 +68,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_ints, metavar="N,M",
                    help="also train the first variant under TorchTrainer at each worker count (e.g. 1,2): "
                         "tokens/s, MFU, peak memory per GPU and the scaling ratio")
+    p.add_argument("--strategies", type=_strategies, metavar="S,T",
+                   help="with --workers: run every count under each of these strategies (ddp, fsdp; default: the "
+                        "config's scaling.strategy), scaling per strategy, and fsdp against the best ddp figure")
     p.add_argument("--startup", action="store_true",
                    help="only time command to first step: train cold (empty caches) and warm (again), and the bare "
                         "Ray floor; with --config-file, that config")
@@ -191,6 +205,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = config_mod.validate(QUICK, "--quick") if args.quick else config_mod.load(args.config_file)
     if args.quick and args.config_file:
         raise UsageError("--quick uses its own tiny config; drop --config-file")
+    if args.strategies and not args.workers:
+        raise UsageError("--strategies applies to --workers runs; add --workers (e.g. --workers 1,2)")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in ATTENTIONS]
     if bad:
@@ -237,7 +253,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         every = cfg.train.log_every
         report["workers"] = workers.run(cfg, args.workers, variant=variants[0], output_dir=args.output_dir,
-                                        steps=-(-(warmup + iters) // every) * every)  # whole logging intervals
+                                        steps=-(-(warmup + iters) // every) * every,  # whole logging intervals
+                                        strategies=args.strategies)
+        report["fsdp_vs_ddp"] = workers.fsdp_vs_ddp(report["workers"])
     rundir.write_json(out_dir / "bench.json", report)
     (out_dir / "bench.md").write_text(markdown(report))
     log.info("%s", markdown(report))
