@@ -97,6 +97,24 @@ def test_on_a_gpu_every_weight_is_drawn_by_a_cuda_generator(monkeypatch):
     assert torch.equal(model.tok_embeddings.weight, want)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_fsdp_and_ddp_start_from_the_same_weights(monkeypatch):
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        device = torch.device("cuda")
+        fsdp, _ = parallelize.build(UNTIED_GQA, _attn, strategy="fsdp", device=device, seed=7, compile=False,
+                                    world_size=1)
+        full = {k: v.full_tensor() for k, v in fsdp.state_dict().items()}
+        ddp = _ddp_build(monkeypatch, UNTIED_GQA, device)
+        assert full.keys() == ddp.state_dict().keys()
+        for name, want in ddp.state_dict().items():
+            assert torch.equal(full[name], want), name
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture
 def one_rank_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
