@@ -33,10 +33,11 @@ UNTIED_GQA = ModelArgs(vocab_size=96, dim=64, n_layers=2, n_heads=8, n_kv_heads=
                        tie_embeddings=False, activation_checkpointing=True)
 
 
-def _ddp_build(monkeypatch, args: ModelArgs, device: torch.device, seed: int = 7):
+def _ddp_build(monkeypatch, args: ModelArgs, device: torch.device, seed: int = 7, float8: bool = False):
     """The DDP path of ``build`` up to Ray's ``prepare_model`` (which only moves and wraps)."""
     monkeypatch.setattr(parallelize, "_wrap_ddp", lambda model, device: model)
-    model, raw = parallelize.build(args, _attn, strategy="ddp", device=device, seed=seed, compile=False, world_size=1)
+    model, raw = parallelize.build(args, _attn, strategy="ddp", device=device, seed=seed, compile=False, world_size=1,
+                                   float8=float8)
     assert model is raw
     return raw
 
@@ -113,6 +114,24 @@ def test_on_a_gpu_fsdp_and_ddp_start_from_the_same_weights(monkeypatch):
             assert torch.equal(full[name], want), name
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a GPU with fp8 (compute capability 8.9+)")
+def test_float8_layers_are_converted_on_meta_and_get_the_same_replayed_init(monkeypatch):
+    pytest.importorskip("torchao")
+    device = torch.device("cuda")
+    plain = _ddp_build(monkeypatch, UNTIED_GQA, device)
+    f8 = _ddp_build(monkeypatch, UNTIED_GQA, device, float8=True)
+    assert sum(type(m).__name__ == "Float8Linear" for m in f8.modules()) == 7 * UNTIED_GQA.n_layers
+    for (name, p), q in zip(f8.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    x = torch.arange(32, device=device).reshape(2, 16) % UNTIED_GQA.vocab_size
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = f8(x, x)[1]
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in f8.parameters())
 
 
 @pytest.fixture
