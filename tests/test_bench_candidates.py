@@ -108,3 +108,24 @@ def test_the_float8_check_on_cpu_trains_bf16_and_reports_float8s_refusal():
     assert report["verdict"] == "not measured" and report["seed_spread"] is not None
     md = "\n".join(float8_check.markdown(report))
     assert "float8 check after 4 steps: not measured (float8: error ValueError: train.float8: true" in md
+
+
+@pytest.mark.ray  # a CLI subprocess
+def test_bench_quick_with_a_sweep_and_the_float8_check_writes_both_sections(tmp_path, cli_env):
+    import json
+
+    from tests.conftest import run_cli
+
+    out = run_cli(["bench", "--quick", "--skip-kernels", "--variants", "flash", "--sweep", "train.loss_impl=chunked",
+                   "--float8-check", "--steps", "3", "--output-dir", str(tmp_path)], cli_env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    [bench_dir] = tmp_path.glob("bench-*")
+    report = json.loads((bench_dir / "bench.json").read_text())
+    assert [(r["candidate"], r["status"]) for r in report["sweep"]] == [("baseline", "ok"),
+                                                                        ("train.loss_impl=chunked", "ok")]
+    assert "training" not in report and "partial" not in report
+    check = report["float8_check"]
+    assert check["verdict"] == "not measured" and len(check["runs"]["bf16"]["losses"]) == 3
+    md = (bench_dir / "bench.md").read_text()
+    assert "## Candidates against the baseline" in md and "## float8 against bf16" in md
+    assert "float8 check after 3 steps: not measured" in md

@@ -61,3 +61,27 @@ def test_float8_converts_with_the_recorded_recipe_on_hopper():
     assert "Float8Linear" in converted and type(model.output).__name__ == "Linear"
     cfg = model.layers[0].attn.wq.config
     assert cfg.cast_config_weight.scaling_granularity.value == float8.RECIPE
+
+
+@pytest.mark.parametrize("impl", ["chunked", "liger"])
+def test_a_compiled_bf16_bench_step_with_the_fused_loss_starts_at_the_standard_loss(impl):
+    from orchestrator import config as config_mod
+    from orchestrator.bench import training
+    from trainer import dataset as dataset_mod, preprocess
+
+    if impl == "liger" and loss.liger_problem(torch.device("cuda")):
+        pytest.skip(loss.liger_problem(torch.device("cuda")))
+    cfg = config_mod.validate({"model": {"dim": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                                         "vocab_size": 32000, "tie_embeddings": False},
+                               "train": {"seq_len": 256, "micro_batch_size": 4, "dtype": "bf16", "compile": True}},
+                              "gpu test")
+    data = dataset_mod.load_dataset(preprocess.embedded_dataset())
+    rows = {}
+    for name in ("standard", impl):
+        tc = cfg.train.model_copy(update={"loss_impl": name})
+        rows[name] = training.bench_variant("flash", model_cfg=cfg.model, train_cfg=tc, tokens=data.tokens,
+                                            vocab_size=data.vocab_size, device=torch.device("cuda"), warmup=1,
+                                            iters=3)
+    assert rows[impl]["status"] == "ok", rows[impl].get("error")
+    assert rows[impl]["loss_impl"] == impl and rows[impl]["loss_finite"]
+    assert rows[impl]["first_loss"] == pytest.approx(rows["standard"]["first_loss"], rel=1e-2)
