@@ -92,6 +92,11 @@ class VariantResult(Record):
     mfu: Optional[float] = Field(None, description="model FLOPs utilisation, steady state (GPU only)")
     tokens_per_s_per_gpu: Optional[float] = Field(None, description="tokens_per_s divided by the GPUs used")
     float8: Optional[bool] = Field(None, description="train.float8: fp8 matmuls via torchao")
+    float8_recipe: Optional[str] = Field(None, description="torchao's float8 recipe that ran (tensorwise); null "
+                                         "without float8")
+    loss_impl: Optional[str] = Field(None, description="the head + cross-entropy that ran: standard, chunked or liger")
+    compile_mode: Optional[str] = Field(None, description="Inductor's mode of the compiled blocks; null when not "
+                                        "compiled")
     failure_kind: Optional[str] = Field(None, description="a deterministic failure that was not retried "
                                         "(out_of_memory, no_space or config); null for others")
 

@@ -46,6 +46,9 @@ def test_ratios_pair_variants_at_the_same_length_only():
     (["--variants", "flash,fast"], "--variants: unknown fast"),
     (["--seq-lens", "12,x"], "expected comma-separated integers"),
     (["--quick", "--config-file", "c.yaml"], "--quick uses its own tiny config"),
+    (["--quick", "--sweep", "train.loss_impl=fast"], "--sweep 'train.loss_impl=fast': train.loss_impl: Input should be"),
+    (["--quick", "--sweep", "loss_impl=chunked"], "expected comma-separated SECTION.KEY=VALUE"),
+    (["--quick", "--float8-check", "--steps", "1"], "--steps (1) must exceed --warmup (1)"),
 ])
 def test_bad_bench_flags_are_usage_errors(tmp_path, cli_env, args, message):
     out = run_cli(["bench", *args, "--output-dir", str(tmp_path)], cli_env, tmp_path, timeout=60)

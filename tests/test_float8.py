@@ -60,3 +60,17 @@ def test_train_with_float8_on_cpu_exits_2_with_one_line_naming_train_float8(tmp_
     assert out.returncode == 2, out.stderr
     [line] = [l for l in out.stderr.splitlines() if "train.float8" in l]
     assert "needs NVIDIA GPUs" in line and not (tmp_path / "runs").exists()
+
+
+def test_convert_swaps_every_linear_but_the_head_with_the_recorded_recipe(monkeypatch):
+    pytest.importorskip("torchao")
+    monkeypatch.setattr(float8, "refusal", lambda use_gpu, caps: None)  # the swap itself runs no fp8 matmul
+    model = Transformer(ModelArgs(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                                  max_seq_len=16, tie_embeddings=False), lambda q, k, v: q)
+    float8.convert(model, torch.device("cpu"))
+    kinds = {fqn: type(m).__name__ for fqn, m in model.named_modules() if "Linear" in type(m).__name__}
+    assert kinds.pop("output") == "Linear"
+    assert len(kinds) == 2 * 7 and set(kinds.values()) == {"Float8Linear"}
+    assert float8.RECIPE == "tensorwise"
+    granularity = model.layers[1].mlp.w2.config.cast_config_grad_output.scaling_granularity
+    assert granularity.value == float8.RECIPE

@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
+from trainer.loss import LossImpl
 from trainer.model import ModelArgs
 
 # The attentions a variant can ask for; trainer/attention.py resolves each to a kernel.
@@ -45,7 +46,8 @@ class ModelConfig(Strict):
             raise ValueError(f"head dim dim/n_heads ({self.dim // self.n_heads}) must be even for rotary embeddings")
         return self
 
-    def args(self, *, vocab_size: int, max_seq_len: int, activation_checkpointing: bool = False) -> ModelArgs:
+    def args(self, *, vocab_size: int, max_seq_len: int, activation_checkpointing: bool = False,
+             loss_impl: str = "standard") -> ModelArgs:
         ffn = self.ffn_hidden or 64 * ((int(8 * self.dim / 3) + 63) // 64)
         return ModelArgs(
             vocab_size=self.vocab_size or vocab_size,
@@ -59,6 +61,7 @@ class ModelConfig(Strict):
             norm_eps=self.norm_eps,
             tie_embeddings=self.tie_embeddings,
             activation_checkpointing=activation_checkpointing,
+            loss_impl=loss_impl,
         )
 
 
@@ -91,6 +94,12 @@ class TrainConfig(Strict):
     activation_checkpointing: StrictBool = False
     float8: StrictBool = Field(False, description="fp8 matmuls via torchao (GPUs of compute capability 8.9+; "
                                                   "pip install 'flash-orchestrator[float8]')")
+    loss_impl: LossImpl = Field("standard", description="the output head + cross-entropy: standard (full logits), "
+                                "chunked (plain PyTorch, chunk by chunk, no full logits kept) or liger "
+                                "(liger-kernel's fused kernel; CUDA, pip install liger-kernel)")
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="Inductor's mode for the compiled blocks (with train.compile); max-autotune-no-cudagraphs "
+                               "times matmul and kernel configs at the first compile")
     fault: Optional[FaultConfig] = Field(None, description="test hook: kill one rank at one step, once")
 
     @model_validator(mode="after")

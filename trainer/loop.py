@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from trainer import (attention, checkpoint, driver_watch, failures, hf_checkpoint, import_guard, kernel_select,
-                     parallelize, timing, verified_kernel)
+from trainer import (attention, checkpoint, compile_mode, driver_watch, failures, hf_checkpoint, import_guard,
+                     kernel_select, loss, parallelize, timing, verified_kernel)
 from trainer.config import ModelConfig, TrainConfig
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
@@ -99,8 +99,11 @@ def train_loop_per_worker(config: dict) -> dict:
     dataset = load_dataset(spec.data_path)
     t_data = time.time()
     margs = spec.model.args(vocab_size=dataset.vocab_size, max_seq_len=tc.seq_len,
-                            activation_checkpointing=tc.activation_checkpointing)
+                            activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
+    loss.check(tc.loss_impl, device)  # liger on a CPU worker, or not installed: a config error naming the key
     use_compile = compile_enabled(tc, device)
+    if use_compile:
+        compile_mode.set_mode(tc.compile_mode)  # before the first step, where the blocks compile
     shape = kernel_select.Shape(seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, n_heads=margs.n_heads,
                                 n_kv_heads=margs.n_kv_heads, head_dim=margs.head_dim,
                                 dtype=str(dtype).removeprefix("torch."), compile=use_compile)

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from trainer import loss as loss_mod
+
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -31,6 +33,7 @@ class ModelArgs:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
+    loss_impl: str = "standard"  # the head + cross-entropy: standard, chunked or liger (trainer/loss.py)
 
     @property
     def head_dim(self) -> int:
@@ -181,8 +184,8 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-        logits = self.output(self.norm(x))  # (B, T, vocab)
+        h = self.norm(x)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+            return self.output(h)  # (B, T, vocab)
+        # (logits, loss); the fused loss_impls never form the logits and return (None, loss).
+        return loss_mod.linear_cross_entropy(self.args.loss_impl, h, self.output, targets)

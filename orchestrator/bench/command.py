@@ -64,6 +64,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=10, help="timed steps; the median is reported")
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=VALUE[,...]",
+                   help="train the first variant once with the config as it is (the baseline), then once per "
+                        "--sweep with these overrides (repeatable; e.g. --sweep train.loss_impl=chunked --sweep "
+                        "'train.micro_batch_size=8,train.loss_impl=chunked'): tokens/s, MFU, peak memory and the "
+                        "change against the baseline; replaces the per-variant training rows")
+    p.add_argument("--float8-check", action="store_true",
+                   help="train the first variant in bf16, in float8 and in bf16 at seed+1 for --steps steps each "
+                        "(same data and seed): tokens/s, their ratio, the loss of each and a pass/fail line")
+    p.add_argument("--steps", type=int, default=200, help="steps per run of --float8-check (default 200)")
+    p.add_argument("--loss-tolerance", type=float, default=None,
+                   help="--float8-check: allowed |float8 - bf16| / bf16 loss (default 0.02)")
     p.add_argument("--ray", action="store_true", help="also train under TorchTrainer and compare with the bare loop")
     p.add_argument("--workers", type=_ints, metavar="N,M",
                    help="also train the first variant under TorchTrainer at each worker count (e.g. 1,2): "
@@ -120,6 +131,15 @@ def markdown(report: dict) -> str:
         fastest = report.get("fastest_kernel") or {}
         if fastest:
             lines += ["fastest: " + ", ".join(f"seq {k}: {v}" for k, v in fastest.items()), ""]
+    if report.get("sweep"):
+        from orchestrator.bench import sweep
+
+        lines += ["## Candidates against the baseline (bare process, one variant)", "",
+                  *sweep.markdown(report["sweep"]), ""]
+    if report.get("float8_check"):
+        from orchestrator.bench import float8_check
+
+        lines += ["## float8 against bf16", "", *float8_check.markdown(report["float8_check"]), ""]
     if report.get("ray"):
         r = report["ray"]
         lines += ["## Under Ray Train", "",
@@ -149,6 +169,19 @@ def _kernels(text: str | None, device: torch.device) -> list[str] | None:
         what = ", ".join(bad) or repr(text)
         raise UsageError(f"--kernels: unknown {what}; expected all or some of {', '.join(attention.KERNELS)}")
     return names
+
+
+def _package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Installed versions of the packages the training candidates use (None: not installed)."""
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def fastest_by_seq(rows: list[dict]) -> dict[int, str]:
@@ -214,6 +247,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     seq_lens = args.seq_lens or ([32, 64] if args.quick else [cfg.train.seq_len])
     kernel_seq_lens = args.kernel_seq_lens or seq_lens
     warmup, iters = (1, 2) if args.quick else (args.warmup, args.iters)
+    if args.sweep:
+        from orchestrator.bench import sweep
+
+        sweep.configs(cfg, args.sweep)  # every override checked before anything runs
+    if args.float8_check and args.steps <= warmup:
+        raise UsageError(f"--steps ({args.steps}) must exceed --warmup ({warmup})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_kernels = _kernels(args.kernels, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -221,7 +260,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(["python -m orchestrator", *sys.argv[1:]]),
         "environment": {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-                        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+                        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+                        "packages": _package_versions(("torchao", "liger-kernel", "triton", "flash-attn-4"))},
         "config": cfg.model_dump(mode="json"),
     }
     m = cfg.model
@@ -237,7 +277,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                         head_dim=m.dim // m.n_heads, device=device, dtype=dtype, iters=iters,
                                         on_row=save_partial("kernels"))
     dataset = dataset_mod.load_dataset(cfg.data.path or preprocess.embedded_dataset())
-    if not args.skip_training:
+    if args.sweep:
+        report["sweep"] = sweep.run(cfg, args.sweep, variant=variants[0], tokens=dataset.tokens,
+                                    vocab_size=dataset.vocab_size, device=device, warmup=warmup, iters=iters,
+                                    on_row=save_partial("sweep"))
+    if args.float8_check:
+        from orchestrator.bench import float8_check
+
+        report["float8_check"] = float8_check.run(
+            cfg, variant=variants[0], tokens=dataset.tokens, vocab_size=dataset.vocab_size, device=device,
+            steps=args.steps, warmup=warmup,
+            tolerance=float8_check.TOLERANCE if args.loss_tolerance is None else args.loss_tolerance,
+            on_row=lambda rows: save_partial("float8_check")({"runs": rows}))
+    if not args.skip_training and not args.sweep and not args.float8_check:
         key = "training_by_kernel" if train_kernels else "training"
         report[key] = training.run(variants, seq_lens, model_cfg=m, train_cfg=cfg.train, tokens=dataset.tokens,
                                    vocab_size=dataset.vocab_size, device=device, warmup=warmup, iters=iters,

@@ -13,12 +13,11 @@ import logging
 import numpy as np
 import torch
 
-from trainer import timing
-from trainer import attention, float8
+from trainer import attention, compile_mode, float8, loss, timing
 from trainer.config import ModelConfig, TrainConfig
 from trainer.dataset import BatchSampler, get_batch, num_windows
 from trainer.model import Transformer
-from trainer.optim import build_optimizer
+from trainer.optim import build_optimizer, lr_at
 from trainer.parallelize import compile_blocks
 from trainer.step import Stepper, compile_enabled, training_dtype
 
@@ -26,16 +25,24 @@ log = logging.getLogger(__name__)
 
 
 def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, tokens: np.ndarray,
-                  vocab_size: int, device: torch.device, warmup: int, iters: int, kernel: str | None = None) -> dict:
+                  vocab_size: int, device: torch.device, warmup: int, iters: int, kernel: str | None = None,
+                  schedule: bool = False, keep_losses: bool = False) -> dict:
     """Train ``warmup + iters`` steps of one variant; time the last ``iters`` (median step).
-    ``kernel`` forces one attention kernel (after its check) instead of resolving ``attn``."""
+    ``kernel`` forces one attention kernel (after its check) instead of resolving ``attn``.
+    ``schedule``: the run's warmup + cosine learning rate over ``warmup + iters`` steps (else
+    the peak lr throughout); ``keep_losses``: every step's loss in the row (``losses``)."""
     tc = train_cfg
     dtype = training_dtype(tc, device)
+    compiled = compile_enabled(tc, device)
     margs = model_cfg.args(vocab_size=vocab_size, max_seq_len=tc.seq_len,
-                           activation_checkpointing=tc.activation_checkpointing)
+                           activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
     row = {"variant": attn, "seq_len": tc.seq_len, "micro_batch": tc.micro_batch_size,
-           "grad_accum": tc.grad_accum_steps, "compile": compile_enabled(tc, device),
-           "activation_checkpointing": tc.activation_checkpointing, "dtype": str(dtype).removeprefix("torch.")}
+           "grad_accum": tc.grad_accum_steps, "compile": compiled,
+           "activation_checkpointing": tc.activation_checkpointing, "dtype": str(dtype).removeprefix("torch."),
+           "loss_impl": tc.loss_impl, "compile_mode": tc.compile_mode if compiled else None,
+           "float8": tc.float8, "float8_recipe": float8.RECIPE if tc.float8 else None}
+    if schedule:
+        tc = tc.model_copy(update={"max_steps": warmup + iters})
     model = optimizer = stepper = None
     try:
         # A fresh compile per variant: cached graphs of another model would be recompiled
@@ -54,12 +61,13 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             except ImportError as e:  # its package is not installed here: as the kernel table says it
                 return {**row, "status": "unavailable", "error": f"{type(e).__name__}: {e}"}
         row["kernel"] = kernel
+        loss.check(tc.loss_impl, device)
         torch.manual_seed(tc.seed)
         model = Transformer(margs, fn).to(device)
         if tc.float8:
             float8.convert(model, device)
         optimizer = build_optimizer(model, tc, device)
-        if compile_enabled(tc, device):
+        if compiled:
             compile_blocks(model)
         stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
                           grad_clip=tc.grad_clip)
@@ -71,10 +79,11 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         def one_step():
             s = next(step_no)
             batches = [get_batch(tokens, sampler.indices(s, m, 0), tc.seq_len) for m in range(tc.grad_accum_steps)]
-            loss, _ = stepper(batches, tc.lr)
-            losses.append(loss)
+            step_loss, _ = stepper(batches, lr_at(s, tc) if schedule else tc.lr)
+            losses.append(step_loss)
 
-        times = timing.time_runs(one_step, device, warmup=warmup, iters=iters)
+        with compile_mode.using(tc.compile_mode if compiled else "default"):  # the blocks compile at step 1
+            times = timing.time_runs(one_step, device, warmup=warmup, iters=iters)
         loss_values = [float(x) for x in losses]
     except Exception as e:
         if timing.is_oom(e):
@@ -94,7 +103,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             "tflops": flops * tps / 1e12, "mfu": timing.mfu(flops, tps, peak),
             "peak_mem_bytes": timing.peak_memory(device), "params": margs.non_embedding_params(),
             "first_loss": loss_values[0], "last_loss": loss_values[-1],
-            "loss_finite": bool(np.isfinite(loss_values).all())}
+            "loss_finite": bool(np.isfinite(loss_values).all()), **({"losses": loss_values} if keep_losses else {})}
 
 
 def run(variants: list[str], seq_lens: list[int], *, model_cfg: ModelConfig, train_cfg: TrainConfig,
