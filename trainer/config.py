@@ -87,7 +87,10 @@ class TrainConfig(Strict):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
     seed: int = Field(1337, ge=0)
-    checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (and at the end)")
+    checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (and at the end, see checkpoint_at_end)")
+    checkpoint_at_end: StrictBool = Field(True, description="also save at the last step when it is not a multiple of "
+                                          "checkpoint_every; false for benchmark runs of large models, whose final "
+                                          "checkpoint (16 bytes per parameter: ~128 GB for 8B) costs minutes and disk")
     log_every: int = Field(1, gt=0)
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     compile: Union[Literal["auto"], StrictBool] = Field("auto", description="torch.compile; auto: on for GPU")

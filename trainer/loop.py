@@ -207,7 +207,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 if writer:
                     writer.write(record)
 
-            if done % tc.checkpoint_every == 0 or done == tc.max_steps:
+            if done % tc.checkpoint_every == 0 or (done == tc.max_steps and tc.checkpoint_at_end):
                 progress = {"step": done, "first_loss": first_loss, "samples_consumed": sampler.offset + done * sampler.samples_per_step,
                             "world_size": world, "variant": spec.variant, "strategy": spec.strategy, "record": record}
                 last_checkpoint = save(done, progress, {"step": done, "loss": record.get("loss")}) or last_checkpoint
