@@ -38,7 +38,9 @@ def compare(summary: dict, titan: dict, variant: str | None = None) -> dict:
     gpus = ours.get("num_workers")
     row_ours = {
         "stack": f"flash-orchestrator ({name})", "status": ours.get("status"), "gpus": gpus,
-        "tokens_per_s": ours.get("tokens_per_s"), "tokens_per_s_per_gpu": ours.get("tokens_per_s_per_gpu"),
+        "tokens_per_s": ours.get("tokens_per_s"),
+        "tokens_per_s_per_gpu": ours.get("tokens_per_s_per_gpu")
+        or (ours["tokens_per_s"] / gpus if ours.get("tokens_per_s") and gpus else None),
         "step_time_s": ours.get("step_time_s"), "mfu": ours.get("mfu"),
         "peak_memory_gib": (ours["peak_mem_bytes"] / GIB) if ours.get("peak_mem_bytes") else None,
         "peak_memory_kind": ours.get("peak_mem_kind"), "steps": ours.get("steps"),
@@ -74,7 +76,7 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['stack']} | {r['gpus']} | {f(r['tokens_per_s'], ',.0f')} | "
                      f"{f(r['tokens_per_s_per_gpu'], ',.0f')} | {f(r['step_time_s'], '.3f')} | "
-                     f"{f(r['mfu'] * 100 if r['mfu'] else None, '.1f')}% | "
+                     f"{f(r['mfu'] * 100 if r['mfu'] else None, '.1f')}{'%' if r['mfu'] else ''} | "
                      f"{f(r['peak_memory_gib'], '.1f')} ({r['peak_memory_kind']}) |")
     ratio = result["ratio"]
     lines.append(f"\nours / torchtitan: {ratio:.3f}x (goal >= 1.0x: {'met' if result['met'] else 'NOT met'})"

@@ -4,7 +4,8 @@ torchtitan picks its device once at import (``tools/utils.py``:
 ``_get_available_device_type() or "cuda"``), so on a machine without a GPU it asks for CUDA and
 stops at ``torch.cuda.set_device``. Here the detection says "cpu" before torchtitan is imported,
 which makes its process group gloo (``Backend.default_device_backend_map["cpu"]``); its
-memory monitor, which reads CUDA's allocator, reports zeros; and FSDP2 reduces gradients with a
+memory monitor, which reads CUDA's allocator, reports zeros; its post-step-1 barrier gets device
+index 0 (``torch.cpu.current_device()`` is the string "cpu"); and FSDP2 reduces gradients with a
 plain SUM, since torchtitan's divide factor of 1 becomes a PREMUL_SUM, which gloo lacks (NCCL
 has it): the same sums either way.
 """
@@ -50,6 +51,22 @@ def disable_division_with_sum(model):
 
 
 parallelize.disable_fsdp_gradient_division = disable_division_with_sum
+
+from torchtitan.distributed import utils as dist_utils  # noqa: E402
+
+
+class CpuDeviceModule:
+    """torch.cpu, with the integer device index that ``barrier(device_ids=...)`` takes."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cpu, name)
+
+    @staticmethod
+    def current_device() -> int:
+        return 0
+
+
+dist_utils.device_module = CpuDeviceModule()
 
 from torchtitan.train import Trainer, main  # noqa: E402
 

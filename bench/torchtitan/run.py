@@ -147,13 +147,15 @@ def error_of(text: str) -> str | None:
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "torchtitan", "torchdata", "datasets", "tyro"):
-        try:
-            from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("torchtitan", "torchdata", "datasets", "tyro", "fsspec"):
+        try:
             out[name] = version(name)
-        except Exception:
+        except PackageNotFoundError:
             out[name] = "not installed"
     return out
 
