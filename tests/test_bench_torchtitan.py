@@ -67,6 +67,7 @@ def test_torchtitan_gets_the_8b_yaml_training_settings():
     assert opts["--training.mixed_precision_param"] == "bfloat16"
     assert opts["--activation_checkpoint.mode"] == "full"
     assert opts["--metrics.log_freq"] == "10"
+    assert float(opts["--lr_scheduler.min_lr_factor"]) == pytest.approx(0.1)
     assert "--compile.enable" in args and "--compile.no-enable" not in args
 
 
@@ -166,3 +167,10 @@ def test_torchtitan_builds_the_8b_flavor_with_exactly_our_parameter_shapes(monke
     assert shapes["layers.0.attention.wk.weight"] == (8 * 128, 4096)
     assert len(model.layers) == 32
     assert sum(p.numel() for p in model.parameters()) == 8_030_261_248
+
+
+def test_the_launchers_defaults_are_our_train_configs():
+    from trainer.config import TrainConfig
+
+    ours = TrainConfig()
+    assert {k: getattr(ours, k) for k in run.TRAIN_DEFAULTS} == run.TRAIN_DEFAULTS

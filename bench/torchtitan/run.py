@@ -32,28 +32,40 @@ TOML = HERE / "llama3_8b.toml"
 OUTPUT_NAME = "titan.json"
 
 
+# trainer/config.py TrainConfig's defaults for what a YAML may leave out (a test keeps them equal);
+# read here without pydantic, which torchtitan's processes need not have.
+TRAIN_DEFAULTS = {"seq_len": 128, "micro_batch_size": 8, "grad_accum_steps": 1, "lr": 3e-3, "min_lr": 3e-4,
+                  "warmup_steps": 10, "log_every": 1, "dtype": "auto", "compile": "auto",
+                  "activation_checkpointing": False, "float8": False}
+
+
+def train_settings(cfg: dict) -> dict:
+    return {**TRAIN_DEFAULTS, **(cfg.get("train") or {})}
+
+
 def titan_overrides(cfg: dict, *, steps: int, nproc: int, cpu: bool = False) -> list[str]:
     """torchtitan CLI overrides that give it our YAML's training settings. On CPU the parameters
     stay fp32, as ours do there: gloo lacks the PREMUL_SUM that FSDP2's bf16 reduction uses."""
-    train = cfg.get("train") or {}
-    micro = int(train.get("micro_batch_size", 1))
-    accum = int(train.get("grad_accum_steps", 1))
-    dtype = train.get("dtype", "bf16")
-    if dtype not in ("bf16", "fp32"):
-        raise ValueError(f"train.dtype {dtype!r}: the comparison knows bf16 and fp32")
-    if train.get("float8"):
+    t = train_settings(cfg)
+    micro, accum = int(t["micro_batch_size"]), int(t["grad_accum_steps"])
+    if t["dtype"] not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.dtype {t['dtype']!r}: expected auto, bf16 or fp32")
+    if t["float8"]:
         raise ValueError("train.float8: the comparison runs torchtitan without float8")
+    bf16 = t["dtype"] == "bf16" or (t["dtype"] == "auto" and not cpu)
+    compile_on = (not cpu) if t["compile"] == "auto" else bool(t["compile"])
     return [
         "--training.steps", str(steps),
-        "--training.seq_len", str(int(train.get("seq_len", 4096))),
+        "--training.seq_len", str(int(t["seq_len"])),
         "--training.local_batch_size", str(micro),
         "--training.global_batch_size", str(micro * accum * nproc),
-        "--training.mixed_precision_param", "bfloat16" if dtype == "bf16" and not cpu else "float32",
-        "--optimizer.lr", str(float(train.get("lr", 3e-4))),
-        "--lr_scheduler.warmup_steps", str(int(train.get("warmup_steps", 10))),
-        "--metrics.log_freq", str(int(train.get("log_every", 10))),
-        "--activation_checkpoint.mode", "full" if train.get("activation_checkpointing") else "none",
-        "--compile.enable" if train.get("compile", True) else "--compile.no-enable",
+        "--training.mixed_precision_param", "bfloat16" if bf16 and not cpu else "float32",
+        "--optimizer.lr", str(float(t["lr"])),
+        "--lr_scheduler.warmup_steps", str(int(t["warmup_steps"])),
+        "--lr_scheduler.min_lr_factor", str(float(t["min_lr"]) / float(t["lr"])),
+        "--metrics.log_freq", str(int(t["log_every"])),
+        "--activation_checkpoint.mode", "full" if t["activation_checkpointing"] else "none",
+        "--compile.enable" if compile_on else "--compile.no-enable",
     ]
 
 
@@ -178,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = shape.load(a.config_file)
     model = shape.model_section(a.config_file)
-    train = cfg.get("train") or {}
+    train = train_settings(cfg)
     tokenizer, data = assets.build(out / "assets")
     cmd = command(config_file=a.config_file, out=out, tokenizer=tokenizer, data=data, steps=a.steps,
                   nproc=nproc, cpu=a.cpu, extra=a.extra)
@@ -186,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     rc, text = run_logged(cmd, environment(a.config_file, out, a.cpu), out / "torchtitan.log", a.timeout)
 
-    tokens_per_step_per_gpu = int(train.get("seq_len", 4096)) * int(train.get("micro_batch_size", 1)) \
-        * int(train.get("grad_accum_steps", 1))
+    tokens_per_step_per_gpu = int(train["seq_len"]) * int(train["micro_batch_size"]) * int(train["grad_accum_steps"])
     records = parse.step_records(text)
     st = parse.steady(records, tokens_per_step_per_gpu)
     per_gpu = st["tokens_per_s_per_gpu"]
@@ -203,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "config_file": str(a.config_file),
         "model": model,
         "params": int(x.replace(",", "")) if (x := parse.first_match(parse.PARAMS_LINE, text)) else None,
-        "seq_len": int(train.get("seq_len", 4096)),
+        "seq_len": int(train["seq_len"]),
         "tokens_per_step_per_gpu": tokens_per_step_per_gpu,
         "steps": records[-1]["step"] if records else 0,
         "steps_timed": st["steps_timed"],
