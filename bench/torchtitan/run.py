@@ -98,6 +98,9 @@ def environment(config_file: Path, work: Path, cpu: bool) -> dict[str, str]:
         "NCCL_NVLS_ENABLE": "0",
         "PYTHONUNBUFFERED": "1",
     })
+    if not ("PYTORCH_ALLOC_CONF" in env or "PYTORCH_CUDA_ALLOC_CONF" in env):
+        # As torchtitan's own launcher (run_train.sh) runs it: how its users meet it.
+        env["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
     if cpu:
         env.setdefault("OMP_NUM_THREADS", "1")
     return env
