@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against other training stacks (not installed with the package)."""
