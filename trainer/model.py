@@ -118,8 +118,18 @@ class Block(nn.Module):
         self.attn = Attention(args, attn_fn)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
+        self.activation_checkpointing = args.activation_checkpointing
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Activation checkpointing inside the block, as torchtitan orders it (checkpoint, then
+        # compile, then shard): the compiled graph holds the recompute, and FSDP's all-gather
+        # hooks stay outside the checkpointed region. A checkpoint around the (compiled, sharded)
+        # block instead failed on two H200s with "Recomputed values ... have different metadata".
+        if self.activation_checkpointing and self.training:
+            return checkpoint(self._body, x, cos, sin, use_reentrant=False)
+        return self._body(x, cos, sin)
+
+    def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -180,10 +190,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.tok_embeddings(idx)  # (B, T, d)
         for layer in self.layers:
-            if self.args.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin)
+            x = layer(x, cos, sin)  # each block checkpoints itself (args.activation_checkpointing)
         h = self.norm(x)
         if targets is None:
             return self.output(h)  # (B, T, vocab)
