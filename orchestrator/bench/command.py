@@ -58,8 +58,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="also train the first variant under TorchTrainer at each worker count (e.g. 1,2): "
                         "tokens/s, MFU, peak memory per GPU and the scaling ratio")
     p.add_argument("--startup", action="store_true",
-                   help="only time command to first step: train cold (empty caches) and warm (again), and the bare "
-                        "Ray floor; with --config-file, that config")
+                   help="only time command to first step: train cold (empty caches) and warm (again), then twice "
+                        "with --keep-ray (starting the kept Ray, then joining it), and the bare Ray floor; with "
+                        "--config-file, that config")
     p.add_argument("--output-dir", default="runs", help="a bench-<time> directory is made here")
 
 
