@@ -206,6 +206,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- ray-down
+
+
+def cmd_ray_down(args: argparse.Namespace) -> int:
+    from orchestrator import kept_ray
+
+    head = kept_ray.down()
+    if head is None:
+        log.info("no local Ray kept by train --keep-ray is running")
+    else:
+        log.info("stopped the local Ray kept by train --keep-ray (%s)", head.describe())
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train one or more variants on Ray Train", options.add_train_args, cmd_train),
     "preprocess": ("tokenize raw text into a token dataset", add_preprocess_args, cmd_preprocess),
@@ -214,6 +228,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "preflight": ("probe every node's GPU, driver, CUDA, GLIBC and flash-attn", add_preflight_args, cmd_preflight),
     "export": ("write a run's model as a Hugging Face Llama directory", add_export_args, cmd_export),
     "generate": ("continue a prompt with a run's model", add_generate_args, cmd_generate),
+    "ray-down": ("stop the local Ray that train --keep-ray keeps running", lambda p: None, cmd_ray_down),
 }
 
 

@@ -44,6 +44,8 @@ class TrainOptions:
                                  "and options", metavar="RUN_DIR")
     # Not saved: probing afresh is this invocation's wish, not a property of the run.
     fresh_preflight: bool = _opt(False, "--fresh-preflight", FRESH_PREFLIGHT_HELP)
+    keep_ray: bool = _opt(False, "--keep-ray", "start a local Ray that outlives the command, or join the one an "
+                          "earlier --keep-ray left running (stop it with: python -m orchestrator ray-down)")
 
 
 FIELDS = dataclasses.fields(TrainOptions)

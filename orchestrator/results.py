@@ -129,7 +129,11 @@ class RunInfo(Record):
     versions: dict[str, str] = Field(default_factory=dict, description="python, torch and ray on the driver")
     startup_s: Optional[dict[str, float]] = Field(None, description="seconds from command to first step by phase: "
                                                   "ray_start, preflight_and_plan, workers_up, setup, first_step, total; then parts "
-                                                  "of phases: ray_init, probe, data, attention, model_init")
+                                                  "of phases: ray_init, ray_head_start, probe_overlapped, probe, data, "
+                                                  "attention, model_init")
+    startup_marks: Optional[dict[str, float]] = Field(None, description="epoch seconds of command, ray_init, ray_up, "
+                                                      "probe_start, probe_end, planned, fit_start, worker_start, "
+                                                      "first_step (what overlapped)")
     resumes: int = Field(0, description="how many times --resume continued the run")
 
 

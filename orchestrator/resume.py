@@ -71,6 +71,7 @@ def load(opts) -> SavedRun:
         "output_dir": str(run_dir.parent),
         "name": run_dir.name,
         "address": opts.address,
+        "keep_ray": opts.keep_ray,
         "debug": opts.debug,
         "resume": str(run_dir),
     }

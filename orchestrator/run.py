@@ -4,6 +4,11 @@ Order matters for our users: every input is checked before a run directory is ma
 is started, so bad input costs seconds and leaves nothing behind. Then the driver runs its
 phases in order over one ``RunState``: connect -> probe -> plan -> open the run directory ->
 execute -> finish.
+
+Where Ray runs on this machine only (no ``--address``: a Ray of the command's own, or the kept
+one of ``--keep-ray``), this machine is the only node, so its probe starts right after the
+input checks, in a thread, while Ray starts; the probe phase then waits only for what is left.
+``run.startup_marks`` in the summary has the epoch seconds that show the overlap.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from typing import Callable, Optional
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import (capacity, execute, init_from, interrupt, plan as plan_mod, preflight, resume as resume_mod,
-                          rundir, runlock, storage)
+from orchestrator import (capacity, execute, init_from, interrupt, kept_ray, plan as plan_mod, preflight,
+                          resume as resume_mod, rundir, runlock, storage)
 from orchestrator.errors import InfeasibleRequest, UsageError
 from orchestrator.options import TrainOptions
 from orchestrator.preflight import interconnect
@@ -60,6 +65,9 @@ def prepare(opts: TrainOptions) -> Prepared:
     problem = storage.output_dir_problem(opts.output_dir, os.getcwd())
     if problem:
         raise UsageError(problem)
+    if opts.keep_ray and (opts.address or os.environ.get("RAY_ADDRESS")):
+        given = f"--address {opts.address}" if opts.address else f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+        raise UsageError(f"--keep-ray starts or joins a local Ray of its own; drop it or {given}")
     source = opts.config_file or "built-in config"
     cfg = init_from.resolve(config_mod.load(opts.config_file), source)  # model shapes of a Hugging Face start
     cfg = config_mod.with_overrides(
@@ -162,9 +170,11 @@ class RunState:
     finished: dict[str, VariantResult] = field(default_factory=dict)
     results: dict[str, VariantResult] = field(default_factory=dict)
     address: Optional[str] = None  # connect
-    t_ray_init: Optional[float] = None  # when ray.init began (the startup breakdown's ray_init)
+    t_ray_init: Optional[float] = None  # when starting or joining Ray began (the startup breakdown's ray_init)
     t_ray: Optional[float] = None
-    probe_s: Optional[float] = None  # probe: seconds preflight took on every node
+    head_start_s: Optional[float] = None  # --keep-ray: seconds this command spent starting the kept head
+    local_probe: Optional[preflight.LocalProbe] = None  # this machine's probe, started before Ray
+    probe_span: Optional[tuple[float, float]] = None  # probe: epoch seconds preflight began and ended
     preflight: Optional[preflight.PreflightReport] = None  # probe (None when the caller gave the nodes)
     nodes: list[plan_mod.NodeCapacity] = field(default_factory=list)
     plan: Optional[plan_mod.Plan] = None  # plan
@@ -184,11 +194,23 @@ class RunState:
             command=command_line(), versions=_versions(),
             status=status or run_status(self.results), mode=self.plan.mode if self.plan else None,
             startup_s=startup_phases(self.command_started, self.t_ray, self.t_plan, new, t_ray_init=self.t_ray_init,
-                                     probe_s=self.probe_s) if self.t_plan else None,
+                                     probe=self.probe_span, head_start_s=self.head_start_s) if self.t_plan else None,
+            startup_marks=self.marks(new) if self.t_plan else None,
             resumes=(previous.run.resumes if previous else 0) + 1 if self.saved else 0,
         )
         summary = RunSummary(run=run, variants={v.name: self.results[v.name] for v in self.prep.variants})
         return summary.settle() if status is None else summary
+
+    def marks(self, results: dict[str, VariantResult]) -> dict[str, float]:
+        """Epoch seconds of the driver's startup events, and the first trained variant's."""
+        out = {"command": self.command_started, "ray_init": self.t_ray_init, "ray_up": self.t_ray,
+               "probe_start": self.probe_span[0] if self.probe_span else None,
+               "probe_end": self.probe_span[1] if self.probe_span else None, "planned": self.t_plan}
+        rec = next((r for r in results.values() if r.timeline and r.timeline.get("first_step")), None)
+        if rec is not None:
+            out.update(fit_start=rec.started_at, worker_start=rec.timeline["worker_start"],
+                       first_step=rec.timeline["first_step"])
+        return {k: round(v, 3) for k, v in out.items() if v is not None}
 
 
 def _connect(state: RunState, address: str) -> None:
@@ -205,12 +227,17 @@ def _probe(state: RunState, nodes: Optional[NodesFn]) -> None:
     if nodes is not None:  # given by the caller (tests)
         state.nodes = nodes()
         return
-    t_probe = time.time()
-    state.preflight = preflight.run_preflight(
-        preflight.settings_for(state.prep.cfg, state.prep.variants, state.opts.disable_flash_attn),
-        fresh=state.opts.fresh_preflight)
-    state.probe_s = time.time() - t_probe
+    t_probe, local = time.time(), state.local_probe
+    state.preflight = preflight.run_preflight(probe_settings(state), fresh=state.opts.fresh_preflight, local=local)
+    ended = time.time()
+    if local is not None and local.ended and [n.node_id for n in state.preflight.nodes] == [local.node_id]:
+        ended = local.ended  # this machine was the only node: preflight was over when its probe was
+    state.probe_span = (local.started if local else t_probe, ended)
     state.nodes = plan_mod.nodes_from_preflight(state.preflight)
+
+
+def probe_settings(state: RunState) -> preflight.ProbeSettings:
+    return preflight.settings_for(state.prep.cfg, state.prep.variants, state.opts.disable_flash_attn)
 
 
 def _plan(state: RunState) -> None:
@@ -320,13 +347,27 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
 
     from orchestrator.session import ray_session
 
+    address = opts.address
     if not (opts.address or os.environ.get("RAY_ADDRESS")):
-        # A Ray of this command's own is one machine nobody drains: Ray Train's preemption
-        # watcher (an extra actor process per worker group) has nothing to watch.
+        # A Ray of this command's own (or kept on this machine) is one machine nobody drains: Ray
+        # Train's preemption watcher (an extra actor process per worker group) has nothing to watch.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if nodes is None:  # this machine is the only node: its probe need not wait for Ray
+            state.local_probe = preflight.LocalProbe(probe_settings(state), opts.fresh_preflight)
     state.t_ray_init = time.time()
+    head = None
     try:
-        with ray_session(opts.address, log_to_driver=opts.debug, keep_logs=opts.debug) as address:
+        if opts.keep_ray:
+            head, started = kept_ray.ensure()
+            address = head.address
+            if started:
+                state.head_start_s = time.time() - state.t_ray_init
+        with ray_session(address, log_to_driver=opts.debug, keep_logs=opts.debug,
+                         loopback=head is not None) as address:
+            if head is not None and head.session_dir is None:
+                from trainer import ray_internals
+
+                kept_ray.note_session(head, ray_internals.local_session_dir())
             _connect(state, address)
             _probe(state, nodes)
             _plan(state)
@@ -342,6 +383,10 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             state.summary("interrupted").write(state.run_dir)
         stopped.run_dir = state.run_dir
         raise stopped from None
+    finally:
+        if head is not None:
+            log.info("the local Ray at %s stays up for the next train --keep-ray; stop it with: %s", head.address,
+                     kept_ray.DOWN_COMMAND)
     return _finish(state)
 
 
@@ -361,16 +406,22 @@ def command_line(argv: Optional[list[str]] = None) -> str:
 
 
 # The parts some phases are made of, in the summary after the phases: (part, phase it belongs to).
-STARTUP_PARTS = {"ray_init": "ray_start", "probe": "preflight_and_plan", "data": "setup", "attention": "setup",
-                 "model_init": "setup"}
+STARTUP_PARTS = {"ray_init": "ray_start", "ray_head_start": "ray_start", "probe_overlapped": "ray_start",
+                 "probe": "preflight_and_plan", "data": "setup", "attention": "setup", "model_init": "setup"}
 
 
 def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[str, VariantResult], *,
-                   t_ray_init: Optional[float] = None, probe_s: Optional[float] = None) -> dict[str, float] | None:
+                   t_ray_init: Optional[float] = None, probe: Optional[tuple[float, float]] = None,
+                   head_start_s: Optional[float] = None) -> dict[str, float] | None:
     """Seconds from command to first step, by phase, for the first variant that trained; then
     the parts of some phases (``STARTUP_PARTS``): ``ray_init`` (of ray_start, which also holds
-    the imports and input checks), ``probe`` (preflight on every node, reused or probed), and
-    ``data``, ``attention`` (choosing the kernel) and ``model_init`` (of setup)."""
+    the imports and input checks: starting or joining Ray), ``ray_head_start`` (of ray_init:
+    starting the head ``--keep-ray`` keeps), ``probe`` (the preflight on every node, reused or
+    probed, that the plan waited for once Ray was up), ``probe_overlapped`` (the preflight that
+    ran during ray_start, at the same time as Ray's start: counted there, not again), and
+    ``data``, ``attention`` (choosing the kernel) and ``model_init`` (of setup). The phases
+    follow one another, so they add up to the total (less the launch's gap); the probe's whole
+    time is ``probe_overlapped`` + ``probe``. ``probe`` is the (start, end) of the preflight."""
     rec = next((r for r in results.values() if r.timeline and r.timeline.get("first_step")), None)
     if rec is None:
         return None
@@ -379,7 +430,12 @@ def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[
               "workers_up": tl["worker_start"] - rec.started_at, "setup": tl["ready"] - tl["worker_start"],
               "first_step": tl["first_step"] - tl["ready"]}
     phases["total"] = tl["first_step"] - t_command
-    parts = {"ray_init": t_ray - t_ray_init if t_ray_init else None, "probe": probe_s}
+    parts = {"ray_init": t_ray - t_ray_init if t_ray_init else None, "ray_head_start": head_start_s}
+    if probe is not None:
+        start, end = probe
+        parts["probe"] = max(0.0, end - max(start, t_ray))
+        if start < t_ray:
+            parts["probe_overlapped"] = min(end, t_ray) - start
     if tl.get("model"):  # workers of this version; older ones recorded only the phase ends
         parts.update(data=tl["data"] - tl["worker_start"], attention=tl["attention"] - tl["data"],
                      model_init=tl["model"] - tl["attention"])

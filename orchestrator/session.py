@@ -9,7 +9,9 @@ interface: torch has no setting for its address.
 
 A driver killed with SIGKILL cannot clean up: its local Ray's agents outlive it by a minute
 and its session directory under /tmp/ray stays. Each local Ray of ours leaves a marker in its
-session directory naming its driver, so the next command removes what a dead one left.
+session directory naming its driver, so the next command removes what a dead one left. The
+head ``train --keep-ray`` keeps (orchestrator/kept_ray.py) carries no marker: it is meant to
+outlive the driver that started it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import platform
 import shutil
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -180,7 +182,7 @@ def remove_dead_sessions(ray_tmp: Path | None = None) -> list[Path]:
 
 @contextmanager
 def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: int | None = None,
-                keep_logs: bool = False) -> Iterator[str]:
+                keep_logs: bool = False, loopback: bool = False) -> Iterator[str]:
     """Yield the address of the Ray cluster in use.
 
     Reuses a Ray already initialised in this process (tests, notebooks); joins ``address``
@@ -188,6 +190,10 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
     otherwise starts a new local Ray (``address="local"``: never some other cluster found on
     the machine) and on exit, success or not, stops it, waits for its processes and removes
     its session directory under /tmp/ray (kept with ``keep_logs``, for ``--debug``).
+
+    ``loopback``: ``address`` is a head of ours bound to 127.0.0.1 (``train --keep-ray``), joined
+    on loopback; otherwise Ray replaces 127.0.0.1 with the machine's address, where that head
+    does not listen.
     """
     import ray
 
@@ -208,7 +214,8 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
             try:
                 if address:
                     log.info("joining Ray cluster at %s", address)
-                    ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
+                    with loopback_only() if loopback else nullcontext():
+                        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
                 else:
                     log.info("starting a local Ray (no --address given)")
                     # "local": a new Ray of our own. A bare ray.init() would join whatever Ray another

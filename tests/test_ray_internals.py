@@ -61,3 +61,19 @@ def test_a_local_ray_can_still_be_bound_to_loopback_by_env_var_and_constant():
 
     assert ray_internals.LOOPBACK_ENV in inspect.getsource(ray_constants)
     assert isinstance(getattr(ray_constants, ray_internals.LOOPBACK_CONSTANT), bool)
+
+
+def test_token_auth_can_still_be_switched_on_after_ray_is_imported():
+    import subprocess
+    import sys
+
+    # In a process of its own: the switch is process-wide. RAY_AUTH_MODE unset, Ray imported first.
+    code = ("import os, ray; os.environ.pop('RAY_AUTH_MODE', None); from ray._raylet import AuthenticationMode, "
+            "get_authentication_mode; from trainer import ray_internals; before = get_authentication_mode(); "
+            "ray_internals.enable_token_auth(); "
+            "print(before != AuthenticationMode.TOKEN, get_authentication_mode() == AuthenticationMode.TOKEN, "
+            "os.environ['RAY_AUTH_MODE'])")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_AUTH_MODE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert out.stdout.split() == ["True", "True", "token"], out.stderr

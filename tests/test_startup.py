@@ -17,14 +17,28 @@ def test_startup_phases_add_up_and_name_their_parts():
     record = {"started_at": 110.0, "timeline": {"worker_start": 120.0, "data": 121.0, "attention": 123.5,
                                                 "model": 124.0, "ready": 125.0, "first_step": 127.0}}
     phases = startup_phases(100.0, 105.0, 109.0, {"flash": VariantResult(status="succeeded", attention="flash", **record)},
-                            t_ray_init=102.0, probe_s=3.0)
+                            t_ray_init=102.0, probe=(105.5, 108.5))
     assert phases == {"ray_start": 5.0, "preflight_and_plan": 4.0, "workers_up": 10.0, "setup": 5.0,
                       "first_step": 2.0, "total": 27.0, "ray_init": 3.0, "probe": 3.0, "data": 1.0,
                       "attention": 2.5, "model_init": 0.5}
     whole = ("ray_start", "preflight_and_plan", "workers_up", "setup", "first_step")
     assert sum(phases[p] for p in whole) == phases["total"] - (110.0 - 109.0)  # less the launch gap
     for part, phase in STARTUP_PARTS.items():
-        assert phases[part] <= phases[phase]
+        assert phases.get(part, 0.0) <= phases[phase]
+
+
+def test_a_probe_that_ran_while_ray_started_is_counted_once_in_each_phase_it_overlapped():
+    record = {"started_at": 110.0, "timeline": {"worker_start": 120.0, "ready": 125.0, "first_step": 127.0}}
+    # Ray from 102 to 105, the probe from 101 to 107, the plan done at 109.
+    phases = startup_phases(100.0, 105.0, 109.0, {"flash": VariantResult(status="succeeded", attention="flash", **record)},
+                            t_ray_init=102.0, probe=(101.0, 107.0), head_start_s=1.5)
+    assert phases["probe_overlapped"] == 4.0 and phases["probe"] == 2.0  # 6 s of probe, split at Ray's start
+    assert phases["ray_head_start"] == 1.5
+    assert phases["probe_overlapped"] <= phases["ray_start"] and phases["probe"] <= phases["preflight_and_plan"]
+    # A probe that finished before Ray was up leaves the plan nothing to wait for.
+    early = startup_phases(100.0, 105.0, 109.0, {"f": VariantResult(status="succeeded", attention="flash", **record)},
+                           probe=(101.0, 103.0))
+    assert early["probe"] == 0.0 and early["probe_overlapped"] == 2.0
 
 
 def test_startup_phases_of_an_older_worker_leave_its_parts_out():
@@ -33,15 +47,24 @@ def test_startup_phases_of_an_older_worker_leave_its_parts_out():
         "ray_start", "preflight_and_plan", "workers_up", "setup", "first_step", "total"}
 
 
-def test_startup_goals_compare_warm_with_cold_and_with_the_floor():
+def test_startup_goals_compare_warm_and_kept_ray_with_cold_and_with_the_floor():
     cold = {"startup_s": {"preflight_and_plan": 15.0, "total": 60.0}}
     warm = {"startup_s": {"preflight_and_plan": 1.5, "total": 44.0}}
-    got = startup.goals(cold, warm, {"total": 38.0})
+    kept = {"startup_s": {"preflight_and_plan": 0.5, "total": 40.0}}
+    got = startup.goals(cold, warm, {"total": 38.0}, kept)
     assert got["warm_preflight_over_cold"] == {"value": 0.1, "goal": 0.4, "met": True}
     assert got["warm_total_over_floor"]["met"] is False and got["warm_total_over_floor"]["value"] == round(44 / 38, 3)
-    lines = startup.table({"cold": cold, "warm": warm, "floor": {"total": 38.0}, "goals": got})
-    assert "| total | 60.0 | 44.0 | 38.0 |" in lines
+    assert got["kept_total_over_floor"] == {"value": round(40 / 38, 3), "goal": 1.1, "met": True}
+    lines = startup.table({"cold": cold, "warm": warm, "kept_start": {"error": "x"}, "kept": kept,
+                           "floor": {"total": 38.0}, "goals": got})
+    assert lines[0] == ("| phase | cold (s) | warm (s) | kept Ray, starting it (s) | kept Ray, warm (s) | "
+                        "bare Ray floor (s) |")
+    assert "| total | 60.0 | 44.0 |  | 40.0 | 38.0 |" in lines
     assert any(l.startswith("goal warm_total_over_floor: 1.16 (goal <= 1.10): not met") for l in lines)
+    assert "kept_total_over_floor" not in startup.goals(cold, warm, {"total": 38.0})  # no kept run: no claim
+    # The cold probe ran while Ray started: its preflight is the phase plus that overlap, not the phase alone.
+    overlapped = {"startup_s": {"preflight_and_plan": 0.01, "probe_overlapped": 9.99, "total": 50.0}}
+    assert startup.goals(overlapped, warm, {"total": 38.0})["warm_preflight_over_cold"]["value"] == 0.15
 
 
 def test_each_worker_gets_one_thread_per_cpu_unless_the_user_chose():

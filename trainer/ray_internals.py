@@ -50,6 +50,18 @@ LOOPBACK_CONSTANT = "ENABLE_RAY_CLUSTER"
 # The logger that announces token authentication on every local ray.init().
 AUTH_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 
+# Ray reads RAY_AUTH_MODE into its C++ config when it is loaded, so a driver that already
+# imported Ray and joins a token-auth head (orchestrator/kept_ray.py) must have it read again:
+# this function of AUTH_TOKEN_LOGGER's module sets the env var and re-initialises the config.
+TOKEN_AUTH_ENABLE = "_enable_token_auth"
+
+
+def enable_token_auth() -> None:
+    """Token auth on for this process (and the processes it starts), Ray imported or not."""
+    import importlib
+
+    getattr(importlib.import_module(AUTH_TOKEN_LOGGER), TOKEN_AUTH_ENABLE)()
+
 
 def local_session_dir() -> Path:
     """The session directory (logs, sockets) of the Ray this process started with ray.init()."""

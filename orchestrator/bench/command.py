@@ -83,8 +83,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="with --workers: run every count under each of these strategies (ddp, fsdp; default: the "
                         "config's scaling.strategy), scaling per strategy, and fsdp against the best ddp figure")
     p.add_argument("--startup", action="store_true",
-                   help="only time command to first step: train cold (empty caches) and warm (again), and the bare "
-                        "Ray floor; with --config-file, that config")
+                   help="only time command to first step: train cold (empty caches) and warm (again), then twice "
+                        "with --keep-ray (starting the kept Ray, then joining it), and the bare Ray floor; with "
+                        "--config-file, that config")
     p.add_argument("--output-dir", default="runs", help="a bench-<time> directory is made here")
 
 

@@ -1,11 +1,14 @@
 """``bench --startup``: command to first step, cold and warm, against the bare Ray floor.
 
-``train`` runs twice as a user would type it, each in a process of its own: cold (empty caches:
-a new temporary preflight and compile cache) and warm (the same command again, same caches).
-Each run's ``summary.json`` holds its phase breakdown (``run.startup_s``). The floor is what Ray
-itself costs, measured in the same bench: a fresh process that imports Ray, starts a local Ray
-and runs a no-op two-worker ``TorchTrainer.fit()``, timed from its process start to the moment
-the train function runs on the workers (the floor's "first step").
+``train`` runs as a user would type it, each in a process of its own: cold (empty caches: a new
+temporary preflight and compile cache) and warm (the same command again, same caches); then
+with ``--keep-ray`` twice: the first starts the kept head (``kept_start``), the second joins it
+(``kept``: the warm mode), and ``ray-down`` stops it. The kept head's record lives in a
+temporary state directory, so a head the user keeps is neither joined nor stopped. Each run's
+``summary.json`` holds its phase breakdown (``run.startup_s``). The floor is what Ray itself
+costs, measured in the same bench: a fresh process that imports Ray, starts a local Ray and runs
+a no-op two-worker ``TorchTrainer.fit()``, timed from its process start to the moment the train
+function runs on the workers (the floor's "first step").
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from orchestrator.kept_ray import STATE_DIR_ENV
 from orchestrator.preflight.cache import CACHE_DIR_ENV
 from trainer.compile_cache import INDUCTOR_DIR_ENV
 
@@ -28,8 +32,8 @@ log = logging.getLogger(__name__)
 
 MARKER = "STARTUP-FLOOR "
 RUN_TIMEOUT_S = 900.0
-# The startup goals on CPU: the warm run's preflight at most 40% of the cold one's, and its
-# total within 10% of the bare Ray floor.
+# The startup goals on CPU: the warm run's preflight at most 40% of the cold one's (preflight_s:
+# the probe that overlapped Ray's start counts), and its total within 10% of the bare Ray floor.
 PREFLIGHT_GOAL, FLOOR_GOAL = 0.40, 1.10
 
 FLOOR_SCRIPT = r"""
@@ -81,6 +85,7 @@ def train_once(train_args: list[str], env: dict, output_dir: Path, name: str, cw
         return out
     summary = json.loads(summary_path.read_text())
     out["startup_s"] = summary["run"].get("startup_s")
+    out["startup_marks"] = summary["run"].get("startup_marks")
     workers = next(iter(summary["variants"].values()), {}).get("workers") or []
     out["preflight_reused"] = "preflight: " in proc.stdout and "reused their cached result" in proc.stdout
     out["worker_verdicts"] = [w.get("preflight_verdict") for w in workers]
@@ -96,48 +101,75 @@ def bare_floor(env: dict, num_workers: int, cwd: Path) -> dict:
     return {k: round(v, 3) for k, v in json.loads(found[-1][len(MARKER):]).items()}
 
 
-def goals(cold: dict, warm: dict, floor: dict) -> dict:
-    """The CPU goals, met or not, with the figures they compare."""
+def preflight_s(phases: dict) -> Optional[float]:
+    """The preflight's time: its phase, plus the part of the probe that ran during ray_start
+    (``probe_overlapped``), which the phase no longer holds."""
+    if phases.get("preflight_and_plan") is None:
+        return None
+    return phases["preflight_and_plan"] + phases.get("probe_overlapped", 0.0)
+
+
+def goals(cold: dict, warm: dict, floor: dict, kept: Optional[dict] = None) -> dict:
+    """The CPU goals, met or not, with the figures they compare; the kept-Ray warm run against
+    the floor too, where it ran."""
     out: dict = {}
     c, w = cold.get("startup_s") or {}, warm.get("startup_s") or {}
-    if c.get("preflight_and_plan") and w.get("preflight_and_plan") is not None:
-        ratio = w["preflight_and_plan"] / c["preflight_and_plan"]
+    if preflight_s(c) and preflight_s(w) is not None:
+        ratio = preflight_s(w) / preflight_s(c)
         out["warm_preflight_over_cold"] = {"value": round(ratio, 3), "goal": PREFLIGHT_GOAL, "met": ratio <= PREFLIGHT_GOAL}
-    if floor.get("total") and w.get("total"):
-        ratio = w["total"] / floor["total"]
-        out["warm_total_over_floor"] = {"value": round(ratio, 3), "goal": FLOOR_GOAL, "met": ratio <= FLOOR_GOAL}
+    for name, run in (("warm", w), ("kept", (kept or {}).get("startup_s") or {})):
+        if floor.get("total") and run.get("total"):
+            ratio = run["total"] / floor["total"]
+            out[f"{name}_total_over_floor"] = {"value": round(ratio, 3), "goal": FLOOR_GOAL, "met": ratio <= FLOOR_GOAL}
     return out
 
 
+def ray_down(env: dict, cwd: Path) -> dict:
+    """``ray-down`` for the bench's kept head: its exit code and its last line."""
+    proc = _run([sys.executable, "-m", "orchestrator", "ray-down"], env, cwd)
+    return {"exit_code": proc.returncode, "output": _last_line(proc.stdout) or _last_line(proc.stderr)}
+
+
+# The runs of the bench, in order: (label, extra train flags).
+RUNS = (("cold", []), ("warm", []), ("kept_start", ["--keep-ray"]), ("kept", ["--keep-ray"]))
+COLUMNS = {"cold": "cold", "warm": "warm", "kept_start": "kept Ray, starting it", "kept": "kept Ray, warm"}
+
+
 def run(train_args: list[str], output_dir: Path, *, num_workers: int = 2, cwd: Optional[Path] = None) -> dict:
-    """Cold and warm ``train`` and the bare floor, in that order; the report as a dict."""
+    """Cold and warm ``train``, the two ``--keep-ray`` runs and the bare floor, in that order;
+    the report as a dict."""
     cwd = cwd or Path.cwd()
     caches = Path(tempfile.mkdtemp(prefix="fo-startup-caches-"))
-    env = dict(os.environ, **{CACHE_DIR_ENV: str(caches / "preflight"), INDUCTOR_DIR_ENV: str(caches / "inductor")})
+    env = dict(os.environ, **{CACHE_DIR_ENV: str(caches / "preflight"), INDUCTOR_DIR_ENV: str(caches / "inductor"),
+                              STATE_DIR_ENV: str(caches / "state")})
     report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "caches": str(caches)}
     try:
-        for label in ("cold", "warm"):
-            log.info("startup bench: %s run of train %s", label, " ".join(train_args))
-            report[label] = train_once(train_args, env, output_dir, f"startup-{label}", cwd)
+        for label, extra in RUNS:
+            log.info("startup bench: %s run of train %s", label, " ".join([*train_args, *extra]))
+            report[label] = train_once([*train_args, *extra], env, output_dir, f"startup-{label}", cwd)
             log.info("  %s", report[label].get("startup_s") or report[label].get("error"))
+        report["ray_down"] = ray_down(env, cwd)
         log.info("startup bench: bare Ray floor (ray.init + no-op %d-worker TorchTrainer.fit)", num_workers)
         report["floor"] = bare_floor(env, num_workers, cwd)
         log.info("  %s", report["floor"])
     finally:
+        if "ray_down" not in report:  # a run failed or hung: the kept head must not outlive the bench
+            report["ray_down"] = ray_down(env, cwd)
         shutil.rmtree(caches, ignore_errors=True)
-    report["goals"] = goals(report["cold"], report["warm"], report["floor"])
+    report["goals"] = goals(report["cold"], report["warm"], report["floor"], report.get("kept"))
     return report
 
 
 def table(report: dict) -> list[str]:
-    """Cold, warm and floor side by side, one phase a row (markdown)."""
-    cold, warm = report["cold"].get("startup_s") or {}, report["warm"].get("startup_s") or {}
+    """The runs and the floor side by side, one phase a row (markdown)."""
+    runs = {label: (report.get(label) or {}).get("startup_s") or {} for label in COLUMNS}
     floor = report["floor"]
-    phases = list(dict.fromkeys([*cold, *warm]))
-    lines = ["| phase | cold (s) | warm (s) | bare Ray floor (s) |", "|---|---|---|---|"]
+    phases = list(dict.fromkeys(p for r in runs.values() for p in r))
+    lines = ["| phase | " + " | ".join(f"{c} (s)" for c in COLUMNS.values()) + " | bare Ray floor (s) |",
+             "|---|" + "---|" * (len(COLUMNS) + 1)]
     fmt = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
     for p in phases:
-        lines.append(f"| {p} | {fmt(cold.get(p))} | {fmt(warm.get(p))} | {fmt(floor.get(p))} |")
+        lines.append(f"| {p} | " + " | ".join(fmt(r.get(p)) for r in runs.values()) + f" | {fmt(floor.get(p))} |")
     for name, g in report["goals"].items():
         lines.append(f"goal {name}: {g['value']:.2f} (goal <= {g['goal']:.2f}): {'met' if g['met'] else 'not met'}")
     return lines

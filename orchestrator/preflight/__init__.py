@@ -10,7 +10,7 @@ pay for torch (which the report's planner types pull in) before it has even look
 
 import importlib
 
-_EXPORTS = {"ProbeSettings": "settings", "settings_for": "settings", "run_preflight": "fanout",
+_EXPORTS = {"ProbeSettings": "settings", "settings_for": "settings", "run_preflight": "fanout", "LocalProbe": "fanout",
             "PreflightReport": "findings", "NodeReport": "findings", "PREFLIGHT_FILE": "findings",
             "LOG_FILE": "findings"}
 __all__ = list(_EXPORTS)

@@ -5,11 +5,17 @@ is scheduled even when training holds every core. The task only starts the child
 driver parses, judges and bounds everything, so no node can hang it. A node whose software has
 not changed since its last probe answers from its cache (orchestrator/preflight/cache.py)
 unless ``fresh`` is set; a ``command`` of its own (tests) is always run.
+
+The driver's own machine need not wait for Ray: where it is a node of the cluster (a Ray the
+command starts, or a kept one on this host), ``LocalProbe`` runs the same ``probe_or_reuse`` in
+a thread of the driver, started before ``ray.init``, and ``run_preflight`` takes its answer for
+that node instead of sending it a task.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Optional
 
@@ -29,6 +35,40 @@ def _probe_on_node(argv: list[str], timeout_s: float, disable_flash_attn: bool) 
     return run_probe(argv, timeout_s, probe_env(disable_flash_attn))
 
 
+class LocalProbe:
+    """This machine's preflight (cache lookup, else the probe child), running in a thread from
+    the moment it is made; ``started`` and ``ended`` are epoch seconds (``ended`` None while it runs)."""
+
+    def __init__(self, settings: ProbeSettings, fresh: bool):
+        self.settings = settings
+        self.started: float = time.time()
+        self.ended: Optional[float] = None
+        self.node_id: Optional[str] = None  # the Ray node it answered for, once run_preflight used it
+        self._raw: Optional[dict] = None
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(fresh,), name="preflight-local", daemon=True)
+        self._thread.start()
+
+    def _run(self, fresh: bool) -> None:
+        try:
+            self._raw = node_mod.probe_or_reuse(probe_command(self.settings), self.settings, fresh)
+        except Exception as e:  # noqa: BLE001 - reported as this node's failed probe, like a failed task
+            self._error = e
+        finally:
+            self.ended = time.time()
+
+    def result(self, timeout_s: float) -> tuple[Optional[dict], Optional[Issue]]:
+        """(raw, None) once the probe answered; (None, issue) when it failed or outlived ``timeout_s``."""
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            return None, Issue("probe", crash_cause(f"the probe ({timeout_s:g} s)", None, True),
+                               "the local probe did not finish")
+        if self._error is not None:
+            return None, Issue("probe", crash_cause("the probe", type(self._error).__name__, False),
+                               str(self._error).strip())
+        return self._raw, None
+
+
 def alive_nodes() -> list[dict]:
     import ray
 
@@ -36,9 +76,10 @@ def alive_nodes() -> list[dict]:
 
 
 def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optional[list[str]] = None,
-                  fresh: bool = False) -> PreflightReport:
+                  fresh: bool = False, local: Optional[LocalProbe] = None) -> PreflightReport:
     """Probe every alive node of the connected Ray cluster (``fresh``: never reuse a node's cached
-    result); ``command`` replaces the probe's argv."""
+    result); ``command`` replaces the probe's argv; ``local``, this machine's probe already under
+    way, answers for the node the driver runs on (made with the same settings and ``fresh``)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -49,8 +90,14 @@ def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optiona
         task, args = ray.remote(_probe_on_node), (command, settings.timeout_s, settings.disable_flash_attn)
     else:
         task, args = ray.remote(node_mod.probe_or_reuse), (probe_command(settings), settings, fresh)
+    here = ray.get_runtime_context().get_node_id() if local is not None and not command else None
+    if here is not None and not any(n["NodeID"] == here for n in nodes):
+        log.warning("preflight: the driver's node is not among the cluster's alive nodes; probing by task only")
+        here = None
     refs = {}
     for n in nodes:
+        if n["NodeID"] == here:
+            continue
         refs[task.options(num_cpus=0, max_retries=0, name=f"preflight-probe-{n['NodeID'][:8]}",
                           scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
                           ).remote(*args)] = n
@@ -62,19 +109,12 @@ def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optiona
     for ref in pending:
         ray.cancel(ref, force=True)
 
+    answers = {n["NodeID"]: _task_answer(ref, ref in pending, settings) for ref, n in refs.items()}
+    if here is not None:
+        answers[here], local.node_id = local.result(max(0.0, deadline - time.monotonic())), here
     reports = []
-    for ref, n in refs.items():
-        raw = None
-        if ref in pending:
-            issue = Issue("probe", crash_cause(f"the probe task ({settings.timeout_s + SCHEDULING_MARGIN_S:g} s "
-                                               "including scheduling)", None, True),
-                          "the Ray task did not finish: the node is unreachable or cannot start a worker")
-        else:
-            try:
-                raw = ray.get(ref)
-                issue = None
-            except Exception as e:  # the node died, or the task could not run there
-                issue = Issue("probe", crash_cause("the probe task", type(e).__name__, False), str(e).strip())
+    for n in nodes:
+        raw, issue = answers[n["NodeID"]]
         facts = None
         if raw is not None:
             facts, issue = parse_probe(raw, settings.timeout_s)
@@ -89,3 +129,17 @@ def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optiona
     if not any(r.gpus for r in reports) and not any((r.facts or {}).get("gpus") for r in reports):
         notes.append("no GPUs in the cluster: flash attention means PyTorch's fused CPU kernel here")
     return PreflightReport(reports, settings, notes)
+
+
+def _task_answer(ref, timed_out: bool, settings: ProbeSettings) -> tuple[Optional[dict], Optional[Issue]]:
+    """A probe task's output, or why there is none."""
+    import ray
+
+    if timed_out:
+        return None, Issue("probe", crash_cause(f"the probe task ({settings.timeout_s + SCHEDULING_MARGIN_S:g} s "
+                                                "including scheduling)", None, True),
+                           "the Ray task did not finish: the node is unreachable or cannot start a worker")
+    try:
+        return ray.get(ref), None
+    except Exception as e:  # the node died, or the task could not run there
+        return None, Issue("probe", crash_cause("the probe task", type(e).__name__, False), str(e).strip())

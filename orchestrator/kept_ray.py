@@ -1,0 +1,251 @@
+"""A local Ray kept running between commands: ``train --keep-ray`` and ``ray-down``.
+
+Starting a local Ray is paid by every command that starts its own, and so is the first start
+of every process it pools. While iterating, ``train --keep-ray`` starts the local head once, as
+a detached ``ray start --head --block`` in a session of its own (it outlives the command and
+ignores its Ctrl-C), bound to 127.0.0.1 with token auth like the Ray a plain ``train`` starts,
+and records it; the next ``train --keep-ray`` finds the record and joins that head. ``ray-down``
+stops exactly the head recorded here (its process group), never another Ray of the machine.
+
+The record is per user and host (``<state dir>/kept-ray-<host>.json``): the pid and start time
+of the ``ray start`` process, so a reused pid is not mistaken for it, the address and the
+session directory. A record whose process is gone is ignored with a warning and replaced.
+Finding or starting the head happens under a lock, so two commands at once start one head.
+
+The head's processes keep the environment of the command that started it; after changing
+something the workers should see at start (a cache location, ``PYTHONPATH``), ``ray-down``
+and start again. Its session directory carries no driver marker, so the clean-up of dead
+drivers' sessions (orchestrator/session.py) leaves it alone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+import psutil
+
+from orchestrator import rundir
+from orchestrator.errors import UsageError
+from trainer import ray_internals
+
+log = logging.getLogger(__name__)
+
+STATE_DIR_ENV = "FLASH_ORCHESTRATOR_STATE_DIR"  # overrides the location (tests, the startup bench)
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 30.0
+STARTED_LINE = "Ray runtime started"  # what `ray start` prints once the head is up
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter
+DOWN_COMMAND = "python -m orchestrator ray-down"
+
+
+def state_dir(environ: Optional[Mapping[str, str]] = None) -> Path:
+    env = os.environ if environ is None else environ
+    if env.get(STATE_DIR_ENV):
+        return Path(env[STATE_DIR_ENV])
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "flash-orchestrator"
+
+
+def _path(suffix: str) -> Path:
+    return state_dir() / f"kept-ray-{platform.node()}.{suffix}"
+
+
+@dataclass
+class KeptHead:
+    pid: int  # the `ray start --block` process; its process group holds every process of the node
+    create_time: float
+    address: str  # host:port of the GCS
+    started: str  # local time, ISO 8601
+    session_dir: Optional[str] = None  # filled in by the first driver that joins
+
+    def alive(self) -> bool:
+        try:
+            p = psutil.Process(self.pid)
+            return abs(p.create_time() - self.create_time) < 1.0 and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def describe(self) -> str:
+        return f"pid {self.pid}, address {self.address}, since {self.started}"
+
+
+def read_record() -> Optional[KeptHead]:
+    """The recorded head, alive or not; None when there is no readable record."""
+    path = _path("json")
+    try:
+        return KeptHead(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("ignoring the unreadable kept-Ray record %s (%s)", path, e)
+        return None
+
+
+def _write_record(head: KeptHead) -> None:
+    rundir.write_json(_path("json"), asdict(head))
+
+
+def _forget() -> None:
+    _path("json").unlink(missing_ok=True)
+
+
+def find() -> Optional[KeptHead]:
+    """The kept head of this user on this host, if it still runs; a record of one that is gone
+    (a reboot, a killed process) is removed with a warning."""
+    head = read_record()
+    if head is None:
+        return None
+    if not head.alive():
+        log.warning("the kept local Ray recorded in %s is gone (%s); ignoring its record", _path("json"),
+                    head.describe())
+        _forget()
+        return None
+    return head
+
+
+@contextmanager
+def _locked() -> Iterator[None]:
+    path = _path("lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 (all bound at once, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _has_token(env: Mapping[str, str]) -> bool:
+    if env.get("RAY_AUTH_TOKEN"):
+        return True
+    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def head_env(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The head's environment: the command's, with token auth on, loopback only (unless the user
+    chose otherwise, as for a plain local Ray) and nothing to drain on stop."""
+    env = dict(os.environ if environ is None else environ)
+    env["RAY_AUTH_MODE"] = "token"
+    env.setdefault(ray_internals.LOOPBACK_ENV, "0")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # On SIGTERM Ray drains the node first (30 s by default) for Ray Serve; nothing to drain here.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    return env
+
+
+def start_command(port: int, client_port: int) -> list[str]:
+    # The Ray Client server's port too: its default (10001) is taken by the first head of the machine.
+    return [*RAY_CLI, "start", "--head", f"--port={port}", f"--ray-client-server-port={client_port}",
+            "--include-dashboard=false", "--disable-usage-stats", "--block"]
+
+
+def _start() -> KeptHead:
+    env = head_env()
+    if not _has_token(env):  # `ray start` does not make one; a local ray.init() would have
+        subprocess.run([*RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    port, client_port = _free_ports(2)
+    log_path = _path("log")
+    log.info("starting a local Ray to keep (--keep-ray): 127.0.0.1:%d", port)
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(start_command(port, client_port), env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    head = KeptHead(pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(), address=f"127.0.0.1:{port}",
+                    started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _write_record(head)  # before it is up: a ray-down meanwhile finds it
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while STARTED_LINE not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = " ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
+            _stop(head)
+            _forget()
+            raise UsageError(f"cannot start a local Ray to keep ({tail or 'no output'}); full log: {log_path}")
+        time.sleep(0.2)
+    return head
+
+
+def ensure() -> tuple[KeptHead, bool]:
+    """The kept head, started if none runs; (head, whether this call started it). Afterwards this
+    process has token auth on, so its ray.init can join the head."""
+    with _locked():
+        head = find()
+        started = head is None
+        if started:
+            head = _start()
+        else:
+            log.info("reusing the kept local Ray (%s)", head.describe())
+    ray_internals.enable_token_auth()
+    return head, started
+
+
+def note_session(head: KeptHead, session_dir: Path) -> None:
+    """Record the head's session directory (what ``ray-down`` removes once the head is stopped)."""
+    with _locked():
+        current = read_record()
+        if current is not None and current.pid == head.pid and current.session_dir != str(session_dir):
+            current.session_dir = str(session_dir)
+            _write_record(current)
+
+
+def _stop(head: KeptHead) -> None:
+    """The `ray start --block` process first (it stops the node's processes in order), then
+    whatever of its process group outlived it."""
+    try:
+        os.kill(head.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while head.alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)  # a new session: its group id is the pid, never reused while the group lives
+        except (ProcessLookupError, PermissionError):
+            return
+        grace = time.monotonic() + 5.0
+        while time.monotonic() < grace:
+            try:
+                os.killpg(head.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.2)
+
+
+def down() -> Optional[KeptHead]:
+    """Stop the kept head of this user on this host and remove its session directory; returns
+    what was stopped (None: none was running)."""
+    from orchestrator.session import remove_session_dir
+
+    with _locked():
+        head = read_record()
+        if head is None:
+            return None
+        if not head.alive():
+            log.warning("the kept local Ray recorded in %s was gone already (%s)", _path("json"), head.describe())
+        _stop(head)  # a gone head's group may still hold processes: they go too
+        if head.session_dir:
+            remove_session_dir(Path(head.session_dir))
+        _forget()
+    return head
