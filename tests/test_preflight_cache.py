@@ -175,9 +175,10 @@ def test_two_concurrent_writers_never_leave_a_broken_entry(tmp_path):
 # ---------------------------------------------------------------- the worker's re-check
 
 
-def _plant_verdict(kernel: str, settings: ProbeSettings) -> Path:
+def _plant_verdict(kernel: str, settings: ProbeSettings, timings: dict | None = None) -> Path:
     path = cache.entry_path(cache.node_key(settings))
-    cache.store(path, cache.node_key(settings), {"stdout": ""}, {"flash_ok": True, "flash_kernel": kernel})
+    cache.store(path, cache.node_key(settings), {"stdout": ""},
+                {"flash_ok": True, "flash_kernel": kernel, "kernel_timings": timings or {}})
     return path
 
 
@@ -190,9 +191,11 @@ def _worker_settings() -> ProbeSettings:
 
 def test_a_worker_reuses_its_nodes_verdict(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
-    _plant_verdict("sdpa_flash_cpu", _worker_settings())
+    _plant_verdict("sdpa_flash_cpu", _worker_settings(), timings={"sdpa_flash_cpu": 1.5, "sdpa_math": 2.5})
     resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **WORKER_SHAPE)
     assert resolved.kernel == "sdpa_flash_cpu" and reuse["reused"] is True
+    # The record's kernel_timings: what the preflight chose from, carried with the reused verdict.
+    assert resolved.timings == {"sdpa_flash_cpu": 1.5, "sdpa_math": 2.5}
 
 
 def test_a_worker_without_a_cached_verdict_chooses_as_before(tmp_path, monkeypatch):

@@ -23,21 +23,22 @@ from trainer import attention
 log = logging.getLogger(__name__)
 
 
-def _cached_verdict(settings) -> tuple[Path | None, str | None, str]:
-    """(cache entry path, verified flash kernel or None, why none) for this node and check."""
+def _cached_verdict(settings) -> tuple[Path | None, str | None, str, dict]:
+    """(cache entry path, verified flash kernel or None, why none, the kernels' timings at the
+    run's shape in ms) for this node and check."""
     from orchestrator.preflight import cache
 
     try:
         path = cache.entry_path(cache.node_key(settings))
     except Exception as e:  # the key is an optimisation: failing to compute it means choosing afresh
-        return None, None, f"node key: {type(e).__name__}: {e}"
+        return None, None, f"node key: {type(e).__name__}: {e}", {}
     found = cache.load(path)
     if found.entry is None:
-        return path, None, found.why_not
+        return path, None, found.why_not, {}
     verdict = found.entry.get("verdict") or {}
     if not verdict.get("flash_ok"):
-        return path, None, "the cached verdict has no flash kernel for this node"
-    return path, verdict.get("flash_kernel"), ""
+        return path, None, "the cached verdict has no flash kernel for this node", {}
+    return path, verdict.get("flash_kernel"), "", dict(verdict.get("kernel_timings") or {})
 
 
 def _log_wrong_verdict(log_dir: Path, path: Path, kernel: str, error: str, chosen: str) -> None:
@@ -76,7 +77,7 @@ def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.
     settings = ProbeSettings(head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype_setting,
                              disable_flash_attn=not flash_attn_allowed, seq_len=seq_len,
                              micro_batch_size=micro_batch_size, compile=compile_setting)
-    path, kernel, why_not = _cached_verdict(settings)
+    path, kernel, why_not, timings = _cached_verdict(settings)
     if kernel is None:
         return afresh(), {"reused": False, "why_not": why_not}
     try:
@@ -92,4 +93,6 @@ def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.
         cache.mark_stale(path, f"kernel {kernel} failed in a worker: {error}")
         _log_wrong_verdict(log_dir, path, kernel, error, resolved.kernel)
         return resolved, {"reused": False, "why_not": f"verdict {kernel} was wrong: {error}", "stale": str(path)}
-    return attention.Resolved(requested, kernel, fn), {"reused": True, "kernel": kernel, "path": str(path)}
+    # The preflight's timings come along, so the record says what the choice was made from.
+    return attention.Resolved(requested, kernel, fn, timings=timings), {"reused": True, "kernel": kernel,
+                                                                        "path": str(path)}
