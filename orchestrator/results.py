@@ -78,8 +78,8 @@ class VariantResult(Record):
     flops_per_token: Optional[float] = Field(None, description="training FLOPs per token (for MFU)")
     tokens_per_step: Optional[int] = Field(None, description="tokens per optimizer step over all workers")
     workers: list[dict[str, Any]] = Field(default_factory=list, description="per worker: rank, node_id, hostname, "
-                                          "pid, device, kernel, rejected_kernels, preflight_verdict, env, "
-                                          "flash_attn_imports_blocked")
+                                          "pid, device, gpu_ids, kernel, rejected_kernels, preflight_verdict, "
+                                          "env, flash_attn_imports_blocked")
     timeline: Optional[dict[str, Optional[float]]] = Field(None, description="epoch seconds of worker_start, data, "
                                                            "attention, model, ready, first_step (the startup "
                                                            "breakdown)")

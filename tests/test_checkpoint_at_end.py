@@ -24,5 +24,6 @@ def test_last_step_is_saved_unless_switched_off(tmp_path, at_end, expected):
     run = tmp_path / "runs" / "r"
     variant = json.loads((run / "summary.json").read_text())["variants"]["flash"]
     assert variant["status"] == "succeeded" and variant["steps"] == 5  # the run itself is whole either way
+    assert variant["workers"][0]["gpu_ids"] == []  # a CPU worker holds no GPU (a GPU one names its index)
     saved = [int(d.name.rsplit("_", 1)[1]) for d in checkpoint.checkpoint_dirs(run / "flash" / checkpoint.STORAGE_NAME)]
     assert sorted(saved) == expected

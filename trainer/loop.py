@@ -123,6 +123,7 @@ def train_loop_per_worker(config: dict) -> dict:
         "hostname": platform.node(),
         "pid": os.getpid(),
         "device": torch.cuda.get_device_name(device) if is_gpu else "cpu",
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],  # [ray] the node's GPUs this worker holds ([] on CPU)
         "kernel": resolved.kernel,
         "rejected_kernels": resolved.rejected,
         "preflight_verdict": verdict_reuse,
