@@ -61,16 +61,18 @@ def test_strategies_flag_takes_ddp_and_fsdp_only():
 
 @pytest.mark.ray
 def test_bench_workers_trains_under_torchtrainer_at_each_count_and_strategy(tmp_path, cli_env):
+    # Two workers under each strategy through the real TorchTrainer path; the scaling over
+    # several counts is the pure functions' (tests above), so one count keeps CI short.
     out = run_cli(["bench", "--quick", "--skip-kernels", "--skip-training", "--variants", "flash",
-                   "--workers", "1,2", "--strategies", "ddp,fsdp", "--output-dir", str(tmp_path)],
+                   "--workers", "2", "--strategies", "ddp,fsdp", "--output-dir", str(tmp_path)],
                   cli_env, tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     (bench_json,) = tmp_path.glob("bench-*/bench.json")
     report = json.loads(bench_json.read_text())
     rows = report["workers"]
-    assert [(r["strategy"], r["workers"]) for r in rows] == [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)]
+    assert [(r["strategy"], r["workers"]) for r in rows] == [("ddp", 2), ("fsdp", 2)]
     assert all(r["status"] == "succeeded" and r["tokens_per_s"] > 0 for r in rows), rows
-    assert rows[0]["scaling"] == rows[2]["scaling"] == 1.0 and rows[1]["scaling"] > 0
+    assert rows[0]["scaling"] == rows[1]["scaling"] == 1.0  # each against its own smallest count
     assert [c["workers"] for c in report["fsdp_vs_ddp"]] == [2]
     md = next(tmp_path.glob("bench-*/bench.md")).read_text()
     assert "## Worker counts, under Ray Train" in md and "fsdp / best ddp tokens/s at 2 workers:" in md
