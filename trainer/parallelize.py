@@ -65,7 +65,8 @@ def compile_blocks(model: Transformer) -> None:
     """
     # Under DDP, dynamo's DDPOptimizer would split each compiled block at bucket boundaries
     # (3 graphs per block of the 0.95B config); a block is already the unit of overlap here.
-    # 2x H200, 0.95B, 2 workers: 152,364 tok/s without the split vs 149,771 with it.
+    # 2x H200, 0.95B, 2 workers: 152,364 tok/s without the split vs 149,771 with it (two
+    # machines of the same kind, not one: docs/BENCHMARKS.md, 2026-11-28).
     torch._dynamo.config.optimize_ddp = False
     compile_cache.enable()  # before the first compile: a later run of the same shapes reuses it
     for block in model.layers:
@@ -135,7 +136,7 @@ def _wrap_ddp(model: Transformer, device: torch.device) -> nn.Module:
     # Gradients are all-reduced in fp32, overlapped with the backward pass. A bf16 compression
     # hook halves the bytes but adds a cast before and after every bucket on the compute
     # stream; over NVLink that cost more than it saved (2x H200, 0.95B, 2 workers: 153,692
-    # tok/s in fp32 vs 149,771 with the hook).
+    # tok/s in fp32 vs 149,771 with the hook, on two machines of the same kind, not one).
     return ray.train.torch.prepare_model(  # [ray] a no-op move (built on the device), DDP when world > 1
         model, parallel_strategy_kwargs=ddp_options())
 
