@@ -71,6 +71,12 @@ def check_parity(flash: str, standard: str, a: list[dict], b: list[dict], dtype:
                   f"within {rtol:g} ({dtype})", rows)
 
 
+def timed_fastest(r: VariantResult) -> bool:
+    """A flash variant that ran standard attention because it timed fastest, not as a fallback."""
+    timings = r.kernel_timings or {}
+    return r.backend == "standard" and "standard" in timings and min(timings, key=timings.get) == "standard"
+
+
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b else None
 
@@ -181,7 +187,12 @@ def render(summary: RunSummary, plan: Optional[dict], parities: list[Parity], im
     for note in (plan or {}).get("notes", []):
         lines.append(f"- plan: {note}")
     lines += ["", "## Variants", ""] + _variant_table(variants)
-    fell_back = [n for n, r in variants.items() if r.attention == "flash" and r.backend == "standard"]
+    ran_standard = [n for n, r in variants.items() if r.attention == "flash" and r.backend == "standard"]
+    timed = [n for n in ran_standard if timed_fastest(variants[n])]
+    fell_back = [n for n in ran_standard if n not in timed]
+    if timed:
+        lines += ["", f"Note: {', '.join(timed)} asked for flash and ran standard attention: it timed fastest at "
+                      "the run's shape (kernel_timings), so the flash variant took it."]
     if fell_back:
         lines += ["", f"Note: {', '.join(fell_back)} asked for flash but ran the standard kernel "
                       "(no fused kernel passed its check on the workers)."]

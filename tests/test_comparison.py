@@ -156,3 +156,19 @@ def tensorboard_scalars(tb_dir, tag: str) -> dict[int, float]:
                 if v.tag == tag:
                     values[event.step] = v.simple_value
     return values
+
+
+@pytest.mark.parametrize("timings, note", [
+    ({"sdpa_flash": 4.4, "standard": 3.6}, "flash asked for flash and ran standard attention: it timed fastest"),
+    ({}, "flash asked for flash but ran the standard kernel (no fused kernel passed its check"),
+])
+def test_a_flash_variant_on_standard_attention_says_whether_timing_or_a_fallback_chose_it(tmp_path, timings, note):
+    d = _run_dir(tmp_path, LOSSES, LOSSES)
+    summary = RunSummary.model_validate_json((d / "summary.json").read_text())
+    summary.variants["flash"] = summary.variants["flash"].model_copy(update={"backend": "standard",
+                                                                              "kernel_timings": timings})
+    summary.write(d)
+    text = comparison.write(d).path.read_text()
+    assert note in text
+    other = ("it timed fastest" if not timings else "no fused kernel passed")
+    assert other not in text

@@ -97,6 +97,18 @@ def test_selection_by_timing_picks_the_fastest_passing_kernel_and_caches_it(tmp_
     assert (again.kernel, again.timings) == (r.kernel, r.timings)
 
 
+def test_with_the_gpus_memory_standard_attention_is_timed_among_the_fused_kernels(tmp_path):
+    device = torch.device("cuda")
+    shape = kernel_select.Shape(seq_len=1024, micro_batch=8, n_heads=8, n_kv_heads=4, head_dim=64,
+                                dtype="bfloat16", compile=True, n_layers=8)  # configs/llama-small-gpu.yaml
+    pick = kernel_select.picker(shape, device, directory=tmp_path, device_bytes=kernel_select.device_memory(device))
+    r = attention.resolve("flash", device=device, dtype=torch.bfloat16, head_dim=64, n_heads=8, n_kv_heads=4,
+                          pick=pick)
+    assert "standard" in r.timings and len(r.timings) >= 3, r.timings
+    assert r.kernel == min(r.timings, key=r.timings.get)
+    assert (r.fn is attention.standard_attention) == (r.kernel == "standard")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None or _capability() < (8, 9),
                     reason="needs torchao and a GPU of compute capability 8.9+")
 def test_float8_trains_a_few_steps_with_the_loss_going_down():

@@ -130,3 +130,50 @@ def test_past_the_time_budget_the_rest_go_untimed_and_the_partial_choice_is_not_
                                 budget_s=0.01)
     assert pick(_fake_kernels("flash_attn_4", "sdpa_cudnn")) == ("flash_attn_4", {"flash_attn_4": 3.0})
     assert list(tmp_path.glob("*.json")) == []
+
+
+# ---------------------------------------------------------------- standard attention in the field
+
+GPU_BYTES = 80 * 2**30
+
+
+def test_standard_is_timed_only_where_the_whole_models_scores_fit_a_tenth_of_the_gpu():
+    small = Shape(seq_len=1024, micro_batch=8, n_heads=8, n_kv_heads=4, head_dim=64, dtype="bfloat16", compile=True,
+                  n_layers=8)  # configs/llama-small-gpu.yaml: 8 x 8 x 8 x 1024^2 x 6 B = 3 GiB
+    big = Shape(seq_len=4096, micro_batch=4, n_heads=16, n_kv_heads=16, head_dim=128, dtype="bfloat16", compile=True,
+                n_layers=16)  # configs/llama-0.95b.yaml, where standard attention runs out of memory: 96 GiB
+    assert kernel_select.standard_scores_bytes(small) == 3 * 2**30
+    assert kernel_select.times_standard(small, GPU_BYTES)
+    assert not kernel_select.times_standard(big, GPU_BYTES)
+    assert not kernel_select.times_standard(small, None)  # no GPU: nothing to gain, nothing timed
+
+
+def test_standard_attention_timed_fastest_is_the_flash_variants_choice(tmp_path):
+    timer = Timer({"sdpa_cudnn": 4.0, "sdpa_flash": 4.4, "standard": 3.6})
+    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS,
+                                device_bytes=GPU_BYTES)
+    kernel, timings = pick(_fake_kernels("sdpa_cudnn", "sdpa_flash"))
+    assert timer.calls == ["sdpa_cudnn", "sdpa_flash", "standard"]  # standard last: the fused kernels come first
+    assert (kernel, timings) == ("standard", {"sdpa_cudnn": 4.0, "sdpa_flash": 4.4, "standard": 3.6})
+    # The cached choice holds standard too: the next run takes it without timing.
+    again = Timer({"sdpa_cudnn": 1.0, "sdpa_flash": 1.0, "standard": 9.0})
+    repick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=again, directory=tmp_path, versions=VERSIONS,
+                                  device_bytes=GPU_BYTES)
+    assert repick(_fake_kernels("sdpa_cudnn", "sdpa_flash"))[0] == "standard" and again.calls == []
+
+
+def test_one_fused_kernel_and_standard_are_still_a_choice_and_resolve_returns_standard_attention(monkeypatch, tmp_path):
+    monkeypatch.setattr(attention, "flash_candidates", lambda device: ["sdpa_flash_cpu"])
+    timer = Timer({"sdpa_flash_cpu": 2.0, "standard": 1.0})
+    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS,
+                                device_bytes=GPU_BYTES)
+    r = attention.resolve("flash", device=torch.device("cpu"), dtype=torch.float32, head_dim=16, n_heads=4,
+                          n_kv_heads=2, pick=pick)
+    assert r.kernel == "standard" and r.fn is attention.standard_attention
+    assert r.timings == {"sdpa_flash_cpu": 2.0, "standard": 1.0} and r.rejected == {}
+
+
+def test_without_the_gpus_memory_standard_is_not_timed(tmp_path):
+    timer = Timer({"sdpa_cudnn": 4.0, "sdpa_flash": 4.4, "standard": 0.1})
+    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
+    assert pick(_fake_kernels("sdpa_cudnn", "sdpa_flash"))[0] == "sdpa_cudnn" and "standard" not in timer.calls

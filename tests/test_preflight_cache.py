@@ -276,3 +276,17 @@ def test_on_a_gpu_a_real_probe_verdict_is_reused_by_the_worker_and_skips_the_oth
     assert reuse["reused"] is True, reuse
     verdict_kernel = cache.load(Path(raw["cache"]["path"])).entry["verdict"]["flash_kernel"]
     assert resolved.kernel == verdict_kernel and resolved.rejected == {}
+
+
+def test_a_verdict_of_standard_timed_fastest_is_reused_but_not_one_without_its_timing(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    path = _plant_verdict("standard", _worker_settings(), timings={"sdpa_flash_cpu": 2.0, "standard": 1.2})
+    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **WORKER_SHAPE)
+    assert (resolved.kernel, reuse["reused"]) == ("standard", True)
+    assert resolved.fn is attention.standard_attention
+
+    # "standard" with nothing timed is no choice preflight made: the worker chooses afresh.
+    cache.store(path, cache.node_key(_worker_settings()), {"stdout": ""}, {"flash_ok": True, "flash_kernel": "standard"})
+    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **WORKER_SHAPE)
+    assert reuse["reused"] is False and "not a flash candidate" in reuse["why_not"]
+    assert resolved.kernel == attention.resolve("flash", **WORKER_SHAPE).kernel

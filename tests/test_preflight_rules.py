@@ -191,3 +191,15 @@ def test_the_kernel_timed_fastest_at_the_run_shape_wins_over_the_first_in_order(
 def test_a_timed_kernel_that_failed_its_check_is_never_chosen():
     facts = _gpu_facts(kernel_selection={"kernel": "flash_attn_2", "timings": {"flash_attn_2": 1.0}})
     assert rules.verdict(facts).flash_kernel == "sdpa_flash"
+
+
+def test_standard_attention_timed_fastest_is_the_flash_verdict_and_says_so(tmp_path):
+    facts = _gpu_facts(kernel_selection={"kernel": "standard", "timings": {"sdpa_flash": 5.25, "standard": 4.0}})
+    v = rules.verdict(facts)
+    assert (v.flash_ok, v.flash_kernel) == (True, "standard")
+    node = NodeReport("a" * 56, "10.0.0.1", 16, 1, {}, facts, v, 4.2)
+    report = PreflightReport([node], ProbeSettings(head_dim=64, n_heads=8, n_kv_heads=2, seq_len=1024))
+    assert report.outcome_lines() == ["Flash attention: standard attention, timed fastest (4 ms/iter), runner-up "
+                                      "sdpa_flash (5.25 ms) on aaaaaaaa (10.0.0.1)"]
+    assert "flash (standard: timed fastest, 4 ms)" in report.table()[2]
+    assert "flash variant: standard attention, timed fastest at the run's shape" in report.log_text()

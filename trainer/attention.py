@@ -220,5 +220,6 @@ def resolve(
     if not passed:
         log.warning("no flash kernel works on this worker; using standard attention: %s", rejected)
         return Resolved(requested, "standard", standard_attention, rejected)
-    kernel, timings = pick(passed)
-    return Resolved(requested, kernel, passed[kernel], rejected, timings)
+    kernel, timings = pick(passed)  # "standard" when it timed fastest at this shape
+    fn = standard_attention if kernel == "standard" else passed[kernel]
+    return Resolved(requested, kernel, fn, rejected, timings)

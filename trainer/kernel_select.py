@@ -52,6 +52,28 @@ class Shape:
     head_dim: int
     dtype: str  # "bfloat16" | "float32"
     compile: bool
+    n_layers: int = 1  # how many blocks hold attention scores, should standard attention win
+
+
+# Standard attention is timed too, on a GPU, where the whole model's attention scores fit in this
+# share of the GPU's memory: at short sequences the compiled matmul-softmax-matmul can beat the
+# fused kernels (2026-11-28, two H200s, seq 1024, head dim 64: 423,901 against SDPA flash's
+# 406,151 tokens/s), and the flash variant exists to run the fastest attention. Above it the
+# scores a 16-layer model keeps for backward outgrow the GPU before speed matters (seq 4096 x 4
+# on the ~0.95B config: out of memory), so the block timing of one layer would mislead.
+STANDARD_SCORES_SHARE = 0.10
+SCORE_BYTES_PER_ELEMENT = 6  # the bf16 probabilities kept for backward and the fp32 softmax
+
+
+def standard_scores_bytes(shape: Shape) -> int:
+    """Bytes of attention scores standard attention keeps for backward across the model."""
+    return shape.n_layers * shape.micro_batch * shape.n_heads * shape.seq_len ** 2 * SCORE_BYTES_PER_ELEMENT
+
+
+def times_standard(shape: Shape, device_bytes: Optional[int]) -> bool:
+    """Whether standard attention joins the timed candidates (``device_bytes``: the GPU's memory;
+    None on a CPU, where the one fused candidate needs no timing)."""
+    return device_bytes is not None and standard_scores_bytes(shape) <= STANDARD_SCORES_SHARE * device_bytes
 
 
 @dataclass
@@ -96,7 +118,8 @@ def describe(kernel: str, timings: dict[str, float]) -> str:
     """'kernel X (Y ms/iter), runner-up Z (W ms)', or just the kernel when nothing was timed."""
     if kernel not in timings:
         return f"kernel {kernel}"
-    text = f"kernel {kernel} ({timings[kernel]:.3g} ms/iter)"
+    what = "standard attention, timed fastest" if kernel == "standard" else f"kernel {kernel}"
+    text = f"{what} ({timings[kernel]:.3g} ms/iter)"
     second = runner_up(kernel, timings)
     return text + (f", runner-up {second} ({timings[second]:.3g} ms)" if second else "")
 
@@ -210,22 +233,35 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
     return time_ms
 
 
+def device_memory(device: torch.device) -> Optional[int]:
+    """The GPU's memory in bytes (``picker``'s ``device_bytes``); None off a GPU."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def picker(shape: Shape, device: torch.device, *, timer: Optional[Timer] = None, directory: Optional[Path] = None,
-           versions: Optional[dict] = None, budget_s: Optional[float] = None) -> Picker:
+           versions: Optional[dict] = None, budget_s: Optional[float] = None,
+           device_bytes: Optional[int] = None) -> Picker:
     """``trainer.attention.resolve``'s ``pick``: the cached choice for this node and shape if it
-    is still among the kernels that passed, else time them all (when there is a choice)."""
+    is still among the kernels that passed, else time them all (when there is a choice), with
+    standard attention among them where ``times_standard`` lets it (``device_bytes``: the GPU's
+    memory, ``device_memory(device)``; None leaves standard out). The choice may be ``"standard"``."""
 
     def pick(passed: dict[str, AttnFn]) -> tuple[str, dict[str, float]]:
         first = next(iter(passed))
-        if len(passed) == 1:
+        field = dict(passed)
+        if times_standard(shape, device_bytes):
+            from trainer.attention import standard_attention
+
+            field["standard"] = standard_attention
+        if len(field) == 1:
             return first, {}  # nothing to choose: no timing, no compile
         key = cache_key(shape, versions if versions is not None else node_versions(device))
         where = directory if directory is not None else cache_dir()
         cached = load(key, where)
-        if cached is not None and cached.kernel in passed:
+        if cached is not None and cached.kernel in field:
             log.info("attention kernels: cached choice %s (%s)", describe(cached.kernel, cached.timings), where)
             return cached.kernel, cached.timings
-        sel = fastest(passed, timer or block_timer(shape, device), budget_s=budget_s)
+        sel = fastest(field, timer or block_timer(shape, device), budget_s=budget_s)
         if shape.compile and timer is None:
             torch._dynamo.reset()  # the blocks' graphs are no use to the model's compile
         if sel.kernel is None:

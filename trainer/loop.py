@@ -106,13 +106,14 @@ def train_loop_per_worker(config: dict) -> dict:
         compile_mode.set_mode(tc.compile_mode)  # before the first step, where the blocks compile
     shape = kernel_select.Shape(seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, n_heads=margs.n_heads,
                                 n_kv_heads=margs.n_kv_heads, head_dim=margs.head_dim,
-                                dtype=str(dtype).removeprefix("torch."), compile=use_compile)
+                                dtype=str(dtype).removeprefix("torch."), compile=use_compile, n_layers=margs.n_layers)
     resolved, verdict_reuse = verified_kernel.resolve(  # the node's preflight verdict, when it holds
         requested, dtype_setting=tc.dtype, log_dir=Path(spec.out_dir).parent, device=device, dtype=dtype,
         head_dim=margs.head_dim, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
         flash_attn_allowed=not import_guard.installed(), seq_len=tc.seq_len,
-        micro_batch_size=tc.micro_batch_size, compile_setting=str(tc.compile).lower(),
-        pick=kernel_select.picker(shape, device),  # else the fastest at this shape (cached per node)
+        micro_batch_size=tc.micro_batch_size, compile_setting=str(tc.compile).lower(), n_layers=margs.n_layers,
+        # else the fastest at this shape (cached per node), standard attention included where it fits
+        pick=kernel_select.picker(shape, device, device_bytes=kernel_select.device_memory(device)),
     )
     t_attention = time.time()
     if rank == 0 and requested == "flash":

@@ -56,7 +56,7 @@ def _log_wrong_verdict(log_dir: Path, path: Path, kernel: str, error: str, chose
 def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.device, dtype: torch.dtype,
             head_dim: int, n_heads: int, n_kv_heads: int, flash_attn_allowed: bool = True,
             seq_len: int | None = None, micro_batch_size: int = 1, compile_setting: str = "auto",
-            pick: attention.Picker | None = None) -> tuple[attention.Resolved, dict]:
+            n_layers: int = 1, pick: attention.Picker | None = None) -> tuple[attention.Resolved, dict]:
     """(the resolved attention, what became of the node's verdict: reused, or why not).
 
     ``dtype_setting`` and ``compile_setting`` are train.dtype and train.compile as configured,
@@ -76,12 +76,13 @@ def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.
         return afresh(), {"reused": False, "why_not": f"{requested} attention needs no verdict"}
     settings = ProbeSettings(head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype_setting,
                              disable_flash_attn=not flash_attn_allowed, seq_len=seq_len,
-                             micro_batch_size=micro_batch_size, compile=compile_setting)
+                             micro_batch_size=micro_batch_size, compile=compile_setting, n_layers=n_layers)
     path, kernel, why_not, timings = _cached_verdict(settings)
     if kernel is None:
         return afresh(), {"reused": False, "why_not": why_not}
     try:
-        if kernel not in attention.flash_candidates(device):
+        # Standard attention is a choice only where preflight timed it fastest.
+        if kernel not in attention.flash_candidates(device) and not (kernel == "standard" and kernel in timings):
             raise RuntimeError(f"{kernel} is not a flash candidate on {device.type}")
         fn = attention.kernel_fn(kernel)
         attention.check_kernel(fn, **shape)

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from trainer import attention, compile_mode, float8, loss, timing
+from trainer import attention, compile_mode, float8, kernel_select, loss, timing
 from trainer.config import ModelConfig, TrainConfig
 from trainer.dataset import BatchSampler, get_batch, num_windows
 from trainer.model import Transformer
@@ -49,10 +49,18 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         # with dynamic shapes (slower to build and to run) once the sequence length changes.
         torch._dynamo.reset()
         timing.reset_peak_memory(device)
-        if kernel is None:
+        if kernel is None:  # as a training worker chooses: by timing at this shape (trainer/loop.py)
+            shape = kernel_select.Shape(seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, n_heads=margs.n_heads,
+                                        n_kv_heads=margs.n_kv_heads, head_dim=margs.head_dim,
+                                        dtype=str(dtype).removeprefix("torch."), compile=compiled,
+                                        n_layers=margs.n_layers)
             resolved = attention.resolve(attn, device=device, dtype=dtype, head_dim=margs.head_dim,
-                                         n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads)
+                                         n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
+                                         pick=kernel_select.picker(shape, device,
+                                                                   device_bytes=kernel_select.device_memory(device)))
             kernel, fn = resolved.kernel, resolved.fn
+            if resolved.timings:
+                row["kernel_timings"] = resolved.timings
         else:
             row["kernel"] = kernel
             try:

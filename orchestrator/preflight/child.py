@@ -29,7 +29,7 @@ def probe_command(settings: ProbeSettings) -> list[str]:
             "--import-timeout", str(settings.import_timeout_s)]
     if settings.seq_len:
         argv += ["--seq-len", str(settings.seq_len), "--micro-batch", str(settings.micro_batch_size),
-                 "--compile", settings.compile]
+                 "--n-layers", str(settings.n_layers), "--compile", settings.compile]
     return argv + (["--disable-flash-attn"] if settings.disable_flash_attn else [])
 
 

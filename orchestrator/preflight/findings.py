@@ -60,7 +60,8 @@ class NodeReport:
         v = self.verdict
         if v.flash_ok:
             timed = v.kernel_timings.get(v.flash_kernel)
-            verdict = f"flash ({v.flash_kernel}, {timed:.3g} ms)" if timed else f"flash ({v.flash_kernel})"
+            kernel = "standard: timed fastest" if v.flash_kernel == "standard" else v.flash_kernel
+            verdict = f"flash ({kernel}, {timed:.3g} ms)" if timed else f"flash ({kernel})"
             reason = ", ".join(sorted({i.cause.code for i in v.issues})) or "-"
             if reason != "-":
                 reason = f"issues logged: {reason}"
@@ -133,7 +134,9 @@ class PreflightReport:
         for n in self.nodes:
             v = n.verdict
             host = (n.facts or {}).get("hostname", "?")
-            outcome = f"flash attention: {v.flash_kernel}" if v.flash_ok else f"standard attention: {v.reason}"
+            outcome = (f"standard attention: {v.reason}" if not v.flash_ok else
+                       "flash variant: standard attention, timed fastest at the run's shape" if v.flash_kernel == "standard"
+                       else f"flash attention: {v.flash_kernel}")
             lines.append(f"node {n.node_id} ({host}, {n.address}): {outcome}")
             if v.flash_ok and v.kernel_timings:
                 lines.append("  timed at the run's shape: " + ", ".join(f"{k} {ms:.3g} ms" for k, ms in

@@ -276,10 +276,11 @@ def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype) -> 
     compile_on = settings.compile == "true" or (settings.compile == "auto" and device.type == "cuda")
     shape = kernel_select.Shape(seq_len=settings.seq_len, micro_batch=settings.micro_batch,
                                 n_heads=settings.n_heads, n_kv_heads=settings.n_kv_heads, head_dim=settings.head_dim,
-                                dtype=str(dtype).removeprefix("torch."), compile=compile_on)
+                                dtype=str(dtype).removeprefix("torch."), compile=compile_on, n_layers=settings.n_layers)
     started = time.monotonic()
     try:
-        kernel, timings = kernel_select.picker(shape, device, budget_s=settings.timing_budget)(passed)
+        kernel, timings = kernel_select.picker(shape, device, budget_s=settings.timing_budget,
+                                               device_bytes=kernel_select.device_memory(device))(passed)
     except Exception as e:  # timing is an optimisation: the check's order still gives a kernel
         return {"error": tail(_error_text(e)), "seconds": round(time.monotonic() - started, 3)}
     return {"kernel": kernel, "timings": timings, "shape": dataclasses.asdict(shape),
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=d.dtype)
     p.add_argument("--seq-len", type=int, help="time the kernels that pass at this sequence length (the run's)")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch_size, help="... and this micro-batch")
+    p.add_argument("--n-layers", type=int, default=d.n_layers, help="... and this many layers (standard's memory)")
     p.add_argument("--compile", choices=("auto", "true", "false"), default=d.compile, help="as train.compile")
     p.add_argument("--timing-budget", type=float, default=60.0, help="seconds for timing kernels; the rest untimed")
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn")

@@ -22,6 +22,7 @@ class ProbeSettings:
     # The run's real shape, at which the kernels that pass are timed (None: no timing).
     seq_len: Optional[int] = None
     micro_batch_size: int = 1
+    n_layers: int = 1  # whether standard attention's scores would fit, should it time fastest
     compile: str = "auto"  # as train.compile: auto = on GPU
     timeout_s: float = 180.0  # the whole probe on one node
     import_timeout_s: float = 60.0  # one flash-attn import
@@ -41,4 +42,4 @@ def settings_for(cfg: config_mod.RunConfig, variants: list[config_mod.VariantCon
                          n_kv_heads=model.n_kv_heads or model.n_heads, dtype=train_cfg.dtype,
                          disable_flash_attn=disable_flash_attn, seq_len=train_cfg.seq_len,
                          micro_batch_size=train_cfg.micro_batch_size, compile=str(train_cfg.compile).lower(),
-                         **overrides)
+                         n_layers=model.n_layers, **overrides)
