@@ -69,13 +69,37 @@ def test_bench_by_kernel_trains_every_candidate_on_the_same_config_and_names_the
     assert names == ["standard", "sdpa_flash_cpu"]
     rows = training.run(["flash"], [32], model_cfg=cfg.model, train_cfg=cfg.train, tokens=dataset.tokens,
                         vocab_size=dataset.vocab_size, device=device, warmup=1, iters=2, kernels=names)
-    assert [(r["variant"], r["kernel"], r["status"]) for r in rows] == [("standard", "standard", "ok"),
-                                                                         ("flash", "sdpa_flash_cpu", "ok")]
-    fastest = command.fastest_by_seq(rows)
-    assert fastest == {32: max(rows, key=lambda r: r["tokens_per_s"])["kernel"]}
+    # First the flash variant as a worker chooses (one fused kernel on CPU: nothing to time), then every kernel.
+    assert [(r["variant"], r["kernel"], r["status"], r.get("timed_choice")) for r in rows] == [
+        ("flash", "sdpa_flash_cpu", "ok", False), ("standard", "standard", "ok", None),
+        ("flash", "sdpa_flash_cpu", "ok", None)]
+    forced = rows[1:]
+    fastest = command.fastest_by_seq(forced)
+    assert fastest == {32: max(forced, key=lambda r: r["tokens_per_s"])["kernel"]}
+    versus = command.flash_vs_candidates(rows)
+    best = max(forced, key=lambda r: r["tokens_per_s"])
+    assert versus[32]["best"] == best["kernel"]
+    assert versus[32]["vs_best"] == pytest.approx(rows[0]["tokens_per_s"] / best["tokens_per_s"])
+    assert versus[32]["vs_standard"] == pytest.approx(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"])
     md = command.markdown({"started": "now", "command": "bench --kernels all", "environment": {"device": "cpu", "torch": "x"},
-                           "training_by_kernel": rows, "fastest_kernel": fastest})
+                           "training_by_kernel": rows, "fastest_kernel": fastest, "flash_vs_candidates": versus})
     assert "## Training steps by attention kernel" in md and f"fastest: seq 32: {fastest[32]}" in md
+    assert "seq 32: the flash variant (sdpa_flash_cpu)" in md and "x the best candidate" in md
+
+
+def _row(kernel, tps, timed=None, variant="flash"):
+    return {"variant": variant, "kernel": kernel, "seq_len": 1024, "status": "ok", "tokens_per_s": tps,
+            **({} if timed is None else {"timed_choice": timed})}
+
+
+@pytest.mark.parametrize("flash_tps, verdict", [(100.0, "met"), (99.5, "met within run-to-run noise (1%)"),
+                                                (97.0, "not met")])
+def test_the_flash_variant_is_judged_against_the_best_candidate_and_standard(flash_tps, verdict):
+    rows = [_row("standard", flash_tps, timed=True), _row("sdpa_cudnn", 96.0), _row("standard", 100.0, variant="standard"),
+            _row("sdpa_flash", 90.0)]
+    c = command.flash_vs_candidates(rows)[1024]
+    assert (c["chosen"], c["best"], c["verdict"]) == ("standard", "standard", verdict)
+    assert c["vs_standard"] == pytest.approx(flash_tps / 100.0)
 
 
 def test_an_unknown_kernel_is_a_usage_error_listing_the_known_ones():
@@ -97,5 +121,5 @@ def test_a_kernel_whose_package_is_not_installed_is_unavailable_by_name():
     rows = training.run(["flash"], [32], model_cfg=cfg.model, train_cfg=cfg.train, tokens=dataset.tokens,
                         vocab_size=dataset.vocab_size, device=torch.device("cpu"), warmup=1, iters=1,
                         kernels=["flash_attn_2"])  # no flash_attn package on this machine
-    assert [(r["kernel"], r["status"]) for r in rows] == [("flash_attn_2", "unavailable")]
-    assert "flash_attn" in rows[0]["error"]
+    assert [(r["kernel"], r["status"]) for r in rows] == [("sdpa_flash_cpu", "ok"), ("flash_attn_2", "unavailable")]
+    assert "flash_attn" in rows[1]["error"]

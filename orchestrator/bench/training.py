@@ -59,6 +59,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
                                          pick=kernel_select.picker(shape, device,
                                                                    device_bytes=kernel_select.device_memory(device)))
             kernel, fn = resolved.kernel, resolved.fn
+            row["timed_choice"] = bool(resolved.timings)
             if resolved.timings:
                 row["kernel_timings"] = resolved.timings
         else:
@@ -119,8 +120,11 @@ def run(variants: list[str], seq_lens: list[int], *, model_cfg: ModelConfig, tra
         tokens_per_step: int | None = None, on_row=None, kernels: list[str] | None = None) -> list[dict]:
     """Each variant at each sequence length, with micro-batch max(1, tokens_per_step // seq)
     (default: the config's seq_len x micro_batch_size tokens). With ``kernels``, each kernel
-    instead: the end-to-end comparison of every candidate on the same config."""
-    runs = [(k if k == "standard" else "flash", k) for k in kernels] if kernels else [(v, None) for v in variants]
+    instead: the end-to-end comparison of every candidate on the same config, after the flash
+    variant as a worker would choose its kernel (by timing), so the choice is measured against
+    every candidate and standard in the same run."""
+    runs = ([("flash", None)] + [(k if k == "standard" else "flash", k) for k in kernels] if kernels
+            else [(v, None) for v in variants])
     rows = []
     per_step = tokens_per_step or train_cfg.seq_len * train_cfg.micro_batch_size
     for seq in seq_lens:
