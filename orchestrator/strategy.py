@@ -25,7 +25,8 @@ from trainer.model import ModelArgs
 COMFORT_FRACTION = 0.5
 
 _ADVICE = ("lower the model's size, train.micro_batch_size or train.seq_len, set train.activation_checkpointing: "
-           "true, add workers (fsdp shards over them) or raise scaling.memory_headroom")
+           "true (every block; an integer N: every Nth), add workers (fsdp shards over them) or raise "
+           "scaling.memory_headroom")
 
 
 @dataclass(frozen=True)

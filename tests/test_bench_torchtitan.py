@@ -71,6 +71,47 @@ def test_torchtitan_gets_the_8b_yaml_training_settings():
     assert "--compile.enable" in args and "--compile.no-enable" not in args
 
 
+@pytest.mark.parametrize("setting,flags", [
+    (False, ["none"]), (True, ["full"]), (1, ["full"]),
+    (2, ["selective", "--activation_checkpoint.selective_ac_option", "2"]),
+    (4, ["selective", "--activation_checkpoint.selective_ac_option", "4"]),
+])
+def test_activation_checkpointing_is_torchtitans_none_full_or_selective_every_nth_layer(setting, flags):
+    cfg = shape.load(LLAMA3_8B)
+    cfg["train"]["activation_checkpointing"] = setting
+    args = run.titan_overrides(cfg, steps=30, nproc=2)
+    at = args.index("--activation_checkpoint.mode")
+    assert args[at + 1:at + 1 + len(flags)] == flags
+    assert args.count("--activation_checkpoint.selective_ac_option") == (len(flags) > 1)
+
+
+@pytest.mark.parametrize("setting", [0, -1, 1.5, "yes", "2", None])
+def test_an_activation_checkpointing_torchtitan_has_no_flags_for_is_refused_by_name(setting):
+    cfg = shape.load(LLAMA3_8B)
+    cfg["train"]["activation_checkpointing"] = setting
+    with pytest.raises(ValueError, match=r"^train.activation_checkpointing .*: expected false, true or a whole "):
+        run.titan_overrides(cfg, steps=30, nproc=2)
+
+
+def test_torchtitans_selective_layers_are_as_many_as_ours_from_the_other_end(monkeypatch):
+    ac = pytest.importorskip("torchtitan.distributed.activation_checkpoint",
+                             reason="torchtitan is not installed (bench-only)")
+    import torch.nn as nn
+    from torchtitan.config.job_config import ActivationCheckpoint
+
+    from trainer.model import checkpointed
+
+    for n_layers, every in ((32, 2), (32, 4), (32, 3), (5, 2), (4, 1)):
+        monkeypatch.setattr(ac, "_layer_sac_count", 0)  # torchtitan counts layers in a module global
+        layers = [ac._apply_ac_to_transformer_block(nn.Linear(2, 2), ActivationCheckpoint(
+            mode="selective", selective_ac_option=str(every))) for _ in range(n_layers)]
+        titan = [i for i, layer in enumerate(layers) if not isinstance(layer, nn.Linear)]  # wrapped
+        ours = [i for i in range(n_layers) if checkpointed(i, every)]
+        assert titan == [i + every - 1 for i in ours if i + every - 1 < n_layers]
+        if n_layers % every == 0:
+            assert len(titan) == len(ours)
+
+
 def test_the_command_is_torchrun_of_torchtitan_train_with_the_local_assets(tmp_path):
     cmd = run.command(config_file=LLAMA3_8B, out=tmp_path, tokenizer=tmp_path / "tok", data=tmp_path / "data",
                       steps=30, nproc=2, cpu=False, extra=[])

@@ -5,6 +5,7 @@ import yaml
 
 from orchestrator import config
 from orchestrator.errors import UsageError
+from trainer.config import ModelConfig
 
 
 def _load(tmp_path, content: str | bytes):
@@ -28,6 +29,13 @@ def _load(tmp_path, content: str | bytes):
     ("train: {compile: maybe}", "train.compile: Input should be 'auto' or a valid boolean"),
     ("train: {compile: \"off\"}", "train.compile: Input should be 'auto' or a valid boolean"),
     ("model: {tie_embeddings: 1}", "model.tie_embeddings: Input should be a valid boolean"),
+    ("train: {activation_checkpointing: 0}", "train.activation_checkpointing: Input should be false, true or a whole number N >= 1 (checkpoint every Nth block) (got 0)"),
+    ("train: {activation_checkpointing: -1}", "train.activation_checkpointing: Input should be false, true or a whole number N >= 1 (checkpoint every Nth block) (got -1)"),
+    ("train: {activation_checkpointing: 1.5}", "train.activation_checkpointing: Input should be false, true or a whole number N >= 1 (checkpoint every Nth block) (got 1.5)"),
+    ("train: {activation_checkpointing: 2.0}", "train.activation_checkpointing: Input should be false, true or a whole number N >= 1 (checkpoint every Nth block) (got 2.0)"),
+    ("train: {activation_checkpointing: \"yes\"}", "train.activation_checkpointing: Input should be false, true or a whole number N >= 1 (checkpoint every Nth block) (got 'yes')"),
+    ("train: {activation_checkpointing: \"2\"}", "train.activation_checkpointing: Input should be false, true or a whole number N >= 1 (checkpoint every Nth block) (got '2')"),
+    ("train: {activation_checkpointing: null}", "train.activation_checkpointing: Input should be false, true or a whole number N >= 1 (checkpoint every Nth block) (got None)"),
     ("variants: [{name: a, attention: flash}, {name: a, attention: standard}]", "duplicate variant name(s): a"),
     ("variants: [{name: a, attention: flash, train: {lr: 0}}]", "variants[0] (a).train: lr: Input should be greater than 0"),
     ("variants: [{name: a, attention: flash, model: {depth: 3}}]", "variants[0] (a).model"),
@@ -38,6 +46,18 @@ def test_bad_config_is_one_clear_error_naming_file_and_key(tmp_path, content, ex
     assert str(e.value).startswith(str(tmp_path / "c.yaml") + ": ")
     assert expected in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value,stored,every", [("false", False, 0), ("true", True, 1), ("1", True, 1),
+                                               ("2", 2, 2), ("4", 4, 4)])
+def test_activation_checkpointing_is_false_true_or_every_nth_block(tmp_path, value, stored, every):
+    train = _load(tmp_path, f"train: {{activation_checkpointing: {value}}}").train
+    # false stays false (not 0, which is refused) and 1 is true: one value per setting.
+    assert train.activation_checkpointing == stored and type(train.activation_checkpointing) is type(stored)
+    args = ModelConfig().args(vocab_size=10, max_seq_len=8, activation_checkpointing=train.activation_checkpointing)
+    assert args.activation_checkpointing == every  # the model's every-Nth, 0 for none
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        train.activation_checkpointing = 0  # assignment is validated too
 
 
 def test_missing_config_file_and_directory_are_named(tmp_path):

@@ -60,6 +60,23 @@ def test_activation_checkpointing_keeps_block_inputs_and_one_recomputed_block():
     assert ckpt.activations == 1 * 4 * 8 * 8 + 2 * 5248
 
 
+def test_every_nth_block_checkpointing_lies_between_none_and_every_block():
+    four = ModelConfig(dim=8, n_layers=4, n_heads=2, n_kv_heads=1, ffn_hidden=16).args(vocab_size=10, max_seq_len=4)
+    acts = {ac: estimate(four, TrainConfig(seq_len=4, micro_batch_size=2, compile=False, activation_checkpointing=ac),
+                         strategy="ddp", world_size=1, attention="flash", device="cpu").activations
+            for ac in (False, True, 2, 3, 4)}
+    block, block_input = 656 * 8, 4 * 8 * 8  # a block's saved tensors (as above); its fp32 input
+    assert acts[False] == 4 * block + block  # every block's saved tensors + backward workspace
+    assert acts[True] == 4 * block_input + block + block  # + the last block, recomputed first in backward
+    # N=2: blocks 0 and 2 keep their inputs, 1 and 3 all they save. Backward recomputes block 2
+    # after block 3's tensors are freed, so no block is counted twice.
+    assert acts[2] == 2 * block_input + 2 * block + block
+    assert acts[True] < acts[2] < acts[4] < acts[False]  # block 0 alone under N=4
+    assert acts[4] == 1 * block_input + 3 * block + block
+    # N=3: blocks 0 and 3; the last one's recompute comes at once, on top of everything else.
+    assert acts[3] == 2 * block_input + 2 * block + block + block
+
+
 def test_bf16_on_gpu_compiled_halves_what_blocks_keep_and_skips_optimizer_temporaries():
     e = estimate(TINY, TrainConfig(seq_len=4, micro_batch_size=2), strategy="ddp", world_size=1,
                  attention="flash", device="cuda")

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from trainer import model as model_mod
 from trainer.attention import kernel_fn, standard_attention
 from trainer.config import ModelConfig
 from trainer.model import Transformer
@@ -70,15 +72,34 @@ def test_tiny_model_overfits_one_batch(kernel):
     assert first > 4.0 and loss.item() < 0.1
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("setting,blocks", [(True, [0, 1, 2, 3]), (2, [0, 2]), (3, [0, 3]), (4, [0]), (5, [0])])
+def test_activation_checkpointing_recomputes_every_nth_block_with_the_same_loss_and_gradients(
+        monkeypatch, setting, blocks):
+    calls = []
+
+    def counted(fn, *args, **kw):
+        calls.append(fn.__self__)  # fn is a block's bound _body
+        return checkpoint(fn, *args, **kw)
+
+    monkeypatch.setattr(model_mod, "checkpoint", counted)
     torch.manual_seed(1)
-    plain = Transformer(_args(), standard_attention)
-    ckpt_args = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2).args(
-        vocab_size=97, max_seq_len=32, activation_checkpointing=True)
+    plain = Transformer(_args(n_layers=4), standard_attention)
+    ckpt_args = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2).args(
+        vocab_size=97, max_seq_len=32, activation_checkpointing=setting)
     ckpt = Transformer(ckpt_args, standard_attention)
     ckpt.load_state_dict(plain.state_dict())
+    assert [i for i, b in enumerate(ckpt.layers) if b.activation_checkpointing] == blocks
     x = torch.randint(0, 97, (2, 16))
+    losses = []
     for m in (plain, ckpt):
-        m(x, x)[1].backward()
+        loss = m(x, x)[1]
+        loss.backward()
+        losses.append(loss)
+    assert [list(ckpt.layers).index(b) for b in calls] == blocks  # the plain model checkpoints none
+    torch.testing.assert_close(losses[0], losses[1])
     for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
+    calls.clear()
+    with torch.no_grad():
+        ckpt.eval()(x)
+    assert calls == []  # only training recomputes

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from trainer.loss import LossImpl
 from trainer.model import ModelArgs
@@ -46,8 +46,9 @@ class ModelConfig(Strict):
             raise ValueError(f"head dim dim/n_heads ({self.dim // self.n_heads}) must be even for rotary embeddings")
         return self
 
-    def args(self, *, vocab_size: int, max_seq_len: int, activation_checkpointing: bool = False,
+    def args(self, *, vocab_size: int, max_seq_len: int, activation_checkpointing: bool | int = False,
              loss_impl: str = "standard") -> ModelArgs:
+        """``activation_checkpointing``: train.activation_checkpointing (false, true or N)."""
         ffn = self.ffn_hidden or 64 * ((int(8 * self.dim / 3) + 63) // 64)
         return ModelArgs(
             vocab_size=self.vocab_size or vocab_size,
@@ -60,7 +61,7 @@ class ModelConfig(Strict):
             rope_theta=self.rope_theta,
             norm_eps=self.norm_eps,
             tie_embeddings=self.tie_embeddings,
-            activation_checkpointing=activation_checkpointing,
+            activation_checkpointing=int(activation_checkpointing),  # false 0, true 1, N
             loss_impl=loss_impl,
         )
 
@@ -94,7 +95,10 @@ class TrainConfig(Strict):
     log_every: int = Field(1, gt=0)
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     compile: Union[Literal["auto"], StrictBool] = Field("auto", description="torch.compile; auto: on for GPU")
-    activation_checkpointing: StrictBool = False
+    activation_checkpointing: Union[bool, int] = Field(
+        False, description="recompute blocks in backward instead of keeping their activations: true every block; "
+                           "an integer N every Nth block (blocks 0, N, 2N, ..., as many as torchtitan's selective "
+                           "layer option N; 1 is true): fewer recomputes for more memory; false none")
     float8: StrictBool = Field(False, description="fp8 matmuls via torchao (GPUs of compute capability 8.9+; "
                                                   "pip install 'flash-orchestrator[float8]')")
     loss_impl: LossImpl = Field("standard", description="the output head + cross-entropy: standard (full logits), "
@@ -104,6 +108,17 @@ class TrainConfig(Strict):
         "default", description="Inductor's mode for the compiled blocks (with train.compile); max-autotune-no-cudagraphs "
                                "times matmul and kernel configs at the first compile")
     fault: Optional[FaultConfig] = Field(None, description="test hook: kill one rank at one step, once")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _every_nth_block(cls, v):
+        # Checked before pydantic's own coercion, which would read false as 0 (and "2" or 2.0 as 2).
+        # bool first: True == 1 in Python, so true and 1 are one setting, stored as true.
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, int) and v >= 1:
+            return True if v == 1 else v
+        raise ValueError("Input should be false, true or a whole number N >= 1 (checkpoint every Nth block)")
 
     @model_validator(mode="after")
     def _schedule(self) -> "TrainConfig":

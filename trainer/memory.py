@@ -16,7 +16,8 @@ What is counted, in bytes, for the model in ``trainer/model.py`` trained by ``tr
   stream is fp32 under autocast (the embedding and the adds are not autocast ops).
   Standard attention adds its (B, heads, T, T) softmax; the fused kernels keep no T x T matrix.
   Backward needs about one block's worth again for the gradients in flight. Activation
-  checkpointing keeps only each block's input, plus one block being recomputed.
+  checkpointing keeps only each checkpointed block's input (every block, or every Nth), plus
+  the last block being recomputed when it is one of them.
   Under torch.compile fewer tensors are kept (the rest is recomputed in backward).
 - logits: the head's output, held through backward, the fp32 log-softmax and its gradients.
 - the optimizer step's temporaries (AdamW on CPU runs tensor by tensor, with fp32 temporaries
@@ -38,7 +39,7 @@ from typing import Literal
 import torch
 
 from trainer.config import TrainConfig
-from trainer.model import ModelArgs
+from trainer.model import ModelArgs, checkpointed
 from trainer.step import compile_enabled, training_dtype
 
 Strategy = Literal["ddp", "fsdp"]
@@ -163,10 +164,15 @@ def estimate(model: ModelArgs, train: TrainConfig, *, strategy: Strategy, world_
     per_block = _block_bytes_per_token(model, e, train.seq_len, attention, compiled) * tokens
     # Differentiating a block takes about as much again as it saved, for its gradients in flight.
     workspace = per_block
-    if train.activation_checkpointing:
-        activations = model.n_layers * FP32 * model.dim * tokens + per_block + workspace  # one block recomputed
-    else:
-        activations = model.n_layers * per_block + workspace
+    # A checkpointed block keeps only its fp32 input, the others all they save. Backward
+    # recomputes one checkpointed block at a time, and holds the most at the first block it
+    # reaches, the last: a recomputed block adds only when that one is checkpointed (any
+    # other is recomputed after the blocks above it have freed theirs).
+    every = int(train.activation_checkpointing)  # false 0, true 1, N
+    n_ckpt = sum(checkpointed(i, every) for i in range(model.n_layers))
+    recompute = per_block if checkpointed(model.n_layers - 1, every) else 0
+    activations = (n_ckpt * FP32 * model.dim * tokens + (model.n_layers - n_ckpt) * per_block
+                   + recompute + workspace)
     # Final norm (as a block's) and, per vocabulary entry: the head's output held through
     # backward, the fp32 log-softmax, and the two fp32 gradients at the start of backward.
     logits = tokens * (2 * 2 * FP32 * model.dim + model.vocab_size * (e + 3 * FP32))

@@ -32,7 +32,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    activation_checkpointing: bool = False
+    activation_checkpointing: int = 0  # checkpoint every Nth block (see checkpointed); 0 none, 1 all
     loss_impl: str = "standard"  # the head + cross-entropy: standard, chunked or liger (trainer/loss.py)
 
     @property
@@ -111,14 +111,24 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def checkpointed(block: int, every: int) -> bool:
+    """Whether block ``block`` (from 0) recomputes its activations in backward when every
+    ``every``-th block does (0: none): blocks 0, N, 2N, ..., so N=1 is every block. torchtitan's
+    selective layer option (``selective_ac_option`` N) takes as many when N divides the depth,
+    counted from the other end (N-1, 2N-1, ...), which includes the last block: backward
+    recomputes that one first, with everything else still held, so checkpointing it saves no
+    peak memory. Counting from 0 leaves it out whenever N > 1 divides the depth."""
+    return every > 0 and block % every == 0
+
+
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, attn_fn: AttnFn):
+    def __init__(self, args: ModelArgs, attn_fn: AttnFn, activation_checkpointing: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
         self.attn = Attention(args, attn_fn)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
-        self.activation_checkpointing = args.activation_checkpointing
+        self.activation_checkpointing = activation_checkpointing  # this block's, from checkpointed()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # Activation checkpointing inside the block, as torchtitan orders it (checkpoint, then
@@ -140,7 +150,9 @@ class Transformer(nn.Module):
         rng = torch.get_rng_state()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, attn_fn) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(
+            Block(args, attn_fn, activation_checkpointing=checkpointed(i, args.activation_checkpointing))
+            for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.tie_weights()
@@ -190,7 +202,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.tok_embeddings(idx)  # (B, T, d)
         for layer in self.layers:
-            x = layer(x, cos, sin)  # each block checkpoints itself (args.activation_checkpointing)
+            x = layer(x, cos, sin)  # a checkpointed block checkpoints itself (args.activation_checkpointing)
         h = self.norm(x)
         if targets is None:
             return self.output(h)  # (B, T, vocab)

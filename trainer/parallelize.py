@@ -2,8 +2,9 @@
 (every worker holds a shard of each block). The model file knows nothing of this, as in
 torchtitan's ``parallelize_llama``: ``torch.compile`` per block, then ``fully_shard`` per block
 and on the root, in that order. Activation checkpointing is the model's own
-(``train.activation_checkpointing``: ``Transformer.forward`` recomputes each block, so it sits
-outside the compiled block and FSDP's unshard hooks run again for the recompute).
+(``train.activation_checkpointing``: each checkpointed block, every block or every Nth,
+recomputes itself in ``Block.forward``, so the recompute sits inside the compiled block and
+FSDP's hooks outside it).
 
 Both strategies build the model on the meta device (no memory, no init), materialise it on the
 worker's device (``to_empty``) and then replay the model's own init (``Transformer.draw_init``,
@@ -61,7 +62,8 @@ def compile_blocks(model: Transformer) -> None:
 
     Per block rather than the whole model: DDP's bucket hooks and FSDP's all-gathers stay
     outside the compiled graphs, so communication still overlaps the backward pass, and one
-    compiled graph serves every block.
+    compiled graph serves every block (two when every Nth block is checkpointed: with and
+    without the recompute).
     """
     # Under DDP, dynamo's DDPOptimizer would split each compiled block at bucket boundaries
     # (3 graphs per block of the 0.95B config); a block is already the unit of overlap here.

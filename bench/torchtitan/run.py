@@ -43,6 +43,20 @@ def train_settings(cfg: dict) -> dict:
     return {**TRAIN_DEFAULTS, **(cfg.get("train") or {})}
 
 
+def titan_activation_checkpoint(setting) -> list[str]:
+    """torchtitan's flags for our ``train.activation_checkpointing``: false none, true (or 1) full,
+    N selective every Nth layer: as many as ours when N divides the depth, torchtitan's from the
+    other end (trainer/model.py checkpointed)."""
+    if isinstance(setting, bool):
+        return ["--activation_checkpoint.mode", "full" if setting else "none"]
+    if type(setting) is int and setting == 1:
+        return ["--activation_checkpoint.mode", "full"]
+    if type(setting) is int and setting > 1:
+        return ["--activation_checkpoint.mode", "selective",
+                "--activation_checkpoint.selective_ac_option", str(setting)]
+    raise ValueError(f"train.activation_checkpointing {setting!r}: expected false, true or a whole number N >= 1")
+
+
 def titan_overrides(cfg: dict, *, steps: int, nproc: int, cpu: bool = False) -> list[str]:
     """torchtitan CLI overrides that give it our YAML's training settings. On CPU the parameters
     stay fp32, as ours do there: gloo lacks the PREMUL_SUM that FSDP2's bf16 reduction uses."""
@@ -64,7 +78,7 @@ def titan_overrides(cfg: dict, *, steps: int, nproc: int, cpu: bool = False) -> 
         "--lr_scheduler.warmup_steps", str(int(t["warmup_steps"])),
         "--lr_scheduler.min_lr_factor", str(float(t["min_lr"]) / float(t["lr"])),
         "--metrics.log_freq", str(int(t["log_every"])),
-        "--activation_checkpoint.mode", "full" if t["activation_checkpointing"] else "none",
+        *titan_activation_checkpoint(t["activation_checkpointing"]),
         "--compile.enable" if compile_on else "--compile.no-enable",
     ]
 
