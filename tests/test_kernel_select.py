@@ -177,3 +177,19 @@ def test_without_the_gpus_memory_standard_is_not_timed(tmp_path):
     timer = Timer({"sdpa_cudnn": 4.0, "sdpa_flash": 4.4, "standard": 0.1})
     pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
     assert pick(_fake_kernels("sdpa_cudnn", "sdpa_flash"))[0] == "sdpa_cudnn" and "standard" not in timer.calls
+
+
+def test_small_blocks_are_timed_in_groups_queued_back_to_back_as_training_queues_them():
+    assert kernel_select.group_size(0.0018) == 12  # 1.8 ms: 12 iterations make the 20 ms group
+    assert kernel_select.group_size(0.05) == 1  # a big block is timed alone
+    assert kernel_select.group_size(0.0) == kernel_select.MAX_GROUP
+
+
+def test_a_choice_timed_by_another_method_is_timed_again(tmp_path, monkeypatch):
+    timer = Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0})
+    kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)(
+        _fake_kernels("flash_attn_4", "sdpa_cudnn"))
+    monkeypatch.setattr(kernel_select, "TIMER_METHOD", kernel_select.TIMER_METHOD + 1)
+    again = Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 1.0})
+    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=again, directory=tmp_path, versions=VERSIONS)
+    assert pick(_fake_kernels("flash_attn_4", "sdpa_cudnn"))[0] == "sdpa_cudnn" and len(again.calls) == 2
