@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 from orchestrator import runlock
 from orchestrator.errors import UsageError
+from trainer import atomic_write
 
 # Longest file name most filesystems take (ext4, xfs, NFS: 255 bytes); a longer --name would
 # fail only once Ray is up, as a raw OSError.
@@ -77,10 +77,8 @@ def create(output_dir: Path, name: str | None, prefix: str = "run") -> Path:
 
 def write_text(path: Path, text: str) -> None:
     """Write a file atomically: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write.write_text(path, text)
 
 
 def write_json(path: Path, data) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write.write_json(path, data)

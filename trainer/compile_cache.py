@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, MutableMapping, Optional
 
 import torch
 
+from trainer import atomic_write
 from trainer.preprocess import cache_root
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,7 @@ def save_artifacts(path: Path) -> bool:
         if not saved:
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(saved[0])
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)  # gone after the rename; left only by a failed write
+        atomic_write.write_bytes(path, saved[0])
     except Exception as e:  # the run goes on; the next one compiles again
         log.warning("compile cache %s not saved (%s: %s)", path, type(e).__name__, e)
         return False

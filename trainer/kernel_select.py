@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from trainer import timing
+from trainer import atomic_write, timing
 from trainer.attention import AttnFn, Picker
 
 log = logging.getLogger(__name__)
@@ -190,13 +190,11 @@ def load(key: dict, directory: Path) -> Optional[Selection]:
 
 
 def store(key: dict, sel: Selection, directory: Path) -> None:
-    """Write atomically (temp file + rename): concurrent workers on one node never read half a file."""
+    """Write atomically: concurrent workers on one node never read half a file."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        path = _cache_path(key, directory)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "kernel": sel.kernel, "timings": sel.timings}, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write.write_json(_cache_path(key, directory), {"key": key, "kernel": sel.kernel, "timings": sel.timings},
+                                indent=1)
     except OSError as e:  # a read-only home must not stop training
         log.warning("could not write the kernel cache in %s: %s", directory, e)
 

@@ -6,8 +6,8 @@ tensorboardX is the writer: it comes with ray[train] already and needs no Tensor
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from trainer import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per worker-group start: restarts = lines - 1
@@ -40,9 +40,8 @@ class MetricsWriter:
         self.path = out_dir / METRICS_FILE
         # On resume drop what the lost steps wrote, so the file reads as one clean run.
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)  # a new file: followers (orchestrator/progress.py) see the rewrite
+        # A new file: followers (orchestrator/progress.py) see the rewrite.
+        atomic_write.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
         from tensorboardX import SummaryWriter
 

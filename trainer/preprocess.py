@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from trainer import atomic_write
 from trainer.dataset import FORMAT_VERSION, META_FILE, SENTENCEPIECE_FILE, TOKENIZER_FILE, TOKENS_FILE, DataError
 
 log = logging.getLogger(__name__)
@@ -174,9 +175,7 @@ def write_dataset(texts: Iterable[str], output_dir: Path, tokenizer: Tokenizer, 
         "num_tokens": n,
         "sources": sources,
     }
-    tmp = output_dir / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, output_dir / META_FILE)
+    atomic_write.write_json(output_dir / META_FILE, meta)
     return meta
 
 

@@ -26,11 +26,11 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
+from trainer import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +197,7 @@ def load(path: Path) -> Lookup:
 
 def _write(path: Path, entry: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(entry, f, default=str)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write.write_json(path, entry, indent=None)  # a concurrent reader sees the old file or the new one
 
 
 def store(path: Path, key: dict, raw: dict, verdict: dict) -> None:
