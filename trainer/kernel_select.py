@@ -203,10 +203,10 @@ def store(key: dict, sel: Selection, directory: Path) -> None:
 
 
 # Iterations run back to back in one timed group, so the CPU runs ahead of the GPU as it does in
-# training. Timed one at a time, a small block measures the CPU's launches instead: on an H200 at
-# seq 1024, head dim 64 (configs/llama-small-gpu.yaml) that ranked SDPA's memory-efficient kernel
-# first (1.66 ms against SDPA flash's 1.86), and the flash variant then trained 6% slower than with
-# SDPA flash (444,605 against 471,868 tokens/s, 2026-11-28).
+# training, rather than each waiting for the one before. At small blocks this is no cure for noise:
+# on two H200s at seq 1024, head dim 64 (configs/llama-small-gpu.yaml, 2026-11-28) the blocks took
+# 1.7-2.1 ms timed either way, the ranking changed between runs, and the end-to-end differences
+# between kernels were below 1% (docs/BENCHMARKS.md).
 GROUP_S = 0.02
 MAX_GROUP = 64
 
