@@ -49,6 +49,7 @@ def test_ratios_pair_variants_at_the_same_length_only():
     (["--quick", "--sweep", "train.loss_impl=fast"], "--sweep 'train.loss_impl=fast': train.loss_impl: Input should be"),
     (["--quick", "--sweep", "loss_impl=chunked"], "expected comma-separated SECTION.KEY=VALUE"),
     (["--quick", "--float8-check", "--steps", "1"], "--steps (1) must exceed --warmup (1)"),
+    (["--quick", "--repeats", "0"], "--repeats must be at least 1 (got 0)"),
 ])
 def test_bad_bench_flags_are_usage_errors(tmp_path, cli_env, args, message):
     out = run_cli(["bench", *args, "--output-dir", str(tmp_path)], cli_env, tmp_path, timeout=60)
@@ -123,3 +124,38 @@ def test_a_kernel_whose_package_is_not_installed_is_unavailable_by_name():
                         kernels=["flash_attn_2"])  # no flash_attn package on this machine
     assert [(r["kernel"], r["status"]) for r in rows] == [("sdpa_flash_cpu", "ok"), ("flash_attn_2", "unavailable")]
     assert "flash_attn" in rows[1]["error"]
+
+
+def test_repeated_runs_give_one_row_per_entry_at_the_median_with_every_runs_figure():
+    from orchestrator.bench import training
+
+    rows = [_row("sdpa_cudnn", 300.0, timed=True), _row("sdpa_cudnn", 380.0), _row("standard", 340.0, variant="standard"),
+            _row("sdpa_cudnn", 390.0, timed=True), _row("sdpa_cudnn", 379.0), _row("standard", 330.0, variant="standard"),
+            _row("sdpa_cudnn", 385.0, timed=True), _row("sdpa_cudnn", 381.0),
+            {**_row("standard", 0.0, variant="standard"), "status": "oom", "tokens_per_s": None}]
+    out = training.median_rows(rows)
+    # The timed choice and the same kernel forced stay apart; the order is the first run's.
+    assert [(r["variant"], r.get("timed_choice"), r["tokens_per_s"]) for r in out] == [
+        ("flash", True, 385.0), ("flash", None, 380.0), ("standard", None, None)]
+    assert out[0]["tokens_per_s_runs"] == [300.0, 390.0, 385.0]
+    assert out[2]["status"] == "oom"  # failing once is failing
+    table = "\n".join(command._training_table(out))
+    assert f"| {100 * 90 / 385:.1f} |" in table  # the spread of the timed choice's runs
+
+
+def test_repeats_train_the_list_round_robin_on_cpu():
+    import torch
+
+    from orchestrator import config as config_mod
+    from orchestrator.bench import training
+    from trainer import dataset as dataset_mod, preprocess
+
+    cfg = config_mod.validate(command.QUICK, "--quick")
+    dataset = dataset_mod.load_dataset(preprocess.embedded_dataset())
+    order = []
+    rows = training.run(["flash", "standard"], [32], model_cfg=cfg.model, train_cfg=cfg.train, tokens=dataset.tokens,
+                        vocab_size=dataset.vocab_size, device=torch.device("cpu"), warmup=1, iters=1, repeats=2,
+                        on_row=lambda rs: order.append((rs[-1]["variant"], rs[-1]["repeat"])))
+    assert order == [("flash", 0), ("standard", 0), ("flash", 1), ("standard", 1)]
+    assert [r["variant"] for r in rows] == ["flash", "standard"]
+    assert all(len(r["tokens_per_s_runs"]) == 2 and r["tokens_per_s"] in r["tokens_per_s_runs"] for r in rows)

@@ -62,6 +62,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                      "every flash candidate of this device) or a comma-separated list")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator)")
     p.add_argument("--iters", type=int, default=10, help="timed steps; the median is reported")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="train the variants (or --kernels) this many times, round-robin, and report the run of "
+                        "median tokens/s with the spread: for comparisons finer than one run's noise")
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=VALUE[,...]",
@@ -100,14 +103,21 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> list[str]:
     return out
 
 
+def _spread(r: dict) -> float | None:
+    """(max - min) / median tokens/s over a row's repeated runs, in percent."""
+    runs = r.get("tokens_per_s_runs")
+    return 100 * (max(runs) - min(runs)) / r["tokens_per_s"] if runs and len(runs) > 1 else None
+
+
 def _training_table(rows: list[dict]) -> list[str]:
     return _table([dict(r, peak_gib=r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None,
+                        spread_pct=_spread(r),
                         kernel=f"{r.get('kernel')} (timed choice)" if r.get("timed_choice") else r.get("kernel"),
                         mfu_pct=100 * r["mfu"] if r.get("mfu") else None) for r in rows],
                   [("variant", "variant", ""), ("kernel", "kernel", ""), ("seq", "seq_len", "d"),
                    ("micro-batch", "micro_batch", "d"), ("status", "status", ""),
                    ("tokens/s", "tokens_per_s", ",.0f"), ("step s", "step_time_s", ".4f"),
-                   ("MFU %", "mfu_pct", ".1f"), ("peak GiB", "peak_gib", ".1f")])
+                   ("MFU %", "mfu_pct", ".1f"), ("peak GiB", "peak_gib", ".1f"), ("spread %", "spread_pct", ".1f")])
 
 
 def markdown(report: dict) -> str:
@@ -281,6 +291,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     seq_lens = args.seq_lens or ([32, 64] if args.quick else [cfg.train.seq_len])
     kernel_seq_lens = args.kernel_seq_lens or seq_lens
     warmup, iters = (1, 2) if args.quick else (args.warmup, args.iters)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1 (got {args.repeats})")
     if args.sweep:
         from orchestrator.bench import sweep
 
@@ -327,7 +339,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         key = "training_by_kernel" if train_kernels else "training"
         report[key] = training.run(variants, seq_lens, model_cfg=m, train_cfg=cfg.train, tokens=dataset.tokens,
                                    vocab_size=dataset.vocab_size, device=device, warmup=warmup, iters=iters,
-                                   tokens_per_step=args.tokens_per_step, on_row=save_partial(key), kernels=train_kernels)
+                                   tokens_per_step=args.tokens_per_step, on_row=save_partial(key), kernels=train_kernels,
+                                   repeats=args.repeats)
         if train_kernels:
             forced = [r for r in report[key] if r.get("timed_choice") is None]
             report["fastest_kernel"] = fastest_by_seq(forced)

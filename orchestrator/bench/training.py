@@ -117,22 +117,27 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
 
 def run(variants: list[str], seq_lens: list[int], *, model_cfg: ModelConfig, train_cfg: TrainConfig,
         tokens: np.ndarray, vocab_size: int, device: torch.device, warmup: int, iters: int,
-        tokens_per_step: int | None = None, on_row=None, kernels: list[str] | None = None) -> list[dict]:
+        tokens_per_step: int | None = None, on_row=None, kernels: list[str] | None = None,
+        repeats: int = 1) -> list[dict]:
     """Each variant at each sequence length, with micro-batch max(1, tokens_per_step // seq)
     (default: the config's seq_len x micro_batch_size tokens). With ``kernels``, each kernel
     instead: the end-to-end comparison of every candidate on the same config, after the flash
     variant as a worker would choose its kernel (by timing), so the choice is measured against
-    every candidate and standard in the same run."""
+    every candidate and standard in the same run. ``repeats`` > 1 trains the whole list that
+    many times, round-robin (A B C A B C: drift over the run falls on every row alike), and
+    returns one row per entry, the run of median tokens/s (``median_rows``)."""
     runs = ([("flash", None)] + [(k if k == "standard" else "flash", k) for k in kernels] if kernels
             else [(v, None) for v in variants])
-    rows = []
     per_step = tokens_per_step or train_cfg.seq_len * train_cfg.micro_batch_size
-    for seq in seq_lens:
-        mb = max(1, per_step // seq)
-        tc = train_cfg.model_copy(update={"seq_len": seq, "micro_batch_size": mb})
-        for attn, kernel in runs:
+    entries = [(seq, attn, kernel) for seq in seq_lens for attn, kernel in runs]
+    rows = []
+    for repeat in range(repeats):
+        for seq, attn, kernel in entries:
+            mb = max(1, per_step // seq)
+            tc = train_cfg.model_copy(update={"seq_len": seq, "micro_batch_size": mb})
             row = bench_variant(attn, model_cfg=model_cfg, train_cfg=tc, tokens=tokens, vocab_size=vocab_size,
                                 device=device, warmup=warmup, iters=iters, kernel=kernel)
+            row["repeat"] = repeat
             mfu = f", MFU {row['mfu']:.1%}" if row.get("mfu") else ""
             # The peak is measured on CUDA only; a CPU row says so rather than "0 B".
             peak = f"peak {row['peak_mem_bytes'] / 2**30:.1f} GiB" if row.get("peak_mem_bytes") else "peak n/a"
@@ -142,4 +147,29 @@ def run(variants: list[str], seq_lens: list[int], *, model_cfg: ModelConfig, tra
             rows.append(row)
             if on_row:
                 on_row(rows)
-    return rows
+    return median_rows(rows) if repeats > 1 else rows
+
+
+def _entry(row: dict) -> tuple:
+    """What a row is a run of: the variant, the kernel forced (None: the variant's own choice), the length."""
+    forced = row.get("kernel") if row.get("timed_choice") is None else None
+    return row["variant"], forced, row["seq_len"]
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per entry (in first-seen order): its run of median tokens/s (the lower of the two
+    middle ones for an even count), with every run's figure in ``tokens_per_s_runs``. An entry
+    with a failed run keeps that failure: a kernel that fails once is no choice."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_entry(r), []).append(r)
+    out = []
+    for runs in groups.values():
+        failed = next((r for r in runs if r["status"] != "ok"), None)
+        if failed is not None:
+            out.append(failed)
+            continue
+        ranked = sorted(runs, key=lambda r: r["tokens_per_s"])
+        median = ranked[(len(ranked) - 1) // 2]
+        out.append({**median, "tokens_per_s_runs": [r["tokens_per_s"] for r in runs]})
+    return out
