@@ -74,3 +74,26 @@ def test_convert_swaps_every_linear_but_the_head_with_the_recorded_recipe(monkey
     assert float8.RECIPE == "tensorwise"
     granularity = model.layers[1].mlp.w2.config.cast_config_grad_output.scaling_granularity
     assert granularity.value == float8.RECIPE
+
+
+@pytest.mark.parametrize("recipe", float8.RECIPES)
+def test_the_recipe_is_a_train_key_that_converts_with_it(monkeypatch, recipe):
+    pytest.importorskip("torchao")
+    cfg = config_mod.validate({"train": {"float8": True, "float8_recipe": recipe}}, "x.yaml")
+    assert cfg.train.float8_recipe == recipe
+    monkeypatch.setattr(float8, "refusal", lambda use_gpu, caps: None)
+    model = Transformer(ModelArgs(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                                  max_seq_len=16, tie_embeddings=False), lambda q, k, v: q)
+    float8.convert(model, torch.device("cpu"), recipe)
+    granularity = model.layers[0].attn.wq.config.cast_config_input.scaling_granularity.value
+    assert granularity == ("tensorwise" if recipe == "tensorwise" else "axiswise")
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"float8": True, "float8_recipe": "blockwise"}, "train.float8_recipe: Input should be 'tensorwise', 'rowwise'"),
+    ({"float8_recipe": "rowwise"}, "float8_recipe (rowwise) applies only with float8: true"),
+])
+def test_a_bad_or_idle_recipe_is_a_config_error_naming_the_key(train, message):
+    with pytest.raises(Exception) as e:
+        config_mod.validate({"train": train}, "x.yaml")
+    assert message in str(e.value)

@@ -33,7 +33,7 @@ UNTIED_GQA = ModelArgs(vocab_size=96, dim=64, n_layers=2, n_heads=8, n_kv_heads=
                        tie_embeddings=False, activation_checkpointing=True)
 
 
-def _ddp_build(monkeypatch, args: ModelArgs, device: torch.device, seed: int = 7, float8: bool = False):
+def _ddp_build(monkeypatch, args: ModelArgs, device: torch.device, seed: int = 7, float8: str | None = None):
     """The DDP path of ``build`` up to Ray's ``prepare_model`` (which only moves and wraps)."""
     monkeypatch.setattr(parallelize, "_wrap_ddp", lambda model, device: model)
     model, raw = parallelize.build(args, _attn, strategy="ddp", device=device, seed=seed, compile=False, world_size=1,
@@ -123,7 +123,7 @@ def test_float8_layers_are_converted_on_meta_and_get_the_same_replayed_init(monk
     pytest.importorskip("torchao")
     device = torch.device("cuda")
     plain = _ddp_build(monkeypatch, UNTIED_GQA, device)
-    f8 = _ddp_build(monkeypatch, UNTIED_GQA, device, float8=True)
+    f8 = _ddp_build(monkeypatch, UNTIED_GQA, device, float8="tensorwise")
     assert sum(type(m).__name__ == "Float8Linear" for m in f8.modules()) == 7 * UNTIED_GQA.n_layers
     for (name, p), q in zip(f8.named_parameters(), plain.parameters(), strict=True):
         assert torch.equal(p, q), name

@@ -101,6 +101,9 @@ class TrainConfig(Strict):
                            "layer option N; 1 is true): fewer recomputes for more memory; false none")
     float8: StrictBool = Field(False, description="fp8 matmuls via torchao (GPUs of compute capability 8.9+; "
                                                   "pip install 'flash-orchestrator[float8]')")
+    float8_recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
+        "tensorwise", description="torchao's float8 scaling, with train.float8: tensorwise (one scale per tensor, "
+                                  "fastest), rowwise or rowwise_with_gw_hp (per row: more accurate, slower)")
     loss_impl: LossImpl = Field("standard", description="the output head + cross-entropy: standard (full logits), "
                                 "chunked (plain PyTorch, chunk by chunk, no full logits kept) or liger "
                                 "(liger-kernel's fused kernel; CUDA, pip install liger-kernel)")
@@ -124,4 +127,7 @@ class TrainConfig(Strict):
     def _schedule(self) -> "TrainConfig":
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.float8_recipe != "tensorwise" and not self.float8:
+            # Else the run would train in bf16 while the config reads as fp8.
+            raise ValueError(f"float8_recipe ({self.float8_recipe}) applies only with float8: true")
         return self

@@ -17,10 +17,12 @@ log = logging.getLogger(__name__)
 
 MIN_CAPABILITY = (8, 9)
 INSTALL = "pip install 'flash-orchestrator[float8]'"
-# torchao's recipe (``Float8LinearConfig.from_recipe_name``): tensorwise, one dynamic scale per
-# tensor, is the fastest of torchao's three (rowwise and rowwise_with_gw_hp scale per row: more
-# accurate, slower matmuls); torchao's default, named here so the record says what ran.
-RECIPE = "tensorwise"
+# torchao's recipes (``Float8LinearConfig.from_recipe_name``), train.float8_recipe: tensorwise,
+# one dynamic scale per tensor, is the fastest of the three and torchao's default; rowwise and
+# rowwise_with_gw_hp scale per row (more accurate, slower matmuls; the latter keeps the weight
+# gradient's matmul in high precision). The record names the one that ran.
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+RECIPE = "tensorwise"  # the default
 
 
 def refusal(use_gpu: bool, capabilities: list[str]) -> Optional[str]:
@@ -47,8 +49,8 @@ def keep_in_high_precision(module: torch.nn.Module, fqn: str) -> bool:
     return False
 
 
-def convert(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Swap the model's Linear layers (in place) for torchao's Float8Linear."""
+def convert(model: torch.nn.Module, device: torch.device, recipe: str = RECIPE) -> torch.nn.Module:
+    """Swap the model's Linear layers (in place) for torchao's Float8Linear, scaled by ``recipe``."""
     capabilities = []
     if device.type == "cuda":
         capabilities = [".".join(map(str, torch.cuda.get_device_capability(device)))]
@@ -59,15 +61,17 @@ def convert(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         from torchao.float8 import convert_to_float8_training
     except ImportError as e:
         raise ValueError(f"train.float8: true needs torchao ({INSTALL}): {e}") from None
-    convert_to_float8_training(model, config=float8_config(),
+    convert_to_float8_training(model, config=float8_config(recipe),
                                module_filter_fn=lambda m, fqn: not keep_in_high_precision(m, fqn))
     n = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
-    log.info("float8 training: %d Linear layers converted (recipe %s; the output head stays bf16)", n, RECIPE)
+    log.info("float8 training: %d Linear layers converted (recipe %s; the output head stays bf16)", n, recipe)
     return model
 
 
-def float8_config():
-    """torchao's Float8LinearConfig of RECIPE."""
+def float8_config(recipe: str = RECIPE):
+    """torchao's Float8LinearConfig of ``recipe`` (one of RECIPES)."""
     from torchao.float8 import Float8LinearConfig
 
-    return Float8LinearConfig.from_recipe_name(RECIPE)
+    if recipe not in RECIPES:
+        raise ValueError(f"train.float8_recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
+    return Float8LinearConfig.from_recipe_name(recipe)

@@ -143,7 +143,7 @@ def train_loop_per_worker(config: dict) -> dict:
     init_weights = (lambda: hf_checkpoint.load_state_dict(spec.model.init_from, margs)) if spec.model.init_from else None
     model, raw_model = parallelize.build(margs, resolved.fn, strategy=spec.strategy, device=device, seed=tc.seed,
                                          compile=use_compile, world_size=world, init_weights=init_weights,
-                                         float8=tc.float8)
+                                         float8=tc.float8_recipe if tc.float8 else None)
     optimizer = build_optimizer(raw_model, tc, device)
     t_model = time.time()
 

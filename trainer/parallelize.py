@@ -77,12 +77,13 @@ def compile_blocks(model: Transformer) -> None:
 
 def build(args: ModelArgs, attn_fn: AttnFn, *, strategy: Strategy, device: torch.device, seed: int,
           compile: bool, world_size: int, init_weights: Optional[Callable[[], dict]] = None,
-          float8: bool = False) -> tuple[nn.Module, Transformer]:
+          float8: Optional[str] = None) -> tuple[nn.Module, Transformer]:
     """(the model to train, the plain Transformer inside it) for this worker.
 
     ``init_weights`` gives a full state dict to start from (``model.init_from``) instead of the
-    seeded init; under fsdp only rank 0 reads it and broadcasts the shards. ``float8`` converts
-    the Linear layers (``trainer/float8.py``) before compile and sharding.
+    seeded init; under fsdp only rank 0 reads it and broadcasts the shards. ``float8``, a recipe
+    (train.float8_recipe) or None, converts the Linear layers (``trainer/float8.py``) before
+    compile and sharding.
     """
     if strategy == "fsdp":
         check_shardable(args, world_size)
@@ -101,7 +102,7 @@ def build(args: ModelArgs, attn_fn: AttnFn, *, strategy: Strategy, device: torch
     return _wrap_ddp(raw, device), raw
 
 
-def _on_meta(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, float8: bool) -> Transformer:
+def _on_meta(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, float8: Optional[str]) -> Transformer:
     """The model's structure without memory or init; float8 swaps its Linear layers first, so
     the init is replayed into the layers that train."""
     with torch.device("meta"):
@@ -109,7 +110,7 @@ def _on_meta(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, float8: 
     if float8:
         from trainer import float8 as float8_mod
 
-        float8_mod.convert(model, device)
+        float8_mod.convert(model, device, float8)
     return model
 
 
@@ -153,7 +154,7 @@ def mixed_precision(device: torch.device):
 
 
 def _build_fsdp(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, seed: int, compile: bool,
-                float8: bool = False) -> Transformer:
+                float8: Optional[str] = None) -> Transformer:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -46,7 +46,7 @@ def worker_result(*, spec, requested: str, kernel: str, env: dict, workers: list
                   device: torch.device, world: int, dtype: torch.dtype, compiled: bool, params: int,
                   flops_per_token: float, tokens_per_step: int, timeline: dict,
                   kernel_timings: dict | None = None, peak_tflops: float | None = None) -> dict:
-    from trainer import float8, timing
+    from trainer import timing
 
     median_step = times.steady_median()
     peak, peak_kind = peak_memory_bytes(device)
@@ -68,7 +68,7 @@ def worker_result(*, spec, requested: str, kernel: str, env: dict, workers: list
                          peak_tflops),
         "kernel_timings": kernel_timings or {},
         "float8": spec.train.float8,
-        "float8_recipe": float8.RECIPE if spec.train.float8 else None,
+        "float8_recipe": spec.train.float8_recipe if spec.train.float8 else None,
         "loss_impl": spec.train.loss_impl,
         "compile_mode": spec.train.compile_mode if compiled else None,
         "peak_mem_bytes": peak,

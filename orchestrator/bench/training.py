@@ -40,7 +40,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
            "grad_accum": tc.grad_accum_steps, "compile": compiled,
            "activation_checkpointing": tc.activation_checkpointing, "dtype": str(dtype).removeprefix("torch."),
            "loss_impl": tc.loss_impl, "compile_mode": tc.compile_mode if compiled else None,
-           "float8": tc.float8, "float8_recipe": float8.RECIPE if tc.float8 else None}
+           "float8": tc.float8, "float8_recipe": tc.float8_recipe if tc.float8 else None}
     if schedule:
         tc = tc.model_copy(update={"max_steps": warmup + iters})
     model = optimizer = stepper = None
@@ -74,7 +74,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         torch.manual_seed(tc.seed)
         model = Transformer(margs, fn).to(device)
         if tc.float8:
-            float8.convert(model, device)
+            float8.convert(model, device, tc.float8_recipe)
         optimizer = build_optimizer(model, tc, device)
         if compiled:
             compile_blocks(model)
