@@ -229,6 +229,7 @@ def _worker(rank: int, world: int, port: int, directory: str, step: bool) -> Non
                              checkpoint.sharded_state(model, optimizer)["optimizer"]["state"].items()}}
         if rank == 0:
             torch.save(after, Path(directory) / f"after_{'save' if step else 'load'}.pt")
+        dist.barrier()  # both ranks past their last collective: gloo aborts a rank torn down mid-send
     finally:
         dist.destroy_process_group()
 

@@ -51,11 +51,20 @@ def _stop(driver_pid: int) -> None:
 
 
 _started = False
+_driver: psutil.Process | None = None  # the watched driver, once start() found one
+
+
+def ensure_alive() -> None:
+    """Stop this worker now if the watched driver is gone. Called before a checkpoint is begun:
+    the watch thread polls every POLL_S, and on a loaded machine may run later still, while a
+    save begun after the driver died would write a checkpoint that belongs to no run."""
+    if _driver is not None and not _alive(_driver):
+        _stop(_driver.pid)
 
 
 def start(environ=None) -> bool:
     """Start the watch in this worker (once per process); False when there is nothing to watch."""
-    global _started
+    global _started, _driver
     raw = (os.environ if environ is None else environ).get(ENV)
     if _started or not raw:
         return False
@@ -73,5 +82,5 @@ def start(environ=None) -> bool:
         log.warning("%s=%r: not understood; not watching the driver", ENV, raw)
         return False
     threading.Thread(target=_watch, args=(driver,), name="driver-watch", daemon=True).start()
-    _started = True
+    _started, _driver = True, driver
     return True

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint
+from trainer import checkpoint, driver_watch
 from trainer.config import FaultConfig
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class Saver:
         taken by a corrupt checkpoint Ray still lists (the next interval saves again)."""
         import ray.train  # [ray]
 
+        driver_watch.ensure_alive()  # a save begun after the driver died would belong to no run
         name = checkpoint.checkpoint_name(step)
         directory = self.storage_dir / name
         skip = _broadcast(self._prepare(directory) if self.rank == 0 else None, self.world)
