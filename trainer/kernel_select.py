@@ -55,6 +55,13 @@ class Shape:
     compile: bool
     n_layers: int = 1  # how many blocks hold attention scores, should standard attention win
 
+    @classmethod
+    def of_run(cls, margs, *, seq_len: int, micro_batch: int, dtype: torch.dtype, compile: bool) -> "Shape":
+        """The shape a training run times its kernels at (``margs``: the model's ModelArgs)."""
+        return cls(seq_len=seq_len, micro_batch=micro_batch, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
+                   head_dim=margs.head_dim, dtype=str(dtype).removeprefix("torch."), compile=compile,
+                   n_layers=margs.n_layers)
+
 
 # Standard attention is timed too, on a GPU, where the whole model's attention scores fit in this
 # share of the GPU's memory: at short sequences the compiled matmul-softmax-matmul can beat the

@@ -104,9 +104,8 @@ def train_loop_per_worker(config: dict) -> dict:
     use_compile = compile_enabled(tc, device)
     if use_compile:
         compile_mode.set_mode(tc.compile_mode)  # before the first step, where the blocks compile
-    shape = kernel_select.Shape(seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, n_heads=margs.n_heads,
-                                n_kv_heads=margs.n_kv_heads, head_dim=margs.head_dim,
-                                dtype=str(dtype).removeprefix("torch."), compile=use_compile, n_layers=margs.n_layers)
+    shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, dtype=dtype,
+                                       compile=use_compile)
     resolved, verdict_reuse = verified_kernel.resolve(  # the node's preflight verdict, when it holds
         requested, dtype_setting=tc.dtype, log_dir=Path(spec.out_dir).parent, device=device, dtype=dtype,
         head_dim=margs.head_dim, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,

@@ -50,10 +50,8 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         torch._dynamo.reset()
         timing.reset_peak_memory(device)
         if kernel is None:  # as a training worker chooses: by timing at this shape (trainer/loop.py)
-            shape = kernel_select.Shape(seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, n_heads=margs.n_heads,
-                                        n_kv_heads=margs.n_kv_heads, head_dim=margs.head_dim,
-                                        dtype=str(dtype).removeprefix("torch."), compile=compiled,
-                                        n_layers=margs.n_layers)
+            shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size,
+                                               dtype=dtype, compile=compiled)
             resolved = attention.resolve(attn, device=device, dtype=dtype, head_dim=margs.head_dim,
                                          n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
                                          pick=kernel_select.picker(shape, device,
