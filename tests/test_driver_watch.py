@@ -16,7 +16,7 @@ def test_a_save_begun_after_the_driver_died_stops_the_worker_first(monkeypatch):
         me = psutil.Process(driver.pid)
         stopped = []
         monkeypatch.setattr(driver_watch, "_stop", stopped.append)
-        monkeypatch.setattr(driver_watch, "_started", False)
+        monkeypatch.setattr(driver_watch, "_driver", None)
         monkeypatch.setattr(driver_watch, "POLL_S", 3600.0)  # the thread would not see it in time
         env = {driver_watch.ENV: json.dumps({"pid": driver.pid, "host": platform.node(),
                                              "create_time": me.create_time()})}

@@ -50,8 +50,7 @@ def _stop(driver_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)  # no cleanup: anything written now would belong to no run
 
 
-_started = False
-_driver: psutil.Process | None = None  # the watched driver, once start() found one
+_driver: psutil.Process | None = None  # the watched driver, once start() began watching it
 
 
 def ensure_alive() -> None:
@@ -64,9 +63,9 @@ def ensure_alive() -> None:
 
 def start(environ=None) -> bool:
     """Start the watch in this worker (once per process); False when there is nothing to watch."""
-    global _started, _driver
+    global _driver
     raw = (os.environ if environ is None else environ).get(ENV)
-    if _started or not raw:
+    if _driver is not None or not raw:
         return False
     try:
         me = json.loads(raw)
@@ -82,5 +81,5 @@ def start(environ=None) -> bool:
         log.warning("%s=%r: not understood; not watching the driver", ENV, raw)
         return False
     threading.Thread(target=_watch, args=(driver,), name="driver-watch", daemon=True).start()
-    _started, _driver = True, driver
+    _driver = driver
     return True
