@@ -113,3 +113,18 @@ def test_an_sdpa_kernel_refusing_native_gqa_is_kept_with_k_and_v_repeated(monkey
                               head_dim=16, n_heads=8, n_kv_heads=2)
     q, k, v = (t.float() for t in _qkv(1, 8, 2, 9, 16))
     torch.testing.assert_close(fn(q, k, v), attention.standard_attention(q, k, v), atol=1e-5, rtol=1e-4)
+
+
+def test_fa2_in_a_flash_attn_4_only_namespace_is_not_installed_not_an_error(monkeypatch):
+    """flash-attn-4 alone installs ``flash_attn`` with only ``.cute``: FA2 is then unavailable,
+    as a missing package is (bench rows say "unavailable"), with the message preflight classifies."""
+    import sys
+    import types
+
+    from orchestrator.preflight import rules
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    with pytest.raises(ImportError) as err:
+        attention.kernel_fn("flash_attn_2")
+    assert "flash-attn-4 alone" in str(err.value)
+    assert rules.classify(str(err.value)).code == "not_installed"

@@ -62,8 +62,8 @@ def test_torchtitan_gets_the_8b_yaml_training_settings():
     args = run.titan_overrides(shape.load(LLAMA3_8B), steps=30, nproc=2)
     opts = dict(zip(args[::2], args[1::2]))
     assert opts["--training.seq_len"] == "4096"
-    assert opts["--training.local_batch_size"] == "1"
-    assert opts["--training.global_batch_size"] == "2"
+    assert opts["--training.local_batch_size"] == "2"  # micro-batch 2 per GPU
+    assert opts["--training.global_batch_size"] == "4"  # over 2 GPUs
     assert opts["--training.mixed_precision_param"] == "bfloat16"
     assert opts["--activation_checkpoint.mode"] == "full"
     assert opts["--metrics.log_freq"] == "10"

@@ -74,7 +74,10 @@ def _flash_attn_package(module: str) -> AttnFn:
     if module == "flash_attn_3":
         func = importlib.import_module("flash_attn_interface").flash_attn_func
     else:
-        func = importlib.import_module("flash_attn").flash_attn_func
+        func = getattr(importlib.import_module("flash_attn"), "flash_attn_func", None)
+        if func is None:  # a namespace without FA2: flash-attn-4 alone installs flash_attn.cute only
+            raise ImportError("module 'flash_attn' has no attribute 'flash_attn_func' "
+                              "(flash-attn-4 alone installs flash_attn.cute only: FA2 is not installed)")
 
     def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)

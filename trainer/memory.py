@@ -8,9 +8,10 @@ What is counted, in bytes, for the model in ``trainer/model.py`` trained by ``tr
 - model state: fp32 parameters (the master copy under bf16 autocast), fp32 gradients and
   AdamW's two fp32 moments, 16 bytes per parameter. ``ddp`` holds all of it on every worker
   (DDP's buckets are the gradients themselves: ``gradient_as_bucket_view``). ``fsdp`` holds
-  1/world of it, plus what FSDP2 gathers: the root (embedding, final norm, head) with its
-  unsharded gradients for the whole pass, and two blocks (the one computing and the one
-  prefetched) with theirs.
+  1/world of it, plus what FSDP2 gathers in the compute dtype: the root's parameters
+  (embedding, final norm, head: the root is not resharded between forward and backward) and
+  two blocks' (the one computing and the one prefetched), and, at the end of backward, the
+  root's unsharded gradients with their fp32 copy for the reduce-scatter (``reduce``).
 - activations saved for backward at the micro-batch and sequence length, per block, counted
   tensor by tensor from the model's forward (see ``_block_bytes_per_token``). The residual
   stream is fp32 under autocast (the embedding and the adds are not autocast ops).
@@ -25,10 +26,12 @@ What is counted, in bytes, for the model in ``trainer/model.py`` trained by ``tr
   context and communication buffers on a GPU; the interpreter, torch and Ray on a CPU).
 
 The peak: backward frees a block's activations as it makes that block's gradients, so the two
-trade places, and their sum is largest at one end: at the start of backward (all activations
-and the logits) or at the optimizer step (all gradients, and the step's temporaries). Under
-DDP with several workers the gradients live in DDP's buckets for the whole run, so they add.
-The README states the accuracy against measured peaks.
+trade places, and their sum is largest at one end: at the start of backward (all activations,
+the logits and, under fsdp, the gathered parameters) or at its end (all gradients, with the
+root's reduce-scatter in flight under fsdp, or the optimizer step's temporaries). Under DDP
+with several workers the gradients live in DDP's buckets for the whole run, so they add.
+The README states the accuracy against measured peaks (FSDP: the Llama-3-8B shape on two
+H200s, where the end of backward is the peak at micro-batch 1 and the start at 2).
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ class MemoryEstimate:
     params: int
     grads: int
     optimizer: int
-    gathered: int  # fsdp: the unsharded units in flight; 0 for ddp
+    gathered: int  # fsdp: the unsharded parameters in flight at the start of backward; 0 for ddp
+    reduce: int  # fsdp: the root's unsharded gradients and their fp32 copy at the end of backward; 0 for ddp
     activations: int
     logits: int
     step_temp: int  # the optimizer step's temporaries
@@ -80,15 +84,16 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        fixed = self.params + self.optimizer + self.gathered + self.runtime
-        backward_start, step = self.activations + self.logits, self.step_temp
+        fixed = self.params + self.optimizer + self.runtime
+        backward_start = self.gathered + self.activations + self.logits
         if self.grads_resident:
-            return fixed + self.grads + max(backward_start, step)
-        return fixed + max(backward_start, self.grads + step)
+            return fixed + self.grads + max(backward_start, self.step_temp)
+        return fixed + max(backward_start, self.grads + max(self.reduce, self.step_temp))
 
     def describe(self) -> str:
         parts = [("params", self.params), ("grads", self.grads), ("optimizer", self.optimizer),
-                 ("gathered", self.gathered), ("activations", self.activations), ("logits", self.logits),
+                 ("gathered", self.gathered), ("reduce", self.reduce), ("activations", self.activations),
+                 ("logits", self.logits),
                  ("runtime", self.runtime)]
         inner = " + ".join(f"{name} {gib(v)}" for name, v in parts if v)
         return f"{gib(self.total)} per worker under {self.strategy} x{self.world_size} ({inner})"
@@ -152,13 +157,14 @@ def estimate(model: ModelArgs, train: TrainConfig, *, strategy: Strategy, world_
     n, block, root = param_counts(model)
     shard = world_size if strategy == "fsdp" else 1
     params, grads, optimizer = FP32 * n // shard, FP32 * n // shard, 2 * FP32 * n // shard
-    gathered = 0
+    gathered = reduce = 0
     if strategy == "fsdp":
-        # Parameters and unsharded gradients in the compute dtype; a block's gradients also get
-        # the fp32 copy that is reduce-scattered under mixed precision (the root's come at the
-        # very end of backward, when the activations are gone).
-        per_block_param = 2 * e + (FP32 if e != FP32 else 0)
-        gathered = root * 2 * e + FSDP_UNITS_IN_FLIGHT * block * per_block_param
+        # Gathered parameters are in the compute dtype. The root's gradients come last, when
+        # every sharded gradient is there and the activations are gone: unsharded in the
+        # compute dtype, plus the fp32 copy that mixed precision reduce-scatters. A block's
+        # own, reduced while backward goes on, trade places with its activations.
+        gathered = (root + FSDP_UNITS_IN_FLIGHT * block) * e
+        reduce = root * (e + (FP32 if e != FP32 else 0))
 
     tokens = train.micro_batch_size * train.seq_len
     per_block = _block_bytes_per_token(model, e, train.seq_len, attention, compiled) * tokens
@@ -179,7 +185,7 @@ def estimate(model: ModelArgs, train: TrainConfig, *, strategy: Strategy, world_
     largest = max(model.vocab_size * model.dim, model.dim * model.ffn_hidden)
     step_temp = 0 if device == "cuda" else 2 * FP32 * largest // shard
     return MemoryEstimate(strategy=strategy, world_size=world_size, dtype="bf16" if e == 2 else "fp32",
-                          params=params, grads=grads, optimizer=optimizer, gathered=gathered,
+                          params=params, grads=grads, optimizer=optimizer, gathered=gathered, reduce=reduce,
                           activations=activations, logits=logits,
                           step_temp=step_temp, runtime=RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"],
                           # Ray wraps the model in DDP only for several workers (prepare_model).
