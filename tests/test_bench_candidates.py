@@ -129,3 +129,14 @@ def test_bench_quick_with_a_sweep_and_the_float8_check_writes_both_sections(tmp_
     md = (bench_dir / "bench.md").read_text()
     assert "## Candidates against the baseline" in md and "## float8 against bf16" in md
     assert "float8 check after 3 steps: not measured" in md
+
+
+def test_float8_on_data_read_more_than_once_is_inconclusive_and_says_what_corpus_it_needs():
+    assert float8_check.data_passes(64_000, 200, 16_384) == pytest.approx(51.2)
+    out = float8_check.compare(_row([4.0] * 10, 100.0), _row([5.0] * 10, 116.0), passes=51.2)
+    assert out["verdict"] == "inconclusive" and out["loss_ok"] is False and out["data_passes"] == 51.2
+    line = float8_check.verdict_line({**out, "steps": 200, "tokens_per_step": 16_384})
+    assert "INCONCLUSIVE" in line and "read their data 51.2 times over" in line
+    assert "a corpus of at least 3,276,800 tokens" in line
+    # Read once at most: the tolerance decides.
+    assert float8_check.compare(_row([4.0] * 10, 100.0), _row([5.0] * 10, 116.0), passes=0.5)["verdict"] == "fail"
