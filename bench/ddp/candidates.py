@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import socket
 import statistics
 import time
@@ -117,7 +118,8 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
         times.append(time.perf_counter() - t)
     table = None
     if profile:  # every rank steps (the collectives need both); rank 0 records
-        from torch.profiler import ProfilerActivity, profile as prof_ctx
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof_ctx
 
         activities = [ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
         with prof_ctx(activities=activities) as prof:
@@ -155,7 +157,7 @@ def run_variant(name: str, world: int, change: dict, *, steps: tuple[int, int] =
     while res is None and time.time() - t0 < TIMEOUT_S:
         try:
             res = q.get(timeout=2)
-        except Exception:  # queue.Empty: still running, unless a rank died
+        except queue.Empty:  # still running, unless a rank died
             if any(p.exitcode not in (None, 0) for p in procs):
                 res = {"error": f"exit codes {[p.exitcode for p in procs]}"}
     res = res or {"error": f"no result within {TIMEOUT_S} s"}

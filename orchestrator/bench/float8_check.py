@@ -16,7 +16,7 @@ The data must not repeat. A model that reads its corpus several times over memor
 then the loss measures how fast each run memorises, not float8's numerics (seen on two H200s
 on 2026-11-28: the embedded corpus read 25 times in 200 steps, bf16 at 0.73 nats). When the
 steps would read the data more than once, the verdict is ``inconclusive``, with the size of
-corpus the check needs (``data.path``, from ``orchestrator preprocess``).
+corpus the check needs (``data.path``; ``python3 -m bench.corpus`` builds one from local text).
 """
 
 from __future__ import annotations
@@ -141,5 +141,5 @@ def verdict_line(report: dict) -> str:
     if report["verdict"] == "inconclusive":
         need = report["steps"] * report["tokens_per_step"] if report.get("tokens_per_step") else None
         line += (f". {report['reason'][0].upper()}{report['reason'][1:]}: give data.path a corpus of at least "
-                 f"{need:,} tokens (orchestrator preprocess)" if need else f" ({report['reason']})")
+                 f"{need:,} tokens (python3 -m bench.corpus DIR builds one from local files)" if need else f" ({report['reason']})")
     return line
