@@ -14,6 +14,8 @@ from trainer.model import ModelArgs
 # The attentions a variant can ask for; trainer/attention.py resolves each to a kernel.
 AttentionName = Literal["flash", "standard"]
 ATTENTIONS: tuple[str, ...] = get_args(AttentionName)
+# torchao's float8 scaling recipes (train.float8_recipe; trainer/float8.py converts with them).
+Float8Recipe = Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"]
 
 
 class Strict(BaseModel):
@@ -101,7 +103,7 @@ class TrainConfig(Strict):
                            "layer option N; 1 is true): fewer recomputes for more memory; false none")
     float8: StrictBool = Field(False, description="fp8 matmuls via torchao (GPUs of compute capability 8.9+; "
                                                   "pip install 'flash-orchestrator[float8]')")
-    float8_recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
+    float8_recipe: Float8Recipe = Field(
         "tensorwise", description="torchao's float8 scaling, with train.float8: tensorwise (one scale per tensor, "
                                   "fastest), rowwise or rowwise_with_gw_hp (per row: more accurate, slower)")
     loss_impl: LossImpl = Field("standard", description="the output head + cross-entropy: standard (full logits), "

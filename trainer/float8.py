@@ -9,9 +9,11 @@ refused before launch (``refusal``), and again in the worker (``convert``).
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, get_args
 
 import torch
+
+from trainer.config import Float8Recipe
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,7 @@ INSTALL = "pip install 'flash-orchestrator[float8]'"
 # one dynamic scale per tensor, is the fastest of the three and torchao's default; rowwise and
 # rowwise_with_gw_hp scale per row (more accurate, slower matmuls; the latter keeps the weight
 # gradient's matmul in high precision). The record names the one that ran.
-RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+RECIPES: tuple[str, ...] = get_args(Float8Recipe)
 RECIPE = "tensorwise"  # the default
 
 
