@@ -91,6 +91,15 @@ def build(args: ModelArgs, attn_fn: AttnFn, *, strategy: Strategy, device: torch
         if init_weights is not None:
             _load_full_state(model, init_weights)
         return model, model
+    raw = build_replica(args, attn_fn, device=device, seed=seed, compile=compile, init_weights=init_weights,
+                        float8=float8)
+    return _wrap_ddp(raw, device), raw
+
+
+def build_replica(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, seed: int, compile: bool,
+                  init_weights: Optional[Callable[[], dict]] = None, float8: Optional[str] = None) -> Transformer:
+    """The whole model on this device, as DDP replicates it: built on meta, allocated here, the
+    seeded init replayed (or ``init_weights`` loaded), blocks compiled; not yet wrapped."""
     raw = _on_meta(args, attn_fn, device=device, float8=float8)
     raw.to_empty(device=device)
     raw.tie_weights()
@@ -99,7 +108,7 @@ def build(args: ModelArgs, attn_fn: AttnFn, *, strategy: Strategy, device: torch
         raw.load_state_dict(init_weights())
     if compile:
         compile_blocks(raw)
-    return _wrap_ddp(raw, device), raw
+    return raw
 
 
 def _on_meta(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, float8: Optional[str]) -> Transformer:

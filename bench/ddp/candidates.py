@@ -3,9 +3,10 @@
     python3 -m bench.ddp.candidates OUT.json [--only 1gpu,base,...] [--profile]
 
 Every variant spawns its own processes (one per GPU) that build the model as a training worker
-does (``trainer.parallelize``: on meta, drawn on the device, blocks compiled), wrap it in plain
-``DistributedDataParallel`` with ``parallelize.ddp_options()`` plus the variant's change, and
-time ``trainer.step.Stepper`` on a fixed random batch of the ~0.95B config (seq 4096 x 4):
+does (``trainer.parallelize.build_replica``: on meta, drawn on the device, blocks compiled),
+wrap it in plain ``DistributedDataParallel`` with ``parallelize.ddp_options()`` plus the
+variant's change, and time ``trainer.step.Stepper`` on a fixed random batch of the ~0.95B
+config (seq 4096 x 4):
 median step after warm-up, tokens/s over all GPUs. Environment variables (NCCL's) are set
 before the process group starts. ``--profile`` prints rank 0's CUDA kernel table for 3 steps.
 
@@ -88,12 +89,7 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
                                          activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
     fn = attention.checked_fn("sdpa_cudnn" if gpu else "standard", device=dev, dtype=dtype, head_dim=m.head_dim,
                               n_heads=m.n_heads, n_kv_heads=m.n_kv_heads)
-    raw = parallelize._on_meta(m, fn, device=dev, float8=None)
-    raw.to_empty(device=dev)
-    raw.tie_weights()
-    parallelize.init_replayed(raw, dev, 0)
-    if gpu:
-        parallelize.compile_blocks(raw)
+    raw = parallelize.build_replica(m, fn, device=dev, seed=0, compile=gpu)
     model = raw
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[rank] if gpu else None,
