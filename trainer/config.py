@@ -125,6 +125,11 @@ class TrainConfig(Strict):
             return True if v == 1 else v
         raise ValueError("Input should be false, true or a whole number N >= 1 (checkpoint every Nth block)")
 
+    @property
+    def tokens_per_step(self) -> int:
+        """The tokens one worker trains on per optimizer step."""
+        return self.micro_batch_size * self.grad_accum_steps * self.seq_len
+
     @model_validator(mode="after")
     def _schedule(self) -> "TrainConfig":
         if self.min_lr > self.lr:

@@ -93,8 +93,7 @@ class MemoryEstimate:
     def describe(self) -> str:
         parts = [("params", self.params), ("grads", self.grads), ("optimizer", self.optimizer),
                  ("gathered", self.gathered), ("reduce", self.reduce), ("activations", self.activations),
-                 ("logits", self.logits),
-                 ("runtime", self.runtime)]
+                 ("logits", self.logits), ("runtime", self.runtime)]
         inner = " + ".join(f"{name} {gib(v)}" for name, v in parts if v)
         return f"{gib(self.total)} per worker under {self.strategy} x{self.world_size} ({inner})"
 

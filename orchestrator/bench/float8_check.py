@@ -103,7 +103,7 @@ def run(cfg, *, variant: str, tokens, vocab_size: int, device, steps: int, warmu
                  else f"{r['status']} {r.get('error', '')}")
         if on_row:
             on_row(rows)
-    per_step = base.micro_batch_size * base.grad_accum_steps * base.seq_len
+    per_step = base.tokens_per_step
     passes = data_passes(len(tokens), steps, per_step)
     result = compare(rows["bf16"], rows["float8"], tolerance=tolerance, spread=rows["bf16_seed_plus_1"],
                      passes=passes)
@@ -138,8 +138,10 @@ def verdict_line(report: dict) -> str:
             f"±{100 * report['tolerance']:.1f}%{spread}): {report['verdict'].upper()}; tokens/s float8/bf16 "
             f"{report['speedup']:.3f}x (goal {report['speedup_goal']:.2f}x: "
             f"{'met' if report['speedup_ok'] else 'not met'})")
-    if report["verdict"] == "inconclusive":
-        need = report["steps"] * report["tokens_per_step"] if report.get("tokens_per_step") else None
-        line += (f". {report['reason'][0].upper()}{report['reason'][1:]}: give data.path a corpus of at least "
-                 f"{need:,} tokens (python3 -m bench.corpus DIR builds one from local files)" if need else f" ({report['reason']})")
-    return line
+    if report["verdict"] != "inconclusive":
+        return line
+    if not report.get("tokens_per_step"):
+        return f"{line} ({report['reason']})"
+    need = report["steps"] * report["tokens_per_step"]
+    return (f"{line}. {report['reason'][0].upper()}{report['reason'][1:]}: give data.path a corpus of at least "
+            f"{need:,} tokens (python3 -m bench.corpus DIR builds one from local files)")

@@ -102,7 +102,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     step_s = timing.median(times)
-    tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * tc.seq_len
+    tokens_per_step = tc.tokens_per_step
     tps = tokens_per_step / step_s
     peak = timing.peak_tflops(device)
     flops = margs.flops_per_token(tc.seq_len)
