@@ -18,7 +18,7 @@ from orchestrator import launch
 from orchestrator.results import VariantResult
 from orchestrator.plan import Plan, PlannedVariant
 from trainer import ray_internals
-from trainer.loop import WorkerSpec
+from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 

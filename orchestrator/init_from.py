@@ -13,11 +13,12 @@ from pathlib import Path
 
 from orchestrator.config import RunConfig, validate
 from orchestrator.errors import UsageError
-from trainer import hf_checkpoint
-from trainer.hf_convert import NotLlama
 
 
 def _fields(path: str, where: str, source: str) -> tuple[str, dict]:
+    from trainer import hf_checkpoint  # torch: imported before Ray starts only by a run that sets init_from
+    from trainer.hf_convert import NotLlama
+
     resolved = Path(path).expanduser().resolve()
     try:
         return str(resolved), hf_checkpoint.model_fields(resolved)

@@ -15,7 +15,8 @@ from orchestrator import interrupt, results
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
 from trainer import checkpoint, driver_watch, failures, ray_internals
-from trainer.loop import WorkerSpec, train_loop_per_worker
+from trainer.loop import train_loop_per_worker
+from trainer.worker_spec import WorkerSpec
 from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)

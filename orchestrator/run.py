@@ -9,16 +9,22 @@ Where Ray runs on this machine only (no ``--address``: a Ray of the command's ow
 one of ``--keep-ray``), this machine is the only node, so its probe starts right after the
 input checks, in a thread, while Ray starts; the probe phase then waits only for what is left.
 ``run.startup_marks`` in the summary has the epoch seconds that show the overlap.
+
+Nothing before Ray's start imports torch (``tests/test_startup.py`` holds the driver to it): the
+phases after it need torch, Ray Train and the worker loop, seconds of imports that a thread
+loads while Ray starts and the nodes are probed (``_preload``).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import platform
 import shlex
 import shutil
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +33,7 @@ from typing import Callable, Optional
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import (capacity, execute, init_from, interrupt, kept_ray, plan as plan_mod, preflight,
+from orchestrator import (capacity, init_from, interrupt, kept_ray, plan as plan_mod, preflight,
                           resume as resume_mod, rundir, runlock, storage)
 from orchestrator.errors import InfeasibleRequest, UsageError
 from orchestrator.options import TrainOptions
@@ -36,7 +42,7 @@ from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo,
                                   run_status)
 from orchestrator.strategy import Workload
 from trainer import dataset as dataset_mod, float8, preprocess
-from trainer.loop import WorkerSpec
+from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +124,25 @@ def float8_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantC
         if problem:
             return f"variant {vc.name}: {problem}"
     return None
+
+
+# What the phases after Ray's start import: torch, the worker loop and Ray Train's TorchTrainer
+# (``import ray.train.torch`` alone took 7 s on the 2-core CPU machine, torch 2.6 s of it).
+PRELOAD = ("orchestrator.execute", "ray.train.torch")
+
+
+def _preload() -> None:
+    """Import ``PRELOAD`` in a thread, so it happens while Ray starts. A module that fails to
+    import here is imported again by the phase that needs it, which raises there."""
+
+    def load() -> None:
+        for name in PRELOAD:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                log.debug("preloading %s failed; the phase that needs it will say why", name, exc_info=True)
+
+    threading.Thread(target=load, name="preload", daemon=True).start()
 
 
 def _versions() -> dict:
@@ -309,6 +334,8 @@ def _execute(state: RunState) -> None:
         log.info("[%s] already succeeded; not rerun", name)
     todo = plan_mod.Plan(variants=[v for v in plan.variants if v.name not in state.finished], mode=plan.mode,
                          notes=plan.notes, cluster=plan.cluster)
+    from orchestrator import execute  # Ray Train and torch: imported while Ray started (_preload)
+
     for name, record in execute.run_plan(todo, _worker_specs(state), max_failures=sc.max_failures,
                                          keep_checkpoints=sc.keep_checkpoints,
                                          placement_timeout_s=sc.placement_timeout_s).items():
@@ -354,6 +381,7 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if nodes is None:  # this machine is the only node: its probe need not wait for Ray
             state.local_probe = preflight.LocalProbe(probe_settings(state), opts.fresh_preflight)
+    _preload()  # after every input check and the environment Ray's modules read
     state.t_ray_init = time.time()
     head = None
     try:

@@ -19,7 +19,7 @@ from typing import Optional
 from orchestrator.errors import InfeasibleRequest
 from trainer import memory
 from trainer.config import TrainConfig
-from trainer.model import ModelArgs
+from trainer.model_args import ModelArgs
 
 # ``auto``'s "fits comfortably": DDP's model state may take this share of a worker's memory.
 COMFORT_FRACTION = 0.5

@@ -17,7 +17,7 @@ from orchestrator import config as config_mod
 from orchestrator.errors import UsageError
 from trainer import checkpoint, hf_convert
 from trainer import dataset as dataset_mod, preprocess
-from trainer.model import ModelArgs
+from trainer.model_args import ModelArgs
 
 log = logging.getLogger(__name__)
 

@@ -206,7 +206,7 @@ def test_the_compiled_chunk_of_gpu_runs_gives_the_standard_loss_and_grads(monkey
 def test_the_variant_record_says_which_loss_compile_mode_and_float8_recipe_ran(tmp_path, train, expected):
     from orchestrator.results import VariantResult
     from trainer.config import TrainConfig
-    from trainer.loop import WorkerSpec
+    from trainer.worker_spec import WorkerSpec
     from trainer.result import StepTimes, worker_result
 
     spec = WorkerSpec(variant="flash", model=ModelConfig(), train=TrainConfig(**train), data_path="d",

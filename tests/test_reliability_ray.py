@@ -22,7 +22,7 @@ from tests.conftest import write_config
 from tests.procs import leftovers, session_dirs
 from trainer import checkpoint, preprocess
 from trainer.config import ModelConfig, TrainConfig
-from trainer.loop import WorkerSpec
+from trainer.worker_spec import WorkerSpec
 
 pytestmark = pytest.mark.ray
 

@@ -22,7 +22,7 @@ from orchestrator.plan import PlannedVariant
 from orchestrator.run import TrainOptions, train
 from tests.conftest import WORKER_RUNTIME_ENV, init_local_ray, write_config
 from trainer.config import ModelConfig, TrainConfig
-from trainer.loop import WorkerSpec
+from trainer.worker_spec import WorkerSpec
 
 pytestmark = pytest.mark.ray
 

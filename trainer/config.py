@@ -8,14 +8,15 @@ from typing import Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from trainer.loss import LossImpl
-from trainer.model import ModelArgs
+from trainer.model_args import ModelArgs
 
 # The attentions a variant can ask for; trainer/attention.py resolves each to a kernel.
 AttentionName = Literal["flash", "standard"]
 ATTENTIONS: tuple[str, ...] = get_args(AttentionName)
 # torchao's float8 scaling recipes (train.float8_recipe; trainer/float8.py converts with them).
 Float8Recipe = Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"]
+# The output head + cross-entropy (train.loss_impl; trainer/loss.py computes each).
+LossImpl = Literal["standard", "chunked", "liger"]
 
 
 class Strict(BaseModel):
@@ -129,6 +130,15 @@ class TrainConfig(Strict):
     def tokens_per_step(self) -> int:
         """The tokens one worker trains on per optimizer step."""
         return self.micro_batch_size * self.grad_accum_steps * self.seq_len
+
+    def precision(self, device_type: str) -> Literal["bf16", "fp32"]:
+        """The compute precision on a ``device_type`` ('cuda' or 'cpu') device: bf16 autocast on
+        GPU (or when asked), fp32 otherwise."""
+        return "bf16" if self.dtype == "bf16" or (self.dtype == "auto" and device_type == "cuda") else "fp32"
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether training runs under torch.compile on a ``device_type`` device (auto: on GPU)."""
+        return self.compile is True or (self.compile == "auto" and device_type == "cuda")
 
     @model_validator(mode="after")
     def _schedule(self) -> "TrainConfig":

@@ -3,15 +3,14 @@
 torchao's ``convert_to_float8_training`` swaps ``nn.Linear`` for ``Float8Linear``: matmuls in
 fp8 with dynamic scaling, weights and optimizer state unchanged. The fp8 tensor cores it needs
 exist from compute capability 8.9 (Ada, Hopper) on; anywhere else the option is a usage error,
-refused before launch (``refusal``), and again in the worker (``convert``).
+refused before launch (``refusal``), and again in the worker (``convert``). The driver checks
+``refusal`` before Ray starts, so this module imports torch only where a model is converted.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Optional, get_args
-
-import torch
 
 from trainer.config import Float8Recipe
 
@@ -44,6 +43,8 @@ def refusal(use_gpu: bool, capabilities: list[str]) -> Optional[str]:
 def keep_in_high_precision(module: torch.nn.Module, fqn: str) -> bool:
     """The Linear layers left alone: the output head (its logits feed the loss directly, and
     torchao's recipes keep it), and any whose dims fp8 matmuls cannot take (multiples of 16)."""
+    import torch
+
     if fqn == "output" or fqn.endswith(".output"):
         return True
     if isinstance(module, torch.nn.Linear):
@@ -53,6 +54,8 @@ def keep_in_high_precision(module: torch.nn.Module, fqn: str) -> bool:
 
 def convert(model: torch.nn.Module, device: torch.device, recipe: str = RECIPE) -> torch.nn.Module:
     """Swap the model's Linear layers (in place) for torchao's Float8Linear, scaled by ``recipe``."""
+    import torch
+
     capabilities = []
     if device.type == "cuda":
         capabilities = [".".join(map(str, torch.cuda.get_device_capability(device)))]

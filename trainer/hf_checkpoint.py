@@ -16,7 +16,7 @@ import torch
 
 from trainer import hf_convert
 from trainer.hf_convert import NotLlama
-from trainer.model import ModelArgs
+from trainer.model_args import ModelArgs
 
 log = logging.getLogger(__name__)
 

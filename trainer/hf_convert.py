@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from trainer.model import ModelArgs
+from trainer.model_args import ModelArgs
 
 # Ours -> HF, per layer ({i}) and global. Every tensor of either model is named here.
 LAYER_NAMES = {

@@ -11,37 +11,23 @@ import platform
 import signal
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict
 
 from trainer import (attention, checkpoint, compile_mode, driver_watch, failures, hf_checkpoint, import_guard,
                      kernel_select, loss, parallelize, timing, verified_kernel)
-from trainer.config import ModelConfig, TrainConfig
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
 from trainer.optim import build_optimizer, lr_at
 from trainer.result import StepTimes, worker_result
 from trainer.save_restore import FAULT_MARKER, Saver, restore
 from trainer.step import Stepper, compile_enabled, training_dtype
+from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
 ATTN_ENV_VARS = ("ATTN_IMPL", "DISABLE_FLASH_ATTN")
-
-
-class WorkerSpec(BaseModel):
-    """What the driver hands every worker of one variant."""
-
-    model_config = ConfigDict(extra="forbid")
-    variant: str
-    model: ModelConfig
-    train: TrainConfig
-    data_path: str
-    out_dir: str  # the variant's directory in the run directory: metrics, TensorBoard
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # how the model is spread over the workers (trainer/parallelize.py)
 
 
 def attention_from_env(environ=None) -> str:

@@ -16,13 +16,14 @@ autocast dtype, like the standard head under autocast, and the softmax in fp32.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, get_args
+from typing import Optional, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LossImpl = Literal["standard", "chunked", "liger"]
+from trainer.config import LossImpl
+
 LOSS_IMPLS: tuple[str, ...] = get_args(LossImpl)
 # Logits per chunk (tokens x vocab): 2**25 fp32 values are 128 MiB, a few times that in flight;
 # the matmuls stay large (at vocab 32000, 1024 tokens x 2048 x 32000 per chunk).

@@ -39,17 +39,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import torch
-
 from trainer.config import TrainConfig
-from trainer.model import ModelArgs, checkpointed
-from trainer.step import compile_enabled, training_dtype
+from trainer.model_args import ModelArgs, checkpointed
 
 Strategy = Literal["ddp", "fsdp"]
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 
 GiB = 2**30
-FP32 = 4
+FP32, BF16 = 4, 2
 # Allowances, not measurements of this model: what a training process holds besides its
 # tensors. A CUDA context with cuBLAS workspaces and NCCL's buffers is 0.5-1 GiB; a CPU
 # worker process (Python, torch, Ray's worker runtime) about 0.5 GiB of resident memory.
@@ -150,9 +147,8 @@ def estimate(model: ModelArgs, train: TrainConfig, *, strategy: Strategy, world_
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-    dev = torch.device(device)
-    e = training_dtype(train, dev).itemsize
-    compiled = compile_enabled(train, dev)
+    e = BF16 if train.precision(device) == "bf16" else FP32
+    compiled = train.compiles(device)
     n, block, root = param_counts(model)
     shard = world_size if strategy == "fsdp" else 1
     params, grads, optimizer = FP32 * n // shard, FP32 * n // shard, 2 * FP32 * n // shard

@@ -7,7 +7,6 @@ decides which kernel that is (see ``trainer/attention.py``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,40 +15,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from trainer import loss as loss_mod
+from trainer.model_args import ModelArgs, checkpointed
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(kw_only=True, frozen=True)
-class ModelArgs:
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_hidden: int
-    max_seq_len: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    activation_checkpointing: int = 0  # checkpoint every Nth block (see checkpointed); 0 none, 1 all
-    loss_impl: str = "standard"  # the head + cross-entropy: standard, chunked or liger (trainer/loss.py)
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    def non_embedding_params(self) -> int:
-        """Parameter count without the token embedding (the MFU convention)."""
-        d, h = self.dim, self.head_dim
-        attn = d * (self.n_heads * h) + 2 * d * (self.n_kv_heads * h) + (self.n_heads * h) * d
-        mlp = 3 * d * self.ffn_hidden
-        head = 0 if self.tie_embeddings else d * self.vocab_size
-        return self.n_layers * (attn + mlp + 2 * d) + d + head
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N for the matmuls plus 12*L*d*T for attention scores."""
-        return 6 * self.non_embedding_params() + 12 * self.n_layers * self.dim * seq_len
 
 
 class RMSNorm(nn.Module):
@@ -109,16 +77,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-def checkpointed(block: int, every: int) -> bool:
-    """Whether block ``block`` (from 0) recomputes its activations in backward when every
-    ``every``-th block does (0: none): blocks 0, N, 2N, ..., so N=1 is every block. torchtitan's
-    selective layer option (``selective_ac_option`` N) takes as many when N divides the depth,
-    counted from the other end (N-1, 2N-1, ...), which includes the last block: backward
-    recomputes that one first, with everything else still held, so checkpointing it saves no
-    peak memory. Counting from 0 leaves it out whenever N > 1 divides the depth."""
-    return every > 0 and block % every == 0
 
 
 class Block(nn.Module):

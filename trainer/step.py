@@ -15,12 +15,12 @@ from trainer.config import TrainConfig
 
 
 def training_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype:
-    """bf16 autocast on GPU (or when asked); fp32 otherwise."""
-    return torch.bfloat16 if (tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")) else torch.float32
+    """The autocast dtype of ``tc.precision`` on ``device``."""
+    return torch.bfloat16 if tc.precision(device.type) == "bf16" else torch.float32
 
 
 def compile_enabled(tc: TrainConfig, device: torch.device) -> bool:
-    return tc.compile is True or (tc.compile == "auto" and device.type == "cuda")
+    return tc.compiles(device.type)
 
 
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.rules import Verdict
 from orchestrator import rundir
 from orchestrator.results import FLASH_LOG_FILE as LOG_FILE, PREFLIGHT_FILE
-from trainer import import_guard, kernel_select
+from trainer import import_guard
 
 COLUMNS = ("node", "GPUs", "CC", "driver", "CUDA", "GLIBC", "torch", "flash-attn", "probe", "verdict", "reason")
 _REASON_WIDTH = 90
@@ -106,6 +106,8 @@ class PreflightReport:
 
     def _timed_choice(self, kernel: str) -> str:
         """'kernel X (Y ms/iter), runner-up Z (W ms)' from the first node that timed it."""
+        from trainer import kernel_select  # imports torch, which the driver loads while Ray starts
+
         for n in self.nodes:
             if n.verdict.flash_kernel == kernel and n.verdict.kernel_timings:
                 return kernel_select.describe(kernel, n.verdict.kernel_timings)

@@ -1,0 +1,22 @@
+"""What the driver hands every worker of one variant: validated on both sides of Ray, and
+importable without torch (the driver builds it before its torch import is done)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from trainer.config import ModelConfig, TrainConfig
+
+
+class WorkerSpec(BaseModel):
+    """What the driver hands every worker of one variant."""
+
+    model_config = ConfigDict(extra="forbid")
+    variant: str
+    model: ModelConfig
+    train: TrainConfig
+    data_path: str
+    out_dir: str  # the variant's directory in the run directory: metrics, TensorBoard
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # how the model is spread over the workers (trainer/parallelize.py)
