@@ -12,7 +12,8 @@ input checks, in a thread, while Ray starts; the probe phase then waits only for
 
 Nothing before Ray's start imports torch (``tests/test_startup.py`` holds the driver to it): the
 phases after it need torch, Ray Train and the worker loop, seconds of imports that a thread
-loads while Ray starts and the nodes are probed (``_preload``).
+loads while this command starts a Ray (``_preload``); a command that joins one imports them
+when they are needed.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from orchestrator.preflight import interconnect
 from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
                                   run_status)
 from orchestrator.strategy import Workload
-from trainer import dataset as dataset_mod, float8, preprocess
+from trainer import dataset as dataset_mod, float8, preprocess, ray_internals
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def float8_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantC
 
 
 # What the phases after Ray's start import: torch, the worker loop and Ray Train's TorchTrainer
-# (``import ray.train.torch`` alone took 7 s on the 2-core CPU machine, torch 2.6 s of it).
+# (a fresh ``python -c 'import ray.train.torch'`` took 4.4 s on the 2-core CPU machine, torch 2.1-2.5 s of it).
 PRELOAD = ("orchestrator.execute", "ray.train.torch")
 
 
@@ -143,6 +144,17 @@ def _preload() -> None:
                 log.debug("preloading %s failed; the phase that needs it will say why", name, exc_info=True)
 
     threading.Thread(target=load, name="preload", daemon=True).start()
+
+
+def starts_ray(opts: TrainOptions) -> bool:
+    """Whether this command starts a Ray: its own, or the kept head when none runs. Starting one
+    is seconds in which the driver only waits, which the preload fills. Joining a running Ray
+    takes well under a second, and the preload's imports, sharing the interpreter with it, made
+    that 0.4 s join take 2.2 s (docs/BENCHMARKS.md): those imports wait until they are needed."""
+    if opts.address or os.environ.get("RAY_ADDRESS"):
+        return False
+    head = kept_ray.read_record() if opts.keep_ray else None
+    return head is None or not head.alive()
 
 
 def _versions() -> dict:
@@ -245,6 +257,10 @@ def _connect(state: RunState, address: str) -> None:
     state.address, state.t_ray = address, time.time()
     capacity.check_fits(state.prep.cfg.scaling, dict(ray.cluster_resources()),
                         state.opts.config_file or "built-in config")
+    try:  # 3 s off workers_up on a new Ray (docs/BENCHMARKS.md); the first controller makes it otherwise
+        ray_internals.start_autoscaling_coordinator()
+    except Exception:
+        log.debug("could not start Ray Train's autoscaling coordinator early", exc_info=True)
 
 
 def _probe(state: RunState, nodes: Optional[NodesFn]) -> None:
@@ -381,7 +397,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if nodes is None:  # this machine is the only node: its probe need not wait for Ray
             state.local_probe = preflight.LocalProbe(probe_settings(state), opts.fresh_preflight)
-    _preload()  # after every input check and the environment Ray's modules read
+    if starts_ray(opts):
+        _preload()  # after every input check and the environment Ray's modules read
     state.t_ray_init = time.time()
     head = None
     try:
@@ -393,8 +410,6 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         with ray_session(address, log_to_driver=opts.debug, keep_logs=opts.debug,
                          loopback=head is not None) as address:
             if head is not None and head.session_dir is None:
-                from trainer import ray_internals
-
                 kept_ray.note_session(head, ray_internals.local_session_dir())
             _connect(state, address)
             _probe(state, nodes)

@@ -174,3 +174,18 @@ def test_keep_ray_starts_a_head_the_next_run_joins_and_ray_down_stops(tmp_path, 
     finally:
         if record_path.exists():
             run_cli(["ray-down"], cli_env, ROOT)
+
+
+def test_the_driver_preloads_its_imports_only_when_this_command_starts_a_ray(state, monkeypatch):
+    from orchestrator.run import starts_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert starts_ray(TrainOptions()) is True  # a Ray of its own
+    assert starts_ray(TrainOptions(address="10.0.0.1:6379")) is False  # joins
+    assert starts_ray(TrainOptions(keep_ray=True)) is True  # no kept head yet: starts it
+    me = psutil.Process()
+    _record(state, me.pid, me.create_time())
+    assert starts_ray(TrainOptions(keep_ray=True)) is False  # joins the running head
+    assert kept_ray.read_record() is not None  # asking changed nothing
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert starts_ray(TrainOptions()) is False

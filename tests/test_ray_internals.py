@@ -77,3 +77,16 @@ def test_token_auth_can_still_be_switched_on_after_ray_is_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert out.stdout.split() == ["True", "True", "token"], out.stderr
+
+
+def test_ray_train_gets_its_autoscaling_coordinator_from_the_function_the_driver_calls_early():
+    import importlib
+
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+
+    early = getattr(importlib.import_module(ray_internals.AUTOSCALING_COORDINATOR_MODULE),
+                    ray_internals.AUTOSCALING_COORDINATOR_GET)
+    assert client.get_or_create_autoscaling_coordinator is early
+    source = inspect.getsource(early)
+    assert "get_if_exists=True" in source and 'lifetime="detached"' in source  # one actor, whoever asks first
+    assert client.AUTOSCALING_REQUESTS_GET_TIMEOUT_S == 5  # what the controller waits (the docs quote it)

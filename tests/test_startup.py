@@ -101,9 +101,9 @@ def test_a_bad_compile_cache_file_only_costs_a_full_compile(tmp_path, caplog):
 
 
 def test_the_driver_checks_every_input_without_importing_torch(tmp_path):
-    # torch (2.6 s to import on the 2-core CI machine, more with CUDA's libraries) and Ray Train
-    # (7 s for ray.train.torch) load in a thread while Ray starts (run._preload): nothing the
-    # driver does before Ray's start may import them, or it waits for them first.
+    # torch (2.1-2.5 s to import on the 2-core CI machine, more with CUDA's libraries) and Ray
+    # Train (4.4 s for ray.train.torch) load in a thread while Ray starts (run._preload): nothing
+    # the driver does before Ray's start may import them, or it waits for them first.
     import subprocess
     import sys
 

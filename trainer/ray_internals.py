@@ -56,6 +56,23 @@ AUTH_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 TOKEN_AUTH_ENABLE = "_enable_token_auth"
 
 
+# Ray Train V2's controller asks this detached actor (Ray Data's autoscaling coordinator) for its
+# workers' resources and waits up to 5 s for the answer (AUTOSCALING_REQUESTS_GET_TIMEOUT_S in
+# ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client, which calls
+# this same function). The first fit() on a Ray creates it: a new process that imports Ray Data.
+AUTOSCALING_COORDINATOR_MODULE = "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator"
+AUTOSCALING_COORDINATOR_GET = "get_or_create_autoscaling_coordinator"
+
+
+def start_autoscaling_coordinator() -> None:
+    """Create Ray Train's autoscaling coordinator on this node now, or find the one running,
+    without waiting for its process: it then starts while the driver probes and plans, rather
+    than while the first controller waits for it."""
+    import importlib
+
+    getattr(importlib.import_module(AUTOSCALING_COORDINATOR_MODULE), AUTOSCALING_COORDINATOR_GET)()
+
+
 def enable_token_auth() -> None:
     """Token auth on for this process (and the processes it starts), Ray imported or not."""
     import importlib
