@@ -350,7 +350,7 @@ def _execute(state: RunState) -> None:
         log.info("[%s] already succeeded; not rerun", name)
     todo = plan_mod.Plan(variants=[v for v in plan.variants if v.name not in state.finished], mode=plan.mode,
                          notes=plan.notes, cluster=plan.cluster)
-    from orchestrator import execute  # Ray Train and torch: imported while Ray started (_preload)
+    from orchestrator import execute  # Ray Train and torch: loaded while Ray started (_preload), or now
 
     for name, record in execute.run_plan(todo, _worker_specs(state), max_failures=sc.max_failures,
                                          keep_checkpoints=sc.keep_checkpoints,
