@@ -19,6 +19,17 @@ Float8Recipe = Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"]
 LossImpl = Literal["standard", "chunked", "liger"]
 
 
+def precision(dtype: str, device_type: str) -> Literal["bf16", "fp32"]:
+    """A ``train.dtype`` on a ``device_type`` ('cuda' or 'cpu') device: bf16 autocast on GPU (or
+    when asked), fp32 otherwise. The preflight probe applies the same rule to the run's settings."""
+    return "bf16" if dtype == "bf16" or (dtype == "auto" and device_type == "cuda") else "fp32"
+
+
+def compiles(compile: Union[bool, str], device_type: str) -> bool:
+    """A ``train.compile`` (true, false or 'auto') on a ``device_type`` device: auto is on for GPU."""
+    return compile is True or (compile == "auto" and device_type == "cuda")
+
+
 class Strict(BaseModel):
     # Unknown keys are errors. Numbers are lax (YAML's 1 for 1.0); switches are StrictBool, so
     # `tie_embeddings: 1` or `compile: "off"` is an error naming the key, not a silent guess.
@@ -132,13 +143,12 @@ class TrainConfig(Strict):
         return self.micro_batch_size * self.grad_accum_steps * self.seq_len
 
     def precision(self, device_type: str) -> Literal["bf16", "fp32"]:
-        """The compute precision on a ``device_type`` ('cuda' or 'cpu') device: bf16 autocast on
-        GPU (or when asked), fp32 otherwise."""
-        return "bf16" if self.dtype == "bf16" or (self.dtype == "auto" and device_type == "cuda") else "fp32"
+        """The compute precision on a ``device_type`` ('cuda' or 'cpu') device (``precision``)."""
+        return precision(self.dtype, device_type)
 
     def compiles(self, device_type: str) -> bool:
-        """Whether training runs under torch.compile on a ``device_type`` device (auto: on GPU)."""
-        return self.compile is True or (self.compile == "auto" and device_type == "cuda")
+        """Whether training runs under torch.compile on a ``device_type`` device (``compiles``)."""
+        return compiles(self.compile, device_type)
 
     @model_validator(mode="after")
     def _schedule(self) -> "TrainConfig":

@@ -231,11 +231,10 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
     then, given the run's shape, those that passed timed as training runs them (the selection)."""
     import torch
 
-    from trainer import attention
+    from trainer import attention, config
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    use_bf16 = settings.dtype == "bf16" or (settings.dtype == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    dtype = torch.bfloat16 if config.precision(settings.dtype, device.type) == "bf16" else torch.float32
     check = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": settings.head_dim,
              "n_heads": settings.n_heads, "n_kv_heads": settings.n_kv_heads}
     imported = {i["kernel"]: i for i in imports}
@@ -271,9 +270,10 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
 def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype) -> dict:
     """The kernel choice by timing at the run's shape (trainer.kernel_select), cached on this
     node where the workers read it; bounded so a slow compile cannot time the probe out."""
-    from trainer import kernel_select
+    from trainer import config, kernel_select
 
-    compile_on = settings.compile == "true" or (settings.compile == "auto" and device.type == "cuda")
+    setting = {"true": True, "false": False}.get(settings.compile, settings.compile)  # argv spells train.compile
+    compile_on = config.compiles(setting, device.type)
     shape = kernel_select.Shape(seq_len=settings.seq_len, micro_batch=settings.micro_batch,
                                 n_heads=settings.n_heads, n_kv_heads=settings.n_kv_heads, head_dim=settings.head_dim,
                                 dtype=str(dtype).removeprefix("torch."), compile=compile_on, n_layers=settings.n_layers)
