@@ -80,7 +80,9 @@ class VariantResult(Record):
     workers: list[dict[str, Any]] = Field(default_factory=list, description="per worker: rank, node_id, hostname, "
                                           "pid, device, gpu_ids, kernel, rejected_kernels, preflight_verdict, "
                                           "env, flash_attn_imports_blocked")
-    timeline: Optional[dict[str, Optional[float]]] = Field(None, description="epoch seconds of worker_start, data, "
+    timeline: Optional[dict[str, Optional[float]]] = Field(None, description="epoch seconds of worker_process (the "
+                                                           "worker's process started), worker_preloaded (its setup "
+                                                           "hook's imports done), worker_start, data, "
                                                            "attention, model, ready, first_step (the startup "
                                                            "breakdown)")
     wall_time_s: Optional[float] = Field(None, description="seconds this invocation spent on the variant")
@@ -129,11 +131,11 @@ class RunInfo(Record):
     versions: dict[str, str] = Field(default_factory=dict, description="python, torch and ray on the driver")
     startup_s: Optional[dict[str, float]] = Field(None, description="seconds from command to first step by phase: "
                                                   "ray_start, preflight_and_plan, workers_up, setup, first_step, total; then parts "
-                                                  "of phases: ray_init, ray_head_start, probe_overlapped, probe, data, "
-                                                  "attention, model_init")
+                                                  "of phases: ray_init, ray_head_start, probe_overlapped, probe, "
+                                                  "worker_process, worker_init, data, attention, model_init")
     startup_marks: Optional[dict[str, float]] = Field(None, description="epoch seconds of command, ray_init, ray_up, "
-                                                      "probe_start, probe_end, planned, fit_start, worker_start, "
-                                                      "first_step (what overlapped)")
+                                                      "probe_start, probe_end, planned, fit_start, worker_process, "
+                                                      "worker_start, first_step (what overlapped)")
     resumes: int = Field(0, description="how many times --resume continued the run")
 
 

@@ -245,7 +245,8 @@ class RunState:
                "probe_end": self.probe_span[1] if self.probe_span else None, "planned": self.t_plan}
         rec = next((r for r in results.values() if r.timeline and r.timeline.get("first_step")), None)
         if rec is not None:
-            out.update(fit_start=rec.started_at, worker_start=rec.timeline["worker_start"],
+            out.update(fit_start=rec.started_at, worker_process=rec.timeline.get("worker_process"),
+                       worker_start=rec.timeline["worker_start"],
                        first_step=rec.timeline["first_step"])
         return {k: round(v, 3) for k, v in out.items() if v is not None}
 
@@ -362,8 +363,27 @@ def _execute(state: RunState) -> None:
         raise interrupt.as_interrupted(KeyboardInterrupt())
 
 
+def _complete_preflight(state: RunState) -> None:
+    """This machine's kernel timing, where it went on beside the workers' start: its complete
+    result replaces the partial one in preflight.json, and flash_attention_log.txt says what it
+    chose. Not waited for: the workers of this node waited for it already, when they needed it."""
+    local, report = state.local_probe, state.preflight
+    if local is None or not local.partial or report is None or state.run_dir is None:
+        return
+    raw, _ = local.final(0.0)
+    facts = preflight.parse_probe(raw, local.settings.timeout_s)[0] if raw is not None else None
+    if facts is None:  # still timing (no worker of this node needed it) or failed: the plan's facts stay
+        return
+    line = report.complete_timing(local.node_id, facts, preflight.verdict(facts))
+    if line is not None:
+        report.write_json(state.run_dir)
+        with open(state.run_dir / preflight.LOG_FILE, "a") as f:
+            f.write(line + "\n")
+
+
 def _finish(state: RunState) -> RunSummary:
     """summary.json with the settled status, then the report."""
+    _complete_preflight(state)
     summary = state.summary()
     summary.write(state.run_dir)
     _write_report(state.run_dir)
@@ -450,7 +470,8 @@ def command_line(argv: Optional[list[str]] = None) -> str:
 
 # The parts some phases are made of, in the summary after the phases: (part, phase it belongs to).
 STARTUP_PARTS = {"ray_init": "ray_start", "ray_head_start": "ray_start", "probe_overlapped": "ray_start",
-                 "probe": "preflight_and_plan", "data": "setup", "attention": "setup", "model_init": "setup"}
+                 "probe": "preflight_and_plan", "worker_process": "workers_up", "worker_init": "workers_up",
+                 "data": "setup", "attention": "setup", "model_init": "setup"}
 
 
 def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[str, VariantResult], *,
@@ -462,7 +483,9 @@ def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[
     starting the head ``--keep-ray`` keeps), ``probe`` (the preflight on every node, reused or
     probed, that the plan waited for once Ray was up), ``probe_overlapped`` (the preflight that
     ran during ray_start, at the same time as Ray's start: counted there, not again), and
-    ``data``, ``attention`` (choosing the kernel) and ``model_init`` (of setup). The phases
+    ``worker_process`` (of workers_up: Ray Train until the worker's process exists),
+    ``worker_init`` (the rest of workers_up: that process until the train function runs),
+    and ``data``, ``attention`` (choosing the kernel) and ``model_init`` (of setup). The phases
     follow one another, so they add up to the total (less the launch's gap); the probe's whole
     time is ``probe_overlapped`` + ``probe``. ``probe`` is the (start, end) of the preflight."""
     rec = next((r for r in results.values() if r.timeline and r.timeline.get("first_step")), None)
@@ -479,6 +502,10 @@ def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[
         parts["probe"] = max(0.0, end - max(start, t_ray))
         if start < t_ray:
             parts["probe_overlapped"] = min(end, t_ray) - start
+    if tl.get("worker_process") and rec.started_at and tl["worker_process"] >= rec.started_at:
+        # A process Ray had pooled before the fit started says nothing of this fit's own wait.
+        parts.update(worker_process=tl["worker_process"] - rec.started_at,
+                     worker_init=tl["worker_start"] - tl["worker_process"])
     if tl.get("model"):  # workers of this version; older ones recorded only the phase ends
         parts.update(data=tl["data"] - tl["worker_start"], attention=tl["attention"] - tl["data"],
                      model_init=tl["model"] - tl["attention"])

@@ -114,7 +114,7 @@ def test_the_local_probe_runs_in_the_background_and_reports_a_hang_or_a_crash_as
     from orchestrator.preflight import ProbeSettings, fanout
 
     release = threading.Event()
-    monkeypatch.setattr(fanout.node_mod, "probe_or_reuse", lambda argv, settings, fresh: release.wait(30) and {"ok": 1})
+    monkeypatch.setattr(fanout.node_mod, "probe_or_reuse", lambda argv, settings, fresh, **kw: release.wait(30) and {"ok": 1})
     t0 = time.time()
     probe = fanout.LocalProbe(ProbeSettings(), fresh=False)
     assert time.time() - t0 < 1.0 and probe.ended is None  # made at once; the probe runs on
@@ -123,7 +123,7 @@ def test_the_local_probe_runs_in_the_background_and_reports_a_hang_or_a_crash_as
     release.set()
     assert probe.result(10) == ({"ok": 1}, None) and probe.started <= probe.ended
 
-    def crash(argv, settings, fresh):
+    def crash(argv, settings, fresh, **kw):
         raise OSError("no such interpreter")
 
     monkeypatch.setattr(fanout.node_mod, "probe_or_reuse", crash)
@@ -154,6 +154,10 @@ def test_keep_ray_starts_a_head_the_next_run_joins_and_ray_down_stops(tmp_path, 
         assert marks["probe_start"] < marks["ray_up"] and s1["startup_s"]["probe_overlapped"] > 0
         assert s1["startup_s"]["ray_head_start"] <= s1["startup_s"]["ray_init"] <= s1["startup_s"]["ray_start"]
         assert s1["ray_address"].endswith(head["address"].rsplit(":", 1)[1])
+        # The workers' setup hook ran in each worker's process (trainer/worker_preload.py).
+        v1 = json.loads((tmp_path / "runs" / "first" / "summary.json").read_text())["variants"]
+        timeline = next(iter(v1.values()))["timeline"]
+        assert timeline["worker_process"] <= timeline["worker_preloaded"] and timeline["worker_process"] <= timeline["worker_start"]
 
         # The driver that started the head is gone: the dead-session clean-up must leave the head alone.
         assert head["session_dir"] and Path(head["session_dir"]).is_dir()

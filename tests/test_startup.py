@@ -41,6 +41,16 @@ def test_a_probe_that_ran_while_ray_started_is_counted_once_in_each_phase_it_ove
     assert early["probe"] == 0.0 and early["probe_overlapped"] == 2.0
 
 
+def test_workers_up_splits_at_the_worker_process_start_unless_ray_had_pooled_that_process():
+    record = {"started_at": 110.0, "timeline": {"worker_process": 116.5, "worker_start": 120.0, "ready": 125.0,
+                                                "first_step": 127.0}}
+    phases = startup_phases(100.0, 105.0, 109.0, {"f": VariantResult(status="succeeded", attention="flash", **record)})
+    assert (phases["worker_process"], phases["worker_init"], phases["workers_up"]) == (6.5, 3.5, 10.0)
+    record["timeline"]["worker_process"] = 90.0  # a process started before this fit: no split to report
+    pooled = startup_phases(100.0, 105.0, 109.0, {"f": VariantResult(status="succeeded", attention="flash", **record)})
+    assert "worker_process" not in pooled and "worker_init" not in pooled
+
+
 def test_startup_phases_of_an_older_worker_leave_its_parts_out():
     record = {"started_at": 1.0, "timeline": {"worker_start": 2.0, "ready": 3.0, "first_step": 4.0}}
     assert set(startup_phases(0.0, 0.5, 0.8, {"v": VariantResult(status="succeeded", attention="flash", **record)})) == {

@@ -272,11 +272,12 @@ def device_memory(device: torch.device) -> Optional[int]:
 
 def picker(shape: Shape, device: torch.device, *, timer: Optional[Timer] = None, directory: Optional[Path] = None,
            versions: Optional[dict] = None, budget_s: Optional[float] = None,
-           device_bytes: Optional[int] = None) -> Picker:
+           device_bytes: Optional[int] = None, before_timing: Optional[Callable[[], None]] = None) -> Picker:
     """``trainer.attention.resolve``'s ``pick``: the cached choice for this node and shape if it
     is still among the kernels that passed, else time them all (when there is a choice), with
     standard attention among them where ``times_standard`` lets it (``device_bytes``: the GPU's
-    memory, ``device_memory(device)``; None leaves standard out). The choice may be ``"standard"``."""
+    memory, ``device_memory(device)``; None leaves standard out). The choice may be ``"standard"``.
+    ``before_timing()`` is called just before the timing starts, never when nothing is timed."""
 
     def pick(passed: dict[str, AttnFn]) -> tuple[str, dict[str, float]]:
         first = next(iter(passed))
@@ -293,6 +294,8 @@ def picker(shape: Shape, device: torch.device, *, timer: Optional[Timer] = None,
         if cached is not None and cached.kernel in field:
             log.info("attention kernels: cached choice %s (%s)", describe(cached.kernel, cached.timings), where)
             return cached.kernel, cached.timings
+        if before_timing is not None:
+            before_timing()
         sel = fastest(field, timer or block_timer(shape, device), budget_s=budget_s)
         if shape.compile and timer is None:
             torch._dynamo.reset()  # the blocks' graphs are no use to the model's compile

@@ -23,22 +23,26 @@ from trainer import attention
 log = logging.getLogger(__name__)
 
 
-def _cached_verdict(settings) -> tuple[Path | None, str | None, str, dict]:
+def _cached_verdict(settings) -> tuple[Path | None, str | None, str, dict, float]:
     """(cache entry path, verified flash kernel or None, why none, the kernels' timings at the
-    run's shape in ms) for this node and check."""
+    run's shape in ms, seconds waited) for this node and check. Where this node's preflight is
+    still timing kernels at the run's shape (the driver went on at its facts), wait for its
+    choice rather than time them again beside it."""
     from orchestrator.preflight import cache
 
     try:
         path = cache.entry_path(cache.node_key(settings))
     except Exception as e:  # the key is an optimisation: failing to compute it means choosing afresh
-        return None, None, f"node key: {type(e).__name__}: {e}", {}
-    found = cache.load(path)
+        return None, None, f"node key: {type(e).__name__}: {e}", {}, 0.0
+    found, waited = cache.wait_for(path)
+    if waited >= 0.5:
+        log.info("waited %.1f s for this node's preflight to finish timing the attention kernels", waited)
     if found.entry is None:
-        return path, None, found.why_not, {}
+        return path, None, found.why_not, {}, waited
     verdict = found.entry.get("verdict") or {}
     if not verdict.get("flash_ok"):
-        return path, None, "the cached verdict has no flash kernel for this node", {}
-    return path, verdict.get("flash_kernel"), "", dict(verdict.get("kernel_timings") or {})
+        return path, None, "the cached verdict has no flash kernel for this node", {}, waited
+    return path, verdict.get("flash_kernel"), "", dict(verdict.get("kernel_timings") or {}), waited
 
 
 def _log_wrong_verdict(log_dir: Path, path: Path, kernel: str, error: str, chosen: str) -> None:
@@ -77,9 +81,10 @@ def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.
     settings = ProbeSettings(head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype_setting,
                              disable_flash_attn=not flash_attn_allowed, seq_len=seq_len,
                              micro_batch_size=micro_batch_size, compile=compile_setting, n_layers=n_layers)
-    path, kernel, why_not, timings = _cached_verdict(settings)
+    path, kernel, why_not, timings, waited = _cached_verdict(settings)
+    waited_info = {"waited_s": round(waited, 3)} if waited >= 0.5 else {}
     if kernel is None:
-        return afresh(), {"reused": False, "why_not": why_not}
+        return afresh(), {"reused": False, "why_not": why_not, **waited_info}
     try:
         # Standard attention is a choice only where preflight timed it fastest.
         if kernel not in attention.flash_candidates(device) and not (kernel == "standard" and kernel in timings):
@@ -96,4 +101,4 @@ def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.
         return resolved, {"reused": False, "why_not": f"verdict {kernel} was wrong: {error}", "stale": str(path)}
     # The preflight's timings come along, so the record says what the choice was made from.
     return attention.Resolved(requested, kernel, fn, timings=timings), {"reused": True, "kernel": kernel,
-                                                                        "path": str(path)}
+                                                                        "path": str(path), **waited_info}

@@ -12,7 +12,7 @@ import importlib
 
 _EXPORTS = {"ProbeSettings": "settings", "settings_for": "settings", "run_preflight": "fanout", "LocalProbe": "fanout",
             "PreflightReport": "findings", "NodeReport": "findings", "PREFLIGHT_FILE": "findings",
-            "LOG_FILE": "findings"}
+            "LOG_FILE": "findings", "parse_probe": "child", "verdict": "rules"}
 __all__ = list(_EXPORTS)
 
 

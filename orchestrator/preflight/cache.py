@@ -174,12 +174,15 @@ class Lookup:
     why_not: Optional[str]  # None when ``entry`` is reused
 
 
+_MISSING = "no cached result for this node's current state"
+
+
 def load(path: Path) -> Lookup:
     """The entry at ``path``; a missing, stale or unreadable one is a miss (never an error)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return Lookup(path, None, "no cached result for this node's current state")
+        return Lookup(path, None, _MISSING)
     except OSError as e:
         log.warning("preflight cache %s is unreadable (%s); probing again", path, e)
         return Lookup(path, None, f"cache unreadable: {e}")
@@ -207,6 +210,59 @@ def store(path: Path, key: dict, raw: dict, verdict: dict) -> None:
                       "stale": None})
     except OSError as e:  # a read-only or full home only costs the next run a probe
         log.warning("could not write the preflight cache %s (%s)", path, e)
+
+
+# ---------------------------------------------------------------- a probe still timing kernels
+
+
+def pending_path(path: Path) -> Path:
+    """The marker of a probe that will write ``path`` once its kernel timing ends."""
+    return path.with_name(path.name + ".pending")
+
+
+def mark_pending(path: Path, until: float) -> None:
+    """Say that this process will write ``path`` by ``until`` (epoch seconds): a worker of this
+    node waits for it (``wait_for``) rather than timing the same kernels again beside it."""
+    try:
+        _write(pending_path(path), {"pid": os.getpid(), "until": until})
+    except OSError as e:
+        log.warning("could not write %s (%s); workers will not wait for this probe", pending_path(path), e)
+
+
+def clear_pending(path: Path) -> None:
+    try:
+        pending_path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _pending(path: Path, now: float) -> bool:
+    """Whether a live process on this node still promises to write ``path``."""
+    try:
+        marker = json.loads(pending_path(path).read_text())
+        pid, until = int(marker["pid"]), float(marker["until"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if now >= until:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def wait_for(path: Path, poll_s: float = 0.2) -> tuple[Lookup, float]:
+    """(``load(path)``, seconds waited): while the entry is missing and this node's probe is still
+    timing kernels for it (``mark_pending``), wait for it, up to the probe's own deadline."""
+    started = time.monotonic()
+    found = load(path)
+    while found.entry is None and found.why_not == _MISSING and _pending(path, time.time()):
+        time.sleep(poll_s)
+        found = load(path)
+    return found, time.monotonic() - started
 
 
 def mark_stale(path: Path, reason: str) -> bool:

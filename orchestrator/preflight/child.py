@@ -11,9 +11,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from orchestrator.preflight.probe import MARKER, SCHEMA, tail
 from orchestrator.preflight.rules import Cause, Issue, classify, crash_cause
@@ -45,8 +46,11 @@ def probe_env(disable_flash_attn: bool, base: Optional[dict] = None) -> dict:
     return env
 
 
-def run_probe(argv: list[str], timeout_s: float, env: Optional[dict] = None) -> dict:
-    """Run the probe command; never raises, never outlives ``timeout_s`` (its children neither)."""
+def run_probe(argv: list[str], timeout_s: float, env: Optional[dict] = None,
+              on_facts: Optional[Callable[[str], None]] = None) -> dict:
+    """Run the probe command; never raises, never outlives ``timeout_s`` (its children neither).
+    ``on_facts(line)`` is called with each facts line as the probe prints it: the first may come
+    before the kernels are timed (``probe.DEFERRED``), so the caller can go on while they are."""
     argv = [sys.executable if a == PYTHON else a for a in argv]
     started = time.monotonic()
     try:
@@ -55,18 +59,58 @@ def run_probe(argv: list[str], timeout_s: float, env: Optional[dict] = None) -> 
     except OSError as e:
         return {"returncode": None, "stdout": "", "stderr": f"{type(e).__name__}: {e}", "timed_out": False,
                 "seconds": 0.0}
-    timed_out = False
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+    if on_facts is not None:
+        stdout, stderr, timed_out = _stream(proc, timeout_s, on_facts)
+    else:
+        timed_out = False
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        stdout, stderr = proc.communicate()
+            stdout, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            stdout, stderr = proc.communicate()
     return {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "timed_out": timed_out,
             "seconds": round(time.monotonic() - started, 3)}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _stream(proc: subprocess.Popen, timeout_s: float, on_facts: Callable[[str], None]) -> tuple[str, str, bool]:
+    """(stdout, stderr, timed out): ``communicate`` with stdout read line by line, each facts
+    line handed to ``on_facts`` as it comes."""
+    out: list[str] = []
+    err: list[str] = []
+
+    def read_stdout() -> None:
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith(MARKER):
+                try:
+                    on_facts(line)
+                except Exception:  # noqa: BLE001 - a failing listener must not lose the probe's output
+                    pass
+
+    readers = [threading.Thread(target=read_stdout, name="probe-stdout", daemon=True),
+               threading.Thread(target=lambda: err.append(proc.stderr.read()), name="probe-stderr", daemon=True)]
+    for r in readers:
+        r.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(proc)
+        proc.wait()
+    for r in readers:
+        r.join()
+    proc.stdout.close()
+    proc.stderr.close()
+    return "".join(out), "".join(err), timed_out
 
 
 def parse_probe(raw: dict, timeout_s: float) -> tuple[Optional[dict], Optional[Issue]]:

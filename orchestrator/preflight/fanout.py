@@ -37,29 +37,58 @@ def _probe_on_node(argv: list[str], timeout_s: float, disable_flash_attn: bool) 
 
 class LocalProbe:
     """This machine's preflight (cache lookup, else the probe child), running in a thread from
-    the moment it is made; ``started`` and ``ended`` are epoch seconds (``ended`` None while it runs)."""
+    the moment it is made; ``started`` and ``ended`` are epoch seconds (``ended`` None while it
+    runs). ``ended`` is when the plan could go on: the probe's facts before its kernel timing,
+    when it times kernels (``partial``), else its end. The timing then goes on beside the
+    workers' start, and ``final()`` has the complete result once it is over (``finished``)."""
 
     def __init__(self, settings: ProbeSettings, fresh: bool):
         self.settings = settings
         self.started: float = time.time()
         self.ended: Optional[float] = None
+        self.finished: Optional[float] = None
         self.node_id: Optional[str] = None  # the Ray node it answered for, once run_preflight used it
+        self._early: Optional[dict] = None
         self._raw: Optional[dict] = None
         self._error: Optional[BaseException] = None
+        self._answer = threading.Event()  # the early facts, or the end
         self._thread = threading.Thread(target=self._run, args=(fresh,), name="preflight-local", daemon=True)
         self._thread.start()
 
+    def _on_early(self, raw: dict) -> None:
+        self._early, self.ended = raw, time.time()
+        self._answer.set()
+
     def _run(self, fresh: bool) -> None:
         try:
-            self._raw = node_mod.probe_or_reuse(probe_command(self.settings), self.settings, fresh)
+            self._raw = node_mod.probe_or_reuse(probe_command(self.settings), self.settings, fresh,
+                                                early=self._on_early)
         except Exception as e:  # noqa: BLE001 - reported as this node's failed probe, like a failed task
             self._error = e
         finally:
-            self.ended = time.time()
+            self.finished = time.time()
+            self.ended = self.ended or self.finished
+            self._answer.set()
+
+    @property
+    def partial(self) -> bool:
+        """Whether ``result`` answered before the kernel timing was over."""
+        return self._early is not None
 
     def result(self, timeout_s: float) -> tuple[Optional[dict], Optional[Issue]]:
-        """(raw, None) once the probe answered; (None, issue) when it failed or outlived ``timeout_s``."""
+        """(raw, None) once the probe answered (its facts before the kernel timing, if it times);
+        (None, issue) when it failed or outlived ``timeout_s``."""
+        self._answer.wait(timeout_s)
+        if self._early is not None:
+            return self._early, None
+        return self._outcome(timeout_s)
+
+    def final(self, timeout_s: float) -> tuple[Optional[dict], Optional[Issue]]:
+        """The complete result, the kernel timing included, waiting up to ``timeout_s`` for it."""
         self._thread.join(timeout_s)
+        return self._outcome(timeout_s)
+
+    def _outcome(self, timeout_s: float) -> tuple[Optional[dict], Optional[Issue]]:
         if self._thread.is_alive():
             return None, Issue("probe", crash_cause(f"the probe ({timeout_s:g} s)", None, True),
                                "the local probe did not finish")

@@ -18,6 +18,8 @@ from orchestrator import rundir
 from orchestrator.results import FLASH_LOG_FILE as LOG_FILE, PREFLIGHT_FILE
 from trainer import import_guard
 
+# flash_nodes' key for the nodes whose kernel choice was still being timed when the plan was made.
+PENDING = "(timing)"
 COLUMNS = ("node", "GPUs", "CC", "driver", "CUDA", "GLIBC", "torch", "flash-attn", "probe", "verdict", "reason")
 _REASON_WIDTH = 90
 
@@ -61,7 +63,8 @@ class NodeReport:
         if v.flash_ok:
             timed = v.kernel_timings.get(v.flash_kernel)
             kernel = "standard: timed fastest" if v.flash_kernel == "standard" else v.flash_kernel
-            verdict = f"flash ({kernel}, {timed:.3g} ms)" if timed else f"flash ({kernel})"
+            verdict = ("flash (kernels timed while workers start)" if v.timing_pending else
+                       f"flash ({kernel}, {timed:.3g} ms)" if timed else f"flash ({kernel})")
             reason = ", ".join(sorted({i.cause.code for i in v.issues})) or "-"
             if reason != "-":
                 reason = f"issues logged: {reason}"
@@ -101,13 +104,15 @@ class PreflightReport:
         out: dict[str, list[str]] = {}
         for n in self.nodes:
             if n.verdict.flash_ok:
-                out.setdefault(n.verdict.flash_kernel, []).append(n.name)
+                out.setdefault(PENDING if n.verdict.timing_pending else n.verdict.flash_kernel, []).append(n.name)
         return out
 
     def _timed_choice(self, kernel: str) -> str:
         """'kernel X (Y ms/iter), runner-up Z (W ms)' from the first node that timed it."""
         from trainer import kernel_select  # imports torch, which the driver loads while Ray starts
 
+        if kernel == PENDING:
+            return "the kernel timed fastest at the run's shape (timing while the workers start)"
         for n in self.nodes:
             if n.verdict.flash_kernel == kernel and n.verdict.kernel_timings:
                 return kernel_select.describe(kernel, n.verdict.kernel_timings)
@@ -137,6 +142,9 @@ class PreflightReport:
             v = n.verdict
             host = (n.facts or {}).get("hostname", "?")
             outcome = (f"standard attention: {v.reason}" if not v.flash_ok else
+                       "flash attention: the kernels that passed are being timed at the run's shape while the "
+                       "workers start; each worker takes the fastest (its record's kernel_timings)" if v.timing_pending
+                       else
                        "flash variant: standard attention, timed fastest at the run's shape" if v.flash_kernel == "standard"
                        else f"flash attention: {v.flash_kernel}")
             lines.append(f"node {n.node_id} ({host}, {n.address}): {outcome}")
@@ -180,8 +188,25 @@ class PreflightReport:
     def write(self, directory: Path) -> tuple[Path, Path]:
         """preflight.json and flash_attention_log.txt in ``directory``; returns their paths."""
         directory.mkdir(parents=True, exist_ok=True)
-        json_path, log_path = directory / PREFLIGHT_FILE, directory / LOG_FILE
-        for path, text in ((json_path, json.dumps(self.to_json(), indent=2, default=str) + "\n"),
-                           (log_path, self.log_text())):
-            rundir.write_text(path, text)
-        return json_path, log_path
+        log_path = directory / LOG_FILE
+        rundir.write_text(log_path, self.log_text())
+        return self.write_json(directory), log_path
+
+    def write_json(self, directory: Path) -> Path:
+        path = directory / PREFLIGHT_FILE
+        rundir.write_text(path, json.dumps(self.to_json(), indent=2, default=str) + "\n")
+        return path
+
+    def complete_timing(self, node_id: str, facts: dict, verdict: Verdict) -> Optional[str]:
+        """Put a node's complete facts in place of those its plan was made from, before its kernel
+        timing ended; the log's line on what the timing chose (None if the node was not pending)."""
+        for n in self.nodes:
+            if n.node_id == node_id and n.verdict.timing_pending:
+                n.facts, n.verdict = facts, verdict
+                if not verdict.flash_ok:
+                    return f"node {node_id}: kernel timing ended: {verdict.reason}"
+                from trainer import kernel_select
+
+                return (f"node {node_id}: kernel timing ended after the plan: "
+                        f"{kernel_select.describe(verdict.flash_kernel, verdict.kernel_timings)}")
+        return None

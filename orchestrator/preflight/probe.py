@@ -6,6 +6,11 @@ with its signal while every other check still runs; each check is reported on it
 nodes without a GPU. The facts are plain JSON (the schema is ``gather``'s return value), printed
 as one line after ``MARKER`` so libraries that print to stdout cannot garble them.
 
+Where kernels that passed are then timed at the run's shape (seconds of compiles on a GPU), the
+facts are printed twice: first before the timing, with ``kernel_selection`` ``{"deferred": true}``,
+then complete. The last line is the result; a reader that needs only the verdict (the plan) may
+go on at the first (``child.run_probe``'s ``on_facts``), while the timing finishes beside it.
+
 With ``--disable-flash-attn`` flash-attn is never imported here: its metadata and ELF are read,
 and the import guard is installed, as in every other process of such a run.
 """
@@ -25,7 +30,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
@@ -226,9 +231,16 @@ def flash_imports(disabled: bool, timeout_s: float) -> list[dict]:
 # ---------------------------------------------------------------- kernels
 
 
-def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: bool) -> tuple[dict, dict, dict]:
+# kernel_selection while the kernels that passed are still being timed (the first of two lines).
+DEFERRED = {"deferred": True}
+
+
+def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: bool,
+                  before_timing: Optional[Callable[[dict, dict], None]] = None) -> tuple[dict, dict, dict]:
     """Each flash candidate of trainer.attention, checked fwd+bwd against standard attention;
-    then, given the run's shape, those that passed timed as training runs them (the selection)."""
+    then, given the run's shape, those that passed timed as training runs them (the selection).
+    ``before_timing(check, results)`` is called when the checks are done and timing begins (not
+    when there is nothing to time: one candidate, or a choice cached for this node and shape)."""
     import torch
 
     from trainer import attention, config
@@ -263,11 +275,14 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
             passed.pop(name, None)
             results[name] = {"ok": False, "error": tail(_error_text(e))}
         results[name]["seconds"] = round(time.monotonic() - started, 3)
-    selection = select_kernel(settings, passed, device, dtype) if passed and settings.seq_len else {}
-    return check, results, selection
+    if not (passed and settings.seq_len):
+        return check, results, {}
+    announce = (lambda: before_timing(check, results)) if before_timing is not None else None
+    return check, results, select_kernel(settings, passed, device, dtype, announce)
 
 
-def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype) -> dict:
+def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype,
+                  before_timing: Optional[Callable[[], None]] = None) -> dict:
     """The kernel choice by timing at the run's shape (trainer.kernel_select), cached on this
     node where the workers read it; bounded so a slow compile cannot time the probe out."""
     from trainer import config, kernel_select
@@ -280,7 +295,8 @@ def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype) -> 
     started = time.monotonic()
     try:
         kernel, timings = kernel_select.picker(shape, device, budget_s=settings.timing_budget,
-                                               device_bytes=kernel_select.device_memory(device))(passed)
+                                               device_bytes=kernel_select.device_memory(device),
+                                               before_timing=before_timing)(passed)
     except Exception as e:  # timing is an optimisation: the check's order still gives a kernel
         return {"error": tail(_error_text(e)), "seconds": round(time.monotonic() - started, 3)}
     return {"kernel": kernel, "timings": timings, "shape": dataclasses.asdict(shape),
@@ -290,7 +306,9 @@ def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype) -> 
 # ---------------------------------------------------------------- all together
 
 
-def gather(settings: argparse.Namespace) -> dict:
+def gather(settings: argparse.Namespace, early: Optional[Callable[[dict], None]] = None) -> dict:
+    """The node's facts; ``early(facts)`` gets them once more before kernels are timed, with
+    ``kernel_selection`` DEFERRED (never when there is nothing to time)."""
     disabled = settings.disable_flash_attn or import_guard.disabled_by_env()
     if disabled:
         import_guard.install()
@@ -310,7 +328,11 @@ def gather(settings: argparse.Namespace) -> dict:
     imports = flash_imports(disabled, settings.import_timeout)
     facts["flash_attn"] = {"disabled": disabled, "distributions": distributions, "imports": imports}
     if torch_ok:
-        facts["check"], facts["kernels"], facts["kernel_selection"] = kernel_checks(settings, imports, disabled)
+        def announce(check: dict, kernels: dict) -> None:
+            if early is not None:
+                early(dict(facts, check=check, kernels=kernels, kernel_selection=DEFERRED))
+
+        facts["check"], facts["kernels"], facts["kernel_selection"] = kernel_checks(settings, imports, disabled, announce)
     else:
         facts["check"], facts["kernels"], facts["kernel_selection"] = {}, {}, {}
     return facts
@@ -336,13 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     settings = build_parser().parse_args(argv)
     real_stdout = sys.stdout
+
+    def emit(facts: dict) -> None:
+        real_stdout.write(MARKER + json.dumps(facts, default=str) + "\n")
+        real_stdout.flush()
+
     sys.stdout = sys.stderr  # whatever the checks print must not mix with the facts
     try:
-        facts = gather(settings)
+        facts = gather(settings, early=emit)
     finally:
         sys.stdout = real_stdout
-    real_stdout.write(MARKER + json.dumps(facts, default=str) + "\n")
-    real_stdout.flush()
+    emit(facts)
     return 0
 
 

@@ -152,11 +152,14 @@ class Verdict:
     backends: dict[str, dict] = field(default_factory=dict)
     issues: list[Issue] = field(default_factory=list)
     kernel_timings: dict[str, float] = field(default_factory=dict)  # kernel -> ms/iter at the run's shape
+    # The kernels that passed were still being timed at the run's shape when this verdict was
+    # made: ``flash_kernel`` is the first that passed, and the node's workers take the timed choice.
+    timing_pending: bool = False
 
     def to_json(self) -> dict:
         return {"flash_ok": self.flash_ok, "flash_kernel": self.flash_kernel, "reason": self.reason,
                 "backends": self.backends, "issues": [i.to_json() for i in self.issues],
-                "kernel_timings": self.kernel_timings}
+                "kernel_timings": self.kernel_timings, "timing_pending": self.timing_pending}
 
 
 def probe_failed(what: str, cause: Cause, error: str) -> Verdict:
@@ -230,7 +233,7 @@ def verdict(facts: dict) -> Verdict:
         timed = selection.get("kernel")
         if timed and backends.get(timed, {}).get("ok"):
             return Verdict(True, timed, None, backends, issues, dict(selection.get("timings") or {}))
-        return Verdict(True, flash_kernel, None, backends, issues)
+        return Verdict(True, flash_kernel, None, backends, issues, timing_pending=bool(selection.get("deferred")))
     failed = [f"{n}: {b['reason']}" for n, b in backends.items() if n != "standard"]
     if facts.get("torch", {}).get("error"):
         reason = f"torch does not import: {_last_line(facts['torch']['error'])}"
