@@ -10,12 +10,11 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
 
 from orchestrator import interrupt, results
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
-from trainer import checkpoint, driver_watch, failures, ray_internals, worker_preload
+from trainer import checkpoint, driver_watch, failures, ray_internals
 from trainer.loop import train_loop_per_worker
 from trainer.worker_spec import WorkerSpec
 from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
@@ -23,21 +22,6 @@ from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
 log = logging.getLogger(__name__)
 
 ABORT_TIMEOUT_S = 30.0
-
-
-PRELOAD_ENV = "FLASH_ORCHESTRATOR_WORKER_PRELOAD"  # 0: no setup hook in the workers
-
-
-def preload_hook_env(job_runtime_env: Optional[dict], environ: Optional[dict] = None) -> dict[str, str]:
-    """The workers' setup hook that imports torch and the loop while Ray Train sets them up
-    (trainer/worker_preload.py), as the variable Ray reads; none where the job already has a
-    setup hook of its own (a worker runs one hook: the user's wins) or ``PRELOAD_ENV`` is 0."""
-    env = os.environ if environ is None else environ
-    job = dict(job_runtime_env or {})
-    if env.get(PRELOAD_ENV, "1") == "0" or job.get("worker_process_setup_hook") or \
-            ray_internals.WORKER_SETUP_HOOK_ENV in (job.get("env_vars") or {}):
-        return {}
-    return {ray_internals.WORKER_SETUP_HOOK_ENV: worker_preload.HOOK}
 
 
 def _one_line(err: BaseException) -> str:
@@ -167,8 +151,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             # Set before each worker process starts, so even its first import sees them.
             # The driver's identity lets the workers on its host stop when it dies (trainer/driver_watch.py).
             worker_runtime_env={"env_vars": {**worker_threads_env(v.cpus_per_worker), **v.env,
-                                             **driver_watch.env_for_workers(),
-                                             **preload_hook_env(ray.get_runtime_context().runtime_env)}},
+                                             **driver_watch.env_for_workers()}},
         ),
     )
     record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None,

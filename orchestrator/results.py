@@ -81,8 +81,7 @@ class VariantResult(Record):
                                           "pid, device, gpu_ids, kernel, rejected_kernels, preflight_verdict, "
                                           "env, flash_attn_imports_blocked")
     timeline: Optional[dict[str, Optional[float]]] = Field(None, description="epoch seconds of worker_process (the "
-                                                           "worker's process started), worker_preloaded (its setup "
-                                                           "hook's imports done), worker_start, data, "
+                                                           "worker's process started), worker_start, data, "
                                                            "attention, model, ready, first_step (the startup "
                                                            "breakdown)")
     wall_time_s: Optional[float] = Field(None, description="seconds this invocation spent on the variant")

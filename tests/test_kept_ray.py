@@ -154,10 +154,12 @@ def test_keep_ray_starts_a_head_the_next_run_joins_and_ray_down_stops(tmp_path, 
         assert marks["probe_start"] < marks["ray_up"] and s1["startup_s"]["probe_overlapped"] > 0
         assert s1["startup_s"]["ray_head_start"] <= s1["startup_s"]["ray_init"] <= s1["startup_s"]["ray_start"]
         assert s1["ray_address"].endswith(head["address"].rsplit(":", 1)[1])
-        # The workers' setup hook ran in each worker's process (trainer/worker_preload.py).
+        # workers_up splits where the worker's process started (startup_s' worker_process, worker_init).
         v1 = json.loads((tmp_path / "runs" / "first" / "summary.json").read_text())["variants"]
         timeline = next(iter(v1.values()))["timeline"]
-        assert timeline["worker_process"] <= timeline["worker_preloaded"] and timeline["worker_process"] <= timeline["worker_start"]
+        assert s1["startup_marks"]["fit_start"] <= timeline["worker_process"] <= timeline["worker_start"]
+        assert s1["startup_s"]["worker_process"] + s1["startup_s"]["worker_init"] == pytest.approx(
+            s1["startup_s"]["workers_up"], abs=0.01)
 
         # The driver that started the head is gone: the dead-session clean-up must leave the head alone.
         assert head["session_dir"] and Path(head["session_dir"]).is_dir()

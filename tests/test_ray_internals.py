@@ -90,14 +90,3 @@ def test_ray_train_gets_its_autoscaling_coordinator_from_the_function_the_driver
     source = inspect.getsource(early)
     assert "get_if_exists=True" in source and 'lifetime="detached"' in source  # one actor, whoever asks first
     assert client.AUTOSCALING_REQUESTS_GET_TIMEOUT_S == 5  # what the controller waits (the docs quote it)
-
-
-def test_a_worker_process_still_runs_the_setup_hook_named_by_our_env_var():
-    from ray._private import ray_constants
-    from ray._private.runtime_env import setup_hook
-    from ray._private.workers import default_worker
-
-    assert ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR == ray_internals.WORKER_SETUP_HOOK_ENV
-    assert "ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR" in inspect.getsource(default_worker)
-    # A "module.function" string is imported and called in the worker (no GCS round trip).
-    assert "load_class(worker_process_setup_hook_key)" in inspect.getsource(setup_hook.load_and_execute_setup_hook_module)

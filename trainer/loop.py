@@ -24,7 +24,6 @@ from trainer.result import StepTimes, worker_result
 from trainer.save_restore import FAULT_MARKER, Saver, restore
 from trainer.step import Stepper, compile_enabled, training_dtype
 from trainer.worker_spec import WorkerSpec
-from trainer import worker_preload
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def _maybe_inject_fault(spec: WorkerSpec, step: int, rank: int, last_checkpoint:
 
 def _process_started() -> float | None:
     """When this worker's process started (epoch seconds): splits ``workers_up`` into Ray Train
-    bringing the process up and the process importing what the train function needs."""
+    bringing the process up and what follows until the train function runs."""
     try:
         import psutil
 
@@ -226,6 +225,6 @@ def train_loop_per_worker(config: dict) -> dict:
         record=record, times=times, device=device, world=world, dtype=dtype, compiled=use_compile,
         params=sum(p.numel() for p in raw_model.parameters()), flops_per_token=flops_per_token,
         tokens_per_step=tokens_per_step, kernel_timings=resolved.timings, peak_tflops=peak_tflops,
-        timeline={"worker_process": t_process, "worker_preloaded": worker_preload.finished_at, "worker_start": t_start, "data": t_data, "attention": t_attention, "model": t_model,
-                  "ready": t_ready, "first_step": t_first_step},
+        timeline={"worker_process": t_process, "worker_start": t_start, "data": t_data, "attention": t_attention,
+                  "model": t_model, "ready": t_ready, "first_step": t_first_step},
     )

@@ -32,12 +32,6 @@ FAILURE_HANDLING_MODULE = "ray.train.v2._internal.execution.failure_handling"
 # The controller actor's method that stops a run gracefully (TrainController.abort).
 CONTROLLER_ABORT = "abort"
 
-# A worker process runs the function this names ("module.function") before anything else, when
-# the variable is in its environment (ray/_private/workers/default_worker.py reads
-# ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR; runtime_env's public worker_process_setup_hook
-# becomes it only for a job's runtime env, not for Ray Train's worker_runtime_env).
-WORKER_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
-
 # Read by Ray Train's worker group when it waits for its placement group
 # (ray.train.v2._internal.constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR).
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"

@@ -9,9 +9,15 @@ variant's change, and time ``trainer.step.Stepper`` on a fixed random batch of t
 config (seq 4096 x 4):
 median step after warm-up, tokens/s over all GPUs. Environment variables (NCCL's) are set
 before the process group starts. ``--profile`` prints rank 0's CUDA kernel table for 3 steps.
+Each row also says whether the ranks still hold the same weights at the end (``in_sync``: a
+variant that reduced the gradients wrongly leaves them apart), the last step's loss, the
+environment rank 0 saw, and, with compiled blocks, how many graphs dynamo made and how many
+graph breaks it hit (a change that splits the compiled blocks shows there).
 
 Without CUDA it runs the same code on tiny shapes over gloo (a test of this script, not a
-measurement). Results on two H200s: docs/BENCHMARKS.md, 2026-11-28, "DDP on two GPUs".
+measurement); DDP's mixed precision (``ddp_mp`` rows) then runs with stand-ins for the device
+events and streams the CPU has not (``_cpu_event_stand_ins``). Results on two H200s:
+docs/BENCHMARKS.md, 2026-11-28, "DDP on two GPUs".
 """
 
 from __future__ import annotations
@@ -34,11 +40,15 @@ import yaml
 from trainer import attention, parallelize
 from trainer.config import ModelConfig, TrainConfig
 from trainer.optim import build_optimizer
-from trainer.step import Stepper
+from trainer.step import Stepper, to_device
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "llama-0.95b.yaml"
 # (name, GPUs, change): env (set before the process group), ddp (DDP keyword arguments),
-# hook ("bf16": the bf16 compression hook), pg_high_priority (the NCCL stream's priority option).
+# hook ("bf16": the bf16 compression hook), pg_high_priority (the NCCL stream's priority option),
+# ddp_mp (DDP's own mixed precision, a key of DDP_MP: the parameters cast to bf16 for forward and
+# backward, so the gradients come out, and are all-reduced, in bf16 with no hook's casts; the
+# step's autocast stays on; DDP wraps even one GPU, for that row's reference; see DDP_MP),
+# timeout_s (this row's limit, default TIMEOUT_S).
 VARIANTS = [
     ("1gpu", 1, {}),
     ("base", 2, {}),
@@ -50,14 +60,112 @@ VARIANTS = [
     ("static_graph", 2, {"ddp": {"static_graph": True}}),
     ("nccl_proto_simple", 2, {"env": {"NCCL_PROTO": "Simple"}}),
     ("nccl_proto_ll128", 2, {"env": {"NCCL_PROTO": "LL128"}}),
+    ("nccl_nthreads_256", 2, {"env": {"NCCL_NTHREADS": "256"}}),  # fewer threads per NCCL block
+    # NCCL user-buffer registration of the caching allocator's segments (the buckets included).
+    ("nccl_register_alloc", 2, {"env": {"TORCH_NCCL_USE_TENSOR_REGISTER_ALLOCATOR_HOOK": "1"}}),
+    ("cuda_max_connections_1", 2, {"env": {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}}),  # one hardware queue
+    ("nccl_min_channels_32", 2, {"env": {"NCCL_MIN_NCHANNELS": "32"}}),  # more channels: faster, less exposed
+    # DDP's own mixed precision also changes the compute (bf16 weights, so a bf16 residual stream
+    # and no autocast casts of the weights): its one-GPU row, the same DDP on one rank, is the
+    # reference that isolates what the second GPU costs (table()). Longer limit: the compiled
+    # blocks are split at DDP's per-module hooks (DDP_MP), more graphs to compile the first time.
+    ("1gpu_mp_bf16", 1, {"ddp_mp": "bf16", "timeout_s": 420}),
+    ("ddp_mp_bf16", 2, {"ddp_mp": "bf16", "timeout_s": 420}),
+    ("ddp_mp_bf16_fp32_reduce", 2, {"ddp_mp": "bf16_fp32", "timeout_s": 420}),
 ]
 TIMEOUT_S = 240
+# ddp_mp: (param_dtype, reduce_dtype) of torch.nn.parallel.distributed._MixedPrecision (private,
+# "experimental"; torch 2.13), buffer_dtype = param_dtype (the rotary tables go bf16 too). What
+# torch 2.13 does with it, and what this script does about it:
+# - Before each forward DDP casts every parameter into a bf16 copy (``param.data`` swapped, on a
+#   side stream) and puts a pre-forward hook on every module that waits for that copy and hooks
+#   the bf16 parameter's gradient accumulator; after each bucket's all-reduce a comm hook
+#   upcasts the gradients to fp32 and swaps the fp32 parameters back (the optimizer steps fp32).
+# - Those hooks run inside the compiled blocks (``Module.compile`` compiles ``_call_impl``, hooks
+#   and all), and dynamo does not trace them (stream and event calls, ``grad_fn`` access, hook
+#   registration): a graph break in every module, the blocks split into smaller graphs. On the
+#   CPU (inductor, two blocks): 11 graphs and 12 breaks a rank, against 1 graph and none under
+#   plain DDP; on a GPU the row's graphs / graph_breaks say. Gradients stay right (checked on
+#   the CPU against a bf16 replica, eager exactly and compiled to rounding).
+# - gradient_as_bucket_view must be off: with it on, the upcast (``p.grad.data = ...``) swaps
+#   the storage of the bucket view itself, later gradients are copied into that detached tensor,
+#   and from the third backward on every all-reduce sums stale bucket contents: wrong gradients,
+#   the same on every rank (in_sync cannot see it), bf16 or fp32 reduce. Forced off for these
+#   rows (ddp_kwargs); the upcast makes new fp32 gradients every step anyway.
+# - The first backward reduces garbage: DDP switches its buckets to bf16 after building them
+#   (``Reducer::set_mixed_precision_param_dtype`` replaces each bucket's tensor, its views still
+#   point into the old one), so the first all-reduce sums memory no gradient was copied into.
+#   The buckets are rebuilt, right, after that backward: one forward and backward before the
+#   first step, gradients dropped (_prime), keeps the garbage out of the weights.
+# - Tied weights (not this config) fail: the shared parameter is hooked by two modules, "marked
+#   as ready twice".
+DDP_MP = {"bf16": (torch.bfloat16, torch.bfloat16), "bf16_fp32": (torch.bfloat16, torch.float32)}
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ddp_kwargs(change: dict) -> dict:
+    """DistributedDataParallel's keyword arguments for a variant (device_ids aside)."""
+    options = {**parallelize.ddp_options(), **change.get("ddp", {})}
+    if change.get("ddp_mp"):
+        from torch.nn.parallel.distributed import _MixedPrecision
+
+        param, reduce = DDP_MP[change["ddp_mp"]]
+        # Bucket views last: they break DDP's mixed precision whatever the variant asks (DDP_MP).
+        options.update(mixed_precision=_MixedPrecision(param_dtype=param, reduce_dtype=reduce, buffer_dtype=param),
+                       gradient_as_bucket_view=False)
+    return options
+
+
+def _prime(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> None:
+    """One forward and backward under DDP's mixed precision, its gradients dropped: the first
+    backward reduces garbage, and rebuilds the buckets right for every later one (DDP_MP)."""
+    with autocast:
+        _, loss = model(x, y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _cpu_event_stand_ins() -> None:
+    """DDP's mixed precision orders its casts with device events and the current stream
+    (``torch.Event().record()``: "cpu backend doesn't support events";
+    ``torch.accelerator.current_stream()``: none without an accelerator). On the CPU every op
+    runs in program order, so events and waits that do nothing are exact. This process only
+    (a spawned rank of a ddp_mp row), never on a GPU."""
+
+    class Event(torch.Event):
+        def record(self, stream=None):
+            pass
+
+        def wait(self, stream=None):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class Stream:
+        def wait_stream(self, stream):
+            pass
+
+        def wait_event(self, event):
+            pass
+
+    torch.Event = Event
+    torch.accelerator.current_stream = lambda device=None: Stream()
+
+
+def _replicas_agree(model: torch.nn.Module) -> bool:
+    """Whether every rank ends with the same weights (DDP's point): the sum and norm of each
+    parameter, gathered from every rank, compared exactly."""
+    mine = torch.stack([torch.stack((p.detach().float().sum(), p.detach().float().norm()))
+                        for p in model.parameters()])
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return all(torch.equal(every[0], other) for other in every[1:])
 
 
 def _setup(rank: int, world: int, port: int, change: dict):
@@ -67,7 +175,7 @@ def _setup(rank: int, world: int, port: int, change: dict):
     dev = torch.device("cuda", rank) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(rank)
-    if world > 1:
+    if world > 1 or change.get("ddp_mp"):  # ddp_mp wraps one GPU too
         kw = {}
         if change.get("pg_high_priority") and gpu:
             kw["pg_options"] = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
@@ -84,6 +192,9 @@ def _setup(rank: int, world: int, port: int, change: dict):
 def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, int], profile: bool, q) -> None:
     dev, dtype, cfg = _setup(rank, world, port, change)
     gpu = dev.type == "cuda"
+    mp_kind = change.get("ddp_mp")
+    if mp_kind and not gpu:
+        _cpu_event_stand_ins()
     tc = TrainConfig(**cfg["train"])
     m = ModelConfig(**cfg["model"]).args(vocab_size=cfg["model"]["vocab_size"], max_seq_len=tc.seq_len,
                                          activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
@@ -91,9 +202,9 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
                               n_heads=m.n_heads, n_kv_heads=m.n_kv_heads)
     raw = parallelize.build_replica(m, fn, device=dev, seed=0, compile=gpu)
     model = raw
-    if world > 1:
+    if world > 1 or mp_kind:
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[rank] if gpu else None,
-                                                          **{**parallelize.ddp_options(), **change.get("ddp", {})})
+                                                          **ddp_kwargs(change))
         if change.get("hook") == "bf16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -104,12 +215,14 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
     shape = (tc.micro_batch_size, tc.seq_len)
     batch = [(rng.integers(0, m.vocab_size, shape), rng.integers(0, m.vocab_size, shape))]
     sync = torch.cuda.synchronize if gpu else (lambda: None)
+    if mp_kind:
+        _prime(model, to_device(batch[0][0], dev), to_device(batch[0][1], dev), stepper.autocast)
     warmup, iters = steps
     times = []
     for _ in range(warmup + iters):
         sync()
         t = time.perf_counter()
-        stepper(batch, tc.lr)
+        loss, _ = stepper(batch, tc.lr)
         sync()
         times.append(time.perf_counter() - t)
     table = None
@@ -124,11 +237,18 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
             sync()
         sort = "cuda_time_total" if gpu else "cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60)
+    in_sync = _replicas_agree(model) if world > 1 else None  # every rank takes part
     if rank == 0:
         step = statistics.median(times[warmup:])
-        q.put({"step_s": step, "tok_s": world * tc.micro_batch_size * tc.seq_len / step,
-               "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if gpu else None, "profile": table})
-    if world > 1:
+        row = {"step_s": step, "tok_s": world * tc.micro_batch_size * tc.seq_len / step,
+               "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if gpu else None,
+               "in_sync": in_sync, "loss": float(loss), "env": {k: os.environ.get(k) for k in change.get("env", {})}}
+        if gpu:  # blocks compiled (build_replica(compile=gpu))
+            from torch._dynamo.utils import counters
+
+            row.update(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
+        q.put({**row, "profile": table})
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
@@ -138,6 +258,7 @@ def run_variant(name: str, world: int, change: dict, *, steps: tuple[int, int] =
     """One variant in fresh processes: its row, or its error."""
     saved = dict(os.environ)
     os.environ.update(change.get("env", {}))  # inherited by the spawned ranks
+    limit = change.get("timeout_s", TIMEOUT_S)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     t0 = time.time()
@@ -150,23 +271,26 @@ def run_variant(name: str, world: int, change: dict, *, steps: tuple[int, int] =
         os.environ.clear()
         os.environ.update(saved)
     res = None
-    while res is None and time.time() - t0 < TIMEOUT_S:
+    while res is None and time.time() - t0 < limit:
         try:
             res = q.get(timeout=2)
         except queue.Empty:  # still running, unless a rank died
             if any(p.exitcode not in (None, 0) for p in procs):
                 res = {"error": f"exit codes {[p.exitcode for p in procs]}"}
-    res = res or {"error": f"no result within {TIMEOUT_S} s"}
+    res = res or {"error": f"no result within {limit} s"}
     for p in procs:
         p.join(30)
         if p.is_alive():
             p.kill()
-    return {"name": name, "world": world, **res, "wall_s": round(time.time() - t0, 1)}
+    mp_kind = {"ddp_mp": change["ddp_mp"]} if change.get("ddp_mp") else {}
+    return {"name": name, "world": world, **mp_kind, **res, "wall_s": round(time.time() - t0, 1)}
 
 
 def table(rows: list[dict]) -> list[str]:
-    """Markdown rows, each variant's tokens/s over the one-GPU mean."""
-    one = [r["tok_s"] for r in rows if r["world"] == 1 and "tok_s" in r]
+    """Markdown rows, each variant's tokens/s over the one-GPU mean (of the plain one-GPU rows:
+    a ddp_mp row changes the compute too); then each two-GPU ddp_mp row over the ddp_mp
+    one-GPU mean, the same precision on one GPU."""
+    one = [r["tok_s"] for r in rows if r["world"] == 1 and "tok_s" in r and not r.get("ddp_mp")]
     base = statistics.mean(one) if one else None
     lines = ["| variant | GPUs | tokens/s | scaling | peak GiB |", "|---|---|---|---|---|"]
     for r in rows:
@@ -176,6 +300,12 @@ def table(rows: list[dict]) -> list[str]:
         scaling = f"{r['tok_s'] / base:.3f}x" if base else "n/a"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
         lines.append(f"| {r['name']} | {r['world']} | {r['tok_s']:,.0f} | {scaling} | {peak} |")
+    one_mp = [r for r in rows if r["world"] == 1 and "tok_s" in r and r.get("ddp_mp")]
+    if one_mp:
+        ref = statistics.mean(r["tok_s"] for r in one_mp)
+        names = ", ".join(r["name"] for r in one_mp)
+        lines += [f"{r['name']}: {r['tok_s'] / ref:.3f}x of {names} (the same bf16 weights on one GPU)"
+                  for r in rows if r["world"] > 1 and "tok_s" in r and r.get("ddp_mp")]
     return lines
 
 
