@@ -374,7 +374,7 @@ def _complete_preflight(state: RunState) -> None:
     facts = preflight.parse_probe(raw, local.settings.timeout_s)[0] if raw is not None else None
     if facts is None:  # still timing (no worker of this node needed it) or failed: the plan's facts stay
         return
-    line = report.complete_timing(local.node_id, facts, preflight.verdict(facts))
+    line = report.complete_timing(local.node_id, facts, preflight.verdict(facts), raw.get("seconds"))
     if line is not None:
         report.write_json(state.run_dir)
         with open(state.run_dir / preflight.LOG_FILE, "a") as f:

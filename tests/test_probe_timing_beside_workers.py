@@ -71,13 +71,18 @@ def test_the_table_the_startup_line_and_the_log_say_the_kernels_are_timed_while_
     assert json.loads(json_path.read_text())["nodes"][0]["verdict"]["timing_pending"] is True
 
     # Once the timing ended: preflight.json holds the complete facts, and the log's line says what won.
+    node.probe_seconds, node.cache = 9.0, {"reused": False, "timing": "under way"}
     line = report.complete_timing("abcdef0123", _facts({"kernel": "sdpa_cudnn", "timings": TIMINGS}),
-                                  verdict(_facts({"kernel": "sdpa_cudnn", "timings": TIMINGS})))
+                                  verdict(_facts({"kernel": "sdpa_cudnn", "timings": TIMINGS})), 21.5)
     assert line == ("node abcdef0123: kernel timing ended after the plan: kernel sdpa_cudnn (4.9 ms/iter), "
                     "runner-up sdpa_flash (5.3 ms)")
     report.write_json(tmp_path)
-    saved = json.loads(json_path.read_text())["nodes"][0]["verdict"]
+    saved_node = json.loads(json_path.read_text())["nodes"][0]
+    saved = saved_node["verdict"]
     assert (saved["flash_kernel"], saved["timing_pending"], saved["kernel_timings"]) == ("sdpa_cudnn", False, TIMINGS)
+    # The probe's whole time, and the part the plan waited for.
+    assert saved_node["probe_seconds"] == 21.5
+    assert saved_node["cache"] == {"reused": False, "timing": "ended after the plan", "plan_seconds": 9.0}
     assert report.complete_timing("abcdef0123", {}, verdict(_facts(DEFERRED))) is None  # no longer pending
 
 

@@ -197,12 +197,16 @@ class PreflightReport:
         rundir.write_text(path, json.dumps(self.to_json(), indent=2, default=str) + "\n")
         return path
 
-    def complete_timing(self, node_id: str, facts: dict, verdict: Verdict) -> Optional[str]:
+    def complete_timing(self, node_id: str, facts: dict, verdict: Verdict,
+                        probe_seconds: Optional[float] = None) -> Optional[str]:
         """Put a node's complete facts in place of those its plan was made from, before its kernel
-        timing ended; the log's line on what the timing chose (None if the node was not pending)."""
+        timing ended (``probe_seconds``: the whole probe's); the log's line on what the timing
+        chose (None if the node was not pending)."""
         for n in self.nodes:
             if n.node_id == node_id and n.verdict.timing_pending:
                 n.facts, n.verdict = facts, verdict
+                n.cache = dict(n.cache or {}, timing="ended after the plan", plan_seconds=n.probe_seconds)
+                n.probe_seconds = probe_seconds if probe_seconds is not None else n.probe_seconds
                 if not verdict.flash_ok:
                     return f"node {node_id}: kernel timing ended: {verdict.reason}"
                 from trainer import kernel_select
