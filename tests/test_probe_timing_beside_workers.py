@@ -179,6 +179,17 @@ def test_a_worker_waits_for_its_nodes_probe_still_timing_and_takes_its_choice(tm
     assert resolved.timings == {"sdpa_flash_cpu": 1.0, "sdpa_math": 2.0}  # the record's kernel_timings
 
 
+def test_a_worker_waits_for_a_fresh_probe_even_where_an_older_entry_is_there(tmp_path):
+    key = cache.node_key(WORKER)
+    path = cache.entry_path(key)
+    cache.store(path, key, {"stdout": ""}, {"flash_ok": True, "flash_kernel": "standard", "kernel_timings": {}})
+    cache.mark_pending(path, time.time() + 30)  # --fresh-preflight: a new probe is timing
+    writer = _store_later(path, key, 1.0, "sdpa_flash_cpu")
+    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **SHAPE)
+    writer.join()
+    assert resolved.kernel == "sdpa_flash_cpu" and reuse["waited_s"] >= 0.8
+
+
 def test_a_worker_does_not_wait_for_a_dead_or_expired_probe(tmp_path):
     path = cache.entry_path(cache.node_key(WORKER))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "llama-0.95b.yaml"
 # ddp_mp (DDP's own mixed precision, a key of DDP_MP: the parameters cast to bf16 for forward and
 # backward, so the gradients come out, and are all-reduced, in bf16 with no hook's casts; the
 # step's autocast stays on; DDP wraps even one GPU, for that row's reference; see DDP_MP),
+# weights ("bf16_master": bf16 parameters, fp32 master weights in the optimizer, MasterWeights),
 # timeout_s (this row's limit, default TIMEOUT_S).
 VARIANTS = [
     ("1gpu", 1, {}),
@@ -72,6 +73,12 @@ VARIANTS = [
     ("1gpu_mp_bf16", 1, {"ddp_mp": "bf16", "timeout_s": 420}),
     ("ddp_mp_bf16", 2, {"ddp_mp": "bf16", "timeout_s": 420}),
     ("ddp_mp_bf16_fp32_reduce", 2, {"ddp_mp": "bf16_fp32", "timeout_s": 420}),
+    # bf16 parameters, AdamW on fp32 master copies (MasterWeights): gradients come out, and
+    # plain DDP all-reduces them, in bf16, with no hook and no per-module hooks in the
+    # compiled blocks (Megatron's and DeepSpeed's bf16 recipe). The compute changes too (a bf16
+    # residual stream), so its one-GPU row is the same-precision reference (table()).
+    ("1gpu_bf16_master", 1, {"weights": "bf16_master"}),
+    ("bf16_master", 2, {"weights": "bf16_master"}),
 ]
 TIMEOUT_S = 240
 # ddp_mp: (param_dtype, reduce_dtype) of torch.nn.parallel.distributed._MixedPrecision (private,
@@ -158,6 +165,32 @@ def _cpu_event_stand_ins() -> None:
     torch.accelerator.current_stream = lambda device=None: Stream()
 
 
+class MasterWeights:
+    """AdamW (``build_optimizer``'s) on fp32 master copies of bf16 parameters, for ``Stepper``:
+    each step copies the bf16 gradients into the masters, steps them in fp32 and copies them
+    back into the bf16 parameters. The interface Stepper uses: param_groups, step, zero_grad."""
+
+    def __init__(self, params: list[torch.nn.Parameter], tc: TrainConfig, device: torch.device):
+        self.params = params
+        holder = torch.nn.Module()
+        holder.masters = torch.nn.ParameterList([torch.nn.Parameter(p.detach().float().clone()) for p in params])
+        self.masters = list(holder.masters)
+        self.inner = build_optimizer(holder, tc, device)
+        self.param_groups = self.inner.param_groups
+
+    def step(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.masters)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+        self.inner.zero_grad(set_to_none=True)
+
+
 def _replicas_agree(model: torch.nn.Module) -> bool:
     """Whether every rank ends with the same weights (DDP's point): the sum and norm of each
     parameter, gathered from every rank, compared exactly."""
@@ -201,6 +234,10 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
     fn = attention.checked_fn("sdpa_cudnn" if gpu else "standard", device=dev, dtype=dtype, head_dim=m.head_dim,
                               n_heads=m.n_heads, n_kv_heads=m.n_kv_heads)
     raw = parallelize.build_replica(m, fn, device=dev, seed=0, compile=gpu)
+    master = change.get("weights") == "bf16_master"
+    if master:  # the parameters only: the rotary tables stay fp32, as under autocast
+        for p in raw.parameters():
+            p.data = p.data.to(torch.bfloat16)
     model = raw
     if world > 1 or mp_kind:
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[rank] if gpu else None,
@@ -209,8 +246,8 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    stepper = Stepper(model, build_optimizer(model, tc, dev), device=dev, dtype=dtype, grad_accum=1,
-                      grad_clip=tc.grad_clip)
+    optimizer = MasterWeights(list(raw.parameters()), tc, dev) if master else build_optimizer(model, tc, dev)
+    stepper = Stepper(model, optimizer, device=dev, dtype=dtype, grad_accum=1, grad_clip=tc.grad_clip)
     rng = np.random.default_rng(rank)
     shape = (tc.micro_batch_size, tc.seq_len)
     batch = [(rng.integers(0, m.vocab_size, shape), rng.integers(0, m.vocab_size, shape))]
@@ -282,15 +319,21 @@ def run_variant(name: str, world: int, change: dict, *, steps: tuple[int, int] =
         p.join(30)
         if p.is_alive():
             p.kill()
-    mp_kind = {"ddp_mp": change["ddp_mp"]} if change.get("ddp_mp") else {}
+    mp_kind = {k: change[k] for k in ("ddp_mp", "weights") if change.get(k)}
     return {"name": name, "world": world, **mp_kind, **res, "wall_s": round(time.time() - t0, 1)}
+
+
+def _precision(row: dict) -> str | None:
+    """What a row changes in the compute besides the communication (None: nothing): bf16
+    weights under DDP's mixed precision (whatever its reduce dtype), or bf16 master weights."""
+    return "ddp_mp" if row.get("ddp_mp") else row.get("weights")
 
 
 def table(rows: list[dict]) -> list[str]:
     """Markdown rows, each variant's tokens/s over the one-GPU mean (of the plain one-GPU rows:
-    a ddp_mp row changes the compute too); then each two-GPU ddp_mp row over the ddp_mp
-    one-GPU mean, the same precision on one GPU."""
-    one = [r["tok_s"] for r in rows if r["world"] == 1 and "tok_s" in r and not r.get("ddp_mp")]
+    a ddp_mp or bf16_master row changes the compute too); then each two-GPU row of those over
+    the one-GPU mean of the same precision."""
+    one = [r["tok_s"] for r in rows if r["world"] == 1 and "tok_s" in r and not _precision(r)]
     base = statistics.mean(one) if one else None
     lines = ["| variant | GPUs | tokens/s | scaling | peak GiB |", "|---|---|---|---|---|"]
     for r in rows:
@@ -300,12 +343,14 @@ def table(rows: list[dict]) -> list[str]:
         scaling = f"{r['tok_s'] / base:.3f}x" if base else "n/a"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
         lines.append(f"| {r['name']} | {r['world']} | {r['tok_s']:,.0f} | {scaling} | {peak} |")
-    one_mp = [r for r in rows if r["world"] == 1 and "tok_s" in r and r.get("ddp_mp")]
-    if one_mp:
+    for kind in dict.fromkeys(_precision(r) for r in rows if _precision(r)):
+        one_mp = [r for r in rows if r["world"] == 1 and "tok_s" in r and _precision(r) == kind]
+        if not one_mp:
+            continue
         ref = statistics.mean(r["tok_s"] for r in one_mp)
         names = ", ".join(r["name"] for r in one_mp)
         lines += [f"{r['name']}: {r['tok_s'] / ref:.3f}x of {names} (the same bf16 weights on one GPU)"
-                  for r in rows if r["world"] > 1 and "tok_s" in r and r.get("ddp_mp")]
+                  for r in rows if r["world"] > 1 and "tok_s" in r and _precision(r) == kind]
     return lines
 
 

@@ -255,14 +255,13 @@ def _pending(path: Path, now: float) -> bool:
 
 
 def wait_for(path: Path, poll_s: float = 0.2) -> tuple[Lookup, float]:
-    """(``load(path)``, seconds waited): while the entry is missing and this node's probe is still
-    timing kernels for it (``mark_pending``), wait for it, up to the probe's own deadline."""
+    """(``load(path)``, seconds waited): while this node's probe is still timing kernels for the
+    entry (``mark_pending``), wait for it, up to the probe's own deadline. Also where an older
+    entry is there: under ``--fresh-preflight`` the probe under way is the one asked for."""
     started = time.monotonic()
-    found = load(path)
-    while found.entry is None and found.why_not == _MISSING and _pending(path, time.time()):
+    while _pending(path, time.time()):
         time.sleep(poll_s)
-        found = load(path)
-    return found, time.monotonic() - started
+    return load(path), time.monotonic() - started
 
 
 def mark_stale(path: Path, reason: str) -> bool:
