@@ -35,8 +35,6 @@ def _cached_verdict(settings) -> tuple[Path | None, str | None, str, dict, float
     except Exception as e:  # the key is an optimisation: failing to compute it means choosing afresh
         return None, None, f"node key: {type(e).__name__}: {e}", {}, 0.0
     found, waited = cache.wait_for(path)
-    if waited >= 0.5:
-        log.info("waited %.1f s for this node's preflight to finish timing the attention kernels", waited)
     if found.entry is None:
         return path, None, found.why_not, {}, waited
     verdict = found.entry.get("verdict") or {}
@@ -82,7 +80,10 @@ def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.
                              disable_flash_attn=not flash_attn_allowed, seq_len=seq_len,
                              micro_batch_size=micro_batch_size, compile=compile_setting, n_layers=n_layers)
     path, kernel, why_not, timings, waited = _cached_verdict(settings)
-    waited_info = {"waited_s": round(waited, 3)} if waited >= 0.5 else {}
+    waited_info = {}
+    if waited >= 0.5:  # a wait worth reporting: the preflight was still timing kernels
+        log.info("waited %.1f s for this node's preflight to finish timing the attention kernels", waited)
+        waited_info = {"waited_s": round(waited, 3)}
     if kernel is None:
         return afresh(), {"reused": False, "why_not": why_not, **waited_info}
     try:

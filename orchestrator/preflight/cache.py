@@ -174,15 +174,12 @@ class Lookup:
     why_not: Optional[str]  # None when ``entry`` is reused
 
 
-_MISSING = "no cached result for this node's current state"
-
-
 def load(path: Path) -> Lookup:
     """The entry at ``path``; a missing, stale or unreadable one is a miss (never an error)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return Lookup(path, None, _MISSING)
+        return Lookup(path, None, "no cached result for this node's current state")
     except OSError as e:
         log.warning("preflight cache %s is unreadable (%s); probing again", path, e)
         return Lookup(path, None, f"cache unreadable: {e}")
@@ -236,14 +233,14 @@ def clear_pending(path: Path) -> None:
         pass
 
 
-def _pending(path: Path, now: float) -> bool:
+def _pending(path: Path) -> bool:
     """Whether a live process on this node still promises to write ``path``."""
     try:
         marker = json.loads(pending_path(path).read_text())
         pid, until = int(marker["pid"]), float(marker["until"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if now >= until:
+    if time.time() >= until:
         return False
     try:
         os.kill(pid, 0)
@@ -259,7 +256,7 @@ def wait_for(path: Path, poll_s: float = 0.2) -> tuple[Lookup, float]:
     entry (``mark_pending``), wait for it, up to the probe's own deadline. Also where an older
     entry is there: under ``--fresh-preflight`` the probe under way is the one asked for."""
     started = time.monotonic()
-    while _pending(path, time.time()):
+    while _pending(path):
         time.sleep(poll_s)
     return load(path), time.monotonic() - started
 

@@ -329,10 +329,10 @@ def gather(settings: argparse.Namespace, early: Optional[Callable[[dict], None]]
     facts["flash_attn"] = {"disabled": disabled, "distributions": distributions, "imports": imports}
     if torch_ok:
         def announce(check: dict, kernels: dict) -> None:
-            if early is not None:
-                early(dict(facts, check=check, kernels=kernels, kernel_selection=DEFERRED))
+            early(dict(facts, check=check, kernels=kernels, kernel_selection=DEFERRED))
 
-        facts["check"], facts["kernels"], facts["kernel_selection"] = kernel_checks(settings, imports, disabled, announce)
+        facts["check"], facts["kernels"], facts["kernel_selection"] = kernel_checks(
+            settings, imports, disabled, announce if early is not None else None)
     else:
         facts["check"], facts["kernels"], facts["kernel_selection"] = {}, {}, {}
     return facts
