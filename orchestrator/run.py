@@ -12,8 +12,8 @@ input checks, in a thread, while Ray starts; the probe phase then waits only for
 
 Nothing before Ray's start imports torch (``tests/test_startup.py`` holds the driver to it): the
 phases after it need torch, Ray Train and the worker loop, seconds of imports that a thread
-loads while this command starts a Ray (``_preload``); a command that joins one imports them
-when they are needed.
+loads while this command starts a Ray (``_preload``); a command that joins one starts that
+thread once joined, beside the probe's reuse and the plan.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def starts_ray(opts: TrainOptions) -> bool:
     """Whether this command starts a Ray: its own, or the kept head when none runs. Starting one
     is seconds in which the driver only waits, which the preload fills. Joining a running Ray
     takes well under a second, and the preload's imports, sharing the interpreter with it, made
-    that 0.4 s join take 2.2 s (docs/BENCHMARKS.md): those imports wait until they are needed."""
+    that 0.4 s join take 2.2 s (docs/BENCHMARKS.md): a joining command preloads once joined."""
     if opts.address or os.environ.get("RAY_ADDRESS"):
         return False
     head = kept_ray.read_record() if opts.keep_ray else None
@@ -417,7 +417,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if nodes is None:  # this machine is the only node: its probe need not wait for Ray
             state.local_probe = preflight.LocalProbe(probe_settings(state), opts.fresh_preflight)
-    if starts_ray(opts):
+    starting = starts_ray(opts)
+    if starting:
         _preload()  # after every input check and the environment Ray's modules read
     state.t_ray_init = time.time()
     head = None
@@ -432,6 +433,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
             if head is not None and head.session_dir is None:
                 kept_ray.note_session(head, ray_internals.local_session_dir())
             _connect(state, address)
+            if not starting:  # joined: the imports go on beside the probe's reuse and the plan
+                _preload()
             _probe(state, nodes)
             _plan(state)
             _open_run_dir(state)

@@ -119,6 +119,51 @@ def test_the_real_block_timer_times_a_kernel_forward_and_backward_on_cpu():
     assert 0 < ms < 10_000
 
 
+def test_with_an_mlp_width_the_timer_runs_whole_blocks_stacked_as_the_model_stacks_them(monkeypatch):
+    """The kernels are timed inside the model's own blocks (norms, attention, MLP), two deep
+    where the model has two or more layers; one attention block alone only without a width."""
+    from trainer import model
+
+    monkeypatch.setattr(kernel_select, "group_size", lambda seconds: 1)  # 1 warm-up + 3 alone + 1 timed step
+    mlp_calls = []
+    real_mlp = model.MLP.forward
+    monkeypatch.setattr(model.MLP, "forward", lambda self, x: mlp_calls.append(1) or real_mlp(self, x))
+
+    def run(shape):
+        calls = []
+
+        def counted(q, k, v):
+            calls.append(q.shape)
+            return attention.standard_attention(q, k, v)
+
+        kernel_select.block_timer(shape, torch.device("cpu"), warmup=1, iters=1)("counted", counted)
+        return calls
+
+    assert kernel_select.timed_blocks(SHAPE) == 1
+    assert len(run(SHAPE)) == 5 and mlp_calls == []  # no width: the attention block alone
+    whole = Shape(**{**SHAPE.__dict__, "ffn_hidden": 48, "n_layers": 8})
+    assert kernel_select.timed_blocks(whole) == kernel_select.MAX_TIMED_BLOCKS == 2
+    calls = run(whole)
+    assert len(calls) == 2 * 5 and len(mlp_calls) == 2 * 5
+    assert calls[0] == (SHAPE.micro_batch, SHAPE.n_heads, SHAPE.seq_len, SHAPE.head_dim)
+    one_layer = Shape(**{**whole.__dict__, "n_layers": 1, "activation_checkpointing": 1})
+    assert kernel_select.timed_blocks(one_layer) == 1
+    # Checkpointed, the block recomputes its forward in backward: the kernel runs twice per step.
+    assert len(run(one_layer)) == 2 * 5
+
+
+def test_the_run_shape_carries_the_mlp_width_and_checkpointing_into_the_timing_and_its_cache_key():
+    from trainer.model_args import ModelArgs
+
+    margs = ModelArgs(vocab_size=100, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=176, max_seq_len=64,
+                      activation_checkpointing=2)
+    shape = Shape.of_run(margs, seq_len=64, micro_batch=2, dtype=torch.float32, compile=False)
+    assert (shape.ffn_hidden, shape.activation_checkpointing, shape.n_layers) == (176, 2, 3)
+    other = Shape.of_run(ModelArgs(**{**margs.__dict__, "ffn_hidden": 192}), seq_len=64, micro_batch=2,
+                         dtype=torch.float32, compile=False)
+    assert kernel_select.cache_key(shape, VERSIONS) != kernel_select.cache_key(other, VERSIONS)
+
+
 def test_past_the_time_budget_the_rest_go_untimed_and_the_partial_choice_is_not_cached(tmp_path):
     import time
 

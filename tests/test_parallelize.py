@@ -23,6 +23,19 @@ def _attn(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
+def test_a_model_built_before_its_kernel_was_chosen_runs_once_it_is_set_and_never_before():
+    """trainer.loop builds the model beside the kernel's check, with ``attention.unresolved``."""
+    from trainer import attention
+
+    model = parallelize.build_replica(ARGS, attention.unresolved, device=torch.device("cpu"), seed=0, compile=False)
+    idx = torch.randint(0, ARGS.vocab_size, (2, 16))
+    with pytest.raises(RuntimeError, match="before its kernel was chosen"):
+        model(idx)
+    parallelize.set_attention(model, _attn)
+    want = parallelize.build_replica(ARGS, _attn, device=torch.device("cpu"), seed=0, compile=False)
+    assert torch.equal(model(idx), want(idx))
+
+
 def test_fsdp_refuses_a_model_with_a_dimension_smaller_than_the_worker_count():
     with pytest.raises(parallelize.ShardingError, match=r"fsdp over 64 workers .* model\.dim .* = 32"):
         parallelize.check_shardable(ARGS, 64)

@@ -154,3 +154,28 @@ def test_probe_times_every_kernel_that_passed_at_the_run_shape_and_caches_the_ch
     assert len(list(tmp_path.glob("*.json"))) == 1  # the workers on this node read it
     facts = {"flash_attn": {}, "kernels": results, "kernel_selection": selection}
     assert rules.verdict(facts).flash_kernel == selection["kernel"]
+
+
+def test_the_probe_times_the_kernels_in_the_runs_whole_blocks_its_mlp_width_and_checkpointing(tmp_path, monkeypatch):
+    """The driver's settings carry the model's MLP width and train.activation_checkpointing to
+    the probe's command line, and the probe times the kernels in such blocks."""
+    from orchestrator import config as config_mod
+    from orchestrator.preflight import probe
+    from orchestrator.preflight.settings import settings_for
+    from trainer import attention, kernel_select
+
+    cfg = config_mod.validate({"model": {"dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2},
+                               "train": {"seq_len": 32, "micro_batch_size": 2, "activation_checkpointing": True}})
+    settings = settings_for(cfg, config_mod.variant_configs(cfg, False), False)
+    assert (settings.ffn_hidden, settings.activation_checkpointing) == (192, 1)  # 8/3 x 64, rounded to 64
+    argv = probe_command(settings)
+    assert argv[argv.index("--ffn-hidden") + 1] == "192" and argv[argv.index("--activation-checkpointing") + 1] == "1"
+
+    monkeypatch.setattr(attention, "flash_candidates", lambda device: ["sdpa_flash_cpu", "standard"])
+    monkeypatch.setenv(kernel_select.CACHE_ENV, str(tmp_path))
+    timed = []
+    real = kernel_select.block_timer
+    monkeypatch.setattr(kernel_select, "block_timer", lambda shape, device, **kw: timed.append(shape) or real(shape, device, **kw))
+    _, _, selection = probe.kernel_checks(probe.build_parser().parse_args(argv[3:]), [], disabled=False)
+    assert selection["shape"]["ffn_hidden"] == 192 and selection["shape"]["activation_checkpointing"] == 1
+    assert kernel_select.timed_blocks(timed[0]) == 2 and set(selection["timings"]) == {"sdpa_flash_cpu", "standard"}

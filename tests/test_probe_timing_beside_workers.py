@@ -179,6 +179,27 @@ def test_a_worker_waits_for_its_nodes_probe_still_timing_and_takes_its_choice(tm
     assert resolved.timings == {"sdpa_flash_cpu": 1.0, "sdpa_math": 2.0}  # the record's kernel_timings
 
 
+def test_the_worker_hears_the_verdict_looked_up_after_the_probes_timing_and_before_its_check(tmp_path, monkeypatch):
+    """trainer.loop builds the model once the lookup is done: never while this node's probe is
+    still timing kernels on the GPU, and beside the worker's own check of the kernel."""
+    key = cache.node_key(WORKER)
+    path = cache.entry_path(key)
+    cache.mark_pending(path, time.time() + 30)
+    events = []
+    real_check = attention.check_kernel
+    monkeypatch.setattr(attention, "check_kernel", lambda fn, **kw: events.append("check") or real_check(fn, **kw))
+    writer = _store_later(path, key, 1.0, "sdpa_flash_cpu")
+    t0 = time.monotonic()
+    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **SHAPE,
+                                              looked_up=lambda: events.append(("looked up", time.monotonic() - t0)))
+    writer.join()
+    assert reuse["reused"] is True and events[0][0] == "looked up" and events[0][1] >= 0.8
+    assert events[1:] == ["check"]
+    heard = []
+    verified_kernel.resolve("standard", dtype_setting="auto", log_dir=tmp_path, **SHAPE, looked_up=lambda: heard.append(1))
+    assert heard == [1]  # no verdict to look up: at once
+
+
 def test_a_worker_waits_for_a_fresh_probe_even_where_an_older_entry_is_there(tmp_path):
     key = cache.node_key(WORKER)
     path = cache.entry_path(key)

@@ -33,6 +33,13 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
+def unresolved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The attention of a model built before its kernel was chosen (``trainer.loop`` builds the
+    model while the kernel is checked); ``parallelize.set_attention`` replaces it before the
+    first step."""
+    raise RuntimeError("attention ran before its kernel was chosen (parallelize.set_attention)")
+
+
 def standard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q: (B, nh, T, hs), k/v: (B, nkv, T, hs) -> (B, nh, T, hs), causal."""
     n_rep = q.size(1) // k.size(1)

@@ -2,9 +2,10 @@
 
 A fixed kernel order lies: on one H100 FA4 beats cuDNN on the bare kernel and still made
 training 2-2.5x slower (docs/BENCHMARKS.md). So every kernel that passed its correctness check
-is timed forward+backward inside an attention block (projections, rotary, attention, output
-projection; ``torch.compile``d when training compiles), at the run's micro-batch, sequence
-length, heads, KV heads, head dim and dtype, and the fastest wins.
+is timed forward+backward inside the model's own transformer blocks (norms, attention with its
+projections and rotary, SwiGLU MLP, residuals; each block ``torch.compile``d and checkpointed
+as training does it), stacked as the model stacks them, at the run's micro-batch, sequence
+length, heads, KV heads, head dim, MLP width and dtype, and the fastest wins.
 
 The decision (``fastest``) is pure, and the timer is injectable. The result is cached per node
 in a JSON file keyed by GPU, driver, torch and package versions and the shape, so preflight's
@@ -54,13 +55,19 @@ class Shape:
     dtype: str  # "bfloat16" | "float32"
     compile: bool
     n_layers: int = 1  # how many blocks hold attention scores, should standard attention win
+    # The MLP's width: when set, the kernels are timed in whole transformer blocks (norms,
+    # attention, SwiGLU MLP, residuals), stacked as the model stacks them (``timed_blocks``);
+    # 0 times the attention block alone (projections, rotary, attention, output projection).
+    ffn_hidden: int = 0
+    activation_checkpointing: int = 0  # train.activation_checkpointing: every Nth block recomputes
 
     @classmethod
     def of_run(cls, margs, *, seq_len: int, micro_batch: int, dtype: torch.dtype, compile: bool) -> "Shape":
         """The shape a training run times its kernels at (``margs``: the model's ModelArgs)."""
         return cls(seq_len=seq_len, micro_batch=micro_batch, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
                    head_dim=margs.head_dim, dtype=str(dtype).removeprefix("torch."), compile=compile,
-                   n_layers=margs.n_layers)
+                   n_layers=margs.n_layers, ffn_hidden=margs.ffn_hidden,
+                   activation_checkpointing=margs.activation_checkpointing)
 
 
 # Standard attention is timed too, on a GPU, where the whole model's attention scores fit in this
@@ -164,8 +171,9 @@ def node_versions(device: torch.device) -> dict:
     return out
 
 
-# How block_timer measures; a new method means timing again (2: iterations queued back to back).
-TIMER_METHOD = 2
+# How block_timer measures; a new method means timing again (2: iterations queued back to back;
+# 3: whole blocks, stacked).
+TIMER_METHOD = 3
 
 
 def cache_key(shape: Shape, versions: dict) -> dict:
@@ -206,7 +214,7 @@ def store(key: dict, sel: Selection, directory: Path) -> None:
         log.warning("could not write the kernel cache in %s: %s", directory, e)
 
 
-# ---------------------------------------------------------------- timing in the attention block
+# ---------------------------------------------------------------- timing in the model's blocks
 
 
 # Iterations run back to back in one timed group, so the CPU runs ahead of the GPU as it does in
@@ -223,21 +231,61 @@ def group_size(seconds_per_iteration: float) -> int:
     return max(1, min(MAX_GROUP, math.ceil(GROUP_S / max(seconds_per_iteration, 1e-9))))
 
 
-def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: int = 10) -> Timer:
-    """Forward+backward of one attention block with the candidate kernel, median ms per iteration
-    over ``iters`` groups of iterations queued back to back (``group_size``)."""
-    from trainer.model import Attention, ModelArgs, rotary_tables
+# How many whole blocks a timing stacks (at most; a model with fewer layers stacks them all).
+# Two include one block's output feeding the next, as in the model. Deeper stacks ranked alike
+# where kernels differ (one H200, the ~0.95B config: cuDNN ahead of SDPA flash by 21%, 12% and
+# 11% at depths 0, 4 and 16), and cost one timing iteration per block: 179 ms at 16 against 44 ms
+# at 4. Where they do not differ, no depth ranks them as the training steps do: on
+# configs/llama-small-gpu.yaml every timer and the end-to-end steps changed their order from run
+# to run (docs/BENCHMARKS.md, 2026-11-28 16:43 UTC, bench/kernel_timers.py).
+MAX_TIMED_BLOCKS = 2
+
+
+def timed_blocks(shape: Shape) -> int:
+    """How many blocks ``block_timer`` stacks: one attention block without an MLP width, else the
+    model's layers up to MAX_TIMED_BLOCKS."""
+    return 1 if not shape.ffn_hidden else max(1, min(shape.n_layers, MAX_TIMED_BLOCKS))
+
+
+def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: int = 10,
+                depth: Optional[int] = None) -> Timer:
+    """Forward+backward with the candidate kernel, median ms per iteration over ``iters`` groups
+    of iterations queued back to back (``group_size``): of ``depth`` whole transformer blocks
+    (default ``timed_blocks``), each compiled on its own as training compiles them and
+    checkpointed where training checkpoints it, or of one attention block where the shape has
+    no MLP width."""
+    from trainer.model import Attention, Block, ModelArgs, rotary_tables
+    from trainer.model_args import checkpointed
 
     dtype = getattr(torch, shape.dtype)
     dim = shape.n_heads * shape.head_dim
-    args = ModelArgs(vocab_size=1, dim=dim, n_layers=1, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
-                     ffn_hidden=1, max_seq_len=shape.seq_len)
+    whole = bool(shape.ffn_hidden)
+    depth = depth or timed_blocks(shape)
+    args = ModelArgs(vocab_size=1, dim=dim, n_layers=depth, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
+                     ffn_hidden=shape.ffn_hidden or 1, max_seq_len=shape.seq_len)
     cos, sin = (t.to(device) for t in rotary_tables(shape.head_dim, shape.seq_len, args.rope_theta))
 
+    def build(fn: AttnFn) -> list[torch.nn.Module]:
+        if not whole:
+            block = Attention(args, fn).to(device)
+            return [torch.compile(block, dynamic=False) if shape.compile else block]
+        blocks = [Block(args, fn, activation_checkpointing=checkpointed(i, shape.activation_checkpointing)).to(device)
+                  for i in range(depth)]
+        if shape.compile:
+            for block in blocks:
+                block.compile(dynamic=False)  # as trainer.parallelize.compile_blocks does
+        return blocks
+
     def time_ms(name: str, fn: AttnFn) -> float:
-        torch.manual_seed(0)
-        block = Attention(args, fn).to(device)
-        run = torch.compile(block, dynamic=False) if shape.compile else block
+        if shape.compile:  # each kernel's graphs anew: dynamo's recompile limit must not turn one eager
+            torch._dynamo.reset()
+        # The run's random state is left as it was: a worker may time after building its model.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            return timed(fn)
+
+    def timed(fn: AttnFn) -> float:
+        blocks = build(fn)
         # As in training: fp32 weights, the step under autocast.
         autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         x = torch.randn(shape.micro_batch, shape.seq_len, dim, device=device, requires_grad=True)
@@ -245,7 +293,9 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
 
         def step():
             with autocast:
-                y = run(x, cos, sin)
+                y = x
+                for block in blocks:
+                    y = block(y, cos, sin)
             y.backward(dy)
 
         try:
@@ -258,7 +308,7 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
 
             return timing.median(timing.time_runs(steps, device, warmup=0, iters=iters)) / group * 1e3
         finally:
-            block = run = None  # the compiled block goes before the next kernel is timed
+            blocks = None  # the compiled blocks go before the next kernel is timed
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -9,7 +9,9 @@ import logging
 import os
 import platform
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -91,7 +93,7 @@ def train_loop_per_worker(config: dict) -> dict:
     is_gpu = device.type == "cuda"
     storage_dir = Path(spec.out_dir) / checkpoint.STORAGE_NAME
 
-    # ---------------------------------------------------------------- attention
+    # ---------------------------------------------------------------- attention and model
     requested = attention_from_env()
     dtype = training_dtype(tc, device)
     dataset = load_dataset(spec.data_path)
@@ -104,15 +106,47 @@ def train_loop_per_worker(config: dict) -> dict:
         compile_mode.set_mode(tc.compile_mode)  # before the first step, where the blocks compile
     shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, dtype=dtype,
                                        compile=use_compile)
-    resolved, verdict_reuse = verified_kernel.resolve(  # the node's preflight verdict, when it holds
-        requested, dtype_setting=tc.dtype, log_dir=Path(spec.out_dir).parent, device=device, dtype=dtype,
-        head_dim=margs.head_dim, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
-        flash_attn_allowed=not import_guard.installed(), seq_len=tc.seq_len,
-        micro_batch_size=tc.micro_batch_size, compile_setting=str(tc.compile).lower(), n_layers=margs.n_layers,
-        # else the fastest at this shape (cached per node), standard attention included where it fits
-        pick=kernel_select.picker(shape, device, device_bytes=kernel_select.device_memory(device)),
-    )
-    t_attention = time.time()
+    if margs.vocab_size < dataset.vocab_size:
+        raise ValueError(f"model.vocab_size {margs.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
+    init_weights = (lambda: hf_checkpoint.load_state_dict(spec.model.init_from, margs)) if spec.model.init_from else None
+
+    # The kernel is resolved beside the model's build: its first CUDA work (cuDNN's start, 5.9 s
+    # on one H200, docs/BENCHMARKS.md) overlaps the model's allocation and init (3.4 s). The
+    # build waits while this node's preflight may still be timing kernels on the GPU (the
+    # verdict's lookup), and any timing here waits for the build: neither disturbs a timing.
+    looked_up, built = threading.Event(), threading.Event()
+
+    def resolve_attention():
+        if is_gpu:
+            torch.cuda.set_device(device)  # the current device is per thread
+        try:
+            result = verified_kernel.resolve(  # the node's preflight verdict, when it holds
+                requested, dtype_setting=tc.dtype, log_dir=Path(spec.out_dir).parent, device=device, dtype=dtype,
+                head_dim=margs.head_dim, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
+                flash_attn_allowed=not import_guard.installed(), seq_len=tc.seq_len,
+                micro_batch_size=tc.micro_batch_size, compile_setting=str(tc.compile).lower(), n_layers=margs.n_layers,
+                ffn_hidden=margs.ffn_hidden, activation_checkpointing=margs.activation_checkpointing,
+                # else the fastest at this shape (cached per node), standard attention included where it fits
+                pick=kernel_select.picker(shape, device, device_bytes=kernel_select.device_memory(device),
+                                          before_timing=built.wait),
+                looked_up=looked_up.set,
+            )
+            return result, time.time()
+        finally:
+            looked_up.set()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="attention") as pool:
+        resolving = pool.submit(resolve_attention)
+        looked_up.wait()
+        try:
+            model, raw_model = parallelize.build(margs, attention.unresolved, strategy=spec.strategy, device=device,
+                                                 seed=tc.seed, compile=use_compile, world_size=world,
+                                                 init_weights=init_weights,
+                                                 float8=tc.float8_recipe if tc.float8 else None)
+        finally:
+            built.set()
+        (resolved, verdict_reuse), t_attention = resolving.result()  # model_init: what of the build came after
+    parallelize.set_attention(raw_model, resolved.fn)
     if rank == 0 and requested == "flash":
         log.info("Flash attention: %s", kernel_select.describe(resolved.kernel, resolved.timings))
     worker_info = {
@@ -134,13 +168,6 @@ def train_loop_per_worker(config: dict) -> dict:
     if len(kernels) > 1:
         log.warning("workers run different attention kernels: %s", sorted(kernels))
 
-    # ---------------------------------------------------------------- model and optimizer
-    if margs.vocab_size < dataset.vocab_size:
-        raise ValueError(f"model.vocab_size {margs.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
-    init_weights = (lambda: hf_checkpoint.load_state_dict(spec.model.init_from, margs)) if spec.model.init_from else None
-    model, raw_model = parallelize.build(margs, resolved.fn, strategy=spec.strategy, device=device, seed=tc.seed,
-                                         compile=use_compile, world_size=world, init_weights=init_weights,
-                                         float8=tc.float8_recipe if tc.float8 else None)
     optimizer = build_optimizer(raw_model, tc, device)
     t_model = time.time()
 

@@ -96,6 +96,13 @@ def build(args: ModelArgs, attn_fn: AttnFn, *, strategy: Strategy, device: torch
     return _wrap_ddp(raw, device), raw
 
 
+def set_attention(model: Transformer, attn_fn: AttnFn) -> None:
+    """Every block's attention kernel, in a model built with another (``attention.unresolved``);
+    before its first forward, where the compiled blocks trace it."""
+    for block in model.layers:
+        block.attn.attn_fn = attn_fn
+
+
 def build_replica(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, seed: int, compile: bool,
                   init_weights: Optional[Callable[[], dict]] = None, float8: Optional[str] = None) -> Transformer:
     """The whole model on this device, as DDP replicates it: built on meta, allocated here, the

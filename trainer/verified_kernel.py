@@ -15,6 +15,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -58,13 +59,17 @@ def _log_wrong_verdict(log_dir: Path, path: Path, kernel: str, error: str, chose
 def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.device, dtype: torch.dtype,
             head_dim: int, n_heads: int, n_kv_heads: int, flash_attn_allowed: bool = True,
             seq_len: int | None = None, micro_batch_size: int = 1, compile_setting: str = "auto",
-            n_layers: int = 1, pick: attention.Picker | None = None) -> tuple[attention.Resolved, dict]:
+            n_layers: int = 1, ffn_hidden: int = 0, activation_checkpointing: int = 0,
+            pick: attention.Picker | None = None,
+            looked_up: Callable[[], None] | None = None) -> tuple[attention.Resolved, dict]:
     """(the resolved attention, what became of the node's verdict: reused, or why not).
 
     ``dtype_setting`` and ``compile_setting`` are train.dtype and train.compile as configured,
     and ``seq_len``/``micro_batch_size`` the run's shape: the preflight keyed its check (and its
     timing) on them. ``log_dir`` holds the run's flash_attention_log.txt. ``pick`` chooses
     among the kernels that pass when there is no verdict to reuse (``attention.resolve``).
+    ``looked_up()`` is called once the verdict is looked up (after any wait for this node's
+    preflight to finish timing), before any kernel runs here.
     """
     from orchestrator.preflight import cache
     from orchestrator.preflight.child import ProbeSettings
@@ -75,11 +80,16 @@ def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.
         return attention.resolve(requested, flash_attn_allowed=flash_attn_allowed, pick=pick, **shape)
 
     if requested != "flash":
+        if looked_up is not None:
+            looked_up()
         return afresh(), {"reused": False, "why_not": f"{requested} attention needs no verdict"}
     settings = ProbeSettings(head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype_setting,
                              disable_flash_attn=not flash_attn_allowed, seq_len=seq_len,
-                             micro_batch_size=micro_batch_size, compile=compile_setting, n_layers=n_layers)
+                             micro_batch_size=micro_batch_size, compile=compile_setting, n_layers=n_layers,
+                             ffn_hidden=ffn_hidden, activation_checkpointing=activation_checkpointing)
     path, kernel, why_not, timings, waited = _cached_verdict(settings)
+    if looked_up is not None:
+        looked_up()
     waited_info = {}
     if waited >= 0.5:  # a wait worth reporting: the preflight was still timing kernels
         log.info("waited %.1f s for this node's preflight to finish timing the attention kernels", waited)

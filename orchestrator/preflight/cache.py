@@ -39,7 +39,8 @@ FORMAT = 1
 # The probe's own code: a change to what it checks must not be answered from an older result.
 _PROBE_CODE = ("orchestrator/preflight/probe.py", "orchestrator/preflight/child.py", "orchestrator/preflight/settings.py",
                "orchestrator/preflight/elf.py",
-               "trainer/attention.py", "trainer/import_guard.py")
+               "trainer/attention.py", "trainer/import_guard.py",
+               "trainer/kernel_select.py")  # how the kernels that pass are timed: the verdict's choice
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 _LIBSTDCXX_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                    "/lib/x86_64-linux-gnu", "/lib64")

@@ -31,6 +31,9 @@ def probe_command(settings: ProbeSettings) -> list[str]:
     if settings.seq_len:
         argv += ["--seq-len", str(settings.seq_len), "--micro-batch", str(settings.micro_batch_size),
                  "--n-layers", str(settings.n_layers), "--compile", settings.compile]
+        if settings.ffn_hidden:
+            argv += ["--ffn-hidden", str(settings.ffn_hidden),
+                     "--activation-checkpointing", str(settings.activation_checkpointing)]
     return argv + (["--disable-flash-attn"] if settings.disable_flash_attn else [])
 
 

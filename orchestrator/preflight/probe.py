@@ -291,7 +291,9 @@ def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype,
     compile_on = config.compiles(setting, device.type)
     shape = kernel_select.Shape(seq_len=settings.seq_len, micro_batch=settings.micro_batch,
                                 n_heads=settings.n_heads, n_kv_heads=settings.n_kv_heads, head_dim=settings.head_dim,
-                                dtype=str(dtype).removeprefix("torch."), compile=compile_on, n_layers=settings.n_layers)
+                                dtype=str(dtype).removeprefix("torch."), compile=compile_on, n_layers=settings.n_layers,
+                                ffn_hidden=settings.ffn_hidden,
+                                activation_checkpointing=settings.activation_checkpointing)
     started = time.monotonic()
     try:
         kernel, timings = kernel_select.picker(shape, device, budget_s=settings.timing_budget,
@@ -348,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="time the kernels that pass at this sequence length (the run's)")
     p.add_argument("--micro-batch", type=int, default=d.micro_batch_size, help="... and this micro-batch")
     p.add_argument("--n-layers", type=int, default=d.n_layers, help="... and this many layers (standard's memory)")
+    p.add_argument("--ffn-hidden", type=int, default=d.ffn_hidden,
+                   help="... in whole blocks with this MLP width (0: the attention block alone)")
+    p.add_argument("--activation-checkpointing", type=int, default=d.activation_checkpointing,
+                   help="... every Nth block recomputing, as train.activation_checkpointing (0: none)")
     p.add_argument("--compile", choices=("auto", "true", "false"), default=d.compile, help="as train.compile")
     p.add_argument("--timing-budget", type=float, default=60.0, help="seconds for timing kernels; the rest untimed")
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn")

@@ -23,6 +23,8 @@ class ProbeSettings:
     seq_len: Optional[int] = None
     micro_batch_size: int = 1
     n_layers: int = 1  # whether standard attention's scores would fit, should it time fastest
+    ffn_hidden: int = 0  # the MLP's width: the kernels are timed in whole blocks (0: the attention block alone)
+    activation_checkpointing: int = 0  # train.activation_checkpointing, as the timed blocks recompute
     compile: str = "auto"  # as train.compile: auto = on GPU
     timeout_s: float = 180.0  # the whole probe on one node
     import_timeout_s: float = 60.0  # one flash-attn import
@@ -38,8 +40,11 @@ def settings_for(cfg: config_mod.RunConfig, variants: list[config_mod.VariantCon
 
     variant = next((v for v in variants if v.attention == "flash"), variants[0])
     model, train_cfg = config_mod.resolved_sections(cfg, variant)
+    margs = model.args(vocab_size=1, max_seq_len=train_cfg.seq_len,
+                       activation_checkpointing=train_cfg.activation_checkpointing)
     return ProbeSettings(head_dim=model.dim // model.n_heads, n_heads=model.n_heads,
                          n_kv_heads=model.n_kv_heads or model.n_heads, dtype=train_cfg.dtype,
                          disable_flash_attn=disable_flash_attn, seq_len=train_cfg.seq_len,
                          micro_batch_size=train_cfg.micro_batch_size, compile=str(train_cfg.compile).lower(),
-                         n_layers=model.n_layers, **overrides)
+                         n_layers=model.n_layers, ffn_hidden=margs.ffn_hidden,
+                         activation_checkpointing=margs.activation_checkpointing, **overrides)

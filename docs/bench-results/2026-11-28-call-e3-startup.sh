@@ -1,0 +1,13 @@
+# e3 (one H200, carry .whl .gpu): command to first step, cold / warm / kept / floor, with the kernel
+# check beside the model build and the kernels timed in whole blocks (issue 14).
+set -o pipefail
+source .whl/bootstrap.sh >/dev/null 2>&1
+source .gpu/env.sh
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; python3 -c "import torch,ray;print('torch',torch.__version__,'cuda',torch.version.cuda,'ray',ray.__version__)"; } | tee $OUT/machine.txt
+sed 's/  checkpoint_every: 1000/  checkpoint_every: 1000\n  checkpoint_at_end: false/' configs/llama-0.95b.yaml > /tmp/st.yaml
+echo "== startup: cold, warm, kept start, kept warm, floor"
+timeout 480 python3 -m orchestrator bench --startup --config-file /tmp/st.yaml --output-dir /tmp/st 2>&1 | grep -v "Failed to query" | grep -E "^\||^goal"
+cp /tmp/st/bench-*/bench-startup.json $OUT/ 2>/dev/null; cp /tmp/st/bench-*/bench-startup.md $OUT/ 2>/dev/null
+d=$(find /tmp/st -maxdepth 3 -type d -name startup-cold | head -1)
+cp $d/preflight.json $OUT/cold-preflight.json 2>/dev/null; cp $d/flash_attention_log.txt $OUT/cold-flash-log.txt 2>/dev/null; tail -1 $d/flash_attention_log.txt
+date -u
