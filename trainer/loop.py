@@ -117,9 +117,9 @@ def train_loop_per_worker(config: dict) -> dict:
     looked_up, built = threading.Event(), threading.Event()
 
     def resolve_attention():
-        if is_gpu:
-            torch.cuda.set_device(device)  # the current device is per thread
         try:
+            if is_gpu:
+                torch.cuda.set_device(device)  # the current device is per thread
             result = verified_kernel.resolve(  # the node's preflight verdict, when it holds
                 requested, dtype_setting=tc.dtype, log_dir=Path(spec.out_dir).parent, device=device, dtype=dtype,
                 head_dim=margs.head_dim, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
