@@ -33,17 +33,20 @@ from trainer import attention, kernel_select
 from trainer.step import compile_enabled, training_dtype
 
 
-def kernels_here(device: torch.device, dtype: torch.dtype, margs) -> list[str]:
-    """The flash candidates that pass their check here, then standard attention."""
-    ok = []
-    for name in attention.flash_candidates(device):
+def checked_here(names: list[str], device: torch.device, dtype: torch.dtype, margs) -> dict[str, object]:
+    """Each named kernel that passes its check here, as the picker gets it (``standard``: standard
+    attention); one that does not is left out, with why."""
+    fns = {}
+    for name in names:
+        if name == "standard":
+            fns[name] = attention.standard_attention
+            continue
         try:
-            attention.checked_fn(name, device=device, dtype=dtype, head_dim=margs.head_dim, n_heads=margs.n_heads,
-                                 n_kv_heads=margs.n_kv_heads)
-            ok.append(name)
+            fns[name] = attention.checked_fn(name, device=device, dtype=dtype, head_dim=margs.head_dim,
+                                             n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads)
         except Exception as e:  # not installed, or fails here: not a candidate
             print(f"kernel {name}: not a candidate ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
-    return ok + ["standard"]
+    return fns
 
 
 def choice(ms: dict[str, float]) -> str | None:
@@ -70,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                            loss_impl=tc.loss_impl)
     shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, dtype=dtype,
                                        compile=compiled)
-    names = args.kernels.split(",") if args.kernels else kernels_here(device, dtype, margs)
+    fns = checked_here(args.kernels.split(",") if args.kernels else [*attention.flash_candidates(device), "standard"],
+                       device, dtype, margs)
+    names = list(fns)
     depths = [int(d) for d in args.depths.split(",")]
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -80,15 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     def save():
         args.out.write_text(json.dumps(report, indent=1))
 
-    fns = {n: attention.standard_attention if n == "standard" else
-           attention.checked_fn(n, device=device, dtype=dtype, head_dim=margs.head_dim, n_heads=margs.n_heads,
-                                n_kv_heads=margs.n_kv_heads) for n in names}  # as the picker gets them
     for depth in depths:
         timer_shape = dataclasses.replace(shape, ffn_hidden=0) if depth == 0 else shape
         timer = kernel_select.block_timer(timer_shape, device, depth=depth or None)
         ms = {}
         for name in names:
-            torch._dynamo.reset()
             try:
                 ms[name] = timer(name, fns[name])
             except Exception as e:

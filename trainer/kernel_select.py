@@ -266,13 +266,11 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
     cos, sin = (t.to(device) for t in rotary_tables(shape.head_dim, shape.seq_len, args.rope_theta))
 
     def build(fn: AttnFn) -> list[torch.nn.Module]:
-        if not whole:
-            block = Attention(args, fn).to(device)
-            return [torch.compile(block, dynamic=False) if shape.compile else block]
-        blocks = [Block(args, fn, activation_checkpointing=checkpointed(i, shape.activation_checkpointing)).to(device)
-                  for i in range(depth)]
-        if shape.compile:
-            for block in blocks:
+        blocks = ([Block(args, fn, activation_checkpointing=checkpointed(i, shape.activation_checkpointing))
+                   for i in range(depth)] if whole else [Attention(args, fn)])
+        for block in blocks:
+            block.to(device)
+            if shape.compile:
                 block.compile(dynamic=False)  # as trainer.parallelize.compile_blocks does
         return blocks
 
