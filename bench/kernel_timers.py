@@ -29,7 +29,7 @@ import torch
 
 from orchestrator import config as config_mod
 from orchestrator.bench import training
-from trainer import attention, kernel_select
+from trainer import attention, compile_mode, kernel_select
 from trainer.step import compile_enabled, training_dtype
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     margs = cfg.model.args(vocab_size=vocab, max_seq_len=tc.seq_len, activation_checkpointing=tc.activation_checkpointing,
                            loss_impl=tc.loss_impl)
     shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, dtype=dtype,
-                                       compile=compiled)
+                                       compile=compiled, cudagraphs=compile_mode.uses_cudagraphs(tc.compile_mode))
     fns = checked_here(args.kernels.split(",") if args.kernels else [*attention.flash_candidates(device), "standard"],
                        device, dtype, margs)
     names = list(fns)

@@ -42,7 +42,7 @@ from orchestrator.preflight import interconnect
 from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
                                   run_status)
 from orchestrator.strategy import Workload
-from trainer import dataset as dataset_mod, float8, preprocess, ray_internals
+from trainer import compile_mode, dataset as dataset_mod, float8, preprocess, ray_internals
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,23 @@ def float8_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantC
         problem = float8.refusal(pv.use_gpu, caps)
         if problem:
             return f"variant {vc.name}: {problem}"
+    return None
+
+
+def cudagraphs_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig],
+                       plan: plan_mod.Plan) -> Optional[str]:
+    """Why a variant with train.compile_mode reduce-overhead cannot run as planned (None: all
+    can): FSDP gathers each block's weights into new memory every step, where a CUDA graph
+    replays the addresses it was recorded with."""
+    planned = {v.name: v for v in plan.variants}
+    for vc in variants:
+        pv = planned.get(vc.name)
+        mode = config_mod.resolved_sections(cfg, vc)[1].compile_mode
+        if pv is not None and pv.strategy == "fsdp" and compile_mode.uses_cudagraphs(mode):
+            why = f" ({pv.strategy_reason})" if pv.strategy_reason else ""
+            return (f"variant {vc.name}: train.compile_mode {mode} (CUDA graphs) does not work with FSDP, and the "
+                    f"plan shards it with fsdp{why}; use compile_mode default, or scaling.strategy ddp "
+                    f"where the model fits")
     return None
 
 
@@ -288,7 +305,8 @@ def _plan(state: RunState) -> None:
     prep, report = state.prep, state.preflight
     state.plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling, state.nodes, workloads(prep),
                                     flash_disabled=state.opts.disable_flash_attn)
-    problem = float8_refusal(prep.cfg, prep.variants, state.plan, report)
+    problem = (float8_refusal(prep.cfg, prep.variants, state.plan, report)
+               or cudagraphs_refusal(prep.cfg, prep.variants, state.plan))
     if problem:
         raise UsageError(f"{state.opts.config_file or 'built-in config'}: {problem}")
     if report is not None:  # a hang in training's first all-reduce, found in seconds instead

@@ -194,3 +194,16 @@ def test_bf16_master_rows_run_in_sync_and_report_against_their_one_gpu_row(tmp_p
     assert all(math.isfinite(r["loss"]) for r in rows.values())
     printed = capsys.readouterr().out
     assert "bf16_master: " in printed and "x of 1gpu_bf16_master (the same bf16 weights on one GPU)" in printed
+
+
+def test_independent_ranks_train_without_ddp_and_rounds_repeat_the_chosen_rows(tmp_path):
+    # What two GPUs of a host do with no communication at all: no DDP wrapper (no replica check),
+    # each rank's own pace; --rounds runs the chosen rows again, in turn.
+    out = tmp_path / "rows.json"
+    assert candidates.main([str(out), "--only", "1gpu,independent", "--rounds", "2", "--warmup", "1",
+                            "--iters", "1"]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["name"], r["round"]) for r in rows] == [("1gpu", 1), ("independent", 1), ("1gpu", 2),
+                                                       ("independent", 2)]
+    independent = [r for r in rows if r["name"] == "independent"]
+    assert all(r["world"] == 2 and r["in_sync"] is None and r["tok_s"] > 0 for r in independent)

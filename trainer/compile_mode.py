@@ -9,6 +9,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+# The mode whose compiled blocks replay as CUDA graphs (Inductor's ``triton.cudagraphs``): one
+# launch per block graph instead of one per kernel, for steps the CPU's launches hold back.
+CUDA_GRAPHS = "reduce-overhead"
+
+
+def uses_cudagraphs(mode: str) -> bool:
+    """Whether ``mode``'s compiled blocks run as CUDA graphs (no torch import: the driver asks)."""
+    return mode == CUDA_GRAPHS
+
 
 def options(mode: str) -> dict:
     """The Inductor config values of ``mode`` ({} for default)."""

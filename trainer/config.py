@@ -121,9 +121,11 @@ class TrainConfig(Strict):
     loss_impl: LossImpl = Field("standard", description="the output head + cross-entropy: standard (full logits), "
                                 "chunked (plain PyTorch, chunk by chunk, no full logits kept) or liger "
                                 "(liger-kernel's fused kernel; CUDA, pip install liger-kernel)")
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field(
         "default", description="Inductor's mode for the compiled blocks (with train.compile); max-autotune-no-cudagraphs "
-                               "times matmul and kernel configs at the first compile")
+                               "times matmul and kernel configs at the first compile; reduce-overhead replays each "
+                               "block as a CUDA graph, for small models whose steps wait on the CPU's kernel "
+                               "launches (GPU; not with scaling.strategy fsdp)")
     fault: Optional[FaultConfig] = Field(None, description="test hook: kill one rank at one step, once")
 
     @field_validator("activation_checkpointing", mode="before")

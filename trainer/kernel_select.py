@@ -60,14 +60,18 @@ class Shape:
     # 0 times the attention block alone (projections, rotary, attention, output projection).
     ffn_hidden: int = 0
     activation_checkpointing: int = 0  # train.activation_checkpointing: every Nth block recomputes
+    # The compiled blocks replayed as CUDA graphs (train.compile_mode: reduce-overhead): timed so
+    # too, for a step whose kernel launches no longer cost CPU time ranks kernels otherwise.
+    cudagraphs: bool = False
 
     @classmethod
-    def of_run(cls, margs, *, seq_len: int, micro_batch: int, dtype: torch.dtype, compile: bool) -> "Shape":
+    def of_run(cls, margs, *, seq_len: int, micro_batch: int, dtype: torch.dtype, compile: bool,
+               cudagraphs: bool = False) -> "Shape":
         """The shape a training run times its kernels at (``margs``: the model's ModelArgs)."""
         return cls(seq_len=seq_len, micro_batch=micro_batch, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
                    head_dim=margs.head_dim, dtype=str(dtype).removeprefix("torch."), compile=compile,
                    n_layers=margs.n_layers, ffn_hidden=margs.ffn_hidden,
-                   activation_checkpointing=margs.activation_checkpointing)
+                   activation_checkpointing=margs.activation_checkpointing, cudagraphs=compile and cudagraphs)
 
 
 # Standard attention is timed too, on a GPU, where the whole model's attention scores fit in this
@@ -253,7 +257,9 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
     of iterations queued back to back (``group_size``): of ``depth`` whole transformer blocks
     (default ``timed_blocks``), each compiled on its own as training compiles them and
     checkpointed where training checkpoints it, or of one attention block where the shape has
-    no MLP width."""
+    no MLP width. Under ``shape.cudagraphs`` the blocks compile to CUDA graphs and every
+    iteration starts a new graph step, as a training step does (``trainer.step.Stepper``)."""
+    from trainer import compile_mode
     from trainer.model import Attention, Block, ModelArgs, rotary_tables
     from trainer.model_args import checkpointed
 
@@ -280,7 +286,9 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
         # The run's random state is left as it was: a worker may time after building its model.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)
-            return timed(fn)
+            # The blocks compile lazily, at their first call: the mode holds for the whole timing.
+            with compile_mode.using(compile_mode.CUDA_GRAPHS if shape.cudagraphs else "default"):
+                return timed(fn)
 
     def timed(fn: AttnFn) -> float:
         blocks = build(fn)
@@ -289,7 +297,16 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
         x = torch.randn(shape.micro_batch, shape.seq_len, dim, device=device, requires_grad=True)
         dy = torch.randn(shape.micro_batch, shape.seq_len, dim, device=device)
 
+        params = [p for block in blocks for p in block.parameters()]
+
         def step():
+            if shape.cudagraphs:
+                # As a training step: a new graph step, and no gradient kept from the last one
+                # (a kept one would be read after its graph's next replay overwrote it).
+                torch.compiler.cudagraph_mark_step_begin()
+                x.grad = None
+                for p in params:
+                    p.grad = None
             with autocast:
                 y = x
                 for block in blocks:

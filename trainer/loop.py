@@ -102,10 +102,11 @@ def train_loop_per_worker(config: dict) -> dict:
                             activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
     loss.check(tc.loss_impl, device)  # liger on a CPU worker, or not installed: a config error naming the key
     use_compile = compile_enabled(tc, device)
+    cudagraphs = use_compile and is_gpu and compile_mode.uses_cudagraphs(tc.compile_mode)
     if use_compile:
         compile_mode.set_mode(tc.compile_mode)  # before the first step, where the blocks compile
     shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, dtype=dtype,
-                                       compile=use_compile)
+                                       compile=use_compile, cudagraphs=cudagraphs)
     if margs.vocab_size < dataset.vocab_size:
         raise ValueError(f"model.vocab_size {margs.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
     init_weights = (lambda: hf_checkpoint.load_state_dict(spec.model.init_from, margs)) if spec.model.init_from else None
@@ -126,6 +127,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 flash_attn_allowed=not import_guard.installed(), seq_len=tc.seq_len,
                 micro_batch_size=tc.micro_batch_size, compile_setting=str(tc.compile).lower(), n_layers=margs.n_layers,
                 ffn_hidden=margs.ffn_hidden, activation_checkpointing=margs.activation_checkpointing,
+                cudagraphs=cudagraphs,
                 # else the fastest at this shape (cached per node), standard attention included where it fits
                 pick=kernel_select.picker(shape, device, device_bytes=kernel_select.device_memory(device),
                                           before_timing=built.wait),
@@ -203,7 +205,7 @@ def train_loop_per_worker(config: dict) -> dict:
     # ---------------------------------------------------------------- train
     model.train()
     stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
-                      grad_clip=tc.grad_clip, compiled=use_compile)
+                      grad_clip=tc.grad_clip, compiled=use_compile, cudagraphs=cudagraphs)
     times = StepTimes()
     t_ready, t_first_step = time.time(), None
     last_checkpoint: str | None = None

@@ -62,17 +62,23 @@ class Stepper:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                 dtype: torch.dtype, grad_accum: int, grad_clip: float, compiled: bool = False):
+                 dtype: torch.dtype, grad_accum: int, grad_clip: float, compiled: bool = False,
+                 cudagraphs: bool = False):
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.compiled = compiled  # blocks compiled (trainer/parallelize.py): the compile cache's artifacts apply
         self.compile_artifacts = None  # the mega-cache file, known at the first step (its shapes)
+        self.cudagraphs = cudagraphs  # the compiled blocks replay as CUDA graphs (train.compile_mode)
         self.optimizer, self.device, self.dtype = optimizer, device, dtype
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     def __call__(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (mean loss, grad norm) as device tensors."""
+        if self.cudagraphs:
+            # A new step for the graphs: what the last step's replays returned is no longer read, so
+            # the next replays may overwrite it (its gradients went with the optimizer's zero_grad).
+            torch.compiler.cudagraph_mark_step_begin()
         first_compile = self.compiled and self.compile_artifacts is None
         if first_compile:
             self.compile_artifacts = compile_cache.artifacts_path(f"{self.model!r} {batches[0][0].shape} {self.dtype}")

@@ -60,7 +60,7 @@ def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.
             head_dim: int, n_heads: int, n_kv_heads: int, flash_attn_allowed: bool = True,
             seq_len: int | None = None, micro_batch_size: int = 1, compile_setting: str = "auto",
             n_layers: int = 1, ffn_hidden: int = 0, activation_checkpointing: int = 0,
-            pick: attention.Picker | None = None,
+            cudagraphs: bool = False, pick: attention.Picker | None = None,
             looked_up: Callable[[], None] | None = None) -> tuple[attention.Resolved, dict]:
     """(the resolved attention, what became of the node's verdict: reused, or why not).
 
@@ -86,7 +86,8 @@ def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.
     settings = ProbeSettings(head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, dtype=dtype_setting,
                              disable_flash_attn=not flash_attn_allowed, seq_len=seq_len,
                              micro_batch_size=micro_batch_size, compile=compile_setting, n_layers=n_layers,
-                             ffn_hidden=ffn_hidden, activation_checkpointing=activation_checkpointing)
+                             ffn_hidden=ffn_hidden, activation_checkpointing=activation_checkpointing,
+                             cudagraphs=cudagraphs)
     path, kernel, why_not, timings, waited = _cached_verdict(settings)
     if looked_up is not None:
         looked_up()

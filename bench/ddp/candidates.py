@@ -49,7 +49,9 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "llama-0.95b.yaml"
 # backward, so the gradients come out, and are all-reduced, in bf16 with no hook's casts; the
 # step's autocast stays on; DDP wraps even one GPU, for that row's reference; see DDP_MP),
 # weights ("bf16_master": bf16 parameters, fp32 master weights in the optimizer, MasterWeights),
-# timeout_s (this row's limit, default TIMEOUT_S).
+# timeout_s (this row's limit, default TIMEOUT_S), independent (no process group and no DDP: each
+# GPU trains on its own, at the same time, so the row is what two GPUs of this host do with no
+# communication at all: the ceiling any DDP setting can reach here).
 VARIANTS = [
     ("1gpu", 1, {}),
     ("base", 2, {}),
@@ -79,6 +81,16 @@ VARIANTS = [
     # residual stream), so its one-GPU row is the same-precision reference (table()).
     ("1gpu_bf16_master", 1, {"weights": "bf16_master"}),
     ("bf16_master", 2, {"weights": "bf16_master"}),
+    # Fewer, later all-reduces: the whole model in one bucket reduces once the backward is done,
+    # exposed but beside no GEMM (the overlapped all-reduce slows the backward's GEMMs by ~13%,
+    # profile of 2026-11-28 07:59 UTC); 400 MB: a few buckets, the last one exposed.
+    ("one_bucket", 2, {"ddp": {"bucket_cap_mb": 8192}}),
+    ("bf16_master_one_bucket", 2, {"weights": "bf16_master", "ddp": {"bucket_cap_mb": 8192}}),
+    ("bf16_master_bucket_400", 2, {"weights": "bf16_master", "ddp": {"bucket_cap_mb": 400}}),
+    ("bf16_master_proto_simple", 2, {"weights": "bf16_master", "env": {"NCCL_PROTO": "Simple"}}),
+    ("bf16_master_max_channels_8", 2, {"weights": "bf16_master", "env": {"NCCL_MAX_NCHANNELS": "8"}}),
+    ("independent", 2, {"independent": True}),
+    ("independent_bf16_master", 2, {"independent": True, "weights": "bf16_master"}),
 ]
 TIMEOUT_S = 240
 # ddp_mp: (param_dtype, reduce_dtype) of torch.nn.parallel.distributed._MixedPrecision (private,
@@ -208,7 +220,9 @@ def _setup(rank: int, world: int, port: int, change: dict):
     dev = torch.device("cuda", rank) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(rank)
-    if world > 1 or change.get("ddp_mp"):  # ddp_mp wraps one GPU too
+    if change.get("independent"):  # a CPU-only group, for the ranks' step times at the end
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    elif world > 1 or change.get("ddp_mp"):  # ddp_mp wraps one GPU too
         kw = {}
         if change.get("pg_high_priority") and gpu:
             kw["pg_options"] = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
@@ -239,7 +253,7 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
         for p in raw.parameters():
             p.data = p.data.to(torch.bfloat16)
     model = raw
-    if world > 1 or mp_kind:
+    if (world > 1 or mp_kind) and not change.get("independent"):
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[rank] if gpu else None,
                                                           **ddp_kwargs(change))
         if change.get("hook") == "bf16":
@@ -274,9 +288,14 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
             sync()
         sort = "cuda_time_total" if gpu else "cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60)
-    in_sync = _replicas_agree(model) if world > 1 else None  # every rank takes part
+    independent = change.get("independent")
+    in_sync = _replicas_agree(model) if world > 1 and not independent else None  # every rank takes part
+    step = statistics.median(times[warmup:])
+    if independent:  # each rank trained on its own: the slower one is the pace a synchronous run would keep
+        paces = [None] * world
+        dist.all_gather_object(paces, step)
+        step = max(paces)
     if rank == 0:
-        step = statistics.median(times[warmup:])
         row = {"step_s": step, "tok_s": world * tc.micro_batch_size * tc.seq_len / step,
                "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if gpu else None,
                "in_sync": in_sync, "loss": float(loss), "env": {k: os.environ.get(k) for k in change.get("env", {})}}
@@ -362,21 +381,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="print rank 0's kernel table for 3 more steps")
     p.add_argument("--warmup", type=int, default=6)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the chosen variants this many times, in turn (the run-to-run spread)")
     args = p.parse_args(argv)
     wanted = args.only.split(",") if args.only else [v[0] for v in VARIANTS]
     unknown = sorted(set(wanted) - {v[0] for v in VARIANTS})
     if unknown:
         p.error(f"--only: unknown variant(s) {', '.join(unknown)}")
     rows = []
-    for name, world, change in VARIANTS:
-        if name not in wanted:
-            continue
-        row = run_variant(name, world, change, steps=(args.warmup, args.iters), profile=args.profile)
-        if row.get("profile"):
-            print(f"== {name}: {world} GPU(s), 3 steps\n{row['profile']}", flush=True)
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-        args.out.write_text(json.dumps(rows, indent=1))
+    chosen = [v for v in VARIANTS if v[0] in wanted]
+    for round_ in range(1, args.rounds + 1):
+        for name, world, change in chosen:
+            row = {**run_variant(name, world, change, steps=(args.warmup, args.iters), profile=args.profile),
+                   "round": round_}
+            if row.get("profile"):
+                print(f"== {name}: {world} GPU(s), 3 steps\n{row['profile']}", flush=True)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+            args.out.write_text(json.dumps(rows, indent=1))
     print("\n".join(table(rows)))
     return 0 if all("tok_s" in r for r in rows) else 1
 

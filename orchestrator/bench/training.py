@@ -34,6 +34,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     tc = train_cfg
     dtype = training_dtype(tc, device)
     compiled = compile_enabled(tc, device)
+    cudagraphs = compiled and device.type == "cuda" and compile_mode.uses_cudagraphs(tc.compile_mode)
     margs = model_cfg.args(vocab_size=vocab_size, max_seq_len=tc.seq_len,
                            activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
     row = {"variant": attn, "seq_len": tc.seq_len, "micro_batch": tc.micro_batch_size,
@@ -51,7 +52,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         timing.reset_peak_memory(device)
         if kernel is None:  # as a training worker chooses: by timing at this shape (trainer/loop.py)
             shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size,
-                                               dtype=dtype, compile=compiled)
+                                               dtype=dtype, compile=compiled, cudagraphs=cudagraphs)
             resolved = attention.resolve(attn, device=device, dtype=dtype, head_dim=margs.head_dim,
                                          n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
                                          pick=kernel_select.picker(shape, device,
@@ -77,7 +78,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         if compiled:
             compile_blocks(model)
         stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
-                          grad_clip=tc.grad_clip)
+                          grad_clip=tc.grad_clip, cudagraphs=cudagraphs)
         sampler = BatchSampler(seed=tc.seed, n_windows=num_windows(len(tokens), tc.seq_len),
                                micro_batch=tc.micro_batch_size, grad_accum=tc.grad_accum_steps, world_size=1)
         step_no = iter(range(10**9))

@@ -34,6 +34,8 @@ def probe_command(settings: ProbeSettings) -> list[str]:
         if settings.ffn_hidden:
             argv += ["--ffn-hidden", str(settings.ffn_hidden),
                      "--activation-checkpointing", str(settings.activation_checkpointing)]
+        if settings.cudagraphs:
+            argv += ["--cudagraphs"]
     return argv + (["--disable-flash-attn"] if settings.disable_flash_attn else [])
 
 

@@ -293,7 +293,8 @@ def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype,
                                 n_heads=settings.n_heads, n_kv_heads=settings.n_kv_heads, head_dim=settings.head_dim,
                                 dtype=str(dtype).removeprefix("torch."), compile=compile_on, n_layers=settings.n_layers,
                                 ffn_hidden=settings.ffn_hidden,
-                                activation_checkpointing=settings.activation_checkpointing)
+                                activation_checkpointing=settings.activation_checkpointing,
+                                cudagraphs=compile_on and settings.cudagraphs)
     started = time.monotonic()
     try:
         kernel, timings = kernel_select.picker(shape, device, budget_s=settings.timing_budget,
@@ -355,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", type=int, default=d.activation_checkpointing,
                    help="... every Nth block recomputing, as train.activation_checkpointing (0: none)")
     p.add_argument("--compile", choices=("auto", "true", "false"), default=d.compile, help="as train.compile")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="... the compiled blocks replayed as CUDA graphs (train.compile_mode: reduce-overhead)")
     p.add_argument("--timing-budget", type=float, default=60.0, help="seconds for timing kernels; the rest untimed")
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn")
     p.add_argument("--import-timeout", type=float, default=d.import_timeout_s, help="seconds per flash-attn import")

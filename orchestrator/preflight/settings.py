@@ -25,6 +25,7 @@ class ProbeSettings:
     n_layers: int = 1  # whether standard attention's scores would fit, should it time fastest
     ffn_hidden: int = 0  # the MLP's width: the kernels are timed in whole blocks (0: the attention block alone)
     activation_checkpointing: int = 0  # train.activation_checkpointing, as the timed blocks recompute
+    cudagraphs: bool = False  # train.compile_mode reduce-overhead: the timed blocks replay as CUDA graphs
     compile: str = "auto"  # as train.compile: auto = on GPU
     timeout_s: float = 180.0  # the whole probe on one node
     import_timeout_s: float = 60.0  # one flash-attn import
@@ -37,6 +38,7 @@ def settings_for(cfg: config_mod.RunConfig, variants: list[config_mod.VariantCon
     # Imported here: the probe's child process imports this package, and must not import torch
     # (through the config) before its own guarded check of it.
     from orchestrator import config as config_mod
+    from trainer import compile_mode
 
     variant = next((v for v in variants if v.attention == "flash"), variants[0])
     model, train_cfg = config_mod.resolved_sections(cfg, variant)
@@ -47,4 +49,5 @@ def settings_for(cfg: config_mod.RunConfig, variants: list[config_mod.VariantCon
                          disable_flash_attn=disable_flash_attn, seq_len=train_cfg.seq_len,
                          micro_batch_size=train_cfg.micro_batch_size, compile=str(train_cfg.compile).lower(),
                          n_layers=model.n_layers, ffn_hidden=margs.ffn_hidden,
-                         activation_checkpointing=margs.activation_checkpointing, **overrides)
+                         activation_checkpointing=margs.activation_checkpointing,
+                         cudagraphs=compile_mode.uses_cudagraphs(train_cfg.compile_mode), **overrides)

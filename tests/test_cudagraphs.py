@@ -1,0 +1,103 @@
+"""train.compile_mode: reduce-overhead, the compiled blocks replayed as CUDA graphs: a typed key,
+refused before launch where FSDP would shard the variant, told to the probe (so its kernel timing
+and the node's cache key follow it), and every step and every timing iteration a new graph step.
+The graphs themselves need a GPU: tests/test_gpu_cudagraphs.py."""
+
+import pytest
+import torch
+
+from orchestrator import config as config_mod
+from orchestrator import run as run_mod
+from orchestrator.errors import UsageError
+from orchestrator.plan import Plan, PlannedVariant
+from orchestrator.preflight import cache, probe
+from orchestrator.preflight.child import probe_command
+from orchestrator.preflight.settings import ProbeSettings, settings_for
+from trainer import compile_mode, kernel_select
+from trainer.model import ModelArgs, Transformer
+from trainer.optim import build_optimizer
+from trainer.step import Stepper
+
+
+def test_reduce_overhead_is_a_train_compile_mode_that_uses_cuda_graphs():
+    cfg = config_mod.validate({"train": {"compile_mode": "reduce-overhead"}}, "x.yaml")
+    assert cfg.train.compile_mode == "reduce-overhead"
+    assert compile_mode.uses_cudagraphs("reduce-overhead")
+    assert not compile_mode.uses_cudagraphs("default") and not compile_mode.uses_cudagraphs("max-autotune-no-cudagraphs")
+    assert compile_mode.options("reduce-overhead") == {"triton.cudagraphs": True}  # what PyTorch's mode sets
+    with pytest.raises(UsageError, match=r"train\.compile_mode"):
+        config_mod.validate({"train": {"compile_mode": "cudagraphs"}}, "x.yaml")
+
+
+def _plan(cfg, strategy, reason=None):
+    variants = config_mod.variant_configs(cfg, False, False)
+    plan = Plan([PlannedVariant(name=variants[0].name, attention="flash", env={}, num_workers=2, use_gpu=True,
+                                cpus_per_worker=1, strategy=strategy, strategy_reason=reason)], "sequential")
+    return variants, plan
+
+
+def test_cuda_graphs_on_a_variant_fsdp_shards_is_refused_naming_the_variant_the_key_and_why():
+    cfg = config_mod.validate({"train": {"compile_mode": "reduce-overhead"}}, "x.yaml")
+    variants, plan = _plan(cfg, "fsdp", "the model would not fit replicated")
+    problem = run_mod.cudagraphs_refusal(cfg, variants, plan)
+    assert problem.startswith(f"variant {variants[0].name}: train.compile_mode reduce-overhead (CUDA graphs)")
+    assert "the model would not fit replicated" in problem and "scaling.strategy ddp" in problem
+    assert run_mod.cudagraphs_refusal(cfg, *_plan(cfg, "ddp")) is None
+    plain = config_mod.validate({}, "x.yaml")
+    assert run_mod.cudagraphs_refusal(plain, *_plan(plain, "fsdp")) is None
+
+
+def test_the_probe_is_told_of_cuda_graphs_and_the_nodes_cache_key_follows():
+    base = config_mod.validate({"train": {"seq_len": 64}}, "x.yaml")
+    graphs = config_mod.validate({"train": {"seq_len": 64, "compile_mode": "reduce-overhead"}}, "x.yaml")
+    plain = settings_for(base, config_mod.variant_configs(base, False, False), False)
+    replayed = settings_for(graphs, config_mod.variant_configs(graphs, False, False), False)
+    assert (plain.cudagraphs, replayed.cudagraphs) == (False, True)
+    assert "--cudagraphs" not in probe_command(plain) and "--cudagraphs" in probe_command(replayed)
+    assert cache.node_key(plain, environ={}) != cache.node_key(replayed, environ={})
+    args = probe.build_parser().parse_args(probe_command(replayed)[3:])
+    assert args.cudagraphs is True and probe.build_parser().parse_args([]).cudagraphs is False
+
+
+def test_a_shape_replays_cuda_graphs_only_when_compiled_and_its_cache_key_says_so():
+    margs = ModelArgs(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=16)
+    of = lambda **kw: kernel_select.Shape.of_run(margs, seq_len=16, micro_batch=2, dtype=torch.bfloat16, **kw)
+    assert of(compile=True, cudagraphs=True).cudagraphs is True
+    assert of(compile=False, cudagraphs=True).cudagraphs is False  # eager blocks have no graphs to replay
+    versions = {"torch": "x"}
+    assert (kernel_select.cache_key(of(compile=True, cudagraphs=True), versions)
+            != kernel_select.cache_key(of(compile=True), versions))
+
+
+def _spy_steps(monkeypatch):
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin",
+                        lambda: marks.append(torch._inductor.config.triton.cudagraphs))
+    return marks
+
+
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_each_training_step_starts_a_new_graph_step_only_under_cuda_graphs(monkeypatch, cudagraphs):
+    marks = _spy_steps(monkeypatch)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                                  max_seq_len=8), lambda q, k, v: q)
+    tc = config_mod.validate({}, "x.yaml").train
+    stepper = Stepper(model, build_optimizer(model, tc, torch.device("cpu")), device=torch.device("cpu"),
+                      dtype=torch.float32, grad_accum=2, grad_clip=1.0, cudagraphs=cudagraphs)
+    batch = [(torch.randint(0, 64, (2, 8)).numpy(), torch.randint(0, 64, (2, 8)).numpy())] * 2
+    for _ in range(3):
+        stepper(batch, 1e-3)
+    assert len(marks) == (3 if cudagraphs else 0)  # once a step, not once a micro-batch
+
+
+def test_the_timer_under_cuda_graphs_starts_a_graph_step_each_iteration_with_inductors_graphs_on(monkeypatch):
+    marks = _spy_steps(monkeypatch)
+    shape = kernel_select.Shape(seq_len=16, micro_batch=2, n_heads=4, n_kv_heads=2, head_dim=8, dtype="float32",
+                                compile=False, n_layers=2, ffn_hidden=64, cudagraphs=True)
+    from trainer.attention import standard_attention
+
+    before = torch._inductor.config.triton.cudagraphs
+    ms = kernel_select.block_timer(shape, torch.device("cpu"), warmup=1, iters=2)("standard", standard_attention)
+    assert ms > 0 and len(marks) >= 3 and all(marks)  # every iteration, under the mode's Inductor option
+    assert torch._inductor.config.triton.cudagraphs == before  # and the mode ends with the timing

@@ -1,0 +1,67 @@
+"""On a CUDA GPU (skipped on CPU machines): train.compile_mode reduce-overhead replays the compiled
+blocks as CUDA graphs and trains to the same losses as the default mode, with and without
+gradient accumulation; the kernel timer runs under the same graphs."""
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import attention, compile_mode, kernel_select
+from trainer.config import TrainConfig
+from trainer.model import ModelArgs, Transformer
+from trainer.optim import build_optimizer
+from trainer.parallelize import compile_blocks
+from trainer.step import Stepper
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ARGS = ModelArgs(vocab_size=2048, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=768, max_seq_len=256)
+
+
+def _losses(mode: str, grad_accum: int, steps: int = 8) -> list[float]:
+    torch._dynamo.reset()
+    dev = torch.device("cuda")
+    fn = attention.checked_fn("sdpa_flash", device=dev, dtype=torch.bfloat16, head_dim=ARGS.head_dim,
+                              n_heads=ARGS.n_heads, n_kv_heads=ARGS.n_kv_heads)
+    torch.manual_seed(0)
+    model = Transformer(ARGS, fn).to(dev)
+    compile_blocks(model)
+    tc = TrainConfig(lr=1e-3, grad_accum_steps=grad_accum)
+    stepper = Stepper(model, build_optimizer(model, tc, dev), device=dev, dtype=torch.bfloat16,
+                      grad_accum=grad_accum, grad_clip=1.0, compiled=False,
+                      cudagraphs=compile_mode.uses_cudagraphs(mode))
+    rng = np.random.default_rng(0)
+    out = []
+    with compile_mode.using(mode):
+        for _ in range(steps):
+            batches = [(rng.integers(0, ARGS.vocab_size, (4, 256)), rng.integers(0, ARGS.vocab_size, (4, 256)))
+                       for _ in range(grad_accum)]
+            loss, norm = stepper(batches, tc.lr)
+            out.append((float(loss), float(norm)))
+    torch._dynamo.reset()
+    return out
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_cuda_graphs_train_to_the_default_modes_losses(grad_accum):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    replayed = _losses("reduce-overhead", grad_accum)
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the graphs really ran
+    plain = _losses("default", grad_accum)
+    np.testing.assert_allclose(np.array(replayed), np.array(plain), rtol=2e-3)
+    assert replayed[-1][0] < replayed[0][0]
+
+
+def test_the_kernel_timer_runs_under_cuda_graphs():
+    shape = kernel_select.Shape(seq_len=256, micro_batch=4, n_heads=4, n_kv_heads=2, head_dim=64, dtype="bfloat16",
+                                compile=True, n_layers=4, ffn_hidden=768, cudagraphs=True)
+    dev = torch.device("cuda")
+    timer = kernel_select.block_timer(shape, dev, warmup=2, iters=3)
+    for name in ("standard", "sdpa_flash"):
+        fn = (attention.standard_attention if name == "standard" else
+              attention.checked_fn(name, device=dev, dtype=torch.bfloat16, head_dim=64, n_heads=4, n_kv_heads=2))
+        assert 0 < timer(name, fn) < 100
+    torch._dynamo.reset()
