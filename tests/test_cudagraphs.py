@@ -101,3 +101,24 @@ def test_the_timer_under_cuda_graphs_starts_a_graph_step_each_iteration_with_ind
     ms = kernel_select.block_timer(shape, torch.device("cpu"), warmup=1, iters=2)("standard", standard_attention)
     assert ms > 0 and len(marks) >= 3 and all(marks)  # every iteration, under the mode's Inductor option
     assert torch._inductor.config.triton.cudagraphs == before  # and the mode ends with the timing
+
+
+def test_a_worker_looks_up_the_verdict_under_the_key_the_driver_probed_with(tmp_path, monkeypatch):
+    # The worker passes the settings as configured (train.compile "auto", CUDA graphs asked for)
+    # whatever its device makes of them, as the driver's settings do: the same node key.
+    from trainer import verified_kernel
+
+    cfg = config_mod.validate({"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
+                               "train": {"seq_len": 32, "micro_batch_size": 2, "compile_mode": "reduce-overhead"}})
+    driver = settings_for(cfg, config_mod.variant_configs(cfg, False, False), False)
+    seen = []
+    monkeypatch.setattr(verified_kernel, "_cached_verdict",
+                        lambda settings: seen.append(settings) or (None, None, "none here", {}, 0.0))
+    margs = cfg.model.args(vocab_size=64, max_seq_len=32)
+    verified_kernel.resolve("flash", dtype_setting=cfg.train.dtype, log_dir=tmp_path, device=torch.device("cpu"),
+                            dtype=torch.float32, head_dim=margs.head_dim, n_heads=margs.n_heads,
+                            n_kv_heads=margs.n_kv_heads, seq_len=32, micro_batch_size=2,
+                            compile_setting=str(cfg.train.compile).lower(), n_layers=margs.n_layers,
+                            ffn_hidden=margs.ffn_hidden, activation_checkpointing=margs.activation_checkpointing,
+                            cudagraphs=compile_mode.uses_cudagraphs(cfg.train.compile_mode))
+    assert probe_command(seen[0]) == probe_command(driver)

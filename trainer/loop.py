@@ -103,6 +103,9 @@ def train_loop_per_worker(config: dict) -> dict:
     loss.check(tc.loss_impl, device)  # liger on a CPU worker, or not installed: a config error naming the key
     use_compile = compile_enabled(tc, device)
     cudagraphs = use_compile and is_gpu and compile_mode.uses_cudagraphs(tc.compile_mode)
+    if cudagraphs and spec.strategy == "fsdp":  # the plan refuses this first (orchestrator/run.py); bench --strategies
+        raise ValueError(f"train.compile_mode {tc.compile_mode} (CUDA graphs) does not work with scaling.strategy "
+                         f"fsdp: FSDP gathers each block's weights into new memory every step")
     if use_compile:
         compile_mode.set_mode(tc.compile_mode)  # before the first step, where the blocks compile
     shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, dtype=dtype,
@@ -127,7 +130,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 flash_attn_allowed=not import_guard.installed(), seq_len=tc.seq_len,
                 micro_batch_size=tc.micro_batch_size, compile_setting=str(tc.compile).lower(), n_layers=margs.n_layers,
                 ffn_hidden=margs.ffn_hidden, activation_checkpointing=margs.activation_checkpointing,
-                cudagraphs=cudagraphs,
+                cudagraphs=compile_mode.uses_cudagraphs(tc.compile_mode),  # the setting, as the preflight keyed it
                 # else the fastest at this shape (cached per node), standard attention included where it fits
                 pick=kernel_select.picker(shape, device, device_bytes=kernel_select.device_memory(device),
                                           before_timing=built.wait),

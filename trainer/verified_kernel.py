@@ -65,6 +65,7 @@ def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.
     """(the resolved attention, what became of the node's verdict: reused, or why not).
 
     ``dtype_setting`` and ``compile_setting`` are train.dtype and train.compile as configured,
+    ``cudagraphs`` whether train.compile_mode replays CUDA graphs (the setting, on any device),
     and ``seq_len``/``micro_batch_size`` the run's shape: the preflight keyed its check (and its
     timing) on them. ``log_dir`` holds the run's flash_attention_log.txt. ``pick`` chooses
     among the kernels that pass when there is no verdict to reuse (``attention.resolve``).
