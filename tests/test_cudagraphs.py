@@ -29,9 +29,9 @@ def test_reduce_overhead_is_a_train_compile_mode_that_uses_cuda_graphs():
         config_mod.validate({"train": {"compile_mode": "cudagraphs"}}, "x.yaml")
 
 
-def _plan(cfg, strategy, reason=None):
+def _plan(cfg, strategy, reason=None, use_gpu=True):
     variants = config_mod.variant_configs(cfg, False, False)
-    plan = Plan([PlannedVariant(name=variants[0].name, attention="flash", env={}, num_workers=2, use_gpu=True,
+    plan = Plan([PlannedVariant(name=variants[0].name, attention="flash", env={}, num_workers=2, use_gpu=use_gpu,
                                 cpus_per_worker=1, strategy=strategy, strategy_reason=reason)], "sequential")
     return variants, plan
 
@@ -45,6 +45,10 @@ def test_cuda_graphs_on_a_variant_fsdp_shards_is_refused_naming_the_variant_the_
     assert run_mod.cudagraphs_refusal(cfg, *_plan(cfg, "ddp")) is None
     plain = config_mod.validate({}, "x.yaml")
     assert run_mod.cudagraphs_refusal(plain, *_plan(plain, "fsdp")) is None
+    # Where the worker would replay no graph (CPU workers, or blocks not compiled), nothing to refuse.
+    assert run_mod.cudagraphs_refusal(cfg, *_plan(cfg, "fsdp", use_gpu=False)) is None
+    eager = config_mod.validate({"train": {"compile_mode": "reduce-overhead", "compile": False}}, "x.yaml")
+    assert run_mod.cudagraphs_refusal(eager, *_plan(eager, "fsdp")) is None
 
 
 def test_the_probe_is_told_of_cuda_graphs_and_the_nodes_cache_key_follows():
@@ -122,3 +126,31 @@ def test_a_worker_looks_up_the_verdict_under_the_key_the_driver_probed_with(tmp_
                             ffn_hidden=margs.ffn_hidden, activation_checkpointing=margs.activation_checkpointing,
                             cudagraphs=compile_mode.uses_cudagraphs(cfg.train.compile_mode))
     assert probe_command(seen[0]) == probe_command(driver)
+
+
+@pytest.mark.parametrize("beside", [True, False])
+def test_the_check_runs_beside_the_build_or_under_cuda_graphs_here_before_it(beside):
+    import threading
+
+    from trainer import overlap
+
+    looked_up, built = threading.Event(), threading.Event()
+    events = []
+
+    def resolve():
+        events.append(("resolve", threading.current_thread() is threading.main_thread()))
+        looked_up.set()
+        assert built.wait(5)  # a timing waits for the build
+        events.append(("timed", None))
+        return "kernel"
+
+    def build():
+        events.append(("build", looked_up.is_set()))
+        return "model"
+
+    assert overlap.resolve_beside_build(resolve, build, looked_up=looked_up, built=built, beside=beside) == (
+        "kernel", "model")
+    if beside:  # in a helper thread, the build here once the verdict was looked up
+        assert ("resolve", False) in events and ("build", True) in events
+    else:  # here, and whole, before the build: Inductor's CUDA-graph state is per thread
+        assert events == [("resolve", True), ("timed", None), ("build", True)]

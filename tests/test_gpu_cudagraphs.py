@@ -43,19 +43,31 @@ def _losses(mode: str, grad_accum: int, steps: int = 8) -> list[float]:
     return out
 
 
+def _count_captures(monkeypatch) -> list:
+    captured = []
+    begin = torch.cuda.CUDAGraph.capture_begin
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin",
+                        lambda self, *a, **kw: captured.append(1) or begin(self, *a, **kw))
+    return captured
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_cuda_graphs_train_to_the_default_modes_losses(grad_accum):
+def test_cuda_graphs_train_to_the_default_modes_losses(grad_accum, monkeypatch):
     from torch._dynamo.utils import counters
 
     counters.clear()
+    captured = _count_captures(monkeypatch)
     replayed = _losses("reduce-overhead", grad_accum)
-    assert counters["inductor"]["cudagraph_skips"] == 0  # the graphs really ran
+    assert captured and counters["inductor"]["cudagraph_skips"] == 0  # graphs were recorded, none skipped
+    recorded = len(captured)
     plain = _losses("default", grad_accum)
+    assert len(captured) == recorded  # and none in the default mode
     np.testing.assert_allclose(np.array(replayed), np.array(plain), rtol=2e-3)
     assert replayed[-1][0] < replayed[0][0]
 
 
-def test_the_kernel_timer_runs_under_cuda_graphs():
+def test_the_kernel_timer_runs_under_cuda_graphs(monkeypatch):
+    captured = _count_captures(monkeypatch)
     shape = kernel_select.Shape(seq_len=256, micro_batch=4, n_heads=4, n_kv_heads=2, head_dim=64, dtype="bfloat16",
                                 compile=True, n_layers=4, ffn_hidden=768, cudagraphs=True)
     dev = torch.device("cuda")
@@ -64,4 +76,5 @@ def test_the_kernel_timer_runs_under_cuda_graphs():
         fn = (attention.standard_attention if name == "standard" else
               attention.checked_fn(name, device=dev, dtype=torch.bfloat16, head_dim=64, n_heads=4, n_kv_heads=2))
         assert 0 < timer(name, fn) < 100
+    assert captured  # the timed blocks were recorded as graphs
     torch._dynamo.reset()

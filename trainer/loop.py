@@ -11,14 +11,13 @@ import platform
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from trainer import (attention, checkpoint, compile_mode, driver_watch, failures, hf_checkpoint, import_guard,
-                     kernel_select, loss, parallelize, timing, verified_kernel)
+                     kernel_select, loss, overlap, parallelize, timing, verified_kernel)
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
 from trainer.optim import build_optimizer, lr_at
@@ -114,10 +113,7 @@ def train_loop_per_worker(config: dict) -> dict:
         raise ValueError(f"model.vocab_size {margs.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
     init_weights = (lambda: hf_checkpoint.load_state_dict(spec.model.init_from, margs)) if spec.model.init_from else None
 
-    # The kernel is resolved beside the model's build: its first CUDA work (cuDNN's start, 5.9 s
-    # on one H200, docs/BENCHMARKS.md) overlaps the model's allocation and init (3.4 s). The
-    # build waits while this node's preflight may still be timing kernels on the GPU (the
-    # verdict's lookup), and any timing here waits for the build: neither disturbs a timing.
+    # The kernel is resolved beside the model's build (trainer/overlap.py), before it under CUDA graphs.
     looked_up, built = threading.Event(), threading.Event()
 
     def resolve_attention():
@@ -140,17 +136,14 @@ def train_loop_per_worker(config: dict) -> dict:
         finally:
             looked_up.set()
 
-    with ThreadPoolExecutor(1, thread_name_prefix="attention") as pool:
-        resolving = pool.submit(resolve_attention)
-        looked_up.wait()
-        try:
-            model, raw_model = parallelize.build(margs, attention.unresolved, strategy=spec.strategy, device=device,
-                                                 seed=tc.seed, compile=use_compile, world_size=world,
-                                                 init_weights=init_weights,
-                                                 float8=tc.float8_recipe if tc.float8 else None)
-        finally:
-            built.set()
-        (resolved, verdict_reuse), t_attention = resolving.result()  # model_init: what of the build came after
+    def build_model():
+        return parallelize.build(margs, attention.unresolved, strategy=spec.strategy, device=device, seed=tc.seed,
+                                 compile=use_compile, world_size=world, init_weights=init_weights,
+                                 float8=tc.float8_recipe if tc.float8 else None)
+
+    ((resolved, verdict_reuse), t_attention), (model, raw_model) = overlap.resolve_beside_build(
+        resolve_attention, build_model, looked_up=looked_up, built=built, beside=not cudagraphs)
+    # model_init: what of the build came after the check (all of it under CUDA graphs)
     parallelize.set_attention(raw_model, resolved.fn)
     if rank == 0 and requested == "flash":
         log.info("Flash attention: %s", kernel_select.describe(resolved.kernel, resolved.timings))

@@ -270,7 +270,9 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
         _prime(model, to_device(batch[0][0], dev), to_device(batch[0][1], dev), stepper.autocast)
     warmup, iters = steps
     times = []
-    for _ in range(warmup + iters):
+    for i in range(warmup + iters):
+        if i == warmup and change.get("independent"):  # the ranks' timed steps run at the same time
+            dist.barrier()
         sync()
         t = time.perf_counter()
         loss, _ = stepper(batch, tc.lr)

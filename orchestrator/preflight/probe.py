@@ -294,7 +294,7 @@ def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype,
                                 dtype=str(dtype).removeprefix("torch."), compile=compile_on, n_layers=settings.n_layers,
                                 ffn_hidden=settings.ffn_hidden,
                                 activation_checkpointing=settings.activation_checkpointing,
-                                cudagraphs=compile_on and settings.cudagraphs)
+                                cudagraphs=compile_on and device.type == "cuda" and settings.cudagraphs)
     started = time.monotonic()
     try:
         kernel, timings = kernel_select.picker(shape, device, budget_s=settings.timing_budget,
