@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     margs = cfg.model.args(vocab_size=vocab, max_seq_len=tc.seq_len, activation_checkpointing=tc.activation_checkpointing,
                            loss_impl=tc.loss_impl)
     shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, dtype=dtype,
-                                       compile=compiled, cudagraphs=compile_mode.uses_cudagraphs(tc.compile_mode))
+                                       compile=compiled,
+                                       cudagraphs=compile_mode.replays(tc.compile_mode, compiled=compiled,
+                                                                       device_type=device.type))
     fns = checked_here(args.kernels.split(",") if args.kernels else [*attention.flash_candidates(device), "standard"],
                        device, dtype, margs)
     names = list(fns)

@@ -135,10 +135,12 @@ def cudagraphs_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.Vari
     planned = {v.name: v for v in plan.variants}
     for vc in variants:
         pv = planned.get(vc.name)
+        if pv is None or pv.strategy != "fsdp":
+            continue
         train_cfg = config_mod.resolved_sections(cfg, vc)[1]
         mode = train_cfg.compile_mode
-        replays = pv is not None and pv.use_gpu and train_cfg.compiles("cuda")  # as a worker decides (trainer/loop.py)
-        if replays and pv.strategy == "fsdp" and compile_mode.uses_cudagraphs(mode):
+        device_type = "cuda" if pv.use_gpu else "cpu"
+        if compile_mode.replays(mode, compiled=train_cfg.compiles(device_type), device_type=device_type):
             why = f" ({pv.strategy_reason})" if pv.strategy_reason else ""
             return (f"variant {vc.name}: train.compile_mode {mode} (CUDA graphs) does not work with FSDP, and the "
                     f"plan shards it with fsdp{why}; use compile_mode default, or scaling.strategy ddp "

@@ -25,6 +25,11 @@ def test_reduce_overhead_is_a_train_compile_mode_that_uses_cuda_graphs():
     assert compile_mode.uses_cudagraphs("reduce-overhead")
     assert not compile_mode.uses_cudagraphs("default") and not compile_mode.uses_cudagraphs("max-autotune-no-cudagraphs")
     assert compile_mode.options("reduce-overhead") == {"triton.cudagraphs": True}  # what PyTorch's mode sets
+    # Graphs really replay only for compiled blocks on a GPU.
+    assert compile_mode.replays("reduce-overhead", compiled=True, device_type="cuda")
+    assert not compile_mode.replays("reduce-overhead", compiled=False, device_type="cuda")
+    assert not compile_mode.replays("reduce-overhead", compiled=True, device_type="cpu")
+    assert not compile_mode.replays("default", compiled=True, device_type="cuda")
     with pytest.raises(UsageError, match=r"train\.compile_mode"):
         config_mod.validate({"train": {"compile_mode": "cudagraphs"}}, "x.yaml")
 

@@ -19,6 +19,13 @@ def uses_cudagraphs(mode: str) -> bool:
     return mode == CUDA_GRAPHS
 
 
+def replays(mode: str, *, compiled: bool, device_type: str) -> bool:
+    """Whether a run's blocks really replay as CUDA graphs: ``mode`` asks for them, the blocks are
+    compiled, and they run on a GPU (Inductor records no graph on a CPU). The one rule the
+    worker, the probe, the bench and the plan's refusal all apply."""
+    return compiled and device_type == "cuda" and uses_cudagraphs(mode)
+
+
 def options(mode: str) -> dict:
     """The Inductor config values of ``mode`` ({} for default)."""
     import torch._inductor

@@ -101,7 +101,7 @@ def train_loop_per_worker(config: dict) -> dict:
                             activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
     loss.check(tc.loss_impl, device)  # liger on a CPU worker, or not installed: a config error naming the key
     use_compile = compile_enabled(tc, device)
-    cudagraphs = use_compile and is_gpu and compile_mode.uses_cudagraphs(tc.compile_mode)
+    cudagraphs = compile_mode.replays(tc.compile_mode, compiled=use_compile, device_type=device.type)
     if cudagraphs and spec.strategy == "fsdp":  # the plan refuses this first (orchestrator/run.py); bench --strategies
         raise ValueError(f"train.compile_mode {tc.compile_mode} (CUDA graphs) does not work with scaling.strategy "
                          f"fsdp: FSDP gathers each block's weights into new memory every step")

@@ -34,7 +34,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     tc = train_cfg
     dtype = training_dtype(tc, device)
     compiled = compile_enabled(tc, device)
-    cudagraphs = compiled and device.type == "cuda" and compile_mode.uses_cudagraphs(tc.compile_mode)
+    cudagraphs = compile_mode.replays(tc.compile_mode, compiled=compiled, device_type=device.type)
     margs = model_cfg.args(vocab_size=vocab_size, max_seq_len=tc.seq_len,
                            activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
     row = {"variant": attn, "seq_len": tc.seq_len, "micro_batch": tc.micro_batch_size,

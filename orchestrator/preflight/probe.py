@@ -285,7 +285,7 @@ def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype,
                   before_timing: Optional[Callable[[], None]] = None) -> dict:
     """The kernel choice by timing at the run's shape (trainer.kernel_select), cached on this
     node where the workers read it; bounded so a slow compile cannot time the probe out."""
-    from trainer import config, kernel_select
+    from trainer import compile_mode, config, kernel_select
 
     setting = {"true": True, "false": False}.get(settings.compile, settings.compile)  # argv spells train.compile
     compile_on = config.compiles(setting, device.type)
@@ -294,7 +294,9 @@ def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype,
                                 dtype=str(dtype).removeprefix("torch."), compile=compile_on, n_layers=settings.n_layers,
                                 ffn_hidden=settings.ffn_hidden,
                                 activation_checkpointing=settings.activation_checkpointing,
-                                cudagraphs=compile_on and device.type == "cuda" and settings.cudagraphs)
+                                cudagraphs=compile_mode.replays(compile_mode.CUDA_GRAPHS if settings.cudagraphs
+                                                                else "default", compiled=compile_on,
+                                                                device_type=device.type))
     started = time.monotonic()
     try:
         kernel, timings = kernel_select.picker(shape, device, budget_s=settings.timing_budget,
