@@ -96,8 +96,11 @@ class VariantResult(Record):
     float8_recipe: Optional[str] = Field(None, description="torchao's float8 recipe that ran (tensorwise); null "
                                          "without float8")
     loss_impl: Optional[str] = Field(None, description="the head + cross-entropy that ran: standard, chunked or liger")
-    compile_mode: Optional[str] = Field(None, description="Inductor's mode of the compiled blocks; null when not "
+    compile_mode: Optional[str] = Field(None, description="Inductor's mode of the compiled model; null when not "
                                         "compiled")
+    compile_scope: Optional[str] = Field(None, description="what compiled as one graph: model (the whole model, "
+                                         "under compile_mode reduce-overhead without fsdp) or block (each block); "
+                                         "null when not compiled")
     failure_kind: Optional[str] = Field(None, description="a deterministic failure that was not retried "
                                         "(out_of_memory, no_space or config); null for others")
 

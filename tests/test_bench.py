@@ -176,3 +176,22 @@ def test_repeats_train_the_list_round_robin_on_cpu():
     assert order == [("flash", 0), ("standard", 0), ("flash", 1), ("standard", 1)]
     assert [r["variant"] for r in rows] == ["flash", "standard"]
     assert all(len(r["tokens_per_s_runs"]) == 2 and r["tokens_per_s"] in r["tokens_per_s_runs"] for r in rows)
+
+
+def test_training_steps_are_timed_back_to_back_in_groups_and_run_exactly_warmup_plus_iters_times(monkeypatch):
+    import torch
+
+    clock, calls = [0.0], []
+
+    def step():  # 2 ms of work a step, on a clock the timer reads
+        calls.append(1)
+        clock[0] += 0.002
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(timing, "synchronize", lambda device: None)
+    times = timing.time_steps(step, torch.device("cpu"), warmup=3, iters=100, group_s=0.02)
+    assert len(calls) == 103  # exactly warmup + iters steps, as the loss curve of a bench row needs
+    assert len(times) == 9 and all(t == pytest.approx(0.002) for t in times)  # 99 steps: 9 groups of 10, 9 untimed
+    # A step longer than a group is timed on its own, as time_runs times it.
+    calls.clear()
+    assert len(timing.time_steps(step, torch.device("cpu"), warmup=0, iters=5, group_s=0.001)) == 4

@@ -159,3 +159,108 @@ def test_the_check_runs_beside_the_build_or_under_cuda_graphs_here_before_it(bes
         assert ("resolve", False) in events and ("build", True) in events
     else:  # here, and whole, before the build: Inductor's CUDA-graph state is per thread
         assert events == [("resolve", True), ("timed", None), ("build", True)]
+
+
+# ---------------------------------------------------------------- the whole model as one graph
+
+
+def test_reduce_overhead_compiles_the_whole_model_except_under_fsdp_and_the_record_says_which():
+    assert compile_mode.whole_model("reduce-overhead", "ddp")
+    assert not compile_mode.whole_model("reduce-overhead", "fsdp")  # FSDP's hooks sit between the blocks
+    assert not compile_mode.whole_model("default", "ddp")
+    assert not compile_mode.whole_model("max-autotune-no-cudagraphs", "ddp")
+    assert compile_mode.scope("reduce-overhead", "ddp", compiled=True) == "model"
+    assert compile_mode.scope("reduce-overhead", "fsdp", compiled=True) == "block"
+    assert compile_mode.scope("default", "ddp", compiled=True) == "block"
+    assert compile_mode.scope("reduce-overhead", "ddp", compiled=False) is None
+
+
+def _spy_compiles(monkeypatch) -> list:
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: compiled.append(type(self).__name__))
+    return compiled
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_worker_compiles_the_whole_model_once_or_each_block(monkeypatch, whole):
+    from trainer import attention, parallelize
+
+    compiled = _spy_compiles(monkeypatch)
+    monkeypatch.setattr(parallelize, "_wrap_ddp", lambda model, device: model)  # one worker: no DDP wrapper
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_hidden=64, max_seq_len=16)
+    model, raw = parallelize.build(args, attention.standard_attention, strategy="ddp", device=torch.device("cpu"),
+                                   seed=0, compile=True, world_size=1, whole_graph=whole)
+    assert compiled == (["Transformer"] if whole else ["Block"] * 3)
+    assert model is raw
+
+
+@pytest.mark.parametrize("cudagraphs", [True, False])
+def test_the_timer_compiles_its_blocks_as_one_graph_under_cuda_graphs_as_the_model_compiles(monkeypatch, cudagraphs):
+    from trainer.attention import standard_attention
+
+    compiled = _spy_compiles(monkeypatch)
+    shape = kernel_select.Shape(seq_len=16, micro_batch=2, n_heads=4, n_kv_heads=2, head_dim=8, dtype="float32",
+                                compile=True, n_layers=4, ffn_hidden=64, cudagraphs=cudagraphs)
+    kernel_select.block_timer(shape, torch.device("cpu"), warmup=1, iters=1)("standard", standard_attention)
+    assert compiled == (["_Stack"] if cudagraphs else ["Block"] * kernel_select.MAX_TIMED_BLOCKS)
+
+
+def _whole_ddp_rank(rank: int, port: int, whole: bool, q) -> None:
+    import os
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from trainer import attention, parallelize
+    from trainer.config import TrainConfig
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    cpu = torch.device("cpu")
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64, max_seq_len=16)
+    raw = parallelize.build_replica(args, attention.standard_attention, device=cpu, seed=0, compile=False)
+    model = torch.nn.parallel.DistributedDataParallel(raw, **parallelize.ddp_options())
+    if whole:
+        parallelize.compile_whole(model)
+    tc = TrainConfig(lr=1e-2, grad_accum_steps=2)
+    stepper = Stepper(model, build_optimizer(raw, tc, cpu), device=cpu, dtype=torch.float32, grad_accum=2,
+                      grad_clip=1.0)
+    rng = np.random.default_rng(rank)  # each rank its own data: the all-reduce matters
+    losses = []
+    with compile_mode.using("reduce-overhead" if whole else "default"):
+        for _ in range(3):
+            batches = [(rng.integers(0, 64, (2, 16)), rng.integers(0, 64, (2, 16))) for _ in range(2)]
+            losses.append(float(stepper(batches, tc.lr)[0]))
+    q.put((rank, losses, [p.detach().numpy().copy() for p in raw.parameters()]))  # not tensors: no fds
+    dist.destroy_process_group()
+
+
+def test_ddp_with_the_whole_model_compiled_trains_as_eager_ddp_with_gradient_accumulation():
+    # The whole-model graph under DDP (dynamo splits it at DDP's buckets) and no_sync on the first
+    # micro-step: the same losses and the same weights on both ranks as eager DDP.
+    import numpy as np
+    import torch.multiprocessing as mp
+
+    from bench.ddp.candidates import _free_port
+
+    runs = {}
+    for whole in (True, False):
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_whole_ddp_rank, args=(r, port, whole, q)) for r in range(2)]
+        for proc in procs:
+            proc.start()
+        try:
+            runs[whole] = dict((rank, (losses, params)) for rank, losses, params in (q.get(timeout=240) for _ in procs))
+        finally:
+            for proc in procs:
+                proc.join(30)
+                if proc.is_alive():
+                    proc.kill()
+    for rank in (0, 1):
+        (c_losses, c_params), (e_losses, e_params) = runs[True][rank], runs[False][rank]
+        assert c_losses == pytest.approx(e_losses, rel=1e-4)
+        for c, e, other in zip(c_params, e_params, runs[True][1 - rank][1]):
+            np.testing.assert_allclose(c, e, rtol=1e-3, atol=1e-4)  # a wrong step would be off by lr (1e-2)
+            np.testing.assert_array_equal(c, other)  # the ranks stay in sync

@@ -1,6 +1,7 @@
-"""On a CUDA GPU (skipped on CPU machines): train.compile_mode reduce-overhead replays the compiled
-blocks as CUDA graphs and trains to the same losses as the default mode, with and without
-gradient accumulation; the kernel timer runs under the same graphs."""
+"""On a CUDA GPU (skipped on CPU machines): train.compile_mode reduce-overhead compiles the whole
+model as one graph, replays it as CUDA graphs and trains to the same losses as the default mode
+(each block compiled), with and without gradient accumulation; the kernel timer runs under the
+same graphs."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from trainer import attention, compile_mode, kernel_select
 from trainer.config import TrainConfig
 from trainer.model import ModelArgs, Transformer
 from trainer.optim import build_optimizer
-from trainer.parallelize import compile_blocks
+from trainer.parallelize import compile_blocks, compile_whole
 from trainer.step import Stepper
 
 pytestmark = [pytest.mark.gpu,
@@ -19,14 +20,16 @@ pytestmark = [pytest.mark.gpu,
 ARGS = ModelArgs(vocab_size=2048, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=768, max_seq_len=256)
 
 
-def _losses(mode: str, grad_accum: int, steps: int = 8) -> list[float]:
+def _losses(mode: str, grad_accum: int, steps: int = 8, whole: bool = True) -> list[float]:
+    """Losses and grad norms under ``mode``, the model compiled as a worker compiles it under
+    reduce-overhead (whole), or block by block."""
     torch._dynamo.reset()
     dev = torch.device("cuda")
     fn = attention.checked_fn("sdpa_flash", device=dev, dtype=torch.bfloat16, head_dim=ARGS.head_dim,
                               n_heads=ARGS.n_heads, n_kv_heads=ARGS.n_kv_heads)
     torch.manual_seed(0)
     model = Transformer(ARGS, fn).to(dev)
-    compile_blocks(model)
+    (compile_whole if whole else compile_blocks)(model)
     tc = TrainConfig(lr=1e-3, grad_accum_steps=grad_accum)
     stepper = Stepper(model, build_optimizer(model, tc, dev), device=dev, dtype=torch.bfloat16,
                       grad_accum=grad_accum, grad_clip=1.0, compiled=False,
@@ -57,12 +60,18 @@ def test_cuda_graphs_train_to_the_default_modes_losses(grad_accum, monkeypatch):
 
     counters.clear()
     captured = _count_captures(monkeypatch)
-    replayed = _losses("reduce-overhead", grad_accum)
+    replayed = np.array(_losses("reduce-overhead", grad_accum))
     assert captured and counters["inductor"]["cudagraph_skips"] == 0  # graphs were recorded, none skipped
     recorded = len(captured)
-    plain = _losses("default", grad_accum)
+    # The same whole-model graph without CUDA graphs: the graphs change nothing but the launches.
+    # (Against the blocks compiled one by one, Inductor fuses otherwise: the grad norms then differ
+    # by up to 1% within 8 bf16 steps, on one H200, 2026-11-29.)
+    plain = np.array(_losses("default", grad_accum))
     assert len(captured) == recorded  # and none in the default mode
-    np.testing.assert_allclose(np.array(replayed), np.array(plain), rtol=2e-3)
+    np.testing.assert_allclose(replayed[:, 0], plain[:, 0], rtol=1e-4)  # losses
+    np.testing.assert_allclose(replayed[:, 1], plain[:, 1], rtol=5e-3)  # grad norms
+    blocks = np.array(_losses("default", grad_accum, whole=False))
+    np.testing.assert_allclose(replayed[:, 0], blocks[:, 0], rtol=1e-4)
     assert replayed[-1][0] < replayed[0][0]
 
 

@@ -1,29 +1,53 @@
-"""``train.compile_mode``: Inductor's options for the compiled blocks.
+"""``train.compile_mode``: Inductor's options for the compiled model, and what is compiled.
 
-The blocks are compiled by ``trainer/parallelize.py`` with ``block.compile(dynamic=False)``,
-lazily, at the first step; a mode is the set of Inductor options ``torch.compile(mode=...)``
-would apply (``torch._inductor.list_mode_options``), set here for the process before that step.
+``trainer/parallelize.py`` compiles lazily, at the first step; a mode is the set of Inductor
+options ``torch.compile(mode=...)`` would apply (``torch._inductor.list_mode_options``), set here
+for the process before that step. The default modes compile each transformer block on its own
+(``compile_blocks``); ``reduce-overhead`` compiles the whole model, embedding to loss, as one
+graph (``compile_whole``) and replays it as CUDA graphs.
+
+Why the whole model under graphs, measured (one H200, 2026-11-29, ``configs/llama-small-gpu.yaml``,
+four kernels' models in one process, timed in turn; docs/BENCHMARKS.md): with the blocks as
+graphs a step took 11.6-12.4 ms whatever the kernel, while the GPU was busy 6.3-9.2 ms of it; the
+rest (embedding, head and loss, dynamo's guards on 16 block calls) waited on the CPU, and slots
+of the same kernel spread by up to 23%. With the whole model as one graph a step took 6.1 ms
+(cuDNN) and 6.7 ms (SDPA flash), each within 1.5% over eight slots: twice the speed, and the
+kernels ranked by their own cost.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
-# The mode whose compiled blocks replay as CUDA graphs (Inductor's ``triton.cudagraphs``): one
-# launch per block graph instead of one per kernel, for steps the CPU's launches hold back.
+# The mode whose compiled model replays as CUDA graphs (Inductor's ``triton.cudagraphs``): one
+# launch per graph instead of one per kernel, for steps the CPU holds back.
 CUDA_GRAPHS = "reduce-overhead"
 
 
 def uses_cudagraphs(mode: str) -> bool:
-    """Whether ``mode``'s compiled blocks run as CUDA graphs (no torch import: the driver asks)."""
+    """Whether ``mode``'s compiled model runs as CUDA graphs (no torch import: the driver asks)."""
     return mode == CUDA_GRAPHS
 
 
 def replays(mode: str, *, compiled: bool, device_type: str) -> bool:
-    """Whether a run's blocks really replay as CUDA graphs: ``mode`` asks for them, the blocks are
-    compiled, and they run on a GPU (Inductor records no graph on a CPU). The one rule the
+    """Whether a run's model really replays as CUDA graphs: ``mode`` asks for them, the model is
+    compiled, and it runs on a GPU (Inductor records no graph on a CPU). The one rule the
     worker, the probe, the bench and the plan's refusal all apply."""
     return compiled and device_type == "cuda" and uses_cudagraphs(mode)
+
+
+def whole_model(mode: str, strategy: str) -> bool:
+    """Whether a run compiles the whole model as one graph rather than each block on its own
+    (``trainer.parallelize.compile_whole``): under ``mode`` reduce-overhead, where the model is
+    replicated (one worker, or DDP). FSDP's hooks sit between the blocks, so it compiles them one
+    by one (and refuses CUDA graphs on a GPU: ``orchestrator.run.cudagraphs_refusal``)."""
+    return uses_cudagraphs(mode) and strategy != "fsdp"
+
+
+def scope(mode: str, strategy: str, *, compiled: bool) -> "str | None":
+    """What a run compiles as one graph, as its record says (``compile_scope``): "model", "block",
+    or None when nothing is compiled."""
+    return ("model" if whole_model(mode, strategy) else "block") if compiled else None
 
 
 def options(mode: str) -> dict:

@@ -122,10 +122,11 @@ class TrainConfig(Strict):
                                 "chunked (plain PyTorch, chunk by chunk, no full logits kept) or liger "
                                 "(liger-kernel's fused kernel; CUDA, pip install liger-kernel)")
     compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field(
-        "default", description="Inductor's mode for the compiled blocks (with train.compile); max-autotune-no-cudagraphs "
-                               "times matmul and kernel configs at the first compile; reduce-overhead replays each "
-                               "block as a CUDA graph, for small models whose steps wait on the CPU's kernel "
-                               "launches (GPU; not with scaling.strategy fsdp)")
+        "default", description="Inductor's mode for the compiled model (with train.compile): default and "
+                               "max-autotune-no-cudagraphs (which times matmul and kernel configs at the first "
+                               "compile) compile each block; reduce-overhead compiles the whole model as one graph "
+                               "replayed as CUDA graphs, for small models whose steps wait on the CPU (GPU; not "
+                               "with scaling.strategy fsdp)")
     fault: Optional[FaultConfig] = Field(None, description="test hook: kill one rank at one step, once")
 
     @field_validator("activation_checkpointing", mode="before")

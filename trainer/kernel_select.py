@@ -60,7 +60,7 @@ class Shape:
     # 0 times the attention block alone (projections, rotary, attention, output projection).
     ffn_hidden: int = 0
     activation_checkpointing: int = 0  # train.activation_checkpointing: every Nth block recomputes
-    # The compiled blocks replayed as CUDA graphs (train.compile_mode: reduce-overhead): timed so
+    # The compiled model replayed as CUDA graphs (train.compile_mode: reduce-overhead): timed so
     # too, for a step whose kernel launches no longer cost CPU time ranks kernels otherwise.
     cudagraphs: bool = False
 
@@ -176,8 +176,8 @@ def node_versions(device: torch.device) -> dict:
 
 
 # How block_timer measures; a new method means timing again (2: iterations queued back to back;
-# 3: whole blocks, stacked).
-TIMER_METHOD = 3
+# 3: whole blocks, stacked; 4: under CUDA graphs, the stack compiled as one graph).
+TIMER_METHOD = 4
 
 
 def cache_key(shape: Shape, versions: dict) -> dict:
@@ -257,8 +257,9 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
     of iterations queued back to back (``group_size``): of ``depth`` whole transformer blocks
     (default ``timed_blocks``), each compiled on its own as training compiles them and
     checkpointed where training checkpoints it, or of one attention block where the shape has
-    no MLP width. Under ``shape.cudagraphs`` the blocks compile to CUDA graphs and every
-    iteration starts a new graph step, as a training step does (``trainer.step.Stepper``)."""
+    no MLP width. Under ``shape.cudagraphs`` the blocks compile together, as one graph replayed
+    as CUDA graphs, as the whole model compiles then (``trainer.compile_mode.whole_model``), and
+    every iteration starts a new graph step, as a training step does (``trainer.step.Stepper``)."""
     from trainer import compile_mode
     from trainer.model import Attention, Block, ModelArgs, rotary_tables
     from trainer.model_args import checkpointed
@@ -276,6 +277,11 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
                    for i in range(depth)] if whole else [Attention(args, fn)])
         for block in blocks:
             block.to(device)
+        if shape.compile and shape.cudagraphs:  # one graph, as trainer.parallelize.compile_whole compiles
+            stack = _Stack(blocks)
+            stack.compile(dynamic=False)
+            return [stack]
+        for block in blocks:
             if shape.compile:
                 block.compile(dynamic=False)  # as trainer.parallelize.compile_blocks does
         return blocks
@@ -328,6 +334,19 @@ def block_timer(shape: Shape, device: torch.device, *, warmup: int = 3, iters: i
                 torch.cuda.empty_cache()
 
     return time_ms
+
+
+class _Stack(torch.nn.Module):
+    """Timed blocks called one after the other, compiled as one module under CUDA graphs."""
+
+    def __init__(self, blocks: list[torch.nn.Module]):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return x
 
 
 def device_memory(device: torch.device) -> Optional[int]:

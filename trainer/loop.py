@@ -139,7 +139,8 @@ def train_loop_per_worker(config: dict) -> dict:
     def build_model():
         return parallelize.build(margs, attention.unresolved, strategy=spec.strategy, device=device, seed=tc.seed,
                                  compile=use_compile, world_size=world, init_weights=init_weights,
-                                 float8=tc.float8_recipe if tc.float8 else None)
+                                 float8=tc.float8_recipe if tc.float8 else None,
+                                 whole_graph=compile_mode.whole_model(tc.compile_mode, spec.strategy))
 
     ((resolved, verdict_reuse), t_attention), (model, raw_model) = overlap.resolve_beside_build(
         resolve_attention, build_model, looked_up=looked_up, built=built, beside=not cudagraphs)

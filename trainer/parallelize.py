@@ -75,15 +75,27 @@ def compile_blocks(model: Transformer) -> None:
         block.compile(dynamic=False)  # shapes are fixed per run
 
 
+def compile_whole(model: nn.Module) -> None:
+    """torch.compile the whole forward, embedding to loss, in place (names, and so state dicts,
+    unchanged): ``train.compile_mode`` reduce-overhead (``compile_mode.whole_model``), whose step
+    is then a few CUDA-graph replays instead of one per block and the eager rest between them.
+    ``model`` is the Transformer, or its DDP wrapper: dynamo's DDPOptimizer then splits the graph
+    at DDP's buckets, so each bucket's all-reduce still overlaps the rest of the backward."""
+    torch._dynamo.config.optimize_ddp = True  # (compile_blocks turns it off: a block is its own unit there)
+    compile_cache.enable()
+    model.compile(dynamic=False)
+
+
 def build(args: ModelArgs, attn_fn: AttnFn, *, strategy: Strategy, device: torch.device, seed: int,
           compile: bool, world_size: int, init_weights: Optional[Callable[[], dict]] = None,
-          float8: Optional[str] = None) -> tuple[nn.Module, Transformer]:
+          float8: Optional[str] = None, whole_graph: bool = False) -> tuple[nn.Module, Transformer]:
     """(the model to train, the plain Transformer inside it) for this worker.
 
     ``init_weights`` gives a full state dict to start from (``model.init_from``) instead of the
     seeded init; under fsdp only rank 0 reads it and broadcasts the shards. ``float8``, a recipe
     (train.float8_recipe) or None, converts the Linear layers (``trainer/float8.py``) before
-    compile and sharding.
+    compile and sharding. ``whole_graph`` (with ``compile``) compiles the whole model as one graph
+    (``compile_whole``) instead of each block; fsdp ignores it (``compile_mode.whole_model``).
     """
     if strategy == "fsdp":
         check_shardable(args, world_size)
@@ -91,9 +103,12 @@ def build(args: ModelArgs, attn_fn: AttnFn, *, strategy: Strategy, device: torch
         if init_weights is not None:
             _load_full_state(model, init_weights)
         return model, model
-    raw = build_replica(args, attn_fn, device=device, seed=seed, compile=compile, init_weights=init_weights,
-                        float8=float8)
-    return _wrap_ddp(raw, device), raw
+    raw = build_replica(args, attn_fn, device=device, seed=seed, compile=compile and not whole_graph,
+                        init_weights=init_weights, float8=float8)
+    model = _wrap_ddp(raw, device)
+    if compile and whole_graph:
+        compile_whole(model)  # the DDP wrapper where there is one (its buckets split the graph)
+    return model, raw
 
 
 def set_attention(model: Transformer, attn_fn: AttnFn) -> None:

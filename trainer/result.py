@@ -46,7 +46,7 @@ def worker_result(*, spec, requested: str, kernel: str, env: dict, workers: list
                   device: torch.device, world: int, dtype: torch.dtype, compiled: bool, params: int,
                   flops_per_token: float, tokens_per_step: int, timeline: dict,
                   kernel_timings: dict | None = None, peak_tflops: float | None = None) -> dict:
-    from trainer import timing
+    from trainer import compile_mode, timing
 
     median_step = times.steady_median()
     peak, peak_kind = peak_memory_bytes(device)
@@ -71,6 +71,7 @@ def worker_result(*, spec, requested: str, kernel: str, env: dict, workers: list
         "float8_recipe": spec.train.float8_recipe if spec.train.float8 else None,
         "loss_impl": spec.train.loss_impl,
         "compile_mode": spec.train.compile_mode if compiled else None,
+        "compile_scope": compile_mode.scope(spec.train.compile_mode, spec.strategy, compiled=compiled),
         "peak_mem_bytes": peak,
         "peak_mem_kind": peak_kind,
         "num_workers": world,

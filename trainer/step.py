@@ -68,7 +68,7 @@ class Stepper:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.compiled = compiled  # blocks compiled (trainer/parallelize.py): the compile cache's artifacts apply
         self.compile_artifacts = None  # the mega-cache file, known at the first step (its shapes)
-        self.cudagraphs = cudagraphs  # the compiled blocks replay as CUDA graphs (train.compile_mode)
+        self.cudagraphs = cudagraphs  # the compiled model replays as CUDA graphs (train.compile_mode)
         self.optimizer, self.device, self.dtype = optimizer, device, dtype
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()

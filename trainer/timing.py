@@ -4,6 +4,7 @@ kernel selection and the training loop's live MFU."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
@@ -63,6 +64,38 @@ def time_runs(fn: Callable[[], object], device: torch.device, *, warmup: int, it
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
+    return times
+
+
+# About this much work between the host's waits when timing training steps (``time_steps``).
+STEPS_GROUP_S = 0.05
+
+
+def time_steps(fn: Callable[[], object], device: torch.device, *, warmup: int, iters: int,
+               group_s: float = STEPS_GROUP_S) -> list[float]:
+    """Seconds per call over ``iters`` calls after ``warmup``, the calls queued back to back as the
+    training loop queues its steps (its only wait on the GPU is at a logging step): one figure
+    per group of calls, about ``group_s`` of work each. The first call sizes the groups; calls
+    left over after the last whole group run untimed, so ``fn`` runs exactly warmup + iters
+    times. ``time_runs`` waits after every call, which adds the host's time to launch the next
+    one to every short step: on configs/llama-small-gpu.yaml's 6-7 ms steps (one H200,
+    2026-11-29) runs of the same kernel differed by up to 9%. A call longer than ``group_s`` is
+    a group of one, timed as ``time_runs`` times it."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    sizing = time_runs(fn, device, warmup=0, iters=1)[0]
+    left = iters - 1
+    group = max(1, min(left, math.ceil(group_s / max(sizing, 1e-9))))
+    groups, rest = divmod(left, group) if left else (0, 0)
+
+    def calls():
+        for _ in range(group):
+            fn()
+
+    times = [t / group for t in time_runs(calls, device, warmup=0, iters=groups)] if groups else [sizing]
+    for _ in range(rest):
+        fn()
     return times
 
 

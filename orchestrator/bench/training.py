@@ -18,7 +18,7 @@ from trainer.config import ModelConfig, TrainConfig
 from trainer.dataset import BatchSampler, get_batch, num_windows
 from trainer.model import Transformer
 from trainer.optim import build_optimizer, lr_at
-from trainer.parallelize import compile_blocks
+from trainer.parallelize import compile_blocks, compile_whole
 from trainer.step import Stepper, compile_enabled, training_dtype
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
            "grad_accum": tc.grad_accum_steps, "compile": compiled,
            "activation_checkpointing": tc.activation_checkpointing, "dtype": str(dtype).removeprefix("torch."),
            "loss_impl": tc.loss_impl, "compile_mode": tc.compile_mode if compiled else None,
+           "compile_scope": compile_mode.scope(tc.compile_mode, "ddp", compiled=compiled),
            "float8": tc.float8, "float8_recipe": tc.float8_recipe if tc.float8 else None}
     if schedule:
         tc = tc.model_copy(update={"max_steps": warmup + iters})
@@ -75,8 +76,8 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         if tc.float8:
             float8.convert(model, device, tc.float8_recipe)
         optimizer = build_optimizer(model, tc, device)
-        if compiled:
-            compile_blocks(model)
+        if compiled:  # as a single worker compiles (trainer/parallelize.py)
+            (compile_whole if compile_mode.whole_model(tc.compile_mode, "ddp") else compile_blocks)(model)
         stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
                           grad_clip=tc.grad_clip, cudagraphs=cudagraphs)
         sampler = BatchSampler(seed=tc.seed, n_windows=num_windows(len(tokens), tc.seq_len),
@@ -91,7 +92,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             losses.append(step_loss)
 
         with compile_mode.using(tc.compile_mode if compiled else "default"):  # the blocks compile at step 1
-            times = timing.time_runs(one_step, device, warmup=warmup, iters=iters)
+            times = timing.time_steps(one_step, device, warmup=warmup, iters=iters)
         loss_values = [float(x) for x in losses]
     except Exception as e:
         if timing.is_oom(e):

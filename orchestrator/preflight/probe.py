@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="... every Nth block recomputing, as train.activation_checkpointing (0: none)")
     p.add_argument("--compile", choices=("auto", "true", "false"), default=d.compile, help="as train.compile")
     p.add_argument("--cudagraphs", action="store_true",
-                   help="... the compiled blocks replayed as CUDA graphs (train.compile_mode: reduce-overhead)")
+                   help="... compiled as one graph replayed as CUDA graphs (train.compile_mode: reduce-overhead)")
     p.add_argument("--timing-budget", type=float, default=60.0, help="seconds for timing kernels; the rest untimed")
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn")
     p.add_argument("--import-timeout", type=float, default=d.import_timeout_s, help="seconds per flash-attn import")
