@@ -130,8 +130,7 @@ def float8_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantC
 def cudagraphs_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig],
                        plan: plan_mod.Plan) -> Optional[str]:
     """Why a variant with train.compile_mode reduce-overhead cannot run as planned (None: all
-    can): FSDP gathers each block's weights into new memory every step, where a CUDA graph
-    replays the addresses it was recorded with."""
+    can): the plan shards it with fsdp (``compile_mode.fsdp_refusal``)."""
     planned = {v.name: v for v in plan.variants}
     for vc in variants:
         pv = planned.get(vc.name)
@@ -142,9 +141,8 @@ def cudagraphs_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.Vari
         device_type = "cuda" if pv.use_gpu else "cpu"
         if compile_mode.replays(mode, compiled=train_cfg.compiles(device_type), device_type=device_type):
             why = f" ({pv.strategy_reason})" if pv.strategy_reason else ""
-            return (f"variant {vc.name}: train.compile_mode {mode} (CUDA graphs) does not work with FSDP, and the "
-                    f"plan shards it with fsdp{why}; use compile_mode default, or scaling.strategy ddp "
-                    f"where the model fits")
+            return (f"variant {vc.name}: {compile_mode.fsdp_refusal(mode)}; the plan shards it with fsdp{why}: "
+                    f"use compile_mode default, or scaling.strategy ddp where the model fits")
     return None
 
 

@@ -47,6 +47,7 @@ def test_cuda_graphs_on_a_variant_fsdp_shards_is_refused_naming_the_variant_the_
     problem = run_mod.cudagraphs_refusal(cfg, variants, plan)
     assert problem.startswith(f"variant {variants[0].name}: train.compile_mode reduce-overhead (CUDA graphs)")
     assert "the model would not fit replicated" in problem and "scaling.strategy ddp" in problem
+    assert compile_mode.fsdp_refusal("reduce-overhead") in problem  # the words a worker's backstop raises too
     assert run_mod.cudagraphs_refusal(cfg, *_plan(cfg, "ddp")) is None
     plain = config_mod.validate({}, "x.yaml")
     assert run_mod.cudagraphs_refusal(plain, *_plan(plain, "fsdp")) is None
@@ -123,13 +124,10 @@ def test_a_worker_looks_up_the_verdict_under_the_key_the_driver_probed_with(tmp_
     seen = []
     monkeypatch.setattr(verified_kernel, "_cached_verdict",
                         lambda settings: seen.append(settings) or (None, None, "none here", {}, 0.0))
-    margs = cfg.model.args(vocab_size=64, max_seq_len=32)
-    verified_kernel.resolve("flash", dtype_setting=cfg.train.dtype, log_dir=tmp_path, device=torch.device("cpu"),
-                            dtype=torch.float32, head_dim=margs.head_dim, n_heads=margs.n_heads,
-                            n_kv_heads=margs.n_kv_heads, seq_len=32, micro_batch_size=2,
-                            compile_setting=str(cfg.train.compile).lower(), n_layers=margs.n_layers,
-                            ffn_hidden=margs.ffn_hidden, activation_checkpointing=margs.activation_checkpointing,
-                            cudagraphs=compile_mode.uses_cudagraphs(cfg.train.compile_mode))
+    margs = cfg.model.args(vocab_size=64, max_seq_len=32, activation_checkpointing=cfg.train.activation_checkpointing)
+    # As trainer/loop.py calls it.
+    verified_kernel.resolve("flash", **verified_kernel.run_settings(cfg.train, margs), log_dir=tmp_path,
+                            device=torch.device("cpu"), dtype=torch.float32)
     assert probe_command(seen[0]) == probe_command(driver)
 
 

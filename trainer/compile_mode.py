@@ -44,6 +44,13 @@ def whole_model(mode: str, strategy: str) -> bool:
     return uses_cudagraphs(mode) and strategy != "fsdp"
 
 
+def fsdp_refusal(mode: str) -> str:
+    """Why ``mode``'s CUDA graphs and FSDP do not go together, as the plan's refusal
+    (``orchestrator.run.cudagraphs_refusal``) and the worker's backstop both say it."""
+    return (f"train.compile_mode {mode} (CUDA graphs) does not work with scaling.strategy fsdp: FSDP gathers each "
+            f"block's weights into new memory every step, where a graph replays the addresses it recorded")
+
+
 def scope(mode: str, strategy: str, *, compiled: bool) -> "str | None":
     """What a run compiles as one graph, as its record says (``compile_scope``): "model", "block",
     or None when nothing is compiled."""

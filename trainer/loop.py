@@ -103,10 +103,9 @@ def train_loop_per_worker(config: dict) -> dict:
     use_compile = compile_enabled(tc, device)
     cudagraphs = compile_mode.replays(tc.compile_mode, compiled=use_compile, device_type=device.type)
     if cudagraphs and spec.strategy == "fsdp":  # the plan refuses this first (orchestrator/run.py); bench --strategies
-        raise ValueError(f"train.compile_mode {tc.compile_mode} (CUDA graphs) does not work with scaling.strategy "
-                         f"fsdp: FSDP gathers each block's weights into new memory every step")
+        raise ValueError(compile_mode.fsdp_refusal(tc.compile_mode))
     if use_compile:
-        compile_mode.set_mode(tc.compile_mode)  # before the first step, where the blocks compile
+        compile_mode.set_mode(tc.compile_mode)  # before the first step, where the model compiles
     shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, dtype=dtype,
                                        compile=use_compile, cudagraphs=cudagraphs)
     if margs.vocab_size < dataset.vocab_size:
@@ -121,12 +120,8 @@ def train_loop_per_worker(config: dict) -> dict:
             if is_gpu:
                 torch.cuda.set_device(device)  # the current device is per thread
             result = verified_kernel.resolve(  # the node's preflight verdict, when it holds
-                requested, dtype_setting=tc.dtype, log_dir=Path(spec.out_dir).parent, device=device, dtype=dtype,
-                head_dim=margs.head_dim, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
-                flash_attn_allowed=not import_guard.installed(), seq_len=tc.seq_len,
-                micro_batch_size=tc.micro_batch_size, compile_setting=str(tc.compile).lower(), n_layers=margs.n_layers,
-                ffn_hidden=margs.ffn_hidden, activation_checkpointing=margs.activation_checkpointing,
-                cudagraphs=compile_mode.uses_cudagraphs(tc.compile_mode),  # the setting, as the preflight keyed it
+                requested, **verified_kernel.run_settings(tc, margs), log_dir=Path(spec.out_dir).parent,
+                device=device, dtype=dtype, flash_attn_allowed=not import_guard.installed(),
                 # else the fastest at this shape (cached per node), standard attention included where it fits
                 pick=kernel_select.picker(shape, device, device_bytes=kernel_select.device_memory(device),
                                           before_timing=built.wait),

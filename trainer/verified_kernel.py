@@ -56,6 +56,20 @@ def _log_wrong_verdict(log_dir: Path, path: Path, kernel: str, error: str, chose
         log.warning("could not append to %s: %s", log_dir / LOG_FILE, e)
 
 
+def run_settings(tc, margs) -> dict:
+    """``resolve``'s keyword arguments that say what the node's preflight keyed its verdict on,
+    as a worker of this run passes them: ``tc`` the TrainConfig and ``margs`` the ModelArgs, the
+    settings as configured (train.compile "auto", CUDA graphs asked for), whatever the device makes
+    of them, as the driver's ``settings_for`` does."""
+    from trainer import compile_mode
+
+    return dict(dtype_setting=tc.dtype, head_dim=margs.head_dim, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
+                seq_len=tc.seq_len, micro_batch_size=tc.micro_batch_size, compile_setting=str(tc.compile).lower(),
+                n_layers=margs.n_layers, ffn_hidden=margs.ffn_hidden,
+                activation_checkpointing=margs.activation_checkpointing,
+                cudagraphs=compile_mode.uses_cudagraphs(tc.compile_mode))
+
+
 def resolve(requested: str, *, dtype_setting: str, log_dir: Path, device: torch.device, dtype: torch.dtype,
             head_dim: int, n_heads: int, n_kv_heads: int, flash_attn_allowed: bool = True,
             seq_len: int | None = None, micro_batch_size: int = 1, compile_setting: str = "auto",
