@@ -18,7 +18,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -232,7 +231,7 @@ MAX_GROUP = 64
 
 def group_size(seconds_per_iteration: float) -> int:
     """Iterations per timed group: about GROUP_S of GPU work, at least one."""
-    return max(1, min(MAX_GROUP, math.ceil(GROUP_S / max(seconds_per_iteration, 1e-9))))
+    return timing.group_size(seconds_per_iteration, GROUP_S, MAX_GROUP)
 
 
 # How many whole blocks a timing stacks (at most; a model with fewer layers stacks them all).

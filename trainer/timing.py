@@ -67,6 +67,12 @@ def time_runs(fn: Callable[[], object], device: torch.device, *, warmup: int, it
     return times
 
 
+def group_size(seconds_per_call: float, group_s: float, max_group: int) -> int:
+    """Calls per timed group of calls run back to back: about ``group_s`` of work, at least one,
+    at most ``max_group`` (``time_steps``; ``kernel_select.block_timer``)."""
+    return max(1, min(max_group, math.ceil(group_s / max(seconds_per_call, 1e-9))))
+
+
 # About this much work between the host's waits when timing training steps (``time_steps``).
 STEPS_GROUP_S = 0.05
 
@@ -86,8 +92,8 @@ def time_steps(fn: Callable[[], object], device: torch.device, *, warmup: int, i
     synchronize(device)
     sizing = time_runs(fn, device, warmup=0, iters=1)[0]
     left = iters - 1
-    group = max(1, min(left, math.ceil(group_s / max(sizing, 1e-9))))
-    groups, rest = divmod(left, group) if left else (0, 0)
+    group = group_size(sizing, group_s, max_group=max(1, left))
+    groups, rest = divmod(left, group)
 
     def calls():
         for _ in range(group):
