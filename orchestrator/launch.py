@@ -11,7 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
-from orchestrator import interrupt, results
+from orchestrator import bytecode, interrupt, results
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
 from trainer import checkpoint, driver_watch, failures, ray_internals
@@ -151,7 +151,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             # Set before each worker process starts, so even its first import sees them.
             # The driver's identity lets the workers on its host stop when it dies (trainer/driver_watch.py).
             worker_runtime_env={"env_vars": {**worker_threads_env(v.cpus_per_worker), **v.env,
-                                             **driver_watch.env_for_workers()}},
+                                             **driver_watch.env_for_workers(), **bytecode.for_workers()}},
         ),
     )
     record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None,

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import (capacity, init_from, interrupt, kept_ray, plan as plan_mod, preflight,
+from orchestrator import (bytecode, capacity, init_from, interrupt, kept_ray, plan as plan_mod, preflight,
                           resume as resume_mod, rundir, runlock, storage)
 from orchestrator.errors import InfeasibleRequest, UsageError
 from orchestrator.options import TrainOptions
@@ -435,6 +435,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         # A Ray of this command's own (or kept on this machine) is one machine nobody drains: Ray
         # Train's preemption watcher (an extra actor process per worker group) has nothing to watch.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Before anything this command starts (the probe, Ray, a kept head) and its own imports.
+        bytecode.apply()
         if nodes is None:  # this machine is the only node: its probe need not wait for Ray
             state.local_probe = preflight.LocalProbe(probe_settings(state), opts.fresh_preflight)
     starting = starts_ray(opts)

@@ -77,6 +77,36 @@ def test_startup_goals_compare_warm_and_kept_ray_with_cold_and_with_the_floor():
     assert startup.goals(overlapped, warm, {"total": 38.0})["warm_preflight_over_cold"]["value"] == 0.15
 
 
+def test_the_bench_gives_its_runs_caches_of_their_own_that_start_empty_and_are_removed(tmp_path, monkeypatch):
+    from orchestrator.bytecode import BYTECODE_ENV
+    from orchestrator.kept_ray import STATE_DIR_ENV
+    from orchestrator.preflight.cache import CACHE_DIR_ENV
+    from trainer.compile_cache import INDUCTOR_DIR_ENV
+
+    seen = []
+
+    def train_once(args, env, output_dir, name, cwd):
+        dirs = {k: Path(env[k]) for k in (CACHE_DIR_ENV, INDUCTOR_DIR_ENV, STATE_DIR_ENV, BYTECODE_ENV)}
+        seen.append((name, dirs, [p for d in dirs.values() if d.exists() for p in d.iterdir()]))
+        for d in dirs.values():  # what a run leaves for the next one
+            d.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text("")
+        return {"startup_s": {"preflight_and_plan": 1.0, "total": 30.0}}
+
+    monkeypatch.setattr(startup, "train_once", train_once)
+    monkeypatch.setattr(startup, "ray_down", lambda env, cwd: {"exit_code": 0})
+    monkeypatch.setattr(startup, "bare_floor", lambda env, n, cwd: {"total": 40.0})
+    monkeypatch.setenv(BYTECODE_ENV, str(tmp_path / "the users own"))
+    startup.run(["--max-steps", "2"], tmp_path)
+    assert [name for name, _, _ in seen] == ["startup-cold", "startup-warm", "startup-kept_start", "startup-kept"]
+    cold_dirs, cold_found = seen[0][1], seen[0][2]
+    assert cold_found == []  # cold: every cache empty, the bytecode one too (not the user's)
+    assert all(d.parent == cold_dirs[CACHE_DIR_ENV].parent for d in cold_dirs.values())
+    assert all(dirs == cold_dirs for _, dirs, _ in seen)  # one set of caches, shared by the runs
+    assert len(seen[1][2]) == 4  # warm: each cache holds what cold left
+    assert not cold_dirs[BYTECODE_ENV].parent.exists()  # removed at the end
+
+
 def test_each_worker_gets_one_thread_per_cpu_unless_the_user_chose():
     assert worker_threads_env(2.0, {}) == {"OMP_NUM_THREADS": "2"}
     assert worker_threads_env(0.5, {}) == {"OMP_NUM_THREADS": "1"}

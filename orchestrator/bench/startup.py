@@ -1,7 +1,7 @@
 """``bench --startup``: command to first step, cold and warm, against the bare Ray floor.
 
 ``train`` runs as a user would type it, each in a process of its own: cold (empty caches: a new
-temporary preflight and compile cache) and warm (the same command again, same caches); then
+temporary preflight, compile and bytecode cache) and warm (the same command again, same caches); then
 with ``--keep-ray`` twice: the first starts the kept head (``kept_start``), the second joins it
 (``kept``: the warm mode), and ``ray-down`` stops it. The kept head's record lives in a
 temporary state directory, so a head the user keeps is neither joined nor stopped. Each run's
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from orchestrator.bytecode import BYTECODE_ENV
 from orchestrator.kept_ray import STATE_DIR_ENV
 from orchestrator.preflight.cache import CACHE_DIR_ENV
 from trainer.compile_cache import INDUCTOR_DIR_ENV
@@ -141,7 +142,7 @@ def run(train_args: list[str], output_dir: Path, *, num_workers: int = 2, cwd: O
     cwd = cwd or Path.cwd()
     caches = Path(tempfile.mkdtemp(prefix="fo-startup-caches-"))
     env = dict(os.environ, **{CACHE_DIR_ENV: str(caches / "preflight"), INDUCTOR_DIR_ENV: str(caches / "inductor"),
-                              STATE_DIR_ENV: str(caches / "state")})
+                              STATE_DIR_ENV: str(caches / "state"), BYTECODE_ENV: str(caches / "pycache")})
     report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "caches": str(caches)}
     try:
         for label, extra in RUNS:
