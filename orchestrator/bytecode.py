@@ -50,7 +50,8 @@ def settings(environ: Mapping[str, str], *, bytecode_installed: bool, default_di
     choice = environ.get(BYTECODE_ENV, "")
     if choice == "0" or not environ.get(NO_WRITE_ENV) or environ.get(PREFIX_ENV) or bytecode_installed:
         return {}
-    return {NO_WRITE_ENV: "", PREFIX_ENV: str(Path(choice) if choice else default_dir)}
+    # Absolute: each process resolves the prefix against its own working directory.
+    return {NO_WRITE_ENV: "", PREFIX_ENV: os.path.abspath(os.path.expanduser(choice)) if choice else str(default_dir)}
 
 
 def apply(environ: Optional[MutableMapping[str, str]] = None, package: str = "torch") -> dict[str, str]:

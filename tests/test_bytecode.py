@@ -25,6 +25,9 @@ def test_only_packages_without_bytecode_in_an_environment_that_writes_none_get_t
     # A path in the switch moves the cache.
     assert bytecode.settings({NO_WRITE: "1", SWITCH: "/elsewhere"}, bytecode_installed=False,
                              default_dir=default)[PREFIX] == "/elsewhere"
+    # A relative one is made absolute: Ray's processes do not share the command's directory.
+    assert bytecode.settings({NO_WRITE: "1", SWITCH: "rel/cache"}, bytecode_installed=False,
+                             default_dir=default)[PREFIX] == os.path.abspath("rel/cache")
     for environ, installed in (({}, False),  # Python writes bytecode beside the source as usual
                                ({NO_WRITE: ""}, False),  # empty is unset, for Python too
                                ({NO_WRITE: "1"}, True),  # the install has it: nothing to compile
