@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 BYTECODE_ENV = "FLASH_ORCHESTRATOR_BYTECODE_CACHE"  # 0: off; a path: the cache's directory
 NO_WRITE_ENV = "PYTHONDONTWRITEBYTECODE"
 PREFIX_ENV = "PYTHONPYCACHEPREFIX"
-_applied: dict[str, str] = {}  # what ``apply`` set in this process
 
 
 def has_bytecode(package: str = "torch") -> bool:
@@ -57,23 +56,16 @@ def settings(environ: Mapping[str, str], *, bytecode_installed: bool, default_di
 def apply(environ: Optional[MutableMapping[str, str]] = None, package: str = "torch") -> dict[str, str]:
     """Decide by ``package``, and set the variables for the processes this one starts and the
     equivalent for itself (``sys.dont_write_bytecode``, ``sys.pycache_prefix``). Returns what
-    was set."""
+    was set, which Ray Train's workers get too (a kept head started before passes them none)."""
     from trainer.preprocess import cache_root
 
     env = os.environ if environ is None else environ
-    _applied.clear()
     chosen = settings(env, bytecode_installed=has_bytecode(package), default_dir=cache_root() / "pycache")
     if chosen:
         env.update(chosen)
-        _applied.update(chosen)
         sys.dont_write_bytecode = False
         sys.pycache_prefix = chosen[PREFIX_ENV]
         log.info("%s has no compiled bytecode and %s is set: this run's processes keep theirs in %s "
                  "(%s=0 turns this off)", package, NO_WRITE_ENV, chosen[PREFIX_ENV], BYTECODE_ENV)
     return chosen
 
-
-def for_workers() -> dict[str, str]:
-    """The variables for Ray Train's workers of this run: what ``apply`` set (a kept head started
-    before it passes its workers none), else nothing."""
-    return dict(_applied)

@@ -12,7 +12,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 from orchestrator import launch
 from orchestrator.results import VariantResult
@@ -40,14 +40,15 @@ def placement_timeout(seconds: float) -> Iterator[None]:
 
 
 def run_plan(plan: Plan, specs: dict[str, WorkerSpec], *, max_failures: int, keep_checkpoints: int,
-             placement_timeout_s: float) -> dict[str, VariantResult]:
-    """Every variant's summary record, keyed by name, in the plan's order."""
+             placement_timeout_s: float, worker_env: Optional[dict[str, str]] = None) -> dict[str, VariantResult]:
+    """Every variant's summary record, keyed by name, in the plan's order; ``worker_env`` is set
+    in every worker's environment."""
     results = {v.name: launch.skipped_record(v) for v in plan.variants if v.status == "skipped"}
 
     def one(v: PlannedVariant) -> VariantResult:
         log.info("[%s] starting %d worker(s), %s", v.name, v.num_workers, " ".join(f"{k}={x}" for k, x in v.env.items()))
         record = launch.run_variant(v, specs[v.name], max_failures=max_failures, keep_checkpoints=keep_checkpoints,
-                                    placement_timeout_s=placement_timeout_s)
+                                    placement_timeout_s=placement_timeout_s, worker_env=worker_env)
         if v.reason:  # e.g. why a flash variant runs standard attention; 'attention' stays the request
             record.reason = v.reason
         return record

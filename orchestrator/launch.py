@@ -10,8 +10,9 @@ import os
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
-from orchestrator import bytecode, interrupt, results
+from orchestrator import interrupt, results
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
 from trainer import checkpoint, driver_watch, failures, ray_internals
@@ -122,7 +123,7 @@ def _abort(trainer) -> None:
 
 
 def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_checkpoints: int,
-                placement_timeout_s: float = 60.0) -> results.VariantResult:
+                placement_timeout_s: float = 60.0, worker_env: Optional[dict[str, str]] = None) -> results.VariantResult:
     """Train one variant to completion (or failure) and return its summary record.
 
     Placement is tried once: with ``controller_failure_limit=0`` Ray Train gives up when the
@@ -151,7 +152,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             # Set before each worker process starts, so even its first import sees them.
             # The driver's identity lets the workers on its host stop when it dies (trainer/driver_watch.py).
             worker_runtime_env={"env_vars": {**worker_threads_env(v.cpus_per_worker), **v.env,
-                                             **driver_watch.env_for_workers(), **bytecode.for_workers()}},
+                                             **driver_watch.env_for_workers(), **(worker_env or {})}},
         ),
     )
     record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None,

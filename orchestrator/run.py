@@ -230,6 +230,7 @@ class RunState:
     t_ray: Optional[float] = None
     head_start_s: Optional[float] = None  # --keep-ray: seconds this command spent starting the kept head
     local_probe: Optional[preflight.LocalProbe] = None  # this machine's probe, started before Ray
+    worker_env: dict[str, str] = field(default_factory=dict)  # set for every worker (the bytecode cache)
     probe_span: Optional[tuple[float, float]] = None  # probe: epoch seconds preflight began and ended
     preflight: Optional[preflight.PreflightReport] = None  # probe (None when the caller gave the nodes)
     nodes: list[plan_mod.NodeCapacity] = field(default_factory=list)
@@ -375,7 +376,8 @@ def _execute(state: RunState) -> None:
 
     for name, record in execute.run_plan(todo, _worker_specs(state), max_failures=sc.max_failures,
                                          keep_checkpoints=sc.keep_checkpoints,
-                                         placement_timeout_s=sc.placement_timeout_s).items():
+                                         placement_timeout_s=sc.placement_timeout_s,
+                                         worker_env=state.worker_env).items():
         before = previous.variants.get(name) if previous else None
         record.restarts += before.restarts if before else 0
         state.results[name] = record
@@ -436,7 +438,7 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         # Train's preemption watcher (an extra actor process per worker group) has nothing to watch.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # Before anything this command starts (the probe, Ray, a kept head) and its own imports.
-        bytecode.apply()
+        state.worker_env = bytecode.apply()
         if nodes is None:  # this machine is the only node: its probe need not wait for Ray
             state.local_probe = preflight.LocalProbe(probe_settings(state), opts.fresh_preflight)
     starting = starts_ray(opts)
