@@ -95,8 +95,13 @@ def test_the_bench_gives_its_runs_caches_of_their_own_that_start_empty_and_are_r
 
     monkeypatch.setattr(startup, "train_once", train_once)
     monkeypatch.setattr(startup, "ray_down", lambda env, cwd: {"exit_code": 0})
-    monkeypatch.setattr(startup, "bare_floor", lambda env, n, cwd: {"total": 40.0})
+    floor_envs = []
+    monkeypatch.setattr(startup, "bare_floor", lambda env, n, cwd: floor_envs.append(env) or {"total": 40.0})
     monkeypatch.setenv(BYTECODE_ENV, str(tmp_path / "the users own"))
+    # As on a machine whose torch has no bytecode and writes none: the floor reads what the runs kept.
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    monkeypatch.setattr(startup.bytecode, "has_bytecode", lambda package="torch": False)
     startup.run(["--max-steps", "2"], tmp_path)
     assert [name for name, _, _ in seen] == ["startup-cold", "startup-warm", "startup-kept_start", "startup-kept"]
     cold_dirs, cold_found = seen[0][1], seen[0][2]
@@ -104,6 +109,8 @@ def test_the_bench_gives_its_runs_caches_of_their_own_that_start_empty_and_are_r
     assert all(d.parent == cold_dirs[CACHE_DIR_ENV].parent for d in cold_dirs.values())
     assert all(dirs == cold_dirs for _, dirs, _ in seen)  # one set of caches, shared by the runs
     assert len(seen[1][2]) == 4  # warm: each cache holds what cold left
+    assert floor_envs[0]["PYTHONPYCACHEPREFIX"] == str(cold_dirs[BYTECODE_ENV])
+    assert floor_envs[0]["PYTHONDONTWRITEBYTECODE"] == ""
     assert not cold_dirs[BYTECODE_ENV].parent.exists()  # removed at the end
 
 

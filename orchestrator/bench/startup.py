@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from orchestrator import bytecode
 from orchestrator.bytecode import BYTECODE_ENV
 from orchestrator.kept_ray import STATE_DIR_ENV
 from orchestrator.preflight.cache import CACHE_DIR_ENV
@@ -151,7 +152,11 @@ def run(train_args: list[str], output_dir: Path, *, num_workers: int = 2, cwd: O
             log.info("  %s", report[label].get("startup_s") or report[label].get("error"))
         report["ray_down"] = ray_down(env, cwd)
         log.info("startup bench: bare Ray floor (ray.init + no-op %d-worker TorchTrainer.fit)", num_workers)
-        report["floor"] = bare_floor(env, num_workers, cwd)
+        # The floor's processes read the bytecode the runs kept, where they kept any
+        # (orchestrator/bytecode.py), so it pays the same imports as they do.
+        floor_env = {**env, **bytecode.settings(env, bytecode_installed=bytecode.has_bytecode(),
+                                                default_dir=caches / "pycache")}
+        report["floor"] = bare_floor(floor_env, num_workers, cwd)
         log.info("  %s", report["floor"])
     finally:
         if "ray_down" not in report:  # a run failed or hung: the kept head must not outlive the bench
