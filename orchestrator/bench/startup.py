@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator import bytecode
-from orchestrator.bytecode import BYTECODE_ENV
 from orchestrator.kept_ray import STATE_DIR_ENV
 from orchestrator.preflight.cache import CACHE_DIR_ENV
 from trainer.compile_cache import INDUCTOR_DIR_ENV
@@ -143,7 +142,7 @@ def run(train_args: list[str], output_dir: Path, *, num_workers: int = 2, cwd: O
     cwd = cwd or Path.cwd()
     caches = Path(tempfile.mkdtemp(prefix="fo-startup-caches-"))
     env = dict(os.environ, **{CACHE_DIR_ENV: str(caches / "preflight"), INDUCTOR_DIR_ENV: str(caches / "inductor"),
-                              STATE_DIR_ENV: str(caches / "state"), BYTECODE_ENV: str(caches / "pycache")})
+                              STATE_DIR_ENV: str(caches / "state"), bytecode.BYTECODE_ENV: str(caches / "pycache")})
     report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "caches": str(caches)}
     try:
         for label, extra in RUNS:
