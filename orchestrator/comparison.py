@@ -102,7 +102,7 @@ def _not_comparable(config: Optional[dict], a: str, b: str, ra: VariantResult, r
     """Why two variants' losses are not expected to match, or None."""
     if _overrides(config, a) != _overrides(config, b):
         return f"{a} and {b} override different model/train settings"
-    for key in ("num_workers", "dtype", "tokens_per_step", "params"):
+    for key in ("num_workers", "dtype", "param_dtype", "tokens_per_step", "params"):
         if getattr(ra, key) != getattr(rb, key):
             return f"{a} and {b} differ in {key} ({getattr(ra, key)} vs {getattr(rb, key)})"
     return None
@@ -147,6 +147,7 @@ def _variant_table(variants: dict[str, VariantResult]) -> list[str]:
         ("env", lambda r: " ".join(f"`{k}={v}`" for k, v in r.env.items()) or "–"),
         ("workers", _workers),
         ("dtype", lambda r: r.dtype or "–"),
+        ("weights", lambda r: {"bf16": "bf16, fp32 masters", "fp32": "fp32"}.get(r.param_dtype or "", "–")),
         ("steps", lambda r: str(r.steps)),
         ("tokens/s (steady)", lambda r: _fmt(r.tokens_per_s)),
         ("step time (median)", lambda r: _fmt(r.step_time_s and r.step_time_s * 1000, ",.1f", " ms")),

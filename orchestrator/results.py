@@ -73,6 +73,9 @@ class VariantResult(Record):
     use_gpu: Optional[bool] = Field(None, description="one GPU per worker, or CPU workers")
     restarts: int = Field(0, description="worker-group restarts after failures, over every invocation")
     dtype: Optional[str] = Field(None, description="float32, or bfloat16 under autocast")
+    param_dtype: Optional[Literal["fp32", "bf16"]] = Field(
+        None, description="the weights' dtype in forward and backward that ran (train.param_dtype): bf16 with fp32 "
+                          "masters in the optimizer (ddp) or FSDP's shards, or fp32")
     compiled: Optional[bool] = Field(None, description="torch.compile was on")
     params: Optional[int] = Field(None, description="model parameters")
     flops_per_token: Optional[float] = Field(None, description="training FLOPs per token (for MFU)")

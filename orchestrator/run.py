@@ -43,6 +43,7 @@ from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo,
                                   run_status)
 from orchestrator.strategy import Workload
 from trainer import compile_mode, dataset as dataset_mod, float8, preprocess, ray_internals
+from trainer import config as train_mod
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,22 @@ def cudagraphs_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.Vari
             why = f" ({pv.strategy_reason})" if pv.strategy_reason else ""
             return (f"variant {vc.name}: {compile_mode.fsdp_refusal(mode)}; the plan shards it with fsdp{why}: "
                     f"use compile_mode default, or scaling.strategy ddp where the model fits")
+    return None
+
+
+def param_dtype_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig],
+                        plan: plan_mod.Plan) -> Optional[str]:
+    """Why a variant's train.param_dtype bf16 cannot run as planned (None: all can): the plan
+    puts it on CPU workers, which compute in fp32 under train.dtype auto."""
+    planned = {v.name: v for v in plan.variants}
+    for vc in variants:
+        pv = planned.get(vc.name)
+        if pv is None:
+            continue
+        train_cfg = config_mod.resolved_sections(cfg, vc)[1]
+        problem = train_mod.param_dtype_refusal(train_cfg.param_dtype, train_cfg.precision("cuda" if pv.use_gpu else "cpu"))
+        if problem:
+            return f"variant {vc.name}: {problem}"
     return None
 
 
@@ -309,7 +326,8 @@ def _plan(state: RunState) -> None:
     state.plan = plan_mod.make_plan(prep.variants, prep.cfg.scaling, state.nodes, workloads(prep),
                                     flash_disabled=state.opts.disable_flash_attn)
     problem = (float8_refusal(prep.cfg, prep.variants, state.plan, report)
-               or cudagraphs_refusal(prep.cfg, prep.variants, state.plan))
+               or cudagraphs_refusal(prep.cfg, prep.variants, state.plan)
+               or param_dtype_refusal(prep.cfg, prep.variants, state.plan))
     if problem:
         raise UsageError(f"{state.opts.config_file or 'built-in config'}: {problem}")
     if report is not None:  # a hang in training's first all-reduce, found in seconds instead

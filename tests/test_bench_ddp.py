@@ -161,30 +161,6 @@ def test_ddp_mixed_precision_as_set_up_here_reduces_the_right_gradients():
     assert results == {0: {"bf16": 0, "bf16_fp32": 0}, 1: {"bf16": 0, "bf16_fp32": 0}}
 
 
-def test_master_weights_step_adamw_on_fp32_copies_and_write_them_back_in_bf16():
-    from trainer.config import TrainConfig
-    from trainer.optim import build_optimizer
-
-    torch.manual_seed(0)
-    tc, cpu = TrainConfig(lr=1e-2), torch.device("cpu")
-    weights = [torch.nn.Parameter(torch.randn(8, 4).to(torch.bfloat16)), torch.nn.Parameter(torch.randn(4).to(torch.bfloat16))]
-    opt = candidates.MasterWeights(weights, tc, cpu)
-    ref = torch.nn.Module()
-    ref.ps = torch.nn.ParameterList([torch.nn.Parameter(w.detach().float().clone()) for w in weights])
-    ref_opt = build_optimizer(ref, tc, cpu)  # the same groups: decay on the matrix, not the vector
-    for _ in range(3):
-        for w, r in zip(weights, ref.ps):
-            w.grad = torch.randn_like(w)
-            r.grad = w.grad.float()
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad()
-        for w, m, r in zip(weights, opt.masters, ref.ps):
-            assert torch.equal(m.detach(), r.detach())  # the update happened in fp32
-            assert w.dtype == torch.bfloat16 and torch.equal(w.detach(), r.detach().to(torch.bfloat16))
-            assert w.grad is None and m.grad is None
-
-
 def test_bf16_master_rows_run_in_sync_and_report_against_their_one_gpu_row(tmp_path, capsys):
     out = tmp_path / "rows.json"
     assert candidates.main([str(out), "--only", "1gpu,1gpu_bf16_master,bf16_master", "--warmup", "1",

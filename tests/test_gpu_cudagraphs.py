@@ -20,15 +20,20 @@ pytestmark = [pytest.mark.gpu,
 ARGS = ModelArgs(vocab_size=2048, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=768, max_seq_len=256)
 
 
+def gpu_model(dev: torch.device) -> Transformer:
+    """ARGS's model on ``dev`` with SDPA's flash kernel, seeded init (also tests/test_gpu_master_weights.py)."""
+    fn = attention.checked_fn("sdpa_flash", device=dev, dtype=torch.bfloat16, head_dim=ARGS.head_dim,
+                              n_heads=ARGS.n_heads, n_kv_heads=ARGS.n_kv_heads)
+    torch.manual_seed(0)
+    return Transformer(ARGS, fn).to(dev)
+
+
 def _losses(mode: str, grad_accum: int, steps: int = 8, whole: bool = True) -> list[float]:
     """Losses and grad norms under ``mode``, the model compiled as a worker compiles it under
     reduce-overhead (whole), or block by block."""
     torch._dynamo.reset()
     dev = torch.device("cuda")
-    fn = attention.checked_fn("sdpa_flash", device=dev, dtype=torch.bfloat16, head_dim=ARGS.head_dim,
-                              n_heads=ARGS.n_heads, n_kv_heads=ARGS.n_kv_heads)
-    torch.manual_seed(0)
-    model = Transformer(ARGS, fn).to(dev)
+    model = gpu_model(dev)
     (compile_whole if whole else compile_blocks)(model)
     tc = TrainConfig(lr=1e-3, grad_accum_steps=grad_accum)
     stepper = Stepper(model, build_optimizer(model, tc, dev), device=dev, dtype=torch.bfloat16,

@@ -20,7 +20,7 @@ from orchestrator import launch
 from orchestrator.plan import PlannedVariant
 from tests.conftest import write_config
 from tests.procs import leftovers, session_dirs
-from trainer import checkpoint, preprocess
+from trainer import checkpoint, metrics, preprocess
 from trainer.config import ModelConfig, TrainConfig
 from trainer.worker_spec import WorkerSpec
 
@@ -57,6 +57,19 @@ def _wait_for_commit(storage: Path, proc: subprocess.Popen, timeout_s: float = 3
         time.sleep(0.05)
     out, err = proc.communicate() if proc.poll() is not None else ("", "")
     raise AssertionError(f"no checkpoint committed in {storage}: {out[-3000:]}{err[-3000:]}")
+
+
+def _wait_mid_interval(vdir: Path, proc: subprocess.Popen, timeout_s: float = 120) -> int:
+    """Wait until rank 0 has logged a step 3-5 steps past a checkpoint, and return it. A save
+    begun (the worker found the driver alive) a moment before a SIGKILL may create its directory
+    after the kill, which is allowed; killing mid-interval keeps the next save steps away."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        logged = metrics.read_metrics(vdir / metrics.METRICS_FILE)
+        if logged and 3 <= logged[-1]["step"] % EVERY <= 5:
+            return logged[-1]["step"]
+        time.sleep(0.01)
+    raise AssertionError(f"no step 3-5 past a checkpoint was logged in {vdir}")
 
 
 def _attempts(vdir: Path) -> list[dict]:
@@ -123,6 +136,7 @@ def test_a_driver_killed_with_sigkill_stops_its_workers_and_the_next_command_cle
         listeners = {(c.pid, c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
                      if c.pid in pids and c.status == psutil.CONN_LISTEN}
         workers = _attempts(vdir)[-1]["pids"]
+        _wait_mid_interval(vdir, driver)  # no save is in flight: one begun just before the kill may land after any listing
         before = {p.name for p in checkpoint.checkpoint_dirs(storage)}
         driver.send_signal(signal.SIGKILL)
         driver.wait()

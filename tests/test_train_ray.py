@@ -69,3 +69,24 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_losses(ray_session, t
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
     assert faulty.final_loss == pytest.approx(clean.final_loss, rel=1e-6)
+
+
+def test_bf16_weights_under_ddp_resume_after_a_sigkill_to_the_same_losses(ray_session, tmp_path):
+    """train.param_dtype bf16 on two DDP workers (bf16 compute on CPU): bf16 gradients all-reduced,
+    AdamW on fp32 masters. Rank 1 is SIGKILLed at step 5; the resume from the step-3 checkpoint,
+    whose model weights are the fp32 masters, reproduces the uninterrupted run's losses."""
+    bf16 = {"dtype": "bf16", "param_dtype": "bf16"}
+    clean = _train(tmp_path, "clean", {"train": bf16}).variants["flash"]
+    faulty = _train(tmp_path, "faulty", {"train": {**bf16, "fault": {"rank": 1, "step": 5}}}).variants["flash"]
+    assert clean.status == faulty.status == "succeeded" and faulty.restarts == 1 and faulty.start_step == 3
+    assert (clean.param_dtype, clean.dtype, clean.strategy, clean.num_workers) == ("bf16", "bfloat16", "ddp", 2)
+    a = read_metrics(tmp_path / "runs" / "clean" / "flash" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "runs" / "faulty" / "flash" / "metrics.jsonl")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+    assert clean.final_loss < clean.first_loss
+    import torch
+
+    state = torch.load(next((tmp_path / "runs" / "clean" / "flash").rglob("checkpoint_00000006/state.pt")),
+                       weights_only=True)
+    assert {t.dtype for t in state["model"].values()} == {torch.float32}  # the masters, not their bf16 rounding
+    assert any(t.float().sub(t.to(torch.bfloat16).float()).abs().max() > 0 for t in state["model"].values())

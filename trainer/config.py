@@ -25,6 +25,24 @@ def precision(dtype: str, device_type: str) -> Literal["bf16", "fp32"]:
     return "bf16" if dtype == "bf16" or (dtype == "auto" and device_type == "cuda") else "fp32"
 
 
+def weights_dtype(param_dtype: str, strategy: str, precision: str) -> Literal["fp32", "bf16"]:
+    """The weights' dtype in forward and backward (``train.param_dtype``; trainer/master_weights.py)
+    under ``strategy`` at compute ``precision``: auto is bf16 under fsdp computing in bf16 (FSDP2's
+    mixed precision, whose fp32 shards are the masters), else fp32 (autocast casts them)."""
+    if param_dtype != "auto":
+        return param_dtype  # type: ignore[return-value]
+    return "bf16" if strategy == "fsdp" and precision == "bf16" else "fp32"
+
+
+def param_dtype_refusal(param_dtype: str, precision: str) -> Optional[str]:
+    """Why ``train.param_dtype`` cannot run at compute ``precision`` (None: it can); a CPU
+    variant under train.dtype auto computes in fp32, which only the plan knows."""
+    if param_dtype == "bf16" and precision != "bf16":
+        return ("train.param_dtype bf16 needs bf16 compute, and this variant computes in fp32: set train.dtype "
+                "bf16 (auto is fp32 on a CPU), or train.param_dtype auto")
+    return None
+
+
 def compiles(compile: Union[bool, str], device_type: str) -> bool:
     """A ``train.compile`` (true, false or 'auto') on a ``device_type`` device: auto is on for GPU."""
     return compile is True or (compile == "auto" and device_type == "cuda")
@@ -108,6 +126,11 @@ class TrainConfig(Strict):
                                           "checkpoint (16 bytes per parameter: ~128 GB for 8B) costs minutes and disk")
     log_every: int = Field(1, gt=0)
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    param_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the weights' dtype in forward and backward (trainer/master_weights.py): fp32 (autocast "
+                            "casts them), or bf16 (needs bf16 compute: gradients, and DDP's all-reduce, in bf16; "
+                            "AdamW steps fp32 master copies, which checkpoints keep); auto: bf16 under fsdp when "
+                            "computing in bf16 (FSDP2's mixed precision), else fp32")
     compile: Union[Literal["auto"], StrictBool] = Field("auto", description="torch.compile; auto: on for GPU")
     activation_checkpointing: Union[bool, int] = Field(
         False, description="recompute blocks in backward instead of keeping their activations: true every block; "
@@ -149,6 +172,11 @@ class TrainConfig(Strict):
         """The compute precision on a ``device_type`` ('cuda' or 'cpu') device (``precision``)."""
         return precision(self.dtype, device_type)
 
+    def weights_dtype(self, strategy: str, device_type: str) -> Literal["fp32", "bf16"]:
+        """The weights' dtype in forward and backward under ``strategy`` on a ``device_type``
+        device (``weights_dtype``)."""
+        return weights_dtype(self.param_dtype, strategy, self.precision(device_type))
+
     def compiles(self, device_type: str) -> bool:
         """Whether training runs under torch.compile on a ``device_type`` device (``compiles``)."""
         return compiles(self.compile, device_type)
@@ -160,4 +188,9 @@ class TrainConfig(Strict):
         if self.float8_recipe != "tensorwise" and not self.float8:
             # Else the run would train in bf16 while the config reads as fp8.
             raise ValueError(f"float8_recipe ({self.float8_recipe}) applies only with float8: true")
+        if self.param_dtype == "bf16" and self.dtype == "fp32":
+            raise ValueError("param_dtype bf16 needs bf16 compute; train.dtype is fp32")
+        if self.param_dtype == "bf16" and self.float8:
+            raise ValueError("param_dtype bf16 with float8: true is not supported (float8 keeps its weights in "
+                             "high precision); leave param_dtype auto")
         return self

@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 
 from trainer import (attention, checkpoint, compile_mode, driver_watch, failures, hf_checkpoint, import_guard,
-                     kernel_select, loss, overlap, parallelize, timing, verified_kernel)
+                     kernel_select, loss, master_weights, overlap, parallelize, timing, verified_kernel)
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
-from trainer.optim import build_optimizer, lr_at
+from trainer.config import param_dtype_refusal
+from trainer.optim import lr_at, optimizer_for
 from trainer.result import StepTimes, worker_result
 from trainer.save_restore import FAULT_MARKER, Saver, restore
 from trainer.step import Stepper, compile_enabled, training_dtype
@@ -100,6 +101,10 @@ def train_loop_per_worker(config: dict) -> dict:
     margs = spec.model.args(vocab_size=dataset.vocab_size, max_seq_len=tc.seq_len,
                             activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
     loss.check(tc.loss_impl, device)  # liger on a CPU worker, or not installed: a config error naming the key
+    weights = tc.weights_dtype(spec.strategy, device.type)  # train.param_dtype, resolved
+    refusal = param_dtype_refusal(tc.param_dtype, tc.precision(device.type))
+    if refusal:  # the plan refuses this first (orchestrator/run.py)
+        raise ValueError(refusal)
     use_compile = compile_enabled(tc, device)
     cudagraphs = compile_mode.replays(tc.compile_mode, compiled=use_compile, device_type=device.type)
     if cudagraphs and spec.strategy == "fsdp":  # the plan refuses this first (orchestrator/run.py); bench --strategies
@@ -135,7 +140,8 @@ def train_loop_per_worker(config: dict) -> dict:
         return parallelize.build(margs, attention.unresolved, strategy=spec.strategy, device=device, seed=tc.seed,
                                  compile=use_compile, world_size=world, init_weights=init_weights,
                                  float8=tc.float8_recipe if tc.float8 else None,
-                                 whole_graph=compile_mode.whole_model(tc.compile_mode, spec.strategy))
+                                 whole_graph=compile_mode.whole_model(tc.compile_mode, spec.strategy),
+                                 param_dtype=master_weights.torch_dtype(weights))
 
     ((resolved, verdict_reuse), t_attention), (model, raw_model) = overlap.resolve_beside_build(
         resolve_attention, build_model, looked_up=looked_up, built=built, beside=not cudagraphs)
@@ -162,7 +168,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if len(kernels) > 1:
         log.warning("workers run different attention kernels: %s", sorted(kernels))
 
-    optimizer = build_optimizer(raw_model, tc, device)
+    optimizer = optimizer_for(raw_model, tc, device)  # on fp32 masters where DDP's weights are bf16
     t_model = time.time()
 
     # ---------------------------------------------------------------- resume
@@ -244,7 +250,7 @@ def train_loop_per_worker(config: dict) -> dict:
         spec=spec, requested=requested, kernel=resolved.kernel, env=worker_info["env"], workers=workers,
         start_step=start_step, restored_from=str(restored.path) if restored else None, first_loss=first_loss,
         record=record, times=times, device=device, world=world, dtype=dtype, compiled=use_compile,
-        params=sum(p.numel() for p in raw_model.parameters()), flops_per_token=flops_per_token,
+        params=sum(p.numel() for p in raw_model.parameters()), flops_per_token=flops_per_token, param_dtype=weights,
         tokens_per_step=tokens_per_step, kernel_timings=resolved.timings, peak_tflops=peak_tflops,
         timeline={"worker_process": t_process, "worker_start": t_start, "data": t_data, "attention": t_attention,
                   "model": t_model, "ready": t_ready, "first_step": t_first_step},

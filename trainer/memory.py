@@ -21,6 +21,9 @@ What is counted, in bytes, for the model in ``trainer/model.py`` trained by ``tr
   the last block being recomputed when it is one of them.
   Under torch.compile fewer tensors are kept (the rest is recomputed in backward).
 - logits: the head's output, held through backward, the fp32 log-softmax and its gradients.
+- ``train.param_dtype`` bf16 under ddp: bf16 parameters and gradients beside the fp32 masters
+  (6 + 2 + 8 bytes per parameter), and at the step the masters' fp32 gradients (4 more). The
+  residual stream is then bf16, which the activations below still count as fp32 (an overestimate).
 - the optimizer step's temporaries (AdamW on CPU runs tensor by tensor, with fp32 temporaries
   the size of the largest parameter; the fused CUDA kernel none) and a fixed runtime allowance per process (CUDA
   context and communication buffers on a GPU; the interpreter, torch and Ray on a CPU).
@@ -148,18 +151,23 @@ def estimate(model: ModelArgs, train: TrainConfig, *, strategy: Strategy, world_
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     e = BF16 if train.precision(device) == "bf16" else FP32
+    w = BF16 if train.weights_dtype(strategy, device) == "bf16" else FP32  # train.param_dtype, resolved
     compiled = train.compiles(device)
     n, block, root = param_counts(model)
     shard = world_size if strategy == "fsdp" else 1
     params, grads, optimizer = FP32 * n // shard, FP32 * n // shard, 2 * FP32 * n // shard
-    gathered = reduce = 0
+    gathered = reduce = bf16_step = 0
     if strategy == "fsdp":
-        # Gathered parameters are in the compute dtype. The root's gradients come last, when
-        # every sharded gradient is there and the activations are gone: unsharded in the
-        # compute dtype, plus the fp32 copy that mixed precision reduce-scatters. A block's
+        # Gathered parameters are in param_dtype. The root's gradients come last, when
+        # every sharded gradient is there and the activations are gone: unsharded in
+        # param_dtype, plus the fp32 copy that mixed precision reduce-scatters. A block's
         # own, reduced while backward goes on, trade places with its activations.
-        gathered = (root + FSDP_UNITS_IN_FLIGHT * block) * e
-        reduce = root * (e + (FP32 if e != FP32 else 0))
+        gathered = (root + FSDP_UNITS_IN_FLIGHT * block) * w
+        reduce = root * (w + (FP32 if w != FP32 else 0))
+    elif w == BF16:
+        # bf16 weights (trainer/master_weights.py): bf16 parameters beside their fp32 masters,
+        # bf16 gradients, and at the step the masters' fp32 gradients (MasterWeights.take_grads).
+        params, grads, bf16_step = (BF16 + FP32) * n, BF16 * n, FP32 * n
 
     tokens = train.micro_batch_size * train.seq_len
     per_block = _block_bytes_per_token(model, e, train.seq_len, attention, compiled) * tokens
@@ -178,7 +186,7 @@ def estimate(model: ModelArgs, train: TrainConfig, *, strategy: Strategy, world_
     # backward, the fp32 log-softmax, and the two fp32 gradients at the start of backward.
     logits = tokens * (2 * 2 * FP32 * model.dim + model.vocab_size * (e + 3 * FP32))
     largest = max(model.vocab_size * model.dim, model.dim * model.ffn_hidden)
-    step_temp = 0 if device == "cuda" else 2 * FP32 * largest // shard
+    step_temp = bf16_step + (0 if device == "cuda" else 2 * FP32 * largest // shard)
     return MemoryEstimate(strategy=strategy, world_size=world_size, dtype="bf16" if e == 2 else "fp32",
                           params=params, grads=grads, optimizer=optimizer, gathered=gathered, reduce=reduce,
                           activations=activations, logits=logits,

@@ -27,3 +27,13 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     # The fused kernel is one launch for all parameters; it exists on CUDA only.
     fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
+
+
+def optimizer_for(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """``build_optimizer``'s AdamW, on fp32 master copies where the model's weights are bf16
+    (``train.param_dtype``: trainer/master_weights.py). FSDP's shards are fp32 already."""
+    from trainer.master_weights import MasterWeights
+
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
+        return MasterWeights(model, cfg, device)
+    return build_optimizer(model, cfg, device)

@@ -27,7 +27,7 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn as nn
 
-from trainer import compile_cache
+from trainer import compile_cache, master_weights
 from trainer.model import AttnFn, ModelArgs, Transformer
 
 Strategy = Literal["ddp", "fsdp"]
@@ -88,7 +88,8 @@ def compile_whole(model: nn.Module) -> None:
 
 def build(args: ModelArgs, attn_fn: AttnFn, *, strategy: Strategy, device: torch.device, seed: int,
           compile: bool, world_size: int, init_weights: Optional[Callable[[], dict]] = None,
-          float8: Optional[str] = None, whole_graph: bool = False) -> tuple[nn.Module, Transformer]:
+          float8: Optional[str] = None, whole_graph: bool = False,
+          param_dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Transformer]:
     """(the model to train, the plain Transformer inside it) for this worker.
 
     ``init_weights`` gives a full state dict to start from (``model.init_from``) instead of the
@@ -96,15 +97,19 @@ def build(args: ModelArgs, attn_fn: AttnFn, *, strategy: Strategy, device: torch
     (train.float8_recipe) or None, converts the Linear layers (``trainer/float8.py``) before
     compile and sharding. ``whole_graph`` (with ``compile``) compiles the whole model as one graph
     (``compile_whole``) instead of each block; fsdp ignores it (``compile_mode.whole_model``).
+    ``param_dtype`` (``train.param_dtype``, resolved): the weights' dtype in forward and backward;
+    DDP's parameters are cast to it (the optimizer keeps fp32 masters: trainer/master_weights.py),
+    FSDP gathers its fp32 shards in it.
     """
     if strategy == "fsdp":
         check_shardable(args, world_size)
-        model = _build_fsdp(args, attn_fn, device=device, seed=seed, compile=compile, float8=float8)
+        model = _build_fsdp(args, attn_fn, device=device, seed=seed, compile=compile, float8=float8,
+                            param_dtype=param_dtype)
         if init_weights is not None:
             _load_full_state(model, init_weights)
         return model, model
     raw = build_replica(args, attn_fn, device=device, seed=seed, compile=compile and not whole_graph,
-                        init_weights=init_weights, float8=float8)
+                        init_weights=init_weights, float8=float8, param_dtype=param_dtype)
     model = _wrap_ddp(raw, device)
     if compile and whole_graph:
         compile_whole(model)  # the DDP wrapper where there is one (its buckets split the graph)
@@ -119,15 +124,18 @@ def set_attention(model: Transformer, attn_fn: AttnFn) -> None:
 
 
 def build_replica(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, seed: int, compile: bool,
-                  init_weights: Optional[Callable[[], dict]] = None, float8: Optional[str] = None) -> Transformer:
+                  init_weights: Optional[Callable[[], dict]] = None, float8: Optional[str] = None,
+                  param_dtype: torch.dtype = torch.float32) -> Transformer:
     """The whole model on this device, as DDP replicates it: built on meta, allocated here, the
-    seeded init replayed (or ``init_weights`` loaded), blocks compiled; not yet wrapped."""
+    seeded init replayed (or ``init_weights`` loaded), parameters cast to ``param_dtype``, blocks
+    compiled; not yet wrapped (DDP's buckets take the parameters' dtype)."""
     raw = _on_meta(args, attn_fn, device=device, float8=float8)
     raw.to_empty(device=device)
     raw.tie_weights()
     init_replayed(raw, device, seed)
     if init_weights is not None:  # a checkpoint to resume from, if any, replaces these weights later
         raw.load_state_dict(init_weights())
+    master_weights.cast_parameters(raw, param_dtype)  # after the fp32 init: the masters start from its rounding
     if compile:
         compile_blocks(raw)
     return raw
@@ -175,17 +183,18 @@ def _wrap_ddp(model: Transformer, device: torch.device) -> nn.Module:
         model, parallel_strategy_kwargs=ddp_options())
 
 
-def mixed_precision(device: torch.device):
-    """bf16 parameters and compute on GPU, gradients reduced in fp32; plain fp32 on CPU."""
+def mixed_precision(param_dtype: torch.dtype):
+    """FSDP2's policy: the fp32 shards gathered in ``param_dtype`` (bf16 on GPU by default:
+    ``train.param_dtype`` auto), gradients reduced in fp32; plain fp32 when ``param_dtype`` is."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if device.type == "cuda":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if param_dtype != torch.float32:
+        return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 
 def _build_fsdp(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, seed: int, compile: bool,
-                float8: Optional[str] = None) -> Transformer:
+                float8: Optional[str] = None, param_dtype: torch.dtype = torch.float32) -> Transformer:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -194,7 +203,7 @@ def _build_fsdp(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, seed:
     if compile:
         compile_blocks(model)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    mp = mixed_precision(device)
+    mp = mixed_precision(param_dtype)
     n = len(model.layers)
     for i, block in enumerate(model.layers):
         # The last block is gathered again at once by the backward pass: keep it unsharded.

@@ -45,7 +45,8 @@ def worker_result(*, spec, requested: str, kernel: str, env: dict, workers: list
                   restored_from: str | None, first_loss: float | None, record: dict, times: StepTimes,
                   device: torch.device, world: int, dtype: torch.dtype, compiled: bool, params: int,
                   flops_per_token: float, tokens_per_step: int, timeline: dict,
-                  kernel_timings: dict | None = None, peak_tflops: float | None = None) -> dict:
+                  kernel_timings: dict | None = None, peak_tflops: float | None = None,
+                  param_dtype: str = "fp32") -> dict:
     from trainer import compile_mode, timing
 
     median_step = times.steady_median()
@@ -77,6 +78,7 @@ def worker_result(*, spec, requested: str, kernel: str, env: dict, workers: list
         "num_workers": world,
         "use_gpu": device.type == "cuda",
         "dtype": str(dtype).removeprefix("torch."),
+        "param_dtype": param_dtype,
         "compiled": compiled,
         "params": params,
         "flops_per_token": flops_per_token,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint, driver_watch
+from trainer import checkpoint, driver_watch, master_weights
 from trainer.config import FaultConfig
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def restore(storage_dir: Path, committed: Path | None, *, rank: int, world: int,
     if sharded:
         checkpoint.load_sharded(path, model, optimizer)
     else:
-        raw_model.load_state_dict(state["model"])
+        master_weights.load_model_state(raw_model, optimizer, state["model"])  # fp32 masters where the weights are bf16
         optimizer.load_state_dict(state["optimizer"])
     if rng is not None:
         checkpoint.set_rng_state(rng)
@@ -110,7 +110,8 @@ class Saver:
         if self.rank == 0:
             state = dict(progress)
             if sharded is None:
-                state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+                state.update(model=master_weights.model_state(self.model, self.optimizer),
+                             optimizer=self.optimizer.state_dict())
         needed = checkpoint.tensor_bytes(state) + checkpoint.tensor_bytes(sharded) + (1 << 20)
         self._agree(_attempt(checkpoint.check_free_space, self.storage_dir, needed), directory, needed)
         self._agree(_attempt(self._write, directory, step, state, sharded), directory, needed)

@@ -12,6 +12,7 @@ import torch
 
 from trainer import compile_cache
 from trainer.config import TrainConfig
+from trainer.master_weights import MasterWeights
 
 
 def training_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype:
@@ -55,7 +56,8 @@ def _fsdp_no_sync(model):
 
 
 class Stepper:
-    """Forward and backward over ``grad_accum`` micro-batches, clip, AdamW step.
+    """Forward and backward over ``grad_accum`` micro-batches, clip, AdamW step (on fp32 master
+    copies where the weights are bf16: ``trainer.master_weights.MasterWeights``).
 
     ``model`` is what ``trainer.parallelize.build`` returned (blocks already compiled when
     compile is on): plain, DDP-wrapped or FSDP-sharded.
@@ -95,7 +97,9 @@ class Stepper:
                 (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        # bf16 weights (train.param_dtype): their gradients move to the fp32 masters, which are clipped
+        clipped = self.optimizer.take_grads() if isinstance(self.optimizer, MasterWeights) else self.params
+        grad_norm = torch.nn.utils.clip_grad_norm_(clipped, max_norm, foreach=True)
         if hasattr(grad_norm, "full_tensor"):  # FSDP's DTensor: the norm over every worker's shards
             grad_norm = grad_norm.full_tensor()  # (not imported here: torch.distributed.tensor costs the driver ~1 s)
         self.optimizer.step()

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from trainer import attention, parallelize
+from trainer import attention, master_weights, parallelize
 from trainer.config import ModelConfig, TrainConfig
 from trainer.optim import build_optimizer
 from trainer.step import Stepper, to_device
@@ -48,7 +48,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "llama-0.95b.yaml"
 # ddp_mp (DDP's own mixed precision, a key of DDP_MP: the parameters cast to bf16 for forward and
 # backward, so the gradients come out, and are all-reduced, in bf16 with no hook's casts; the
 # step's autocast stays on; DDP wraps even one GPU, for that row's reference; see DDP_MP),
-# weights ("bf16_master": bf16 parameters, fp32 master weights in the optimizer, MasterWeights),
+# weights ("bf16_master": bf16 parameters, fp32 master weights in the optimizer: trainer.master_weights, train.param_dtype bf16),
 # timeout_s (this row's limit, default TIMEOUT_S), independent (no process group and no DDP: each
 # GPU trains on its own, at the same time, so the row is what two GPUs of this host do with no
 # communication at all: the ceiling any DDP setting can reach here).
@@ -75,7 +75,7 @@ VARIANTS = [
     ("1gpu_mp_bf16", 1, {"ddp_mp": "bf16", "timeout_s": 420}),
     ("ddp_mp_bf16", 2, {"ddp_mp": "bf16", "timeout_s": 420}),
     ("ddp_mp_bf16_fp32_reduce", 2, {"ddp_mp": "bf16_fp32", "timeout_s": 420}),
-    # bf16 parameters, AdamW on fp32 master copies (MasterWeights): gradients come out, and
+    # bf16 parameters, AdamW on fp32 master copies (trainer.master_weights.MasterWeights): gradients come out, and
     # plain DDP all-reduces them, in bf16, with no hook and no per-module hooks in the
     # compiled blocks (Megatron's and DeepSpeed's bf16 recipe). The compute changes too (a bf16
     # residual stream), so its one-GPU row is the same-precision reference (table()).
@@ -177,32 +177,6 @@ def _cpu_event_stand_ins() -> None:
     torch.accelerator.current_stream = lambda device=None: Stream()
 
 
-class MasterWeights:
-    """AdamW (``build_optimizer``'s) on fp32 master copies of bf16 parameters, for ``Stepper``:
-    each step copies the bf16 gradients into the masters, steps them in fp32 and copies them
-    back into the bf16 parameters. The interface Stepper uses: param_groups, step, zero_grad."""
-
-    def __init__(self, params: list[torch.nn.Parameter], tc: TrainConfig, device: torch.device):
-        self.params = params
-        holder = torch.nn.Module()
-        holder.masters = torch.nn.ParameterList([torch.nn.Parameter(p.detach().float().clone()) for p in params])
-        self.masters = list(holder.masters)
-        self.inner = build_optimizer(holder, tc, device)
-        self.param_groups = self.inner.param_groups
-
-    def step(self) -> None:
-        for p, m in zip(self.params, self.masters):
-            m.grad = None if p.grad is None else p.grad.float()
-        self.inner.step()
-        with torch.no_grad():
-            torch._foreach_copy_(self.params, self.masters)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-        self.inner.zero_grad(set_to_none=True)
-
-
 def _replicas_agree(model: torch.nn.Module) -> bool:
     """Whether every rank ends with the same weights (DDP's point): the sum and norm of each
     parameter, gathered from every rank, compared exactly."""
@@ -249,9 +223,8 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
                               n_heads=m.n_heads, n_kv_heads=m.n_kv_heads)
     raw = parallelize.build_replica(m, fn, device=dev, seed=0, compile=gpu)
     master = change.get("weights") == "bf16_master"
-    if master:  # the parameters only: the rotary tables stay fp32, as under autocast
-        for p in raw.parameters():
-            p.data = p.data.to(torch.bfloat16)
+    if master:  # the parameters only: the rotary tables stay fp32, as under autocast (train.param_dtype bf16)
+        master_weights.cast_parameters(raw, torch.bfloat16)
     model = raw
     if (world > 1 or mp_kind) and not change.get("independent"):
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[rank] if gpu else None,
@@ -260,7 +233,7 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    optimizer = MasterWeights(list(raw.parameters()), tc, dev) if master else build_optimizer(model, tc, dev)
+    optimizer = master_weights.MasterWeights(raw, tc, dev) if master else build_optimizer(model, tc, dev)
     stepper = Stepper(model, optimizer, device=dev, dtype=dtype, grad_accum=1, grad_clip=tc.grad_clip)
     rng = np.random.default_rng(rank)
     shape = (tc.micro_batch_size, tc.seq_len)

@@ -13,11 +13,11 @@ import logging
 import numpy as np
 import torch
 
-from trainer import attention, compile_mode, float8, kernel_select, loss, timing
-from trainer.config import ModelConfig, TrainConfig
+from trainer import attention, compile_mode, float8, kernel_select, loss, master_weights, timing
+from trainer.config import ModelConfig, TrainConfig, param_dtype_refusal
 from trainer.dataset import BatchSampler, get_batch, num_windows
 from trainer.model import Transformer
-from trainer.optim import build_optimizer, lr_at
+from trainer.optim import lr_at, optimizer_for
 from trainer.parallelize import compile_blocks, compile_whole
 from trainer.step import Stepper, compile_enabled, training_dtype
 
@@ -42,7 +42,11 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
            "activation_checkpointing": tc.activation_checkpointing, "dtype": str(dtype).removeprefix("torch."),
            "loss_impl": tc.loss_impl, "compile_mode": tc.compile_mode if compiled else None,
            "compile_scope": compile_mode.scope(tc.compile_mode, "ddp", compiled=compiled),
-           "float8": tc.float8, "float8_recipe": tc.float8_recipe if tc.float8 else None}
+           "float8": tc.float8, "float8_recipe": tc.float8_recipe if tc.float8 else None,
+           "param_dtype": tc.weights_dtype("ddp", device.type)}
+    refusal = param_dtype_refusal(tc.param_dtype, tc.precision(device.type))
+    if refusal:  # as the plan refuses it before a run
+        return {**row, "status": "error", "error": refusal}
     if schedule:
         tc = tc.model_copy(update={"max_steps": warmup + iters})
     model = optimizer = stepper = None
@@ -75,7 +79,8 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         model = Transformer(margs, fn).to(device)
         if tc.float8:
             float8.convert(model, device, tc.float8_recipe)
-        optimizer = build_optimizer(model, tc, device)
+        master_weights.cast_parameters(model, master_weights.torch_dtype(row["param_dtype"]))
+        optimizer = optimizer_for(model, tc, device)  # on fp32 masters where the weights are bf16
         if compiled:  # as a single worker compiles (trainer/parallelize.py)
             (compile_whole if compile_mode.whole_model(tc.compile_mode, "ddp") else compile_blocks)(model)
         stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
