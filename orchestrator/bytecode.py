@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, MutableMapping, Optional
 
+from trainer import user_cache
+
 log = logging.getLogger(__name__)
 
 BYTECODE_ENV = "FLASH_ORCHESTRATOR_BYTECODE_CACHE"  # 0: off; a path: the cache's directory
@@ -57,10 +59,8 @@ def apply(environ: Optional[MutableMapping[str, str]] = None, package: str = "to
     """Decide by ``package``, and set the variables for the processes this one starts and the
     equivalent for itself (``sys.dont_write_bytecode``, ``sys.pycache_prefix``). Returns what
     was set, which Ray Train's workers get too (a kept head started before passes them none)."""
-    from trainer.preprocess import cache_root
-
     env = os.environ if environ is None else environ
-    chosen = settings(env, bytecode_installed=has_bytecode(package), default_dir=cache_root() / "pycache")
+    chosen = settings(env, bytecode_installed=has_bytecode(package), default_dir=user_cache.root(env) / "pycache")
     if chosen:
         env.update(chosen)
         sys.dont_write_bytecode = False

@@ -128,11 +128,10 @@ def test_fresh_preflight_is_a_flag_of_train_and_preflight():
     assert parser.parse_args(["train"]).fresh_preflight is False
 
 
-def test_the_compile_cache_persists_under_the_users_cache_unless_set(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    env: dict = {}
+def test_the_compile_cache_persists_under_the_users_cache_unless_set(tmp_path):
+    env: dict = {"XDG_CACHE_HOME": str(tmp_path)}  # the environment given is the one read (trainer/user_cache.py)
     assert compile_cache.enable(env) == tmp_path / "flash-orchestrator" / "inductor"
-    assert env == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "flash-orchestrator" / "inductor"),
+    assert env == {"XDG_CACHE_HOME": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "flash-orchestrator" / "inductor"),
                    "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
     mine = {"TORCHINDUCTOR_CACHE_DIR": "/data/inductor", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}
     assert compile_cache.enable(mine) == Path("/data/inductor")

@@ -21,7 +21,7 @@ from typing import Mapping, MutableMapping, Optional
 import torch
 
 from trainer import atomic_write
-from trainer.preprocess import cache_root
+from trainer import user_cache
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ CACHE_SWITCHES = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_C
 
 def inductor_dir(environ: Optional[Mapping[str, str]] = None) -> Path:
     env = os.environ if environ is None else environ
-    return Path(env[INDUCTOR_DIR_ENV]) if env.get(INDUCTOR_DIR_ENV) else cache_root() / "inductor"
+    return Path(env[INDUCTOR_DIR_ENV]) if env.get(INDUCTOR_DIR_ENV) else user_cache.root(env) / "inductor"
 
 
 def enable(environ: Optional[MutableMapping[str, str]] = None) -> Path:

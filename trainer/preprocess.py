@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from trainer import atomic_write
+from trainer import atomic_write, user_cache
 from trainer.dataset import FORMAT_VERSION, META_FILE, SENTENCEPIECE_FILE, TOKENIZER_FILE, TOKENS_FILE, DataError
 
 log = logging.getLogger(__name__)
@@ -196,14 +196,9 @@ def embedded_texts() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "flash-orchestrator"
-
-
 def embedded_dataset(cache_dir: Path | None = None) -> Path:
     """Build (once) and return the embedded default dataset; safe when runs race to build it."""
-    final = (cache_dir or cache_root()) / EMBEDDED_NAME
+    final = (cache_dir or user_cache.root()) / EMBEDDED_NAME
     if (final / META_FILE).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
-from trainer import atomic_write
+from trainer import atomic_write, user_cache
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def cache_dir(environ: Optional[Mapping[str, str]] = None) -> Path:
     env = os.environ if environ is None else environ
     if env.get(CACHE_DIR_ENV):
         return Path(env[CACHE_DIR_ENV])
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "flash-orchestrator" / "preflight"
+    return user_cache.root(env) / "preflight"
 
 
 # ---------------------------------------------------------------- the key, without importing torch
