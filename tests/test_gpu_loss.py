@@ -56,6 +56,7 @@ def test_float8_converts_with_the_recorded_recipe_on_hopper():
 
     if float8.refusal(True, [".".join(map(str, torch.cuda.get_device_capability()))]):
         pytest.skip("float8 needs compute capability 8.9+")
+    pytest.importorskip("torchao", reason="float8 needs torchao (pip install 'flash-orchestrator[float8]')")
     model = Transformer(ModelArgs(vocab_size=256, dim=256, n_layers=1, n_heads=4, n_kv_heads=4, ffn_hidden=512,
                                   max_seq_len=64, tie_embeddings=False), standard_attention).cuda()
     float8.convert(model, torch.device("cuda"))
