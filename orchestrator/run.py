@@ -112,19 +112,27 @@ def workloads(prep: Prepared) -> dict[str, Workload]:
     return out
 
 
+def _planned(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig], plan: plan_mod.Plan):
+    """(name, planned variant, its resolved train settings, its device type) for each variant the
+    plan places: what each refusal below checks."""
+    planned = {v.name: v for v in plan.variants}
+    for vc in variants:
+        if vc.name in planned:
+            pv = planned[vc.name]
+            yield vc.name, pv, config_mod.resolved_sections(cfg, vc)[1], "cuda" if pv.use_gpu else "cpu"
+
+
 def float8_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig], plan: plan_mod.Plan,
                    report: Optional[preflight.PreflightReport]) -> Optional[str]:
     """Why a variant with train.float8 cannot run where it is planned (None: all can)."""
-    planned = {v.name: v for v in plan.variants}
-    for vc in variants:
-        if not config_mod.resolved_sections(cfg, vc)[1].float8 or vc.name not in planned:
+    for name, pv, train_cfg, _ in _planned(cfg, variants, plan):
+        if not train_cfg.float8:
             continue
-        pv = planned[vc.name]
         nodes = [n for n in (report.nodes if report else []) if not pv.nodes or n.node_id in pv.nodes]
         caps = [g["capability"] for n in nodes for g in (n.facts or {}).get("gpus") or []]
         problem = float8.refusal(pv.use_gpu, caps)
         if problem:
-            return f"variant {vc.name}: {problem}"
+            return f"variant {name}: {problem}"
     return None
 
 
@@ -132,17 +140,12 @@ def cudagraphs_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.Vari
                        plan: plan_mod.Plan) -> Optional[str]:
     """Why a variant with train.compile_mode reduce-overhead cannot run as planned (None: all
     can): the plan shards it with fsdp (``compile_mode.fsdp_refusal``)."""
-    planned = {v.name: v for v in plan.variants}
-    for vc in variants:
-        pv = planned.get(vc.name)
-        if pv is None or pv.strategy != "fsdp":
-            continue
-        train_cfg = config_mod.resolved_sections(cfg, vc)[1]
+    for name, pv, train_cfg, device_type in _planned(cfg, variants, plan):
         mode = train_cfg.compile_mode
-        device_type = "cuda" if pv.use_gpu else "cpu"
-        if compile_mode.replays(mode, compiled=train_cfg.compiles(device_type), device_type=device_type):
+        if pv.strategy == "fsdp" and compile_mode.replays(mode, compiled=train_cfg.compiles(device_type),
+                                                          device_type=device_type):
             why = f" ({pv.strategy_reason})" if pv.strategy_reason else ""
-            return (f"variant {vc.name}: {compile_mode.fsdp_refusal(mode)}; the plan shards it with fsdp{why}: "
+            return (f"variant {name}: {compile_mode.fsdp_refusal(mode)}; the plan shards it with fsdp{why}: "
                     f"use compile_mode default, or scaling.strategy ddp where the model fits")
     return None
 
@@ -151,15 +154,10 @@ def param_dtype_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.Var
                         plan: plan_mod.Plan) -> Optional[str]:
     """Why a variant's train.param_dtype bf16 cannot run as planned (None: all can): the plan
     puts it on CPU workers, which compute in fp32 under train.dtype auto."""
-    planned = {v.name: v for v in plan.variants}
-    for vc in variants:
-        pv = planned.get(vc.name)
-        if pv is None:
-            continue
-        train_cfg = config_mod.resolved_sections(cfg, vc)[1]
-        problem = train_mod.param_dtype_refusal(train_cfg.param_dtype, train_cfg.precision("cuda" if pv.use_gpu else "cpu"))
+    for name, _, train_cfg, device_type in _planned(cfg, variants, plan):
+        problem = train_mod.param_dtype_refusal(train_cfg.param_dtype, train_cfg.precision(device_type))
         if problem:
-            return f"variant {vc.name}: {problem}"
+            return f"variant {name}: {problem}"
     return None
 
 

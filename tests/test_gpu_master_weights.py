@@ -17,6 +17,7 @@ from trainer.step import Stepper
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+
 def _losses(param_dtype: str, mode: str = "default", steps: int = 30) -> list[float]:
     """Losses of ``steps`` steps on one repeated batch set (learnable), the same init and data."""
     torch._dynamo.reset()
