@@ -29,32 +29,53 @@ SCRIPT = ROOT / "cluster" / "ray-node.sh"
 JOB_TIMEOUT_S = 240
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (Ray binds some on all interfaces, so check those)."""
+def free_ports(n: int, taken: set[int]) -> list[int]:
+    """n distinct ports free right now and not in ``taken`` (Ray binds some on all interfaces, so
+    check those). The chosen ports are added to ``taken``."""
     socks, ports = [], []
     try:
         while len(ports) < n:
             s = socket.socket()
             s.bind(("", 0))
             socks.append(s)
-            ports.append(s.getsockname()[1])
+            port = s.getsockname()[1]
+            if port not in taken:
+                ports.append(port)
     finally:
         for s in socks:
             s.close()
+    taken.update(ports)
     return ports
 
 
-def free_range(width: int) -> int:
-    """The first port of ``width`` consecutive free ports."""
+def ephemeral_low() -> int:
+    """The lowest port the OS picks for bind(0) (Ray's own unpinned components use those)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_range(width: int, taken: set[int]) -> int:
+    """The first port of ``width`` consecutive free ports, none of them in ``taken``; they are added
+    to it. Without ``taken`` a node's worker range could swallow a port the OS handed to another
+    of its components a moment before (node_manager 48025 inside workers 47999-48038, CI 11-29)."""
+    low, high = 20000, ephemeral_low() - width  # below the ports the OS hands out for bind(0)
+    if high <= low:
+        low, high = 20000, 60000
     for _ in range(200):
-        base = 20000 + secrets.randbelow(30000)
+        base = low + secrets.randbelow(high - low)
+        span = set(range(base, base + width))
+        if span & taken:
+            continue
         try:
-            for p in range(base, base + width):
+            for p in span:
                 with socket.socket() as s:
                     s.bind(("", p))
-            return base
         except OSError:
             continue
+        taken.update(span)
+        return base
     raise RuntimeError("no free port range")
 
 
@@ -97,19 +118,21 @@ def cluster(tmp_path):
     # conftest's loopback-only switch makes `ray start` refuse a second node; a real cluster needs it off.
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     env.pop("RAY_AUTH_TOKEN", None)
-    gcs, dash, client, *rest = free_ports(15)
+    taken: set[int] = set()
+    head_workers, second_workers = free_range(40, taken), free_range(40, taken)
+    gcs, dash, client, *rest = free_ports(15, taken)
     head_env = {**env, "FO_STATE_DIR": str(tmp_path / "state-head")}
     # The second node's own environment switches flash attention off, as an admin would for a
     # node with a broken flash-attn: preflight must find that, and the planner act on it.
     worker_env = {**env, "FO_STATE_DIR": str(tmp_path / "state-worker"), "DISABLE_FLASH_ATTN": "1",
                   "FO_EXTRA_LABELS": "fo-flash-attn=broken,fo-test-node=second"}
     head_cmd = [str(SCRIPT), "head", f"--port={gcs}", f"--dashboard-port={dash}",
-                f"--ray-client-server-port={client}", *node_args(rest[:6], free_range(40), temps[0])]
+                f"--ray-client-server-port={client}", *node_args(rest[:6], head_workers, temps[0])]
     try:
         r = sh(head_cmd, head_env)
         assert r.returncode == 0, f"head did not start:\n{r.stdout}\n{r.stderr}"
         assert "head started" in r.stdout and f"http://127.0.0.1:{dash}" in r.stdout, r.stdout
-        r = sh([str(SCRIPT), "join", f"127.0.0.1:{gcs}", *node_args(rest[6:12], free_range(40), temps[1])], worker_env)
+        r = sh([str(SCRIPT), "join", f"127.0.0.1:{gcs}", *node_args(rest[6:12], second_workers, temps[1])], worker_env)
         assert r.returncode == 0, f"second node did not join:\n{r.stdout}\n{r.stderr}"
         yield {"env": env, "head_env": head_env, "worker_env": worker_env, "dashboard": f"http://127.0.0.1:{dash}",
                "gcs_port": gcs, "temps": temps, "head_cmd": head_cmd}
