@@ -43,7 +43,6 @@ from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo,
                                   run_status)
 from orchestrator.strategy import Workload
 from trainer import compile_mode, dataset as dataset_mod, float8, preprocess, ray_internals
-from trainer import config as train_mod
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -155,7 +154,7 @@ def param_dtype_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.Var
     """Why a variant's train.param_dtype bf16 cannot run as planned (None: all can): the plan
     puts it on CPU workers, which compute in fp32 under train.dtype auto."""
     for name, _, train_cfg, device_type in _planned(cfg, variants, plan):
-        problem = train_mod.param_dtype_refusal(train_cfg.param_dtype, train_cfg.precision(device_type))
+        problem = train_cfg.param_dtype_refusal(device_type)
         if problem:
             return f"variant {name}: {problem}"
     return None

@@ -177,6 +177,11 @@ class TrainConfig(Strict):
         device (``weights_dtype``)."""
         return weights_dtype(self.param_dtype, strategy, self.precision(device_type))
 
+    def param_dtype_refusal(self, device_type: str) -> Optional[str]:
+        """Why ``param_dtype`` cannot run on a ``device_type`` device (``param_dtype_refusal``):
+        what the plan, the worker and the bench each check."""
+        return param_dtype_refusal(self.param_dtype, self.precision(device_type))
+
     def compiles(self, device_type: str) -> bool:
         """Whether training runs under torch.compile on a ``device_type`` device (``compiles``)."""
         return compiles(self.compile, device_type)

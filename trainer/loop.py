@@ -20,7 +20,6 @@ from trainer import (attention, checkpoint, compile_mode, driver_watch, failures
                      kernel_select, loss, master_weights, overlap, parallelize, timing, verified_kernel)
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
-from trainer.config import param_dtype_refusal
 from trainer.optim import lr_at, optimizer_for
 from trainer.result import StepTimes, worker_result
 from trainer.save_restore import FAULT_MARKER, Saver, restore
@@ -102,7 +101,7 @@ def train_loop_per_worker(config: dict) -> dict:
                             activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
     loss.check(tc.loss_impl, device)  # liger on a CPU worker, or not installed: a config error naming the key
     weights = tc.weights_dtype(spec.strategy, device.type)  # train.param_dtype, resolved
-    refusal = param_dtype_refusal(tc.param_dtype, tc.precision(device.type))
+    refusal = tc.param_dtype_refusal(device.type)
     if refusal:  # the plan refuses this first (orchestrator/run.py)
         raise ValueError(refusal)
     use_compile = compile_enabled(tc, device)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from trainer import attention, compile_mode, float8, kernel_select, loss, master_weights, timing
-from trainer.config import ModelConfig, TrainConfig, param_dtype_refusal
+from trainer.config import ModelConfig, TrainConfig
 from trainer.dataset import BatchSampler, get_batch, num_windows
 from trainer.model import Transformer
 from trainer.optim import lr_at, optimizer_for
@@ -44,7 +44,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
            "compile_scope": compile_mode.scope(tc.compile_mode, "ddp", compiled=compiled),
            "float8": tc.float8, "float8_recipe": tc.float8_recipe if tc.float8 else None,
            "param_dtype": tc.weights_dtype("ddp", device.type)}
-    refusal = param_dtype_refusal(tc.param_dtype, tc.precision(device.type))
+    refusal = tc.param_dtype_refusal(device.type)
     if refusal:  # as the plan refuses it before a run
         return {**row, "status": "error", "error": refusal}
     if schedule:
