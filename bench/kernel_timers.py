@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 from orchestrator import config as config_mod
 from orchestrator.bench import training
-from trainer import attention, compile_mode, kernel_select
+from trainer import attention, compile_mode, kernel_select, strict_json
 from trainer.step import compile_enabled, training_dtype
 
 
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                     "timers": {}, "end_to_end": {}}
 
     def save():
-        args.out.write_text(json.dumps(report, indent=1))
+        args.out.write_text(strict_json.dumps(report, indent=1))
 
     for depth in depths:
         timer_shape = dataclasses.replace(shape, ffn_hidden=0) if depth == 0 else shape

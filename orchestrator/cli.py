@@ -127,11 +127,10 @@ def add_preflight_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    import json
-
     from orchestrator import config as config_mod
     from orchestrator.preflight import run_preflight, settings_for
     from orchestrator.session import ray_session
+    from trainer import strict_json
 
     if args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout:g}: must be positive")
@@ -152,7 +151,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
         report = run_preflight(settings, fresh=args.fresh_preflight)
     json_path, log_path = report.write(Path(args.output_dir))
     if args.json:
-        print(json.dumps(report.to_json(), indent=2, default=str))
+        print(strict_json.dumps(report.to_json(), indent=2, default=str))
         return 0
     for line in report.table():
         log.info(line)

@@ -8,11 +8,12 @@ then ``os.replace``; a failed write removes its temporary file.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from trainer import strict_json
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -32,4 +33,4 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, data: Any, *, indent: int | None = 2) -> None:
-    write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
+    write_text(path, strict_json.dumps(data, indent=indent, default=str) + "\n")

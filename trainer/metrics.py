@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from trainer import atomic_write
+
+from trainer import atomic_write, strict_json
 
 METRICS_FILE = "metrics.jsonl"
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per worker-group start: restarts = lines - 1
@@ -16,7 +17,7 @@ ATTEMPTS_FILE = "attempts.jsonl"  # one line per worker-group start: restarts = 
 def append_attempt(out_dir: Path, record: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / ATTEMPTS_FILE).open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(strict_json.dumps(record) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -41,14 +42,14 @@ class MetricsWriter:
         # On resume drop what the lost steps wrote, so the file reads as one clean run.
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
         # A new file: followers (orchestrator/progress.py) see the rewrite.
-        atomic_write.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write.write_text(self.path, "".join(strict_json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(strict_json.dumps(record) + "\n")
         self._file.flush()
         step = record["step"]
         for key, value in record.items():

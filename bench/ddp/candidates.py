@@ -23,7 +23,6 @@ docs/BENCHMARKS.md, 2026-11-28, "DDP on two GPUs".
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import socket
@@ -37,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from trainer import attention, master_weights, parallelize
+from trainer import attention, master_weights, parallelize, strict_json
 from trainer.config import ModelConfig, TrainConfig
 from trainer.optim import build_optimizer
 from trainer.step import Stepper, to_device
@@ -372,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             if row.get("profile"):
                 print(f"== {name}: {world} GPU(s), 3 steps\n{row['profile']}", flush=True)
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-            args.out.write_text(json.dumps(rows, indent=1))
+            print(strict_json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+            args.out.write_text(strict_json.dumps(rows, indent=1))
     print("\n".join(table(rows)))
     return 0 if all("tok_s" in r for r in rows) else 1
 

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from trainer import timing
+from trainer import strict_json, timing
 
 GIB = 2**30
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare: {e}", file=sys.stderr)
         return 2
     if a.out:
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
+        a.out.write_text(strict_json.dumps(result, indent=2) + "\n")
     print(table(result))
     return 0 if result["ratio"] is not None else 1
 

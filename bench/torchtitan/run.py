@@ -14,7 +14,6 @@ processes over gloo (cpu_entry.py), for a tiny config: the smoke test before a G
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.torchtitan import assets, parse, shape
+from trainer import strict_json
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": cmd,
         "log": str(out / "torchtitan.log"),
     }
-    (out / OUTPUT_NAME).write_text(json.dumps(result, indent=2) + "\n")
+    (out / OUTPUT_NAME).write_text(strict_json.dumps(result, indent=2) + "\n")
     if ok:
         print(f"torchtitan: {per_gpu:,.0f} tok/s per GPU, {per_gpu * nproc:,.0f} tok/s over {nproc}, "
               f"median step {st['step_time_s']:.3f} s, peak reserved {result['peak_memory_reserved_gib']} GiB, "

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -16,7 +15,7 @@ from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.rules import Verdict
 from orchestrator import rundir
 from orchestrator.results import FLASH_LOG_FILE as LOG_FILE, PREFLIGHT_FILE
-from trainer import import_guard
+from trainer import import_guard, strict_json
 
 # flash_nodes' key for the nodes whose kernel choice was still being timed when the plan was made.
 PENDING = "(timing)"
@@ -194,7 +193,7 @@ class PreflightReport:
 
     def write_json(self, directory: Path) -> Path:
         path = directory / PREFLIGHT_FILE
-        rundir.write_text(path, json.dumps(self.to_json(), indent=2, default=str) + "\n")
+        rundir.write_text(path, strict_json.dumps(self.to_json(), indent=2, default=str) + "\n")
         return path
 
     def complete_timing(self, node_id: str, facts: dict, verdict: Verdict,

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 import signal
@@ -35,6 +34,7 @@ from typing import Callable, Optional
 import psutil
 
 from orchestrator.preflight.settings import ProbeSettings
+from trainer import strict_json
 from trainer import import_guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
 
 MARKER = "PREFLIGHT-FACTS "
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     real_stdout = sys.stdout
 
     def emit(facts: dict) -> None:
-        real_stdout.write(MARKER + json.dumps(facts, default=str) + "\n")
+        real_stdout.write(MARKER + strict_json.dumps(facts, default=str) + "\n")
         real_stdout.flush()
 
     sys.stdout = sys.stderr  # whatever the checks print must not mix with the facts
