@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if code == RunFailed.exit_code:
         run_dir = summary.run.dir
         failed = [r for r in summary.variants.values() if r.status == "failed"]
-        if all(r.failure_kind in ("out_of_memory", "config") for r in failed):
+        if all(r.failure_kind in ("out_of_memory", "config", "non_finite_loss") for r in failed):
             # A resumed run keeps its config, so --resume would fail the same way.
             raise RunFailed(f"a variant failed and was not retried: {failed[0].error}; see {run_dir}/summary.json. "
                             "A resumed run keeps its config: change the config and start a new run")

@@ -17,7 +17,7 @@ from typing import Optional
 
 from orchestrator import hf_tokenizer, trained
 from orchestrator.errors import UsageError
-from trainer import hf_checkpoint
+from trainer import finite, hf_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ def export(run_dir: Path, output_dir: Path, *, variant: Optional[str] = None, st
            force: bool = False, max_shard_bytes: int = hf_checkpoint.MAX_SHARD_BYTES) -> Exported:
     check_output_dir(output_dir, force)
     model = trained.load(run_dir, variant, step)
+    ruined = finite.non_finite(model.state)
+    if ruined:
+        raise UsageError(f"{model.checkpoint}: {ruined}; export an earlier checkpoint with --step")
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -105,7 +105,7 @@ class VariantResult(Record):
                                          "under compile_mode reduce-overhead without fsdp) or block (each block); "
                                          "null when not compiled")
     failure_kind: Optional[str] = Field(None, description="a deterministic failure that was not retried "
-                                        "(out_of_memory, no_space or config); null for others")
+                                        "(out_of_memory, no_space, config or non_finite_loss); null for others")
 
 
 def skipped(attention: str, env: dict[str, str], num_workers: int, use_gpu: bool, reason: Optional[str]) -> VariantResult:

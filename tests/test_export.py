@@ -176,6 +176,24 @@ def test_tokenizer_smaller_than_the_model_vocab(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_with_nan_weights_is_refused_and_an_earlier_step_exports(tmp_path, capsys):
+    """A diverged run saved NaN weights before issue 32: export wrote them with exit 0."""
+    run, models = fake_run(tmp_path, steps=(3,))
+    state = {k: v.clone() for k, v in models[3].state_dict().items()}
+    state["layers.0.attn.wq.weight"][0, 0] = float("nan")
+    state["layers.1.mlp.w2.weight"][1, 2] = float("-inf")
+    ruined = run / "standard" / checkpoint.STORAGE_NAME / "checkpoint_00000006"
+    ruined.mkdir()
+    checkpoint.write(ruined, 0, {"model": state, "optimizer": {}, "step": 6})
+    out = tmp_path / "out"
+    _fails(capsys, ["export", str(run), "--output-dir", str(out)],
+           f"{ruined}: NaN or infinite values in layers.0.attn.wq.weight, layers.1.mlp.w2.weight; "
+           "export an earlier checkpoint with --step")
+    assert not out.exists()
+    assert main(["export", str(run), "--step", "3", "--output-dir", str(out)]) == 0
+    _assert_same_logits(out, models[3])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_generate_on_the_gpu_gives_the_cpu_text(tmp_path, capsys):

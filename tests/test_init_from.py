@@ -112,3 +112,21 @@ def test_saved_run_config_resumes_with_the_same_shapes(tmp_path):
     saved.write_text(yaml.safe_dump(prep.cfg.model_dump(mode="json")))
     again = prepare(TrainOptions(config_file=str(saved), output_dir=str(tmp_path / "runs")))
     assert again.cfg.model == prep.cfg.model
+
+
+def test_nan_weights_fail_the_worker_that_loads_them_without_retries(tmp_path):
+    """The driver reads only shapes; the worker reads the weights and refuses NaN ones as a
+    config error (not retried) instead of training NaN from step 1."""
+    from trainer import failures, hf_checkpoint
+    from trainer.model_args import ModelArgs
+
+    model = tiny_llama(tmp_path)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path)
+    args = ModelArgs(max_seq_len=32, **hf_checkpoint.model_fields(tmp_path))
+    with pytest.raises(ValueError) as e:
+        hf_checkpoint.load_state_dict(tmp_path, args)
+    assert str(e.value) == (f"{tmp_path}: NaN or infinite values in model.layers.1.mlp.down_proj.weight; "
+                            "these weights cannot be trained from")
+    assert failures.classify(e.value).kind == "config"

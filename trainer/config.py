@@ -51,7 +51,8 @@ def compiles(compile: Union[bool, str], device_type: str) -> bool:
 class Strict(BaseModel):
     # Unknown keys are errors. Numbers are lax (YAML's 1 for 1.0); switches are StrictBool, so
     # `tie_embeddings: 1` or `compile: "off"` is an error naming the key, not a silent guess.
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+    # YAML's .inf and .nan are errors too: an infinite lr or weight decay turns the weights to NaN.
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Strict):

@@ -22,7 +22,8 @@ _OOM_TEXT = ("can't allocate memory", "out of memory", "not enough memory")
 
 
 class DeterministicFailure(RuntimeError):
-    """A worker failure that no restart fixes; ``kind`` is out_of_memory, no_space or config."""
+    """A worker failure that no restart fixes; ``kind`` is out_of_memory, no_space, config or
+    non_finite_loss (trainer/finite.py)."""
 
     def __init__(self, kind: str, cause: str):
         self.kind, self.cause = kind, cause

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import hf_convert
+from trainer import finite, hf_convert
 from trainer.hf_convert import NotLlama
 from trainer.model_args import ModelArgs
 
@@ -106,6 +106,9 @@ def load_state_dict(path: str | Path, args: ModelArgs) -> dict[str, torch.Tensor
     hf = {}
     for f in _weight_files(path):
         hf.update(load_file(str(f), device="cpu"))
+    ruined = finite.non_finite(hf)
+    if ruined:  # a ValueError: the worker fails at once, not retried (trainer/failures.py)
+        raise ValueError(f"{path}: {ruined}; these weights cannot be trained from")
     try:
         return hf_convert.from_hf_state_dict(hf, args)
     except NotLlama as e:

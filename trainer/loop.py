@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import (attention, checkpoint, compile_mode, driver_watch, failures, hf_checkpoint, import_guard,
+from trainer import (attention, checkpoint, compile_mode, driver_watch, failures, finite, hf_checkpoint, import_guard,
                      kernel_select, loss, master_weights, overlap, parallelize, timing, verified_kernel)
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
@@ -204,6 +204,7 @@ def train_loop_per_worker(config: dict) -> dict:
     stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
                       grad_clip=tc.grad_clip, compiled=use_compile, cudagraphs=cudagraphs)
     times = StepTimes()
+    watch = finite.Watch(device)  # a NaN loss stops the variant before any checkpoint holds it
     t_ready, t_first_step = time.time(), None
     last_checkpoint: str | None = None
     try:
@@ -218,11 +219,14 @@ def train_loop_per_worker(config: dict) -> dict:
                 t_first_step = time.time()
             times.stepped()
             done = step + 1
+            watch.stepped(done, mean_loss, grad_norm)  # no wait: checked below
+            saving = done % tc.checkpoint_every == 0 or (done == tc.max_steps and tc.checkpoint_at_end)
 
-            if done % tc.log_every == 0 or done == tc.max_steps or done % tc.checkpoint_every == 0:
+            if done % tc.log_every == 0 or done == tc.max_steps or saving:
+                watch.check(done, world, weights=raw_model.parameters() if saving else None)
                 if world > 1:
                     dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
-                loss_value = mean_loss.item()  # the one host sync, only on logging steps
+                loss_value = mean_loss.item()  # host syncs (here and in the check) only on logging steps
                 dt = times.logged()
                 if first_loss is None:
                     first_loss = loss_value
@@ -232,7 +236,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 if writer:
                     writer.write(record)
 
-            if done % tc.checkpoint_every == 0 or (done == tc.max_steps and tc.checkpoint_at_end):
+            if saving:
                 progress = {"step": done, "first_loss": first_loss, "samples_consumed": sampler.offset + done * sampler.samples_per_step,
                             "world_size": world, "variant": spec.variant, "strategy": spec.strategy, "record": record}
                 last_checkpoint = save(done, progress, {"step": done, "loss": record.get("loss")}) or last_checkpoint
