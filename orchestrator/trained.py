@@ -99,7 +99,10 @@ def load(run_dir: Path, variant: Optional[str] = None, step: Optional[int] = Non
         hf_convert.check_hf_shapes({hf_convert.hf_name(k): tuple(v.shape) for k, v in state.items()}, args)
     except (hf_convert.NotLlama, KeyError) as e:
         raise UsageError(f"{ckpt}: does not match the model in {run_dir / CONFIG_FILE} ({e})") from None
-    if tokenizer.vocab_size < args.vocab_size:
+    # A vocab set in the config may be padded past the tokenizer's (to a multiple that suits the
+    # GPU); the rows past it are never a token and stay, as in HF checkpoints. A vocab taken from
+    # the data is the tokenizer's own: a smaller tokenizer is another one.
+    if tokenizer.vocab_size < args.vocab_size and model_cfg.vocab_size is None:
         raise UsageError(f"{data_path}: tokenizer vocab {tokenizer.vocab_size} is smaller than the model's "
                          f"vocab {args.vocab_size} (checkpoint {ckpt}): not the tokenizer the model was trained with")
     return Trained(run_dir=run_dir, variant=vc.name, checkpoint=ckpt, step=int(ckpt.name[11:]), args=args,
