@@ -28,13 +28,14 @@ def device_for(name: str) -> torch.device:
 
 @torch.no_grad()
 def continue_ids(model: Transformer, ids: list[int], *, max_new_tokens: int, temperature: float,
-                 generator: torch.Generator, stop_id: int) -> list[int]:
-    """New token ids after ``ids``, up to ``max_new_tokens`` or ``stop_id``."""
+                 generator: torch.Generator, stop_id: int, vocab_size: int) -> list[int]:
+    """New token ids after ``ids``, up to ``max_new_tokens`` or ``stop_id``; only ids below
+    ``vocab_size`` (the tokenizer's), never a padded row of the model's vocab."""
     device = next(model.parameters()).device
     out = list(ids)
     for _ in range(max_new_tokens):
         ctx = torch.tensor([out[-model.args.max_seq_len:]], device=device)
-        logits = model(ctx)[0, -1].float()  # (vocab,)
+        logits = model(ctx)[0, -1, :vocab_size].float()  # (vocab,)
         if temperature == 0:
             nxt = int(logits.argmax())
         else:
@@ -63,5 +64,6 @@ def generate(run_dir: Path, prompt: str, *, variant: Optional[str] = None, step:
     # Every training document follows an end-of-text token, so the prompt does too.
     ids = [tok.eos_id] + tok.encode(prompt)
     new = continue_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                       generator=torch.Generator().manual_seed(seed), stop_id=tok.eos_id)
+                       generator=torch.Generator().manual_seed(seed), stop_id=tok.eos_id,
+                       vocab_size=tok.vocab_size)
     return tok.decode(ids[1:] + new)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,8 +21,6 @@ from trainer.model_args import ModelArgs
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, OPTIONS_FILE = "config.yaml", "options.json"
-DCP_DIR = "dcp"  # FSDP checkpoints: torch.distributed.checkpoint's directory inside checkpoint_<step>
-DCP_MODEL_PREFIX = "model."  # DCP flattens {"model": state_dict} into "model.<param name>"
 
 
 @dataclass
@@ -36,29 +33,6 @@ class Trained:
     state: dict[str, torch.Tensor]  # our Transformer's state dict, full tensors on CPU
     tokenizer: preprocess.Tokenizer
     data_path: Path
-
-
-def read_model_state(directory: Path) -> dict[str, torch.Tensor]:
-    """Full model tensors on CPU from a checkpoint directory of either layout (DDP ``state.pt``
-    or FSDP ``dcp/``), in one process with no process group.
-
-    The one place to swap for ``trainer.checkpoint.load_model_state_dict`` once it exists.
-    """
-    if not checkpoint.is_sharded(directory):  # a sharded one's state.pt holds the progress alone
-        return torch.load(directory / checkpoint.STATE_FILE, map_location="cpu", weights_only=False)["model"]
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(str(directory / DCP_DIR))
-    # Allocate only the model's tensors, as the metadata describes them: the optimizer state
-    # in the same checkpoint is never read.
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
-             for k, m in reader.read_metadata().state_dict_metadata.items()
-             if k.startswith(DCP_MODEL_PREFIX) and isinstance(m, TensorStorageMetadata)}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load(state, storage_reader=reader, no_dist=True)
-    return {k[len(DCP_MODEL_PREFIX):]: v for k, v in state.items()}
 
 
 def run_variants(run_dir: Path) -> tuple[config_mod.RunConfig, list[config_mod.VariantConfig]]:
@@ -78,9 +52,11 @@ def run_variants(run_dir: Path) -> tuple[config_mod.RunConfig, list[config_mod.V
 def choose_checkpoint(storage: Path, step: Optional[int]) -> Path:
     """``checkpoint_<step>`` if given, else the newest that verifies; UsageError if unusable."""
     if step is None:
-        found = checkpoint.newest_usable(storage)
+        skipped: list[str] = []
+        found = checkpoint.newest_usable(storage, skipped=skipped)
         if found is None:
-            raise UsageError(f"{storage}: no usable checkpoint (the variant never saved one, or none verifies)")
+            why = ": " + "; ".join(skipped) if skipped else " (the variant never saved one)"
+            raise UsageError(f"{storage}: no usable checkpoint{why}")
         return found
     path = storage / f"checkpoint_{step:08d}"
     if not path.is_dir():
@@ -114,7 +90,7 @@ def load(run_dir: Path, variant: Optional[str] = None, step: Optional[int] = Non
         raise UsageError(f"{e} (the tokenizer of run {run_dir})") from None
     if tokenizer is None:
         raise UsageError(f"{data_path}: the dataset records no tokenizer file")
-    state = read_model_state(ckpt)  # the one expensive read, after the cheap checks
+    state = checkpoint.load_model_state_dict(ckpt)  # the one expensive read, after the cheap checks
     model_cfg, train_cfg = config_mod.resolved_sections(cfg, vc)
     args = model_cfg.args(vocab_size=state["tok_embeddings.weight"].shape[0], max_seq_len=train_cfg.seq_len)
     if args.tie_embeddings:  # a sharded checkpoint may hold the shared tensor once
@@ -123,7 +99,10 @@ def load(run_dir: Path, variant: Optional[str] = None, step: Optional[int] = Non
         hf_convert.check_hf_shapes({hf_convert.hf_name(k): tuple(v.shape) for k, v in state.items()}, args)
     except (hf_convert.NotLlama, KeyError) as e:
         raise UsageError(f"{ckpt}: does not match the model in {run_dir / CONFIG_FILE} ({e})") from None
-    if tokenizer.vocab_size < args.vocab_size:
+    # A vocab set in the config may be padded past the tokenizer's (to a multiple that suits the
+    # GPU); the rows past it are never a token and stay, as in HF checkpoints. A vocab taken from
+    # the data is the tokenizer's own: a smaller tokenizer is another one.
+    if tokenizer.vocab_size < args.vocab_size and model_cfg.vocab_size is None:
         raise UsageError(f"{data_path}: tokenizer vocab {tokenizer.vocab_size} is smaller than the model's "
                          f"vocab {args.vocab_size} (checkpoint {ckpt}): not the tokenizer the model was trained with")
     return Trained(run_dir=run_dir, variant=vc.name, checkpoint=ckpt, step=int(ckpt.name[11:]), args=args,

@@ -168,8 +168,32 @@ def test_non_empty_output_dir_needs_force_which_replaces_an_earlier_export(tmp_p
     _assert_same_logits(out, models[3])
 
 
-def test_tokenizer_smaller_than_the_model_vocab(tmp_path, capsys):
+def test_a_vocab_padded_past_the_tokenizer_exports_its_padded_rows_and_generates(tmp_path, capsys):
+    """configs/llama-0.95b.yaml pads the vocab (32,000 rows for a 2,048-token tokenizer); the
+    export keeps every row, as HF checkpoints do, and generate never picks a padded row."""
+    vocab, padded = _vocab(), 2 * _vocab()
+    run, models = fake_run(tmp_path, steps=(3,), model={"vocab_size": padded})
+    model = models[3]
+    with torch.no_grad():  # padded rows that would win every argmax if generate considered them
+        model.output.weight[vocab:] = 10 * model.output.weight[:padded - vocab]
+    d = run / "standard" / checkpoint.STORAGE_NAME / "checkpoint_00000006"
+    d.mkdir()
+    checkpoint.write(d, 0, {"model": model.state_dict(), "optimizer": {}, "step": 6})
+    assert main(["export", str(run), "--output-dir", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == padded
+    assert len(transformers.AutoTokenizer.from_pretrained(tmp_path / "out")) == vocab
+    _assert_same_logits(tmp_path / "out", model)
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "def main", "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def main") and len(text.strip()) > len("def main")
+
+
+def test_a_tokenizer_smaller_than_a_vocab_taken_from_the_data_is_another_tokenizer(tmp_path, capsys):
     run, _ = fake_run(tmp_path, steps=(3,), model={"vocab_size": _vocab() + 64})
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    del cfg["model"]["vocab_size"]  # null: the model's vocab was the data's, so the tokenizer changed since
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     data = preprocess.embedded_dataset()
     _fails(capsys, ["export", str(run), "--output-dir", str(tmp_path / "out")],
            f"{data}: tokenizer vocab {_vocab()} is smaller than the model's vocab {_vocab() + 64}")

@@ -1,6 +1,7 @@
 """FSDP2 on two CPU workers over gloo, through the real Ray Train path: the same losses as DDP,
 sharded checkpoints written by every rank, a SIGKILLed worker resumed from them; and the disk
-and corrupt-checkpoint faults of the worker's checkpointing (issue 18), under DDP."""
+and corrupt-checkpoint faults of the worker's checkpointing (issue 18), under DDP, and a
+checkpoint with planted code (issue 32) under both."""
 
 from __future__ import annotations
 
@@ -118,6 +119,33 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_resume_runs_to_the_end(ray_s
     assert f"skipped and removed checkpoint {newest.name}" in caplog.text
     assert all(checkpoint.verifies(d) for d in checkpoint.checkpoint_dirs(vdir / checkpoint.STORAGE_NAME))
     assert _losses(vdir) == pytest.approx(_losses(ddp_run), rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_payload_planted_in_every_pickled_file_of_the_newest_checkpoint_never_runs_on_resume(
+        ray_session, tmp_path, ddp_run, fsdp_run, caplog, strategy):
+    """Issue 32: whoever can write the run directory plants os.system in state.pt, every RNG
+    file and (FSDP) DCP's .metadata, and re-hashes the manifests. --resume skips the checkpoint,
+    says why, and goes on from the previous one to the clean run's losses; the code never runs."""
+    from tests.test_safe_load import plant
+
+    scaling = {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0, "strategy": strategy}
+    overrides = {**BASE, "train": {**BASE["train"], "fault": {"rank": 1, "step": 2 * EVERY + 2}}, "scaling": scaling}
+    assert _train(tmp_path, "p", overrides)["variants"]["flash"]["status"] == "failed"
+    run_dir, vdir = tmp_path / "runs" / "p", tmp_path / "runs" / "p" / "flash"
+    newest = vdir / checkpoint.STORAGE_NAME / f"checkpoint_{2 * EVERY:08d}"
+    marker = tmp_path / "pwned"
+    pickled = [checkpoint.STATE_FILE, "rng_rank0.pt", "rng_rank1.pt"] + (["dcp/.metadata"] if strategy == "fsdp" else [])
+    for name in pickled:
+        plant(newest, name, marker)
+
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        rec = train(TrainOptions(resume=str(run_dir))).variants["flash"].model_dump()
+    assert rec["status"] == "succeeded" and rec["start_step"] == EVERY, rec
+    assert f"skipped and removed checkpoint {newest.name}" in caplog.text and "refused, it holds more than plain data" in caplog.text
+    assert not marker.exists()
+    clean = ddp_run if strategy == "ddp" else fsdp_run[0]
+    assert _losses(vdir) == pytest.approx(_losses(clean), rel=1e-5)
 
 
 def test_a_full_disk_fails_once_with_a_clear_message_and_keeps_the_previous_checkpoint(ray_session, tmp_path):

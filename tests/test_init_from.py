@@ -80,6 +80,13 @@ def _break(path, what):
         (path / "config.json").write_text(json.dumps(cfg))
     elif what == "config":
         (path / "config.json").unlink()
+    elif what in ("int8", "bool"):  # right names and shapes, values a float model would cast silently
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(str(path / "model.safetensors"))
+        name = "model.layers.0.mlp.up_proj.weight"
+        t[name] = t[name].to(torch.int8) if what == "int8" else t[name] > 0
+        save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
 @pytest.mark.parametrize("what, message", [
@@ -88,6 +95,8 @@ def _break(path, what):
     ("extra layer", ": unexpected tensor model.layers.1."),
     ("shape", ": tensor model.layers.0.self_attn.k_proj.weight has shape [32, 64], the config implies [16, 64]"),
     ("config", "config.json: missing (expected a Hugging Face Llama checkpoint)"),
+    ("int8", "model.safetensors: tensor model.layers.0.mlp.up_proj.weight has dtype I8; expected floating point"),
+    ("bool", "model.safetensors: tensor model.layers.0.mlp.up_proj.weight has dtype BOOL; expected floating point"),
 ])
 def test_not_a_llama_checkpoint_is_refused_before_launch(tmp_path, what, message):
     tiny_llama(tmp_path / "llama")

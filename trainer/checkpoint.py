@@ -14,6 +14,8 @@ A checkpoint is ``<variant>/checkpoints/checkpoint_<step:08d>/``, written in pla
 Every rank writes its RNG state and, last, a manifest of its files' SHA-256 and the world size,
 so a partial or corrupt checkpoint (a rank that never finished, a truncated or altered file)
 is detected on load and the previous one is used instead. Nothing is trusted that does not verify.
+Every file is read as data only (``trainer/safe_load.py``), and verification refuses one that
+holds anything else, so a planted pickle is skipped like a corrupt file and never runs.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import json
 import logging
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from trainer import safe_load
 from trainer.ray_internals import CHECKPOINT_SNAPSHOT_FILE as SNAPSHOT_FILE  # Ray's controller writes it on registration
 
 log = logging.getLogger(__name__)
@@ -144,7 +148,10 @@ def _sha256(path: Path) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as plain data (lists, ints, tensors), which a data-only load reads."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -152,7 +159,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]  # keys: a list, or an ndarray in older checkpoints
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -184,7 +192,8 @@ def is_sharded(directory: Path) -> bool:
 
 
 def verify(directory: Path) -> None:
-    """Raise CorruptCheckpoint unless every rank's manifest is there and every file matches it."""
+    """Raise CorruptCheckpoint unless every rank's manifest is there, every file matches it and
+    every pickled file is plain data (the manifests can be rewritten, so they do not vouch for that)."""
     world = int(_manifest(directory, 0)["world_size"])
     for rank in range(world):
         for name, digest in _manifest(directory, rank)["files"].items():
@@ -195,6 +204,13 @@ def verify(directory: Path) -> None:
         raise CorruptCheckpoint(f"{directory}: no {STATE_FILE}")
     if is_sharded(directory) and not (directory / DCP_DIR / DCP_METADATA).is_file():
         raise CorruptCheckpoint(f"{directory}: no {DCP_DIR}/{DCP_METADATA} (incomplete sharded checkpoint)")
+    try:
+        for path in sorted(directory.glob("*.pt")):  # what a load would open, listed in a manifest or not
+            safe_load.load(path, mmap=True)  # mapped, not read: the check costs the pickle, not the tensors
+        if is_sharded(directory):
+            safe_load.check_dcp(directory / DCP_DIR)
+    except (safe_load.UnsafeFile, RuntimeError) as e:  # RuntimeError: not torch.save's zip format
+        raise CorruptCheckpoint(str(e).splitlines()[0]) from None
 
 
 def newest_usable(storage_dir: Path, committed: Path | None = None, skipped: list[str] | None = None) -> Path | None:
@@ -316,9 +332,9 @@ def read(directory: Path, rank: int, map_location="cpu") -> tuple[dict, dict | N
     """The shared state (state.pt) and this rank's RNG state (None when the rank did not exist
     then). For a sharded checkpoint the model and optimizer are loaded by ``load_sharded``."""
     verify(directory)
-    state = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=False)
+    state = safe_load.load(directory / STATE_FILE, map_location=map_location)
     rng_file = directory / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+    rng = safe_load.load(rng_file) if rng_file.is_file() else None
     return state, rng
 
 
@@ -330,7 +346,7 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(sd, checkpoint_id=directory / DCP_DIR)
+    dcp.load(sd, storage_reader=safe_load.Reader(str(directory / DCP_DIR)), planner=safe_load.Planner())
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
 
 
@@ -343,19 +359,22 @@ def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
 
 def load_model_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """The model's weights in a checkpoint of either layout, as full CPU tensors keyed like
-    ``Transformer.state_dict()``. Needs no process group (for export and inspection)."""
+    ``Transformer.state_dict()``, from a checkpoint ``verify`` passed. Needs no process group
+    (for export and inspection)."""
     directory = Path(checkpoint_dir)
-    verify(directory)
     if not is_sharded(directory):
-        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-        return dict(state["model"])
+        return dict(safe_load.load(directory / STATE_FILE)["model"])
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(directory / DCP_DIR))
+    reader = safe_load.Reader(str(directory / DCP_DIR))
     meta = reader.read_metadata().state_dict_metadata
+    # Allocate only the model's tensors, as the metadata describes them: the optimizer state
+    # in the same checkpoint is never read.
     model = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
              for key, m in meta.items() if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
     sd = {"model": model}
-    dcp.load(sd, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(sd, storage_reader=reader, planner=safe_load.Planner(), no_dist=True)
     return sd["model"]

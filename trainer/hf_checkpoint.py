@@ -62,18 +62,27 @@ def _weight_files(path: Path) -> list[Path]:
     raise NotLlama(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors weights are read)")
 
 
+# Weights a model can train from; an integer or bool tensor would be cast without a word.
+FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
+
+
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of every tensor, from the safetensors headers alone."""
+    """Names and shapes of every tensor, from the safetensors headers alone; NotLlama for a
+    tensor that is not floating point."""
     from safetensors import safe_open
 
-    shapes = {}
+    shapes, dtypes = {}, {}
     for f in _weight_files(path):
         try:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
-                    shapes[name] = tuple(st.get_slice(name).get_shape())
+                    info = st.get_slice(name)
+                    shapes[name], dtypes[name] = tuple(info.get_shape()), (info.get_dtype(), f)
         except Exception as e:  # safetensors raises its own error types for a bad header
             raise NotLlama(f"{f}: not a safetensors file ({e})") from None
+    for name, (dtype, f) in dtypes.items():
+        if dtype not in FLOAT_DTYPES:
+            raise NotLlama(f"{f}: tensor {name} has dtype {dtype}; expected floating point ({', '.join(FLOAT_DTYPES)})")
     return shapes
 
 
