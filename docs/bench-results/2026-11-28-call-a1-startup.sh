@@ -1,9 +1,9 @@
-# a1 (x2, carry .whl .liger .gpu): bootstrap; startup cold/warm/kept/floor on GPU 0 (issue 14), with the
+# a1 (x2): startup cold/warm/kept/floor on GPU 0 (issue 14), with the
 # probe's kernel timing beside the workers' start. Prints a short table last.
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-source .whl/bootstrap.sh >/dev/null 2>&1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .liger/*.whl 2>&1 | tail -2
-source .gpu/env.sh
+python3 -c 'import liger_kernel' 2>/dev/null || python3 -m pip install -q liger-kernel
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; python3 -c "import torch,ray;print('torch',torch.__version__,'cuda',torch.version.cuda,'ray',ray.__version__)"; } | tee $OUT/machine.txt
 sed 's/  checkpoint_every: 1000/  checkpoint_every: 1000\n  checkpoint_at_end: false/' configs/llama-0.95b.yaml > /tmp/st.yaml; grep -c checkpoint_at_end /tmp/st.yaml
 echo "== startup on GPU 0: cold, warm, kept start, kept warm, floor"

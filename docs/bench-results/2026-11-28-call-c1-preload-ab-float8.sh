@@ -1,8 +1,8 @@
-# c1 (same x2 machine, warm; carry .corp/data .gpu): the workers' setup hook A/B on kept-Ray warm runs (issue 14),
+# c1 (same x2 machine, warm; the corpus in .corp/data: python3 -m bench.corpus .corp): the workers' setup hook A/B on kept-Ray warm runs (issue 14),
 # then float8 against bf16 over 200 steps on a corpus that does not repeat (issue 15); GPU 0 only.
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-[ -d /tmp/site/ray ] || { echo "machine is fresh"; exit 3; }
-source .gpu/env.sh
 export CUDA_VISIBLE_DEVICES=0
 [ -f /tmp/st.yaml ] || sed 's/  checkpoint_every: 1000/  checkpoint_every: 1000\n  checkpoint_at_end: false/' configs/llama-0.95b.yaml > /tmp/st.yaml
 T="python3 -m orchestrator train --config-file /tmp/st.yaml --keep-ray --max-steps 3 --output-dir /tmp/ab"

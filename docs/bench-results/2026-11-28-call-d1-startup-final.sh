@@ -1,7 +1,7 @@
-# d1 (one H200, carry .whl .gpu): bootstrap; startup cold/warm/kept/floor on the final code (issue 14); GPU tests.
+# d1 (one H200): startup cold/warm/kept/floor on the final code (issue 14); GPU tests.
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; git log --oneline -1 2>/dev/null; python3 -c "import torch,ray;print('torch',torch.__version__,'cuda',torch.version.cuda,'ray',ray.__version__)"; } | tee $OUT/machine.txt
 sed 's/  checkpoint_every: 1000/  checkpoint_every: 1000\n  checkpoint_at_end: false/' configs/llama-0.95b.yaml > /tmp/st.yaml
 echo "== startup: cold, warm, kept start, kept warm, floor"

@@ -1,7 +1,7 @@
-# e2 (one H200, carry .whl .gpu): small config timers vs end to end with 100 timed steps; 0.95B timers at depth 0 and 16 (issue 15).
+# e2 (one H200): small config timers vs end to end with 100 timed steps; 0.95B timers at depth 0 and 16 (issue 15).
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 date -u | tee $OUT/machine.txt
 echo "== small config"
 timeout 250 python3 -m bench.kernel_timers configs/llama-small-gpu.yaml $OUT/small-timers-100.json --depths 0,2,8 --rounds 3 --warmup 10 --iters 100 --kernels sdpa_cudnn,sdpa_flash,sdpa_efficient,standard 2>&1 | grep -v Warning | tee $OUT/small-timers-100.txt | grep -E "^\||chooses|Error"

@@ -1,8 +1,8 @@
-# e3 (one H200, carry .whl .gpu): command to first step, cold / warm / kept / floor, with the kernel
+# e3 (one H200): command to first step, cold / warm / kept / floor, with the kernel
 # check beside the model build and the kernels timed in whole blocks (issue 14).
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; python3 -c "import torch,ray;print('torch',torch.__version__,'cuda',torch.version.cuda,'ray',ray.__version__)"; } | tee $OUT/machine.txt
 sed 's/  checkpoint_every: 1000/  checkpoint_every: 1000\n  checkpoint_at_end: false/' configs/llama-0.95b.yaml > /tmp/st.yaml
 echo "== startup: cold, warm, kept start, kept warm, floor"

@@ -1,7 +1,7 @@
-# e4 (same machine, warm; carry .gpu): the small config's kernels through the timed choice, 100 steps x 3 rounds (issue 15); GPU tests.
+# e4 (same machine, warm): the small config's kernels through the timed choice, 100 steps x 3 rounds (issue 15); GPU tests.
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-[ -d /tmp/site/ray ] || source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 date -u
 timeout 330 python3 -m orchestrator bench --config-file configs/llama-small-gpu.yaml --skip-kernels --kernels all --repeats 3 --warmup 10 --iters 100 --output-dir /tmp/k 2>&1 | grep -v "Failed to query" | grep -E "^\||seq 1024|fastest" | tee $OUT/small-kernels.txt
 cp /tmp/k/bench-*/bench.json $OUT/small-kernels.json 2>/dev/null

@@ -1,7 +1,7 @@
-# e7 (two H200s, carry .whl .gpu): the worker's check beside its model build under FSDP2 and DDP on two GPUs (smoke, small config).
+# e7 (two H200s): the worker's check beside its model build under FSDP2 and DDP on two GPUs (smoke, small config).
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 date -u
 for s in fsdp ddp; do
   sed "s/scaling: {num_workers: 1, use_gpu: true, cpus_per_worker: 2}/scaling: {num_workers: 2, use_gpu: true, cpus_per_worker: 2, strategy: $s}/" configs/llama-small-gpu.yaml > /tmp/s2-$s.yaml

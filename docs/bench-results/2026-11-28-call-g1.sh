@@ -1,7 +1,7 @@
-# g1 (one H200, carry .whl .gpu): CUDA graphs (train.compile_mode reduce-overhead): GPU tests, then train on the small config through Ray.
+# g1 (one H200): CUDA graphs (train.compile_mode reduce-overhead): GPU tests, then train on the small config through Ray.
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; python3 -c "import torch;print('torch',torch.__version__,'cuda',torch.version.cuda)"; } | tee $OUT/machine.txt
 echo "== gpu tests"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_cudagraphs.py tests/test_gpu_kernels.py 2>&1 | grep -v Warning | tail -15 | tee $OUT/gpu-tests.txt

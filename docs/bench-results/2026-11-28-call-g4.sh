@@ -1,7 +1,7 @@
-# g4 (same machine, warm; carry .gpu): the small config's kernels under CUDA graphs again (bench, 3 rounds); then the ~0.95B with and without CUDA graphs (issue 15).
+# g4 (same machine, warm): the small config's kernels under CUDA graphs again (bench, 3 rounds); then the ~0.95B with and without CUDA graphs (issue 15).
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-[ -d /tmp/site/ray ] || source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 date -u
 timeout 200 python3 -m orchestrator bench --config-file configs/llama-small-gpu.yaml --skip-kernels --kernels all --repeats 3 --warmup 10 --iters 100 --output-dir /tmp/k4 2>&1 | grep -v "Failed to query" | grep -E "^\||fastest|the flash variant" | tee $OUT/small-kernels-ro-2.txt
 cp /tmp/k4/bench-*/bench.json $OUT/small-kernels-ro-2.json 2>/dev/null

@@ -1,5 +1,5 @@
 """Small config (configs/llama-small-gpu.yaml): one kernel, one mode, timed steps. Prints one JSON line.
-usage: python3 .gpu/small_cg.py KERNEL MODE(default|cudagraphs) [iters]"""
+usage: python3 docs/bench-results/2026-11-28-small_cg.py KERNEL MODE(default|cudagraphs) [iters]"""
 import json, sys, time, statistics, yaml, numpy as np, torch
 from trainer import attention, parallelize
 from trainer.config import ModelConfig, TrainConfig

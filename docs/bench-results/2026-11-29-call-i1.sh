@@ -1,7 +1,7 @@
 # i1 (one H200): never-run GPU test (graph captures), then in-process interleaved kernels on the small config.
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader; nproc; python3 -c "import torch;print('torch',torch.__version__,'cuda',torch.version.cuda)"; } | tee $OUT/machine.txt
 echo "== gpu tests"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_cudagraphs.py 2>&1 | grep -v Warning | tail -8 | tee $OUT/gpu-tests.txt

@@ -1,8 +1,7 @@
 # i2 (one H200): reduce-overhead now compiles the whole model: GPU tests, train the small config, then bench its kernels.
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-[ -d /tmp/site/ray ] || source .whl/bootstrap.sh >/dev/null 2>&1
-source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; python3 -c "import torch;print('torch',torch.__version__,'cuda',torch.version.cuda)"; } | tee $OUT/machine.txt
 echo "== gpu tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_cudagraphs.py 2>&1 | tail -2 | tee $OUT/gpu-tests.txt

@@ -1,8 +1,7 @@
 # i3 (one H200): grad accumulation under whole-model graphs (diagnosis), then the small config's kernels timed back to back.
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-[ -d /tmp/site/ray ] || source .whl/bootstrap.sh >/dev/null 2>&1
-source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; python3 -c "import torch;print('torch',torch.__version__,'cuda',torch.version.cuda)"; } | tee $OUT/machine.txt
 echo "== grad accumulation"
 timeout 240 python3 docs/bench-results/2026-11-29-grad_accum_graphs.py 2>/tmp/ga.err | tee $OUT/ga.jsonl || tail -5 /tmp/ga.err

@@ -1,7 +1,7 @@
 # i5 (one H200): the small config's whole-model compile, cold and then warm (the same command again): startup phases.
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; python3 -c "import torch;print('torch',torch.__version__,'cuda',torch.version.cuda)"; } | tee $OUT/machine.txt
 for run in cold warm; do
   timeout 200 python3 -m orchestrator train --config-file configs/llama-small-gpu.yaml --max-steps 60 --output-dir /tmp/i5 --name $run > /tmp/i5-$run.log 2>&1; echo "$run rc=$?"

@@ -1,6 +1,7 @@
 # call m1 (2026-11-29): train.param_dtype bf16 on one GPU: the GPU tests, then the ~0.95B config
 # through bench's sweep (bare process, baseline then bf16 weights, one process).
-source .whl/bootstrap.sh >/dev/null 2>&1; source .gpu/env.sh
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"
 date -u

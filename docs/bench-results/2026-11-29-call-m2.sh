@@ -1,7 +1,8 @@
 # call m2 (2026-11-29): the ~0.95B config through `train`, 200 steps on a corpus the steps do not
 # repeat (.corp/data, python3 -m bench.corpus .corp --max-mb 20): fp32 weights under autocast,
 # bf16 weights with fp32 masters, and fp32 at seed + 1 (the seed-to-seed spread). One kept Ray.
-source .whl/bootstrap.sh >/dev/null 2>&1; source .gpu/env.sh
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 export FLASH_ORCHESTRATOR_STATE_DIR=/tmp/orch-state
 date -u
 [ -z "$RUNS" ] && timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_master_weights.py 2>&1 | grep -E "^E  |passed|failed" | head -12

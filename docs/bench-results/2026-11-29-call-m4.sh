@@ -1,6 +1,8 @@
 # call m4 (2026-11-29 05:54-05:56 UTC, one H200): FSDP with train.param_dtype auto and fp32, one
 # worker, configs/llama-small-gpu.yaml for 60 steps in the default compile mode (the command as it ran).
-source .whl/bootstrap.sh >/dev/null 2>&1; source .gpu/env.sh; for p in auto fp32; do python3 - $p <<'PY'
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
+for p in auto fp32; do python3 - $p <<'PY'
 import sys, yaml
 cfg = yaml.safe_load(open("configs/llama-small-gpu.yaml"))
 cfg["train"].update(max_steps=60, param_dtype=sys.argv[1], checkpoint_at_end=False)

@@ -1,7 +1,7 @@
-# p4 (one H200, carry .whl .gpu): kept-Ray starts with the bytecode cache off, then on (A/B in one lease).
+# p4 (one H200): kept-Ray starts with the bytecode cache off, then on (A/B in one lease).
+# Runs from the repository root on a GPU machine where the project is installed (pip install -e .);
+# OUT names a folder for what it keeps (OUT=/tmp/out).
 set -o pipefail
-source .whl/bootstrap.sh >/dev/null 2>&1
-source .gpu/env.sh
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc; python3 -c "import torch;print('torch',torch.__version__,'cuda',torch.version.cuda)"; env | grep PYTHONDONTWRITE; } | tee $OUT/machine.txt
 sed 's/  checkpoint_every: 1000/  checkpoint_every: 1000\n  checkpoint_at_end: false/' configs/llama-0.95b.yaml > /tmp/st.yaml
 for arm in off on; do

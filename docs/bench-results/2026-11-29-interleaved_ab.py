@@ -1,6 +1,6 @@
 """Small config, in ONE process: several kernels' models under block CUDA graphs (or the whole
 model compiled), timed interleaved (A B C A B C ...), `steps` steps per slot, one sync per slot.
-usage: python3 .gpu/ab.py SCOPE(block|whole) ROUNDS STEPS kernel...  -> JSON lines"""
+usage: python3 docs/bench-results/2026-11-29-interleaved_ab.py SCOPE(block|whole) ROUNDS STEPS kernel...  -> JSON lines"""
 import json, sys, time, statistics, yaml, numpy as np, torch
 from trainer import attention, parallelize, compile_mode
 from trainer.config import ModelConfig, TrainConfig
