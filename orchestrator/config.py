@@ -30,9 +30,10 @@ LabelSelector = Annotated[dict[str, str], AfterValidator(_checked_selector)]
 class ScalingConfig(Strict):
     num_workers: int = Field(2, gt=0, description="data-parallel workers per variant")
     use_gpu: Union[Literal["auto"], bool] = Field("auto", description="auto: GPUs when the cluster has enough")
-    cpus_per_worker: float = Field(1, gt=0)
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves per worker; also its OMP_NUM_THREADS "
+                                                          "unless set")
     max_failures: int = Field(3, ge=-1, description="worker-failure restarts from the last checkpoint; -1 = unbounded")
-    keep_checkpoints: int = Field(2, gt=0)
+    keep_checkpoints: int = Field(2, gt=0, description="checkpoints Ray Train keeps per variant, newest first")
     label_selector: LabelSelector = Field(default_factory=dict,
                                           description="Ray label selector every variant's workers must match")
     placement_timeout_s: float = Field(60.0, gt=0, description="give up when workers cannot be placed for this long")
@@ -50,8 +51,9 @@ class DataConfig(Strict):
 
 
 class VariantConfig(Strict):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    attention: AttentionName
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="the variant's name: its directory in the run and its key in summary.json")
+    attention: AttentionName = Field(description="flash or standard")
     model: dict[str, Any] = Field(default_factory=dict, description="overrides of model fields")
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of train fields")
     label_selector: LabelSelector = Field(default_factory=dict,
@@ -59,10 +61,10 @@ class VariantConfig(Strict):
 
 
 class RunConfig(Strict):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model's shape")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the training settings")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="workers, devices and placement")
+    data: DataConfig = Field(default_factory=DataConfig, description="the token dataset")
     attention: AttentionName = Field("flash", description="attention of the single variant")
     variants: Optional[list[VariantConfig]] = Field(None, description="several variants side by side")
 

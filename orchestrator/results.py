@@ -4,7 +4,7 @@
 ``VariantResult`` per variant under ``variants``. Every producer (the worker's record through
 ``launch``, the records of skipped and interrupted variants) builds these types, and every
 reader (``report``, ``--resume``, the CLI) reads them, so a field is named in one place. The
-README's field tables are checked against these models (tests/test_results.py).
+field tables of docs/results.md are generated from these models (orchestrator/docgen.py).
 
 This module also owns the run directory's file names, the run status -> exit code map and the
 short human summary printed at the end of ``train``.
@@ -46,7 +46,7 @@ EXIT_MEANING = {0: "every variant succeeded", RunFailed.exit_code: "a variant fa
 
 
 class Record(BaseModel):
-    # Unknown fields are errors: a new field is added here (and in the README) or not at all.
+    # Unknown fields are errors: a new field is added here (docs/results.md follows) or not at all.
     model_config = ConfigDict(extra="forbid")
 
 
@@ -214,6 +214,6 @@ def read_summary(run_dir: Path) -> Optional[RunSummary]:
 
 
 def field_table(model: type[BaseModel]) -> list[str]:
-    """A model's fields as the README's markdown table: name and description."""
+    """A model's fields as a markdown table (docs/results.md): name and description."""
     rows = ["| field | what |", "| --- | --- |"]
     return rows + [f"| `{name}` | {f.description} |" for name, f in model.model_fields.items()]

@@ -62,8 +62,8 @@ class ModelConfig(Strict):
     n_kv_heads: Optional[int] = Field(2, gt=0, description="key/value heads (GQA); null = n_heads")
     ffn_hidden: Optional[int] = Field(None, gt=0, description="SwiGLU hidden size; null = 8/3*dim rounded to 64")
     vocab_size: Optional[int] = Field(None, gt=0, description="null = the dataset's vocab size")
-    rope_theta: float = Field(10000.0, gt=0)
-    norm_eps: float = Field(1e-5, gt=0)
+    rope_theta: float = Field(10000.0, gt=0, description="the rotary embedding's base")
+    norm_eps: float = Field(1e-5, gt=0, description="RMSNorm's epsilon")
     tie_embeddings: StrictBool = Field(True, description="share the token embedding with the output head")
     init_from: Optional[str] = Field(None, description="a local Hugging Face Llama directory to start from; "
                                      "the shapes above come from its config.json (leave them unset)")
@@ -103,29 +103,31 @@ class FaultConfig(Strict):
     """Test hook, once per run: ``kill`` SIGKILLs the worker of ``rank`` when it reaches
     ``step``; ``enospc`` makes that rank's checkpoint write at ``step`` fail as a full disk would."""
 
-    rank: int = Field(0, ge=0)
-    step: int = Field(..., gt=0)
-    kind: Literal["kill", "enospc"] = "kill"
+    rank: int = Field(0, ge=0, description="the worker rank the fault hits")
+    step: int = Field(..., gt=0, description="the step at which it hits, once")
+    kind: Literal["kill", "enospc"] = Field("kill", description="kill: SIGKILL the worker; enospc: its "
+                                                      "checkpoint write fails as a full disk would")
 
 
 class TrainConfig(Strict):
     seq_len: int = Field(128, gt=1, description="tokens per sequence")
     micro_batch_size: int = Field(8, gt=0, description="sequences per worker per micro-step")
-    grad_accum_steps: int = Field(1, gt=0)
-    max_steps: int = Field(100, gt=0)
+    grad_accum_steps: int = Field(1, gt=0, description="micro-steps per optimizer step")
+    max_steps: int = Field(100, gt=0, description="optimizer steps to train (--max-steps overrides)")
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
     min_lr: float = Field(3e-4, ge=0, description="floor of the cosine decay")
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps before the cosine decay")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW's weight decay")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW's second-moment decay")
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
-    seed: int = Field(1337, ge=0)
+    seed: int = Field(1337, ge=0, description="weights and batches are functions of it (--seed overrides)")
     checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (and at the end, see checkpoint_at_end)")
     checkpoint_at_end: StrictBool = Field(True, description="also save at the last step when it is not a multiple of "
                                           "checkpoint_every; false for benchmark runs of large models, whose final "
                                           "checkpoint (16 bytes per parameter: ~128 GB for 8B) costs minutes and disk")
-    log_every: int = Field(1, gt=0)
+    log_every: int = Field(1, gt=0, description="steps between logged steps (metrics.jsonl, TensorBoard, the "
+                                                 "progress lines)")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     param_dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="the weights' dtype in forward and backward (trainer/master_weights.py): fp32 (autocast "

@@ -33,7 +33,7 @@ trade places, and their sum is largest at one end: at the start of backward (all
 the logits and, under fsdp, the gathered parameters) or at its end (all gradients, with the
 root's reduce-scatter in flight under fsdp, or the optimizer step's temporaries). Under DDP
 with several workers the gradients live in DDP's buckets for the whole run, so they add.
-The README states the accuracy against measured peaks (FSDP: the Llama-3-8B shape on two
+docs/performance.md states the accuracy against measured peaks (FSDP: the Llama-3-8B shape on two
 H200s, where the end of backward is the peak at micro-batch 1 and the start at 2).
 """
 
@@ -119,7 +119,7 @@ def _block_bytes_per_token(m: ModelArgs, e: int, seq_len: int, attention: str, c
     ``e`` is the compute dtype's size. Eager, under bf16 autocast every linear's input is a
     fresh bf16 copy of an fp32 tensor (``cast``; in fp32 the tensor itself). Compiled, the
     partitioner keeps the fewest tensors and recomputes the cheap ones (norms, rotation, SiLU
-    and its product), which the GPU benchmarks' measured peaks bear out (README).
+    and its product), which the GPU benchmarks' measured peaks bear out (docs/performance.md).
     """
     d, f, kv = m.dim, m.ffn_hidden, m.n_kv_heads * m.head_dim
     inputs = 2 * FP32 * d  # the fp32 residual entering each norm
