@@ -1,7 +1,7 @@
-"""The train options, made from one table: the CLI's flags, the README's flag table and
---resume's check all follow TrainOptions; and the CLI starts without torch."""
+"""The train options, made from one table: the CLI's flags, --resume's check and the flag table
+of docs/configuration.md (tests/test_docs.py) all follow TrainOptions; and the CLI starts
+without torch."""
 
-import re
 import subprocess
 import sys
 
@@ -10,17 +10,6 @@ import pytest
 from orchestrator import cli, options, resume
 from orchestrator.errors import UsageError
 from tests.conftest import ROOT
-
-
-def _readme_train_flags() -> set[str]:
-    text = (ROOT / "README.md").read_text()
-    table = text.split("## `train`", 1)[1].split("\n\n", 2)[1]
-    return set(re.findall(r"`(--[a-z-]+)", table))
-
-
-def test_the_readme_lists_every_train_flag():
-    flags = {f.metadata["flag"] for f in options.FIELDS if f.metadata["flag"]}
-    assert _readme_train_flags() == flags
 
 
 def test_parsed_flags_become_the_options_a_script_would_build():
