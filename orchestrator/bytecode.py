@@ -7,7 +7,7 @@ as container images often have it, no process ever writes any: every process com
 module it imports from source, again. On the lent H200 machines (torch installed that way, the
 variable set) a fresh process spent 3.5 s in ``import torch``, 3.9 s in TorchDynamo's import and
 2.7 s in Inductor's, and a run starts several such processes: the driver, Ray's, the probe, each
-worker (``docs/BENCHMARKS.md``, 2026-11-29).
+worker (``docs/benchmarks-log/2026-11.md``, 2026-11-29).
 
 So where torch has no bytecode and the environment forbids writing it, a local run's processes
 write theirs to a cache of the orchestrator's own (``PYTHONPYCACHEPREFIX``), never into the

@@ -44,7 +44,7 @@ def test_fsdp_shards_model_state_by_world_size_and_adds_the_gathered_units():
     assert e.total == 1360 + 2720 + max(e.gathered + 10496 + 2304, 1360 + max(e.reduce, 1024 // 2)) + CPU
 
 
-# Peaks measured on two H200s (torch.cuda.max_memory_allocated of rank 0, GiB; docs/BENCHMARKS.md,
+# Peaks measured on two H200s (torch.cuda.max_memory_allocated of rank 0, GiB; docs/benchmarks-log/2026-11.md,
 # 2026-11-28): the Llama-3-8B shape under fsdp x2 at seq 4096, and the ~0.95B config.
 LLAMA3_8B = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256,
                         rope_theta=500000, tie_embeddings=False).args(vocab_size=128256, max_seq_len=4096)

@@ -17,7 +17,7 @@ graph breaks it hit (a change that splits the compiled blocks shows there).
 Without CUDA it runs the same code on tiny shapes over gloo (a test of this script, not a
 measurement); DDP's mixed precision (``ddp_mp`` rows) then runs with stand-ins for the device
 events and streams the CPU has not (``_cpu_event_stand_ins``). Results on two H200s:
-docs/BENCHMARKS.md, 2026-11-28, "DDP on two GPUs".
+docs/benchmarks-log/2026-11.md, 2026-11-28, "DDP on two GPUs".
 """
 
 from __future__ import annotations
