@@ -81,3 +81,9 @@ def test_the_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     for command in commands:
         assert command in readme, f"README.md should show CI's command: {command}"
+
+
+@pytest.mark.parametrize("page,most", [("README.md", 300), ("docs/BENCHMARKS.md", 400)])
+def test_the_front_pages_stay_short(page, most):
+    lines = len((ROOT / page).read_text().splitlines())
+    assert lines <= most, f"{page} has {lines} lines; reference goes to docs/, history to docs/benchmarks-log/"
