@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, Field, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 from orchestrator import labels, yamlload
 from orchestrator.errors import UsageError
@@ -28,7 +29,9 @@ LabelSelector = Annotated[dict[str, str], AfterValidator(_checked_selector)]
 
 
 class ScalingConfig(Strict):
-    num_workers: int = Field(2, gt=0, description="data-parallel workers per variant")
+    num_workers: Union[PositiveInt, Literal["auto"]] = Field(
+        "auto", description="data-parallel workers per variant; auto: one per GPU found (at most 8), "
+                            "else 2 CPU workers")
     use_gpu: Union[Literal["auto"], bool] = Field("auto", description="auto: GPUs when the cluster has enough")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves per worker; also its OMP_NUM_THREADS "
                                                           "unless set")
@@ -92,7 +95,7 @@ class RunConfig(Strict):
         return self
 
 
-_UNION_BRANCHES = {"bool", "int", "float", "str", "list", "dict", "function-after"}
+_UNION_BRANCHES = {"bool", "int", "constrained-int", "float", "str", "list", "dict", "function-after"}
 
 
 def _field_loc(loc: tuple) -> tuple:

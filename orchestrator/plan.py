@@ -14,8 +14,11 @@ Rules, in order, per variant:
    DISABLE_FLASH_ATTN=1) and the reason is recorded: detect, disable, log, still train.
    With flash attention disabled for the run (--disable-flash-attn, DISABLE_FLASH_ATTN=1)
    every variant trains with standard attention, placed as it would be without the switch.
-3. GPU or CPU: ``use_gpu: true|false`` as given; ``auto`` takes GPUs when all workers fit on
-   the candidates' GPUs (one GPU and ``cpus_per_worker`` CPUs each), else CPUs.
+3. How many workers: ``scaling.num_workers`` as given; ``auto``, one per GPU the candidates
+   hold (``capacity.workers``), else 2 CPU workers.
+   GPU or CPU: ``use_gpu: true|false`` as given; ``auto`` takes GPUs when all workers fit on
+   the candidates' GPUs (one GPU and ``cpus_per_worker`` CPUs each), else CPUs. The plan says
+   why in ``workers_reason`` when auto chose the count or left GPUs idle.
 4. The workers must fit the candidates' total capacity, else infeasible (exit 2): Ray Train
    would otherwise wait for placement that can never happen.
 5. Once placed, each variant's strategy is resolved (``scaling.strategy``; auto: ddp or fsdp)
@@ -35,7 +38,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
 
-from orchestrator import labels, strategy as strategy_mod
+from orchestrator import capacity, labels, strategy as strategy_mod
 from orchestrator.config import ScalingConfig, VariantConfig
 from orchestrator.errors import InfeasibleRequest
 from orchestrator.preflight.findings import PreflightReport
@@ -95,6 +98,7 @@ class PlannedVariant:
     num_workers: int
     use_gpu: bool
     cpus_per_worker: float
+    workers_reason: Optional[str] = None  # why this many workers, on GPU or CPU, when the config left it open
     status: str = "planned"  # planned | skipped
     reason: Optional[str] = None  # why skipped, or why its attention differs from the request
     # One selector for all workers, or one per worker (concurrent plans pin each worker to a node).
@@ -137,6 +141,8 @@ class Plan:
             if v.reason:
                 line += f" ({v.reason})"
             lines.append(line)
+            if v.workers_reason:
+                lines.append(f"    workers: {v.workers_reason}")
             if v.status == "planned" and v.strategy_reason:
                 lines.append(f"    strategy: {v.strategy_reason}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -211,6 +217,12 @@ def _total(nodes: list[NodeCapacity], key: str) -> float:
     return sum(n.cpus if key == "CPU" else n.gpus for n in nodes)
 
 
+def _workers(scaling: ScalingConfig, nodes: list[NodeCapacity]) -> capacity.Workers:
+    """scaling.num_workers for a variant that may use ``nodes``."""
+    slots = sum(capacity.gpu_slots(n.cpus, n.gpus, scaling.cpus_per_worker) for n in nodes)
+    return capacity.workers(scaling.num_workers, scaling.use_gpu, _total(nodes, "GPU"), slots)
+
+
 def _resolve_strategies(runnable: list[PlannedVariant], nodes: list[NodeCapacity], scaling: ScalingConfig,
                         workloads: Optional[dict[str, Workload]], concurrent: bool) -> None:
     """Each variant's strategy and memory estimate (strategy.py), or InfeasibleRequest."""
@@ -256,11 +268,15 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
             raise InfeasibleRequest(f"variant {vc.name}: label selector {{{_fmt_selector(selector)}}} matches none "
                                     f"of the cluster's {len(nodes)} node(s)")
         pv = PlannedVariant(name=vc.name, attention=vc.attention, env=attention_env(vc.attention),
-                            num_workers=scaling.num_workers, use_gpu=False, cpus_per_worker=scaling.cpus_per_worker,
+                            num_workers=0, use_gpu=False, cpus_per_worker=scaling.cpus_per_worker,
                             label_selector=selector or None)
         if flash_disabled:
             pv.env, pv.reason = attention_env("standard"), import_guard.DISABLED_REASON
         usable = [n for n in matching if n.flash_ok] if pv.env["ATTN_IMPL"] == "flash" else matching
+        chosen = _workers(scaling, usable or matching)
+        pv.num_workers = chosen.count
+        if chosen.reason:
+            pv.workers_reason = f"scaling.num_workers auto, {chosen.reason}"
         if not usable and any(v.attention == "standard" for v in variants):
             pv.status, pv.reason = "skipped", _flash_reason(matching)
             planned.append(pv)
@@ -274,6 +290,11 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
             pv.use_gpu = True
             alone = _pack(pv.num_workers, pv.demand(), ids, _capacity(usable))
         if alone is None and scaling.use_gpu is not True:
+            gpus = _total(usable, "GPU")
+            if gpus and not pv.workers_reason:
+                pv.workers_reason = (f"scaling.use_gpu auto: {pv.num_workers} GPU worker(s) do not fit the "
+                                     f"{gpus:g} GPU(s) found, so CPU workers; set scaling.num_workers auto "
+                                     "to take the GPUs")
             pv.use_gpu = False
             alone = _pack(pv.num_workers, pv.demand(), ids, _capacity(usable))
         if alone is None:

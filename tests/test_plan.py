@@ -250,3 +250,45 @@ def test_disabling_flash_gives_every_variant_standard_attention_on_the_same_plac
     # Without the switch flash may only use node a; with it, no variant is kept off node b.
     assert set(plain.variants[0].nodes) == {"a"}
     assert sorted(off.variants[0].nodes + off.variants[1].nodes) == ["a", "a", "b", "b"]
+
+
+def test_the_default_num_workers_trains_on_the_one_gpu_found_and_says_why():
+    plan = make_plan([FLASH], ScalingConfig(), [node("g", cpus=16, gpus=1)])
+    v = plan.variants[0]
+    assert (v.num_workers, v.use_gpu, v.nodes) == (1, True, ["g"])
+    text = "\n".join(plan.describe())
+    assert "flash: planned, 1 x GPU worker(s) on g (1)" in text
+    assert "workers: scaling.num_workers auto, 1 GPU found" in text
+
+
+def test_the_default_num_workers_takes_all_eight_gpus_of_a_node():
+    v = make_plan([FLASH], ScalingConfig(), [node("g", cpus=32, gpus=8)]).variants[0]
+    assert (v.num_workers, v.use_gpu) == (8, True)
+
+
+def test_the_default_num_workers_on_a_cpu_machine_is_two_cpu_workers_as_before():
+    plan = make_plan(BOTH, ScalingConfig(), [node("a", cpus=4)])
+    assert plan.mode == "concurrent"
+    assert [(v.num_workers, v.use_gpu) for v in plan.variants] == [(2, False), (2, False)]
+    assert "workers: scaling.num_workers auto, no GPU found" in "\n".join(plan.describe())
+
+
+def test_two_default_variants_on_one_gpu_each_train_on_it_one_after_the_other():
+    plan = make_plan(BOTH, ScalingConfig(), [node("g", cpus=16, gpus=1)])
+    assert plan.mode == "sequential"
+    assert [(v.num_workers, v.use_gpu) for v in plan.variants] == [(1, True), (1, True)]
+
+
+def test_an_explicit_two_workers_beside_one_gpu_stay_on_cpu_and_the_plan_says_why():
+    plan = make_plan([FLASH], scaling(num_workers=2), [node("g", cpus=16, gpus=1)])
+    v = plan.variants[0]
+    assert (v.num_workers, v.use_gpu) == (2, False)
+    assert ("workers: scaling.use_gpu auto: 2 GPU worker(s) do not fit the 1 GPU(s) found, so CPU workers"
+            in "\n".join(plan.describe()))
+    with pytest.raises(InfeasibleRequest, match="do not fit"):
+        make_plan([FLASH], scaling(num_workers=2, use_gpu=True), [node("g", cpus=16, gpus=1)])
+
+
+def test_the_default_num_workers_is_recorded_resolved_in_the_plan_json():
+    data = json.loads(json.dumps(make_plan([FLASH], ScalingConfig(), [node("g", cpus=16, gpus=2)]).to_json()))
+    assert data["variants"][0]["num_workers"] == 2 and data["variants"][0]["use_gpu"] is True
