@@ -121,6 +121,7 @@ def add_preflight_args(p: argparse.ArgumentParser) -> None:
                    "flash_attention_log.txt go (default: .)")
     p.add_argument("--config-file", metavar="PATH", help="YAML config whose head dim, GQA ratio and dtype are checked "
                    "(default: the built-in config)")
+    p.add_argument("--set", dest="settings", action="append", metavar="SECTION.KEY=VALUE", help=options.SET_HELP)
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn; report facts only")
     p.add_argument("--timeout", type=float, default=180.0, metavar="S", help="seconds per node probe (default: 180)")
     p.add_argument("--fresh-preflight", action="store_true", help=options.FRESH_PREFLIGHT_HELP)
@@ -139,7 +140,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
             for handler in logging.getLogger(name).handlers:
                 handler.setStream(sys.stderr)
     disable_flash_attn_from_env(args)
-    cfg = config_mod.load(args.config_file)
+    cfg = config_mod.load(args.config_file, args.settings)
     settings = settings_for(cfg, config_mod.variant_configs(cfg, False, args.disable_flash_attn,
                                                             args.config_file or "built-in config"),
                             args.disable_flash_attn, timeout_s=args.timeout)

@@ -7,7 +7,7 @@ that list the valid names. The built-in default is this schema's defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union, get_args
+from typing import Annotated, Any, Literal, Optional, Sequence, Union, get_args
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, Field, PositiveInt, ValidationError, field_validator,
@@ -167,11 +167,51 @@ def validate(data: Any, source: str = "config") -> RunConfig:
         raise UsageError(f"{source}: {_first_error(e, RunConfig)}") from None
 
 
-def load(path: str | Path | None) -> RunConfig:
-    """The built-in default when ``path`` is None; else the YAML file, validated."""
-    if path is None:
-        return RunConfig()
-    path = Path(path)
+def load(path: str | Path | None, settings: Optional[Sequence[str]] = None) -> RunConfig:
+    """The built-in default when ``path`` is None, else the YAML file; then each ``--set``
+    SECTION.KEY=VALUE of ``settings``, in order. The file is validated alone, so its errors name
+    it; the settings together, since one may need another (model.dim with model.n_heads), their
+    errors naming the settings that touch the key at fault. Settings go into the data as written,
+    not into a validated copy: what a user set stays told apart from the defaults (init_from needs it)."""
+    data = _read(Path(path)) if path is not None else None
+    cfg = validate(data, str(path) if path is not None else "built-in config")
+    if not settings:
+        return cfg
+    data = data or {}  # None: no file, or an empty one
+    paths = [_apply(data, setting) for setting in settings]
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        loc = _field_loc(e.errors()[0]["loc"])
+        # A setting is at fault when its key lies on the error's path (model for model.dim) or below it.
+        blamed = [s for s, p in zip(settings, paths) if p[:len(loc)] == loc[:len(p)]] or settings
+        raise UsageError(f"--set {' --set '.join(blamed)}: {_first_error(e, RunConfig)}") from None
+
+
+def _apply(data: dict, setting: str) -> tuple[str, ...]:
+    """Set one SECTION.KEY=VALUE in ``data``; returns the key's path. Sections it names but
+    ``data`` lacks are added, so that validation reports an unknown one with the valid names."""
+    key, sep, text = setting.partition("=")
+    path = tuple(key.strip().split("."))
+    if not sep or not all(path):
+        raise UsageError(f"--set {setting}: expected SECTION.KEY=VALUE, e.g. train.lr=3e-4")
+    try:
+        value = yamlload.load(text)
+    except yaml.YAMLError as e:
+        raise UsageError(f"--set {setting}: malformed YAML value: {getattr(e, 'problem', None) or e}") from None
+    node = data
+    for part in path[:-1]:
+        # A copy: a YAML alias may share this section with another, which the setting must not
+        # change. A value in the way becomes a section, which validation names as the wrong type.
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[path[-1]] = value
+    return path
+
+
+def _read(path: Path) -> Any:
+    """The YAML document in the file at ``path``, unvalidated."""
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -192,7 +232,7 @@ def load(path: str | Path | None) -> RunConfig:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UsageError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or e}") from None
-    return validate(data, str(path))
+    return data
 
 
 def with_overrides(cfg: RunConfig, source: str, **sections: dict) -> RunConfig:

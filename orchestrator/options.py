@@ -14,6 +14,8 @@ from typing import Optional
 
 FRESH_PREFLIGHT_HELP = ("probe every node again instead of reusing its cached result (which is reused only "
                         "while nothing it depends on has changed)")
+SET_HELP = ("set one config key, YAML value (e.g. train.lr=3e-4, model.dim=128, scaling.num_workers=1); "
+            "repeatable, applied after --config-file and checked as the file is")
 
 
 def _opt(default, flag: Optional[str], help: str, *, metavar: Optional[str] = None, saved: bool = False):
@@ -27,6 +29,7 @@ class TrainOptions:
 
     config_file: Optional[str] = _opt(None, "--config-file", "YAML config (default: the built-in small config)",
                                       metavar="PATH", saved=True)
+    settings: Optional[list[str]] = _opt(None, "--set", SET_HELP, metavar="SECTION.KEY=VALUE", saved=True)
     preprocessed_data: Optional[str] = _opt(None, "--preprocessed-data", "token dataset from 'preprocess' "
                                             "(default: embedded corpus)", metavar="DIR", saved=True)
     disable_flash_attn: bool = _opt(False, "--disable-flash-attn", "standard attention everywhere; no process "
@@ -66,6 +69,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             kw["action"] = "store_true"
         else:
             kw.update(metavar=f.metadata["metavar"], type=_TYPES.get(f.type, str))
+            if f.type.startswith("Optional[list["):  # the flag may be given again, each adding one
+                kw["action"] = "append"
             if kw["metavar"] is None:
                 del kw["metavar"]
         p.add_argument(flag, dest=f.name, **kw)

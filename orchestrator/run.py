@@ -76,7 +76,8 @@ def prepare(opts: TrainOptions) -> Prepared:
         given = f"--address {opts.address}" if opts.address else f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
         raise UsageError(f"--keep-ray starts or joins a local Ray of its own; drop it or {given}")
     source = opts.config_file or "built-in config"
-    cfg = init_from.resolve(config_mod.load(opts.config_file), source)  # model shapes of a Hugging Face start
+    # init_from after --set, which may name the Hugging Face start whose model shapes it fills in
+    cfg = init_from.resolve(config_mod.load(opts.config_file, opts.settings), source)
     cfg = config_mod.with_overrides(
         cfg, source,
         train={"max_steps": opts.max_steps, "seed": opts.seed},

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from tests.conftest import run_cli
 
@@ -67,3 +68,25 @@ def test_the_recorded_command_reads_as_typed():
     assert command_line(["/src/orchestrator/__main__.py", "train", "--name", "a b"]) == \
         "python -m orchestrator train --name 'a b'"
     assert command_line(["my_script.py", "--fast"]) == "my_script.py --fast"
+
+
+@pytest.mark.ray
+def test_set_reaches_the_runs_config_and_its_workers_and_resume_keeps_it(tmp_path, cli_env):
+    from orchestrator.options import TrainOptions
+    from orchestrator.run import effective_options, prepare
+    from trainer.config import TrainConfig
+
+    sets = ["train.max_steps=2", "train.seq_len=32", "train.lr=3e-4", "scaling.num_workers=1"]
+    out = run_cli(["train", "--output-dir", "runs", "--name", "set", *[a for s in sets for a in ("--set", s)]],
+                  cli_env, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_dir = tmp_path / "runs" / "set"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["train"]["max_steps"], saved["train"]["seq_len"], saved["train"]["lr"]) == (2, 32, 3e-4)
+    assert saved["scaling"]["num_workers"] == 1
+    rec = json.loads((run_dir / "summary.json").read_text())["variants"]["flash"]
+    assert (rec["status"], rec["steps"], rec["num_workers"]) == ("succeeded", 2, 1)
+    assert rec["tokens_per_step"] == TrainConfig(seq_len=32).tokens_per_step
+    resumed, _ = effective_options(TrainOptions(resume=str(run_dir)))
+    cfg = prepare(resumed).cfg  # what a resumed run trains with: the run's config.yaml, settings applied
+    assert (cfg.train.max_steps, cfg.train.seq_len, cfg.train.lr, cfg.scaling.num_workers) == (2, 32, 3e-4, 1)

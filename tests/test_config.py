@@ -107,3 +107,37 @@ def test_variant_overrides_apply_to_their_variant_only():
 def test_cli_overrides_are_validated_too():
     with pytest.raises(UsageError, match="train.max_steps: Input should be greater than 0"):
         config.with_overrides(config.RunConfig(), "built-in config", train={"max_steps": 0})
+
+
+def test_set_changes_keys_of_the_file_with_yaml_typed_values(tmp_path):
+    (tmp_path / "c.yaml").write_text("train: {max_steps: 7, lr: 0.01}\n")
+    cfg = config.load(tmp_path / "c.yaml", ["train.lr=3e-4", "model.dim=128", "model.n_heads=4",
+                                            "scaling.num_workers=1", "scaling.label_selector.zone=a"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.model.dim, cfg.model.n_heads) == (3e-4, 7, 128, 4)
+    assert (cfg.scaling.num_workers, cfg.scaling.label_selector) == (1, {"zone": "a"})
+    assert config.load(None, ["attention=standard"]).attention == "standard"
+    assert cfg.model.model_fields_set == {"dim", "n_heads"}  # the rest still defaults (model.init_from tells them apart)
+
+
+@pytest.mark.parametrize("settings,expected", [
+    (["train.learning_rate=0.1"], "--set train.learning_rate=0.1: unknown key 'train.learning_rate'; valid keys: seq_len,"),
+    (["trian.lr=0.1"], "--set trian.lr=0.1: unknown key 'trian'; valid keys: model, train, scaling, data, attention, variants"),
+    (["train.lr=fast"], "--set train.lr=fast: train.lr: Input should be a valid number"),
+    (["train.lr=1", "train.max_steps=ten"], "--set train.max_steps=ten: train.max_steps: Input should be a valid integer"),
+    (["scaling.num_workers=0"], "--set scaling.num_workers=0: scaling.num_workers: Input should be greater than 0 or 'auto'"),
+    (["model.dim=128", "train.lr=1"], "--set model.dim=128: model: dim (128) must be divisible by n_heads (6)"),
+    (["train.lr"], "--set train.lr: expected SECTION.KEY=VALUE, e.g. train.lr=3e-4"),
+    (["attention.x=1"], "--set attention.x=1: attention: Input should be 'flash' or 'standard'"),
+    (["train.lr=[1"], "--set train.lr=[1: malformed YAML value"),
+])
+def test_a_bad_set_is_one_error_naming_the_setting_and_the_key(settings, expected):
+    with pytest.raises(UsageError) as e:
+        config.load(None, settings)
+    assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+
+
+def test_a_set_changes_only_the_section_it_names_not_one_a_yaml_alias_shares(tmp_path):
+    (tmp_path / "c.yaml").write_text("train: &base {lr: 0.01}\n"
+                                     "variants: [{name: a, attention: flash, train: *base}]\n")
+    cfg = config.load(tmp_path / "c.yaml", ["train.lr=0.5"])
+    assert cfg.train.lr == 0.5 and cfg.variants[0].train == {"lr": 0.01}
