@@ -1,7 +1,8 @@
 """``train --resume RUN_DIR``: continue a stopped run in its own directory.
 
 The run keeps what it started with: its saved ``config.yaml`` (flags such as ``--max-steps``
-already applied) and ``options.json``. Each unfinished variant gets the same Ray storage
+already applied) and ``options.json``, and trains on the same data: ``started_with.json`` holds
+the data's fingerprint at the first start, and a resume that finds other data is refused. Each unfinished variant gets the same Ray storage
 (``<variant>/checkpoints``), and Ray Train restores its checkpoint list from the
 ``checkpoint_manager_snapshot.json`` there, so ``ray.train.get_checkpoint()`` hands the
 workers the last committed checkpoint. Variants that already succeeded are not rerun.
@@ -18,7 +19,9 @@ from typing import Optional
 from orchestrator.errors import UsageError
 from orchestrator.options import SAVED_OPTIONS
 from orchestrator.results import CONFIG_FILE, OPTIONS_FILE, RunSummary, VariantResult, read_summary
+from trainer import dataset
 
+STARTED_FILE = "started_with.json"  # what the checkpoints were trained on, written at the first start
 
 
 @dataclass
@@ -76,3 +79,21 @@ def load(opts) -> SavedRun:
         "resume": str(run_dir),
     }
     return SavedRun(run_dir=run_dir, options=options, summary=summary)
+
+
+def started_with(data_fingerprint: dict) -> dict:
+    """The record of what a new run trains on, saved in its STARTED_FILE."""
+    return {"data": data_fingerprint}
+
+
+def check_unchanged(run: SavedRun, now: dict) -> None:
+    """Refuse to resume ``run`` on other data than it started with (``now``: ``started_with``
+    of this invocation). A run made before the record existed is not checked."""
+    path = run.run_dir / STARTED_FILE
+    if not path.is_file():
+        return
+    then = _read_json(path, "record of what the run started with")
+    if then.get("data") and then["data"]["sha256"] != now["data"]["sha256"]:
+        raise UsageError(f"--resume {run.run_dir}: the data changed since the run started: it trained on "
+                         f"{dataset.describe_fingerprint(then['data'])}, and now finds "
+                         f"{dataset.describe_fingerprint(now['data'])}; restore that data or start a new run")

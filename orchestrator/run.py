@@ -56,6 +56,7 @@ class Prepared:
     variants: list[config_mod.VariantConfig]
     data_path: Path
     vocab_size: int  # the dataset's: the plan's memory estimate needs the model's real shape
+    data_fingerprint: dict  # the dataset's (trainer/dataset.py): --resume refuses other data
 
 
 def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume_mod.SavedRun]]:
@@ -99,7 +100,7 @@ def prepare(opts: TrainOptions) -> Prepared:
         if dataset_mod.num_windows(len(dataset.tokens), train.seq_len) < 1:
             raise UsageError(f"{source}: train.seq_len {train.seq_len} is longer than the data in {data_path} "
                              f"({len(dataset.tokens)} tokens)")
-    return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size)
+    return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size, dataset_mod.fingerprint(dataset))
 
 
 def workloads(prep: Prepared) -> dict[str, Workload]:
@@ -354,6 +355,7 @@ def _open_run_dir(state: RunState) -> None:
     if not state.saved:
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(_config_to_save(prep), sort_keys=False))
         rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
+        rundir.write_json(run_dir / resume_mod.STARTED_FILE, resume_mod.started_with(prep.data_fingerprint))
     if report is not None:
         _, log_path = report.write(run_dir)
         for line in report.table():
@@ -433,6 +435,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
     if saved:  # before anything else: a live driver of this run is never disturbed
         runlock.acquire(saved.run_dir)
     prep = prepare(opts)
+    if saved:
+        resume_mod.check_unchanged(saved, resume_mod.started_with(prep.data_fingerprint))
     state = RunState(opts=opts, prep=prep, saved=saved, command_started=command_started)
     names = {v.name for v in prep.variants}
     state.finished = {n: r for n, r in (saved.finished() if saved else {}).items() if n in names}

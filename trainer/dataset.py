@@ -9,6 +9,7 @@ and two variants with one seed see the same data in the same order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,28 @@ def load_dataset(path: str | Path) -> TokenDataset:
     if sample.max() >= vocab:
         raise DataError(f"{tokens_path}: token id {int(sample.max())} is outside the vocab of {vocab}")
     return TokenDataset(path, meta, tokens)
+
+
+# The tokens hashed for a fingerprint: their first and last MiB, so a dataset of GBs costs
+# milliseconds; a corpus rewritten in place to the same size differs there.
+FINGERPRINT_SPAN = 1 << 20
+
+
+def fingerprint(ds: TokenDataset) -> dict:
+    """What tells this dataset from another, cheaply (``train --resume`` compares them): the
+    header's facts and a hash of the header, the tokenizer file and the ends of the tokens."""
+    h = hashlib.sha256((ds.path / META_FILE).read_bytes())
+    tokenizer_file = ds.meta["tokenizer"].get("file")
+    if tokenizer_file:
+        h.update((ds.path / tokenizer_file).read_bytes())
+    raw = ds.tokens.view(np.uint8)
+    h.update(raw[:FINGERPRINT_SPAN].tobytes() + raw[-FINGERPRINT_SPAN:].tobytes())
+    return {"path": str(ds.path.resolve()), "num_tokens": len(ds.tokens), "vocab_size": ds.vocab_size,
+            "sha256": h.hexdigest()}
+
+
+def describe_fingerprint(fp: dict) -> str:
+    return f"{fp['path']} ({fp['num_tokens']} tokens, vocab {fp['vocab_size']}, fingerprint {fp['sha256'][:12]})"
 
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
