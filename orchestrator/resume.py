@@ -1,8 +1,11 @@
 """``train --resume RUN_DIR``: continue a stopped run in its own directory.
 
 The run keeps what it started with: its saved ``config.yaml`` (flags such as ``--max-steps``
-already applied) and ``options.json``, and trains on the same data: ``started_with.json`` holds
-the data's fingerprint at the first start, and a resume that finds other data is refused. Each unfinished variant gets the same Ray storage
+already applied) and ``options.json``, and trains on the same data and model: ``started_with.json``
+holds the data's fingerprint and each variant's model shape and ``train.seq_len`` at the first
+start, and a resume that finds other data, or a ``config.yaml`` edited to another shape (the
+checkpoints would not load) or sequence length (the data position would mean other windows),
+is refused. Each unfinished variant gets the same Ray storage
 (``<variant>/checkpoints``), and Ray Train restores its checkpoint list from the
 ``checkpoint_manager_snapshot.json`` there, so ``ray.train.get_checkpoint()`` hands the
 workers the last committed checkpoint. Variants that already succeeded are not rerun.
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from orchestrator.config import RunConfig, VariantConfig, resolved_sections
 from orchestrator.errors import UsageError
 from orchestrator.options import SAVED_OPTIONS
 from orchestrator.results import CONFIG_FILE, OPTIONS_FILE, RunSummary, VariantResult, read_summary
@@ -81,14 +85,21 @@ def load(opts) -> SavedRun:
     return SavedRun(run_dir=run_dir, options=options, summary=summary)
 
 
-def started_with(data_fingerprint: dict) -> dict:
-    """The record of what a new run trains on, saved in its STARTED_FILE."""
-    return {"data": data_fingerprint}
+def started_with(cfg: RunConfig, variants: list[VariantConfig], data_fingerprint: dict) -> dict:
+    """The record of what a new run trains, saved in its STARTED_FILE: per variant, the settings
+    its checkpoints depend on (``init_from`` only says where the first weights came from)."""
+    shapes = {}
+    for v in variants:
+        model, train = resolved_sections(cfg, v)
+        shapes[v.name] = {**{f"model.{k}": x for k, x in model.model_dump(exclude={"init_from"}).items()},
+                          "train.seq_len": train.seq_len}
+    return {"data": data_fingerprint, "variants": shapes}
 
 
 def check_unchanged(run: SavedRun, now: dict) -> None:
-    """Refuse to resume ``run`` on other data than it started with (``now``: ``started_with``
-    of this invocation). A run made before the record existed is not checked."""
+    """Refuse to resume ``run`` on other data or another model shape or sequence length than it
+    started with (``now``: ``started_with`` of this invocation). A run made before the record
+    existed is not checked here; its workers refuse a checkpoint that does not fit."""
     path = run.run_dir / STARTED_FILE
     if not path.is_file():
         return
@@ -97,3 +108,9 @@ def check_unchanged(run: SavedRun, now: dict) -> None:
         raise UsageError(f"--resume {run.run_dir}: the data changed since the run started: it trained on "
                          f"{dataset.describe_fingerprint(then['data'])}, and now finds "
                          f"{dataset.describe_fingerprint(now['data'])}; restore that data or start a new run")
+    for name, settings in now["variants"].items():
+        for key, was in then.get("variants", {}).get(name, {}).items():
+            if settings.get(key) != was:
+                raise UsageError(f"--resume {run.run_dir}: variant {name}: {key} is {settings.get(key)!r} in "
+                                 f"{run.run_dir / CONFIG_FILE}, but its checkpoints were trained with {was!r}; "
+                                 "set it back or start a new run")

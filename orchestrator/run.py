@@ -58,6 +58,10 @@ class Prepared:
     vocab_size: int  # the dataset's: the plan's memory estimate needs the model's real shape
     data_fingerprint: dict  # the dataset's (trainer/dataset.py): --resume refuses other data
 
+    def started_with(self) -> dict:
+        """What --resume holds the run to (orchestrator/resume.py)."""
+        return resume_mod.started_with(self.cfg, self.variants, self.data_fingerprint)
+
 
 def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume_mod.SavedRun]]:
     """The options this invocation runs with: as given, or under --resume the stopped run's own."""
@@ -355,7 +359,7 @@ def _open_run_dir(state: RunState) -> None:
     if not state.saved:
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(_config_to_save(prep), sort_keys=False))
         rundir.write_json(run_dir / OPTIONS_FILE, asdict(opts))
-        rundir.write_json(run_dir / resume_mod.STARTED_FILE, resume_mod.started_with(prep.data_fingerprint))
+        rundir.write_json(run_dir / resume_mod.STARTED_FILE, prep.started_with())
     if report is not None:
         _, log_path = report.write(run_dir)
         for line in report.table():
@@ -436,7 +440,7 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         runlock.acquire(saved.run_dir)
     prep = prepare(opts)
     if saved:
-        resume_mod.check_unchanged(saved, resume_mod.started_with(prep.data_fingerprint))
+        resume_mod.check_unchanged(saved, prep.started_with())
     state = RunState(opts=opts, prep=prep, saved=saved, command_started=command_started)
     names = {v.name for v in prep.variants}
     state.finished = {n: r for n, r in (saved.finished() if saved else {}).items() if n in names}

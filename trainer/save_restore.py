@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint, driver_watch, master_weights
+from trainer import checkpoint, driver_watch, failures, master_weights
 from trainer.config import FaultConfig
 
 log = logging.getLogger(__name__)
 
 FAULT_MARKER = ".fault-injected"
+# How torch's load_state_dict begins its error for missing, unexpected or differently shaped weights.
+STATE_DICT_MISMATCH = "Error(s) in loading state_dict"
 
 
 @dataclass
@@ -69,7 +71,14 @@ def restore(storage_dir: Path, committed: Path | None, *, rank: int, world: int,
     if sharded:
         checkpoint.load_sharded(path, model, optimizer)
     else:
-        master_weights.load_model_state(raw_model, optimizer, state["model"])  # fp32 masters where the weights are bf16
+        try:
+            master_weights.load_model_state(raw_model, optimizer, state["model"])  # fp32 masters where the weights are bf16
+        except RuntimeError as e:
+            if not str(e).startswith(STATE_DICT_MISMATCH):
+                raise
+            # The config's model is not the checkpoint's (an edited config.yaml): every restart would say so.
+            raise failures.DeterministicFailure("config", f"checkpoint {path} does not fit the model of this "
+                                                f"config: {' '.join(str(e).split())[:400]}") from e
         optimizer.load_state_dict(state["optimizer"])
     if rng is not None:
         checkpoint.set_rng_state(rng)
