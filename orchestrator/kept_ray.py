@@ -7,7 +7,7 @@ ignores its Ctrl-C), bound to 127.0.0.1 with token auth like the Ray a plain ``t
 and records it; the next ``train --keep-ray`` finds the record and joins that head. ``ray-down``
 stops exactly the head recorded here (its process group), never another Ray of the machine.
 
-The record is per user and host (``<state dir>/kept-ray-<host>.json``): the pid and start time
+The record is per user and host, in a directory only its user can read (``<state dir>/kept-ray-<host>.json``): the pid and start time
 of the ``ray start`` process, so a reused pid is not mistaken for it, the address and the
 session directory. A record whose process is gone is ignored with a warning and replaced.
 Finding or starting the head happens under a lock, so two commands at once start one head.
@@ -37,7 +37,7 @@ from typing import Iterator, Mapping, Optional
 
 import psutil
 
-from orchestrator import rundir
+from orchestrator import ray_token, rundir
 from orchestrator.errors import UsageError
 from trainer import ray_internals
 
@@ -119,7 +119,9 @@ def find() -> Optional[KeptHead]:
 @contextmanager
 def _locked() -> Iterator[None]:
     path = _path("lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The record and the head's log are this user's business alone.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         yield
@@ -135,13 +137,6 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for sock in socks:
             sock.close()
-
-
-def _has_token(env: Mapping[str, str]) -> bool:
-    if env.get("RAY_AUTH_TOKEN"):
-        return True
-    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
-    return os.path.isfile(path) and os.path.getsize(path) > 0
 
 
 def head_env(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
@@ -164,8 +159,7 @@ def start_command(port: int, client_port: int) -> list[str]:
 
 def _start() -> KeptHead:
     env = head_env()
-    if not _has_token(env):  # `ray start` does not make one; a local ray.init() would have
-        subprocess.run([*RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    ray_token.ensure_private(env)  # `ray start` does not make one; a local ray.init() would have
     port, client_port = _free_ports(2)
     log_path = _path("log")
     log.info("starting a local Ray to keep (--keep-ray): 127.0.0.1:%d", port)

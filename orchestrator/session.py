@@ -28,7 +28,7 @@ from typing import Iterator
 
 import psutil
 
-from orchestrator import interrupt
+from orchestrator import interrupt, ray_token
 from orchestrator.errors import UsageError
 from trainer import ray_internals
 
@@ -224,6 +224,8 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
                     # user of a Ray that lives only as long as this command, and it would break
                     # the one-line-on-stderr promise.
                     logging.getLogger(ray_internals.AUTH_TOKEN_LOGGER).setLevel(logging.ERROR)
+                    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":  # Ray's default for a local Ray
+                        ray_token.ensure_private()
                     with loopback_only():
                         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                                  log_to_driver=log_to_driver, logging_level=logging.WARNING)

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator import kept_ray
+from orchestrator import kept_ray, ray_token
 from orchestrator.errors import UsageError
 from orchestrator.run import TrainOptions, prepare
 from orchestrator.session import remove_dead_sessions
@@ -84,6 +84,34 @@ def test_ray_down_stops_the_recorded_process_group_and_removes_its_session_and_r
             os.killpg(head.pid, 9)
 
 
+def test_the_ray_token_is_made_readable_by_its_user_only(tmp_path):
+    """Ray's own writes 0644 in a 0755 directory, which another user read and joined with (issue 32)."""
+    old = os.umask(0o022)
+    try:
+        env = {ray_token.TOKEN_PATH_ENV: str(tmp_path / "ray" / "auth_token")}
+        ray_token.ensure_private(env)
+        made = tmp_path / "ray" / "auth_token"
+        assert os.stat(made).st_mode & 0o777 == 0o600 and os.stat(made.parent).st_mode & 0o777 == 0o700
+        assert len(made.read_text()) == 64
+        # One made earlier with the umask's mode (as Ray makes it): tightened, kept as it is.
+        made.chmod(0o644)
+        before = made.read_text()
+        ray_token.ensure_private(env)
+        assert os.stat(made).st_mode & 0o777 == 0o600 and made.read_text() == before
+    finally:
+        os.umask(old)
+
+
+def test_the_kept_heads_state_directory_is_readable_by_its_user_only(state):
+    old = os.umask(0o022)
+    try:
+        with kept_ray._locked():
+            pass
+    finally:
+        os.umask(old)
+    assert os.stat(state).st_mode & 0o777 == 0o700
+
+
 def test_ray_down_with_nothing_kept_says_so(state, capsys):
     from orchestrator import cli
 
@@ -141,11 +169,15 @@ def test_keep_ray_starts_a_head_the_next_run_joins_and_ray_down_stops(tmp_path, 
     # As a user's shell has it: unset (the tests' own Rays set it), so the loopback binding is the command's doing.
     cli_env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     record_path = tmp_path / "state" / f"kept-ray-{os.uname().nodename}.json"
+    cli_env[ray_token.TOKEN_PATH_ENV] = str(tmp_path / "ray" / "auth_token")  # none yet: the head makes it
     args = ["train", "--config-file", str(cfg), "--keep-ray", "--output-dir", str(tmp_path / "runs")]
     try:
         first = run_cli([*args, "--name", "first"], cli_env, ROOT)
         assert first.returncode == 0, first.stderr
         head = json.loads(record_path.read_text())
+        for path, mode in ((tmp_path / "ray" / "auth_token", 0o600), (tmp_path / "ray", 0o700),
+                           (tmp_path / "state", 0o700)):
+            assert os.stat(path).st_mode & 0o777 == mode, path
         assert psutil.Process(head["pid"]).create_time() == pytest.approx(head["create_time"], abs=1.0)
         assert "stays up for the next train --keep-ray" in first.stdout
         s1 = json.loads((tmp_path / "runs" / "first" / "summary.json").read_text())["run"]
