@@ -213,7 +213,9 @@ def _apply(data: dict, setting: str) -> tuple[str, ...]:
 def _read(path: Path) -> Any:
     """The YAML document in the file at ``path``, unvalidated."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = yamlload.read_text(path)
+    except yamlload.NotAConfigFile as e:
+        raise UsageError(f"{path}: {e}") from None
     except FileNotFoundError:
         raise UsageError(f"{path}: config file not found") from None
     except IsADirectoryError:

@@ -68,6 +68,8 @@ def workdir(tmp_path):
     _dataset(tmp_path / "foreign-tokens", ok + 1000, 300)  # ids from another tokenizer
     (tmp_path / "no-tokens").mkdir()
     (tmp_path / "no-tokens" / "meta.json").write_text((tmp_path / "empty-data" / "meta.json").read_text())
+    (tmp_path / "huge.yaml").write_text("train: {lr: 0.001}\n" + "# padding\n" * 120_000)  # 1.2 MB
+    os.mkfifo(tmp_path / "fifo.yaml")
     (tmp_path / "not-a-run").mkdir()
     (tmp_path / "a-file").write_text("not a directory")
     (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
@@ -125,6 +127,11 @@ ROWS = [
     ("existing-run-name", T + ["--name", "earlier"], 2, "a run with this name exists"),
     ("duplicate-yaml-key", T + ["--config-file", "duplicate-key.yaml"], 2,
      "duplicate-key.yaml: duplicate key 'train.lr' at line 1, column 20"),
+    ("config-is-a-device", T + ["--config-file", "/dev/zero"], 2,
+     "/dev/zero: not a regular file (a character device); expected a YAML file"),
+    ("config-is-a-fifo", T + ["--config-file", "fifo.yaml"], 2, "fifo.yaml: not a regular file (a FIFO)"),
+    ("config-too-large", T + ["--config-file", "huge.yaml"], 2,
+     "huge.yaml: larger than 1 MiB, the most a config file may hold"),
     ("name-too-long", T + ["--name", "n" * 300], 2, "--name: 300 bytes long; a directory name may have at most 255"),
     ("output-dir-is-a-file", ["train", "--output-dir", "a-file"], 2, "--output-dir a-file: is a file; expected a directory"),
     ("output-dir-under-a-file", ["train", "--output-dir", "a-file/runs"], 2,
