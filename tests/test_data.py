@@ -126,3 +126,15 @@ def test_raw_inputs_errors_name_the_file(tmp_path):
         preprocess.preprocess([tmp_path / "bad.jsonl"], tmp_path / "o")
     with pytest.raises(dataset.DataError, match="no such file"):
         preprocess.preprocess([tmp_path / "missing.txt"], tmp_path / "o")
+
+
+@pytest.mark.parametrize("column,message", [
+    ({"body": ["a document"]}, "bad.parquet: no 'text' column (its columns: body)"),
+    ({"text": [1, 2]}, "bad.parquet: the 'text' column holds int64, expected strings"),
+])
+def test_parquet_without_a_text_column_of_strings_is_refused_in_one_line(tmp_path, column, message):
+    """Were a 6-line pyarrow dump, and for integers an AttributeError (exit 1), issue 32."""
+    pq.write_table(pa.table(column), tmp_path / "bad.parquet")
+    with pytest.raises(dataset.DataError) as e:
+        preprocess.preprocess([tmp_path / "bad.parquet"], tmp_path / "out")
+    assert str(e.value) == f"{tmp_path / message}"

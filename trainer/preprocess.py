@@ -60,14 +60,21 @@ def iter_documents(path: Path) -> Iterator[str]:
                 yield record["text"]
     elif suffix == ".parquet":
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: .parquet input needs pyarrow: pip install 'flash-orchestrator[parquet]'") from None
 
         try:
+            schema = pq.read_schema(path)
+            if "text" not in schema.names:
+                raise DataError(f"{path}: no 'text' column (its columns: {', '.join(schema.names) or 'none'})")
+            kind = schema.field("text").type
+            if kind not in (pa.string(), pa.large_string()):
+                raise DataError(f"{path}: the 'text' column holds {kind}, expected strings")
             table = pq.read_table(path, columns=["text"])
-        except Exception as e:
-            raise DataError(f"{path}: cannot read a 'text' column from parquet ({e})") from None
+        except pa.ArrowException as e:  # its messages run over several lines: the first says it
+            raise DataError(f"{path}: cannot read a 'text' column from parquet ({str(e).splitlines()[0]})") from None
         yield from (t for t in table.column("text").to_pylist() if t)
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; expected .txt, .jsonl or .parquet")
