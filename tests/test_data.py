@@ -138,3 +138,28 @@ def test_parquet_without_a_text_column_of_strings_is_refused_in_one_line(tmp_pat
     with pytest.raises(dataset.DataError) as e:
         preprocess.preprocess([tmp_path / "bad.parquet"], tmp_path / "out")
     assert str(e.value) == f"{tmp_path / message}"
+
+
+@pytest.mark.parametrize("fault,message", [(KeyboardInterrupt, None),
+                                           (OSError(28, "No space left on device"), "No space left on device")])
+def test_preprocess_cut_short_leaves_no_partial_dataset_and_a_rerun_succeeds(tmp_path, monkeypatch, fault, message):
+    """A Ctrl-C or a full disk mid-write left a partial tokens.bin that refused the rerun; a full
+    disk was a raw OSError (issue 32)."""
+    files = _raw(tmp_path)
+    encode, calls = preprocess.Tokenizer.encode, []
+
+    def failing(self, text):
+        calls.append(text)
+        if len(calls) == 5:
+            raise fault
+        return encode(self, text)
+
+    monkeypatch.setattr(preprocess.Tokenizer, "encode", failing)
+    with pytest.raises(dataset.DataError if message else KeyboardInterrupt) as e:
+        preprocess.preprocess(files, tmp_path / "out", vocab_size=300)
+    if message:
+        assert str(e.value) == f"{tmp_path / 'out'}: cannot write the dataset ({message})"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".build-*"))
+    monkeypatch.setattr(preprocess.Tokenizer, "encode", encode)
+    preprocess.preprocess(files, tmp_path / "out", vocab_size=300)
+    assert dataset.load_dataset(tmp_path / "out").vocab_size <= 300

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -193,7 +193,23 @@ def preprocess(raw: list[str | Path], output_dir: Path, tokenizer_path: Path | N
     if not any(t.strip() for t in texts):
         raise DataError("the input files hold no text")
     tok = Tokenizer.from_file(tokenizer_path) if tokenizer_path else Tokenizer.train_bpe(texts, vocab_size)
-    return write_dataset(texts, output_dir, tok, [str(f) for f in files])
+    try:
+        return _built_in_place(output_dir, lambda tmp: write_dataset(texts, tmp, tok, [str(f) for f in files]))
+    except OSError as e:  # a full disk, above all
+        raise DataError(f"{output_dir}: cannot write the dataset ({e.strerror or e})") from None
+
+
+def _built_in_place(final: Path, build: Callable[[Path], dict]) -> dict:
+    """``build`` a dataset in a new directory beside ``final``, then rename it to ``final`` (new
+    or empty): a build cut short (Ctrl-C, a full disk) leaves no partial dataset behind."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        meta = build(tmp)
+        os.rename(tmp, final)
+        return meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def embedded_texts() -> list[str]:
@@ -208,17 +224,12 @@ def embedded_dataset(cache_dir: Path | None = None) -> Path:
     final = (cache_dir or user_cache.root()) / EMBEDDED_NAME
     if (final / META_FILE).is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    texts = embedded_texts()
     try:
-        texts = embedded_texts()
-        write_dataset(texts, tmp, Tokenizer.train_bpe(texts, EMBEDDED_VOCAB), ["pydoc_data.topics"])
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first; theirs is as good as ours
-            if not (final / META_FILE).is_file():
-                raise
+        _built_in_place(final, lambda tmp: write_dataset(texts, tmp, Tokenizer.train_bpe(texts, EMBEDDED_VOCAB),
+                                                         ["pydoc_data.topics"]))
         log.info("built the embedded dataset at %s", final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:  # another process finished first; theirs is as good as ours
+        if not (final / META_FILE).is_file():
+            raise
     return final
