@@ -101,6 +101,10 @@ def prepare(opts: TrainOptions) -> Prepared:
         if model.vocab_size is not None and model.vocab_size < dataset.vocab_size:
             raise UsageError(f"{source}: model.vocab_size {model.vocab_size} is smaller than the tokenizer's "
                              f"vocab ({dataset.vocab_size}) in {data_path}")
+        if train.warmup_steps > train.max_steps:  # legal (a short smoke run of --max-steps), but say so
+            log.warning("%s: variant %s: train.warmup_steps %d exceeds train.max_steps %d: the learning rate "
+                        "peaks at %.3g (of train.lr %g) and never decays", source, v.name, train.warmup_steps,
+                        train.max_steps, train.lr * train.max_steps / train.warmup_steps, train.lr)
         if dataset_mod.num_windows(len(dataset.tokens), train.seq_len) < 1:
             raise UsageError(f"{source}: train.seq_len {train.seq_len} is longer than the data in {data_path} "
                              f"({len(dataset.tokens)} tokens)")

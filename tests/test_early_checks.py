@@ -64,3 +64,17 @@ def test_preprocess_refuses_a_txt_that_is_not_text_naming_the_file(tmp_path, con
     assert str(e.value) == f"{path}: {message}"
     path.write_text("plain text, ünïcode too\n")
     assert read_text_file(path) == "plain text, ünïcode too\n"
+
+
+def test_a_warmup_longer_than_the_run_is_said_before_it_starts(tmp_path, caplog):
+    """It was silent (issue 32): the learning rate never reaches train.lr and never decays."""
+    import logging
+
+    from orchestrator.run import TrainOptions, prepare
+    from tests.conftest import write_config
+
+    cfg = write_config(tmp_path / "c.yaml", {"train": {"warmup_steps": 10, "max_steps": 4}})
+    with caplog.at_level(logging.WARNING, logger="orchestrator.run"):
+        prepare(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs")))
+    assert (f"{cfg}: variant flash: train.warmup_steps 10 exceeds train.max_steps 4: the learning rate peaks at "
+            "0.0012 (of train.lr 0.003) and never decays") in caplog.text
