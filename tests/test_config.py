@@ -29,6 +29,11 @@ def _load(tmp_path, content: str | bytes):
     ("train: {compile: maybe}", "train.compile: Input should be 'auto' or a valid boolean"),
     ("train: {compile: \"off\"}", "train.compile: Input should be 'auto' or a valid boolean"),
     ("model: {tie_embeddings: 1}", "model.tie_embeddings: Input should be a valid boolean"),
+    # One strict rule for every key (issue 32): these were true, 1 and 10.
+    ("scaling: {use_gpu: \"yes\"}", "scaling.use_gpu: Input should be 'auto' or a valid boolean (got 'yes')"),
+    ("train: {max_steps: true}", "train.max_steps: Input should be a valid integer (got True)"),
+    ("train: {max_steps: 10.0}", "train.max_steps: Input should be a valid integer (got 10.0)"),
+    ("scaling: {num_workers: \"2\"}", "scaling.num_workers: Input should be a valid integer (got '2')"),
     ("train: {activation_checkpointing: 0}", "train.activation_checkpointing: Input should be false, true or a whole number N >= 1 (checkpoint every Nth block) (got 0)"),
     ("train: {activation_checkpointing: -1}", "train.activation_checkpointing: Input should be false, true or a whole number N >= 1 (checkpoint every Nth block) (got -1)"),
     ("train: {activation_checkpointing: 1.5}", "train.activation_checkpointing: Input should be false, true or a whole number N >= 1 (checkpoint every Nth block) (got 1.5)"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainer.model_args import ModelArgs
 
@@ -49,10 +49,11 @@ def compiles(compile: Union[bool, str], device_type: str) -> bool:
 
 
 class Strict(BaseModel):
-    # Unknown keys are errors. Numbers are lax (YAML's 1 for 1.0); switches are StrictBool, so
-    # `tie_embeddings: 1` or `compile: "off"` is an error naming the key, not a silent guess.
+    # Unknown keys are errors, and every value is taken only as its own type (pydantic's strict
+    # mode; an int may stand for a float, YAML's 1 for 1.0): `use_gpu: 'yes'`, `max_steps: true`
+    # or `compile: "off"` is an error naming the key, not a guess.
     # YAML's .inf and .nan are errors too: an infinite lr or weight decay turns the weights to NaN.
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -64,7 +65,7 @@ class ModelConfig(Strict):
     vocab_size: Optional[int] = Field(None, gt=0, description="null = the dataset's vocab size")
     rope_theta: float = Field(10000.0, gt=0, description="the rotary embedding's base")
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm's epsilon")
-    tie_embeddings: StrictBool = Field(True, description="share the token embedding with the output head")
+    tie_embeddings: bool = Field(True, description="share the token embedding with the output head")
     init_from: Optional[str] = Field(None, description="a local Hugging Face Llama directory to start from; "
                                      "the shapes above come from its config.json (leave them unset)")
 
@@ -123,7 +124,7 @@ class TrainConfig(Strict):
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
     seed: int = Field(1337, ge=0, description="weights and batches are functions of it (--seed overrides)")
     checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (and at the end, see checkpoint_at_end)")
-    checkpoint_at_end: StrictBool = Field(True, description="also save at the last step when it is not a multiple of "
+    checkpoint_at_end: bool = Field(True, description="also save at the last step when it is not a multiple of "
                                           "checkpoint_every; false for benchmark runs of large models, whose final "
                                           "checkpoint (16 bytes per parameter: ~128 GB for 8B) costs minutes and disk")
     log_every: int = Field(1, gt=0, description="steps between logged steps (metrics.jsonl, TensorBoard, the "
@@ -134,12 +135,12 @@ class TrainConfig(Strict):
                             "casts them), or bf16 (needs bf16 compute: gradients, and DDP's all-reduce, in bf16; "
                             "AdamW steps fp32 master copies, which checkpoints keep); auto: bf16 under fsdp when "
                             "computing in bf16 (FSDP2's mixed precision), else fp32")
-    compile: Union[Literal["auto"], StrictBool] = Field("auto", description="torch.compile; auto: on for GPU")
+    compile: Union[Literal["auto"]] = Field("auto", description="torch.compile; auto: on for GPU")
     activation_checkpointing: Union[bool, int] = Field(
         False, description="recompute blocks in backward instead of keeping their activations: true every block; "
                            "an integer N every Nth block (blocks 0, N, 2N, ..., as many as torchtitan's selective "
                            "layer option N; 1 is true): fewer recomputes for more memory; false none")
-    float8: StrictBool = Field(False, description="fp8 matmuls via torchao (GPUs of compute capability 8.9+; "
+    float8: bool = Field(False, description="fp8 matmuls via torchao (GPUs of compute capability 8.9+; "
                                                   "pip install 'flash-orchestrator[float8]')")
     float8_recipe: Float8Recipe = Field(
         "tensorwise", description="torchao's float8 scaling, with train.float8: tensorwise (one scale per tensor, "
