@@ -7,6 +7,7 @@ The context is the last ``max_seq_len`` tokens: the model never saw longer seque
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -53,8 +54,8 @@ def generate(run_dir: Path, prompt: str, *, variant: Optional[str] = None, step:
     tokens alone would drop the space they start with)."""
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    if temperature < 0:
-        raise UsageError(f"--temperature {temperature:g}: must be 0 (greedy) or positive")
+    if not (0 <= temperature < math.inf):  # nan compares false: it would sample from nan weights
+        raise UsageError(f"--temperature {temperature:g}: must be 0 (greedy) or a finite positive number")
     dev = device_for(device)
     src = trained.load(run_dir, variant, step)
     model = Transformer(src.args, standard_attention)

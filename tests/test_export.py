@@ -145,6 +145,14 @@ def test_no_usable_checkpoint(tmp_path, capsys):
     _fails(capsys, ["generate", str(run), "--prompt", "x"], "no usable checkpoint")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_generate_refuses_a_temperature_that_is_not_zero_or_a_finite_positive_number(tmp_path, capsys, value):
+    """nan was exit 1 from inside the sampler (issue 32)."""
+    run, _ = fake_run(tmp_path, steps=(3,))
+    _fails(capsys, ["generate", str(run), "--prompt", "x", "--temperature", value],
+           f"--temperature {value}: must be 0 (greedy) or a finite positive number")
+
+
 def test_unknown_variant_and_missing_run(tmp_path, capsys):
     run, _ = fake_run(tmp_path, steps=(3,))
     _fails(capsys, ["export", str(run), "--variant", "flash", "--output-dir", str(tmp_path / "out")],
