@@ -28,3 +28,18 @@ def test_concurrent_writers_in_one_process_leave_one_whole_file(tmp_path):
         t.join()
     assert json.loads(path.read_text()) in payloads
     assert [p.name for p in tmp_path.iterdir()] == ["entry.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_file_written_atomically_has_the_mode_a_plain_open_gives(tmp_path, umask):
+    """mkstemp's 0600 made summary.json and options.json private beside a 0644 config.yaml (issue 32)."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        atomic_write.write_text(tmp_path / "atomic.json", "{}")
+        (tmp_path / "plain.yaml").write_text("{}")
+    finally:
+        os.umask(old)
+    modes = {p.name: os.stat(p).st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"atomic.json": 0o666 & ~umask, "plain.yaml": 0o666 & ~umask}
