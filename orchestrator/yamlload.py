@@ -10,6 +10,7 @@ a file of hundreds of MB parses for minutes.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -33,6 +34,13 @@ class StrictLoader(yaml.SafeLoader):
     def construct_document(self, node):
         _check_unique(node, "", set())
         return super().construct_document(node)
+
+
+# YAML 1.1, which PyYAML follows, reads 3e-4 as a string (it wants 3.0e-4); configs, read
+# strictly (trainer/config.py), mean the number, as YAML 1.2 does.
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                   re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789."))
 
 
 def _check_unique(node, path: str, seen: set[int]) -> None:

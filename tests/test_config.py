@@ -33,7 +33,7 @@ def _load(tmp_path, content: str | bytes):
     ("scaling: {use_gpu: \"yes\"}", "scaling.use_gpu: Input should be 'auto' or a valid boolean (got 'yes')"),
     ("train: {max_steps: true}", "train.max_steps: Input should be a valid integer (got True)"),
     ("train: {max_steps: 10.0}", "train.max_steps: Input should be a valid integer (got 10.0)"),
-    ("scaling: {num_workers: \"2\"}", "scaling.num_workers: Input should be a valid integer (got '2')"),
+    ("train: {micro_batch_size: \"2\"}", "train.micro_batch_size: Input should be a valid integer (got '2')"),
     ("scaling: {placement_timeout_s: .inf}", "scaling.placement_timeout_s: Input should be a finite number (got inf)"),
     ("train: {lr: .nan}", "train.lr: Input should be a finite number (got nan)"),
     ("train: {weight_decay: .inf}", "train.weight_decay: Input should be a finite number (got inf)"),
@@ -149,3 +149,9 @@ def test_a_set_changes_only_the_section_it_names_not_one_a_yaml_alias_shares(tmp
                                      "variants: [{name: a, attention: flash, train: *base}]\n")
     cfg = config.load(tmp_path / "c.yaml", ["train.lr=0.5"])
     assert cfg.train.lr == 0.5 and cfg.variants[0].train == {"lr": 0.01}
+
+
+def test_a_number_in_exponent_form_is_a_number_as_in_yaml_1_2(tmp_path):
+    """PyYAML (YAML 1.1) reads 3e-4 as a string, which the strict config rule would refuse."""
+    cfg = _load(tmp_path, "train: {lr: 3e-3, min_lr: 1E-4}")
+    assert (cfg.train.lr, cfg.train.min_lr) == (3e-3, 1e-4)

@@ -135,7 +135,7 @@ class TrainConfig(Strict):
                             "casts them), or bf16 (needs bf16 compute: gradients, and DDP's all-reduce, in bf16; "
                             "AdamW steps fp32 master copies, which checkpoints keep); auto: bf16 under fsdp when "
                             "computing in bf16 (FSDP2's mixed precision), else fp32")
-    compile: Union[Literal["auto"]] = Field("auto", description="torch.compile; auto: on for GPU")
+    compile: Union[Literal["auto"], bool] = Field("auto", description="torch.compile; auto: on for GPU")
     activation_checkpointing: Union[bool, int] = Field(
         False, description="recompute blocks in backward instead of keeping their activations: true every block; "
                            "an integer N every Nth block (blocks 0, N, 2N, ..., as many as torchtitan's selective "
