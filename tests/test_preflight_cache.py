@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from orchestrator.preflight import cache
-from orchestrator.preflight.child import probe_command, run_probe
+from orchestrator.preflight.child import probe_command, probe_env, run_probe
 from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.node import probe_or_reuse
 from orchestrator.preflight.findings import LOG_FILE, NodeReport
@@ -30,8 +30,8 @@ SETTINGS = ProbeSettings(head_dim=16, n_heads=4, n_kv_heads=2, timeout_s=120)
 @pytest.fixture(scope="module")
 def real_probe_output() -> str:
     """One real probe of this machine; the tests' probe command replays its output."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    raw = run_probe(probe_command(SETTINGS), SETTINGS.timeout_s, env)
+    # This checkout first on PYTHONPATH, the installed packages still visible (probe_env prepends).
+    raw = run_probe(probe_command(SETTINGS), SETTINGS.timeout_s, probe_env(False))
     assert raw["returncode"] == 0, raw["stderr"]
     return raw["stdout"]
 
@@ -138,6 +138,16 @@ def test_a_corrupt_cache_is_ignored_with_a_warning_and_replaced(node, caplog):
     with caplog.at_level(logging.WARNING, logger="orchestrator.preflight.cache"):
         again = node.probe()
     assert again["cache"]["reused"] is False and node.probes == 2
+    assert "corrupt" in caplog.text and first["cache"]["path"] in caplog.text
+    assert node.probe()["cache"]["reused"] is True
+
+
+def test_garbage_bytes_in_a_cache_entry_are_ignored_with_a_warning_not_a_probe_failure(node, caplog):
+    first = node.probe()
+    Path(first["cache"]["path"]).write_bytes(b"\xff\xfe\x00garbage\x9c")
+    with caplog.at_level(logging.WARNING, logger="orchestrator.preflight.cache"):
+        again = node.probe()
+    assert again["cache"]["reused"] is False and node.probes == 2 and again["returncode"] == 0
     assert "corrupt" in caplog.text and first["cache"]["path"] in caplog.text
     assert node.probe()["cache"]["reused"] is True
 
@@ -269,7 +279,9 @@ def test_a_run_whose_reused_verdict_is_wrong_still_trains_logs_it_and_leaves_the
 def test_on_a_gpu_a_real_probe_verdict_is_reused_by_the_worker_and_skips_the_other_candidates(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
     settings = ProbeSettings(head_dim=64, n_heads=8, n_kv_heads=2, dtype="auto", timeout_s=300)
-    raw = probe_or_reuse(probe_command(settings), settings, False, dict(os.environ, PYTHONPATH=str(ROOT)))
+    # The parent's own environment: probe_env prepends this checkout to PYTHONPATH, so the child sees
+    # the packages the worker below sees (flash-attn-4 installed beside them included).
+    raw = probe_or_reuse(probe_command(settings), settings, False, dict(os.environ))
     assert raw["cache"]["reused"] is False
     shape = dict(device=torch.device("cuda", 0), dtype=torch.bfloat16, head_dim=64, n_heads=8, n_kv_heads=2)
     resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **shape)

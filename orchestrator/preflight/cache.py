@@ -177,14 +177,14 @@ class Lookup:
 def load(path: Path) -> Lookup:
     """The entry at ``path``; a missing, stale or unreadable one is a miss (never an error)."""
     try:
-        text = path.read_text()
+        text = path.read_bytes()
     except FileNotFoundError:
         return Lookup(path, None, "no cached result for this node's current state")
     except OSError as e:
         log.warning("preflight cache %s is unreadable (%s); probing again", path, e)
         return Lookup(path, None, f"cache unreadable: {e}")
     try:
-        entry = json.loads(text)
+        entry = json.loads(text)  # garbage bytes raise UnicodeDecodeError, a ValueError
         if not isinstance(entry, dict) or entry.get("format") != FORMAT or not isinstance(entry.get("raw"), dict):
             raise ValueError("not a preflight cache entry")
     except ValueError as e:
