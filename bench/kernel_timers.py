@@ -4,7 +4,7 @@
 
 For every kernel that passes its check on this device (and standard attention), this times:
 
-- each timer of ``trainer.kernel_select.block_timer`` asked for: depth 0 is the attention block
+- each timer of ``trainer.attention.timing.block_timer`` asked for: depth 0 is the attention block
   alone (the timer before 2026-11-28 16:00 UTC), depth N is N whole transformer blocks (norms,
   attention, MLP), each compiled as training compiles it;
 - the whole training step, ``orchestrator.bench.training.bench_variant`` with that kernel
@@ -28,8 +28,9 @@ import torch
 
 from orchestrator import config as config_mod
 from orchestrator.bench import training
-from trainer import attention, compile_mode, kernel_select, strict_json
-from trainer.step import compile_enabled, training_dtype
+from trainer import attention, strict_json
+from trainer.attention import timing
+from trainer.step import training_dtype
 
 
 def checked_here(names: list[str], device: torch.device, dtype: torch.dtype, margs) -> dict[str, object]:
@@ -66,21 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tc = cfg.train
     dtype = training_dtype(tc, device)
-    compiled = compile_enabled(tc, device)
     vocab = cfg.model.vocab_size or 2048
     margs = cfg.model.args(vocab_size=vocab, max_seq_len=tc.seq_len, activation_checkpointing=tc.activation_checkpointing,
                            loss_impl=tc.loss_impl)
-    shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, dtype=dtype,
-                                       compile=compiled,
-                                       cudagraphs=compile_mode.replays(tc.compile_mode, compiled=compiled,
-                                                                       device_type=device.type))
+    shape = attention.AttentionShape.of_run(tc, margs)
     fns = checked_here(args.kernels.split(",") if args.kernels else [*attention.flash_candidates(device), "standard"],
                        device, dtype, margs)
     names = list(fns)
     depths = [int(d) for d in args.depths.split(",")]
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "config": str(args.config), "shape": dataclasses.asdict(shape), "kernels": names,
+                    "config": str(args.config), "shape": shape.as_run(device.type), "kernels": names,
                     "timers": {}, "end_to_end": {}}
 
     def save():
@@ -88,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for depth in depths:
         timer_shape = dataclasses.replace(shape, ffn_hidden=0) if depth == 0 else shape
-        timer = kernel_select.block_timer(timer_shape, device, depth=depth or None)
+        timer = timing.block_timer(timer_shape, device, depth=depth or None)
         ms = {}
         for name in names:
             try:

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator import rundir
 from orchestrator.errors import EXIT_VARIANT_SKIPPED, RunFailed
-from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE  # written by the worker, which cannot import this
+from trainer.attention import LOG_FILE as FLASH_LOG_FILE  # these are written by the worker, which cannot import this
+from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE
 
 # ---------------------------------------------------------------- the run directory
 
@@ -30,7 +31,6 @@ CONFIG_FILE = "config.yaml"
 OPTIONS_FILE = "options.json"
 REPORT_FILE = "report.md"
 PREFLIGHT_FILE = "preflight.json"
-FLASH_LOG_FILE = "flash_attention_log.txt"
 LOSS_PNG, THROUGHPUT_PNG, MEMORY_PNG = "loss.png", "throughput.png", "memory.png"
 VARIANT_FILES = (METRICS_FILE, ATTEMPTS_FILE)  # inside <run>/<variant>/
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from trainer import attention
+from trainer.attention import AttentionShape, kernels
 
 
 def _qkv(B, H, KV, T, D, seed=0):
@@ -35,8 +36,8 @@ def test_standard_matches_float64_reference(H, KV, T, D):
 @pytest.mark.parametrize("H,KV,T,D", [(4, 4, 17, 16), (8, 2, 33, 32), (4, 1, 127, 64), (6, 2, 5, 8)])
 def test_flash_matches_standard_forward_and_backward_in_fp32(H, KV, T, D):
     q0, k0, v0 = (t.float() for t in _qkv(2, H, KV, T, D, seed=T))
-    resolved = attention.resolve("flash", device=torch.device("cpu"), dtype=torch.float32,
-                                 head_dim=D, n_heads=H, n_kv_heads=KV)
+    resolved = attention.choose("flash", AttentionShape(head_dim=D, n_heads=H, n_kv_heads=KV, dtype="fp32"),
+                                torch.device("cpu"), reuse_verdict=False, time_kernels=False)
     assert resolved.kernel == "sdpa_flash_cpu"
     outs, grads = [], []
     for fn in (attention.standard_attention, resolved.fn):
@@ -58,15 +59,15 @@ def test_attention_is_causal_future_tokens_do_not_change_the_past():
 
 
 def test_standard_request_resolves_to_the_standard_kernel():
-    r = attention.resolve("standard", device=torch.device("cpu"), dtype=torch.float32,
-                          head_dim=16, n_heads=4, n_kv_heads=2)
+    r = attention.choose("standard", AttentionShape(head_dim=16, n_heads=4, n_kv_heads=2, dtype="fp32"),
+                         torch.device("cpu"))
     assert (r.kernel, r.rejected) == ("standard", {})
 
 
 def test_unknown_attention_is_rejected_with_the_valid_names():
     with pytest.raises(ValueError, match="flash, standard"):
-        attention.resolve("fast", device=torch.device("cpu"), dtype=torch.float32,
-                          head_dim=16, n_heads=4, n_kv_heads=4)
+        attention.choose("fast", AttentionShape(head_dim=16, n_heads=4, n_kv_heads=4, dtype="fp32"),
+                         torch.device("cpu"))
 
 
 def test_a_kernel_that_computes_the_wrong_thing_is_rejected_by_the_check():
@@ -91,7 +92,7 @@ def test_gqa_is_passed_natively_without_copying_k_and_v_and_matches_standard(mon
 
     fn = attention.checked_fn("sdpa_flash_cpu", device=torch.device("cpu"), dtype=torch.float32,
                               head_dim=16, n_heads=H, n_kv_heads=KV)
-    monkeypatch.setattr(attention, "_repeat_kv", no_copies)
+    monkeypatch.setattr(kernels, "_repeat_kv", no_copies)
     q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
     got = fn(q, k, v)
     got.pow(2).sum().backward()
@@ -108,7 +109,7 @@ def test_an_sdpa_kernel_refusing_native_gqa_is_kept_with_k_and_v_repeated(monkey
             raise RuntimeError("No available kernel. Aborting execution.")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", no_gqa)
+    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention", no_gqa)
     fn = attention.checked_fn("sdpa_flash_cpu", device=torch.device("cpu"), dtype=torch.float32,
                               head_dim=16, n_heads=8, n_kv_heads=2)
     q, k, v = (t.float() for t in _qkv(1, 8, 2, 9, 16))

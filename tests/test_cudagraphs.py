@@ -3,6 +3,8 @@ refused before launch where FSDP would shard the variant, told to the probe (so 
 and the node's cache key follow it), and every step and every timing iteration a new graph step.
 The graphs themselves need a GPU: tests/test_gpu_cudagraphs.py."""
 
+import json
+
 import pytest
 import torch
 
@@ -10,10 +12,12 @@ from orchestrator import config as config_mod
 from orchestrator import run as run_mod
 from orchestrator.errors import UsageError
 from orchestrator.plan import Plan, PlannedVariant
-from orchestrator.preflight import cache, probe
+from orchestrator.preflight import probe
 from orchestrator.preflight.child import probe_command
 from orchestrator.preflight.settings import ProbeSettings, settings_for
-from trainer import compile_mode, kernel_select
+from trainer import attention, compile_mode
+from trainer.attention import AttentionShape, cache
+from trainer.attention import timing as kernel_select
 from trainer.model import ModelArgs, Transformer
 from trainer.optim import build_optimizer
 from trainer.step import Stepper
@@ -62,21 +66,22 @@ def test_the_probe_is_told_of_cuda_graphs_and_the_nodes_cache_key_follows():
     graphs = config_mod.validate({"train": {"seq_len": 64, "compile_mode": "reduce-overhead"}}, "x.yaml")
     plain = settings_for(base, config_mod.variant_configs(base, False, False), False)
     replayed = settings_for(graphs, config_mod.variant_configs(graphs, False, False), False)
-    assert (plain.cudagraphs, replayed.cudagraphs) == (False, True)
-    assert "--cudagraphs" not in probe_command(plain) and "--cudagraphs" in probe_command(replayed)
-    assert cache.node_key(plain, environ={}) != cache.node_key(replayed, environ={})
+    assert (plain.shape.cudagraphs, replayed.shape.cudagraphs) == (False, True)
+    shapes = [json.loads(argv[argv.index("--shape") + 1]) for argv in map(probe_command, (plain, replayed))]
+    assert (shapes[0]["cudagraphs"], shapes[1]["cudagraphs"]) == (False, True)
+    assert cache.node_key(plain.shape, False, environ={}) != cache.node_key(replayed.shape, False, environ={})
     args = probe.build_parser().parse_args(probe_command(replayed)[3:])
-    assert args.cudagraphs is True and probe.build_parser().parse_args([]).cudagraphs is False
+    assert args.shape.cudagraphs is True and probe.build_parser().parse_args([]).shape.cudagraphs is False
 
 
 def test_a_shape_replays_cuda_graphs_only_when_compiled_and_its_cache_key_says_so():
     margs = ModelArgs(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=16)
-    of = lambda **kw: kernel_select.Shape.of_run(margs, seq_len=16, micro_batch=2, dtype=torch.bfloat16, **kw)
-    assert of(compile=True, cudagraphs=True).cudagraphs is True
-    assert of(compile=False, cudagraphs=True).cudagraphs is False  # eager blocks have no graphs to replay
-    versions = {"torch": "x"}
-    assert (kernel_select.cache_key(of(compile=True, cudagraphs=True), versions)
-            != kernel_select.cache_key(of(compile=True), versions))
+    train = lambda **kw: config_mod.validate({"train": {"seq_len": 16, "micro_batch_size": 2, **kw}}, "x.yaml").train
+    of = lambda **kw: AttentionShape.of_run(train(**kw), margs)
+    assert of(compile=True, compile_mode="reduce-overhead").replays("cuda") is True
+    assert of(compile=False, compile_mode="reduce-overhead").replays("cuda") is False  # eager blocks: no graphs
+    assert (cache.node_key(of(compile=True, compile_mode="reduce-overhead"), False, environ={})
+            != cache.node_key(of(compile=True), False, environ={}))
 
 
 def _spy_steps(monkeypatch):
@@ -103,12 +108,13 @@ def test_each_training_step_starts_a_new_graph_step_only_under_cuda_graphs(monke
 
 def test_the_timer_under_cuda_graphs_starts_a_graph_step_each_iteration_with_inductors_graphs_on(monkeypatch):
     marks = _spy_steps(monkeypatch)
-    shape = kernel_select.Shape(seq_len=16, micro_batch=2, n_heads=4, n_kv_heads=2, head_dim=8, dtype="float32",
-                                compile=False, n_layers=2, ffn_hidden=64, cudagraphs=True)
+    shape = AttentionShape(seq_len=16, micro_batch=2, n_heads=4, n_kv_heads=2, head_dim=8, dtype="fp32",
+                           compile="false", n_layers=2, ffn_hidden=64, cudagraphs=True)
     from trainer.attention import standard_attention
 
     before = torch._inductor.config.triton.cudagraphs
-    ms = kernel_select.block_timer(shape, torch.device("cpu"), warmup=1, iters=2)("standard", standard_attention)
+    ms = kernel_select.block_timer(shape, torch.device("cpu"), warmup=1, iters=2, cudagraphs=True)(
+        "standard", standard_attention)
     assert ms > 0 and len(marks) >= 3 and all(marks)  # every iteration, under the mode's Inductor option
     assert torch._inductor.config.triton.cudagraphs == before  # and the mode ends with the timing
 
@@ -116,19 +122,17 @@ def test_the_timer_under_cuda_graphs_starts_a_graph_step_each_iteration_with_ind
 def test_a_worker_looks_up_the_verdict_under_the_key_the_driver_probed_with(tmp_path, monkeypatch):
     # The worker passes the settings as configured (train.compile "auto", CUDA graphs asked for)
     # whatever its device makes of them, as the driver's settings do: the same node key.
-    from trainer import verified_kernel
+    from trainer.attention import choice
 
     cfg = config_mod.validate({"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
                                "train": {"seq_len": 32, "micro_batch_size": 2, "compile_mode": "reduce-overhead"}})
     driver = settings_for(cfg, config_mod.variant_configs(cfg, False, False), False)
     seen = []
-    monkeypatch.setattr(verified_kernel, "_cached_verdict",
-                        lambda settings: seen.append(settings) or (None, None, "none here", {}, 0.0))
+    monkeypatch.setattr(choice.cache, "path_for", lambda shape, disabled: seen.append(shape) or tmp_path / "none.json")
     margs = cfg.model.args(vocab_size=64, max_seq_len=32, activation_checkpointing=cfg.train.activation_checkpointing)
     # As trainer/loop.py calls it.
-    verified_kernel.resolve("flash", **verified_kernel.run_settings(cfg.train, margs), log_dir=tmp_path,
-                            device=torch.device("cpu"), dtype=torch.float32)
-    assert probe_command(seen[0]) == probe_command(driver)
+    attention.choose("flash", AttentionShape.of_run(cfg.train, margs), torch.device("cpu"), log_dir=tmp_path)
+    assert probe_command(ProbeSettings(shape=seen[0])) == probe_command(driver)
 
 
 @pytest.mark.parametrize("beside", [True, False])
@@ -197,9 +201,10 @@ def test_the_timer_compiles_its_blocks_as_one_graph_under_cuda_graphs_as_the_mod
     from trainer.attention import standard_attention
 
     compiled = _spy_compiles(monkeypatch)
-    shape = kernel_select.Shape(seq_len=16, micro_batch=2, n_heads=4, n_kv_heads=2, head_dim=8, dtype="float32",
-                                compile=True, n_layers=4, ffn_hidden=64, cudagraphs=cudagraphs)
-    kernel_select.block_timer(shape, torch.device("cpu"), warmup=1, iters=1)("standard", standard_attention)
+    shape = AttentionShape(seq_len=16, micro_batch=2, n_heads=4, n_kv_heads=2, head_dim=8, dtype="fp32",
+                           compile="true", n_layers=4, ffn_hidden=64, cudagraphs=cudagraphs)
+    kernel_select.block_timer(shape, torch.device("cpu"), warmup=1, iters=1, cudagraphs=cudagraphs)(
+        "standard", standard_attention)
     assert compiled == (["_Stack"] if cudagraphs else ["Block"] * kernel_select.MAX_TIMED_BLOCKS)
 
 

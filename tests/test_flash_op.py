@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trainer import attention, flash_op
+from trainer import attention
+from trainer.attention import flash_op, registry
 
 
 def _ref_fwd(q, k, v, scale):
@@ -91,9 +92,9 @@ def test_the_op_passes_torch_library_opcheck():
 
 def test_fa4_disk_cache_is_switched_on_unless_the_user_chose(tmp_path):
     env = {}
-    flash_op.enable_fa4_disk_cache(env)
+    registry.enable_fa4_disk_cache(env)
     assert env == {"FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "1",
-                   "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(flash_op.CUTE_CACHE_DIR)}
+                   "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(registry.CUTE_CACHE_DIR)}
     env = {"FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "0", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(tmp_path)}
-    flash_op.enable_fa4_disk_cache(env)
+    registry.enable_fa4_disk_cache(env)
     assert env["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "0" and env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(tmp_path)

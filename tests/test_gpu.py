@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.gpu,
 @pytest.mark.parametrize("H,KV,T,D", [(16, 16, 1024, 128), (8, 2, 257, 64)])
 def test_flash_resolves_to_a_fused_kernel_that_matches_standard_in_bf16(H, KV, T, D):
     device = torch.device("cuda")
-    resolved = attention.resolve("flash", device=device, dtype=torch.bfloat16, head_dim=D, n_heads=H, n_kv_heads=KV)
+    resolved = attention.choose("flash", attention.AttentionShape(head_dim=D, n_heads=H, n_kv_heads=KV, dtype="bf16"),
+                                device, reuse_verdict=False, time_kernels=False)
     assert resolved.kernel in attention.flash_candidates(device), resolved.rejected
     g = torch.Generator(device="cpu").manual_seed(T)
     q = torch.randn(2, H, T, D, generator=g)

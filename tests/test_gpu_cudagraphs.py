@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import attention, compile_mode, kernel_select
+from trainer import attention, compile_mode
+from trainer.attention import AttentionShape
+from trainer.attention import timing as kernel_select
 from trainer.config import TrainConfig
 from trainer.model import ModelArgs, Transformer
 from trainer.optim import build_optimizer
@@ -83,8 +85,8 @@ def test_cuda_graphs_train_to_the_default_modes_losses(grad_accum, monkeypatch):
 
 def test_the_kernel_timer_runs_under_cuda_graphs(monkeypatch):
     captured = _count_captures(monkeypatch)
-    shape = kernel_select.Shape(seq_len=256, micro_batch=4, n_heads=4, n_kv_heads=2, head_dim=64, dtype="bfloat16",
-                                compile=True, n_layers=4, ffn_hidden=768, cudagraphs=True)
+    shape = AttentionShape(seq_len=256, micro_batch=4, n_heads=4, n_kv_heads=2, head_dim=64, dtype="bf16",
+                           compile="true", n_layers=4, ffn_hidden=768, cudagraphs=True)
     dev = torch.device("cuda")
     timer = kernel_select.block_timer(shape, dev, warmup=2, iters=3)
     for name in ("standard", "sdpa_flash"):

@@ -1,14 +1,16 @@
 """On a CUDA GPU (skipped on CPU machines): FA4 through the custom op agrees with standard
 attention forward and backward in bf16 and compiles without a graph break; the kernel choice
 by timing picks a kernel and records its timings; train.float8 trains. The CPU twins of these
-tests are test_flash_op.py, test_kernel_select.py and test_float8.py."""
+tests are test_flash_op.py, test_attention_timing.py and test_float8.py."""
 
 import importlib.util
 
 import pytest
 import torch
 
-from trainer import attention, kernel_select
+from trainer import attention
+from trainer.attention import AttentionShape, cache
+from trainer.attention import timing as kernel_select
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -77,13 +79,13 @@ def test_native_gqa_sdpa_flash_matches_standard_in_bf16():
     assert [g.shape for g in got_grads] == [w.shape for w in want_grads]
 
 
-def test_selection_by_timing_picks_the_fastest_passing_kernel_and_caches_it(tmp_path):
+def test_selection_by_timing_picks_the_fastest_passing_kernel_and_caches_it(tmp_path, monkeypatch):
     device = torch.device("cuda")
-    shape = kernel_select.Shape(seq_len=1024, micro_batch=4, n_heads=16, n_kv_heads=4, head_dim=64,
-                                dtype="bfloat16", compile=True)
-    pick = kernel_select.picker(shape, device, directory=tmp_path)
-    r = attention.resolve("flash", device=device, dtype=torch.bfloat16, head_dim=64, n_heads=16, n_kv_heads=4,
-                          pick=pick)
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(kernel_select, "device_memory", lambda device: None)  # the fused kernels alone
+    shape = AttentionShape(seq_len=1024, micro_batch=4, n_heads=16, n_kv_heads=4, head_dim=64, dtype="bf16",
+                           compile="true")
+    r = attention.choose("flash", shape, device, reuse_verdict=False)
     assert r.kernel in attention.flash_candidates(device), r.rejected
     assert len(r.timings) >= 2 and all(ms > 0 for ms in r.timings.values()), r.timings
     assert r.kernel == min(r.timings, key=r.timings.get)
@@ -92,18 +94,16 @@ def test_selection_by_timing_picks_the_fastest_passing_kernel_and_caches_it(tmp_
     def must_not_time(name, fn):
         raise AssertionError("a cache hit must not time again")
 
-    again = attention.resolve("flash", device=device, dtype=torch.bfloat16, head_dim=64, n_heads=16, n_kv_heads=4,
-                              pick=kernel_select.picker(shape, device, directory=tmp_path, timer=must_not_time))
+    again = attention.choose("flash", shape, device, reuse_verdict=False, timer=must_not_time)
     assert (again.kernel, again.timings) == (r.kernel, r.timings)
 
 
-def test_with_the_gpus_memory_standard_attention_is_timed_among_the_fused_kernels(tmp_path):
+def test_with_the_gpus_memory_standard_attention_is_timed_among_the_fused_kernels(tmp_path, monkeypatch):
     device = torch.device("cuda")
-    shape = kernel_select.Shape(seq_len=1024, micro_batch=8, n_heads=8, n_kv_heads=4, head_dim=64,
-                                dtype="bfloat16", compile=True, n_layers=8)  # configs/llama-small-gpu.yaml
-    pick = kernel_select.picker(shape, device, directory=tmp_path, device_bytes=kernel_select.device_memory(device))
-    r = attention.resolve("flash", device=device, dtype=torch.bfloat16, head_dim=64, n_heads=8, n_kv_heads=4,
-                          pick=pick)
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
+    shape = AttentionShape(seq_len=1024, micro_batch=8, n_heads=8, n_kv_heads=4, head_dim=64, dtype="bf16",
+                           compile="true", n_layers=8)  # configs/llama-small-gpu.yaml
+    r = attention.choose("flash", shape, device, reuse_verdict=False)
     assert "standard" in r.timings and len(r.timings) >= 3, r.timings
     assert r.kernel == min(r.timings, key=r.timings.get)
     assert (r.fn is attention.standard_attention) == (r.kernel == "standard")

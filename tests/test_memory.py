@@ -136,8 +136,8 @@ ds = load_dataset(preprocess.embedded_dataset())
 tc = TrainConfig(seq_len=256, micro_batch_size=16)
 margs = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4).args(vocab_size=ds.vocab_size, max_seq_len=256)
 cpu = torch.device("cpu")
-fn = attention.resolve(attn, device=cpu, dtype=torch.float32, head_dim=margs.head_dim, n_heads=margs.n_heads,
-                       n_kv_heads=margs.n_kv_heads).fn
+fn = attention.choose(attn, attention.AttentionShape.of_run(tc, margs), cpu, reuse_verdict=False,
+                      time_kernels=False).fn
 base = psutil.Process().memory_info().rss  # interpreter, torch, the dataset: the runtime's share
 model = Transformer(margs, fn)
 opt = build_optimizer(model, tc, cpu)

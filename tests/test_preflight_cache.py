@@ -9,22 +9,23 @@ import logging
 import multiprocessing
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from orchestrator.preflight import cache
 from orchestrator.preflight.child import probe_command, probe_env, run_probe
 from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.node import probe_or_reuse
 from orchestrator.preflight.findings import LOG_FILE, NodeReport
 from orchestrator.preflight.rules import verdict
 from tests.preflight_fakes import IMPORT_ERRORS, fake_flash_attn, import_failing
-from trainer import attention, verified_kernel
+from trainer import attention
+from trainer.attention import AttentionShape, cache
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = ProbeSettings(head_dim=16, n_heads=4, n_kv_heads=2, timeout_s=120)
+SETTINGS = ProbeSettings(shape=AttentionShape(head_dim=16, n_heads=4, n_kv_heads=2), timeout_s=120)
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +109,13 @@ def test_the_disable_switch_is_probed_again_whether_set_by_flag_or_by_the_nodes_
     del node.env["DISABLE_FLASH_ATTN"]
     assert node.probe()["cache"]["reused"] is True  # switched back: the first result holds again
     # --disable-flash-attn makes the probe see exactly what the node's switch does: one state.
-    assert node.probe(ProbeSettings(**{**SETTINGS.__dict__, "disable_flash_attn": True}))["cache"]["reused"] is True
+    assert node.probe(replace(SETTINGS, disable_flash_attn=True))["cache"]["reused"] is True
     assert node.probes == 2
 
 
 def test_a_different_check_shape_is_probed_again(node):
     node.probe()
-    node.probe(ProbeSettings(**{**SETTINGS.__dict__, "head_dim": 32}))
+    node.probe(replace(SETTINGS, shape=replace(SETTINGS.shape, head_dim=32)))
     assert node.probes == 2
 
 
@@ -135,7 +136,7 @@ def test_a_failed_probe_is_not_cached(node, tmp_path):
 def test_a_corrupt_cache_is_ignored_with_a_warning_and_replaced(node, caplog):
     first = node.probe()
     Path(first["cache"]["path"]).write_text('{"format": 1, "raw": {"stdout": "trunc')
-    with caplog.at_level(logging.WARNING, logger="orchestrator.preflight.cache"):
+    with caplog.at_level(logging.WARNING, logger="trainer.attention.cache"):
         again = node.probe()
     assert again["cache"]["reused"] is False and node.probes == 2
     assert "corrupt" in caplog.text and first["cache"]["path"] in caplog.text
@@ -145,7 +146,7 @@ def test_a_corrupt_cache_is_ignored_with_a_warning_and_replaced(node, caplog):
 def test_garbage_bytes_in_a_cache_entry_are_ignored_with_a_warning_not_a_probe_failure(node, caplog):
     first = node.probe()
     Path(first["cache"]["path"]).write_bytes(b"\xff\xfe\x00garbage\x9c")
-    with caplog.at_level(logging.WARNING, logger="orchestrator.preflight.cache"):
+    with caplog.at_level(logging.WARNING, logger="trainer.attention.cache"):
         again = node.probe()
     assert again["cache"]["reused"] is False and node.probes == 2 and again["returncode"] == 0
     assert "corrupt" in caplog.text and first["cache"]["path"] in caplog.text
@@ -155,7 +156,7 @@ def test_garbage_bytes_in_a_cache_entry_are_ignored_with_a_warning_not_a_probe_f
 def test_an_unreadable_cache_is_ignored_with_a_warning(tmp_path, caplog):
     path = tmp_path / "entry.json"
     path.mkdir()  # reading a directory fails with an OSError, as a bad mount would
-    with caplog.at_level(logging.WARNING, logger="orchestrator.preflight.cache"):
+    with caplog.at_level(logging.WARNING, logger="trainer.attention.cache"):
         found = cache.load(path)
     assert found.entry is None and "unreadable" in found.why_not and "unreadable" in caplog.text
 
@@ -185,24 +186,31 @@ def test_two_concurrent_writers_never_leave_a_broken_entry(tmp_path):
 # ---------------------------------------------------------------- the worker's re-check
 
 
-def _plant_verdict(kernel: str, settings: ProbeSettings, timings: dict | None = None) -> Path:
-    path = cache.entry_path(cache.node_key(settings))
-    cache.store(path, cache.node_key(settings), {"stdout": ""},
+def _plant_verdict(kernel: str, shape: AttentionShape, timings: dict | None = None) -> Path:
+    path = cache.path_for(shape, False)
+    cache.store(path, cache.node_key(shape, False), {"stdout": ""},
                 {"flash_ok": True, "flash_kernel": kernel, "kernel_timings": timings or {}})
     return path
 
 
-WORKER_SHAPE = dict(device=torch.device("cpu"), dtype=torch.float32, head_dim=16, n_heads=4, n_kv_heads=2)
+WORKER_SHAPE = AttentionShape(head_dim=16, n_heads=4, n_kv_heads=2, dtype="auto")
+CPU = torch.device("cpu")
 
 
-def _worker_settings() -> ProbeSettings:
-    return ProbeSettings(head_dim=16, n_heads=4, n_kv_heads=2, dtype="auto")
+def _worker(tmp_path, shape=WORKER_SHAPE, device=CPU):
+    """As a worker chooses: the node's verdict where it holds."""
+    resolved = attention.choose("flash", shape, device, log_dir=tmp_path)
+    return resolved, resolved.verdict
+
+
+def _afresh(shape=WORKER_SHAPE):
+    return attention.choose("flash", shape, CPU, reuse_verdict=False, time_kernels=False)
 
 
 def test_a_worker_reuses_its_nodes_verdict(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
-    _plant_verdict("sdpa_flash_cpu", _worker_settings(), timings={"sdpa_flash_cpu": 1.5, "sdpa_math": 2.5})
-    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **WORKER_SHAPE)
+    _plant_verdict("sdpa_flash_cpu", WORKER_SHAPE, timings={"sdpa_flash_cpu": 1.5, "sdpa_math": 2.5})
+    resolved, reuse = _worker(tmp_path)
     assert resolved.kernel == "sdpa_flash_cpu" and reuse["reused"] is True
     # The record's kernel_timings: what the preflight chose from, carried with the reused verdict.
     assert resolved.timings == {"sdpa_flash_cpu": 1.5, "sdpa_math": 2.5}
@@ -210,24 +218,24 @@ def test_a_worker_reuses_its_nodes_verdict(tmp_path, monkeypatch):
 
 def test_a_worker_without_a_cached_verdict_chooses_as_before(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
-    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **WORKER_SHAPE)
-    assert resolved.kernel == attention.resolve("flash", **WORKER_SHAPE).kernel
+    resolved, reuse = _worker(tmp_path)
+    assert resolved.kernel == _afresh().kernel
     assert reuse == {"reused": False, "why_not": "no cached result for this node's current state"}
 
 
 def test_a_wrong_reused_verdict_falls_back_marks_the_entry_stale_and_is_logged(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
     # The cache says flash_attn_2 passed here; on this worker its import fails.
-    path = _plant_verdict("flash_attn_2", _worker_settings())
-    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **WORKER_SHAPE)
-    fresh = attention.resolve("flash", **WORKER_SHAPE)
+    path = _plant_verdict("flash_attn_2", WORKER_SHAPE)
+    resolved, reuse = _worker(tmp_path)
+    fresh = _afresh()
     assert (resolved.kernel, resolved.rejected) == (fresh.kernel, fresh.rejected)
     assert reuse["reused"] is False and "flash_attn_2 was wrong" in reuse["why_not"]
     assert "marked stale" in cache.load(path).why_not
     logged = (tmp_path / LOG_FILE).read_text()
     assert "reused preflight verdict (kernel flash_attn_2" in logged and f"chose afresh: {fresh.kernel}" in logged
     # The next worker finds no verdict to reuse: it chooses afresh too, without a new log line.
-    _, again = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **WORKER_SHAPE)
+    _, again = _worker(tmp_path)
     assert again["reused"] is False and "stale" in again["why_not"]
     assert (tmp_path / LOG_FILE).read_text() == logged
 
@@ -239,7 +247,7 @@ def test_a_wrong_reused_verdict_falls_back_marks_the_entry_stale_and_is_logged(t
 def test_preflight_on_a_ray_node_is_reused_until_fresh_preflight_is_asked(ray_session):
     from orchestrator.preflight import run_preflight
 
-    settings = ProbeSettings(head_dim=8, n_heads=2, n_kv_heads=1, timeout_s=120)  # a shape no other test uses
+    settings = ProbeSettings(shape=AttentionShape(head_dim=8, n_heads=2, n_kv_heads=1), timeout_s=120)  # a shape no other test uses
     first, second, fresh = (run_preflight(settings, fresh=f) for f in (False, False, True))
     assert [n.reused for r in (first, second, fresh) for n in r.nodes] == [False, True, False]
     assert second.nodes[0].verdict.flash_kernel == first.nodes[0].verdict.flash_kernel
@@ -278,13 +286,12 @@ def test_a_run_whose_reused_verdict_is_wrong_still_trains_logs_it_and_leaves_the
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_a_real_probe_verdict_is_reused_by_the_worker_and_skips_the_other_candidates(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
-    settings = ProbeSettings(head_dim=64, n_heads=8, n_kv_heads=2, dtype="auto", timeout_s=300)
+    settings = ProbeSettings(shape=AttentionShape(head_dim=64, n_heads=8, n_kv_heads=2, dtype="auto"), timeout_s=300)
     # The parent's own environment: probe_env prepends this checkout to PYTHONPATH, so the child sees
     # the packages the worker below sees (flash-attn-4 installed beside them included).
     raw = probe_or_reuse(probe_command(settings), settings, False, dict(os.environ))
     assert raw["cache"]["reused"] is False
-    shape = dict(device=torch.device("cuda", 0), dtype=torch.bfloat16, head_dim=64, n_heads=8, n_kv_heads=2)
-    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **shape)
+    resolved, reuse = _worker(tmp_path, settings.shape, torch.device("cuda", 0))
     assert reuse["reused"] is True, reuse
     verdict_kernel = cache.load(Path(raw["cache"]["path"])).entry["verdict"]["flash_kernel"]
     assert resolved.kernel == verdict_kernel and resolved.rejected == {}
@@ -292,13 +299,13 @@ def test_on_a_gpu_a_real_probe_verdict_is_reused_by_the_worker_and_skips_the_oth
 
 def test_a_verdict_of_standard_timed_fastest_is_reused_but_not_one_without_its_timing(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
-    path = _plant_verdict("standard", _worker_settings(), timings={"sdpa_flash_cpu": 2.0, "standard": 1.2})
-    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **WORKER_SHAPE)
+    path = _plant_verdict("standard", WORKER_SHAPE, timings={"sdpa_flash_cpu": 2.0, "standard": 1.2})
+    resolved, reuse = _worker(tmp_path)
     assert (resolved.kernel, reuse["reused"]) == ("standard", True)
     assert resolved.fn is attention.standard_attention
 
     # "standard" with nothing timed is no choice preflight made: the worker chooses afresh.
-    cache.store(path, cache.node_key(_worker_settings()), {"stdout": ""}, {"flash_ok": True, "flash_kernel": "standard"})
-    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **WORKER_SHAPE)
+    cache.store(path, cache.node_key(WORKER_SHAPE, False), {"stdout": ""}, {"flash_ok": True, "flash_kernel": "standard"})
+    resolved, reuse = _worker(tmp_path)
     assert reuse["reused"] is False and "not a flash candidate" in reuse["why_not"]
-    assert resolved.kernel == attention.resolve("flash", **WORKER_SHAPE).kernel
+    assert resolved.kernel == _afresh().kernel

@@ -1,5 +1,6 @@
 """The node probe without Ray: ELF reading, imports in a child, the whole probe as a child process."""
 
+import json
 import os
 import sys
 import time
@@ -11,7 +12,9 @@ import torch
 from orchestrator.preflight import elf, rules
 from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.child import parse_probe, probe_command, probe_env, run_probe
-from orchestrator.preflight.probe import check_import, glibc_version
+from orchestrator.preflight.probe import check_import
+from trainer.attention import AttentionShape
+from trainer.attention.cache import glibc_version
 from tests.preflight_fakes import IMPORT_ERRORS, fake_flash_attn, fake_flash_attn_4_only, import_failing, patched_so
 
 
@@ -58,7 +61,7 @@ def _probe(settings, site, tmp_path):
 
 def test_probe_reports_every_check_on_a_gpu_less_node_with_a_broken_flash_attn(tmp_path):
     site = fake_flash_attn(tmp_path, import_failing(IMPORT_ERRORS["glibc_too_old"]), with_so=True)
-    facts = _probe(ProbeSettings(head_dim=16, n_heads=4, n_kv_heads=2), site, tmp_path)
+    facts = _probe(ProbeSettings(shape=AttentionShape(head_dim=16, n_heads=4, n_kv_heads=2)), site, tmp_path)
     assert facts["glibc"] == glibc_version() and facts["python"] and facts["torch"]["version"] == torch.__version__
     assert facts["gpus"] == [] and facts["libstdcxx"]["GLIBCXX"]
     [dist] = facts["flash_attn"]["distributions"]
@@ -123,7 +126,7 @@ def test_a_timed_out_probe_takes_its_children_with_it(tmp_path):
 
 def test_a_flash_attn_4_only_install_is_a_normal_install_not_an_issue(tmp_path):
     site = fake_flash_attn_4_only(tmp_path / "site")
-    facts = _probe(ProbeSettings(head_dim=16, n_heads=4, n_kv_heads=2), site, tmp_path)
+    facts = _probe(ProbeSettings(shape=AttentionShape(head_dim=16, n_heads=4, n_kv_heads=2)), site, tmp_path)
     imports = {i["module"]: i for i in facts["flash_attn"]["imports"]}
     assert imports["flash_attn.cute"]["ok"]
     assert "no flash_attn_func" in imports["flash_attn"]["skipped"] and "error" not in imports["flash_attn"]
@@ -140,18 +143,18 @@ def test_an_fa2_less_namespace_error_text_is_classified_as_not_installed_not_unk
 def test_probe_times_every_kernel_that_passed_at_the_run_shape_and_caches_the_choice(tmp_path, monkeypatch):
 
     from orchestrator.preflight import probe
-    from trainer import attention, kernel_select
+    from trainer.attention import cache, kernels
 
     # Two kernels pass on this CPU: the fused one and (standing in for a second fused kernel) standard.
-    monkeypatch.setattr(attention, "flash_candidates", lambda device: ["sdpa_flash_cpu", "standard"])
-    monkeypatch.setenv(kernel_select.CACHE_ENV, str(tmp_path))
-    settings = probe.build_parser().parse_args(["--head-dim", "16", "--n-heads", "4", "--n-kv-heads", "2",
-                                                "--seq-len", "32", "--micro-batch", "2"])
+    monkeypatch.setattr(kernels, "flash_candidates", lambda device: ["sdpa_flash_cpu", "standard"])
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
+    shape = AttentionShape(head_dim=16, n_heads=4, n_kv_heads=2, seq_len=32, micro_batch=2)
+    settings = probe.build_parser().parse_args(["--shape", shape.to_json()])
     check, results, selection = probe.kernel_checks(settings, [], disabled=False)
     assert set(selection["timings"]) == {"sdpa_flash_cpu", "standard"}
     assert selection["kernel"] == min(selection["timings"], key=selection["timings"].get)
     assert selection["shape"]["seq_len"] == 32 and selection["shape"]["compile"] is False
-    assert len(list(tmp_path.glob("*.json"))) == 1  # the workers on this node read it
+    assert len(list(tmp_path.rglob("*.json"))) == 1  # the workers on this node read it
     facts = {"flash_attn": {}, "kernels": results, "kernel_selection": selection}
     assert rules.verdict(facts).flash_kernel == selection["kernel"]
 
@@ -162,17 +165,19 @@ def test_the_probe_times_the_kernels_in_the_runs_whole_blocks_its_mlp_width_and_
     from orchestrator import config as config_mod
     from orchestrator.preflight import probe
     from orchestrator.preflight.settings import settings_for
-    from trainer import attention, kernel_select
+    from trainer.attention import cache, kernels
+    from trainer.attention import timing as kernel_select
 
     cfg = config_mod.validate({"model": {"dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2},
                                "train": {"seq_len": 32, "micro_batch_size": 2, "activation_checkpointing": True}})
     settings = settings_for(cfg, config_mod.variant_configs(cfg, False), False)
-    assert (settings.ffn_hidden, settings.activation_checkpointing) == (192, 1)  # 8/3 x 64, rounded to 64
+    assert (settings.shape.ffn_hidden, settings.shape.activation_checkpointing) == (192, 1)  # 8/3 x 64, rounded to 64
     argv = probe_command(settings)
-    assert argv[argv.index("--ffn-hidden") + 1] == "192" and argv[argv.index("--activation-checkpointing") + 1] == "1"
+    told = json.loads(argv[argv.index("--shape") + 1])
+    assert told["ffn_hidden"] == 192 and told["activation_checkpointing"] == 1
 
-    monkeypatch.setattr(attention, "flash_candidates", lambda device: ["sdpa_flash_cpu", "standard"])
-    monkeypatch.setenv(kernel_select.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(kernels, "flash_candidates", lambda device: ["sdpa_flash_cpu", "standard"])
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
     timed = []
     real = kernel_select.block_timer
     monkeypatch.setattr(kernel_select, "block_timer", lambda shape, device, **kw: timed.append(shape) or real(shape, device, **kw))

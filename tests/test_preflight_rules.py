@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator.preflight import rules
 from orchestrator.preflight.settings import ProbeSettings
+from trainer.attention import AttentionShape
 from orchestrator.preflight.child import parse_probe
 from orchestrator.preflight.probe import MARKER, SCHEMA
 from orchestrator.plan import nodes_from_preflight
@@ -138,7 +139,7 @@ def _report():
     ok = NodeReport("a" * 56, "10.0.0.1", 16, 1, {"gpu": "a100"}, _gpu_facts(), rules.verdict(_gpu_facts()), 4.2)
     hung_issue = rules.Issue("probe", rules.crash_cause("the probe (5 s timeout)", None, True), "")
     hung = NodeReport("b" * 56, "10.0.0.2", 8, 0, {}, None, rules.probe_failed("probe", hung_issue.cause, ""), None)
-    return PreflightReport([ok, hung], ProbeSettings(head_dim=64, n_heads=8, n_kv_heads=2))
+    return PreflightReport([ok, hung], ProbeSettings(shape=AttentionShape(head_dim=64, n_heads=8, n_kv_heads=2)))
 
 
 def test_report_table_json_and_log_show_each_node_verdict_cause_and_hint(tmp_path):
@@ -179,7 +180,7 @@ def test_the_kernel_timed_fastest_at_the_run_shape_wins_over_the_first_in_order(
     v = rules.verdict(_timed_facts())
     assert (v.flash_kernel, v.kernel_timings["sdpa_cudnn"]) == ("sdpa_cudnn", 4.5)
     node = NodeReport("a" * 56, "10.0.0.1", 16, 1, {}, _timed_facts(), v, 4.2)
-    report = PreflightReport([node], ProbeSettings(head_dim=64, n_heads=8, n_kv_heads=2, seq_len=1024))
+    report = PreflightReport([node], ProbeSettings(shape=AttentionShape(head_dim=64, n_heads=8, n_kv_heads=2, seq_len=1024)))
     assert report.outcome_lines() == [
         "Flash attention: kernel sdpa_cudnn (4.5 ms/iter), runner-up sdpa_flash (5.25 ms) on aaaaaaaa (10.0.0.1)"]
     assert "flash (sdpa_cudnn, 4.5 ms)" in report.table()[2]
@@ -198,7 +199,7 @@ def test_standard_attention_timed_fastest_is_the_flash_verdict_and_says_so(tmp_p
     v = rules.verdict(facts)
     assert (v.flash_ok, v.flash_kernel) == (True, "standard")
     node = NodeReport("a" * 56, "10.0.0.1", 16, 1, {}, facts, v, 4.2)
-    report = PreflightReport([node], ProbeSettings(head_dim=64, n_heads=8, n_kv_heads=2, seq_len=1024))
+    report = PreflightReport([node], ProbeSettings(shape=AttentionShape(head_dim=64, n_heads=8, n_kv_heads=2, seq_len=1024)))
     assert report.outcome_lines() == ["Flash attention: standard attention, timed fastest (4 ms/iter), runner-up "
                                       "sdpa_flash (5.25 ms) on aaaaaaaa (10.0.0.1)"]
     assert "flash (standard: timed fastest, 4 ms)" in report.table()[2]

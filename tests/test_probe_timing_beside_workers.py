@@ -13,16 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.preflight import cache, fanout
+from orchestrator.preflight import fanout
 from orchestrator.preflight.child import parse_probe, run_probe
 from orchestrator.preflight.findings import NodeReport, PreflightReport
 from orchestrator.preflight.node import probe_or_reuse
 from orchestrator.preflight.probe import DEFERRED, MARKER, SCHEMA
 from orchestrator.preflight.rules import verdict
 from orchestrator.preflight.settings import ProbeSettings
-from trainer import attention, kernel_select, verified_kernel
+from trainer import attention
+from trainer.attention import AttentionShape, cache, choice, kernels
 
-SETTINGS = ProbeSettings(head_dim=16, n_heads=4, n_kv_heads=2, timeout_s=60)
+SETTINGS = ProbeSettings(shape=AttentionShape(head_dim=16, n_heads=4, n_kv_heads=2), timeout_s=60)
 TIMINGS = {"sdpa_cudnn": 4.9, "sdpa_flash": 5.3}
 
 
@@ -109,7 +110,7 @@ def test_a_probe_that_hangs_while_timing_is_still_stopped_at_its_timeout(tmp_pat
 
 def test_the_node_answers_at_the_facts_and_caches_the_timed_choice_when_the_timing_ends(tmp_path):
     argv = _fake_probe(tmp_path, hold_s=1.5)
-    path = cache.entry_path(cache.node_key(SETTINGS, argv=argv))
+    path = cache.path_for(SETTINGS.shape, False)
     early: list[dict] = []
     pending_seen: list[bool] = []
 
@@ -130,7 +131,7 @@ def test_the_node_answers_at_the_facts_and_caches_the_timed_choice_when_the_timi
 def test_a_failed_timing_leaves_no_cache_entry_and_no_marker(tmp_path):
     argv = _fake_probe(tmp_path, hold_s=0.1, final=False)  # prints its early facts, then dies
     argv[1:1] = ["-c", "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0]); sys.exit(3)"]
-    path = cache.entry_path(cache.node_key(SETTINGS, argv=argv))
+    path = cache.path_for(SETTINGS.shape, False)
     raw = probe_or_reuse(argv, SETTINGS, fresh=False, early=lambda raw: None)
     assert raw["returncode"] == 3
     assert cache.load(path).entry is None and not cache.pending_path(path).exists()
@@ -152,8 +153,14 @@ def test_the_local_probe_lets_the_plan_go_on_before_the_timing_ends(tmp_path, mo
 # ---------------------------------------------------------------- the worker waits for the choice
 
 
-WORKER = ProbeSettings(head_dim=16, n_heads=4, n_kv_heads=2, dtype="auto")
-SHAPE = dict(device=torch.device("cpu"), dtype=torch.float32, head_dim=16, n_heads=4, n_kv_heads=2)
+WORKER = AttentionShape(head_dim=16, n_heads=4, n_kv_heads=2, dtype="auto")
+CPU = torch.device("cpu")
+
+
+def _worker(tmp_path, requested="flash", **how):
+    """As a worker chooses: the node's verdict where it holds."""
+    resolved = attention.choose(requested, WORKER, CPU, log_dir=tmp_path, **how)
+    return resolved, resolved.verdict
 
 
 def _store_later(path: Path, key: dict, delay_s: float, kernel: str) -> threading.Thread:
@@ -169,11 +176,11 @@ def _store_later(path: Path, key: dict, delay_s: float, kernel: str) -> threadin
 
 
 def test_a_worker_waits_for_its_nodes_probe_still_timing_and_takes_its_choice(tmp_path):
-    key = cache.node_key(WORKER)
+    key = cache.node_key(WORKER, False)
     path = cache.entry_path(key)
     cache.mark_pending(path, time.time() + 30)
     writer = _store_later(path, key, 1.0, "sdpa_flash_cpu")
-    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **SHAPE)
+    resolved, reuse = _worker(tmp_path)
     writer.join()
     assert resolved.kernel == "sdpa_flash_cpu" and reuse["reused"] is True and reuse["waited_s"] >= 0.8
     assert resolved.timings == {"sdpa_flash_cpu": 1.0, "sdpa_math": 2.0}  # the record's kernel_timings
@@ -182,44 +189,43 @@ def test_a_worker_waits_for_its_nodes_probe_still_timing_and_takes_its_choice(tm
 def test_the_worker_hears_the_verdict_looked_up_after_the_probes_timing_and_before_its_check(tmp_path, monkeypatch):
     """trainer.loop builds the model once the lookup is done: never while this node's probe is
     still timing kernels on the GPU, and beside the worker's own check of the kernel."""
-    key = cache.node_key(WORKER)
+    key = cache.node_key(WORKER, False)
     path = cache.entry_path(key)
     cache.mark_pending(path, time.time() + 30)
     events = []
-    real_check = attention.check_kernel
-    monkeypatch.setattr(attention, "check_kernel", lambda fn, **kw: events.append("check") or real_check(fn, **kw))
+    real_check = kernels.check_kernel
+    monkeypatch.setattr(kernels, "check_kernel", lambda fn, **kw: events.append("check") or real_check(fn, **kw))
     writer = _store_later(path, key, 1.0, "sdpa_flash_cpu")
     t0 = time.monotonic()
-    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **SHAPE,
-                                              looked_up=lambda: events.append(("looked up", time.monotonic() - t0)))
+    resolved, reuse = _worker(tmp_path, looked_up=lambda: events.append(("looked up", time.monotonic() - t0)))
     writer.join()
     assert reuse["reused"] is True and events[0][0] == "looked up" and events[0][1] >= 0.8
     assert events[1:] == ["check"]
     heard = []
-    verified_kernel.resolve("standard", dtype_setting="auto", log_dir=tmp_path, **SHAPE, looked_up=lambda: heard.append(1))
+    _worker(tmp_path, "standard", looked_up=lambda: heard.append(1))
     assert heard == [1]  # no verdict to look up: at once
 
 
 def test_a_worker_waits_for_a_fresh_probe_even_where_an_older_entry_is_there(tmp_path):
-    key = cache.node_key(WORKER)
+    key = cache.node_key(WORKER, False)
     path = cache.entry_path(key)
     cache.store(path, key, {"stdout": ""}, {"flash_ok": True, "flash_kernel": "standard", "kernel_timings": {}})
     cache.mark_pending(path, time.time() + 30)  # --fresh-preflight: a new probe is timing
     writer = _store_later(path, key, 1.0, "sdpa_flash_cpu")
-    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **SHAPE)
+    resolved, reuse = _worker(tmp_path)
     writer.join()
     assert resolved.kernel == "sdpa_flash_cpu" and reuse["waited_s"] >= 0.8
 
 
 def test_a_worker_does_not_wait_for_a_dead_or_expired_probe(tmp_path):
-    path = cache.entry_path(cache.node_key(WORKER))
+    path = cache.entry_path(cache.node_key(WORKER, False))
     path.parent.mkdir(parents=True, exist_ok=True)
     dead = 2 ** 22 + 12345  # above pid_max's default: no such process
     cache.pending_path(path).write_text(json.dumps({"pid": dead, "until": time.time() + 60}))
     t0 = time.monotonic()
-    resolved, reuse = verified_kernel.resolve("flash", dtype_setting="auto", log_dir=tmp_path, **SHAPE)
+    resolved, reuse = _worker(tmp_path)
     assert time.monotonic() - t0 < 5 and reuse["reused"] is False and "waited_s" not in reuse
-    assert resolved.kernel == attention.resolve("flash", **SHAPE).kernel
+    assert resolved.kernel == attention.choose("flash", WORKER, CPU, reuse_verdict=False, time_kernels=False).kernel
     cache.mark_pending(path, time.time() - 1)  # this process, but its deadline passed
     assert cache.wait_for(path)[1] < 0.5
 
@@ -228,12 +234,15 @@ def test_a_worker_does_not_wait_for_a_dead_or_expired_probe(tmp_path):
 
 
 def test_the_hook_before_timing_runs_only_when_kernels_are_timed(tmp_path):
-    shape = kernel_select.Shape(seq_len=64, micro_batch=1, n_heads=4, n_kv_heads=2, head_dim=16, dtype="float32",
-                                compile=False)
+    shape = AttentionShape(seq_len=64, micro_batch=1, n_heads=4, n_kv_heads=2, head_dim=16, dtype="fp32",
+                           compile="false")
     calls = []
     timer = {"a": 2.0, "b": 1.0}.__getitem__
-    pick = kernel_select.picker(shape, torch.device("cpu"), timer=lambda name, fn: timer(name), directory=tmp_path,
-                                versions={"v": 1}, before_timing=lambda: calls.append("timing"))
+
+    def pick(passed):
+        return choice.fastest_here(passed, shape, CPU, tmp_path / "entry.json", timer=lambda name, fn: timer(name),
+                                   before_timing=lambda: calls.append("timing"))
+
     fn = attention.standard_attention
     assert pick({"a": fn, "b": fn}) == ("b", {"a": 2.0, "b": 1.0}) and calls == ["timing"]
     assert pick({"a": fn, "b": fn})[0] == "b" and calls == ["timing"]  # cached: nothing timed

@@ -80,7 +80,7 @@ def test_startup_goals_compare_warm_and_kept_ray_with_cold_and_with_the_floor():
 def test_the_bench_gives_its_runs_caches_of_their_own_that_start_empty_and_are_removed(tmp_path, monkeypatch):
     from orchestrator.bytecode import BYTECODE_ENV
     from orchestrator.kept_ray import STATE_DIR_ENV
-    from orchestrator.preflight.cache import CACHE_DIR_ENV
+    from trainer.attention.cache import CACHE_DIR_ENV
     from trainer.compile_cache import INDUCTOR_DIR_ENV
 
     seen = []

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from trainer.model_args import ModelArgs
 
-# The attentions a variant can ask for; trainer/attention.py resolves each to a kernel.
+# The attentions a variant can ask for; trainer/attention/ resolves each to a kernel.
 AttentionName = Literal["flash", "standard"]
 ATTENTIONS: tuple[str, ...] = get_args(AttentionName)
 # torchao's float8 scaling recipes (train.float8_recipe; trainer/float8.py converts with them).

@@ -11,24 +11,14 @@ import importlib.abc
 import os
 import sys
 
-BLOCKED_TOP_LEVEL = (
-    "flash_attn",
-    "flash_attn_interface",
-    "flash_attn_2_cuda",
-    "flash_attn_3",
-    "flash_attn_3_cuda",
-    "flash_attn_cuda",
-    "flash_attn_4",
-    "hopper",  # FA3's source-tree package name
-)
+from trainer.attention import registry  # the backends' modules; imports no torch
+
 # Why a node or worker has no flash attention when it was switched off, in every report.
 DISABLED_REASON = "flash attention disabled (--disable-flash-attn or DISABLE_FLASH_ATTN=1)"
-# Only 'hopper.flash_attn_interface' style paths, not every package called hopper.
-_BLOCKED_PREFIXES = tuple(n for n in BLOCKED_TOP_LEVEL if n != "hopper") + ("hopper.flash_attn",)
 
 
 def is_blocked(fullname: str) -> bool:
-    return any(fullname == p or fullname.startswith(p + ".") for p in _BLOCKED_PREFIXES)
+    return any(fullname == p or fullname.startswith(p + ".") for p in registry.blocked_modules())
 
 
 def disabled_by_env(environ: os._Environ | dict | None = None) -> bool:

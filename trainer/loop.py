@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import (attention, checkpoint, compile_mode, driver_watch, failures, finite, hf_checkpoint, import_guard,
-                     kernel_select, loss, master_weights, overlap, parallelize, timing, verified_kernel)
+from trainer import (checkpoint, compile_mode, driver_watch, failures, finite, hf_checkpoint, import_guard, loss,
+                     master_weights, overlap, parallelize, timing)
+from trainer.attention import IMPLS, AttentionShape, choose, describe, unresolved
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
 from trainer.optim import lr_at, optimizer_for
@@ -40,8 +41,8 @@ def attention_from_env(environ=None) -> str:
     if import_guard.disabled_by_env(env):
         return "standard"
     impl = env.get("ATTN_IMPL", "flash").strip().lower()
-    if impl not in attention.IMPLS:
-        raise ValueError(f"ATTN_IMPL={impl!r}; expected one of {', '.join(attention.IMPLS)}")
+    if impl not in IMPLS:
+        raise ValueError(f"ATTN_IMPL={impl!r}; expected one of {', '.join(IMPLS)}")
     return impl
 
 
@@ -110,8 +111,6 @@ def train_loop_per_worker(config: dict) -> dict:
         raise ValueError(compile_mode.fsdp_refusal(tc.compile_mode))
     if use_compile:
         compile_mode.set_mode(tc.compile_mode)  # before the first step, where the model compiles
-    shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, dtype=dtype,
-                                       compile=use_compile, cudagraphs=cudagraphs)
     if margs.vocab_size < dataset.vocab_size:
         raise ValueError(f"model.vocab_size {margs.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
     init_weights = (lambda: hf_checkpoint.load_state_dict(spec.model.init_from, margs)) if spec.model.init_from else None
@@ -123,31 +122,27 @@ def train_loop_per_worker(config: dict) -> dict:
         try:
             if is_gpu:
                 torch.cuda.set_device(device)  # the current device is per thread
-            result = verified_kernel.resolve(  # the node's preflight verdict, when it holds
-                requested, **verified_kernel.run_settings(tc, margs), log_dir=Path(spec.out_dir).parent,
-                device=device, dtype=dtype, flash_attn_allowed=not import_guard.installed(),
-                # else the fastest at this shape (cached per node), standard attention included where it fits
-                pick=kernel_select.picker(shape, device, device_bytes=kernel_select.device_memory(device),
-                                          before_timing=built.wait),
-                looked_up=looked_up.set,
-            )
+            # The node's preflight verdict, when it holds; else the fastest at this shape (cached per node).
+            result = choose(requested, AttentionShape.of_run(tc, margs), device, log_dir=Path(spec.out_dir).parent,
+                            flash_attn_allowed=not import_guard.installed(), before_timing=lambda _: built.wait(),
+                            looked_up=looked_up.set)
             return result, time.time()
         finally:
             looked_up.set()
 
     def build_model():
-        return parallelize.build(margs, attention.unresolved, strategy=spec.strategy, device=device, seed=tc.seed,
+        return parallelize.build(margs, unresolved, strategy=spec.strategy, device=device, seed=tc.seed,
                                  compile=use_compile, world_size=world, init_weights=init_weights,
                                  float8=tc.float8_recipe if tc.float8 else None,
                                  whole_graph=compile_mode.whole_model(tc.compile_mode, spec.strategy),
                                  param_dtype=master_weights.torch_dtype(weights))
 
-    ((resolved, verdict_reuse), t_attention), (model, raw_model) = overlap.resolve_beside_build(
+    (resolved, t_attention), (model, raw_model) = overlap.resolve_beside_build(
         resolve_attention, build_model, looked_up=looked_up, built=built, beside=not cudagraphs)
     # model_init: what of the build came after the check (all of it under CUDA graphs)
     parallelize.set_attention(raw_model, resolved.fn)
     if rank == 0 and requested == "flash":
-        log.info("Flash attention: %s", kernel_select.describe(resolved.kernel, resolved.timings))
+        log.info("Flash attention: %s", describe(resolved.kernel, resolved.timings))
     worker_info = {
         "rank": rank,
         "node_id": ray.get_runtime_context().get_node_id(),  # [ray]
@@ -157,7 +152,7 @@ def train_loop_per_worker(config: dict) -> dict:
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],  # [ray] the node's GPUs this worker holds ([] on CPU)
         "kernel": resolved.kernel,
         "rejected_kernels": resolved.rejected,
-        "preflight_verdict": verdict_reuse,
+        "preflight_verdict": resolved.verdict,
         "env": {k: os.environ[k] for k in ATTN_ENV_VARS if k in os.environ},
         "flash_attn_imports_blocked": import_guard.installed(),
     }

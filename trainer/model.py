@@ -1,7 +1,7 @@
 """A Llama-style decoder, in reading order: norm -> rotary -> attention -> MLP -> block -> model.
 
 Attention is the one swappable piece: the model calls ``self.attn_fn(q, k, v)`` and never
-decides which kernel that is (see ``trainer/attention.py``).
+decides which kernel that is (see ``trainer/attention/``).
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def time_runs(fn: Callable[[], object], device: torch.device, *, warmup: int, it
 
 def group_size(seconds_per_call: float, group_s: float, max_group: int) -> int:
     """Calls per timed group of calls run back to back: about ``group_s`` of work, at least one,
-    at most ``max_group`` (``time_steps``; ``kernel_select.block_timer``)."""
+    at most ``max_group`` (``time_steps``; ``trainer.attention.timing.block_timer``)."""
     return max(1, min(max_group, math.ceil(group_s / max(seconds_per_call, 1e-9))))
 
 

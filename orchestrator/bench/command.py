@@ -182,10 +182,10 @@ def _kernels(text: str | None, device: torch.device) -> list[str] | None:
     if text.strip() == "all":
         return kernels.usable_kernels(device)
     names = [k.strip() for k in text.split(",") if k.strip()]
-    bad = [k for k in names if k not in attention.KERNELS]
+    bad = [k for k in names if k not in attention.kernel_names()]
     if bad or not names:
         what = ", ".join(bad) or repr(text)
-        raise UsageError(f"--kernels: unknown {what}; expected all or some of {', '.join(attention.KERNELS)}")
+        raise UsageError(f"--kernels: unknown {what}; expected all or some of {', '.join(attention.kernel_names())}")
     return names
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 from orchestrator import bytecode
 from orchestrator.kept_ray import STATE_DIR_ENV
-from orchestrator.preflight.cache import CACHE_DIR_ENV
+from trainer.attention.cache import CACHE_DIR_ENV
 from trainer.compile_cache import INDUCTOR_DIR_ENV
 
 log = logging.getLogger(__name__)

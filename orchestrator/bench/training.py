@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from trainer import attention, compile_mode, float8, kernel_select, loss, master_weights, timing
+from trainer import attention, compile_mode, float8, loss, master_weights, timing
 from trainer.config import ModelConfig, TrainConfig
 from trainer.dataset import BatchSampler, get_batch, num_windows
 from trainer.model import Transformer
@@ -56,12 +56,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         torch._dynamo.reset()
         timing.reset_peak_memory(device)
         if kernel is None:  # as a training worker chooses: by timing at this shape (trainer/loop.py)
-            shape = kernel_select.Shape.of_run(margs, seq_len=tc.seq_len, micro_batch=tc.micro_batch_size,
-                                               dtype=dtype, compile=compiled, cudagraphs=cudagraphs)
-            resolved = attention.resolve(attn, device=device, dtype=dtype, head_dim=margs.head_dim,
-                                         n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads,
-                                         pick=kernel_select.picker(shape, device,
-                                                                   device_bytes=kernel_select.device_memory(device)))
+            resolved = attention.choose(attn, attention.AttentionShape.of_run(tc, margs), device, reuse_verdict=False)
             kernel, fn = resolved.kernel, resolved.fn
             row["timed_choice"] = bool(resolved.timings)
             if resolved.timings:

@@ -19,30 +19,23 @@ from typing import Callable, Optional
 from orchestrator.preflight.probe import MARKER, SCHEMA, tail
 from orchestrator.preflight.rules import Cause, Issue, classify, crash_cause
 from orchestrator.preflight.settings import ProbeSettings
+from trainer.attention import registry
 
 PYTHON = "python"  # replaced by the node's own interpreter in run_probe
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # holds orchestrator/ and trainer/
 
 
 def probe_command(settings: ProbeSettings) -> list[str]:
-    argv = [PYTHON, "-m", "orchestrator.preflight.probe", "--head-dim", str(settings.head_dim),
-            "--n-heads", str(settings.n_heads), "--n-kv-heads", str(settings.n_kv_heads), "--dtype", settings.dtype,
-            "--import-timeout", str(settings.import_timeout_s)]
-    if settings.seq_len:
-        argv += ["--seq-len", str(settings.seq_len), "--micro-batch", str(settings.micro_batch_size),
-                 "--n-layers", str(settings.n_layers), "--compile", settings.compile]
-        if settings.ffn_hidden:
-            argv += ["--ffn-hidden", str(settings.ffn_hidden),
-                     "--activation-checkpointing", str(settings.activation_checkpointing)]
-        if settings.cudagraphs:
-            argv += ["--cudagraphs"]
-    return argv + (["--disable-flash-attn"] if settings.disable_flash_attn else [])
+    return [PYTHON, "-m", "orchestrator.preflight.probe", "--shape", settings.shape.to_json(),
+            "--import-timeout", str(settings.import_timeout_s)] + (["--disable-flash-attn"] if settings.disable_flash_attn
+                                                                   else [])
 
 
 def probe_env(disable_flash_attn: bool, base: Optional[dict] = None) -> dict:
     env = dict(os.environ if base is None else base)
     # The child must find our packages even when this worker found them some other way.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    registry.enable_fa4_disk_cache(env)  # FA4's JIT kernels kept on disk for the next probe and the workers
     if disable_flash_attn:
         env["DISABLE_FLASH_ATTN"] = "1"  # the child's `import trainer` installs the import guard first
     if env.get("CUDA_VISIBLE_DEVICES") == "":

@@ -3,7 +3,7 @@
 Each probe is a Ray task pinned to its node (hard node affinity) that asks for no CPU, so it
 is scheduled even when training holds every core. The task only starts the child process; the
 driver parses, judges and bounds everything, so no node can hang it. A node whose software has
-not changed since its last probe answers from its cache (orchestrator/preflight/cache.py)
+not changed since its last probe answers from its cache (trainer/attention/cache.py)
 unless ``fresh`` is set; a ``command`` of its own (tests) is always run.
 
 The driver's own machine need not wait for Ray: where it is a node of the cluster (a Ray the

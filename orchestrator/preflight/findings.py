@@ -14,8 +14,9 @@ from orchestrator.preflight.interconnect import InterconnectReport
 from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.rules import Verdict
 from orchestrator import rundir
-from orchestrator.results import FLASH_LOG_FILE as LOG_FILE, PREFLIGHT_FILE
+from orchestrator.results import PREFLIGHT_FILE
 from trainer import import_guard, strict_json
+from trainer.attention import LOG_FILE
 
 # flash_nodes' key for the nodes whose kernel choice was still being timed when the plan was made.
 PENDING = "(timing)"
@@ -108,13 +109,13 @@ class PreflightReport:
 
     def _timed_choice(self, kernel: str) -> str:
         """'kernel X (Y ms/iter), runner-up Z (W ms)' from the first node that timed it."""
-        from trainer import kernel_select  # imports torch, which the driver loads while Ray starts
+        from trainer.attention import timing  # imports torch, which the driver loads while Ray starts
 
         if kernel == PENDING:
             return "the kernel timed fastest at the run's shape (timing while the workers start)"
         for n in self.nodes:
             if n.verdict.flash_kernel == kernel and n.verdict.kernel_timings:
-                return kernel_select.describe(kernel, n.verdict.kernel_timings)
+                return timing.describe(kernel, n.verdict.kernel_timings)
         return f"kernel {kernel}"
 
     # ------------------------------------------------------------ for people
@@ -134,8 +135,8 @@ class PreflightReport:
     def log_text(self) -> str:
         s = self.settings
         lines = [f"Flash attention compatibility log - preflight at {self.created}",
-                 f"checked: causal fwd+bwd, head dim {s.head_dim}, {s.n_heads} query / {s.n_kv_heads} kv heads, "
-                 f"dtype {s.dtype}; {import_guard.DISABLED_REASON if s.disable_flash_attn else 'flash attention enabled'}",
+                 f"checked: causal fwd+bwd, head dim {s.shape.head_dim}, {s.shape.n_heads} query / {s.shape.n_kv_heads} kv heads, "
+                 f"dtype {s.shape.dtype}; {import_guard.DISABLED_REASON if s.disable_flash_attn else 'flash attention enabled'}",
                  *[f"note: {n}" for n in self.notes], ""]
         for n in self.nodes:
             v = n.verdict
@@ -208,8 +209,8 @@ class PreflightReport:
                 n.probe_seconds = probe_seconds if probe_seconds is not None else n.probe_seconds
                 if not verdict.flash_ok:
                     return f"node {node_id}: kernel timing ended: {verdict.reason}"
-                from trainer import kernel_select
+                from trainer.attention import timing
 
                 return (f"node {node_id}: kernel timing ended after the plan: "
-                        f"{kernel_select.describe(verdict.flash_kernel, verdict.kernel_timings)}")
+                        f"{timing.describe(verdict.flash_kernel, verdict.kernel_timings)}")
         return None

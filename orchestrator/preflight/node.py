@@ -9,11 +9,11 @@ import json
 import time
 from typing import Callable, Optional
 
-from orchestrator.preflight import cache
 from orchestrator.preflight.child import parse_probe, probe_env, run_probe
 from orchestrator.preflight.probe import MARKER
 from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.rules import verdict
+from trainer.attention import cache
 
 
 def probe_or_reuse(argv: list[str], settings: ProbeSettings, fresh: bool, environ: Optional[dict] = None,
@@ -24,11 +24,13 @@ def probe_or_reuse(argv: list[str], settings: ProbeSettings, fresh: bool, enviro
     output of their own (``partial``: true): the plan needs only the verdict. This node's workers
     then wait for the timed choice (``cache.wait_for``) instead of timing again."""
     env = probe_env(settings.disable_flash_attn, environ)
-    key = cache.node_key(settings, env, argv)
+    key = cache.node_key(settings.shape, settings.disable_flash_attn, env)
     path = cache.entry_path(key, env)
     found = cache.Lookup(path, None, "--fresh-preflight") if fresh else cache.load(path)
-    if found.entry is not None:
+    if cache.probe_result(found) is not None:
         return dict(found.entry["raw"], cache={"reused": True, "path": str(path), "created": found.entry["created"]})
+    if found.entry is not None:  # a worker's kernel timing only
+        found.why_not = "no cached result for this node's current state"
     info = {"reused": False, "path": str(path), "why_not": found.why_not}
     started = time.monotonic()
     on_facts = None

@@ -18,7 +18,6 @@ and the import guard is installed, as in every other process of such a run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
 import importlib.util
 import os
@@ -36,13 +35,12 @@ import psutil
 from orchestrator.preflight.settings import ProbeSettings
 from trainer import strict_json
 from trainer import import_guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
+from trainer.attention import registry
+from trainer.attention.cache import glibc_version
+from trainer.attention.shape import AttentionShape
 
 MARKER = "PREFLIGHT-FACTS "
 SCHEMA = 1
-# Distribution names the flash-attn family is published under (pip normalises - and _).
-DISTRIBUTIONS = ("flash-attn", "flash-attn-3", "flash-attn-4")
-# The module each flash_attn kernel of trainer.attention imports.
-KERNEL_MODULES = {"flash_attn_2": "flash_attn", "flash_attn_3": "flash_attn_interface", "flash_attn_4": "flash_attn.cute"}
 # Exit 3: the module imports but has no flash_attn_func. flash-attn-4 alone installs a
 # ``flash_attn`` namespace holding only ``cute``: FA2 is absent there, not broken.
 _IMPORT_SNIPPET = ("import importlib, sys; "
@@ -61,14 +59,6 @@ def _error_text(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- system
-
-
-def glibc_version() -> Optional[str]:
-    try:
-        value = os.confstr("CS_GNU_LIBC_VERSION")  # 'glibc 2.35'; absent on musl and macOS
-    except (ValueError, OSError, AttributeError):
-        return None
-    return value.split()[-1] if value else None
 
 
 def loaded_libstdcxx() -> dict:
@@ -153,7 +143,7 @@ def flash_distributions() -> list[dict]:
     from orchestrator.preflight import elf
 
     seen, out = set(), []
-    for name in DISTRIBUTIONS:
+    for name in registry.distributions():
         try:
             dist = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:
@@ -213,7 +203,7 @@ def check_import(module: str, timeout_s: float, env: Optional[dict] = None) -> d
 
 def flash_imports(disabled: bool, timeout_s: float) -> list[dict]:
     out = []
-    for kernel, module in KERNEL_MODULES.items():
+    for kernel, module in ((b.name, b.module) for b in registry.packaged()):
         if disabled:
             out.append({"module": module, "kernel": kernel, "ok": False,
                         "skipped": "flash attention disabled: not imported"})
@@ -237,75 +227,34 @@ DEFERRED = {"deferred": True}
 
 def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: bool,
                   before_timing: Optional[Callable[[dict, dict], None]] = None) -> tuple[dict, dict, dict]:
-    """Each flash candidate of trainer.attention, checked fwd+bwd against standard attention;
-    then, given the run's shape, those that passed timed as training runs them (the selection).
-    ``before_timing(check, results)`` is called when the checks are done and timing begins (not
-    when there is nothing to time: one candidate, or a choice cached for this node and shape)."""
+    """(check, kernels, kernel_selection): each flash candidate checked fwd+bwd against standard
+    attention, then, given the run's shape, those that passed timed as training runs them
+    (``trainer.attention.choose``, as the workers choose; cached on this node where they read
+    it; bounded so a slow compile cannot time the probe out). ``before_timing(check, results)``
+    is called when the checks are done and timing begins (not when there is nothing to time:
+    one candidate, or a choice cached for this node and shape)."""
     import torch
 
-    from trainer import attention, config
+    from trainer.attention import choice, kernels
 
+    shape = settings.shape
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = torch.bfloat16 if config.precision(settings.dtype, device.type) == "bf16" else torch.float32
-    check = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "head_dim": settings.head_dim,
-             "n_heads": settings.n_heads, "n_kv_heads": settings.n_kv_heads}
+    check = {"device": str(device), "dtype": "bfloat16" if shape.precision(device.type) == "bf16" else "float32",
+             "head_dim": shape.head_dim, "n_heads": shape.n_heads, "n_kv_heads": shape.n_kv_heads}
     imported = {i["kernel"]: i for i in imports}
-    results: dict[str, dict] = {}
-    passed = {}
-    for name in attention.flash_candidates(device):
+    skip = {}
+    for name in kernels.flash_candidates(device):
+        module = registry.BACKENDS[name].module if name in registry.BACKENDS else None
         if disabled:
-            results[name] = {"ok": False, "skipped": import_guard.DISABLED_REASON}
-            continue
-        if name in attention.FLASH_ATTN_PACKAGE_KERNELS:
-            imp = imported.get(name)
-            if imp is None:
-                results[name] = {"ok": False, "skipped": f"{KERNEL_MODULES[name]} is not installed"}
-                continue
-            if not imp["ok"]:
-                results[name] = {"ok": False, "skipped": imp.get("skipped") or f"import {KERNEL_MODULES[name]} failed"}
-                continue
-        started = time.monotonic()
-        try:
-            passed[name] = attention.checked_fn(name, device=device, dtype=dtype, head_dim=settings.head_dim,
-                                                n_heads=settings.n_heads, n_kv_heads=settings.n_kv_heads)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # surface asynchronous kernel errors here, not later
-            results[name] = {"ok": True}
-        except Exception as e:  # every failure disqualifies the kernel; the text says why
-            passed.pop(name, None)
-            results[name] = {"ok": False, "error": tail(_error_text(e))}
-        results[name]["seconds"] = round(time.monotonic() - started, 3)
-    if not (passed and settings.seq_len):
-        return check, results, {}
-    announce = (lambda: before_timing(check, results)) if before_timing is not None else None
-    return check, results, select_kernel(settings, passed, device, dtype, announce)
-
-
-def select_kernel(settings: argparse.Namespace, passed: dict, device, dtype,
-                  before_timing: Optional[Callable[[], None]] = None) -> dict:
-    """The kernel choice by timing at the run's shape (trainer.kernel_select), cached on this
-    node where the workers read it; bounded so a slow compile cannot time the probe out."""
-    from trainer import compile_mode, config, kernel_select
-
-    setting = {"true": True, "false": False}.get(settings.compile, settings.compile)  # argv spells train.compile
-    compile_on = config.compiles(setting, device.type)
-    shape = kernel_select.Shape(seq_len=settings.seq_len, micro_batch=settings.micro_batch,
-                                n_heads=settings.n_heads, n_kv_heads=settings.n_kv_heads, head_dim=settings.head_dim,
-                                dtype=str(dtype).removeprefix("torch."), compile=compile_on, n_layers=settings.n_layers,
-                                ffn_hidden=settings.ffn_hidden,
-                                activation_checkpointing=settings.activation_checkpointing,
-                                cudagraphs=compile_mode.replays(compile_mode.CUDA_GRAPHS if settings.cudagraphs
-                                                                else "default", compiled=compile_on,
-                                                                device_type=device.type))
-    started = time.monotonic()
-    try:
-        kernel, timings = kernel_select.picker(shape, device, budget_s=settings.timing_budget,
-                                               device_bytes=kernel_select.device_memory(device),
-                                               before_timing=before_timing)(passed)
-    except Exception as e:  # timing is an optimisation: the check's order still gives a kernel
-        return {"error": tail(_error_text(e)), "seconds": round(time.monotonic() - started, 3)}
-    return {"kernel": kernel, "timings": timings, "shape": dataclasses.asdict(shape),
-            "seconds": round(time.monotonic() - started, 3)}
+            skip[name] = import_guard.DISABLED_REASON
+        elif module and name not in imported:
+            skip[name] = f"{module} is not installed"
+        elif module and not imported[name]["ok"]:
+            skip[name] = imported[name].get("skipped") or f"import {module} failed"
+    announce = (lambda checks: before_timing(check, checks)) if before_timing is not None else None
+    resolved = choice.choose("flash", shape, device, skip=skip, reuse_verdict=False, budget_s=settings.timing_budget,
+                             flash_attn_allowed=not disabled, before_timing=announce)
+    return check, resolved.checks, resolved.selection
 
 
 # ---------------------------------------------------------------- all together
@@ -346,20 +295,8 @@ def gather(settings: argparse.Namespace, early: Optional[Callable[[dict], None]]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.preflight.probe", description=__doc__.splitlines()[0])
     d = ProbeSettings()  # the defaults live there
-    p.add_argument("--head-dim", type=int, default=d.head_dim)
-    p.add_argument("--n-heads", type=int, default=d.n_heads)
-    p.add_argument("--n-kv-heads", type=int, default=d.n_kv_heads)
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=d.dtype)
-    p.add_argument("--seq-len", type=int, help="time the kernels that pass at this sequence length (the run's)")
-    p.add_argument("--micro-batch", type=int, default=d.micro_batch_size, help="... and this micro-batch")
-    p.add_argument("--n-layers", type=int, default=d.n_layers, help="... and this many layers (standard's memory)")
-    p.add_argument("--ffn-hidden", type=int, default=d.ffn_hidden,
-                   help="... in whole blocks with this MLP width (0: the attention block alone)")
-    p.add_argument("--activation-checkpointing", type=int, default=d.activation_checkpointing,
-                   help="... every Nth block recomputing, as train.activation_checkpointing (0: none)")
-    p.add_argument("--compile", choices=("auto", "true", "false"), default=d.compile, help="as train.compile")
-    p.add_argument("--cudagraphs", action="store_true",
-                   help="... compiled as one graph replayed as CUDA graphs (train.compile_mode: reduce-overhead)")
+    p.add_argument("--shape", type=AttentionShape.from_json, default=d.shape,
+                   help="the attention shape checked, and (with seq_len) timed at, as JSON (AttentionShape)")
     p.add_argument("--timing-budget", type=float, default=60.0, help="seconds for timing kernels; the rest untimed")
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn")
     p.add_argument("--import-timeout", type=float, default=d.import_timeout_s, help="seconds per flash-attn import")

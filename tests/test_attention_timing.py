@@ -2,15 +2,28 @@
 cannot be timed is skipped, and the choice is cached per node and shape."""
 
 import json
+from unittest import mock
 
 import pytest
 import torch
 
-from trainer import attention, kernel_select
-from trainer.kernel_select import Shape
+from trainer import attention, user_cache
+from trainer.attention import cache, choice, kernels
+from trainer.attention import timing as kernel_select
+from trainer.attention.shape import AttentionShape as Shape
 
-SHAPE = Shape(seq_len=64, micro_batch=2, n_heads=4, n_kv_heads=2, head_dim=16, dtype="float32", compile=False)
+SHAPE = Shape(seq_len=64, micro_batch=2, n_heads=4, n_kv_heads=2, head_dim=16, dtype="fp32", compile="false")
 VERSIONS = {"torch": "2.11.0", "gpu": "NVIDIA H100 80GB HBM3", "driver": "580.1", "flash-attn-4": "4.0.0b36"}
+
+
+def picker(shape, device, *, timer, directory, versions, **how):
+    """The choice among the kernels that passed, cached under this node's key (its facts: ``versions``)."""
+    def pick(passed):
+        with mock.patch.object(cache, "node_facts", lambda env: dict(versions)):
+            path = cache.path_for(shape, False, {cache.CACHE_DIR_ENV: str(directory)})
+        return choice.fastest_here(passed, shape, device, path, timer=timer, **how)
+
+    return pick
 
 
 def _fake_kernels(*names):
@@ -48,66 +61,66 @@ def test_a_candidate_that_fails_at_the_real_shape_is_skipped_with_its_reason():
 def test_cache_miss_times_and_stores_then_a_hit_does_not_time_again(tmp_path):
     candidates = _fake_kernels("flash_attn_4", "sdpa_cudnn")
     timer = Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0})
-    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
+    pick = picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
     assert pick(candidates) == ("flash_attn_4", {"flash_attn_4": 3.0, "sdpa_cudnn": 4.0})
     assert timer.calls == ["flash_attn_4", "sdpa_cudnn"]
-    [cached] = tmp_path.glob("*.json")
-    assert json.loads(cached.read_text())["kernel"] == "flash_attn_4"
+    [cached] = tmp_path.rglob("*.json")
+    assert json.loads(cached.read_text())["choice"]["kernel"] == "flash_attn_4"
 
     again = Timer({"flash_attn_4": 99.0, "sdpa_cudnn": 1.0})
-    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=again, directory=tmp_path, versions=VERSIONS)
+    pick = picker(SHAPE, torch.device("cpu"), timer=again, directory=tmp_path, versions=VERSIONS)
     assert pick(candidates) == ("flash_attn_4", {"flash_attn_4": 3.0, "sdpa_cudnn": 4.0})
     assert again.calls == []
 
 
 @pytest.mark.parametrize("change", [
     {"shape": {"seq_len": 4096}}, {"shape": {"micro_batch": 4}}, {"shape": {"n_kv_heads": 4}},
-    {"shape": {"dtype": "bfloat16"}}, {"versions": {"torch": "2.12.0"}}, {"versions": {"flash-attn-4": "4.0.0"}},
+    {"shape": {"dtype": "bf16"}}, {"versions": {"torch": "2.12.0"}}, {"versions": {"flash-attn-4": "4.0.0"}},
     {"versions": {"driver": "590.2"}}, {"versions": {"gpu": "NVIDIA H200"}},
 ])
 def test_another_shape_or_version_is_a_cache_miss(tmp_path, change):
     candidates = _fake_kernels("flash_attn_4", "sdpa_cudnn")
-    kernel_select.picker(SHAPE, torch.device("cpu"), timer=Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0}),
+    picker(SHAPE, torch.device("cpu"), timer=Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0}),
                          directory=tmp_path, versions=VERSIONS)(candidates)
     shape = Shape(**{**SHAPE.__dict__, **change.get("shape", {})})
     timer = Timer({"flash_attn_4": 5.0, "sdpa_cudnn": 2.0})
-    pick = kernel_select.picker(shape, torch.device("cpu"), timer=timer, directory=tmp_path,
+    pick = picker(shape, torch.device("cpu"), timer=timer, directory=tmp_path,
                                 versions={**VERSIONS, **change.get("versions", {})})
     assert pick(candidates)[0] == "sdpa_cudnn" and timer.calls == ["flash_attn_4", "sdpa_cudnn"]
 
 
 def test_a_corrupt_cache_file_is_ignored_with_a_warning_and_rewritten(tmp_path, caplog):
     candidates = _fake_kernels("flash_attn_4", "sdpa_cudnn")
-    kernel_select.picker(SHAPE, torch.device("cpu"), timer=Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0}),
+    picker(SHAPE, torch.device("cpu"), timer=Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0}),
                          directory=tmp_path, versions=VERSIONS)(candidates)
-    [cached] = tmp_path.glob("*.json")
+    [cached] = tmp_path.rglob("*.json")
     cached.write_text('{"key": ')
     timer = Timer({"flash_attn_4": 5.0, "sdpa_cudnn": 2.0})
-    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
+    pick = picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
     assert pick(candidates)[0] == "sdpa_cudnn"
     assert "ignoring the kernel cache file" in caplog.text
-    assert json.loads(cached.read_text())["kernel"] == "sdpa_cudnn"
+    assert json.loads(cached.read_text())["choice"]["kernel"] == "sdpa_cudnn"
 
 
 def test_a_cached_kernel_that_no_longer_passes_its_check_is_timed_again(tmp_path):
-    kernel_select.picker(SHAPE, torch.device("cpu"), timer=Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0}),
+    picker(SHAPE, torch.device("cpu"), timer=Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0}),
                          directory=tmp_path, versions=VERSIONS)(_fake_kernels("flash_attn_4", "sdpa_cudnn"))
     timer = Timer({"sdpa_flash": 5.0, "sdpa_cudnn": 4.0})
-    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
+    pick = picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
     assert pick(_fake_kernels("sdpa_cudnn", "sdpa_flash"))[0] == "sdpa_cudnn" and len(timer.calls) == 2
 
 
 def test_the_cache_directory_comes_from_the_environment(tmp_path):
-    assert kernel_select.cache_dir({kernel_select.CACHE_ENV: str(tmp_path)}) == tmp_path
-    assert kernel_select.cache_dir({}) == kernel_select.DEFAULT_CACHE_DIR
+    assert cache.cache_dir({cache.CACHE_DIR_ENV: str(tmp_path)}) == tmp_path
+    assert cache.cache_dir({}) == user_cache.root({}) / "preflight"
 
 
 def test_resolve_times_every_passing_candidate_and_records_the_timings(monkeypatch, tmp_path):
-    monkeypatch.setattr(attention, "flash_candidates", lambda device: ["sdpa_flash_cpu", "flash_attn_4", "sdpa_efficient"])
+    monkeypatch.setattr(kernels, "flash_candidates", lambda device: ["sdpa_flash_cpu", "flash_attn_4", "sdpa_efficient"])
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
     timer = Timer({"sdpa_flash_cpu": 2.0})
-    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
-    r = attention.resolve("flash", device=torch.device("cpu"), dtype=torch.float32, head_dim=16, n_heads=4,
-                          n_kv_heads=2, pick=pick, flash_attn_allowed=False)
+    r = attention.choose("flash", SHAPE, torch.device("cpu"), timer=timer, reuse_verdict=False,
+                         flash_attn_allowed=False)
     # flash_attn_4 is blocked and sdpa_efficient has no CPU kernel: one passes, so nothing is timed.
     assert (r.kernel, r.timings) == ("sdpa_flash_cpu", {}) and timer.calls == []
     assert set(r.rejected) == {"flash_attn_4", "sdpa_efficient"}
@@ -153,15 +166,16 @@ def test_with_an_mlp_width_the_timer_runs_whole_blocks_stacked_as_the_model_stac
 
 
 def test_the_run_shape_carries_the_mlp_width_and_checkpointing_into_the_timing_and_its_cache_key():
+    from trainer.config import TrainConfig
     from trainer.model_args import ModelArgs
 
     margs = ModelArgs(vocab_size=100, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=176, max_seq_len=64,
                       activation_checkpointing=2)
-    shape = Shape.of_run(margs, seq_len=64, micro_batch=2, dtype=torch.float32, compile=False)
+    tc = TrainConfig(seq_len=64, micro_batch_size=2, dtype="fp32", compile=False)
+    shape = Shape.of_run(tc, margs)
     assert (shape.ffn_hidden, shape.activation_checkpointing, shape.n_layers) == (176, 2, 3)
-    other = Shape.of_run(ModelArgs(**{**margs.__dict__, "ffn_hidden": 192}), seq_len=64, micro_batch=2,
-                         dtype=torch.float32, compile=False)
-    assert kernel_select.cache_key(shape, VERSIONS) != kernel_select.cache_key(other, VERSIONS)
+    other = Shape.of_run(tc, ModelArgs(**{**margs.__dict__, "ffn_hidden": 192}))
+    assert cache.node_key(shape, False) != cache.node_key(other, False)
 
 
 def test_past_the_time_budget_the_rest_go_untimed_and_the_partial_choice_is_not_cached(tmp_path):
@@ -171,10 +185,10 @@ def test_past_the_time_budget_the_rest_go_untimed_and_the_partial_choice_is_not_
         time.sleep(0.05)
         return {"flash_attn_4": 3.0, "sdpa_cudnn": 1.0}[name]
 
-    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=slow, directory=tmp_path, versions=VERSIONS,
+    pick = picker(SHAPE, torch.device("cpu"), timer=slow, directory=tmp_path, versions=VERSIONS,
                                 budget_s=0.01)
     assert pick(_fake_kernels("flash_attn_4", "sdpa_cudnn")) == ("flash_attn_4", {"flash_attn_4": 3.0})
-    assert list(tmp_path.glob("*.json")) == []
+    assert list(tmp_path.rglob("*.json")) == []
 
 
 # ---------------------------------------------------------------- standard attention in the field
@@ -183,9 +197,9 @@ GPU_BYTES = 80 * 2**30
 
 
 def test_standard_is_timed_only_where_the_whole_models_scores_fit_a_tenth_of_the_gpu():
-    small = Shape(seq_len=1024, micro_batch=8, n_heads=8, n_kv_heads=4, head_dim=64, dtype="bfloat16", compile=True,
+    small = Shape(seq_len=1024, micro_batch=8, n_heads=8, n_kv_heads=4, head_dim=64, dtype="bf16", compile="true",
                   n_layers=8)  # configs/llama-small-gpu.yaml: 8 x 8 x 8 x 1024^2 x 6 B = 3 GiB
-    big = Shape(seq_len=4096, micro_batch=4, n_heads=16, n_kv_heads=16, head_dim=128, dtype="bfloat16", compile=True,
+    big = Shape(seq_len=4096, micro_batch=4, n_heads=16, n_kv_heads=16, head_dim=128, dtype="bf16", compile="true",
                 n_layers=16)  # configs/llama-0.95b.yaml, where standard attention runs out of memory: 96 GiB
     assert kernel_select.standard_scores_bytes(small) == 3 * 2**30
     assert kernel_select.times_standard(small, GPU_BYTES)
@@ -195,32 +209,31 @@ def test_standard_is_timed_only_where_the_whole_models_scores_fit_a_tenth_of_the
 
 def test_standard_attention_timed_fastest_is_the_flash_variants_choice(tmp_path):
     timer = Timer({"sdpa_cudnn": 4.0, "sdpa_flash": 4.4, "standard": 3.6})
-    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS,
-                                device_bytes=GPU_BYTES)
+    pick = picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS,
+                  device_bytes=GPU_BYTES)
     kernel, timings = pick(_fake_kernels("sdpa_cudnn", "sdpa_flash"))
     assert timer.calls == ["sdpa_cudnn", "sdpa_flash", "standard"]  # standard last: the fused kernels come first
     assert (kernel, timings) == ("standard", {"sdpa_cudnn": 4.0, "sdpa_flash": 4.4, "standard": 3.6})
     # The cached choice holds standard too: the next run takes it without timing.
     again = Timer({"sdpa_cudnn": 1.0, "sdpa_flash": 1.0, "standard": 9.0})
-    repick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=again, directory=tmp_path, versions=VERSIONS,
-                                  device_bytes=GPU_BYTES)
+    repick = picker(SHAPE, torch.device("cpu"), timer=again, directory=tmp_path, versions=VERSIONS,
+                    device_bytes=GPU_BYTES)
     assert repick(_fake_kernels("sdpa_cudnn", "sdpa_flash"))[0] == "standard" and again.calls == []
 
 
 def test_one_fused_kernel_and_standard_are_still_a_choice_and_resolve_returns_standard_attention(monkeypatch, tmp_path):
-    monkeypatch.setattr(attention, "flash_candidates", lambda device: ["sdpa_flash_cpu"])
+    monkeypatch.setattr(kernels, "flash_candidates", lambda device: ["sdpa_flash_cpu"])
+    monkeypatch.setattr(kernel_select, "device_memory", lambda device: GPU_BYTES)
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
     timer = Timer({"sdpa_flash_cpu": 2.0, "standard": 1.0})
-    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS,
-                                device_bytes=GPU_BYTES)
-    r = attention.resolve("flash", device=torch.device("cpu"), dtype=torch.float32, head_dim=16, n_heads=4,
-                          n_kv_heads=2, pick=pick)
+    r = attention.choose("flash", SHAPE, torch.device("cpu"), timer=timer, reuse_verdict=False)
     assert r.kernel == "standard" and r.fn is attention.standard_attention
     assert r.timings == {"sdpa_flash_cpu": 2.0, "standard": 1.0} and r.rejected == {}
 
 
 def test_without_the_gpus_memory_standard_is_not_timed(tmp_path):
     timer = Timer({"sdpa_cudnn": 4.0, "sdpa_flash": 4.4, "standard": 0.1})
-    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
+    pick = picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)
     assert pick(_fake_kernels("sdpa_cudnn", "sdpa_flash"))[0] == "sdpa_cudnn" and "standard" not in timer.calls
 
 
@@ -231,10 +244,10 @@ def test_small_blocks_are_timed_in_groups_queued_back_to_back_as_training_queues
 
 
 def test_a_choice_timed_by_another_method_is_timed_again(tmp_path, monkeypatch):
+    """The key holds the digest of the code that checks and times: new code, new timing."""
     timer = Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 4.0})
-    kernel_select.picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)(
+    picker(SHAPE, torch.device("cpu"), timer=timer, directory=tmp_path, versions=VERSIONS)(
         _fake_kernels("flash_attn_4", "sdpa_cudnn"))
-    monkeypatch.setattr(kernel_select, "TIMER_METHOD", kernel_select.TIMER_METHOD + 1)
     again = Timer({"flash_attn_4": 3.0, "sdpa_cudnn": 1.0})
-    pick = kernel_select.picker(SHAPE, torch.device("cpu"), timer=again, directory=tmp_path, versions=VERSIONS)
+    pick = picker(SHAPE, torch.device("cpu"), timer=again, directory=tmp_path, versions={**VERSIONS, "code": "new"})
     assert pick(_fake_kernels("flash_attn_4", "sdpa_cudnn"))[0] == "sdpa_cudnn" and len(again.calls) == 2

@@ -14,11 +14,11 @@ implementation can stand in for the real kernel where there is no GPU (see the t
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Callable
 
 import torch
+
+from trainer.attention import registry
 
 NAMESPACE = "flash_orchestrator"
 # (q, k, v, softmax_scale) -> (out, lse); lse: (B, nh, T) fp32.
@@ -81,20 +81,9 @@ def register(name: str, fwd: FwdFn, bwd: BwdFn) -> AttnFn:
 
 # ---------------------------------------------------------------- FA4 (flash_attn.cute)
 
-# FA4 JIT-compiles its kernels on first use (18 s on an H100); its on-disk cache keeps them
-# for the next process and the next run.
-CUTE_CACHE_DIR = Path.home() / ".cache" / "flash-orchestrator" / "flash-attention-cute-dsl"
-
-
-def enable_fa4_disk_cache(environ=os.environ) -> None:
-    """Switch FA4's kernel cache on (unless the user set it); must run before its import."""
-    environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-    environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(CUTE_CACHE_DIR))
-
-
 def fa4() -> AttnFn:
     """FA4's causal attention as a custom op; importing flash_attn.cute may raise."""
-    enable_fa4_disk_cache()
+    registry.enable_fa4_disk_cache()
     from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
     def fwd(q, k, v, softmax_scale):

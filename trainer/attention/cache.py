@@ -1,14 +1,16 @@
-"""A node's preflight result, reused while nothing it depends on has changed.
+"""The per-node attention cache: one JSON file per node and attention shape, reused while
+nothing it depends on has changed.
 
 The probe imports torch and every flash-attn build in child processes and runs each kernel:
 seconds to tens of seconds per node, for facts that change only when the node's software does.
-So each node keeps its last good probe result under a key made of what the result depends on:
-the NVIDIA driver and GPUs, the Python and torch installs, GLIBC and libstdc++, the flash-attn
-distributions and their files (names, sizes, mtimes), the probe's own code, the checked shape
-and dtype, and the disable switch. The key is read from metadata and ``stat`` alone (no torch,
-no flash-attn import), so computing it costs milliseconds; any change gives a new key and a
-new probe. A worker whose reused kernel fails marks the entry stale (``mark_stale``), so the
-next run probes again.
+So each node keeps, under a key of what they depend on (``node_key``), its last good probe
+result and verdict (``raw``, ``verdict``: written by the preflight) and the kernels' timed
+choice (``choice``: written by whoever timed them, the probe or a worker). The key holds the
+NVIDIA driver and GPUs, the Python and torch installs, GLIBC and libstdc++, the backends'
+distributions and their files (names, sizes, mtimes), the probe's and this package's code, the
+attention shape and the disable switch. It is read from metadata and ``stat`` alone (no torch,
+no flash-attn import), so computing it costs milliseconds; any change gives a new key. A worker
+whose reused kernel fails marks the entry stale (``mark_stale``), so the next run probes again.
 
 One JSON file per key under ``<cache dir>/<hostname>/``: per node even where home directories
 are shared over NFS. Writes go to a temp file renamed into place, so concurrent runs on a node
@@ -27,27 +29,29 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Optional
-from trainer import atomic_write, user_cache
+
+from trainer import atomic_write, import_guard, user_cache
+from trainer.attention import registry
+from trainer.attention.shape import AttentionShape
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "FLASH_ORCHESTRATOR_PREFLIGHT_CACHE"  # overrides the location (tests, shared homes)
-FORMAT = 1
-# The probe's own code: a change to what it checks must not be answered from an older result.
-_PROBE_CODE = ("orchestrator/preflight/probe.py", "orchestrator/preflight/child.py", "orchestrator/preflight/settings.py",
-               "orchestrator/preflight/elf.py",
-               "trainer/attention.py", "trainer/import_guard.py",
-               "trainer/kernel_select.py")  # how the kernels that pass are timed: the verdict's choice
+FORMAT = 2
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+# The code that checks and times: a change must not be answered from an older result. Read, not
+# imported: the probe is the driver's code, this package the worker's.
+_CODE = ("orchestrator/preflight/probe.py", "orchestrator/preflight/child.py", "orchestrator/preflight/elf.py",
+         "trainer/import_guard.py", *sorted(str(p.relative_to(_PACKAGE_ROOT)) for p in Path(__file__).parent.glob("*.py")))
 _LIBSTDCXX_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                    "/lib/x86_64-linux-gnu", "/lib64")
 
 
 def cache_dir(environ: Optional[Mapping[str, str]] = None) -> Path:
-    """Where this user's preflight results live on this node."""
+    """Where this user's attention cache lives on this node."""
     env = os.environ if environ is None else environ
     if env.get(CACHE_DIR_ENV):
         return Path(env[CACHE_DIR_ENV])
@@ -68,7 +72,7 @@ def _stat(path: str | Path) -> Optional[list]:
 def _code_digest() -> str:
     # Contents, not paths or mtimes: `ray job submit` unpacks the same code into a new directory per job.
     h = hashlib.sha256()
-    for rel in _PROBE_CODE:
+    for rel in _CODE:
         try:
             h.update((_PACKAGE_ROOT / rel).read_bytes())
         except OSError:
@@ -125,19 +129,27 @@ def _module_origin(module: str, path: list[str]) -> Optional[list]:
     return None
 
 
-def node_key(settings, environ: Optional[Mapping[str, str]] = None, argv: Optional[list[str]] = None) -> dict:
-    """What a probe result on this node depends on, as plain JSON (``settings``: ProbeSettings;
-    ``argv``: the probe command, by default the one ``settings`` give)."""
-    from orchestrator.preflight.child import probe_command
-    from orchestrator.preflight.probe import DISTRIBUTIONS, KERNEL_MODULES, SCHEMA, glibc_version
-    from trainer import import_guard
+def glibc_version() -> Optional[str]:
+    try:
+        value = os.confstr("CS_GNU_LIBC_VERSION")  # 'glibc 2.35'; absent on musl and macOS
+    except (ValueError, OSError, AttributeError):
+        return None
+    return value.split()[-1] if value else None
 
+
+def node_key(shape: AttentionShape, disabled: bool, environ: Optional[Mapping[str, str]] = None) -> dict:
+    """What a probe result and a kernel timing on this node depend on, as plain JSON; ``disabled``:
+    flash attention switched off by flag (the node's own DISABLE_FLASH_ATTN counts too)."""
     env = os.environ if environ is None else environ
+    return {**node_facts(env), "shape": asdict(shape), "disabled": bool(disabled or import_guard.disabled_by_env(env))}
+
+
+def node_facts(env: Mapping[str, str]) -> dict:
+    """This node's software and GPUs, and the code that checks and times."""
     path = _search_path(env)
     torch_dist = next(iter(importlib.metadata.distributions(name="torch", path=path)), None)
     return {
-        "format": FORMAT, "probe_schema": SCHEMA, "hostname": platform.node(),
-        "probe_code": _code_digest(),
+        "format": FORMAT, "hostname": platform.node(), "code": _code_digest(),
         "python": [sys.executable, platform.python_version()],
         "driver": _read("/sys/module/nvidia/version") or _read("/proc/driver/nvidia/version"),
         # Not CUDA_VISIBLE_DEVICES: the probe task and the workers see different masks of the same GPUs.
@@ -145,12 +157,8 @@ def node_key(settings, environ: Optional[Mapping[str, str]] = None, argv: Option
         "torch": [torch_dist.version, _stat(Path(str(torch_dist.locate_file(""))) / "torch" / "version.py")]
         if torch_dist else None,
         "glibc": glibc_version(), "libstdcxx": _libstdcxx(env),
-        "flash_attn": [d for d in (_distribution(n, path) for n in DISTRIBUTIONS) if d],
-        "flash_modules": {m: _module_origin(m.split(".")[0], path) for m in sorted(set(KERNEL_MODULES.values()))},
-        "probe_command": argv or probe_command(settings),  # the shape and dtype checked, and the flags
-        "check": {"head_dim": settings.head_dim, "n_heads": settings.n_heads, "n_kv_heads": settings.n_kv_heads,
-                  "dtype": settings.dtype},
-        "disabled": bool(settings.disable_flash_attn or import_guard.disabled_by_env(env)),
+        "distributions": [d for d in (_distribution(n, path) for n in registry.versioned_distributions()) if d],
+        "modules": {m: _module_origin(m, path) for m in sorted({b.module.split(".")[0] for b in registry.packaged()})},
     }
 
 
@@ -160,6 +168,10 @@ def digest(key: dict) -> str:
 
 def entry_path(key: dict, environ: Optional[Mapping[str, str]] = None) -> Path:
     return cache_dir(environ) / platform.node() / f"{digest(key)}.json"
+
+
+def path_for(shape: AttentionShape, disabled: bool, environ: Optional[Mapping[str, str]] = None) -> Path:
+    return entry_path(node_key(shape, disabled, environ), environ)
 
 
 # ---------------------------------------------------------------- entries
@@ -174,25 +186,37 @@ class Lookup:
     why_not: Optional[str]  # None when ``entry`` is reused
 
 
-def load(path: Path) -> Lookup:
-    """The entry at ``path``; a missing, stale or unreadable one is a miss (never an error)."""
+def _read_entry(path: Path) -> tuple[Optional[dict], str]:
+    """(the entry, stale or not, or None and why): a corrupt file is a miss, with a warning."""
     try:
         text = path.read_bytes()
     except FileNotFoundError:
-        return Lookup(path, None, "no cached result for this node's current state")
+        return None, "no cached result for this node's current state"
     except OSError as e:
-        log.warning("preflight cache %s is unreadable (%s); probing again", path, e)
-        return Lookup(path, None, f"cache unreadable: {e}")
+        log.warning("ignoring the kernel cache file %s: it is unreadable (%s)", path, e)
+        return None, f"cache unreadable: {e}"
     try:
         entry = json.loads(text)  # garbage bytes raise UnicodeDecodeError, a ValueError
-        if not isinstance(entry, dict) or entry.get("format") != FORMAT or not isinstance(entry.get("raw"), dict):
+        if not isinstance(entry, dict) or entry.get("format") != FORMAT:
             raise ValueError("not a preflight cache entry")
     except ValueError as e:
-        log.warning("preflight cache %s is corrupt (%s); ignoring it and probing again", path, e)
-        return Lookup(path, None, "cache corrupt")
-    if entry.get("stale"):
+        log.warning("ignoring the kernel cache file %s: it is corrupt (%s)", path, e)
+        return None, "cache corrupt"
+    return entry, ""
+
+
+def load(path: Path) -> Lookup:
+    """The entry at ``path``; a missing, stale or unreadable one is a miss (never an error)."""
+    entry, why = _read_entry(path)
+    if entry is not None and entry.get("stale"):
         return Lookup(path, None, f"cached result marked stale: {entry['stale']}")
-    return Lookup(path, entry, None)
+    return Lookup(path, entry, why or None)
+
+
+def probe_result(found: Lookup) -> Optional[dict]:
+    """The entry's probe output (``raw``), where the preflight wrote one."""
+    raw = (found.entry or {}).get("raw")
+    return raw if isinstance(raw, dict) else None
 
 
 def _write(path: Path, entry: dict) -> None:
@@ -200,13 +224,38 @@ def _write(path: Path, entry: dict) -> None:
     atomic_write.write_json(path, entry, indent=None)  # a concurrent reader sees the old file or the new one
 
 
-def store(path: Path, key: dict, raw: dict, verdict: dict) -> None:
-    """Keep a good probe result (``raw``: run_probe's output) and its flash verdict for reuse."""
+def _update(path: Path, **fields) -> None:
     try:
-        _write(path, {"format": FORMAT, "created": time.time(), "key": key, "raw": raw, "verdict": verdict,
-                      "stale": None})
+        _write(path, {**(_read_entry(path)[0] or {}), "format": FORMAT, **fields})
     except OSError as e:  # a read-only or full home only costs the next run a probe
         log.warning("could not write the preflight cache %s (%s)", path, e)
+
+
+def store(path: Path, key: dict, raw: dict, verdict: dict) -> None:
+    """Keep a good probe result (``raw``: run_probe's output) and its flash verdict for reuse."""
+    _update(path, created=time.time(), key=key, raw=raw, verdict=verdict, stale=None)
+
+
+def choice(path: Path) -> tuple[Optional[str], dict]:
+    """(kernel, {kernel: ms}) timed on this node at this shape, or (None, {})."""
+    entry, _ = _read_entry(path)
+    timed = (entry or {}).get("choice") or {}
+    try:
+        timings = {str(k): float(v) for k, v in timed["timings"].items()}
+        kernel = str(timed["kernel"])
+        if kernel not in timings:
+            raise ValueError(f"its kernel {kernel} has no timing")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if timed:
+            log.warning("ignoring the kernel cache file %s: %s", path, e)
+        return None, {}
+    return kernel, timings
+
+
+def store_choice(path: Path, kernel: str, timings: dict[str, float]) -> None:
+    """Keep the kernels' timed choice beside the probe result (written atomically: concurrent
+    workers on one node never read half a file)."""
+    _update(path, choice={"kernel": kernel, "timings": timings})
 
 
 # ---------------------------------------------------------------- a probe still timing kernels
@@ -264,7 +313,7 @@ def wait_for(path: Path, poll_s: float = 0.2) -> tuple[Lookup, float]:
 def mark_stale(path: Path, reason: str) -> bool:
     """Make the next lookup of this entry a miss; True if there was an entry to mark."""
     found = load(path)
-    if found.entry is None:
+    if probe_result(found) is None:
         return False
     try:
         _write(path, dict(found.entry, stale=reason))
