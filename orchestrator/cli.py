@@ -125,6 +125,7 @@ def add_preflight_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-flash-attn", action="store_true", help="never import flash-attn; report facts only")
     p.add_argument("--timeout", type=float, default=180.0, metavar="S", help="seconds per node probe (default: 180)")
     p.add_argument("--fresh-preflight", action="store_true", help=options.FRESH_PREFLIGHT_HELP)
+    p.add_argument("--expect-gpus", type=int, metavar="N", help=options.EXPECT_GPUS_HELP)
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
@@ -135,6 +136,8 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
     if args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout:g}: must be positive")
+    if args.expect_gpus is not None and args.expect_gpus < 0:
+        raise UsageError(f"--expect-gpus {args.expect_gpus}: must be 0 or more")
     if args.json:  # stdout carries only the JSON report
         for name in ("orchestrator", "trainer"):
             for handler in logging.getLogger(name).handlers:
@@ -149,7 +152,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
         import_guard.install()
     with ray_session(args.address, log_to_driver=args.debug):
-        report = run_preflight(settings, fresh=args.fresh_preflight)
+        report = run_preflight(settings, fresh=args.fresh_preflight, expect_gpus=args.expect_gpus)
     json_path, log_path = report.write(Path(args.output_dir))
     if args.json:
         print(strict_json.dumps(report.to_json(), indent=2, default=str))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+EXPECT_GPUS_HELP = "GPUs each node must have for preflight to find it healthy (default: as many as Ray advertises there)"
 FRESH_PREFLIGHT_HELP = ("probe every node again instead of reusing its cached result (which is reused only "
                         "while nothing it depends on has changed)")
 SET_HELP = ("set one config key, YAML value (e.g. train.lr=3e-4, model.dim=128, scaling.num_workers=1); "
@@ -47,6 +48,10 @@ class TrainOptions:
                                  "and options", metavar="RUN_DIR")
     # Not saved: probing afresh is this invocation's wish, not a property of the run.
     fresh_preflight: bool = _opt(False, "--fresh-preflight", FRESH_PREFLIGHT_HELP)
+    # Not saved either: they judge the cluster as it is now, which a resumed run probes again.
+    expect_gpus: Optional[int] = _opt(None, "--expect-gpus", EXPECT_GPUS_HELP, metavar="N")
+    allow_unhealthy: bool = _opt(False, "--allow-unhealthy", "train on nodes preflight finds unhealthy instead of "
+                                 "leaving them out of the plan")
     keep_ray: bool = _opt(False, "--keep-ray", "start a local Ray that outlives the command, or join the one an "
                           "earlier --keep-ray left running (stop it with: python -m orchestrator ray-down)")
 

@@ -76,18 +76,22 @@ class NodeCapacity:
     flash_reason: Optional[str] = None
     gpu_memory_bytes: Optional[int] = None  # the node's smallest GPU; None: not measured
     memory_bytes: Optional[int] = None  # the node's RAM; None: not measured
+    left_out: Optional[str] = None  # why the plan places nothing here (preflight found it unhealthy)
 
     def all_labels(self) -> dict[str, str]:
         """The labels a selector sees: Ray adds the node id to every node's labels."""
         return {labels.NODE_ID_KEY: self.node_id, **self.labels}
 
 
-def nodes_from_preflight(report: PreflightReport) -> list[NodeCapacity]:
-    """Preflight's findings per node, reduced to what placement needs."""
+def nodes_from_preflight(report: PreflightReport, allow_unhealthy: bool = False) -> list[NodeCapacity]:
+    """Preflight's findings per node, reduced to what placement needs; an unhealthy node is left
+    out unless ``allow_unhealthy`` (--allow-unhealthy)."""
     return [NodeCapacity(node_id=n.node_id, cpus=n.cpus, gpus=n.gpus, labels=dict(n.labels),
                          flash_ok=n.verdict.flash_ok, flash_kernel=n.verdict.flash_kernel,
                          flash_reason=n.verdict.reason, gpu_memory_bytes=n.smallest_gpu_bytes(),
-                         memory_bytes=(n.facts or {}).get("memory_bytes")) for n in report.nodes]
+                         memory_bytes=(n.facts or {}).get("memory_bytes"),
+                         left_out=f"unhealthy: {n.health.reason}" if n.unhealthy and not allow_unhealthy else None)
+            for n in report.nodes]
 
 
 @dataclass
@@ -258,6 +262,11 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
     """
     if not nodes:
         raise InfeasibleRequest("the Ray cluster has no alive nodes")
+    cluster, nodes = nodes, [n for n in nodes if not n.left_out]
+    if not nodes:
+        raise InfeasibleRequest("every node is left out: " + "; ".join(f"node {n.node_id[:8]} {n.left_out}"
+                                                                      for n in cluster)
+                                + " (--allow-unhealthy runs on them anyway)")
     planned: list[PlannedVariant] = []
     candidates: dict[str, list[str]] = {}
     restricted: dict[str, bool] = {}  # flash excluded nodes the selector alone would allow
@@ -312,7 +321,7 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
         planned.append(pv)
 
     runnable = [v for v in planned if v.status == "planned"]
-    plan = Plan(variants=planned, mode="sequential", cluster=list(nodes),
+    plan = Plan(variants=planned, mode="sequential", cluster=list(cluster),
                 flash_disabled=import_guard.DISABLED_REASON if flash_disabled else None)
     together = _pack_together(runnable, candidates, nodes) if len(runnable) > 1 else None
     memory_bound = False  # the variants fit the CPUs together but not the RAM
@@ -345,8 +354,10 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
         for v in runnable:
             # Alone on the cluster, a variant may go anywhere its selector allows; only the
             # flash restriction has to be spelled out, as the candidate nodes' ids.
-            if restricted[v.name]:
+            if restricted[v.name] or len(nodes) < len(cluster):
                 v.label_selector = {**(v.label_selector or {}), **labels.one_of(labels.NODE_ID_KEY, candidates[v.name])}
+    plan.notes += [f"node {n.node_id[:8]} is left out, {n.left_out} (--allow-unhealthy keeps it)"
+                   for n in cluster if n.left_out]
     for v in planned:
         if v.status == "skipped":
             plan.notes.append(f"{v.name} is skipped: {v.reason}")

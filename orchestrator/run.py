@@ -38,7 +38,7 @@ from orchestrator import (bytecode, capacity, init_from, interrupt, kept_ray, pl
                           resume as resume_mod, rundir, runlock, storage)
 from orchestrator.errors import InfeasibleRequest, UsageError
 from orchestrator.options import TrainOptions
-from orchestrator.preflight import interconnect
+from orchestrator.preflight import health, interconnect
 from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
                                   run_status)
 from orchestrator.strategy import Workload
@@ -68,8 +68,9 @@ def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume
     if not opts.resume:
         return opts, None
     saved = resume_mod.load(opts)
-    # Probing afresh is this invocation's wish, not a property of the run.
-    return TrainOptions(**dict(saved.options, fresh_preflight=opts.fresh_preflight)), saved
+    # Probing afresh, and how its health is judged, are this invocation's wishes, not properties of the run.
+    return TrainOptions(**dict(saved.options, fresh_preflight=opts.fresh_preflight, expect_gpus=opts.expect_gpus,
+                               allow_unhealthy=opts.allow_unhealthy)), saved
 
 
 def prepare(opts: TrainOptions) -> Prepared:
@@ -314,12 +315,13 @@ def _probe(state: RunState, nodes: Optional[NodesFn]) -> None:
         state.nodes = nodes()
         return
     t_probe, local = time.time(), state.local_probe
-    state.preflight = preflight.run_preflight(probe_settings(state), fresh=state.opts.fresh_preflight, local=local)
+    state.preflight = preflight.run_preflight(probe_settings(state), fresh=state.opts.fresh_preflight, local=local,
+                                              expect_gpus=state.opts.expect_gpus)
     ended = time.time()
     if local is not None and local.ended and [n.node_id for n in state.preflight.nodes] == [local.node_id]:
         ended = local.ended  # this machine was the only node: preflight was over when its probe was
     state.probe_span = (local.started if local else t_probe, ended)
-    state.nodes = plan_mod.nodes_from_preflight(state.preflight)
+    state.nodes = plan_mod.nodes_from_preflight(state.preflight, state.opts.allow_unhealthy)
 
 
 def probe_settings(state: RunState) -> preflight.ProbeSettings:
@@ -338,8 +340,9 @@ def _plan(state: RunState) -> None:
     if problem:
         raise UsageError(f"{state.opts.config_file or 'built-in config'}: {problem}")
     if report is not None:  # a hang in training's first all-reduce, found in seconds instead
+        links = {n.node_id: health.link_class(n.facts) for n in report.nodes}
         report.interconnect = interconnect.check_plan(state.plan, setting=prep.cfg.scaling.interconnect_check,
-                                                      timeout_s=prep.cfg.scaling.interconnect_timeout_s)
+                                                      timeout_s=prep.cfg.scaling.interconnect_timeout_s, links=links)
         if report.interconnect and report.interconnect.failures():
             for line in report.interconnect.table():
                 log.info(line)

@@ -146,7 +146,7 @@ def test_report_table_json_and_log_show_each_node_verdict_cause_and_hint(tmp_pat
     report = _report()
     table = report.table()
     assert table[0].split() == ["node", "GPUs", "CC", "driver", "CUDA", "GLIBC", "torch", "flash-attn", "probe",
-                                "verdict", "reason"]
+                                "health", "verdict", "reason"]
     assert "1x NVIDIA A100-SXM4-80GB" in table[2] and "flash (sdpa_flash)" in table[2] and "glibc_too_old" in table[2]
     assert "standard" in table[3] and "did not finish in time" in table[3]
     json_path, log_path = report.write(tmp_path)

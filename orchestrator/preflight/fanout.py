@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Optional
 
-from orchestrator.preflight import node as node_mod
+from orchestrator.preflight import health as health_mod, node as node_mod
 from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.child import parse_probe, probe_command, probe_env, run_probe
 from orchestrator.preflight.findings import NodeReport, PreflightReport
@@ -105,10 +105,12 @@ def alive_nodes() -> list[dict]:
 
 
 def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optional[list[str]] = None,
-                  fresh: bool = False, local: Optional[LocalProbe] = None) -> PreflightReport:
+                  fresh: bool = False, local: Optional[LocalProbe] = None,
+                  expect_gpus: Optional[int] = None) -> PreflightReport:
     """Probe every alive node of the connected Ray cluster (``fresh``: never reuse a node's cached
     result); ``command`` replaces the probe's argv; ``local``, this machine's probe already under
-    way, answers for the node the driver runs on (made with the same settings and ``fresh``)."""
+    way, answers for the node the driver runs on (made with the same settings and ``fresh``).
+    Each node's health counts its GPUs against ``expect_gpus``, else against what Ray advertises there."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -153,6 +155,7 @@ def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optiona
             gpus=float(res.get("GPU", 0)), labels=dict(n.get("Labels") or {}), facts=facts,
             verdict=verdict(facts) if facts is not None else probe_failed(issue.check, issue.cause, issue.error),
             probe_seconds=raw.get("seconds") if raw else None, cache=raw.get("cache") if raw else None,
+            health=health_mod.judge(facts, int(res.get("GPU", 0)) if expect_gpus is None else expect_gpus),
         ))
     notes = []
     if not any(r.gpus for r in reports) and not any((r.facts or {}).get("gpus") for r in reports):

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from orchestrator.preflight.health import Health
 from orchestrator.preflight.interconnect import InterconnectReport
 from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.rules import Verdict
@@ -20,7 +21,8 @@ from trainer.attention import LOG_FILE
 
 # flash_nodes' key for the nodes whose kernel choice was still being timed when the plan was made.
 PENDING = "(timing)"
-COLUMNS = ("node", "GPUs", "CC", "driver", "CUDA", "GLIBC", "torch", "flash-attn", "probe", "verdict", "reason")
+COLUMNS = ("node", "GPUs", "CC", "driver", "CUDA", "GLIBC", "torch", "flash-attn", "probe", "health", "verdict",
+           "reason")
 _REASON_WIDTH = 90
 
 
@@ -35,10 +37,15 @@ class NodeReport:
     verdict: Verdict
     probe_seconds: Optional[float] = None
     cache: Optional[dict] = None  # node.probe_or_reuse's: reused or not, the entry's path, why not
+    health: Optional[Health] = None  # None: not judged (reports made before the health checks)
 
     @property
     def name(self) -> str:
         return f"{self.node_id[:8]} ({self.address})"
+
+    @property
+    def unhealthy(self) -> bool:
+        return self.health is not None and self.health.status == "unhealthy"
 
     @property
     def reused(self) -> bool:
@@ -78,7 +85,7 @@ class NodeReport:
             torch_f.get("cuda") or ("-" if self.facts else "?"), f.get("glibc") or ("-" if self.facts else "?"),
             torch_f.get("version") or ("error" if torch_f.get("error") else "?"),
             ", ".join(f"{d['name']} {d.get('version')}" for d in dists) or ("-" if self.facts else "?"),
-            self.probe_text(), verdict, reason,
+            self.probe_text(), self.health.status if self.health else "-", verdict, reason,
         ]
 
     def smallest_gpu_bytes(self) -> Optional[int]:
@@ -88,7 +95,8 @@ class NodeReport:
     def to_json(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "cpus": self.cpus, "gpus": self.gpus,
                 "labels": self.labels, "probe_seconds": self.probe_seconds, "cache": self.cache,
-                "verdict": self.verdict.to_json(), "facts": self.facts}
+                "health": self.health.to_json() if self.health else None, "verdict": self.verdict.to_json(),
+                "facts": self.facts}
 
 
 @dataclass
@@ -130,6 +138,9 @@ class PreflightReport:
             lines.append(f"preflight: {reused} of {len(self.nodes)} node(s) reused their cached result (nothing it "
                          "depends on changed); --fresh-preflight probes again")
         lines += [f"note: {n}" for n in self.notes]
+        for n in self.nodes:
+            for c in n.health.problems() if n.health else []:
+                lines.append(f"health {n.name} [{c.cause.code}] {c.where}: {c.message}; fix: {c.cause.hint}")
         return lines + (self.interconnect.table() if self.interconnect else [])
 
     def log_text(self) -> str:
@@ -155,6 +166,12 @@ class PreflightReport:
                 when = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(n.cache["created"]))
                 lines.append(f"  preflight result reused from {n.cache['path']} (probed at {when}; "
                              "nothing it depends on has changed since)")
+            if n.health is not None:
+                lines.append(f"  health: {n.health.status}" + (f" ({n.health.seconds:.1f} s)" if n.health.seconds
+                                                              is not None else ""))
+                for c in n.health.problems():
+                    lines.append(f"  [{c.cause.code}] {c.where}: {c.message}")
+                    lines.append(f"    fix: {c.cause.hint}")
             if not v.issues:
                 lines.append("  no issues found")
             for issue in v.issues:

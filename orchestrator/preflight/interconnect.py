@@ -35,6 +35,14 @@ INJECTED_NCCL_ERROR = ("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled syst
 MAX_ALL_PAIRS_NODES = 8
 # Time for Ray to start the actors on top of the check's own timeout.
 STARTUP_MARGIN_S = 60.0
+# The bus bandwidth below which a check within one node fails, by the node's link class (health.link_class):
+# far under what a sound link reaches (NVLink: hundreds of GB/s; PCIe 4 or 5 x16: 15-50), so only a
+# link that is down, downgraded or bypassed trips it. Across nodes the network varies too much for one floor.
+MIN_BUSBW_GBPS = {"nvlink": 100.0, "pcie": 5.0}
+_SLOW_HINTS = {"nvlink": "an NVLink is down or unused: check nvidia-smi nvlink --status and nvidia-smi topo -m, and "
+                         "that NCCL_P2P_DISABLE is not set",
+               "pcie": "check the GPUs' PCIe links (nvidia-smi -q -d PCI; preflight's pcie check) and ACS/IOMMU "
+                       "settings that route peer traffic through the CPU"}
 
 
 @dataclass(frozen=True)
@@ -61,11 +69,12 @@ class Result:
     busbw_gbps: Optional[float] = None
     cause: Optional[Cause] = None
     error: Optional[str] = None
+    link: Optional[str] = None  # nvlink | pcie, for a check within a node whose link class is known
 
     def to_json(self) -> dict:
         return {"check": self.group.name, "kind": self.group.kind, "nodes": list(self.group.nodes),
                 "ranks": len(self.group.nodes), "backend": self.backend, "status": self.status, "bytes": self.bytes,
-                "seconds": self.seconds, "busbw_gbps": self.busbw_gbps,
+                "seconds": self.seconds, "busbw_gbps": self.busbw_gbps, "link": self.link,
                 "cause": asdict(self.cause) if self.cause else None, "error": self.error}
 
 
@@ -176,6 +185,20 @@ def classify(error: Optional[str], *, timed_out: bool, where: str, backend: str,
                  "rerun with NCCL_DEBUG=INFO (GPU) or TORCH_DISTRIBUTED_DEBUG=DETAIL and read the failing rank's log")
 
 
+def against_floor(result: Result, link: Optional[str]) -> Result:
+    """A GPU check within one node fails when its bus bandwidth is below its link class's floor."""
+    floor = MIN_BUSBW_GBPS.get(link)
+    if result.group.kind != "node" or result.backend != "nccl" or floor is None:
+        return result
+    result.link = link
+    if result.status == "ok" and result.busbw_gbps < floor:
+        result.status = "failed"
+        result.cause = Cause("slow_interconnect", f"bus bandwidth {result.busbw_gbps:.1f} GB/s across the "
+                             f"{len(result.group.nodes)} GPUs of {result.group.name}, below the {floor:g} GB/s "
+                             f"floor of {link}", _SLOW_HINTS[link])
+    return result
+
+
 def failure_message(report: InterconnectReport) -> str:
     """The one-line refusal when a check failed."""
     parts = [f"{r.group.name}: {r.cause.summary}; fix: {r.cause.hint}" for r in report.failures()]
@@ -282,15 +305,17 @@ def _ray_runner(nbytes: int, iters: int, fault: Optional[str]) -> Runner:
 
 
 def run_checks(placements: list[list[str]], *, use_gpu: bool, timeout_s: float, runner: Optional[Runner] = None,
-               nbytes: Optional[int] = None, iters: int = 5) -> InterconnectReport:
-    """Every check of ``groups(placements)``, one after the other (they may share GPUs)."""
+               nbytes: Optional[int] = None, iters: int = 5, links: Optional[dict[str, str]] = None
+               ) -> InterconnectReport:
+    """Every check of ``groups(placements)``, one after the other (they may share GPUs); ``links``:
+    each node's link class, whose floor its check within the node must reach."""
     backend = "nccl" if use_gpu else "gloo"
     nbytes = nbytes or (256 if use_gpu else 16) * 2**20  # enough to reach the link's bandwidth, quick on gloo
     runner = runner or _ray_runner(nbytes, iters, os.environ.get(FAULT_ENV) or None)
     report = InterconnectReport()
     for group in groups(placements):
         log.info("interconnect: %s all-reduce across %s (%d ranks)", backend, group.name, len(group.nodes))
-        report.results.append(runner(group, backend, timeout_s))
+        report.results.append(against_floor(runner(group, backend, timeout_s), (links or {}).get(group.nodes[0])))
     return report
 
 
@@ -301,13 +326,15 @@ def wanted(setting, *, use_gpu: bool, placements: list[list[str]]) -> bool:
     return setting is True or use_gpu or any(len(set(p)) > 1 for p in placements)
 
 
-def check_plan(plan, *, setting, timeout_s: float, runner: Optional[Runner] = None) -> Optional[InterconnectReport]:
+def check_plan(plan, *, setting, timeout_s: float, runner: Optional[Runner] = None,
+               links: Optional[dict[str, str]] = None) -> Optional[InterconnectReport]:
     """The checks a plan wants (``scaling.interconnect_check``), GPU variants over NCCL and CPU
-    variants over gloo; None when it wants none."""
+    variants over gloo; None when it wants none. ``links`` as for ``run_checks``."""
     report, ran = InterconnectReport(), False
     for use_gpu in (True, False):
         placements = [v.nodes for v in plan.runnable() if v.use_gpu == use_gpu]
         if wanted(setting, use_gpu=use_gpu, placements=placements):
-            report.results += run_checks(placements, use_gpu=use_gpu, timeout_s=timeout_s, runner=runner).results
+            report.results += run_checks(placements, use_gpu=use_gpu, timeout_s=timeout_s, runner=runner,
+                                         links=links).results
             ran = True
     return report if ran else None

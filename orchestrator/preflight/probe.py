@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import psutil
 
+from orchestrator.preflight import health
 from orchestrator.preflight.settings import ProbeSettings
 from trainer import strict_json
 from trainer import import_guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
@@ -274,6 +275,7 @@ def gather(settings: argparse.Namespace, early: Optional[Callable[[dict], None]]
     torch_ok = "error" not in facts["torch"]
     facts["libstdcxx"] = loaded_libstdcxx()
     facts["driver"], facts["gpus"] = gpu_facts(torch_ok)
+    facts["health"] = health.gather(torch_ok)  # before the kernels: the plan's early facts need it
     facts["memory_bytes"] = psutil.virtual_memory().total  # the planner's memory check on CPU nodes
     try:
         distributions = flash_distributions()

@@ -1,0 +1,374 @@
+"""Node health: whether each GPU the node gives the run is fit to train, found before anything trains.
+
+Long runs die from sick hardware more than from broken installs (uncorrectable ECC errors, rows
+that could not be remapped, a GPU held at a fraction of its clock, silent data corruption). On
+the node, inside the probe, ``gather`` reads each GPU through NVML and runs a GEMM canary on it;
+in the driver, ``judge`` turns those readings into one ok/warn/fail check each, with a cause
+and a fix, and the node's verdict: healthy, degraded (it runs, with a warning) or unhealthy (the
+plan leaves it out unless ``--allow-unhealthy``).
+
+NVML is reached through one seam, ``NVML``: ``Pynvml`` reads the real library; tests name a
+canned one with ``FLASH_ORCH_NVML=module:factory`` in the node's environment (SkyPilot's doctor
+feeds its checks canned outputs the same way), so every cause is exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+from orchestrator.preflight.rules import Cause
+
+NVML_ENV = "FLASH_ORCH_NVML"
+
+HEALTHY, DEGRADED, UNHEALTHY = "healthy", "degraded", "unhealthy"
+# The GEMM canary: one bf16 matmul of fixed, seeded inputs; big enough to reach a GPU's peak.
+GEMM_N = 8192
+GEMM_SEED = 1234
+GEMM_ITERS = 20
+# A GPU whose canary runs below this fraction of the node's median TFLOP/s holds every step back.
+STRAGGLER_FRACTION = 0.9
+# NVML's throttle-reason bits that mean the hardware, not the workload, holds the clock down.
+THROTTLE_BITS = {"hw_slowdown": 0x8, "sw_thermal": 0x20, "hw_thermal": 0x40, "power_brake": 0x80}
+
+
+# ---------------------------------------------------------------- the seam
+
+
+class NVML(Protocol):
+    def readings(self) -> list[dict]:
+        """One dict per GPU: index, name, uuid, and each reading below (None: not supported).
+
+        ecc_volatile / ecc_aggregate: uncorrectable ECC errors since boot / over the GPU's life;
+        retired_pending, remapped_pending, remapped_failed: page retirement and row remapping;
+        throttle: names from THROTTLE_BITS now active; persistence, mig: modes on or off;
+        pcie_gen, pcie_gen_max, pcie_width, pcie_width_max; nvlinks: active NVLinks."""
+
+
+class Pynvml:
+    """The real NVML (nvidia-ml-py)."""
+
+    def readings(self) -> list[dict]:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [self._one(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+
+    @staticmethod
+    def _one(nv, index: int) -> dict:
+        h = nv.nvmlDeviceGetHandleByIndex(index)
+
+        def read(fn, *args):
+            try:
+                return fn(h, *args)
+            except nv.NVMLError:  # not supported on this GPU or driver: the check is skipped
+                return None
+
+        remapped = read(nv.nvmlDeviceGetRemappedRows)  # (correctable, uncorrectable, pending, failed)
+        throttle = read(nv.nvmlDeviceGetCurrentClocksThrottleReasons)
+        mig = read(nv.nvmlDeviceGetMigMode)  # (current, pending)
+        links = [read(nv.nvmlDeviceGetNvLinkState, link) for link in range(nv.NVML_NVLINK_MAX_LINKS)]
+        unc = nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+        return {
+            "index": index, "name": _text(nv.nvmlDeviceGetName(h)), "uuid": _text(nv.nvmlDeviceGetUUID(h)),
+            "ecc_volatile": read(nv.nvmlDeviceGetTotalEccErrors, unc, nv.NVML_VOLATILE_ECC),
+            "ecc_aggregate": read(nv.nvmlDeviceGetTotalEccErrors, unc, nv.NVML_AGGREGATE_ECC),
+            "retired_pending": _flag(read(nv.nvmlDeviceGetRetiredPagesPendingStatus)),
+            "remapped_pending": bool(remapped[2]) if remapped else None,
+            "remapped_failed": bool(remapped[3]) if remapped else None,
+            "throttle": None if throttle is None else [n for n, bit in THROTTLE_BITS.items() if throttle & bit],
+            "persistence": _flag(read(nv.nvmlDeviceGetPersistenceMode)),
+            "pcie_gen": read(nv.nvmlDeviceGetCurrPcieLinkGeneration),
+            "pcie_gen_max": read(nv.nvmlDeviceGetMaxPcieLinkGeneration),
+            "pcie_width": read(nv.nvmlDeviceGetCurrPcieLinkWidth),
+            "pcie_width_max": read(nv.nvmlDeviceGetMaxPcieLinkWidth),
+            "mig": _flag(mig[0]) if mig else None,
+            "nvlinks": sum(1 for s in links if s),
+        }
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _flag(value) -> Optional[bool]:
+    return None if value is None else bool(value)
+
+
+def nvml_from_env() -> NVML:
+    """The real NVML, or the replacement ``FLASH_ORCH_NVML=module:factory`` names (tests)."""
+    spec = os.environ.get(NVML_ENV)
+    if not spec:
+        return Pynvml()
+    module, _, factory = spec.partition(":")
+    return getattr(importlib.import_module(module), factory)()
+
+
+# ---------------------------------------------------------------- on the node
+
+
+def gemm_canary(torch, index: int) -> dict:
+    """One GPU's canary: the output's SHA-256 (bitwise comparable across GPUs of one model and
+    driver) and its TFLOP/s."""
+    device = torch.device("cuda", index)
+    gen = torch.Generator().manual_seed(GEMM_SEED)  # the same inputs on every GPU of every node
+    a = torch.randn(GEMM_N, GEMM_N, generator=gen).to(device, torch.bfloat16)
+    b = torch.randn(GEMM_N, GEMM_N, generator=gen).to(device, torch.bfloat16)
+    out = a @ b  # warm-up: cuBLAS picks its kernel here
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(GEMM_ITERS):
+        torch.matmul(a, b, out=out)
+    end.record()
+    torch.cuda.synchronize(device)
+    seconds = start.elapsed_time(end) / 1e3 / GEMM_ITERS
+    digest = hashlib.sha256(out.view(torch.int16).cpu().numpy().tobytes()).hexdigest()
+    return {"gpu": index, "sha256": digest, "tflops": round(2 * GEMM_N**3 / seconds / 1e12, 1)}
+
+
+def canary(torch_ok: bool) -> dict:
+    """The canary on every GPU torch sees, or why it was skipped."""
+    if not torch_ok:
+        return {"skipped": "torch does not import"}
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA GPU: the GEMM canary runs on GPUs only"}
+    results = []
+    for i in range(torch.cuda.device_count()):
+        try:
+            results.append(gemm_canary(torch, i))
+        except Exception as e:  # a GPU that cannot run a matmul is a finding, not a crash
+            results.append({"gpu": i, "error": f"{type(e).__name__}: {e}".strip()[-2000:]})
+    return {"gpus": results}
+
+
+def gather(torch_ok: bool, nvml: Optional[NVML] = None) -> dict:
+    """The node's health facts (the probe's ``health``): the canary first, so the PCIe link is
+    read while it is awake (an idle GPU lowers its link's generation to save power)."""
+    started = time.monotonic()
+    out: dict = {"canary": canary(torch_ok)}
+    try:
+        out["gpus"] = (nvml or nvml_from_env()).readings()
+    except Exception as e:  # no NVML library (a CPU node) or no driver
+        out["nvml_error"] = f"{type(e).__name__}: {e}".strip()
+    out["seconds"] = round(time.monotonic() - started, 3)
+    return out
+
+
+# ---------------------------------------------------------------- causes (pure)
+
+
+CAUSES = {  # code -> (summary, fix); one line each, as the install causes of rules.py
+    "ecc_uncorrected": ("uncorrectable ECC errors since boot",
+                        "drain the node: reset the GPU (nvidia-smi -r) or reboot, and replace it if they return"),
+    "ecc_history": ("uncorrectable ECC errors in the GPU's lifetime (none since boot)",
+                    "watch it: nvidia-smi -q -d ECC,PAGE_RETIREMENT,ROW_REMAPPER; replace it if they come back"),
+    "retired_pending": ("memory pages wait to be retired",
+                        "reset the GPU (nvidia-smi -r) or reboot the node so the pages are retired"),
+    "remap_pending": ("rows wait to be remapped", "reset the GPU (nvidia-smi -r) or reboot so the rows are remapped"),
+    "remap_failed": ("row remapping failed: the GPU's memory has no spare rows left",
+                     "the GPU needs replacing (RMA); leave the node out until it is"),
+    "hw_slowdown": ("the hardware holds the clock down now ({0}): the GPU runs at a fraction of its speed",
+                    "check cooling and power supply, and nvidia-smi -q -d PERFORMANCE"),
+    "thermal": ("the GPU is thermally throttled now ({0})",
+                "check fans, airflow and inlet temperature (nvidia-smi -q -d TEMPERATURE)"),
+    "persistence_off": ("persistence mode is off: every process start reloads the driver state",
+                        "nvidia-smi -pm 1 (or run nvidia-persistenced)"),
+    "pcie_degraded": ("the PCIe link runs at {0}, below its maximum {1}",
+                      "reseat the GPU or its riser, check the slot and BIOS settings; host<->GPU copies are slower"),
+    "mig_on": ("MIG mode is on: the GPU is split into instances training cannot use as one GPU",
+               "nvidia-smi -i <gpu> -mig 0, then reset the GPU"),
+    "gpu_missing": ("the node has {0} GPU(s) where {1} are expected",
+                    "a GPU fell off the bus or is hidden: check nvidia-smi and dmesg (Xid 79), reboot or fix the node"),
+    "nvml_unavailable": ("NVML cannot be read although GPUs are expected ({0})",
+                         "install the NVIDIA driver (its libnvidia-ml) on the node, or check it with nvidia-smi"),
+    "gemm_error": ("the GEMM canary failed on the GPU ({0})", "check the GPU with nvidia-smi and dmesg for Xid errors"),
+    "gemm_mismatch": ("the GEMM canary's result differs bitwise from the node's other {0} GPUs",
+                      "silent data corruption: drain the node and run DCGM diagnostics (dcgmi diag -r 3)"),
+    "gemm_straggler": ("the GEMM canary runs at {0:.0f} TFLOP/s, {1:.0%} of the node's median",
+                       "a slow GPU holds every step back: check its clocks, power and temperature (nvidia-smi -q)"),
+}
+
+# Where a cause leaves the node: fail makes it unhealthy, warn degraded.
+FAILS = {"ecc_uncorrected", "remap_failed", "hw_slowdown", "mig_on", "gpu_missing", "nvml_unavailable",
+         "gemm_error", "gemm_mismatch"}
+
+
+def cause(code: str, *args) -> Cause:
+    summary, fix = CAUSES[code]
+    return Cause(code, summary.format(*args), fix)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check of one GPU (``gpu`` None: of the node): ok, warn, fail or skip, and why."""
+
+    check: str
+    gpu: Optional[int]
+    status: str
+    message: str
+    cause: Optional[Cause] = None
+
+    def to_json(self) -> dict:
+        return {"check": self.check, "gpu": self.gpu, "status": self.status, "message": self.message,
+                **({"code": self.cause.code, "fix": self.cause.hint} if self.cause else {})}
+
+    @property
+    def where(self) -> str:
+        return f"{self.check} (GPU {self.gpu})" if self.gpu is not None else self.check
+
+
+def _found(check: str, gpu: Optional[int], code: str, *args) -> Check:
+    c = cause(code, *args)
+    return Check(check, gpu, "fail" if code in FAILS else "warn", c.summary, c)
+
+
+def _gpu_checks(r: dict) -> list[Check]:
+    """The NVML checks of one GPU's readings."""
+    i = r["index"]
+
+    def skip(check: str) -> Check:
+        return Check(check, i, "skip", "not supported by this GPU or driver")
+
+    out = []
+    if r.get("ecc_volatile") is None:
+        out.append(skip("ecc"))
+    elif r["ecc_volatile"]:
+        out.append(_found("ecc", i, "ecc_uncorrected"))
+    elif r.get("ecc_aggregate"):
+        out.append(_found("ecc", i, "ecc_history"))
+    else:
+        out.append(Check("ecc", i, "ok", "no uncorrectable ECC errors"))
+    if r.get("remapped_failed"):
+        out.append(_found("memory", i, "remap_failed"))
+    elif r.get("remapped_pending"):
+        out.append(_found("memory", i, "remap_pending"))
+    elif r.get("retired_pending"):
+        out.append(_found("memory", i, "retired_pending"))
+    elif r.get("remapped_pending") is None and r.get("retired_pending") is None:
+        out.append(skip("memory"))
+    else:
+        out.append(Check("memory", i, "ok", "no rows or pages pending or failed"))
+    throttle = r.get("throttle")
+    hard = [t for t in throttle or [] if t in ("hw_slowdown", "power_brake")]
+    if throttle is None:
+        out.append(skip("throttle"))
+    elif hard:
+        out.append(_found("throttle", i, "hw_slowdown", ", ".join(throttle)))
+    elif throttle:
+        out.append(_found("throttle", i, "thermal", ", ".join(throttle)))
+    else:
+        out.append(Check("throttle", i, "ok", "no hardware or thermal slowdown"))
+    if r.get("persistence") is None:
+        out.append(skip("persistence"))
+    else:
+        out.append(Check("persistence", i, "ok", "persistence mode on") if r["persistence"]
+                   else _found("persistence", i, "persistence_off"))
+    now, top = (r.get("pcie_gen"), r.get("pcie_width")), (r.get("pcie_gen_max"), r.get("pcie_width_max"))
+    if None in now or None in top:
+        out.append(skip("pcie"))
+    elif now[0] < top[0] or now[1] < top[1]:
+        out.append(_found("pcie", i, "pcie_degraded", f"gen{now[0]} x{now[1]}", f"gen{top[0]} x{top[1]}"))
+    else:
+        out.append(Check("pcie", i, "ok", f"gen{now[0]} x{now[1]}"))
+    if r.get("mig") is None:
+        out.append(skip("mig"))
+    else:
+        out.append(_found("mig", i, "mig_on") if r["mig"] else Check("mig", i, "ok", "MIG mode off"))
+    return out
+
+
+def _canary_checks(section: dict, names: dict[int, str]) -> list[Check]:
+    """Bitwise agreement among the GPUs of one model (one node: one driver), and speed against the node's median."""
+    if "skipped" in section:
+        return [Check("gemm", None, "skip", section["skipped"])]
+    results = section.get("gpus") or []
+    out = [_found("gemm", r["gpu"], "gemm_error", r["error"].splitlines()[-1]) for r in results if "error" in r]
+    ran = [r for r in results if "error" not in r]
+    bad: set[int] = set()
+    by_model: dict[str, list[dict]] = {}
+    for r in ran:
+        by_model.setdefault(names.get(r["gpu"], "?"), []).append(r)
+    for group in by_model.values():
+        counts = Counter(r["sha256"] for r in group).most_common()
+        if len(counts) < 2:
+            continue
+        # The majority's result is taken as right; with no majority every GPU of the model is suspect.
+        agreed = counts[0][0] if counts[0][1] > counts[1][1] else None
+        for r in group:
+            if r["sha256"] != agreed:
+                out.append(_found("gemm", r["gpu"], "gemm_mismatch", len(group) - 1))
+                bad.add(r["gpu"])
+    median = statistics.median(r["tflops"] for r in ran) if ran else 0
+    for r in ran:
+        if r["gpu"] in bad:
+            continue
+        if r["tflops"] < STRAGGLER_FRACTION * median:
+            out.append(_found("gemm", r["gpu"], "gemm_straggler", r["tflops"], r["tflops"] / median))
+        else:
+            out.append(Check("gemm", r["gpu"], "ok", f"{r['tflops']:g} TFLOP/s, same result as the node's other GPUs"))
+    return sorted(out, key=lambda c: c.gpu if c.gpu is not None else -1)
+
+
+# ---------------------------------------------------------------- the verdict (pure)
+
+
+@dataclass
+class Health:
+    status: str  # healthy | degraded | unhealthy
+    checks: list[Check] = field(default_factory=list)
+    seconds: Optional[float] = None  # the node's health checks, as the probe timed them
+
+    def problems(self) -> list[Check]:
+        return [c for c in self.checks if c.status in ("warn", "fail")]
+
+    @property
+    def reason(self) -> Optional[str]:
+        """One line: each failed (else warned) check, where and why."""
+        worst = [c for c in self.checks if c.status == "fail"] or self.problems()
+        return "; ".join(f"{c.where}: {c.message}" for c in worst) or None
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "seconds": self.seconds, "checks": [c.to_json() for c in self.checks]}
+
+
+def judge(facts: Optional[dict], expected_gpus: int) -> Health:
+    """The node's health from its probe facts; ``expected_gpus``: what Ray advertises on the node,
+    or ``--expect-gpus``."""
+    section = (facts or {}).get("health")
+    if section is None:  # a probe older than these checks, or one that failed
+        return Health(HEALTHY, [Check("health", None, "skip", "no health facts from this node's probe")])
+    readings = section.get("gpus") or []
+    checks: list[Check] = []
+    if "nvml_error" in section:
+        checks.append(_found("nvml", None, "nvml_unavailable", section["nvml_error"]) if expected_gpus
+                      else Check("nvml", None, "skip", f"no NVML, no GPU expected ({section['nvml_error']})"))
+    elif len(readings) < expected_gpus:
+        checks.append(_found("gpu_count", None, "gpu_missing", len(readings), expected_gpus))
+    else:
+        checks.append(Check("gpu_count", None, "ok", f"{len(readings)} GPU(s), {expected_gpus} expected"))
+    for r in readings:
+        checks += _gpu_checks(r)
+    checks += _canary_checks(section.get("canary") or {"skipped": "not run"}, {r["index"]: r["name"] for r in readings})
+    statuses = {c.status for c in checks}
+    status = UNHEALTHY if "fail" in statuses else DEGRADED if "warn" in statuses else HEALTHY
+    return Health(status, checks, section.get("seconds"))
+
+
+def link_class(facts: Optional[dict]) -> Optional[str]:
+    """'nvlink' when every GPU of the node has an active NVLink, else 'pcie'; None without readings."""
+    readings = ((facts or {}).get("health") or {}).get("gpus") or []
+    if not readings:
+        return None
+    return "nvlink" if all(r.get("nvlinks") for r in readings) else "pcie"
