@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
@@ -15,7 +14,7 @@ from orchestrator.plan import make_plan, nodes_from_preflight
 from orchestrator.preflight import ProbeSettings, health
 from orchestrator.preflight.child import parse_probe, probe_command, probe_env, run_probe
 from orchestrator.preflight.findings import NodeReport, PreflightReport
-from orchestrator.preflight.interconnect import Group, Result, run_checks
+from orchestrator.preflight.interconnect import Result, run_checks
 from orchestrator.preflight.rules import verdict
 from tests.fake_nvml import CannedNVML, gpu, node_env
 
@@ -222,3 +221,18 @@ def test_link_class_is_nvlink_only_when_every_gpu_has_an_active_link():
     assert health.link_class(facts_with([gpu(0), gpu(1)])) == "nvlink"
     assert health.link_class(facts_with([gpu(0), gpu(1, nvlinks=0)])) == "pcie"
     assert health.link_class({}) is None
+
+
+def test_a_reused_probe_result_carries_the_health_read_now_not_the_cached_one(tmp_path, monkeypatch):
+    """The cache's key holds while a GPU falls sick: a reused result still has this moment's health."""
+    from orchestrator.preflight import node
+
+    monkeypatch.setenv("FLASH_ORCHESTRATOR_PREFLIGHT_CACHE", str(tmp_path / "cache"))
+    settings = ProbeSettings(disable_flash_attn=True)
+    env = probe_env(True, {**os.environ, **node_env([gpu(0)])})
+    first = node.probe_or_reuse(probe_command(settings), settings, False, env)
+    sick = {**env, **node_env([gpu(0, ecc_volatile=4)])}
+    second = node.probe_or_reuse(probe_command(settings), settings, False, sick)
+    assert not first["cache"]["reused"] and second["cache"]["reused"]
+    assert health.judge(parse_probe(first, 60)[0], 1).status == "healthy"
+    assert problems(health.judge(parse_probe(second, 60)[0], 1)) == [("ecc", 0, "fail", "ecc_uncorrected")]

@@ -138,9 +138,12 @@ def gemm_canary(torch, index: int) -> dict:
 
 def canary(torch_ok: bool) -> dict:
     """The canary on every GPU torch sees, or why it was skipped."""
-    if not torch_ok:
-        return {"skipped": "torch does not import"}
-    import torch
+    try:
+        if not torch_ok:
+            raise ImportError("see the probe's torch facts")
+        import torch
+    except Exception as e:  # a broken torch is reported by the probe; the canary just cannot run
+        return {"skipped": f"torch does not import ({type(e).__name__}: {e})"}
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA GPU: the GEMM canary runs on GPUs only"}
@@ -154,16 +157,38 @@ def canary(torch_ok: bool) -> dict:
 
 
 def gather(torch_ok: bool, nvml: Optional[NVML] = None) -> dict:
-    """The node's health facts (the probe's ``health``): the canary first, so the PCIe link is
-    read while it is awake (an idle GPU lowers its link's generation to save power)."""
+    """The node's health facts (the probe's ``health``). Where NVML finds GPUs, the canary runs
+    and NVML is read again after it, so the PCIe link is read awake (an idle GPU lowers its
+    link's generation to save power)."""
     started = time.monotonic()
-    out: dict = {"canary": canary(torch_ok)}
+    nvml = nvml or nvml_from_env()
+    out: dict = {}
     try:
-        out["gpus"] = (nvml or nvml_from_env()).readings()
+        out["gpus"] = nvml.readings()
     except Exception as e:  # no NVML library (a CPU node) or no driver
         out["nvml_error"] = f"{type(e).__name__}: {e}".strip()
+    out["canary"] = canary(torch_ok) if out.get("gpus") else {"skipped": "NVML finds no GPU"}
+    if "gpus" in out["canary"]:
+        out["gpus"] = nvml.readings()
     out["seconds"] = round(time.monotonic() - started, 3)
     return out
+
+
+def main() -> int:
+    """``python -m orchestrator.preflight.health``: the health facts alone, as the probe prints its
+    facts, for a node whose cached probe result is reused (its hardware may have changed since)."""
+    import sys
+
+    from orchestrator.preflight.probe import MARKER
+    from trainer import strict_json
+
+    real_stdout, sys.stdout = sys.stdout, sys.stderr  # whatever the checks print must not mix with the facts
+    try:
+        facts = gather(torch_ok=True)
+    finally:
+        sys.stdout = real_stdout
+    print(MARKER + strict_json.dumps(facts, default=str), flush=True)
+    return 0
 
 
 # ---------------------------------------------------------------- causes (pure)
@@ -372,3 +397,7 @@ def link_class(facts: Optional[dict]) -> Optional[str]:
     if not readings:
         return None
     return "nvlink" if all(r.get("nvlinks") for r in readings) else "pcie"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,7 @@
 """What runs on each node during preflight: the node's cached result while its key holds,
-else the probe child (whose good result is then cached). Imports neither torch nor flash-attn,
-so a reused result costs the task milliseconds, not the seconds of a torch import.
+else the probe child (whose good result is then cached). Imports neither torch nor flash-attn:
+a reused result costs the task only a fresh health check (NVML; on GPU nodes also the GEMM
+canary, which imports torch), not the probe's imports and kernel checks.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ import json
 import time
 from typing import Callable, Optional
 
-from orchestrator.preflight.child import parse_probe, probe_env, run_probe
-from orchestrator.preflight.probe import MARKER
+from orchestrator.preflight.child import PYTHON, parse_probe, probe_env, run_probe
+from orchestrator.preflight.probe import MARKER, tail
 from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.rules import verdict
+from trainer import strict_json
 from trainer.attention import cache
 
 
@@ -28,7 +30,8 @@ def probe_or_reuse(argv: list[str], settings: ProbeSettings, fresh: bool, enviro
     path = cache.entry_path(key, env)
     found = cache.Lookup(path, None, "--fresh-preflight") if fresh else cache.load(path)
     if cache.probe_result(found) is not None:
-        return dict(found.entry["raw"], cache={"reused": True, "path": str(path), "created": found.entry["created"]})
+        raw = dict(found.entry["raw"], cache={"reused": True, "path": str(path), "created": found.entry["created"]})
+        return with_fresh_health(raw, env, settings.timeout_s)
     if found.entry is not None:  # a worker's kernel timing only
         found.why_not = "no cached result for this node's current state"
     info = {"reused": False, "path": str(path), "why_not": found.why_not}
@@ -52,3 +55,17 @@ def probe_or_reuse(argv: list[str], settings: ProbeSettings, fresh: bool, enviro
         if early is not None:
             cache.clear_pending(path)
     return dict(raw, cache=info)
+
+
+def with_fresh_health(raw: dict, env: dict, timeout_s: float) -> dict:
+    """A reused result with the node's health read now (``python -m orchestrator.preflight.health``):
+    a GPU falls sick without anything in the cache's key changing."""
+    lines = raw["stdout"].splitlines()
+    last = max(i for i, line in enumerate(lines) if line.startswith(MARKER))
+    facts = json.loads(lines[last][len(MARKER):])
+    out = run_probe([PYTHON, "-m", "orchestrator.preflight.health"], timeout_s, env)
+    found = [line for line in (out["stdout"] or "").splitlines() if line.startswith(MARKER)]
+    facts["health"] = json.loads(found[-1][len(MARKER):]) if out["returncode"] == 0 and found else {
+        "nvml_error": "the health check did not finish: " + (tail(out["stderr"] or "", 3) or "no output")}
+    lines[last] = MARKER + strict_json.dumps(facts, default=str)
+    return dict(raw, stdout="\n".join(lines) + "\n")
