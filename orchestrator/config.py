@@ -15,6 +15,7 @@ from pydantic import (AfterValidator, BaseModel, Field, PositiveInt, ValidationE
 
 from orchestrator import labels, yamlload
 from orchestrator.errors import UsageError
+from trainer import parallel
 from trainer.config import AttentionName, ModelConfig, Strict, TrainConfig
 
 
@@ -40,7 +41,7 @@ class ScalingConfig(Strict):
     label_selector: LabelSelector = Field(default_factory=dict,
                                           description="Ray label selector every variant's workers must match")
     placement_timeout_s: float = Field(60.0, gt=0, description="give up when workers cannot be placed for this long")
-    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+    strategy: Literal[("auto", *parallel.NAMES)] = Field(  # type: ignore[valid-type]
         "auto", description="ddp: a full replica per worker; fsdp: sharded; auto: fsdp when ddp's model state "
                             "would not fit comfortably on the smallest planned device")
     memory_headroom: float = Field(0.9, gt=0, le=1, description="fraction of a device's memory a plan may use")

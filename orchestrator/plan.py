@@ -43,7 +43,7 @@ from orchestrator.config import ScalingConfig, VariantConfig
 from orchestrator.errors import InfeasibleRequest
 from orchestrator.preflight.findings import PreflightReport
 from orchestrator.strategy import Workload
-from trainer import import_guard
+from trainer import import_guard, parallel
 
 # Orders of variants tried when packing them together; beyond this many variants, the most
 # constrained-first order alone (the search is factorial).
@@ -108,7 +108,7 @@ class PlannedVariant:
     # One selector for all workers, or one per worker (concurrent plans pin each worker to a node).
     label_selector: Union[dict[str, str], list[dict[str, str]], None] = None
     nodes: list[str] = field(default_factory=list)  # the node of each worker, as packed
-    strategy: str = "ddp"  # ddp | fsdp: scaling.strategy, resolved (strategy.py)
+    strategy: str = parallel.DEFAULT  # scaling.strategy, resolved (strategy.py): a name in trainer.parallel
     strategy_reason: Optional[str] = None
     memory: Optional[dict] = None  # the per-worker estimate (trainer/memory.py) and its limit
 
@@ -234,7 +234,7 @@ def _resolve_strategies(runnable: list[PlannedVariant], nodes: list[NodeCapacity
     ram = {n.node_id: n.memory_bytes for n in nodes}
     for v in runnable:
         if workloads is None:  # nothing to estimate from: the strategy as asked
-            v.strategy = "ddp" if scaling.strategy == "auto" else scaling.strategy
+            v.strategy = parallel.DEFAULT if scaling.strategy == "auto" else scaling.strategy
             continue
         sharing = runnable if concurrent else [v]
         workers_on = Counter(n for u in sharing if not u.use_gpu for n in u.nodes)

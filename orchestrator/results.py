@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator import rundir
 from orchestrator.errors import EXIT_VARIANT_SKIPPED, RunFailed
+from trainer import parallel
 from trainer.attention import LOG_FILE as FLASH_LOG_FILE  # these are written by the worker, which cannot import this
 from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE
 
@@ -90,7 +91,7 @@ class VariantResult(Record):
     wall_time_s: Optional[float] = Field(None, description="seconds this invocation spent on the variant")
     started_at: Optional[float] = Field(None, description="epoch seconds the variant's fit started")
     ended_at: Optional[float] = Field(None, description="epoch seconds it ended (overlaps show concurrency)")
-    strategy: Optional[Literal["ddp", "fsdp"]] = Field(None, description="ddp (a full model per worker) or fsdp (sharded)")
+    strategy: Optional[parallel.Name] = Field(None, description="ddp (a full model per worker) or fsdp (sharded)")
     kernel_timings: Optional[dict[str, Any]] = Field(None, description="the attention kernels timed on the worker "
                                                      "when it chose one")
     mfu: Optional[float] = Field(None, description="model FLOPs utilisation, steady state (GPU only)")

@@ -42,7 +42,7 @@ from orchestrator.preflight import health, interconnect
 from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
                                   run_status)
 from orchestrator.strategy import Workload
-from trainer import compile_mode, dataset as dataset_mod, float8, preprocess, ray_internals
+from trainer import compile_mode, dataset as dataset_mod, float8, parallel, preprocess, ray_internals
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -149,14 +149,16 @@ def float8_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantC
 def cudagraphs_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.VariantConfig],
                        plan: plan_mod.Plan) -> Optional[str]:
     """Why a variant with train.compile_mode reduce-overhead cannot run as planned (None: all
-    can): the plan shards it with fsdp (``compile_mode.fsdp_refusal``)."""
+    can): the plan's strategy refuses it (``Strategy.refusal``: fsdp's)."""
     for name, pv, train_cfg, device_type in _planned(cfg, variants, plan):
         mode = train_cfg.compile_mode
-        if pv.strategy == "fsdp" and compile_mode.replays(mode, compiled=train_cfg.compiles(device_type),
-                                                          device_type=device_type):
+        problem = parallel.get(pv.strategy).refusal(
+            train_cfg, cudagraphs=compile_mode.replays(mode, compiled=train_cfg.compiles(device_type),
+                                                       device_type=device_type))
+        if problem:
             why = f" ({pv.strategy_reason})" if pv.strategy_reason else ""
-            return (f"variant {name}: {compile_mode.fsdp_refusal(mode)}; the plan shards it with fsdp{why}: "
-                    f"use compile_mode default, or scaling.strategy ddp where the model fits")
+            return (f"variant {name}: {problem}; the plan shards it with {pv.strategy}{why}: "
+                    f"use compile_mode default, or scaling.strategy {parallel.DEFAULT} where the model fits")
     return None
 
 

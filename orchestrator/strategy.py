@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from orchestrator.errors import InfeasibleRequest
-from trainer import memory
+from trainer import memory, parallel
 from trainer.config import TrainConfig
 from trainer.model_args import ModelArgs
 
@@ -82,29 +82,32 @@ def resolve(name: str, requested: str, work: Workload, *, num_workers: int, atte
         return memory.estimate(work.model, work.train, strategy=strategy, world_size=num_workers,
                                attention=attention, device=device)
 
-    ddp, fsdp = est("ddp"), est("fsdp")
+    estimates = {n: est(n) for n in parallel.NAMES}
     if limit is None:
-        chosen = "ddp" if requested == "auto" else requested
-        return Choice(chosen, ddp if chosen == "ddp" else fsdp,
-                      "device memory unknown: not checked" + (" (auto: ddp)" if requested == "auto" else ""))
+        chosen = parallel.DEFAULT if requested == "auto" else requested
+        return Choice(chosen, estimates[chosen], "device memory unknown: not checked"
+                      + (f" (auto: {chosen})" if requested == "auto" else ""))
     where = limit.describe(headroom)
     if requested != "auto":
-        e = ddp if requested == "ddp" else fsdp
+        e = estimates[requested]
         if e.total <= limit.bytes:
             return Choice(requested, e, f"scaling.strategy {requested}: {memory.gib(e.total)} per worker of {where}")
-        other = fsdp if requested == "ddp" else ddp
-        hint = (f"scaling.strategy {other.strategy} would fit ({memory.gib(other.total)}); "
-                if other.total <= limit.bytes and (other.strategy == "ddp" or num_workers > 1) else "")
+        fits = [o for o in estimates.values() if o.strategy != requested and o.total <= limit.bytes
+                and (not parallel.get(o.strategy).shards or num_workers > 1)]
+        hint = f"scaling.strategy {fits[0].strategy} would fit ({memory.gib(fits[0].total)}); " if fits else ""
         raise InfeasibleRequest(f"variant {name}: does not fit in memory under scaling.strategy {requested}: needs "
                                 f"{e.describe()}; a worker may use {where}; {hint}{_ADVICE}")
-    if ddp.model_state <= COMFORT_FRACTION * limit.bytes and ddp.total <= limit.bytes:
-        return Choice("ddp", ddp, f"auto: ddp, model state {memory.gib(ddp.model_state)} fits comfortably in {where}")
-    if num_workers > 1 and fsdp.total <= limit.bytes:
-        why = (f"ddp's params+grads+optimizer {memory.gib(ddp.model_state)} exceed half"
-               if ddp.total <= limit.bytes else f"ddp's {memory.gib(ddp.total)} exceed all")
-        return Choice("fsdp", fsdp, f"auto: fsdp, {why} of {where}; sharded: {memory.gib(fsdp.total)} per worker")
-    if ddp.total <= limit.bytes:
-        return Choice("ddp", ddp, f"auto: ddp, {memory.gib(ddp.total)} per worker fits {where} "
-                                  "(one worker: nothing to shard over)")
-    raise InfeasibleRequest(f"variant {name}: does not fit in memory under any strategy: ddp needs {ddp.describe()}; "
-                            f"fsdp needs {fsdp.describe()}; a worker may use {where}; {_ADVICE}")
+    # auto: the replica while it fits comfortably, else the shards
+    rep, sh = estimates[parallel.sharding(False)], estimates[parallel.sharding(True)]
+    r, s = rep.strategy, sh.strategy
+    if rep.model_state <= COMFORT_FRACTION * limit.bytes and rep.total <= limit.bytes:
+        return Choice(r, rep, f"auto: {r}, model state {memory.gib(rep.model_state)} fits comfortably in {where}")
+    if num_workers > 1 and sh.total <= limit.bytes:
+        why = (f"{r}'s params+grads+optimizer {memory.gib(rep.model_state)} exceed half"
+               if rep.total <= limit.bytes else f"{r}'s {memory.gib(rep.total)} exceed all")
+        return Choice(s, sh, f"auto: {s}, {why} of {where}; sharded: {memory.gib(sh.total)} per worker")
+    if rep.total <= limit.bytes:
+        return Choice(r, rep, f"auto: {r}, {memory.gib(rep.total)} per worker fits {where} "
+                              "(one worker: nothing to shard over)")
+    raise InfeasibleRequest(f"variant {name}: does not fit in memory under any strategy: {r} needs {rep.describe()}; "
+                            f"{s} needs {sh.describe()}; a worker may use {where}; {_ADVICE}")

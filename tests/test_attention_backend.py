@@ -6,10 +6,10 @@ import torch
 
 from orchestrator.preflight import probe, rules
 from orchestrator.results import VariantResult
-from trainer import attention
+from trainer import attention, builder
 from trainer.attention import cache, kernels, registry, timing
 from trainer.config import ModelConfig, TrainConfig
-from trainer.result import StepTimes, worker_result
+from trainer.result import Progress, worker_result
 from trainer.worker_spec import WorkerSpec
 
 CPU = torch.device("cpu")
@@ -46,9 +46,8 @@ def test_a_registered_backend_is_checked_timed_chosen_cached_and_recorded(tmp_pa
 
     # The variant's record names the kernel that ran.
     spec = WorkerSpec(variant="flash", model=ModelConfig(), train=TrainConfig(), data_path="d", out_dir=str(tmp_path))
-    record = worker_result(spec=spec, requested="flash", kernel=resolved.kernel, env={}, workers=[], start_step=0,
-                           restored_from=None, first_loss=None, record={}, times=StepTimes(), device=CPU, world=1,
-                           dtype=torch.float32, compiled=False, params=1, flops_per_token=1.0, tokens_per_step=1,
-                           timeline={}, kernel_timings=resolved.timings)
+    s = builder.settings(spec.model, spec.train, strategy=spec.strategy, vocab_size=64, device=CPU)
+    record = worker_result(spec, s, Progress(), requested="flash", kernel=resolved.kernel,
+                           kernel_timings=resolved.timings, env={}, workers=[], params=1, timeline={})
     rec = VariantResult(status="succeeded", **{k: v for k, v in record.items() if k != "variant"})
     assert rec.backend == "dummy" and rec.kernel_timings == {"sdpa_flash_cpu": 2.0, "dummy": 1.0}

@@ -15,9 +15,11 @@ from orchestrator.plan import Plan, PlannedVariant
 from orchestrator.preflight import probe
 from orchestrator.preflight.child import probe_command
 from orchestrator.preflight.settings import ProbeSettings, settings_for
-from trainer import attention, compile_mode
+from trainer import attention, compile_mode, parallel
 from trainer.attention import AttentionShape, cache
 from trainer.attention import timing as kernel_select
+from trainer.parallel import ddp
+from trainer.parallel.fsdp import cudagraphs_refusal
 from trainer.model import ModelArgs, Transformer
 from trainer.optim import build_optimizer
 from trainer.step import Stepper
@@ -51,7 +53,7 @@ def test_cuda_graphs_on_a_variant_fsdp_shards_is_refused_naming_the_variant_the_
     problem = run_mod.cudagraphs_refusal(cfg, variants, plan)
     assert problem.startswith(f"variant {variants[0].name}: train.compile_mode reduce-overhead (CUDA graphs)")
     assert "the model would not fit replicated" in problem and "scaling.strategy ddp" in problem
-    assert compile_mode.fsdp_refusal("reduce-overhead") in problem  # the words a worker's backstop raises too
+    assert cudagraphs_refusal("reduce-overhead") in problem  # the words a worker's backstop raises too
     assert run_mod.cudagraphs_refusal(cfg, *_plan(cfg, "ddp")) is None
     plain = config_mod.validate({}, "x.yaml")
     assert run_mod.cudagraphs_refusal(plain, *_plan(plain, "fsdp")) is None
@@ -185,13 +187,12 @@ def _spy_compiles(monkeypatch) -> list:
 
 @pytest.mark.parametrize("whole", [True, False])
 def test_a_worker_compiles_the_whole_model_once_or_each_block(monkeypatch, whole):
-    from trainer import attention, parallelize
+    from trainer import attention
 
     compiled = _spy_compiles(monkeypatch)
-    monkeypatch.setattr(parallelize, "_wrap_ddp", lambda model, device: model)  # one worker: no DDP wrapper
     args = ModelArgs(vocab_size=64, dim=32, n_layers=3, n_heads=2, n_kv_heads=1, ffn_hidden=64, max_seq_len=16)
-    model, raw = parallelize.build(args, attention.standard_attention, strategy="ddp", device=torch.device("cpu"),
-                                   seed=0, compile=True, world_size=1, whole_graph=whole)
+    model, raw = parallel.get("ddp").build(args, attention.standard_attention, device=torch.device("cpu"),
+                                           seed=0, compile=True, world_size=1, whole_graph=whole)
     assert compiled == (["Transformer"] if whole else ["Block"] * 3)
     assert model is raw
 
@@ -222,12 +223,12 @@ def _whole_ddp_rank(rank: int, port: int, whole: bool, q) -> None:
     cpu = torch.device("cpu")
     args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64, max_seq_len=16)
     raw = parallelize.build_replica(args, attention.standard_attention, device=cpu, seed=0, compile=False)
-    model = torch.nn.parallel.DistributedDataParallel(raw, **parallelize.ddp_options())
+    model = torch.nn.parallel.DistributedDataParallel(raw, **ddp.options())
     if whole:
         parallelize.compile_whole(model)
     tc = TrainConfig(lr=1e-2, grad_accum_steps=2)
     stepper = Stepper(model, build_optimizer(raw, tc, cpu), device=cpu, dtype=torch.float32, grad_accum=2,
-                      grad_clip=1.0)
+                      grad_clip=1.0, no_sync=parallel.get("ddp").no_sync)
     rng = np.random.default_rng(rank)  # each rank its own data: the all-reduce matters
     losses = []
     with compile_mode.using("reduce-overhead" if whole else "default"):

@@ -142,7 +142,7 @@ def _distributed_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from trainer import parallelize
+    from trainer import parallel
     from trainer.model import ModelArgs
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -158,8 +158,8 @@ def _distributed_worker(rank: int, world: int, port: int, out: str) -> None:
             ddp = DistributedDataParallel(Transformer(args, standard_attention))
             ddp(x, x.roll(-1, 1))[1].backward()
             grads[("ddp", impl)] = {n: p.grad.clone() for n, p in ddp.module.named_parameters()}
-            fsdp, _ = parallelize.build(args, standard_attention, strategy="fsdp", device=torch.device("cpu"),
-                                        seed=3, compile=False, world_size=world)
+            fsdp, _ = parallel.get("fsdp").build(args, standard_attention, device=torch.device("cpu"),
+                                                 seed=3, compile=False, world_size=world)
             fsdp(x, x.roll(-1, 1))[1].backward()
             grads[("fsdp", impl)] = {n: p.grad.full_tensor() for n, p in fsdp.named_parameters()}
         if rank == 0:
@@ -207,14 +207,14 @@ def test_the_variant_record_says_which_loss_compile_mode_and_float8_recipe_ran(t
     from orchestrator.results import VariantResult
     from trainer.config import TrainConfig
     from trainer.worker_spec import WorkerSpec
-    from trainer.result import StepTimes, worker_result
+    from trainer import builder
+    from trainer.result import Progress, worker_result
 
-    spec = WorkerSpec(variant="flash", model=ModelConfig(), train=TrainConfig(**train), data_path="d",
-                      out_dir=str(tmp_path))
     compiled = "compile_mode" in train
-    record = worker_result(spec=spec, requested="flash", kernel="sdpa_flash_cpu", env={}, workers=[], start_step=0,
-                           restored_from=None, first_loss=None, record={}, times=StepTimes(),
-                           device=torch.device("cpu"), world=1, dtype=torch.float32, compiled=compiled, params=1,
-                           flops_per_token=1.0, tokens_per_step=1, timeline={})
+    spec = WorkerSpec(variant="flash", model=ModelConfig(), train=TrainConfig(**train, compile=compiled),
+                      data_path="d", out_dir=str(tmp_path))
+    s = builder.settings(spec.model, spec.train, strategy="ddp", vocab_size=64, device=torch.device("cpu"))
+    record = worker_result(spec, s, Progress(), requested="flash", kernel="sdpa_flash_cpu", kernel_timings=None,
+                           env={}, workers=[], params=1, timeline={})
     rec = VariantResult(status="succeeded", **{k: v for k, v in record.items() if k != "variant"})
     assert (rec.loss_impl, rec.compile_mode, rec.float8_recipe) == expected

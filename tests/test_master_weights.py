@@ -14,12 +14,13 @@ from orchestrator import config as config_mod
 from orchestrator import run as run_mod
 from orchestrator.errors import UsageError
 from orchestrator.plan import Plan, PlannedVariant
-from trainer import master_weights, parallelize
+from trainer import master_weights
 from trainer.attention import standard_attention
 from trainer.config import TrainConfig, weights_dtype
 from trainer.master_weights import MasterWeights
 from trainer.model import ModelArgs, Transformer
 from trainer.optim import build_optimizer, optimizer_for
+from trainer.parallel.fsdp import mixed_precision
 from trainer.step import Stepper
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden=64, max_seq_len=16)
@@ -49,8 +50,8 @@ def test_auto_is_bf16_only_where_fsdp_computes_in_bf16():
     assert weights_dtype("bf16", "ddp", "bf16") == "bf16" and weights_dtype("fp32", "fsdp", "bf16") == "fp32"
     tc = TrainConfig(param_dtype="auto")  # dtype auto: bf16 on a GPU, fp32 on a CPU
     assert (tc.weights_dtype("fsdp", "cuda"), tc.weights_dtype("fsdp", "cpu")) == ("bf16", "fp32")
-    assert parallelize.mixed_precision(torch.bfloat16).param_dtype == torch.bfloat16
-    assert parallelize.mixed_precision(torch.float32).param_dtype is None  # fp32 gathers, autocast casts
+    assert mixed_precision(torch.bfloat16).param_dtype == torch.bfloat16
+    assert mixed_precision(torch.float32).param_dtype is None  # fp32 gathers, autocast casts
 
 
 def test_bf16_weights_on_a_variant_planned_on_cpu_are_refused_before_launch_naming_the_key():

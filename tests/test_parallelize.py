@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer import checkpoint, parallelize
+from trainer import checkpoint, parallel, parallelize
+from trainer.parallel import ddp
+from trainer.parallel.fsdp import ShardingError, check_shardable
 from trainer.model import ModelArgs, Transformer
 
 ARGS = ModelArgs(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=16)
@@ -37,9 +39,9 @@ def test_a_model_built_before_its_kernel_was_chosen_runs_once_it_is_set_and_neve
 
 
 def test_fsdp_refuses_a_model_with_a_dimension_smaller_than_the_worker_count():
-    with pytest.raises(parallelize.ShardingError, match=r"fsdp over 64 workers .* model\.dim .* = 32"):
-        parallelize.check_shardable(ARGS, 64)
-    parallelize.check_shardable(ARGS, 2)
+    with pytest.raises(ShardingError, match=r"fsdp over 64 workers .* model\.dim .* = 32"):
+        check_shardable(ARGS, 64)
+    check_shardable(ARGS, 2)
 
 
 UNTIED_GQA = ModelArgs(vocab_size=96, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, ffn_hidden=96, max_seq_len=16,
@@ -47,10 +49,9 @@ UNTIED_GQA = ModelArgs(vocab_size=96, dim=64, n_layers=2, n_heads=8, n_kv_heads=
 
 
 def _ddp_build(monkeypatch, args: ModelArgs, device: torch.device, seed: int = 7, float8: str | None = None):
-    """The DDP path of ``build`` up to Ray's ``prepare_model`` (which only moves and wraps)."""
-    monkeypatch.setattr(parallelize, "_wrap_ddp", lambda model, device: model)
-    model, raw = parallelize.build(args, _attn, strategy="ddp", device=device, seed=seed, compile=False, world_size=1,
-                                   float8=float8)
+    """The DDP path of ``build`` on one worker (no DDP wrapper)."""
+    model, raw = parallel.get("ddp").build(args, _attn, device=device, seed=seed, compile=False, world_size=1,
+                                           float8=float8)
     assert model is raw
     return raw
 
@@ -118,8 +119,8 @@ def test_on_a_gpu_fsdp_and_ddp_start_from_the_same_weights(monkeypatch):
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         device = torch.device("cuda")
-        fsdp, _ = parallelize.build(UNTIED_GQA, _attn, strategy="fsdp", device=device, seed=7, compile=False,
-                                    world_size=1)
+        fsdp, _ = parallel.get("fsdp").build(UNTIED_GQA, _attn, device=device, seed=7, compile=False,
+                                             world_size=1)
         full = {k: v.full_tensor() for k, v in fsdp.state_dict().items()}
         ddp = _ddp_build(monkeypatch, UNTIED_GQA, device)
         assert full.keys() == ddp.state_dict().keys()
@@ -157,12 +158,12 @@ def one_rank_group():
 @pytest.mark.parametrize("options,broadcasts", [("ours", 0), ("torch's defaults", 1)])
 def test_ddp_does_not_broadcast_the_rotary_tables_before_every_forward(one_rank_group, monkeypatch, options, broadcasts):
     torch.manual_seed(0)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        Transformer(ARGS, _attn), **(parallelize.ddp_options() if options == "ours" else {}))
+    wrapped = torch.nn.parallel.DistributedDataParallel(
+        Transformer(ARGS, _attn), **(ddp.options() if options == "ours" else {}))
     calls = []
-    monkeypatch.setattr(ddp, "_sync_buffers", lambda: calls.append(1))
+    monkeypatch.setattr(wrapped, "_sync_buffers", lambda: calls.append(1))
     x = torch.arange(24).reshape(2, 12) % ARGS.vocab_size
-    ddp(x, x)[1].backward()
+    wrapped(x, x)[1].backward()
     assert len(calls) == broadcasts
 
 
@@ -220,8 +221,8 @@ def _worker(rank: int, world: int, port: int, directory: str, step: bool) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model, _ = parallelize.build(ARGS, _attn, strategy="fsdp", device=torch.device("cpu"), seed=7,
-                                     compile=False, world_size=world)
+        model, _ = parallel.get("fsdp").build(ARGS, _attn, device=torch.device("cpu"), seed=7,
+                                              compile=False, world_size=world)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         ckpt = Path(directory) / "checkpoint_00000001"
         if step:

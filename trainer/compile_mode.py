@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from trainer import parallel
+
 # The mode whose compiled model replays as CUDA graphs (Inductor's ``triton.cudagraphs``): one
 # launch per graph instead of one per kernel, for steps the CPU holds back.
 CUDA_GRAPHS = "reduce-overhead"
@@ -39,16 +41,9 @@ def replays(mode: str, *, compiled: bool, device_type: str) -> bool:
 def whole_model(mode: str, strategy: str) -> bool:
     """Whether a run compiles the whole model as one graph rather than each block on its own
     (``trainer.parallelize.compile_whole``): under ``mode`` reduce-overhead, where the model is
-    replicated (one worker, or DDP). FSDP's hooks sit between the blocks, so it compiles them one
-    by one (and refuses CUDA graphs on a GPU: ``orchestrator.run.cudagraphs_refusal``)."""
-    return uses_cudagraphs(mode) and strategy != "fsdp"
-
-
-def fsdp_refusal(mode: str) -> str:
-    """Why ``mode``'s CUDA graphs and FSDP do not go together, as the plan's refusal
-    (``orchestrator.run.cudagraphs_refusal``) and the worker's backstop both say it."""
-    return (f"train.compile_mode {mode} (CUDA graphs) does not work with scaling.strategy fsdp: FSDP gathers each "
-            f"block's weights into new memory every step, where a graph replays the addresses it recorded")
+    replicated (one worker, or DDP): ``strategy`` says (``trainer/parallel/``). FSDP's hooks sit
+    between the blocks, so it compiles them one by one (and refuses CUDA graphs on a GPU)."""
+    return uses_cudagraphs(mode) and parallel.get(strategy).compiles_whole()
 
 
 def scope(mode: str, strategy: str, *, compiled: bool) -> "str | None":

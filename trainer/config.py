@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from trainer import parallel
 from trainer.model_args import ModelArgs
 
 # The attentions a variant can ask for; trainer/attention/ resolves each to a kernel.
@@ -31,7 +32,7 @@ def weights_dtype(param_dtype: str, strategy: str, precision: str) -> Literal["f
     mixed precision, whose fp32 shards are the masters), else fp32 (autocast casts them)."""
     if param_dtype != "auto":
         return param_dtype  # type: ignore[return-value]
-    return "bf16" if strategy == "fsdp" and precision == "bf16" else "fp32"
+    return parallel.get(strategy).weights_dtype(precision)  # type: ignore[return-value]
 
 
 def param_dtype_refusal(param_dtype: str, precision: str) -> Optional[str]:

@@ -16,15 +16,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import (checkpoint, compile_mode, driver_watch, failures, finite, hf_checkpoint, import_guard, loss,
-                     master_weights, overlap, parallelize, timing)
-from trainer.attention import IMPLS, AttentionShape, choose, describe, unresolved
+from trainer import (builder, checkpoint, compile_mode, driver_watch, failures, finite, hf_checkpoint, import_guard,
+                     overlap, timing)
+from trainer.attention import IMPLS, choose, describe
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
-from trainer.optim import lr_at, optimizer_for
-from trainer.result import StepTimes, worker_result
+from trainer.optim import lr_at
+from trainer.result import Progress, worker_result
 from trainer.save_restore import FAULT_MARKER, Saver, restore
-from trainer.step import Stepper, compile_enabled, training_dtype
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -90,57 +89,41 @@ def train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # [ray]
-    is_gpu = device.type == "cuda"
     storage_dir = Path(spec.out_dir) / checkpoint.STORAGE_NAME
 
     # ---------------------------------------------------------------- attention and model
     requested = attention_from_env()
-    dtype = training_dtype(tc, device)
     dataset = load_dataset(spec.data_path)
     t_data = time.time()
-    margs = spec.model.args(vocab_size=dataset.vocab_size, max_seq_len=tc.seq_len,
-                            activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
-    loss.check(tc.loss_impl, device)  # liger on a CPU worker, or not installed: a config error naming the key
-    weights = tc.weights_dtype(spec.strategy, device.type)  # train.param_dtype, resolved
-    refusal = tc.param_dtype_refusal(device.type)
-    if refusal:  # the plan refuses this first (orchestrator/run.py)
-        raise ValueError(refusal)
-    use_compile = compile_enabled(tc, device)
-    cudagraphs = compile_mode.replays(tc.compile_mode, compiled=use_compile, device_type=device.type)
-    if cudagraphs and spec.strategy == "fsdp":  # the plan refuses this first (orchestrator/run.py); bench --strategies
-        raise ValueError(compile_mode.fsdp_refusal(tc.compile_mode))
-    if use_compile:
+    s = builder.settings(spec.model, tc, strategy=spec.strategy, vocab_size=dataset.vocab_size, device=device,
+                         world_size=world)
+    builder.check(s)
+    if s.compiled:
         compile_mode.set_mode(tc.compile_mode)  # before the first step, where the model compiles
-    if margs.vocab_size < dataset.vocab_size:
-        raise ValueError(f"model.vocab_size {margs.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
-    init_weights = (lambda: hf_checkpoint.load_state_dict(spec.model.init_from, margs)) if spec.model.init_from else None
+    if s.model.vocab_size < dataset.vocab_size:
+        raise ValueError(f"model.vocab_size {s.model.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
+    init_weights = (lambda: hf_checkpoint.load_state_dict(spec.model.init_from, s.model)) if spec.model.init_from else None
 
     # The kernel is resolved beside the model's build (trainer/overlap.py), before it under CUDA graphs.
     looked_up, built = threading.Event(), threading.Event()
 
     def resolve_attention():
         try:
-            if is_gpu:
+            if device.type == "cuda":
                 torch.cuda.set_device(device)  # the current device is per thread
             # The node's preflight verdict, when it holds; else the fastest at this shape (cached per node).
-            result = choose(requested, AttentionShape.of_run(tc, margs), device, log_dir=Path(spec.out_dir).parent,
+            result = choose(requested, s.attention_shape, device, log_dir=Path(spec.out_dir).parent,
                             flash_attn_allowed=not import_guard.installed(), before_timing=lambda _: built.wait(),
                             looked_up=looked_up.set)
             return result, time.time()
         finally:
             looked_up.set()
 
-    def build_model():
-        return parallelize.build(margs, unresolved, strategy=spec.strategy, device=device, seed=tc.seed,
-                                 compile=use_compile, world_size=world, init_weights=init_weights,
-                                 float8=tc.float8_recipe if tc.float8 else None,
-                                 whole_graph=compile_mode.whole_model(tc.compile_mode, spec.strategy),
-                                 param_dtype=master_weights.torch_dtype(weights))
-
     (resolved, t_attention), (model, raw_model) = overlap.resolve_beside_build(
-        resolve_attention, build_model, looked_up=looked_up, built=built, beside=not cudagraphs)
+        resolve_attention, lambda: builder.build_model(s, init_weights=init_weights),
+        looked_up=looked_up, built=built, beside=not s.cudagraphs)
     # model_init: what of the build came after the check (all of it under CUDA graphs)
-    parallelize.set_attention(raw_model, resolved.fn)
+    training = builder.trainer(s, model, raw_model, resolved.fn)
     if rank == 0 and requested == "flash":
         log.info("Flash attention: %s", describe(resolved.kernel, resolved.timings))
     worker_info = {
@@ -148,7 +131,7 @@ def train_loop_per_worker(config: dict) -> dict:
         "node_id": ray.get_runtime_context().get_node_id(),  # [ray]
         "hostname": platform.node(),
         "pid": os.getpid(),
-        "device": torch.cuda.get_device_name(device) if is_gpu else "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],  # [ray] the node's GPUs this worker holds ([] on CPU)
         "kernel": resolved.kernel,
         "rejected_kernels": resolved.rejected,
@@ -161,18 +144,14 @@ def train_loop_per_worker(config: dict) -> dict:
     kernels = {w["kernel"] for w in workers}
     if len(kernels) > 1:
         log.warning("workers run different attention kernels: %s", sorted(kernels))
-
-    optimizer = optimizer_for(raw_model, tc, device)  # on fp32 masters where DDP's weights are bf16
     t_model = time.time()
 
     # ---------------------------------------------------------------- resume
     ray_ckpt = ray.train.get_checkpoint()  # [ray] the latest committed one: Ray restores it after a failure or from storage
     committed = Path(ray_ckpt.path) if ray_ckpt is not None else None
-    restored = restore(storage_dir, committed, rank=rank, world=world, device=device, model=model,
-                       raw_model=raw_model, optimizer=optimizer, strategy=spec.strategy)
+    restored = restore(storage_dir, committed, rank=rank, world=world, device=device, model=training.model,
+                       raw_model=training.raw_model, optimizer=training.optimizer, strategy=spec.strategy)
     start_step = restored.step if restored else 0
-    first_loss = restored.first_loss if restored else None
-    record: dict = restored.record if restored else {}  # the last logged step's metrics
     if rank == 0:
         append_attempt(Path(spec.out_dir), {"time": time.time(), "start_step": start_step,
                                             "restored_from": str(restored.path) if restored else None,
@@ -187,18 +166,15 @@ def train_loop_per_worker(config: dict) -> dict:
                            grad_accum=tc.grad_accum_steps, world_size=world)
     if restored:  # a checkpoint of another worker count: continue at the window it stopped at
         sampler.offset = restored.samples_consumed - start_step * sampler.samples_per_step
-    tokens_per_step = sampler.samples_per_step * tc.seq_len
     peak_tflops = timing.peak_tflops(device)
-    flops_per_token = margs.flops_per_token(tc.seq_len)
     writer = MetricsWriter(Path(spec.out_dir), start_step=start_step) if rank == 0 else None
-    save = Saver(storage_dir, rank=rank, world=world, strategy=spec.strategy, model=raw_model, optimizer=optimizer,
-                 fault=tc.fault, marker_dir=Path(spec.out_dir))
+    save = Saver(storage_dir, rank=rank, world=world, strategy=spec.strategy, model=training.raw_model,
+                 optimizer=training.optimizer, fault=tc.fault, marker_dir=Path(spec.out_dir))
 
     # ---------------------------------------------------------------- train
-    model.train()
-    stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
-                      grad_clip=tc.grad_clip, compiled=use_compile, cudagraphs=cudagraphs)
-    times = StepTimes()
+    progress = Progress(start_step, restored_from=str(restored.path) if restored else None,
+                        first_loss=restored.first_loss if restored else None,
+                        record=restored.record if restored else {})  # the last logged step's metrics
     watch = finite.Watch(device)  # a NaN loss stops the variant before any checkpoint holds it
     t_ready, t_first_step = time.time(), None
     last_checkpoint: str | None = None
@@ -208,33 +184,36 @@ def train_loop_per_worker(config: dict) -> dict:
             lr = lr_at(step, tc)
             batches = [get_batch(dataset.tokens, sampler.indices(step, micro, rank), tc.seq_len)
                        for micro in range(tc.grad_accum_steps)]
-            mean_loss, grad_norm = stepper(batches, lr)
+            mean_loss, grad_norm = training.step(batches, lr)
             if t_first_step is None:  # startup phases: one sync, on the first step only
                 mean_loss.item()
                 t_first_step = time.time()
-            times.stepped()
+            progress.times.stepped()
             done = step + 1
             watch.stepped(done, mean_loss, grad_norm)  # no wait: checked below
             saving = done % tc.checkpoint_every == 0 or (done == tc.max_steps and tc.checkpoint_at_end)
 
             if done % tc.log_every == 0 or done == tc.max_steps or saving:
-                watch.check(done, world, weights=raw_model.parameters() if saving else None)
+                watch.check(done, world, weights=training.raw_model.parameters() if saving else None)
                 if world > 1:
                     dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
                 loss_value = mean_loss.item()  # host syncs (here and in the check) only on logging steps
-                dt = times.logged()
-                if first_loss is None:
-                    first_loss = loss_value
-                record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                          "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "tokens": done * tokens_per_step,
-                          **timing.per_gpu(tokens_per_step / dt, world, flops_per_token, device, peak_tflops)}
+                dt = progress.times.logged()
+                if progress.first_loss is None:
+                    progress.first_loss = loss_value
+                progress.record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                                   "step_time_s": dt, "tokens_per_s": s.tokens_per_step / dt,
+                                   "tokens": done * s.tokens_per_step,
+                                   **timing.per_gpu(s.tokens_per_step / dt, world, s.flops_per_token, device,
+                                                    peak_tflops)}
                 if writer:
-                    writer.write(record)
+                    writer.write(progress.record)
 
             if saving:
-                progress = {"step": done, "first_loss": first_loss, "samples_consumed": sampler.offset + done * sampler.samples_per_step,
-                            "world_size": world, "variant": spec.variant, "strategy": spec.strategy, "record": record}
-                last_checkpoint = save(done, progress, {"step": done, "loss": record.get("loss")}) or last_checkpoint
+                state = {"step": done, "first_loss": progress.first_loss,
+                         "samples_consumed": sampler.offset + done * sampler.samples_per_step, "world_size": world,
+                         "variant": spec.variant, "strategy": spec.strategy, "record": progress.record}
+                last_checkpoint = save(done, state, {"step": done, "loss": progress.record.get("loss")}) or last_checkpoint
     except checkpoint.DiskFull as e:
         # Deterministic: a restart would hit the same full disk. The variant fails at once.
         log.error("rank %d: %s", rank, e)
@@ -244,12 +223,9 @@ def train_loop_per_worker(config: dict) -> dict:
             writer.close()
 
     # ---------------------------------------------------------------- results (rank 0's is returned)
-    return worker_result(
-        spec=spec, requested=requested, kernel=resolved.kernel, env=worker_info["env"], workers=workers,
-        start_step=start_step, restored_from=str(restored.path) if restored else None, first_loss=first_loss,
-        record=record, times=times, device=device, world=world, dtype=dtype, compiled=use_compile,
-        params=sum(p.numel() for p in raw_model.parameters()), flops_per_token=flops_per_token, param_dtype=weights,
-        tokens_per_step=tokens_per_step, kernel_timings=resolved.timings, peak_tflops=peak_tflops,
-        timeline={"worker_process": t_process, "worker_start": t_start, "data": t_data, "attention": t_attention,
-                  "model": t_model, "ready": t_ready, "first_step": t_first_step},
-    )
+    return worker_result(spec, s, progress, requested=requested, kernel=resolved.kernel,
+                         kernel_timings=resolved.timings, env=worker_info["env"], workers=workers,
+                         params=sum(p.numel() for p in training.raw_model.parameters()),
+                         timeline={"worker_process": t_process, "worker_start": t_start, "data": t_data,
+                                   "attention": t_attention, "model": t_model, "ready": t_ready,
+                                   "first_step": t_first_step})

@@ -5,13 +5,8 @@ world size and the attention, so the driver can refuse a plan that cannot fit be
 is allocated (``orchestrator/plan.py``), and tests can check it by hand.
 
 What is counted, in bytes, for the model in ``trainer/model.py`` trained by ``trainer/step.py``:
-- model state: fp32 parameters (the master copy under bf16 autocast), fp32 gradients and
-  AdamW's two fp32 moments, 16 bytes per parameter. ``ddp`` holds all of it on every worker
-  (DDP's buckets are the gradients themselves: ``gradient_as_bucket_view``). ``fsdp`` holds
-  1/world of it, plus what FSDP2 gathers in the compute dtype: the root's parameters
-  (embedding, final norm, head: the root is not resharded between forward and backward) and
-  two blocks' (the one computing and the one prefetched), and, at the end of backward, the
-  root's unsharded gradients with their fp32 copy for the reduce-scatter (``reduce``).
+- model state: parameters, gradients and AdamW's two fp32 moments, as the strategy holds them
+  (``Strategy.state_bytes``: ``trainer/parallel/ddp.py``, ``fsdp.py``).
 - activations saved for backward at the micro-batch and sequence length, per block, counted
   tensor by tensor from the model's forward (see ``_block_bytes_per_token``). The residual
   stream is fp32 under autocast (the embedding and the adds are not autocast ops).
@@ -21,9 +16,8 @@ What is counted, in bytes, for the model in ``trainer/model.py`` trained by ``tr
   the last block being recomputed when it is one of them.
   Under torch.compile fewer tensors are kept (the rest is recomputed in backward).
 - logits: the head's output, held through backward, the fp32 log-softmax and its gradients.
-- ``train.param_dtype`` bf16 under ddp: bf16 parameters and gradients beside the fp32 masters
-  (6 + 2 + 8 bytes per parameter), and at the step the masters' fp32 gradients (4 more). The
-  residual stream is then bf16, which the activations below still count as fp32 (an overestimate).
+- ``train.param_dtype`` bf16: the residual stream is then bf16, which the activations above
+  still count as fp32 (an overestimate).
 - the optimizer step's temporaries (AdamW on CPU runs tensor by tensor, with fp32 temporaries
   the size of the largest parameter; the fused CUDA kernel none) and a fixed runtime allowance per process (CUDA
   context and communication buffers on a GPU; the interpreter, torch and Ray on a CPU).
@@ -40,22 +34,17 @@ H200s, where the end of backward is the peak at micro-batch 1 and the start at 2
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
 
+from trainer import parallel
 from trainer.config import TrainConfig
 from trainer.model_args import ModelArgs, checkpointed
-
-Strategy = Literal["ddp", "fsdp"]
-STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
+from trainer.parallel import BF16, FP32
 
 GiB = 2**30
-FP32, BF16 = 4, 2
 # Allowances, not measurements of this model: what a training process holds besides its
 # tensors. A CUDA context with cuBLAS workspaces and NCCL's buffers is 0.5-1 GiB; a CPU
 # worker process (Python, torch, Ray's worker runtime) about 0.5 GiB of resident memory.
 RUNTIME_BYTES = {"cuda": 1 * GiB, "cpu": GiB // 2}
-# FSDP2 gathers the unit computing now and prefetches the next one.
-FSDP_UNITS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -142,32 +131,18 @@ def _block_bytes_per_token(m: ModelArgs, e: int, seq_len: int, attention: str, c
     return total
 
 
-def estimate(model: ModelArgs, train: TrainConfig, *, strategy: Strategy, world_size: int, attention: str,
+def estimate(model: ModelArgs, train: TrainConfig, *, strategy: str, world_size: int, attention: str,
              device: str = "cuda") -> MemoryEstimate:
     """Peak bytes of one worker training ``model`` with ``train`` (see the module docstring).
 
     ``attention``: 'flash' (a fused kernel, no T x T matrix) or 'standard'; ``device``: 'cuda' or 'cpu'.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    parallelism = parallel.get(strategy)  # ValueError naming the strategies for another name
     e = BF16 if train.precision(device) == "bf16" else FP32
     w = BF16 if train.weights_dtype(strategy, device) == "bf16" else FP32  # train.param_dtype, resolved
     compiled = train.compiles(device)
     n, block, root = param_counts(model)
-    shard = world_size if strategy == "fsdp" else 1
-    params, grads, optimizer = FP32 * n // shard, FP32 * n // shard, 2 * FP32 * n // shard
-    gathered = reduce = bf16_step = 0
-    if strategy == "fsdp":
-        # Gathered parameters are in param_dtype. The root's gradients come last, when
-        # every sharded gradient is there and the activations are gone: unsharded in
-        # param_dtype, plus the fp32 copy that mixed precision reduce-scatters. A block's
-        # own, reduced while backward goes on, trade places with its activations.
-        gathered = (root + FSDP_UNITS_IN_FLIGHT * block) * w
-        reduce = root * (w + (FP32 if w != FP32 else 0))
-    elif w == BF16:
-        # bf16 weights (trainer/master_weights.py): bf16 parameters beside their fp32 masters,
-        # bf16 gradients, and at the step the masters' fp32 gradients (MasterWeights.take_grads).
-        params, grads, bf16_step = (BF16 + FP32) * n, BF16 * n, FP32 * n
+    state = parallelism.state_bytes(n, block, root, world_size=world_size, weights=w)
 
     tokens = train.micro_batch_size * train.seq_len
     per_block = _block_bytes_per_token(model, e, train.seq_len, attention, compiled) * tokens
@@ -186,10 +161,9 @@ def estimate(model: ModelArgs, train: TrainConfig, *, strategy: Strategy, world_
     # backward, the fp32 log-softmax, and the two fp32 gradients at the start of backward.
     logits = tokens * (2 * 2 * FP32 * model.dim + model.vocab_size * (e + 3 * FP32))
     largest = max(model.vocab_size * model.dim, model.dim * model.ffn_hidden)
-    step_temp = bf16_step + (0 if device == "cuda" else 2 * FP32 * largest // shard)
+    step_temp = state.step + (0 if device == "cuda" else 2 * FP32 * largest // state.shard)
     return MemoryEstimate(strategy=strategy, world_size=world_size, dtype="bf16" if e == 2 else "fp32",
-                          params=params, grads=grads, optimizer=optimizer, gathered=gathered, reduce=reduce,
-                          activations=activations, logits=logits,
-                          step_temp=step_temp, runtime=RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"],
-                          # Ray wraps the model in DDP only for several workers (prepare_model).
-                          grads_resident=strategy == "ddp" and world_size > 1)
+                          params=state.params, grads=state.grads, optimizer=state.optimizer, gathered=state.gathered,
+                          reduce=state.reduce, activations=activations, logits=logits, step_temp=step_temp,
+                          runtime=RUNTIME_BYTES["cuda" if device == "cuda" else "cpu"],
+                          grads_resident=state.grads_resident)

@@ -1,5 +1,5 @@
-"""How the model is spread over the workers: DDP (every worker holds the whole model) or FSDP2
-(every worker holds a shard of each block). The model file knows nothing of this, as in
+"""The model's build that every parallelism (``trainer/parallel/``: DDP replicates the model,
+FSDP2 shards each block) shares. The model file knows nothing of this, as in
 torchtitan's ``parallelize_llama``: ``torch.compile`` per block, then ``fully_shard`` per block
 and on the root, in that order. Activation checkpointing is the model's own
 (``train.activation_checkpointing``: each checkpointed block, every block or every Nth,
@@ -21,40 +21,13 @@ the same kind of GPU, other weights on another kind or on the CPU.)
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from trainer import compile_cache, master_weights
 from trainer.model import AttnFn, ModelArgs, Transformer
-
-Strategy = Literal["ddp", "fsdp"]
-# DDP all-reduce bucket: fewer, larger all-reduces than the 25 MB default (torchtitan's choice).
-DDP_BUCKET_MB = 100
-
-
-class ShardingError(ValueError):
-    """The model cannot be sharded sensibly over this many workers."""
-
-
-def check_shardable(args: ModelArgs, world_size: int) -> None:
-    """Raise ShardingError when FSDP would leave some worker with an empty shard.
-
-    FSDP2 splits every parameter along its first dimension; a dimension smaller than the
-    number of workers gives some workers nothing to hold, which is at best pointless and on
-    some versions a collective that never completes.
-    """
-    rows = {"model.dim (norm weights, wo/w2 rows)": args.dim,
-            "n_kv_heads * head_dim (wk/wv rows)": args.n_kv_heads * args.head_dim,
-            "model.ffn_hidden (w1/w3 rows)": args.ffn_hidden,
-            "model.vocab_size (embedding rows)": args.vocab_size}
-    small = {name: n for name, n in rows.items() if n < world_size}
-    if small:
-        worst = ", ".join(f"{name} = {n}" for name, n in small.items())
-        raise ShardingError(f"scaling.strategy fsdp over {world_size} workers needs every parameter's first "
-                            f"dimension to be at least {world_size}; {worst}: use ddp or fewer workers")
 
 
 def compile_blocks(model: Transformer) -> None:
@@ -86,36 +59,6 @@ def compile_whole(model: nn.Module) -> None:
     model.compile(dynamic=False)
 
 
-def build(args: ModelArgs, attn_fn: AttnFn, *, strategy: Strategy, device: torch.device, seed: int,
-          compile: bool, world_size: int, init_weights: Optional[Callable[[], dict]] = None,
-          float8: Optional[str] = None, whole_graph: bool = False,
-          param_dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Transformer]:
-    """(the model to train, the plain Transformer inside it) for this worker.
-
-    ``init_weights`` gives a full state dict to start from (``model.init_from``) instead of the
-    seeded init; under fsdp only rank 0 reads it and broadcasts the shards. ``float8``, a recipe
-    (train.float8_recipe) or None, converts the Linear layers (``trainer/float8.py``) before
-    compile and sharding. ``whole_graph`` (with ``compile``) compiles the whole model as one graph
-    (``compile_whole``) instead of each block; fsdp ignores it (``compile_mode.whole_model``).
-    ``param_dtype`` (``train.param_dtype``, resolved): the weights' dtype in forward and backward;
-    DDP's parameters are cast to it (the optimizer keeps fp32 masters: trainer/master_weights.py),
-    FSDP gathers its fp32 shards in it.
-    """
-    if strategy == "fsdp":
-        check_shardable(args, world_size)
-        model = _build_fsdp(args, attn_fn, device=device, seed=seed, compile=compile, float8=float8,
-                            param_dtype=param_dtype)
-        if init_weights is not None:
-            _load_full_state(model, init_weights)
-        return model, model
-    raw = build_replica(args, attn_fn, device=device, seed=seed, compile=compile and not whole_graph,
-                        init_weights=init_weights, float8=float8, param_dtype=param_dtype)
-    model = _wrap_ddp(raw, device)
-    if compile and whole_graph:
-        compile_whole(model)  # the DDP wrapper where there is one (its buckets split the graph)
-    return model, raw
-
-
 def set_attention(model: Transformer, attn_fn: AttnFn) -> None:
     """Every block's attention kernel, in a model built with another (``attention.unresolved``);
     before its first forward, where the compiled blocks trace it."""
@@ -129,7 +72,7 @@ def build_replica(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, see
     """The whole model on this device, as DDP replicates it: built on meta, allocated here, the
     seeded init replayed (or ``init_weights`` loaded), parameters cast to ``param_dtype``, blocks
     compiled; not yet wrapped (DDP's buckets take the parameters' dtype)."""
-    raw = _on_meta(args, attn_fn, device=device, float8=float8)
+    raw = on_meta(args, attn_fn, device=device, float8=float8)
     raw.to_empty(device=device)
     raw.tie_weights()
     init_replayed(raw, device, seed)
@@ -141,7 +84,7 @@ def build_replica(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, see
     return raw
 
 
-def _on_meta(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, float8: Optional[str]) -> Transformer:
+def on_meta(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, float8: Optional[str]) -> Transformer:
     """The model's structure without memory or init; float8 swaps its Linear layers first, so
     the init is replayed into the layers that train."""
     with torch.device("meta"):
@@ -150,67 +93,6 @@ def _on_meta(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, float8: 
         from trainer import float8 as float8_mod
 
         float8_mod.convert(model, device, float8)
-    return model
-
-
-def _load_full_state(model: nn.Module, full_state: Callable[[], dict]) -> None:
-    """A full (unsharded) state dict into a sharded model: rank 0 reads it, every rank keeps its shards."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    state = full_state() if dist.get_rank() == 0 else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
-
-def ddp_options() -> dict:
-    """DistributedDataParallel's arguments: 100 MB buckets, gradients as views of them, and no
-    broadcast of the buffers before every forward: the only buffers are the rotary tables,
-    computed alike on every rank, and the broadcast would be a collective (a wait for the
-    other ranks) at the start of every step. torch 2.13 renamed the switch."""
-    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
-    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-    return {"bucket_cap_mb": DDP_BUCKET_MB, "gradient_as_bucket_view": True, **no_sync}
-
-
-def _wrap_ddp(model: Transformer, device: torch.device) -> nn.Module:
-    import ray.train.torch  # [ray]
-
-    # Gradients are all-reduced in fp32, overlapped with the backward pass. A bf16 compression
-    # hook halves the bytes but adds a cast before and after every bucket on the compute
-    # stream; over NVLink that cost more than it saved (2x H200, 0.95B, 2 workers: 153,692
-    # tok/s in fp32 vs 149,771 with the hook, on two machines of the same kind, not one).
-    return ray.train.torch.prepare_model(  # [ray] a no-op move (built on the device), DDP when world > 1
-        model, parallel_strategy_kwargs=ddp_options())
-
-
-def mixed_precision(param_dtype: torch.dtype):
-    """FSDP2's policy: the fp32 shards gathered in ``param_dtype`` (bf16 on GPU by default:
-    ``train.param_dtype`` auto), gradients reduced in fp32; plain fp32 when ``param_dtype`` is."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    if param_dtype != torch.float32:
-        return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
-
-
-def _build_fsdp(args: ModelArgs, attn_fn: AttnFn, *, device: torch.device, seed: int, compile: bool,
-                float8: Optional[str] = None, param_dtype: torch.dtype = torch.float32) -> Transformer:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    model = _on_meta(args, attn_fn, device=device, float8=float8)
-    # Activation checkpointing is the model's own (per block, args.activation_checkpointing).
-    if compile:
-        compile_blocks(model)
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    mp = mixed_precision(param_dtype)
-    n = len(model.layers)
-    for i, block in enumerate(model.layers):
-        # The last block is gathered again at once by the backward pass: keep it unsharded.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    model.to_empty(device=device)
-    init_replayed(model, device, seed)
     return model
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,16 +42,27 @@ class StepTimes:
         return statistics.median(steady) if steady else None
 
 
-def worker_result(*, spec, requested: str, kernel: str, env: dict, workers: list, start_step: int,
-                  restored_from: str | None, first_loss: float | None, record: dict, times: StepTimes,
-                  device: torch.device, world: int, dtype: torch.dtype, compiled: bool, params: int,
-                  flops_per_token: float, tokens_per_step: int, timeline: dict,
-                  kernel_timings: dict | None = None, peak_tflops: float | None = None,
-                  param_dtype: str = "fp32") -> dict:
-    from trainer import compile_mode, timing
+@dataclass
+class Progress:
+    """Where a worker's training stands: the step it started at (after a restore), the first
+    logged loss, the last logged step's metrics and the step times."""
 
-    median_step = times.steady_median()
-    peak, peak_kind = peak_memory_bytes(device)
+    start_step: int = 0
+    restored_from: str | None = None
+    first_loss: float | None = None
+    record: dict = field(default_factory=dict)
+    times: StepTimes = field(default_factory=StepTimes)
+
+
+def worker_result(spec, s, progress: Progress, *, requested: str, kernel: str, kernel_timings: dict | None,
+                  env: dict, workers: list, params: int, timeline: dict) -> dict:
+    """The variant's record from this worker: ``spec`` (its WorkerSpec) trained under ``s`` (its
+    ``trainer.builder.Settings``) with the attention ``requested`` run by ``kernel``."""
+    from trainer import timing
+
+    median_step = progress.times.steady_median()
+    tokens_per_s = s.tokens_per_step / median_step if median_step else None
+    peak, peak_kind = peak_memory_bytes(s.device)
     return {
         "variant": spec.variant,
         "attention": requested,
@@ -59,30 +71,30 @@ def worker_result(*, spec, requested: str, kernel: str, env: dict, workers: list
         "workers": workers,
         "strategy": spec.strategy,
         "steps": spec.train.max_steps,
-        "start_step": start_step,
-        "restored_from": restored_from,
-        "first_loss": first_loss,
-        "final_loss": record.get("loss"),
+        "start_step": progress.start_step,
+        "restored_from": progress.restored_from,
+        "first_loss": progress.first_loss,
+        "final_loss": progress.record.get("loss"),
         "step_time_s": median_step,
-        "tokens_per_s": tokens_per_step / median_step if median_step else None,
-        **timing.per_gpu(tokens_per_step / median_step if median_step else None, world, flops_per_token, device,
-                         peak_tflops),
+        "tokens_per_s": tokens_per_s,
+        **timing.per_gpu(tokens_per_s, s.world_size, s.flops_per_token, s.device,
+                         timing.peak_tflops(s.device)),
         "kernel_timings": kernel_timings or {},
         "float8": spec.train.float8,
         "float8_recipe": spec.train.float8_recipe if spec.train.float8 else None,
         "loss_impl": spec.train.loss_impl,
-        "compile_mode": spec.train.compile_mode if compiled else None,
-        "compile_scope": compile_mode.scope(spec.train.compile_mode, spec.strategy, compiled=compiled),
+        "compile_mode": spec.train.compile_mode if s.compiled else None,
+        "compile_scope": s.compile_scope,
         "peak_mem_bytes": peak,
         "peak_mem_kind": peak_kind,
-        "num_workers": world,
-        "use_gpu": device.type == "cuda",
-        "dtype": str(dtype).removeprefix("torch."),
-        "param_dtype": param_dtype,
-        "compiled": compiled,
+        "num_workers": s.world_size,
+        "use_gpu": s.device.type == "cuda",
+        "dtype": str(s.dtype).removeprefix("torch."),
+        "param_dtype": s.param_dtype,
+        "compiled": s.compiled,
         "params": params,
-        "flops_per_token": flops_per_token,
-        "tokens_per_step": tokens_per_step,
+        "flops_per_token": s.flops_per_token,
+        "tokens_per_step": s.tokens_per_step,
         # Wall-clock times for the driver's startup breakdown (worker up -> ready -> first step).
         "timeline": timeline,
     }

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint, driver_watch, failures, master_weights
+from trainer import checkpoint, driver_watch, failures, parallel
 from trainer.config import FaultConfig
 
 log = logging.getLogger(__name__)
@@ -65,21 +65,17 @@ def restore(storage_dir: Path, committed: Path | None, *, rank: int, world: int,
     path = Path(path)
     state, rng = checkpoint.read(path, rank, map_location=device)
     sharded = checkpoint.is_sharded(path)
-    if sharded != (strategy == "fsdp"):
-        raise ValueError(f"checkpoint {path} was written with scaling.strategy "
-                         f"{'fsdp' if sharded else 'ddp'}; this run uses {strategy}: resume with the same strategy")
-    if sharded:
-        checkpoint.load_sharded(path, model, optimizer)
-    else:
-        try:
-            master_weights.load_model_state(raw_model, optimizer, state["model"])  # fp32 masters where the weights are bf16
-        except RuntimeError as e:
-            if not str(e).startswith(STATE_DICT_MISMATCH):
-                raise
-            # The config's model is not the checkpoint's (an edited config.yaml): every restart would say so.
-            raise failures.DeterministicFailure("config", f"checkpoint {path} does not fit the model of this "
-                                                f"config: {' '.join(str(e).split())[:400]}") from e
-        optimizer.load_state_dict(state["optimizer"])
+    if sharded != parallel.get(strategy).shards:
+        raise ValueError(f"checkpoint {path} was written with scaling.strategy {parallel.sharding(sharded)}; "
+                         f"this run uses {strategy}: resume with the same strategy")
+    try:
+        parallel.get(strategy).load(path, state, model=model, raw_model=raw_model, optimizer=optimizer)
+    except RuntimeError as e:
+        if not str(e).startswith(STATE_DICT_MISMATCH):
+            raise
+        # The config's model is not the checkpoint's (an edited config.yaml): every restart would say so.
+        raise failures.DeterministicFailure("config", f"checkpoint {path} does not fit the model of this "
+                                            f"config: {' '.join(str(e).split())[:400]}") from e
     if rng is not None:
         checkpoint.set_rng_state(rng)
     old_world = int(state.get("world_size", world))
@@ -113,14 +109,8 @@ class Saver:
             log.warning("not saving %s: %s", name, skip)
             ray.train.report(metrics)  # [ray]
             return None
-        state = sharded = None
-        if self.strategy == "fsdp":
-            sharded = checkpoint.sharded_state(self.model, self.optimizer)
-        if self.rank == 0:
-            state = dict(progress)
-            if sharded is None:
-                state.update(model=master_weights.model_state(self.model, self.optimizer),
-                             optimizer=self.optimizer.state_dict())
+        own, sharded = parallel.get(self.strategy).checkpoint_state(self.model, self.optimizer, self.rank)
+        state = {**progress, **own} if self.rank == 0 else None
         needed = checkpoint.tensor_bytes(state) + checkpoint.tensor_bytes(sharded) + (1 << 20)
         self._agree(_attempt(checkpoint.check_free_space, self.storage_dir, needed), directory, needed)
         self._agree(_attempt(self._write, directory, step, state, sharded), directory, needed)

@@ -5,7 +5,8 @@ without blocking, and the loss stays on the device until the caller asks for it.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -34,38 +35,17 @@ def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return t
 
 
-def grad_sync(model: torch.nn.Module, sync: bool):
-    """A context in which backward reduces gradients across workers only when ``sync``: gradient
-    accumulation reduces once per optimizer step, on its last micro-step."""
-    if sync:
-        return nullcontext()
-    if hasattr(model, "no_sync"):  # DDP
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: the flag holds until set again
-        return _fsdp_no_sync(model)
-    return nullcontext()
-
-
-@contextmanager
-def _fsdp_no_sync(model):
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-
-
 class Stepper:
     """Forward and backward over ``grad_accum`` micro-batches, clip, AdamW step (on fp32 master
     copies where the weights are bf16: ``trainer.master_weights.MasterWeights``).
 
-    ``model`` is what ``trainer.parallelize.build`` returned (blocks already compiled when
-    compile is on): plain, DDP-wrapped or FSDP-sharded.
+    ``model`` is what a strategy's ``build`` returned (blocks already compiled when compile is
+    on): plain, DDP-wrapped or FSDP-sharded.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  dtype: torch.dtype, grad_accum: int, grad_clip: float, compiled: bool = False,
-                 cudagraphs: bool = False):
+                 cudagraphs: bool = False, no_sync: Callable[[torch.nn.Module], ContextManager] | None = None):
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.compiled = compiled  # blocks compiled (trainer/parallelize.py): the compile cache's artifacts apply
@@ -73,6 +53,9 @@ class Stepper:
         self.cudagraphs = cudagraphs  # the compiled model replays as CUDA graphs (train.compile_mode)
         self.optimizer, self.device, self.dtype = optimizer, device, dtype
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
+        # The strategy's (trainer/parallel/): backward reduces gradients across workers only on
+        # the last micro-step of an optimizer step. None: a model with nothing to reduce.
+        self.no_sync = no_sync or (lambda model: nullcontext())
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     def __call__(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +74,7 @@ class Stepper:
         for micro, (x, y) in enumerate(batches):
             x, y = to_device(x, self.device), to_device(y, self.device)
             last = micro == len(batches) - 1
-            with grad_sync(self.model, last):
+            with nullcontext() if last else self.no_sync(self.model):
                 with self.autocast:
                     _, loss = self.model(x, y)
                 (loss / self.grad_accum).backward()

@@ -3,10 +3,9 @@ importable without torch (the driver builds it before its torch import is done).
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict
 
+from trainer import parallel
 from trainer.config import ModelConfig, TrainConfig
 
 
@@ -19,4 +18,4 @@ class WorkerSpec(BaseModel):
     train: TrainConfig
     data_path: str
     out_dir: str  # the variant's directory in the run directory: metrics, TensorBoard
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # how the model is spread over the workers (trainer/parallelize.py)
+    strategy: parallel.Name = parallel.DEFAULT  # how the model is spread over the workers (trainer/parallel/)

@@ -4,7 +4,7 @@
 
 Every variant spawns its own processes (one per GPU) that build the model as a training worker
 does (``trainer.parallelize.build_replica``: on meta, drawn on the device, blocks compiled),
-wrap it in plain ``DistributedDataParallel`` with ``parallelize.ddp_options()`` plus the
+wrap it in plain ``DistributedDataParallel`` with ``ddp.options()`` plus the
 variant's change, and time ``trainer.step.Stepper`` on a fixed random batch of the ~0.95B
 config (seq 4096 x 4):
 median step after warm-up, tokens/s over all GPUs. Environment variables (NCCL's) are set
@@ -39,6 +39,7 @@ import yaml
 from trainer import attention, master_weights, parallelize, strict_json
 from trainer.config import ModelConfig, TrainConfig
 from trainer.optim import build_optimizer
+from trainer.parallel import ddp
 from trainer.step import Stepper, to_device
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "llama-0.95b.yaml"
@@ -128,7 +129,7 @@ def _free_port() -> int:
 
 def ddp_kwargs(change: dict) -> dict:
     """DistributedDataParallel's keyword arguments for a variant (device_ids aside)."""
-    options = {**parallelize.ddp_options(), **change.get("ddp", {})}
+    options = {**ddp.options(), **change.get("ddp", {})}
     if change.get("ddp_mp"):
         from torch.nn.parallel.distributed import _MixedPrecision
 

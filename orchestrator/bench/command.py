@@ -41,12 +41,12 @@ def _ints(text: str) -> list[int]:
 
 
 def _strategies(text: str) -> list[str]:
-    from trainer.memory import STRATEGIES
+    from trainer.parallel import NAMES
 
     names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in STRATEGIES]
+    bad = [s for s in names if s not in NAMES]
     if bad or not names:
-        raise UsageError(f"--strategies: unknown {', '.join(bad) or repr(text)}; expected some of {', '.join(STRATEGIES)}")
+        raise UsageError(f"--strategies: unknown {', '.join(bad) or repr(text)}; expected some of {', '.join(NAMES)}")
     return list(dict.fromkeys(names))
 
 

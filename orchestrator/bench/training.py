@@ -1,5 +1,5 @@
 """Training steps in a bare process: tokens/s, MFU and peak memory per variant and sequence
-length, through the same ``trainer.step.Stepper`` the Ray workers use.
+length, built by the same ``trainer.builder`` as a Ray worker's training, on one device.
 
 MFU (trainer.timing.mfu) = (6 x non-embedding params + 12 x layers x dim x seq) FLOPs per token x tokens/s over
 the device's dense bf16 peak (989 TFLOP/s for H100/H200).
@@ -13,13 +13,10 @@ import logging
 import numpy as np
 import torch
 
-from trainer import attention, compile_mode, float8, loss, master_weights, timing
+from trainer import attention, builder, compile_mode, parallel, timing
 from trainer.config import ModelConfig, TrainConfig
 from trainer.dataset import BatchSampler, get_batch, num_windows
-from trainer.model import Transformer
-from trainer.optim import lr_at, optimizer_for
-from trainer.parallelize import compile_blocks, compile_whole
-from trainer.step import Stepper, compile_enabled, training_dtype
+from trainer.optim import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -31,32 +28,26 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     ``kernel`` forces one attention kernel (after its check) instead of resolving ``attn``.
     ``schedule``: the run's warmup + cosine learning rate over ``warmup + iters`` steps (else
     the peak lr throughout); ``keep_losses``: every step's loss in the row (``losses``)."""
-    tc = train_cfg
-    dtype = training_dtype(tc, device)
-    compiled = compile_enabled(tc, device)
-    cudagraphs = compile_mode.replays(tc.compile_mode, compiled=compiled, device_type=device.type)
-    margs = model_cfg.args(vocab_size=vocab_size, max_seq_len=tc.seq_len,
-                           activation_checkpointing=tc.activation_checkpointing, loss_impl=tc.loss_impl)
+    tc = train_cfg.model_copy(update={"max_steps": warmup + iters}) if schedule else train_cfg
+    # One worker, as a single-worker run builds it (trainer/builder.py): no DDP wrapper.
+    s = builder.settings(model_cfg, tc, strategy=parallel.DEFAULT, vocab_size=vocab_size, device=device)
     row = {"variant": attn, "seq_len": tc.seq_len, "micro_batch": tc.micro_batch_size,
-           "grad_accum": tc.grad_accum_steps, "compile": compiled,
-           "activation_checkpointing": tc.activation_checkpointing, "dtype": str(dtype).removeprefix("torch."),
-           "loss_impl": tc.loss_impl, "compile_mode": tc.compile_mode if compiled else None,
-           "compile_scope": compile_mode.scope(tc.compile_mode, "ddp", compiled=compiled),
-           "float8": tc.float8, "float8_recipe": tc.float8_recipe if tc.float8 else None,
-           "param_dtype": tc.weights_dtype("ddp", device.type)}
-    refusal = tc.param_dtype_refusal(device.type)
-    if refusal:  # as the plan refuses it before a run
-        return {**row, "status": "error", "error": refusal}
-    if schedule:
-        tc = tc.model_copy(update={"max_steps": warmup + iters})
-    model = optimizer = stepper = None
+           "grad_accum": tc.grad_accum_steps, "compile": s.compiled,
+           "activation_checkpointing": tc.activation_checkpointing, "dtype": str(s.dtype).removeprefix("torch."),
+           "loss_impl": tc.loss_impl, "compile_mode": tc.compile_mode if s.compiled else None,
+           "compile_scope": s.compile_scope, "float8": tc.float8,
+           "float8_recipe": tc.float8_recipe if tc.float8 else None, "param_dtype": s.param_dtype}
+    if s.refusal:  # as the plan refuses it before a run
+        return {**row, "status": "error", "error": s.refusal}
+    training = None
+    margs = s.model
     try:
         # A fresh compile per variant: cached graphs of another model would be recompiled
         # with dynamic shapes (slower to build and to run) once the sequence length changes.
         torch._dynamo.reset()
         timing.reset_peak_memory(device)
         if kernel is None:  # as a training worker chooses: by timing at this shape (trainer/loop.py)
-            resolved = attention.choose(attn, attention.AttentionShape.of_run(tc, margs), device, reuse_verdict=False)
+            resolved = attention.choose(attn, s.attention_shape, device, reuse_verdict=False)
             kernel, fn = resolved.kernel, resolved.fn
             row["timed_choice"] = bool(resolved.timings)
             if resolved.timings:
@@ -64,34 +55,25 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         else:
             row["kernel"] = kernel
             try:
-                fn = attention.checked_fn(kernel, device=device, dtype=dtype, head_dim=margs.head_dim,
+                fn = attention.checked_fn(kernel, device=device, dtype=s.dtype, head_dim=margs.head_dim,
                                           n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads)
             except ImportError as e:  # its package is not installed here: as the kernel table says it
                 return {**row, "status": "unavailable", "error": f"{type(e).__name__}: {e}"}
         row["kernel"] = kernel
-        loss.check(tc.loss_impl, device)
-        torch.manual_seed(tc.seed)
-        model = Transformer(margs, fn).to(device)
-        if tc.float8:
-            float8.convert(model, device, tc.float8_recipe)
-        master_weights.cast_parameters(model, master_weights.torch_dtype(row["param_dtype"]))
-        optimizer = optimizer_for(model, tc, device)  # on fp32 masters where the weights are bf16
-        if compiled:  # as a single worker compiles (trainer/parallelize.py)
-            (compile_whole if compile_mode.whole_model(tc.compile_mode, "ddp") else compile_blocks)(model)
-        stepper = Stepper(model, optimizer, device=device, dtype=dtype, grad_accum=tc.grad_accum_steps,
-                          grad_clip=tc.grad_clip, cudagraphs=cudagraphs)
+        builder.check(s)
+        training = builder.trainer(s, *builder.build_model(s), fn)
         sampler = BatchSampler(seed=tc.seed, n_windows=num_windows(len(tokens), tc.seq_len),
                                micro_batch=tc.micro_batch_size, grad_accum=tc.grad_accum_steps, world_size=1)
         step_no = iter(range(10**9))
         losses = []
 
         def one_step():
-            s = next(step_no)
-            batches = [get_batch(tokens, sampler.indices(s, m, 0), tc.seq_len) for m in range(tc.grad_accum_steps)]
-            step_loss, _ = stepper(batches, lr_at(s, tc) if schedule else tc.lr)
+            n = next(step_no)
+            batches = [get_batch(tokens, sampler.indices(n, m, 0), tc.seq_len) for m in range(tc.grad_accum_steps)]
+            step_loss, _ = training.step(batches, lr_at(n, tc) if schedule else tc.lr)
             losses.append(step_loss)
 
-        with compile_mode.using(tc.compile_mode if compiled else "default"):  # the blocks compile at step 1
+        with compile_mode.using(tc.compile_mode if s.compiled else "default"):  # the blocks compile at step 1
             times = timing.time_steps(one_step, device, warmup=warmup, iters=iters)
         loss_values = [float(x) for x in losses]
     except Exception as e:
@@ -99,15 +81,14 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             return {**row, "status": "oom", "error": "out of memory"}
         return {**row, "status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     finally:
-        model = optimizer = stepper = None  # free the GPU memory before the next variant
+        training = None  # free the GPU memory before the next variant
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     step_s = timing.median(times)
-    tokens_per_step = tc.tokens_per_step
-    tps = tokens_per_step / step_s
+    tps = s.tokens_per_step / step_s
     peak = timing.peak_tflops(device)
-    flops = margs.flops_per_token(tc.seq_len)
+    flops = s.flops_per_token
     return {**row, "status": "ok", "step_time_s": step_s, "tokens_per_s": tps,
             "tflops": flops * tps / 1e12, "mfu": timing.mfu(flops, tps, peak),
             "peak_mem_bytes": timing.peak_memory(device), "params": margs.non_embedding_params(),

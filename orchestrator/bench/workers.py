@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer import timing
+from trainer import parallel, timing
 from orchestrator.options import TrainOptions
 from orchestrator.run import train
 from orchestrator.session import ray_session
@@ -65,15 +65,16 @@ FSDP_GOAL = 0.95
 
 def fsdp_vs_ddp(rows: list[dict]) -> list[dict]:
     """At each count of several workers that both ran: fsdp's tokens/s over the best ddp figure."""
+    sharded, replicated = parallel.sharding(True), parallel.sharding(False)
     best: dict[tuple[str, int], float] = {}
     for r in rows:
-        if r.get("tokens_per_s") and r.get("strategy") in ("ddp", "fsdp") and r["workers"] > 1:
+        if r.get("tokens_per_s") and r.get("strategy") in parallel.NAMES and r["workers"] > 1:
             key = (r["strategy"], r["workers"])
             best[key] = max(best.get(key, 0.0), r["tokens_per_s"])
-    return [{"workers": n, "fsdp_tokens_per_s": tps, "ddp_tokens_per_s": best[("ddp", n)],
-             "ratio": tps / best[("ddp", n)], "goal": FSDP_GOAL, "met": tps / best[("ddp", n)] >= FSDP_GOAL}
+    return [{"workers": n, "fsdp_tokens_per_s": tps, "ddp_tokens_per_s": best[(replicated, n)],
+             "ratio": tps / best[(replicated, n)], "goal": FSDP_GOAL, "met": tps / best[(replicated, n)] >= FSDP_GOAL}
             for (strategy, n), tps in sorted(best.items(), key=lambda kv: kv[0][1])
-            if strategy == "fsdp" and ("ddp", n) in best]
+            if strategy == sharded and (replicated, n) in best]
 
 
 def run(cfg, counts: list[int], *, variant: str, steps: int, output_dir: str,
