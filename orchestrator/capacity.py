@@ -23,8 +23,9 @@ MAX_AUTO_WORKERS = 8
 
 @dataclass(frozen=True)
 class Workers:
-    count: int
+    count: int  # what the plan must hold: the size, or an elastic range's min
     reason: Optional[str] = None  # why scaling.num_workers auto chose ``count``; None: the user's number
+    most: Optional[int] = None  # an elastic range's max; None: a fixed size
 
 
 def _gpus(n: float) -> str:
@@ -34,7 +35,10 @@ def _gpus(n: float) -> str:
 def workers(num_workers, use_gpu, gpus: float, gpu_slots: int) -> Workers:
     """``scaling.num_workers`` resolved: a number as given; auto, one GPU worker per GPU found
     (``gpus`` on the nodes a variant may use, ``gpu_slots`` of them with ``cpus_per_worker``
-    CPUs beside), 1 to ``MAX_AUTO_WORKERS``; without GPUs, or with use_gpu false, ``CPU_WORKERS``."""
+    CPUs beside), 1 to ``MAX_AUTO_WORKERS``; without GPUs, or with use_gpu false, ``CPU_WORKERS``;
+    a range [min, max], elastic."""
+    if isinstance(num_workers, tuple):
+        return Workers(num_workers[0], most=num_workers[1])
     if num_workers != "auto":
         return Workers(num_workers)
     if use_gpu is False:
@@ -60,11 +64,13 @@ def check_fits(scaling, resources: dict[str, float], source: str) -> None:
     chosen = workers(scaling.num_workers, scaling.use_gpu, gpus, gpu_slots(cpus, gpus, scaling.cpus_per_worker))
     n = chosen.count
     auto = f" (num_workers auto: {chosen.reason})" if chosen.reason else ""
+    # An elastic run must be able to hold its min; it grows into what else there is.
+    count = f"{n}" if chosen.most is None else f"[{n}, {chosen.most}]: min {n}"
     need_cpus = n * scaling.cpus_per_worker
     if need_cpus > cpus:
         raise UsageError(
-            f"{source}: scaling.num_workers {n} x cpus_per_worker {scaling.cpus_per_worker:g} "
+            f"{source}: scaling.num_workers {count} x cpus_per_worker {scaling.cpus_per_worker:g} "
             f"needs {need_cpus:g} CPUs; the cluster has {cpus:g}{auto}")
     if scaling.use_gpu is True and n > gpus:
         raise UsageError(
-            f"{source}: scaling.use_gpu true with num_workers {n} needs {n} GPUs; the cluster has {gpus:g}{auto}")
+            f"{source}: scaling.use_gpu true with num_workers {count} needs {n} GPUs; the cluster has {gpus:g}{auto}")

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union, get_args
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, Field, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, PositiveInt, ValidationError,
+                      field_validator, model_validator)
 
 from orchestrator import labels, yamlload
 from orchestrator.errors import UsageError
@@ -29,10 +29,28 @@ def _checked_selector(selector: dict[str, str]) -> dict[str, str]:
 LabelSelector = Annotated[dict[str, str], AfterValidator(_checked_selector)]
 
 
+def _checked_range(value: Any) -> Any:
+    """``[min, max]`` as a tuple, checked here so that an error says what a range must be."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if len(value) != 2 or not all(type(x) is int for x in value):
+        raise ValueError(f"a range is [min, max], two integers (got {list(value)})")
+    low, high = value
+    if low < 1:
+        raise ValueError(f"[min, max] needs min at least 1 (got {list(value)})")
+    if low > high:
+        raise ValueError(f"[min, max] needs min at most max (got {list(value)})")
+    return low, high
+
+
+# An integer (a fixed size), auto, or [min, max]: an elastic run (docs/elastic.md).
+NumWorkers = Annotated[Union[PositiveInt, Literal["auto"], tuple[int, int]], BeforeValidator(_checked_range)]
+
+
 class ScalingConfig(Strict):
-    num_workers: Union[PositiveInt, Literal["auto"]] = Field(
+    num_workers: NumWorkers = Field(
         "auto", description="data-parallel workers per variant; auto: one per GPU found (at most 8), "
-                            "else 2 CPU workers")
+                            "else 2 CPU workers; [min, max]: elastic, from min up to what the cluster holds")
     use_gpu: Union[Literal["auto"], bool] = Field("auto", description="auto: GPUs when the cluster has enough")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves per worker; also its OMP_NUM_THREADS "
                                                           "unless set")
@@ -48,6 +66,11 @@ class ScalingConfig(Strict):
     interconnect_check: Union[Literal["auto"], bool] = Field(
         "auto", description="all-reduce across the planned workers before training; auto: on GPU or multi-node plans")
     interconnect_timeout_s: float = Field(60.0, gt=0, description="an all-reduce check slower than this is a hang")
+    hang_timeout_s: float = Field(300.0, gt=0, description="a hung worker group restarts from its last checkpoint "
+                                                           "within this: a worker silent for half of it is named "
+                                                           "and stopped, a collective waiting all of it fails")
+    resize_interval_s: float = Field(60.0, gt=0, description="how often an elastic run checks whether the cluster "
+                                                             "holds more workers")
 
 
 class DataConfig(Strict):

@@ -34,6 +34,8 @@ def _type(annotation) -> str:
         return "mapping"
     if origin is list:
         return f"list of {_type(args[0])}"
+    if origin is tuple:  # a range, as YAML writes it
+        return "[" + ", ".join(_type(a) for a in args) + "]"
     if annotation is type(None):
         return "null"
     if annotation is bool:
@@ -124,7 +126,7 @@ def results_page() -> str:
              "| `<variant>/tb/` | TensorBoard events: `tensorboard --logdir RUN_DIR` overlays the variants |",
              "| `<variant>/checkpoints/` | Ray Train checkpoints, by step zero-padded to 8 digits "
              "(`checkpoint_00000050`) |",
-             f"| `<variant>/{results.VARIANT_FILES[1]}` | one line per worker-group start (restarts = lines - 1) |"]
+             f"| `<variant>/{results.VARIANT_FILES[1]}` | one line per worker-group start (its `world_size`, `start_step`), and one per failed group (`failed_ranks`) |"]
     codes = {0: results.EXIT_MEANING[0], RunFailed.exit_code: results.EXIT_MEANING[RunFailed.exit_code],
              UsageError.exit_code: "usage or input error, a request the cluster can never satisfy included "
                                    "(one line on stderr; --debug for a traceback)",

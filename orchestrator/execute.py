@@ -3,7 +3,10 @@ variant on the CPUs/GPUs the plan pinned it to) or one after the other.
 
 Ray Train waits for placement without end by default; the wait is bounded here, so a request
 the cluster cannot serve now (resources held by another job, a node gone since planning)
-fails after ``scaling.placement_timeout_s`` instead of hanging.
+fails after ``scaling.placement_timeout_s`` instead of hanging. A worker that stops answering
+is found after half of ``scaling.hang_timeout_s`` (Ray's default: 600 s), so its group
+restarts before its peers' collectives time out at the whole of it: the failure then names
+the frozen rank rather than a peer that waited for it.
 """
 
 from __future__ import annotations
@@ -22,39 +25,48 @@ from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-# The controller actor gets it from the driver's environment (ray.train.v2 propagates it).
+# The controller actor gets these from the driver's environment (ray.train.v2 propagates them).
 START_TIMEOUT_ENV = ray_internals.START_TIMEOUT_ENV
+HEALTH_CHECK_TIMEOUT_ENV = ray_internals.HEALTH_CHECK_TIMEOUT_ENV
 
 
 @contextmanager
-def placement_timeout(seconds: float) -> Iterator[None]:
-    old = os.environ.get(START_TIMEOUT_ENV)
-    os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
+def controller_env(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(START_TIMEOUT_ENV, None)
-        else:
-            os.environ[START_TIMEOUT_ENV] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def placement_timeout(seconds: float):
+    return controller_env({START_TIMEOUT_ENV: f"{seconds:g}"})
 
 
 def run_plan(plan: Plan, specs: dict[str, WorkerSpec], *, max_failures: int, keep_checkpoints: int,
-             placement_timeout_s: float, worker_env: Optional[dict[str, str]] = None) -> dict[str, VariantResult]:
+             placement_timeout_s: float, hang_timeout_s: float = 300.0, resize_interval_s: float = 60.0,
+             worker_env: Optional[dict[str, str]] = None) -> dict[str, VariantResult]:
     """Every variant's summary record, keyed by name, in the plan's order; ``worker_env`` is set
     in every worker's environment."""
     results = {v.name: launch.skipped_record(v) for v in plan.variants if v.status == "skipped"}
 
     def one(v: PlannedVariant) -> VariantResult:
-        log.info("[%s] starting %d worker(s), %s", v.name, v.num_workers, " ".join(f"{k}={x}" for k, x in v.env.items()))
+        log.info("[%s] starting %s worker(s), %s", v.name, v.count(), " ".join(f"{k}={x}" for k, x in v.env.items()))
         record = launch.run_variant(v, specs[v.name], max_failures=max_failures, keep_checkpoints=keep_checkpoints,
-                                    placement_timeout_s=placement_timeout_s, worker_env=worker_env)
+                                    placement_timeout_s=placement_timeout_s, hang_timeout_s=hang_timeout_s,
+                                    resize_interval_s=resize_interval_s, worker_env=worker_env)
         if v.reason:  # e.g. why a flash variant runs standard attention; 'attention' stays the request
             record.reason = v.reason
         return record
 
     runnable = plan.runnable()
-    with placement_timeout(placement_timeout_s):
+    with controller_env({START_TIMEOUT_ENV: f"{placement_timeout_s:g}",
+                         HEALTH_CHECK_TIMEOUT_ENV: f"{hang_timeout_s / 2:g}"}):
         if plan.mode == "concurrent" and len(runnable) > 1:
             pool = ThreadPoolExecutor(max_workers=len(runnable), thread_name_prefix="variant")
             futures = {v.name: pool.submit(one, v) for v in runnable}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import traceback
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator import interrupt, results
+from orchestrator.failure_log import FailureLog, one_line
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
 from trainer import checkpoint, driver_watch, failures, ray_internals
@@ -25,17 +27,6 @@ log = logging.getLogger(__name__)
 ABORT_TIMEOUT_S = 30.0
 
 
-def _one_line(err: BaseException) -> str:
-    """The root cause of a (possibly wrapped) Ray error, on one line."""
-    while getattr(err, "__cause__", None) is not None:
-        err = err.__cause__
-    text = str(err).strip()
-    lines = [l for l in text.splitlines() if l.strip()]
-    # Ray wraps worker tracebacks; the last line names the original exception.
-    last = lines[-1].strip() if lines else type(err).__name__
-    return last if len(last) < 400 else last[:400] + "..."
-
-
 def _placement_error(err: BaseException, v: PlannedVariant, timeout_s: float) -> str | None:
     """A clear message when Ray Train gave up placing the workers, else None."""
     failure = getattr(err, ray_internals.CONTROLLER_FAILURE_ATTR, None)
@@ -43,7 +34,7 @@ def _placement_error(err: BaseException, v: PlannedVariant, timeout_s: float) ->
         return None
     need = " + ".join(f"{x:g} {k}" for k, x in v.demand().items())
     where = f" with label selector {v.label_selector}" if v.label_selector else ""
-    return (f"could not place {v.num_workers} worker(s) x ({need}){where} within {timeout_s:g} s "
+    return (f"could not place {v.count()} worker(s) x ({need}){where} within {timeout_s:g} s "
             "(scaling.placement_timeout_s): the resources are held by something else, or the nodes are gone")
 
 
@@ -60,14 +51,16 @@ def skipped_record(v: PlannedVariant) -> results.VariantResult:
 
 
 def count_attempts(variant_dir: Path, since: float) -> int:
-    """Worker-group starts of a variant since ``since`` (rank 0 writes one line per start)."""
+    """Worker-group starts of a variant since ``since`` (rank 0 writes one line per start; the
+    lines between them say why a group failed)."""
     path = variant_dir / ATTEMPTS_FILE
     if not path.is_file():
         return 0
     n = 0
     for line in path.read_text().splitlines():
         try:
-            n += json.loads(line)["time"] >= since
+            rec = json.loads(line)
+            n += rec["time"] >= since and "start_step" in rec
         except (ValueError, KeyError, TypeError):
             continue
     return n
@@ -119,18 +112,23 @@ def _abort(trainer) -> None:
     try:
         ray.get(getattr(trainer.controller, ray_internals.CONTROLLER_ABORT).remote(), timeout=ABORT_TIMEOUT_S)
     except Exception as e:  # the controller exits as it aborts: RayActorError is the normal answer
-        log.debug("controller abort: %s", _one_line(e))
+        log.debug("controller abort: %s", one_line(e))
 
 
 def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_checkpoints: int,
-                placement_timeout_s: float = 60.0, worker_env: Optional[dict[str, str]] = None) -> results.VariantResult:
+                placement_timeout_s: float = 60.0, hang_timeout_s: float = 300.0, resize_interval_s: float = 60.0,
+                worker_env: Optional[dict[str, str]] = None) -> results.VariantResult:
     """Train one variant to completion (or failure) and return its summary record.
 
     Placement is tried once: with ``controller_failure_limit=0`` Ray Train gives up when the
     workers cannot be placed within the start timeout (``execute.placement_timeout``) instead
     of retrying forever. Worker failures after placement are retried ``max_failures`` times.
+    A collective that waits ``hang_timeout_s`` fails (gloo and NCCL both take the timeout from
+    ``init_process_group``, which Ray Train calls with ``TorchConfig.timeout_s``). An elastic
+    variant checks every ``resize_interval_s`` whether the cluster holds more workers.
     """
     import ray.train
+    from ray.train.torch import TorchConfig
 
     vdir = Path(spec.out_dir)
     vdir.mkdir(parents=True, exist_ok=True)
@@ -138,8 +136,10 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config=spec.model_dump(),
+        torch_config=TorchConfig(timeout_s=max(1, math.ceil(hang_timeout_s))),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=v.num_workers,
+            num_workers=v.workers_arg(),
+            elastic_resize_monitor_interval_s=resize_interval_s,
             use_gpu=v.use_gpu,
             resources_per_worker=v.demand(),
             label_selector=v.label_selector,
@@ -147,8 +147,12 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
         run_config=ray.train.RunConfig(
             name=checkpoint.STORAGE_NAME,
             storage_path=str(vdir.resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=0),
+            # An elastic group is placed again: Ray Train's view of the cluster lags a lost node
+            # by up to 20 s (its autoscaling coordinator's tick), so its first try may ask for too many.
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=(
+                0 if v.max_workers is None else max_failures)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=[FailureLog(str(vdir.resolve()))],  # which ranks ended each failed attempt, and how
             # Set before each worker process starts, so even its first import sees them.
             # The driver's identity lets the workers on its host stop when it dies (trainer/driver_watch.py).
             worker_runtime_env={"env_vars": {**worker_threads_env(v.cpus_per_worker), **v.env,
@@ -188,7 +192,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
         if deterministic is not None:
             record["failure_kind"] = deterministic.kind
         record["error"] = ((_placement_error(error, v, placement_timeout_s) or
-                            (str(deterministic) if deterministic else _one_line(error))) if error
+                            (str(deterministic) if deterministic else one_line(error))) if error
                            else "training returned no result")
     attempts = count_attempts(vdir, started)
     record["restarts"] = max(0, attempts - 1)

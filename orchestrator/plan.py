@@ -15,7 +15,8 @@ Rules, in order, per variant:
    With flash attention disabled for the run (--disable-flash-attn, DISABLE_FLASH_ATTN=1)
    every variant trains with standard attention, placed as it would be without the switch.
 3. How many workers: ``scaling.num_workers`` as given; ``auto``, one per GPU the candidates
-   hold (``capacity.workers``), else 2 CPU workers.
+   hold (``capacity.workers``), else 2 CPU workers; a range [min, max] is elastic, and the
+   plan holds, places and checks the memory of its min (an FSDP shard is largest there).
    GPU or CPU: ``use_gpu: true|false`` as given; ``auto`` takes GPUs when all workers fit on
    the candidates' GPUs (one GPU and ``cpus_per_worker`` CPUs each), else CPUs. The plan says
    why in ``workers_reason`` when auto chose the count or left GPUs idle.
@@ -99,7 +100,7 @@ class PlannedVariant:
     name: str
     attention: str  # what the variant asked for
     env: dict[str, str]  # what its workers get
-    num_workers: int
+    num_workers: int  # elastic: the min, what the plan holds
     use_gpu: bool
     cpus_per_worker: float
     workers_reason: Optional[str] = None  # why this many workers, on GPU or CPU, when the config left it open
@@ -111,6 +112,14 @@ class PlannedVariant:
     strategy: str = parallel.DEFAULT  # scaling.strategy, resolved (strategy.py): a name in trainer.parallel
     strategy_reason: Optional[str] = None
     memory: Optional[dict] = None  # the per-worker estimate (trainer/memory.py) and its limit
+    max_workers: Optional[int] = None  # elastic: Ray Train grows the group up to this; None: a fixed size
+
+    def workers_arg(self) -> Union[int, tuple[int, int]]:
+        """Ray Train's ``ScalingConfig(num_workers=...)``: a size, or (min, max) for an elastic run."""
+        return self.num_workers if self.max_workers is None else (self.num_workers, self.max_workers)
+
+    def count(self) -> str:
+        return f"{self.num_workers}" if self.max_workers is None else f"{self.num_workers}-{self.max_workers}"
 
     def demand(self) -> dict[str, float]:
         """What one worker asks Ray for (the same dict launch passes as resources_per_worker)."""
@@ -134,7 +143,7 @@ class Plan:
     def describe(self) -> list[str]:
         lines = [f"plan: {len(self.variants)} variant(s), {self.mode}"]
         for v in self.variants:
-            where = f"{v.num_workers} x {'GPU' if v.use_gpu else 'CPU'} worker(s)"
+            where = f"{v.count()} x {'GPU' if v.use_gpu else 'CPU'} worker(s)" + (", elastic" if v.max_workers else "")
             if v.nodes:
                 counts = {n: v.nodes.count(n) for n in v.nodes}
                 where += " on " + ", ".join(f"{n[:12]} ({c})" for n, c in counts.items())
@@ -283,7 +292,7 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
             pv.env, pv.reason = attention_env("standard"), import_guard.DISABLED_REASON
         usable = [n for n in matching if n.flash_ok] if pv.env["ATTN_IMPL"] == "flash" else matching
         chosen = _workers(scaling, usable or matching)
-        pv.num_workers = chosen.count
+        pv.num_workers, pv.max_workers = chosen.count, chosen.most
         if chosen.reason:
             pv.workers_reason = f"scaling.num_workers auto, {chosen.reason}"
         if not usable and any(v.attention == "standard" for v in variants):
@@ -312,7 +321,8 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
             need = " + ".join(f"{v:g} {k}" for k, v in pv.demand().items())
             have = ", ".join(f"{_total(usable, k):g} {k}" for k in pv.demand())
             raise InfeasibleRequest(
-                f"variant {vc.name}: {pv.num_workers} worker(s) x ({need}) do not fit on {where} "
+                f"variant {vc.name}: {pv.num_workers if pv.max_workers is None else f'min {pv.num_workers} of {pv.count()}'} "
+                f"worker(s) x ({need}) do not fit on {where} "
                 f"(they have {have} in all); lower scaling.num_workers or scaling.cpus_per_worker, or add nodes"
             )
         pv.nodes = alone
@@ -323,7 +333,10 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
     runnable = [v for v in planned if v.status == "planned"]
     plan = Plan(variants=planned, mode="sequential", cluster=list(cluster),
                 flash_disabled=import_guard.DISABLED_REASON if flash_disabled else None)
-    together = _pack_together(runnable, candidates, nodes) if len(runnable) > 1 else None
+    # An elastic variant grows into whatever the cluster holds: side by side it would take
+    # another's room, and pinning its workers to nodes would stop it from moving.
+    elastic = any(v.max_workers for v in runnable)
+    together = _pack_together(runnable, candidates, nodes) if len(runnable) > 1 and not elastic else None
     memory_bound = False  # the variants fit the CPUs together but not the RAM
     if together is not None:
         alone = {v.name: v.nodes for v in runnable}
@@ -346,8 +359,10 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
         for v in runnable:
             v.label_selector = [{labels.NODE_ID_KEY: n} for n in v.nodes]
     else:
-        if len(runnable) > 1 and not memory_bound:
-            demand = "; ".join(f"{v.name}: {v.num_workers} x {'GPU' if v.use_gpu else 'CPU'}" for v in runnable)
+        if len(runnable) > 1 and elastic:
+            plan.notes.append("elastic variants run one after the other, each growing into the whole cluster")
+        elif len(runnable) > 1 and not memory_bound:
+            demand = "; ".join(f"{v.name}: {v.count()} x {'GPU' if v.use_gpu else 'CPU'}" for v in runnable)
             plan.notes.append(f"the cluster cannot hold all {len(runnable)} variants at once ({demand}; cluster: "
                               f"{_total(nodes, 'CPU'):g} CPU, {_total(nodes, 'GPU'):g} GPU): "
                               "they run one after the other")

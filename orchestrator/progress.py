@@ -98,11 +98,16 @@ class ProgressFollower:
 
     def _poll(self) -> None:
         for att in self._attempts.records():  # rank 0 appends it before it rewrites metrics
+            if "start_step" not in att:  # a failed group (orchestrator/failure_log.py)
+                for rank, error in (att.get("failed_ranks") or {}).items():
+                    log.warning("[%s] rank %s failed: %s", self.label, rank, error)
+                continue
             self._starts += 1
             step = int(att.get("start_step") or 0)
             source = Path(att["restored_from"]).name if att.get("restored_from") else None
             if source:
-                log.info("[%s] resuming at step %d from %s", self.label, step, source)
+                log.info("[%s] resuming at step %d from %s with %s worker(s)", self.label, step, source,
+                         att.get("world_size", "?"))
             elif self._starts > 1 or self._shown:
                 log.info("[%s] no usable checkpoint: starting again from step 0", self.label)
             self._shown = step

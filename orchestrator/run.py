@@ -408,6 +408,7 @@ def _execute(state: RunState) -> None:
     for name, record in execute.run_plan(todo, _worker_specs(state), max_failures=sc.max_failures,
                                          keep_checkpoints=sc.keep_checkpoints,
                                          placement_timeout_s=sc.placement_timeout_s,
+                                         hang_timeout_s=sc.hang_timeout_s, resize_interval_s=sc.resize_interval_s,
                                          worker_env=state.worker_env).items():
         before = previous.variants.get(name) if previous else None
         record.restarts += before.restarts if before else 0

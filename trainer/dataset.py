@@ -129,6 +129,16 @@ class BatchSampler:
     def samples_per_step(self) -> int:
         return self.micro_batch * self.grad_accum * self.world_size
 
+    def consumed(self, steps: int) -> int:
+        """The data position after ``steps`` steps: windows taken by all workers together.
+        A checkpoint saves it as ``samples_consumed``."""
+        return self.offset + steps * self.samples_per_step
+
+    def continue_from(self, step: int, samples_consumed: int) -> None:
+        """Continue at ``samples_consumed`` from ``step``, whatever the worker count that got
+        there: an elastic run's next step takes the window after the last one taken."""
+        self.offset = samples_consumed - step * self.samples_per_step
+
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.n_windows)

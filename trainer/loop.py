@@ -153,7 +153,7 @@ def train_loop_per_worker(config: dict) -> dict:
                        raw_model=training.raw_model, optimizer=training.optimizer, strategy=spec.strategy)
     start_step = restored.step if restored else 0
     if rank == 0:
-        append_attempt(Path(spec.out_dir), {"time": time.time(), "start_step": start_step,
+        append_attempt(Path(spec.out_dir), {"time": time.time(), "start_step": start_step, "world_size": world,
                                             "restored_from": str(restored.path) if restored else None,
                                             "skipped_checkpoints": restored.skipped if restored else [],
                                             "ray_checkpoint": str(committed) if committed else None,
@@ -165,7 +165,7 @@ def train_loop_per_worker(config: dict) -> dict:
     sampler = BatchSampler(seed=tc.seed, n_windows=n_win, micro_batch=tc.micro_batch_size,
                            grad_accum=tc.grad_accum_steps, world_size=world)
     if restored:  # a checkpoint of another worker count: continue at the window it stopped at
-        sampler.offset = restored.samples_consumed - start_step * sampler.samples_per_step
+        sampler.continue_from(start_step, restored.samples_consumed)
     peak_tflops = timing.peak_tflops(device)
     writer = MetricsWriter(Path(spec.out_dir), start_step=start_step) if rank == 0 else None
     save = Saver(storage_dir, rank=rank, world=world, strategy=spec.strategy, model=training.raw_model,
@@ -203,7 +203,7 @@ def train_loop_per_worker(config: dict) -> dict:
                     progress.first_loss = loss_value
                 progress.record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                                    "step_time_s": dt, "tokens_per_s": s.tokens_per_step / dt,
-                                   "tokens": done * s.tokens_per_step,
+                                   "tokens": sampler.consumed(done) * tc.seq_len,
                                    **timing.per_gpu(s.tokens_per_step / dt, world, s.flops_per_token, device,
                                                     peak_tflops)}
                 if writer:
@@ -211,7 +211,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
             if saving:
                 state = {"step": done, "first_loss": progress.first_loss,
-                         "samples_consumed": sampler.offset + done * sampler.samples_per_step, "world_size": world,
+                         "samples_consumed": sampler.consumed(done), "world_size": world,
                          "variant": spec.variant, "strategy": spec.strategy, "record": progress.record}
                 last_checkpoint = save(done, state, {"step": done, "loss": progress.record.get("loss")}) or last_checkpoint
     except checkpoint.DiskFull as e:

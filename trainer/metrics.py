@@ -11,7 +11,7 @@ from pathlib import Path
 from trainer import atomic_write, strict_json
 
 METRICS_FILE = "metrics.jsonl"
-ATTEMPTS_FILE = "attempts.jsonl"  # one line per worker-group start: restarts = lines - 1
+ATTEMPTS_FILE = "attempts.jsonl"  # a line per worker-group start (start_step), and per failed group (failed_ranks)
 
 
 def append_attempt(out_dir: Path, record: dict) -> None:

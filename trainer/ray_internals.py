@@ -36,6 +36,12 @@ CONTROLLER_ABORT = "abort"
 # (ray.train.v2._internal.constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR).
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
+# Read by Ray Train's worker group: a worker that has not answered the controller's poll for
+# this long is marked dead, by rank, and its group handled as failed (a frozen process: a
+# SIGSTOP, a GPU call that never returns while holding the GIL)
+# (ray.train.v2._internal.constants.WORKER_HEALTH_CHECK_TIMEOUT_S_ENV_VAR).
+HEALTH_CHECK_TIMEOUT_ENV = "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"
+
 # TrainingFailedError's attribute holding the controller's exception, and the class names
 # (ray.train.v2._internal.exceptions) that mean the workers could not be placed.
 CONTROLLER_FAILURE_ATTR = "controller_failure"
