@@ -23,9 +23,13 @@ def one_line(err: BaseException) -> str:
         err = err.__cause__
     text = str(err).strip()
     lines = [l for l in text.splitlines() if l.strip()]
+    if not lines:
+        return type(err).__name__
     # Ray wraps worker tracebacks; the last line names the original exception. A health check
-    # timeout says what happened first and then how to change the timeout: the first line.
-    line = (lines[0] if "health check" in text else lines[-1]).strip() if lines else type(err).__name__
+    # says what happened first, then why (a dead actor's node) or how to change its timeout.
+    line = lines[-1].strip()
+    if "health check" in lines[0]:
+        line = " ".join([lines[0].strip(), *(l.strip() for l in lines if l.strip().startswith("The actor died"))])
     return line if len(line) < 400 else line[:400] + "..."
 
 

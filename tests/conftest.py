@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -60,6 +62,42 @@ def init_local_ray():
     os.environ.update(FAST_RAY_TRAIN)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env=WORKER_RUNTIME_ENV)
     return ray
+
+
+@contextmanager
+def simulated_cluster(*nodes: dict, shutdown_at_exit: bool = True):
+    """A ray.cluster_utils.Cluster on 127.0.0.1, a CPU-less head and ``nodes`` (each add_node's
+    arguments), with this process connected; yields the cluster and the nodes. The session's
+    local Ray, if it was up, is back afterwards."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    was_up = ray.is_initialized()
+    if was_up:
+        ray.shutdown()
+    # A private Ray temp dir: Cluster records its address there, and a bare ray.init() by
+    # anything else on this machine must not find and join this cluster.
+    tmp = tempfile.mkdtemp(prefix="raycluster-", dir="/tmp")
+    old_tmp = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a node starting on a busy machine registers late
+    local = {"node_ip_address": "127.0.0.1"}
+    c = Cluster(initialize_head=True, shutdown_at_exit=shutdown_at_exit,
+                head_node_args={"num_cpus": 0, "include_dashboard": False, **local})
+    added = [c.add_node(**local, **n) for n in nodes]
+    ray.init(address=c.address, log_to_driver=False, runtime_env=WORKER_RUNTIME_ENV)
+    try:
+        yield c, added
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if old_tmp is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old_tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+        if was_up:
+            init_local_ray()
 
 
 @pytest.fixture(scope="session")

@@ -102,3 +102,23 @@ def test_the_data_order_continues_exactly_across_every_resize():
     assert taken == expected
     first_epoch = taken[:50]
     assert sorted(first_epoch) == list(range(50))  # every window once per epoch
+
+
+def test_a_failed_group_is_recorded_by_rank_with_why_on_one_line(tmp_path):
+    """What Ray Train's controller hands the callback when a node dies and when a worker freezes."""
+    import json
+
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+    from orchestrator.failure_log import FailureLog
+
+    died = RuntimeError("ActorDiedError: The actor died unexpectedly before finishing this task.\n\tpid: 7\n"
+                        "The actor died because its node has died. Node Id: 5bf7")
+    FailureLog(str(tmp_path)).after_exception(None, {
+        1: WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: Worker(rank=1)", failure=died),
+        0: WorkerHealthCheckTimeoutError("A worker health check has been hanging for 30.02 seconds. Marking the "
+                                         "worker as dead.\nWorker info: Worker(rank=0)")})
+    line = json.loads((tmp_path / "attempts.jsonl").read_text())
+    assert line["failed_ranks"] == {
+        "0": "A worker health check has been hanging for 30.02 seconds. Marking the worker as dead.",
+        "1": "A worker health check failed. The actor died because its node has died. Node Id: 5bf7"}

@@ -30,6 +30,11 @@ def test_the_worker_group_start_timeout_is_still_read_from_our_env_var():
     assert constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR == ray_internals.START_TIMEOUT_ENV
 
 
+def test_the_worker_health_check_timeout_is_still_read_from_our_env_var_and_passed_to_the_controller():
+    assert constants.WORKER_HEALTH_CHECK_TIMEOUT_S_ENV_VAR == ray_internals.HEALTH_CHECK_TIMEOUT_ENV
+    assert ray_internals.HEALTH_CHECK_TIMEOUT_ENV in constants.ENV_VARS_TO_PROPAGATE
+
+
 def test_placement_failures_still_have_the_names_we_recognise():
     for name in ray_internals.PLACEMENT_FAILURES:
         assert issubclass(getattr(exceptions, name), Exception), name

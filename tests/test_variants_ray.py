@@ -8,9 +8,6 @@ workers record the node they really ran on, which is what the assertions read.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from types import SimpleNamespace
 
@@ -20,7 +17,7 @@ from orchestrator import execute, launch
 from orchestrator.errors import EXIT_VARIANT_SKIPPED, UsageError
 from orchestrator.plan import PlannedVariant
 from orchestrator.run import TrainOptions, train
-from tests.conftest import WORKER_RUNTIME_ENV, init_local_ray, write_config
+from tests.conftest import simulated_cluster, write_config
 from trainer.config import ModelConfig, TrainConfig
 from trainer.worker_spec import WorkerSpec
 
@@ -32,34 +29,9 @@ NO_FLASH_REASON = "flash_attn: undefined symbol; SDPA fused kernel failed its ch
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    was_up = ray.is_initialized()
-    if was_up:
-        ray.shutdown()
-    # A private Ray temp dir: Cluster records its address there, and a bare ray.init() by
-    # anything else on this machine must not find and join this cluster.
-    tmp = tempfile.mkdtemp(prefix="rayvar-", dir="/tmp")
-    old_tmp = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp
-    local = {"node_ip_address": "127.0.0.1"}
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **local})
-    flashy = c.add_node(num_cpus=2, labels={"flash-capable": "yes"}, **local)
-    plain = c.add_node(num_cpus=2, labels={"flash-capable": "no"}, **local)
-    ray.init(address=c.address, log_to_driver=False, runtime_env=WORKER_RUNTIME_ENV)
-    try:
+    with simulated_cluster({"num_cpus": 2, "labels": {"flash-capable": "yes"}},
+                           {"num_cpus": 2, "labels": {"flash-capable": "no"}}) as (_, (flashy, plain)):
         yield SimpleNamespace(flashy=flashy.node_id, plain=plain.node_id)
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        if old_tmp is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = old_tmp
-        shutil.rmtree(tmp, ignore_errors=True)
-        if was_up:
-            init_local_ray()
 
 
 def cluster_nodes():
