@@ -3,6 +3,9 @@ the persistent compile cache's settings (pure: no Ray)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from orchestrator.bench import startup
@@ -10,6 +13,7 @@ from orchestrator.cli import build_parser
 from orchestrator.launch import worker_threads_env
 from orchestrator.results import VariantResult
 from orchestrator.run import STARTUP_PARTS, TrainOptions, startup_phases
+from tests.conftest import ROOT
 from trainer import compile_cache
 
 
@@ -136,6 +140,18 @@ def test_the_compile_cache_persists_under_the_users_cache_unless_set(tmp_path):
     mine = {"TORCHINDUCTOR_CACHE_DIR": "/data/inductor", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}
     assert compile_cache.enable(mine) == Path("/data/inductor")
     assert mine["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "0"  # switched off on purpose: stays off
+
+
+def test_the_compile_cache_is_the_users_after_torch_inductor_set_its_default(tmp_path):
+    """Importing torch._inductor.config writes /tmp/torchinductor_<user> into TORCHINDUCTOR_CACHE_DIR:
+    that is torch's default, not the user's choice, and the run's cache stays under the user's."""
+    env = {k: x for k, x in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", "import os, torch._inductor.config; from trainer import compile_cache; "
+                          "print(os.environ['TORCHINDUCTOR_CACHE_DIR']); print(compile_cache.enable())"],
+                         env=env, capture_output=True, text=True, timeout=300, check=True).stdout.split()
+    assert out[0] != str(tmp_path / "flash-orchestrator" / "inductor")  # what torch's import set
+    assert out[1] == str(tmp_path / "flash-orchestrator" / "inductor")
 
 
 def test_a_bad_compile_cache_file_only_costs_a_full_compile(tmp_path, caplog):

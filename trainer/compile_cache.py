@@ -4,7 +4,7 @@ of ``torch.compile``.
 Inductor's FX-graph and AOT-autograd caches are on by default, but under
 ``/tmp/torchinductor_<user>``, which a reboot or a tmp cleaner empties; they go to
 ``~/.cache/flash-orchestrator/inductor`` instead (``TORCHINDUCTOR_CACHE_DIR`` set by the user
-wins). On top, PyTorch's portable "mega-cache" (``torch.compiler.save_cache_artifacts``, in
+wins; importing ``torch._inductor`` sets it to that default, which is no one's choice). On top, PyTorch's portable "mega-cache" (``torch.compiler.save_cache_artifacts``, in
 torch 2.7 and later) is saved after the first compiled step and loaded before the next run's
 first one: one file holding every artifact of that compile, which also fills a cache emptied
 since, or one on another machine the file is copied to.
@@ -30,9 +30,18 @@ INDUCTOR_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 CACHE_SWITCHES = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
 
 
+def _chosen_dir(env: Mapping[str, str]) -> Optional[str]:
+    """``TORCHINDUCTOR_CACHE_DIR`` unless unset or torch's own default, which its import writes there."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    value = env.get(INDUCTOR_DIR_ENV)
+    return value if value and os.path.abspath(value) != os.path.abspath(default_cache_dir()) else None
+
+
 def inductor_dir(environ: Optional[Mapping[str, str]] = None) -> Path:
     env = os.environ if environ is None else environ
-    return Path(env[INDUCTOR_DIR_ENV]) if env.get(INDUCTOR_DIR_ENV) else user_cache.root(env) / "inductor"
+    chosen = _chosen_dir(env)
+    return Path(chosen) if chosen else user_cache.root(env) / "inductor"
 
 
 def enable(environ: Optional[MutableMapping[str, str]] = None) -> Path:
