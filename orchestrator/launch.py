@@ -24,7 +24,11 @@ from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 
-ABORT_TIMEOUT_S = 30.0
+# Ray's abort most often returns within a second, at times only after 10 s and more: waiting
+# longer than this is past what a process manager allows after SIGTERM. The workers on the
+# driver's host stop on their own meanwhile (trainer/driver_watch.py), and the others end with
+# the driver's job.
+ABORT_TIMEOUT_S = 4.0
 
 
 def _placement_error(err: BaseException, v: PlannedVariant, timeout_s: float) -> str | None:
@@ -170,10 +174,8 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
         except KeyboardInterrupt as e:  # SIGINT/SIGTERM (orchestrator/interrupt.py)
             error = interrupt.as_interrupted(e)
             log.warning("[%s] stopping the workers (%s)", v.name, error)
-            _abort(trainer)
-            kept = committed_checkpoint(vdir / checkpoint.STORAGE_NAME)
-            log.warning("[%s] %s", v.name, f"{kept} stays usable for --resume" if kept
-                        else "no checkpoint was written yet: --resume starts this variant from step 0")
+            with driver_watch.workers_stopping():
+                _abort(trainer)
             result = None
             record["status"] = "interrupted"
         except Exception as e:  # Ray raises TrainingFailedError (and friends) from fit()
@@ -182,6 +184,10 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
         finally:
             # What killed workers left behind: partial checkpoints, uploads Ray never registered.
             checkpoint.prune_unregistered(vdir / checkpoint.STORAGE_NAME)
+    if record["status"] == "interrupted":  # said once nothing writes there any more, as resume will choose
+        kept = checkpoint.newest_usable(vdir / checkpoint.STORAGE_NAME)
+        log.warning("[%s] %s", v.name, f"--resume continues from {kept.name}" if kept
+                    else "no checkpoint was written yet: --resume starts this variant from step 0")
     if error is None and result is not None and isinstance(result.return_value, dict):
         record.update({k: x for k, x in result.return_value.items() if k != "variant"})  # the name is the key
         record["attention"] = v.attention  # the request; the worker's flags are in 'env'

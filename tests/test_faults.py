@@ -228,3 +228,43 @@ def test_a_failed_run_says_how_to_resume_and_resume_completes_it(tmp_path, cli_e
     rec = json.loads((run_dir / "summary.json").read_text())["variants"]["flash"]
     assert rec["status"] == "succeeded" and rec["start_step"] == EVERY
     assert_matches_clean(run_dir / "flash" / "metrics.jsonl", clean_run)
+
+
+def test_ctrl_c_to_the_cli_stops_the_workers_in_seconds_and_names_the_checkpoint_resume_uses(tmp_path, cli_env):
+    """SIGINT to ``python -m orchestrator train``: exit 130 well before a process manager's
+    SIGKILL (10 s), no step trained after the signal but the one in flight, and the checkpoint
+    the console names is the one ``--resume`` then restores (it was 14-16 s, 6-8 more steps and
+    a checkpoint line that --resume contradicted)."""
+    cfg = write_config(tmp_path / "long.yaml", {"train": {"max_steps": 500, "checkpoint_every": EVERY}})
+    run_dir = tmp_path / "runs" / "c"
+    vdir = run_dir / "flash"
+    proc = _start_cli(["train", "--config-file", str(cfg), "--output-dir", "runs", "--name", "c"], cli_env, tmp_path)
+    try:
+        wait_for_commit(vdir / checkpoint.STORAGE_NAME, 2 * EVERY, proc=proc)
+        last_step = read_metrics(vdir / "metrics.jsonl")[-1]["step"]
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert took < 8, f"exit {took:.1f} s after SIGINT"
+    assert read_metrics(vdir / "metrics.jsonl")[-1]["step"] <= last_step + 1
+    named = [line.split("--resume continues from ")[1].strip() for line in (out + err).splitlines()
+             if "--resume continues from " in line]
+    assert len(named) == 1, out + err
+
+    resume = _start_cli(["train", "--resume", str(run_dir)], cli_env, tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while len(attempts(vdir)) < 2 and resume.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        resume.send_signal(signal.SIGINT)
+        out, err = resume.communicate(timeout=180)
+    finally:
+        if resume.poll() is None:
+            resume.kill()
+    assert resume.returncode == 130, out + err
+    assert Path(attempts(vdir)[-1]["restored_from"]).name == named[0]
