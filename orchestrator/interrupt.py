@@ -40,13 +40,6 @@ def _handler(signum, frame) -> None:
         raise Interrupted(signum)
 
 
-def install() -> None:
-    """(Re)install the handlers; ``ray.init`` replaces the SIGTERM handler, so call it after too."""
-    if _State.active and threading.current_thread() is threading.main_thread():
-        for s in SIGNALS:
-            signal.signal(s, _handler)
-
-
 def received() -> Optional[int]:
     return _State.received
 
@@ -65,7 +58,8 @@ def handle_signals() -> Iterator[None]:
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     _State.active, _State.received, _State.defer_depth = True, None, 0
     try:
-        install()
+        for s in SIGNALS:
+            signal.signal(s, _handler)
         yield
     finally:
         for s, h in previous.items():

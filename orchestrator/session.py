@@ -16,6 +16,7 @@ outlive the driver that started it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -181,6 +182,18 @@ def remove_dead_sessions(ray_tmp: Path | None = None) -> list[Path]:
 
 
 @contextmanager
+def _signals_stay_ours() -> Iterator[None]:
+    """Keep ray.init from installing Ray's SIGTERM handlers (trainer/ray_internals.SIGTERM_HOOK)."""
+    utils = importlib.import_module(ray_internals.RAY_UTILS_MODULE)
+    original = getattr(utils, ray_internals.SIGTERM_HOOK)
+    setattr(utils, ray_internals.SIGTERM_HOOK, lambda handler: None)
+    try:
+        yield
+    finally:
+        setattr(utils, ray_internals.SIGTERM_HOOK, original)
+
+
+@contextmanager
 def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: int | None = None,
                 keep_logs: bool = False, loopback: bool = False) -> Iterator[str]:
     """Yield the address of the Ray cluster in use.
@@ -210,7 +223,9 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
         remove_dead_sessions()
     session_dir = None
     try:
-        with interrupt.deferred():  # an exception inside ray.init would leave half-started processes
+        # An exception inside ray.init would leave half-started processes; Ray's SIGTERM handler
+        # would exit with 15, or let a SIGINT that follows be reported instead.
+        with interrupt.deferred(), _signals_stay_ours():
             try:
                 if address:
                     log.info("joining Ray cluster at %s", address)
@@ -236,8 +251,6 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
                 if address is None:
                     raise UsageError(f"cannot start a local Ray ({first})") from None
                 raise UsageError(f"{flag} {address}: cannot connect to a Ray cluster ({first})") from None
-            finally:
-                interrupt.install()  # ray.init replaced our SIGTERM handler with its own
         yield ray.get_runtime_context().gcs_address
     finally:
         with interrupt.deferred():

@@ -1,12 +1,15 @@
 """SIGINT/SIGTERM in the driver, without Ray: which exception, which exit code, when."""
 
+import importlib
 import os
 import signal
+import sys
 
 import pytest
 
 from orchestrator import interrupt
 from orchestrator.errors import Interrupted
+from trainer import ray_internals
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -56,3 +59,21 @@ def test_the_signal_message_promises_no_checkpoint(caplog, tmp_path):
     (tmp_path / "checkpoint_manager_snapshot.json").write_text(
         '{"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000030"}}')
     assert committed_checkpoint(tmp_path) == "checkpoint_00000030"
+
+
+def test_sigterm_while_ray_starts_then_sigint_reports_the_sigterm():
+    """ray.init installs Ray's SIGTERM handler (sys.exit) before it connects: a SIGTERM then
+    bypassed ours, and the SIGINT that followed 0.1 s later was the one reported (exit 130)."""
+    from orchestrator.session import _signals_stay_ours
+
+    install_ray_handler = getattr(importlib.import_module(ray_internals.RAY_UTILS_MODULE), ray_internals.SIGTERM_HOOK)
+    with pytest.raises(Interrupted) as e:
+        with interrupt.handle_signals():
+            with interrupt.deferred(), _signals_stay_ours():
+                getattr(importlib.import_module(ray_internals.RAY_UTILS_MODULE), ray_internals.SIGTERM_HOOK)(
+                    lambda signum, frame: sys.exit(signum))  # what ray.init does
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+    assert e.value.exit_code == 143
+    assert getattr(importlib.import_module(ray_internals.RAY_UTILS_MODULE), ray_internals.SIGTERM_HOOK) is \
+        install_ray_handler  # Ray's own again after the block

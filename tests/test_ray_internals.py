@@ -22,6 +22,13 @@ def test_fit_still_hands_the_controller_to_the_sigint_hook_we_override():
         "self", "controller"]
 
 
+def test_ray_init_and_its_head_still_install_their_sigterm_handlers_through_the_hook_we_replace():
+    from ray._private import node, worker
+
+    call = f"{ray_internals.RAY_UTILS_MODULE}.{ray_internals.SIGTERM_HOOK}(sigterm_handler)"
+    assert call in inspect.getsource(worker.init) and call in inspect.getsource(node.Node)
+
+
 def test_the_controller_can_still_be_aborted():
     assert callable(getattr(TrainController, ray_internals.CONTROLLER_ABORT))
 

@@ -29,6 +29,11 @@ SIGINT_HOOK = "_register_sigint_handler"
 CONTROLLER_START = "_initialize_and_run_controller"
 FAILURE_HANDLING_MODULE = "ray.train.v2._internal.execution.failure_handling"
 
+# The function (in RAY_UTILS_MODULE) through which ray.init installs Ray's SIGTERM handlers
+# (sys.exit) before it connects; orchestrator/session.py keeps the driver's own in place.
+SIGTERM_HOOK = "set_sigterm_handler"
+RAY_UTILS_MODULE = "ray._private.utils"
+
 # The controller actor's method that stops a run gracefully (TrainController.abort).
 CONTROLLER_ABORT = "abort"
 
