@@ -189,25 +189,44 @@ def _ddp_checkpoint(directory: Path, step: int) -> None:
     checkpoint.write(directory, 0, {"step": step, "model": {}, "optimizer": {}}, 1)
 
 
-def test_a_registered_checkpoint_that_fails_verification_is_removed_from_rays_snapshot(tmp_path):
-    names = [f"checkpoint_{s:08d}" for s in (3, 6, 9)]
-    for s, name in zip((3, 6, 9), names):
-        _ddp_checkpoint(tmp_path / name, s)
+def _registered_checkpoints(storage: Path, steps: tuple[int, ...]) -> list[str]:
+    names = [f"checkpoint_{s:08d}" for s in steps]
+    for s, name in zip(steps, names):
+        _ddp_checkpoint(storage / name, s)
     results = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
-    (tmp_path / checkpoint.SNAPSHOT_FILE).write_text(json.dumps({
-        "checkpoint_results": results, "checkpoint_report_indices": [0, 1, 2],
+    (storage / checkpoint.SNAPSHOT_FILE).write_text(json.dumps({
+        "checkpoint_results": results, "checkpoint_report_indices": list(range(len(names))),
         "latest_checkpoint_result": results[-1], "pending_training_results": []}))
-    (tmp_path / names[2] / checkpoint.STATE_FILE).write_bytes(b"flipped")
+    return names
 
-    dropped = checkpoint.drop_unusable(tmp_path)
-    snap = json.loads((tmp_path / checkpoint.SNAPSHOT_FILE).read_text())
-    assert dropped == [f"skipped and removed checkpoint {names[2]}: {tmp_path / names[2] / 'state.pt'}: "
+
+def test_a_registered_checkpoint_that_fails_verification_is_removed_from_rays_snapshot(tmp_path):
+    names = _registered_checkpoints(tmp_path / checkpoint.STORAGE_NAME, (3, 6, 9))
+    (tmp_path / checkpoint.STORAGE_NAME / names[2] / checkpoint.STATE_FILE).write_bytes(b"flipped")
+
+    storage = tmp_path / checkpoint.STORAGE_NAME
+    rejected = tmp_path / checkpoint.REJECTED_NAME
+    dropped = checkpoint.drop_unusable(storage)
+    snap = json.loads((storage / checkpoint.SNAPSHOT_FILE).read_text())
+    assert dropped == [f"skipped checkpoint {names[2]}, moved into {rejected}: {storage / names[2] / 'state.pt'}: "
                        "missing or does not match its checksum"]
     assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == names[:2]
     assert snap["checkpoint_report_indices"] == [0, 1]
     assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] == names[1]
-    assert not (tmp_path / names[2]).exists()
-    assert checkpoint.drop_unusable(tmp_path) == []
+    assert not (storage / names[2]).exists()
+    assert (rejected / names[2] / checkpoint.STATE_FILE).read_bytes() == b"flipped"  # kept, for a look
+    assert checkpoint.drop_unusable(storage) == []
+
+
+def test_when_no_checkpoint_verifies_resume_says_it_starts_over_and_keeps_the_files(tmp_path):
+    """It deleted them all and started from step 0 without a word."""
+    storage = tmp_path / checkpoint.STORAGE_NAME
+    names = _registered_checkpoints(storage, (3, 6))
+    for name in names:
+        (storage / name / checkpoint.STATE_FILE).write_bytes(b"flipped")
+    dropped = checkpoint.drop_unusable(storage)
+    assert dropped[-1] == f"no checkpoint in {storage} verifies: this variant starts again from step 0"
+    assert sorted(p.name for p in (tmp_path / checkpoint.REJECTED_NAME).iterdir()) == names
 
 
 def _free_port() -> int:

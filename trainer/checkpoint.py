@@ -41,6 +41,7 @@ STATE_FILE = "state.pt"
 DCP_DIR = "dcp"
 DCP_METADATA = ".metadata"  # DCP's index, written by rank 0 once every rank's shards are down
 STORAGE_NAME = "checkpoints"  # Ray Train's experiment name inside a variant's directory
+REJECTED_NAME = "rejected_checkpoints"  # beside STORAGE_NAME: what a resume found unusable, kept for a look
 # A checkpoint needs about its tensors' bytes; the margin covers pickling and the filesystem.
 SPACE_MARGIN = 1.1
 
@@ -286,10 +287,19 @@ def verifies(path: Path) -> bool:
         return False
 
 
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``...: a later resume may reject a checkpoint of the same name."""
+    n = 0
+    while (candidate := path.with_name(f"{path.name}.{n}" if n else path.name)).exists():
+        n += 1
+    return candidate
+
+
 def drop_unusable(storage_dir: Path) -> list[str]:
-    """Before Ray Train starts on ``storage_dir`` (a resume): unregister and delete every
-    registered checkpoint that does not verify, so Ray never hands it to a worker nor counts
-    it again. Returns one line per checkpoint dropped, and logs it.
+    """Before Ray Train starts on ``storage_dir`` (a resume): unregister every registered
+    checkpoint that does not verify and move it into ``REJECTED_NAME`` beside, so Ray never hands
+    it to a worker nor counts it again, and no one loses the files. Returns one line per
+    checkpoint dropped, and one more when nothing usable is left (the variant starts over), and logs them.
 
     Ray reads its snapshot only when its controller starts, so this edits the file (its format
     is Ray's: ``orchestrator``'s Ray-internals list names it) and then removes the directory.
@@ -320,11 +330,17 @@ def drop_unusable(storage_dir: Path) -> list[str]:
     tmp = storage_dir / (SNAPSHOT_FILE + ".tmp")
     tmp.write_text(json.dumps(snap))
     tmp.replace(storage_dir / SNAPSHOT_FILE)
+    rejected = storage_dir.parent / REJECTED_NAME
+    rejected.mkdir(exist_ok=True)
     lines = []
     for name, why in bad:
-        shutil.rmtree(storage_dir / name, ignore_errors=True)
-        lines.append(f"skipped and removed checkpoint {name}: {why}")
-        log.warning("%s", lines[-1])
+        if (storage_dir / name).exists():
+            (storage_dir / name).replace(_free_name(rejected / name))
+        lines.append(f"skipped checkpoint {name}, moved into {rejected}: {why}")
+    if newest_usable(storage_dir) is None:
+        lines.append(f"no checkpoint in {storage_dir} verifies: this variant starts again from step 0")
+    for line in lines:
+        log.warning("%s", line)
     return lines
 
 
