@@ -232,29 +232,35 @@ def test_a_failed_run_says_how_to_resume_and_resume_completes_it(tmp_path, cli_e
 
 def test_ctrl_c_to_the_cli_stops_the_workers_in_seconds_and_names_the_checkpoint_resume_uses(tmp_path, cli_env):
     """SIGINT to ``python -m orchestrator train``: exit 130 well before a process manager's
-    SIGKILL (10 s), no step trained after the signal but the one in flight, and the checkpoint
-    the console names is the one ``--resume`` then restores (it was 14-16 s, 6-8 more steps and
-    a checkpoint line that --resume contradicted)."""
+    SIGKILL (10 s), no step trained a second after the driver began to stop the workers, and the
+    checkpoint the console names is the one ``--resume`` then restores (it was 14-16 s, 6-8 more
+    steps and a checkpoint line that --resume contradicted)."""
     cfg = write_config(tmp_path / "long.yaml", {"train": {"max_steps": 500, "checkpoint_every": EVERY}})
     run_dir = tmp_path / "runs" / "c"
     vdir = run_dir / "flash"
-    proc = _start_cli(["train", "--config-file", str(cfg), "--output-dir", "runs", "--name", "c"], cli_env, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "train", "--config-file", str(cfg),
+                             "--output-dir", "runs", "--name", "c"], env=cli_env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[tuple[float, str]] = []  # (when read, line): when the driver said it stops the workers
+    reader = threading.Thread(target=lambda: lines.extend((time.time(), line) for line in proc.stdout), daemon=True)
+    reader.start()
     try:
         wait_for_commit(vdir / checkpoint.STORAGE_NAME, 2 * EVERY, proc=proc)
-        last_step = read_metrics(vdir / "metrics.jsonl")[-1]["step"]
         signalled = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=180)
+        proc.wait(timeout=180)
         took = time.monotonic() - signalled
+        reader.join(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, out + err
+    out = "".join(line for _, line in lines)
+    assert proc.returncode == 130, out
     assert took < 8, f"exit {took:.1f} s after SIGINT"
-    assert read_metrics(vdir / "metrics.jsonl")[-1]["step"] <= last_step + 1
-    named = [line.split("--resume continues from ")[1].strip() for line in (out + err).splitlines()
-             if "--resume continues from " in line]
-    assert len(named) == 1, out + err
+    stopping = next(t for t, line in lines if "stopping the workers" in line)
+    assert (vdir / "metrics.jsonl").stat().st_mtime < stopping + 1.0, "steps trained on after the stop"
+    named = [line.split("--resume continues from ")[1].strip() for _, line in lines if "--resume continues from " in line]
+    assert len(named) == 1, out
 
     resume = _start_cli(["train", "--resume", str(run_dir)], cli_env, tmp_path)
     try:
