@@ -18,6 +18,7 @@ thread once joined, beside the probe's reuse and the plan.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -42,7 +43,7 @@ from orchestrator.preflight import health, interconnect
 from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
                                   run_status)
 from orchestrator.strategy import Workload
-from trainer import compile_mode, dataset as dataset_mod, float8, parallel, preprocess, ray_internals
+from trainer import compile_mode, dataset as dataset_mod, float8, location, parallel, preprocess, ray_internals
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume
     """The options this invocation runs with: as given, or under --resume the stopped run's own."""
     if not opts.resume:
         return opts, None
+    if location.is_uri(opts.resume):  # the run's mirror here, its checkpoints left in the bucket
+        opts = dataclasses.replace(opts, resume=str(storage.fetch_run(opts.resume, "--resume")))
     saved = resume_mod.load(opts)
     # Probing afresh, and how its health is judged, are this invocation's wishes, not properties of the run.
     return TrainOptions(**dict(saved.options, fresh_preflight=opts.fresh_preflight, expect_gpus=opts.expect_gpus,
@@ -78,6 +81,8 @@ def prepare(opts: TrainOptions) -> Prepared:
     problem = storage.output_dir_problem(opts.output_dir, os.getcwd())
     if problem:
         raise UsageError(problem)
+    if location.is_uri(opts.output_dir):
+        storage.check_bucket(opts.output_dir)
     if opts.keep_ray and (opts.address or os.environ.get("RAY_ADDRESS")):
         given = f"--address {opts.address}" if opts.address else f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
         raise UsageError(f"--keep-ray starts or joins a local Ray of its own; drop it or {given}")
@@ -272,7 +277,8 @@ class RunState:
         previous = self.saved.summary if self.saved else None
         new = {n: r for n, r in self.results.items() if n not in self.finished}
         run = RunInfo(
-            name=self.run_dir.name, dir=str(self.run_dir.resolve()), ray_address=self.address,
+            name=self.run_dir.name, dir=location.uri_of(self.run_dir) or str(self.run_dir.resolve()),
+            ray_address=self.address,
             started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
             duration_s=round(time.time() - self.started, 3), data=str(self.prep.data_path),
             command=command_line(), versions=_versions(),
@@ -359,11 +365,12 @@ def _open_run_dir(state: RunState) -> None:
         state.run_dir = state.saved.run_dir
         log.info("resuming run directory: %s", state.run_dir)
     else:
-        state.run_dir = rundir.create(Path(opts.output_dir), opts.name)
+        state.run_dir = rundir.create(rundir.local_output_dir(opts.output_dir), opts.name)
         runlock.acquire(state.run_dir)
         log.info("run directory: %s", state.run_dir)
     run_dir = state.run_dir
-    storage.check_nodes(run_dir, prep.data_path)  # on several nodes, all must see the run and the data
+    # On several nodes, all must see the run (unless it is in a bucket) and the data.
+    storage.check_nodes(run_dir, prep.data_path, shared=location.uri_of(run_dir) is None)
     state.t_plan = time.time()
     if not state.saved:
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(_config_to_save(prep), sort_keys=False))
@@ -382,16 +389,19 @@ def _open_run_dir(state: RunState) -> None:
     elif report is not None:
         for line in report.outcome_lines():
             log.info(line)
+    storage.publish(run_dir)  # a bucket's run can be resumed from anywhere once its config is there
 
 
 def _worker_specs(state: RunState) -> dict[str, WorkerSpec]:
     """What each variant's workers are handed."""
     specs = {}
     strategies = {v.name: v.strategy for v in state.plan.variants}
+    remote = location.uri_of(state.run_dir)
     for vc in state.prep.variants:
         model, train_cfg = config_mod.resolved_sections(state.prep.cfg, vc)
         specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=str(state.prep.data_path),
-                                    out_dir=str((state.run_dir / vc.name).resolve()), strategy=strategies[vc.name])
+                                    out_dir=str((state.run_dir / vc.name).resolve()), strategy=strategies[vc.name],
+                                    storage_uri=location.join(remote, vc.name) if remote else None)
     return specs
 
 
@@ -440,6 +450,7 @@ def _finish(state: RunState) -> RunSummary:
     summary = state.summary()
     summary.write(state.run_dir)
     _write_report(state.run_dir)
+    storage.publish(state.run_dir)
     return summary
 
 
@@ -461,7 +472,7 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         summary.write(saved.run_dir)
         return summary
     if not saved:
-        rundir.check_new(Path(opts.output_dir), opts.name)
+        rundir.check_new(opts.output_dir, opts.name)
 
     from orchestrator.session import ray_session
 
@@ -504,7 +515,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         stopped = interrupt.as_interrupted(e)
         if state.run_dir is not None:
             state.summary("interrupted").write(state.run_dir)
-        stopped.run_dir = state.run_dir
+            storage.publish(state.run_dir)
+        stopped.run_dir = (location.uri_of(state.run_dir) or state.run_dir) if state.run_dir else None
         raise stopped from None
     finally:
         if head is not None:
