@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -107,6 +108,56 @@ def test_cli_refuses_a_missing_bucket_in_one_line_before_ray_starts(tmp_path, cl
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip() == "error: --output-dir s3://no-such-bucket/runs: bucket 'no-such-bucket' does not exist"
     assert not (tmp_path / "cache").exists() and objects("") == {}
+
+
+# ---------------------------------------------------------------- checkpoints in the bucket, without Ray
+
+
+def _bucket_checkpoints(tmp_path, prefix: str) -> str:
+    """Checkpoints of steps 3, 6, 9 (two ranks each) uploaded under ``prefix``, registered with a
+    snapshot as Ray writes it; returns their storage URI."""
+    from tests.test_checkpoint import _save
+    from trainer import checkpoint, location
+
+    uri = f"s3://{BUCKET}/{prefix}"
+    names = [f"checkpoint_{s:08d}" for s in (3, 6, 9)]
+    for s, name in zip((3, 6, 9), names):
+        location.upload(_save(tmp_path / "written", s), location.join(uri, name))
+    results = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
+    location.write_text(location.join(uri, checkpoint.SNAPSHOT_FILE), json.dumps({
+        "checkpoint_results": results, "checkpoint_report_indices": [0, 1, 2],
+        "latest_checkpoint_result": results[-1], "pending_training_results": []}))
+    return uri
+
+
+def test_an_upload_cut_short_in_the_bucket_is_skipped_for_the_previous_checkpoint(tmp_path, s3):
+    import boto3
+
+    from trainer import checkpoint
+
+    uri = _bucket_checkpoints(tmp_path, "cut-short")
+    boto3.client("s3").delete_object(Bucket=BUCKET, Key="cut-short/checkpoint_00000009/rng_rank1.pt")
+    store = checkpoint.Store(uri, cache=tmp_path / "copies")
+    skipped: list[str] = []
+    found = checkpoint.newest_usable(store, Path("checkpoint_00000009"), skipped=skipped)
+    assert found == tmp_path / "copies" / "checkpoint_00000006"
+    assert skipped[0].startswith("checkpoint_00000009 (") and "rng_rank1.pt: missing" in skipped[0]
+
+
+def test_a_corrupt_registered_checkpoint_in_the_bucket_leaves_rays_snapshot_and_the_bucket(tmp_path, s3):
+    import boto3
+
+    from trainer import checkpoint
+
+    uri = _bucket_checkpoints(tmp_path, "corrupt")
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="corrupt/checkpoint_00000009/state.pt", Body=b"flipped")
+    store = checkpoint.Store(uri, cache=tmp_path / "copies")
+    (line,) = checkpoint.drop_unusable(store)
+    assert line.startswith("skipped and removed checkpoint checkpoint_00000009: ") and "checksum" in line
+    assert store.names() == ["checkpoint_00000006", "checkpoint_00000003"]
+    assert checkpoint.registered(store) == {"checkpoint_00000003", "checkpoint_00000006"}
+    assert store.snapshot()["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_00000006"
+    assert checkpoint.drop_unusable(store) == []
 
 
 # ---------------------------------------------------------------- a run in the bucket

@@ -63,7 +63,7 @@ def _broadcast(value, world: int):
     return box[0]
 
 
-def restore(store: checkpoint.Store, committed: Path | None, *, rank: int, world: int, device: torch.device,
+def restore(store: checkpoint.Store | Path, committed: Path | None, *, rank: int, world: int, device: torch.device,
             model: torch.nn.Module, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             strategy: str) -> Restored | None:
     """Load the newest usable checkpoint into the model and optimizer, and this rank's RNG.
@@ -72,6 +72,7 @@ def restore(store: checkpoint.Store, committed: Path | None, *, rank: int, world
     upload, corrupt ones skipped) and tells the others, so every rank resumes from the same one
     (from a bucket, each rank reads its own local copy). Returns None to start fresh.
     """
+    store = checkpoint.as_store(store)
     choice, found = (None, []), None
     if rank == 0:
         skipped: list[str] = []
