@@ -47,7 +47,7 @@ def upload_out_dir(spec) -> None:
 
 @dataclass
 class Restored:
-    path: Path
+    path: Path | str  # a URI where the checkpoint is in a bucket
     step: int
     first_loss: float | None
     record: dict  # the last logged step's metrics: the result when the checkpoint is the last step
@@ -98,6 +98,9 @@ def restore(store: checkpoint.Store | Path, committed: Path | None, *, rank: int
     if rng is not None:
         checkpoint.set_rng_state(rng)
     old_world = int(state.get("world_size", world))
+    if store.remote:  # loaded: the local copy has served its purpose
+        shutil.rmtree(path, ignore_errors=True)
+        path = location.join(store.where, name)
     log.info("rank %d resumed from %s at step %d (written by %d worker(s))", rank, path, state["step"], old_world)
     return Restored(path=path, step=state["step"], first_loss=state.get("first_loss"), record=state.get("record") or {},
                     samples_consumed=int(state.get("samples_consumed", 0)), world_size=old_world, skipped=skipped)
