@@ -55,7 +55,8 @@ __all__ = ["TrainOptions", "train", "prepare", "effective_options"]  # TrainOpti
 class Prepared:
     cfg: config_mod.RunConfig
     variants: list[config_mod.VariantConfig]
-    data_path: Path
+    data_path: Path  # this machine's copy
+    data_source: str  # what the workers read: data_path, or the URI it came from (each node fetches its copy)
     vocab_size: int  # the dataset's: the plan's memory estimate needs the model's real shape
     data_fingerprint: dict  # the dataset's (trainer/dataset.py): --resume refuses other data
 
@@ -96,10 +97,12 @@ def prepare(opts: TrainOptions) -> Prepared:
     )
     variants = config_mod.variant_configs(cfg, opts.run_both_models, opts.disable_flash_attn, source)
     try:
-        data_path = Path(cfg.data.path) if cfg.data.path else preprocess.embedded_dataset()
+        data_path = location.fetched(cfg.data.path) if cfg.data.path else preprocess.embedded_dataset()
         dataset = dataset_mod.load_dataset(data_path)
     except dataset_mod.DataError as e:
         raise UsageError(str(e)) from None
+    except OSError as e:  # a URI whose store refused or lacks it
+        raise UsageError(f"{source}: data.path {cfg.data.path}: {str(e).splitlines()[0]}") from None
     for v in variants:
         model, train = config_mod.resolved_sections(cfg, v)
         if train.float8 and cfg.scaling.use_gpu is False:
@@ -114,7 +117,9 @@ def prepare(opts: TrainOptions) -> Prepared:
         if dataset_mod.num_windows(len(dataset.tokens), train.seq_len) < 1:
             raise UsageError(f"{source}: train.seq_len {train.seq_len} is longer than the data in {data_path} "
                              f"({len(dataset.tokens)} tokens)")
-    return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size, dataset_mod.fingerprint(dataset))
+    remote = cfg.data.path if cfg.data.path and location.is_uri(cfg.data.path) else None
+    return Prepared(cfg, variants, data_path.resolve(), remote or str(data_path.resolve()), dataset.vocab_size,
+                    dataset_mod.fingerprint(dataset))
 
 
 def workloads(prep: Prepared) -> dict[str, Workload]:
@@ -235,7 +240,7 @@ def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None, command_starte
 def _config_to_save(prep: Prepared) -> dict:
     cfg = prep.cfg.model_dump(mode="json")
     if cfg["data"]["path"]:
-        cfg["data"]["path"] = str(prep.data_path)  # absolute, so --resume works from any directory
+        cfg["data"]["path"] = prep.data_source  # absolute, so --resume works from any directory
     return cfg
 
 
@@ -280,7 +285,7 @@ class RunState:
             name=self.run_dir.name, dir=location.uri_of(self.run_dir) or str(self.run_dir.resolve()),
             ray_address=self.address,
             started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
-            duration_s=round(time.time() - self.started, 3), data=str(self.prep.data_path),
+            duration_s=round(time.time() - self.started, 3), data=self.prep.data_source,
             command=command_line(), versions=_versions(),
             status=status or run_status(self.results), mode=self.plan.mode if self.plan else None,
             startup_s=startup_phases(self.command_started, self.t_ray, self.t_plan, new, t_ray_init=self.t_ray_init,
@@ -370,7 +375,7 @@ def _open_run_dir(state: RunState) -> None:
         log.info("run directory: %s", state.run_dir)
     run_dir = state.run_dir
     # On several nodes, all must see the run (unless it is in a bucket) and the data.
-    storage.check_nodes(run_dir, prep.data_path, shared=location.uri_of(run_dir) is None)
+    storage.check_nodes(run_dir, prep.data_source, shared=location.uri_of(run_dir) is None)
     state.t_plan = time.time()
     if not state.saved:
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(_config_to_save(prep), sort_keys=False))
@@ -399,7 +404,7 @@ def _worker_specs(state: RunState) -> dict[str, WorkerSpec]:
     remote = location.uri_of(state.run_dir)
     for vc in state.prep.variants:
         model, train_cfg = config_mod.resolved_sections(state.prep.cfg, vc)
-        specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=str(state.prep.data_path),
+        specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=state.prep.data_source,
                                     out_dir=str((state.run_dir / vc.name).resolve()), strategy=strategies[vc.name],
                                     storage_uri=location.join(remote, vc.name) if remote else None)
     return specs

@@ -135,15 +135,19 @@ def fs_type(path: Path) -> Optional[str]:
     return best[1]
 
 
-def _look(marker: str, token: str, data_path: str) -> tuple[bool, Optional[DataFingerprint]]:
+def _look(marker: str, token: str, data: str) -> tuple[bool, Optional[DataFingerprint]]:
     try:
         sees = Path(marker).read_text() == token
     except OSError:
         sees = False
-    return sees, fingerprint(data_path)
+    try:
+        local = location.fetched(data)  # a bucket's dataset: this node fetches its copy now
+    except OSError:
+        return sees, None
+    return sees, fingerprint(str(local))
 
 
-def check_nodes(run_dir: Path, data_path: Path, shared: bool = True) -> None:
+def check_nodes(run_dir: Path, data_path: str | Path, shared: bool = True) -> None:
     """Raise UsageError unless every alive node sees ``run_dir`` (when it must be ``shared``:
     not a bucket's mirror) and the same dataset.
 
@@ -183,7 +187,7 @@ def check_nodes(run_dir: Path, data_path: Path, shared: bool = True) -> None:
                 ray.cancel(ref, force=True)
     finally:
         marker.unlink(missing_ok=True)
-    driver_data = fingerprint(str(data_path))
+    driver_data = fingerprint(str(location.fetched(str(data_path))))
     problems = shared_problems(str(run_dir.parent), str(data_path), driver_data, views, fs_type(run_dir))
     if problems:
         raise UsageError("; ".join(problems))

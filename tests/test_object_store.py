@@ -160,6 +160,36 @@ def test_a_corrupt_registered_checkpoint_in_the_bucket_leaves_rays_snapshot_and_
     assert checkpoint.drop_unusable(store) == []
 
 
+# ---------------------------------------------------------------- a dataset in the bucket
+
+
+def test_a_dataset_in_a_bucket_is_fetched_once_per_node_and_again_when_it_changes(tmp_path, s3, monkeypatch):
+    import boto3
+
+    from orchestrator.options import TrainOptions
+    from orchestrator.run import prepare
+    from trainer import location, preprocess
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    uri = f"s3://{BUCKET}/datasets/pydoc"
+    location.upload(preprocess.embedded_dataset(), uri)
+    cfg = write_config(tmp_path / "c.yaml", {"data": {"path": uri}})
+    prep = prepare(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs")))
+    assert prep.data_source == uri and prep.data_path == location.staging(uri, location.READ).resolve()
+    tokens = prep.data_path / "tokens.bin"
+    fetched_at = tokens.stat().st_mtime_ns
+    assert location.fetched(uri).resolve() == prep.data_path and tokens.stat().st_mtime_ns == fetched_at  # not again
+
+    replaced = tokens.read_bytes()[:-2]
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="datasets/pydoc/tokens.bin", Body=replaced)
+    location.fetched(uri)
+    assert tokens.read_bytes() == replaced
+
+    with pytest.raises(UsageError, match=rf"data.path s3://{BUCKET}/datasets/none: "):
+        prepare(TrainOptions(config_file=str(write_config(tmp_path / "d.yaml", {"data": {"path": f"s3://{BUCKET}/datasets/none"}})),
+                             output_dir=str(tmp_path / "runs")))
+
+
 # ---------------------------------------------------------------- a run in the bucket
 
 

@@ -16,6 +16,8 @@ checkpoint to restore) is downloaded there first. The mapping is one-to-one both
 
 from __future__ import annotations
 
+import fcntl
+import json
 import re
 import shutil
 from pathlib import Path
@@ -85,6 +87,41 @@ def download(uri: str, local: Path, skip: tuple[str, ...] = (), fresh: bool = Tr
         (local / rel).parent.mkdir(parents=True, exist_ok=True)
         with fs.open_input_stream(info.path) as src, open(local / rel, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+    return local
+
+
+def listing(uri: str) -> dict[str, int]:
+    """Every file under the directory ``uri`` with its size: what a complete copy must hold."""
+    import pyarrow.fs
+
+    fs, root = filesystem(uri)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    return {i.path[len(root):].lstrip("/"): i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+
+
+def fetched(where: str) -> Path:
+    """A local directory for ``where``: itself, or (a URI) this node's copy in the user cache,
+    fetched once per node: one process fetches while the others on the node wait for it. The
+    copy counts when the files' listing (names and sizes, written last) matches the store's:
+    a fetch cut short, or a dataset replaced in the bucket, is fetched again."""
+    if not is_uri(where):
+        return Path(where)
+    local = staging(where, READ)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    done = local.with_name(local.name + ".listing.json")
+    want = listing(where)
+    if not want:
+        raise FileNotFoundError(f"{where}: nothing there")
+    with open(local.with_name(local.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            complete = json.loads(done.read_text()) == want
+        except (OSError, ValueError):
+            complete = False
+        if not complete:
+            done.unlink(missing_ok=True)
+            download(where, local)
+            done.write_text(json.dumps(want))
     return local
 
 

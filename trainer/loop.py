@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import (builder, checkpoint, compile_mode, driver_watch, failures, finite, hf_checkpoint, import_guard,
-                     overlap, timing)
+                     location, overlap, timing)
 from trainer.attention import IMPLS, choose, describe
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
@@ -93,7 +93,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # ---------------------------------------------------------------- attention and model
     requested = attention_from_env()
-    dataset = load_dataset(spec.data_path)
+    dataset = load_dataset(location.fetched(spec.data_path))  # a bucket's: this node's copy
     t_data = time.time()
     s = builder.settings(spec.model, tc, strategy=spec.strategy, vocab_size=dataset.vocab_size, device=device,
                          world_size=world)
