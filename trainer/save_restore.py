@@ -40,9 +40,14 @@ def store_of(spec, who: str) -> checkpoint.Store:
 
 def upload_out_dir(spec) -> None:
     """Rank 0's metrics and TensorBoard events into the bucket (a node-local mirror otherwise
-    only the driver's node would upload, and rank 0 may run on another)."""
-    if spec.storage_uri is not None:
+    only the driver's node would upload, and rank 0 may run on another). A failed upload is
+    logged, not raised: it must not turn a trained variant into a failed one."""
+    if spec.storage_uri is None:
+        return
+    try:
         location.upload(Path(spec.out_dir), spec.storage_uri)
+    except OSError as e:
+        log.warning("could not upload %s to %s: %s", spec.out_dir, spec.storage_uri, e)
 
 
 @dataclass
