@@ -75,13 +75,16 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator import comparison
+    from orchestrator import comparison, storage
+    from trainer import location
 
-    run_dir = Path(args.run_dir)
+    remote = location.is_uri(args.run_dir)  # the report is written into the run's mirror, then uploaded
+    run_dir = storage.fetch_run(args.run_dir, "RUN_DIR") if remote else Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: run directory not found")
     for line in comparison.write(run_dir).describe():
         log.info(line)
+    storage.publish(run_dir)
     return 0
 
 
@@ -182,8 +185,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from orchestrator.export import export
+    from orchestrator.storage import run_to_read
 
-    out = export(Path(args.run_dir), Path(args.output_dir), variant=args.variant, step=args.step, force=args.force)
+    out = export(run_to_read(args.run_dir), Path(args.output_dir), variant=args.variant, step=args.step, force=args.force)
     log.info("exported variant %s at step %d (%s, %.2fM parameters) to %s", out.variant, out.step,
              out.checkpoint, out.params / 1e6, out.output_dir)
     log.info("  %s", ", ".join(out.files))
@@ -201,8 +205,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from orchestrator.generate import generate
+    from orchestrator.storage import run_to_read
 
-    text = generate(Path(args.run_dir), args.prompt, variant=args.variant, step=args.step,
+    text = generate(run_to_read(args.run_dir), args.prompt, variant=args.variant, step=args.step,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                     device=args.device)
     print(text)  # the command's output: stdout, for pipes

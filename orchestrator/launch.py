@@ -19,6 +19,7 @@ from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
 from trainer import checkpoint, driver_watch, failures, ray_internals
 from trainer.loop import train_loop_per_worker
+from trainer.save_restore import store_of
 from trainer.worker_spec import WorkerSpec
 from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
 
@@ -70,12 +71,11 @@ def count_attempts(variant_dir: Path, since: float) -> int:
     return n
 
 
-def committed_checkpoint(storage_dir: Path) -> str | None:
+def committed_checkpoint(storage: checkpoint.Store | Path) -> str | None:
     """The name of the latest checkpoint Ray Train registered (what --resume restores), or None."""
     try:
-        snap = json.loads((storage_dir / checkpoint.SNAPSHOT_FILE).read_text())
-        return snap["latest_checkpoint_result"]["checkpoint_dir_name"] or None
-    except (OSError, ValueError, KeyError, TypeError):
+        return checkpoint.as_store(storage).snapshot()["latest_checkpoint_result"]["checkpoint_dir_name"] or None
+    except (KeyError, TypeError):
         return None
 
 
@@ -150,7 +150,9 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
         ),
         run_config=ray.train.RunConfig(
             name=checkpoint.STORAGE_NAME,
-            storage_path=str(vdir.resolve()),
+            # A bucket's URI: Ray builds its filesystem from it on each process, credentials from
+            # the environment (none of them travel in Ray's objects).
+            storage_path=spec.storage_uri or str(vdir.resolve()),
             # An elastic group is placed again: Ray Train's view of the cluster lags a lost node
             # by up to 20 s (its autoscaling coordinator's tick), so its first try may ask for too many.
             failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=(
@@ -166,7 +168,8 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     record = {"status": "failed", "attention": v.attention, "backend": None, "env": v.env, "error": None,
               "reason": v.reason}
     # A resume: Ray must never hand a worker a checkpoint that does not verify (logged when dropped).
-    checkpoint.drop_unusable(vdir / checkpoint.STORAGE_NAME)
+    store = store_of(spec, "driver")
+    checkpoint.drop_unusable(store)
     with ProgressFollower(vdir / METRICS_FILE, v.name, spec.train.max_steps):
         try:
             result = trainer.fit()
@@ -183,9 +186,9 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
             log.debug("variant %s failed:\n%s", v.name, traceback.format_exc())
         finally:
             # What killed workers left behind: partial checkpoints, uploads Ray never registered.
-            checkpoint.prune_unregistered(vdir / checkpoint.STORAGE_NAME)
+            checkpoint.prune_unregistered(store)
     if record["status"] == "interrupted":  # said once nothing writes there any more, as resume will choose
-        kept = checkpoint.newest_usable(vdir / checkpoint.STORAGE_NAME)
+        kept = checkpoint.newest_usable(store)
         log.warning("[%s] %s", v.name, f"--resume continues from {kept.name}" if kept
                     else "no checkpoint was written yet: --resume starts this variant from step 0")
     if error is None and result is not None and isinstance(result.return_value, dict):

@@ -107,6 +107,9 @@ class VariantResult(Record):
                                          "null when not compiled")
     failure_kind: Optional[str] = Field(None, description="a deterministic failure that was not retried "
                                         "(out_of_memory, no_space, config or non_finite_loss); null for others")
+    checkpoint_block_s: list[dict[str, Any]] = Field(
+        default_factory=list, description="per checkpoint of the last attempt: step and block_s, the seconds "
+                                          "training stood still for it (train.checkpoint_async)")
 
 
 def skipped(attention: str, env: dict[str, str], num_workers: int, use_gpu: bool, reason: Optional[str]) -> VariantResult:

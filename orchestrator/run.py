@@ -18,6 +18,7 @@ thread once joined, beside the probe's reuse and the plan.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -42,7 +43,7 @@ from orchestrator.preflight import health, interconnect
 from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
                                   run_status)
 from orchestrator.strategy import Workload
-from trainer import compile_mode, dataset as dataset_mod, float8, parallel, preprocess, ray_internals
+from trainer import compile_mode, dataset as dataset_mod, float8, location, parallel, preprocess, ray_internals
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ __all__ = ["TrainOptions", "train", "prepare", "effective_options"]  # TrainOpti
 class Prepared:
     cfg: config_mod.RunConfig
     variants: list[config_mod.VariantConfig]
-    data_path: Path
+    data_path: Path  # this machine's copy
+    data_source: str  # what the workers read: data_path, or the URI it came from (each node fetches its copy)
     vocab_size: int  # the dataset's: the plan's memory estimate needs the model's real shape
     data_fingerprint: dict  # the dataset's (trainer/dataset.py): --resume refuses other data
 
@@ -67,6 +69,8 @@ def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume
     """The options this invocation runs with: as given, or under --resume the stopped run's own."""
     if not opts.resume:
         return opts, None
+    if location.is_uri(opts.resume):  # the run's mirror here, its checkpoints left in the bucket
+        opts = dataclasses.replace(opts, resume=str(storage.fetch_run(opts.resume, "--resume")))
     saved = resume_mod.load(opts)
     # Probing afresh, and how its health is judged, are this invocation's wishes, not properties of the run.
     return TrainOptions(**dict(saved.options, fresh_preflight=opts.fresh_preflight, expect_gpus=opts.expect_gpus,
@@ -78,6 +82,8 @@ def prepare(opts: TrainOptions) -> Prepared:
     problem = storage.output_dir_problem(opts.output_dir, os.getcwd())
     if problem:
         raise UsageError(problem)
+    if location.is_uri(opts.output_dir):
+        storage.check_bucket(opts.output_dir)
     if opts.keep_ray and (opts.address or os.environ.get("RAY_ADDRESS")):
         given = f"--address {opts.address}" if opts.address else f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
         raise UsageError(f"--keep-ray starts or joins a local Ray of its own; drop it or {given}")
@@ -91,10 +97,12 @@ def prepare(opts: TrainOptions) -> Prepared:
     )
     variants = config_mod.variant_configs(cfg, opts.run_both_models, opts.disable_flash_attn, source)
     try:
-        data_path = Path(cfg.data.path) if cfg.data.path else preprocess.embedded_dataset()
+        data_path = location.fetched(cfg.data.path) if cfg.data.path else preprocess.embedded_dataset()
         dataset = dataset_mod.load_dataset(data_path)
     except dataset_mod.DataError as e:
         raise UsageError(str(e)) from None
+    except OSError as e:  # a URI whose store refused or lacks it
+        raise UsageError(f"{source}: data.path {cfg.data.path}: {str(e).splitlines()[0]}") from None
     for v in variants:
         model, train = config_mod.resolved_sections(cfg, v)
         if train.float8 and cfg.scaling.use_gpu is False:
@@ -109,7 +117,9 @@ def prepare(opts: TrainOptions) -> Prepared:
         if dataset_mod.num_windows(len(dataset.tokens), train.seq_len) < 1:
             raise UsageError(f"{source}: train.seq_len {train.seq_len} is longer than the data in {data_path} "
                              f"({len(dataset.tokens)} tokens)")
-    return Prepared(cfg, variants, data_path.resolve(), dataset.vocab_size, dataset_mod.fingerprint(dataset))
+    remote = cfg.data.path if cfg.data.path and location.is_uri(cfg.data.path) else None
+    return Prepared(cfg, variants, data_path.resolve(), remote or str(data_path.resolve()), dataset.vocab_size,
+                    dataset_mod.fingerprint(dataset))
 
 
 def workloads(prep: Prepared) -> dict[str, Workload]:
@@ -230,7 +240,7 @@ def train(opts: TrainOptions, *, nodes: Optional[NodesFn] = None, command_starte
 def _config_to_save(prep: Prepared) -> dict:
     cfg = prep.cfg.model_dump(mode="json")
     if cfg["data"]["path"]:
-        cfg["data"]["path"] = str(prep.data_path)  # absolute, so --resume works from any directory
+        cfg["data"]["path"] = prep.data_source  # absolute, so --resume works from any directory
     return cfg
 
 
@@ -272,9 +282,10 @@ class RunState:
         previous = self.saved.summary if self.saved else None
         new = {n: r for n, r in self.results.items() if n not in self.finished}
         run = RunInfo(
-            name=self.run_dir.name, dir=str(self.run_dir.resolve()), ray_address=self.address,
+            name=self.run_dir.name, dir=location.uri_of(self.run_dir) or str(self.run_dir.resolve()),
+            ray_address=self.address,
             started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
-            duration_s=round(time.time() - self.started, 3), data=str(self.prep.data_path),
+            duration_s=round(time.time() - self.started, 3), data=self.prep.data_source,
             command=command_line(), versions=_versions(),
             status=status or run_status(self.results), mode=self.plan.mode if self.plan else None,
             startup_s=startup_phases(self.command_started, self.t_ray, self.t_plan, new, t_ray_init=self.t_ray_init,
@@ -359,11 +370,12 @@ def _open_run_dir(state: RunState) -> None:
         state.run_dir = state.saved.run_dir
         log.info("resuming run directory: %s", state.run_dir)
     else:
-        state.run_dir = rundir.create(Path(opts.output_dir), opts.name)
+        state.run_dir = rundir.create(rundir.local_output_dir(opts.output_dir), opts.name)
         runlock.acquire(state.run_dir)
         log.info("run directory: %s", state.run_dir)
     run_dir = state.run_dir
-    storage.check_nodes(run_dir, prep.data_path)  # on several nodes, all must see the run and the data
+    # On several nodes, all must see the run (unless it is in a bucket) and the data.
+    storage.check_nodes(run_dir, prep.data_source, shared=location.uri_of(run_dir) is None)
     state.t_plan = time.time()
     if not state.saved:
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(_config_to_save(prep), sort_keys=False))
@@ -382,16 +394,19 @@ def _open_run_dir(state: RunState) -> None:
     elif report is not None:
         for line in report.outcome_lines():
             log.info(line)
+    storage.publish(run_dir)  # a bucket's run can be resumed from anywhere once its config is there
 
 
 def _worker_specs(state: RunState) -> dict[str, WorkerSpec]:
     """What each variant's workers are handed."""
     specs = {}
     strategies = {v.name: v.strategy for v in state.plan.variants}
+    remote = location.uri_of(state.run_dir)
     for vc in state.prep.variants:
         model, train_cfg = config_mod.resolved_sections(state.prep.cfg, vc)
-        specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=str(state.prep.data_path),
-                                    out_dir=str((state.run_dir / vc.name).resolve()), strategy=strategies[vc.name])
+        specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=state.prep.data_source,
+                                    out_dir=str((state.run_dir / vc.name).resolve()), strategy=strategies[vc.name],
+                                    storage_uri=location.join(remote, vc.name) if remote else None)
     return specs
 
 
@@ -441,6 +456,7 @@ def _finish(state: RunState) -> RunSummary:
     summary = state.summary()
     summary.write(state.run_dir)
     _write_report(state.run_dir)
+    storage.publish(state.run_dir)
     return summary
 
 
@@ -462,7 +478,7 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         summary.write(saved.run_dir)
         return summary
     if not saved:
-        rundir.check_new(Path(opts.output_dir), opts.name)
+        rundir.check_new(opts.output_dir, opts.name)
 
     from orchestrator.session import ray_session
 
@@ -505,7 +521,8 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         stopped = interrupt.as_interrupted(e)
         if state.run_dir is not None:
             state.summary("interrupted").write(state.run_dir)
-        stopped.run_dir = state.run_dir
+            storage.publish(state.run_dir)
+        stopped.run_dir = (location.uri_of(state.run_dir) or state.run_dir) if state.run_dir else None
         raise stopped from None
     finally:
         if head is not None:

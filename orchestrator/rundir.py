@@ -8,7 +8,7 @@ from pathlib import Path
 
 from orchestrator import runlock
 from orchestrator.errors import UsageError
-from trainer import atomic_write
+from trainer import atomic_write, location
 
 # Longest file name most filesystems take (ext4, xfs, NFS: 255 bytes); a longer --name would
 # fail only once Ray is up, as a raw OSError.
@@ -41,8 +41,22 @@ def check_output_dir(output_dir: Path) -> None:
             return
 
 
-def check_new(output_dir: Path, name: str | None) -> None:
-    """Refuse what ``create`` would refuse, before anything starts (``create`` re-checks atomically)."""
+def local_output_dir(output_dir: str) -> Path:
+    """Where this machine makes run directories for ``--output-dir``: itself, or a bucket's mirror."""
+    return location.staging(output_dir) if location.is_uri(output_dir) else Path(output_dir)
+
+
+def check_new(output_dir: str, name: str | None) -> None:
+    """Refuse what ``create`` would refuse, before anything starts (``create`` re-checks atomically;
+    in a bucket, a name taken between the check and the first upload is not noticed)."""
+    if location.is_uri(output_dir):
+        if name is not None:
+            _check_name(name)
+            uri = location.join(output_dir, name)
+            if location.exists(uri):
+                raise UsageError(f"{uri}: a run with this name exists; choose another --name or use --resume {uri}")
+        return
+    output_dir = Path(output_dir)
     check_output_dir(output_dir)
     if name is not None:
         _check_name(name)

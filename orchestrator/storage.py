@@ -1,19 +1,25 @@
-"""Where a run's results and data live: on a path that every node of the cluster reaches.
+"""Where a run's results and data live: on a path that every node of the cluster reaches, or
+in a bucket.
 
 Workers write metrics, TensorBoard events and checkpoints into the run directory, and read
 the token dataset, with plain file I/O. On one machine any directory works. On several
 nodes each node must see the same files at the same path: an NFS (or other shared
 filesystem) mount, or a bucket mounted on every node (s3fs, gcsfuse, mountpoint-s3).
-Object-store URIs (``s3://``, ``gs://``) are refused: the run's own files are written with
-local file I/O, which a URI cannot serve.
 
-The decisions are pure functions (``output_dir_problem``, ``shared_problems``); the Ray side
-(``check_nodes``) only gathers what each node sees.
+An object-store URI (``s3://``, ``gs://``, ...) as ``--output-dir`` needs no mount: the run
+directory is a node-local mirror in the user cache that is uploaded (``publish``), and Ray
+Train uploads the checkpoints (``trainer/location.py``). ``check_bucket`` asks the store once,
+with a short timeout, before anything starts. The run lock (``orchestrator/runlock.py``) then
+holds on the mirror: it keeps a second driver on the same machine out, not one on another.
+
+The decisions are pure functions (``output_dir_problem``, ``shared_problems``,
+``bucket_problem``); the Ray side (``check_nodes``) only gathers what each node sees.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -21,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from orchestrator.errors import UsageError
+from trainer import location
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +43,10 @@ LOCAL_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "tmpf
 def output_dir_problem(output_dir: str, cwd: str) -> Optional[str]:
     """Why ``--output-dir`` cannot hold this run's results (before anything starts), or None."""
     m = _URI.match(output_dir)
+    if m and m.group(1).lower() == "file":
+        return f"--output-dir {output_dir}: use the plain path {output_dir[len(m.group(0)):]!r}"
     if m:
-        scheme = m.group(1).lower()
-        hint = (f"use the plain path {output_dir[len(m.group(0)):]!r}" if scheme == "file" else
-                "mount the bucket on every node (s3fs, gcsfuse, mountpoint-s3) and pass the mount path")
-        return (f"--output-dir {output_dir}: {scheme}:// URIs are not supported, because the run writes "
-                f"metrics, summaries and checkpoints with local file I/O; {hint}")
+        return None
     if not PurePosixPath(output_dir).is_absolute() and _JOB_WORKING_DIR in cwd.replace("\\", "/") + "/":
         return (f"--output-dir {output_dir}: a relative path would put results in this job's uploaded "
                 f"working directory ({cwd}), which Ray deletes; pass an absolute path, on shared storage "
@@ -130,16 +135,21 @@ def fs_type(path: Path) -> Optional[str]:
     return best[1]
 
 
-def _look(marker: str, token: str, data_path: str) -> tuple[bool, Optional[DataFingerprint]]:
+def _look(marker: str, token: str, data: str) -> tuple[bool, Optional[DataFingerprint]]:
     try:
         sees = Path(marker).read_text() == token
     except OSError:
         sees = False
-    return sees, fingerprint(data_path)
+    try:
+        local = location.fetched(data)  # a bucket's dataset: this node fetches its copy now
+    except OSError:
+        return sees, None
+    return sees, fingerprint(str(local))
 
 
-def check_nodes(run_dir: Path, data_path: Path) -> None:
-    """Raise UsageError unless every alive node sees ``run_dir`` and the same dataset.
+def check_nodes(run_dir: Path, data_path: str | Path, shared: bool = True) -> None:
+    """Raise UsageError unless every alive node sees ``run_dir`` (when it must be ``shared``:
+    not a bucket's mirror) and the same dataset.
 
     A marker file with a random token goes into the run directory; one zero-CPU task per node
     reads it back, so the answer comes from each node itself, whatever its mounts are.
@@ -171,14 +181,110 @@ def check_nodes(run_dir: Path, data_path: Path) -> None:
                 log.debug("storage check on node %s failed: %s", ip, e)
                 views.append(NodeView(n["NodeID"], ip, answered=False))
                 continue
-            views.append(NodeView(n["NodeID"], ip, sees_output=sees, data=data))
+            views.append(NodeView(n["NodeID"], ip, sees_output=sees or not shared, data=data))
         for ref in refs.values():
             if ref not in ready:
                 ray.cancel(ref, force=True)
     finally:
         marker.unlink(missing_ok=True)
-    driver_data = fingerprint(str(data_path))
+    driver_data = fingerprint(str(location.fetched(str(data_path))))
     problems = shared_problems(str(run_dir.parent), str(data_path), driver_data, views, fs_type(run_dir))
     if problems:
         raise UsageError("; ".join(problems))
     log.info("storage: all %d nodes see %s and the same dataset", len(views), run_dir.parent)
+
+
+# ---------------------------------------------------------------- runs in a bucket
+
+# A head request answers in milliseconds; an endpoint that does not is down or unreachable.
+BUCKET_TIMEOUT_S = 5.0
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden",
+           "credentials")
+
+
+def bucket_problem(flag: str, uri: str, found: Optional[bool], error: Optional[str]) -> Optional[str]:
+    """Why ``uri`` cannot hold runs, from one head request's outcome: ``found`` (whether its
+    bucket exists) or the ``error`` the request raised."""
+    bucket = uri.split("://", 1)[1].split("/", 1)[0]
+    if error is None:
+        return None if found else f"{flag} {uri}: bucket {bucket!r} does not exist"
+    first = error.strip().splitlines()[0] if error.strip() else "no answer"
+    if any(token in error for token in _DENIED):
+        return f"{flag} {uri}: access to bucket {bucket!r} denied; check the credentials in the environment ({first})"
+    endpoint = _endpoint()
+    where = f" at {endpoint}" if endpoint else ""
+    return f"{flag} {uri}: the object store{where} did not answer ({first}); check the endpoint and the network"
+
+
+def _endpoint() -> Optional[str]:
+    """The S3 endpoint the environment names (``from_uri`` reads these; the constructor does not)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _store_for_check(uri: str):
+    """The filesystem of ``uri``, with short timeouts and no retries where the store has them
+    (S3), else as ``from_uri`` makes it."""
+    import pyarrow.fs
+
+    if uri.lower().startswith("s3://"):
+        return pyarrow.fs.S3FileSystem(
+            endpoint_override=_endpoint(), connect_timeout=BUCKET_TIMEOUT_S, request_timeout=BUCKET_TIMEOUT_S,
+            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=1))
+    return location.filesystem(uri)[0]
+
+
+def check_bucket(uri: str, flag: str = "--output-dir") -> None:
+    """Raise UsageError unless the bucket of ``uri`` exists and answers these credentials."""
+    import pyarrow.fs
+
+    bucket = uri.split("://", 1)[1].split("/", 1)[0]
+    found, error = None, None
+    try:
+        found = _store_for_check(uri).get_file_info(bucket).type != pyarrow.fs.FileType.NotFound
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        error = str(e)
+    problem = bucket_problem(flag, uri, found, error)
+    if problem:
+        raise UsageError(problem)
+
+
+def publish(run_dir: Path) -> None:
+    """Upload a remote run's mirror to its bucket (no-op for a run directory of its own)."""
+    uri = location.uri_of(run_dir)
+    if uri is None:
+        return
+    from orchestrator.runlock import LOCK_FILE
+
+    try:
+        location.upload(run_dir, uri, skip=(LOCK_FILE,))
+    except OSError as e:
+        log.error("could not upload %s to %s (%s); the files stay in %s", run_dir.name, uri, e, run_dir)
+
+
+def fetch_run(uri: str, flag: str) -> Path:
+    """The run directory ``uri`` mirrored on this machine without its checkpoints (which stay in the
+    bucket), for --resume. Raises UsageError."""
+    from orchestrator import runlock
+
+    _check_run(uri, flag)
+    local = location.staging(uri)
+    live = runlock.holder(local)
+    if live is not None:
+        raise runlock.RunInUse(f"{uri}: a live driver ({live.describe()}) is running this run; "
+                               "let it end (or stop it) before resuming")
+    return location.download(uri, local, skip=("checkpoints",), fresh=False)
+
+
+def _check_run(uri: str, flag: str) -> None:
+    check_bucket(uri, flag)
+    if not location.exists(uri):
+        raise UsageError(f"{flag} {uri}: run directory not found")
+
+
+def run_to_read(run_dir: str, flag: str = "RUN_DIR") -> Path:
+    """A run directory to read (export, generate, report): itself, or a bucket's run copied here
+    whole, checkpoints included (each is verified where it is used). Raises UsageError."""
+    if not location.is_uri(run_dir):
+        return Path(run_dir)
+    _check_run(run_dir, flag)
+    return location.download(run_dir, location.staging(run_dir, location.READ))

@@ -1,11 +1,10 @@
-"""Where results go: refused URIs and job working dirs, and the multi-node shared-path verdict."""
+"""Where results go: file URIs and job working dirs, and the multi-node shared-path verdict."""
 
 from __future__ import annotations
 
 import pytest
 
 from orchestrator.storage import DataFingerprint, NodeView, output_dir_problem, shared_problems
-from tests.conftest import run_cli, write_config
 
 DATA = DataFingerprint(num_tokens=1000, vocab_size=512, nbytes=2000)
 JOB_CWD = "/tmp/ray/session_2026/runtime_resources/working_dir_files/_ray_pkg_abc123"
@@ -16,9 +15,8 @@ def node(i: int, **kw) -> NodeView:
 
 
 @pytest.mark.parametrize("uri", ["s3://bucket/runs", "gs://bucket/runs", "abfss://c@acct.dfs.core.windows.net/x"])
-def test_object_store_uris_are_refused_with_the_mount_advice(uri):
-    msg = output_dir_problem(uri, "/home/me")
-    assert msg.startswith(f"--output-dir {uri}: ") and "not supported" in msg and "mount the bucket" in msg
+def test_object_store_uris_are_accepted_here_and_asked_by_check_bucket(uri):
+    assert output_dir_problem(uri, "/home/me") is None
 
 
 def test_a_file_uri_is_refused_with_its_plain_path():
@@ -63,12 +61,3 @@ def test_missing_and_different_data_are_reported_per_node():
 def test_a_node_that_does_not_answer_is_an_error():
     (msg,) = shared_problems("/mnt/shared/runs", "/d", DATA, [node(1), node(2, answered=False)])
     assert "10.0.0.2" in msg and "did not answer" in msg
-
-
-@pytest.mark.ray
-def test_cli_refuses_an_s3_output_dir_before_anything_starts(tmp_path, cli_env):
-    cfg = write_config(tmp_path / "c.yaml")
-    r = run_cli(["train", "--config-file", str(cfg), "--output-dir", "s3://bucket/runs"], cli_env, tmp_path, timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().startswith("error: --output-dir s3://bucket/runs: s3:// URIs are not supported")
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s3:").exists()

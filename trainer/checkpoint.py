@@ -16,6 +16,11 @@ so a partial or corrupt checkpoint (a rank that never finished, a truncated or a
 is detected on load and the previous one is used instead. Nothing is trusted that does not verify.
 Every file is read as data only (``trainer/safe_load.py``), and verification refuses one that
 holds anything else, so a planted pickle is skipped like a corrupt file and never runs.
+
+The storage directory may be in a bucket (``Store``): there a checkpoint is verified and read
+from a local copy, and Ray Train uploads each rank's files. Verification does not care in which
+order the files arrive: a checkpoint counts only once every rank's manifest and every file it
+names are there and match, so an upload cut short is skipped like a partial write.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import safe_load
+from trainer import location, safe_load
 from trainer.ray_internals import CHECKPOINT_SNAPSHOT_FILE as SNAPSHOT_FILE  # Ray's controller writes it on registration
 
 log = logging.getLogger(__name__)
@@ -46,20 +51,78 @@ REJECTED_NAME = "rejected_checkpoints"  # beside STORAGE_NAME: what a resume fou
 SPACE_MARGIN = 1.1
 
 
-def wait_until_registered(storage_dir: Path, checkpoint_dir_name: str, timeout_s: float = 60.0) -> bool:
+class Store:
+    """Ray Train's storage directory of one variant (``<variant>/checkpoints``): its checkpoint
+    directories and Ray's snapshot, in a local directory or under a URI. A remote checkpoint
+    is copied into ``cache`` (node-local) before it is verified or read."""
+
+    def __init__(self, where: str | Path, cache: Path | None = None):
+        self.where = str(where)
+        self.remote = location.is_uri(self.where)
+        self.cache = cache or (location.staging(self.where, location.COPIES) if self.remote else None)
+
+    def __str__(self) -> str:
+        return self.where
+
+    def names(self) -> list[str]:
+        """``checkpoint_<step>`` names, newest first."""
+        if self.remote:
+            found = location.subdirs(self.where)
+        else:
+            found = [p.name for p in Path(self.where).glob("checkpoint_*") if p.is_dir()] if Path(self.where).is_dir() else []
+        return sorted((n for n in found if n.startswith("checkpoint_") and n[11:].isdigit()), reverse=True)
+
+    def local(self, name: str) -> Path:
+        """A local directory holding checkpoint ``name``: itself, or a fresh copy of the remote one."""
+        if not self.remote:
+            return Path(self.where) / name
+        return location.download(location.join(self.where, name), self.cache / name)
+
+    def exists(self, name: str) -> bool:
+        if self.remote:
+            return location.exists(location.join(self.where, name))
+        return (Path(self.where) / name).exists()
+
+    def remove(self, name: str) -> None:
+        if self.remote:
+            location.remove(location.join(self.where, name))
+            shutil.rmtree(self.cache / name, ignore_errors=True)
+        else:
+            shutil.rmtree(Path(self.where) / name, ignore_errors=True)
+
+    def snapshot(self) -> dict | None:
+        try:
+            text = (location.read_text(location.join(self.where, SNAPSHOT_FILE)) if self.remote
+                    else (Path(self.where) / SNAPSHOT_FILE).read_text())
+            snap = json.loads(text)
+            return snap if isinstance(snap, dict) else None
+        except (OSError, ValueError):  # FileNotFoundError is an OSError on both sides
+            return None
+
+    def write_snapshot(self, snap: dict) -> None:
+        if self.remote:
+            location.write_text(location.join(self.where, SNAPSHOT_FILE), json.dumps(snap))
+            return
+        tmp = Path(self.where) / (SNAPSHOT_FILE + ".tmp")
+        tmp.write_text(json.dumps(snap))
+        tmp.replace(Path(self.where) / SNAPSHOT_FILE)
+
+
+def as_store(storage: "Store | str | Path") -> Store:
+    return storage if isinstance(storage, Store) else Store(storage)
+
+
+def wait_until_registered(storage: Store | str | Path, checkpoint_dir_name: str, timeout_s: float = 60.0) -> bool:
     """Wait until Ray's controller has committed ``checkpoint_dir_name`` (it does so on its
     next poll after the report); used to make injected faults deterministic."""
     import time
 
+    store = as_store(storage)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            snap = json.loads((storage_dir / SNAPSHOT_FILE).read_text())
-            latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-            if latest is not None and latest >= checkpoint_dir_name:
-                return True
-        except (OSError, ValueError):
-            pass
+        latest = ((store.snapshot() or {}).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        if latest is not None and latest >= checkpoint_dir_name:
+            return True
         time.sleep(0.1)
     return False
 
@@ -214,8 +277,10 @@ def verify(directory: Path) -> None:
         raise CorruptCheckpoint(str(e).splitlines()[0]) from None
 
 
-def newest_usable(storage_dir: Path, committed: Path | None = None, skipped: list[str] | None = None) -> Path | None:
-    """The newest checkpoint in ``storage_dir`` that verifies, or None when there is none.
+def newest_usable(storage: Store | str | Path, committed: Path | None = None,
+                  skipped: list[str] | None = None) -> Path | None:
+    """The newest checkpoint in ``storage`` that verifies (a local directory: a remote one's
+    copy), or None when there is none.
 
     ``committed`` is Ray's latest registered checkpoint. A newer directory can exist when a
     crash came after every rank had uploaded it but before Ray's controller registered it;
@@ -224,42 +289,35 @@ def newest_usable(storage_dir: Path, committed: Path | None = None, skipped: lis
     neither it nor anything else is usable (a fresh start would silently lose the run).
     ``skipped`` (when given) receives one line per checkpoint skipped, with the reason.
     """
-    candidates = checkpoint_dirs(storage_dir)
-    if committed is not None and committed not in candidates:
-        candidates.append(committed)
-        candidates.sort(key=lambda p: p.name, reverse=True)
+    store = as_store(storage)
+    candidates = store.names()
+    if committed is not None and committed.name not in candidates:
+        candidates = sorted([*candidates, committed.name], reverse=True)
     skipped = [] if skipped is None else skipped
-    for path in candidates:
+    for name in candidates:
         try:
+            path = store.local(name)
             verify(path)
             if skipped:
-                log.warning("using checkpoint %s; skipped unusable %s", path.name, "; ".join(skipped))
+                log.warning("using checkpoint %s; skipped unusable %s", name, "; ".join(skipped))
             return path
         except (CorruptCheckpoint, OSError) as e:
-            skipped.append(f"{path.name} ({e})")
+            skipped.append(f"{name} ({e})")
     if committed is not None:
-        raise CorruptCheckpoint(f"no usable checkpoint in {storage_dir}: " + "; ".join(skipped))
+        raise CorruptCheckpoint(f"no usable checkpoint in {store}: " + "; ".join(skipped))
     return None
 
 
-def _snapshot(storage_dir: Path) -> dict | None:
-    try:
-        snap = json.loads((storage_dir / SNAPSHOT_FILE).read_text())
-        return snap if isinstance(snap, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def registered(storage_dir: Path) -> set[str]:
+def registered(storage: Store | str | Path) -> set[str]:
     """Names of the checkpoints Ray Train has registered (and may hand to a worker or delete)."""
-    snap = _snapshot(storage_dir) or {}
+    snap = as_store(storage).snapshot() or {}
     try:
         return {r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])}
     except (KeyError, TypeError):
         return set()
 
 
-def prune_unregistered(storage_dir: Path) -> None:
+def prune_unregistered(storage: Store | str | Path) -> None:
     """Remove checkpoint directories Ray never registered that are older than its latest one,
     or that do not verify (what a killed or failed write left).
 
@@ -267,16 +325,24 @@ def prune_unregistered(storage_dir: Path) -> None:
     ``newest_usable``); Ray's ``num_to_keep`` does not know them, so without this they would
     stay forever. A complete one newer than Ray's latest is kept: a resume uses it.
     """
-    snap = _snapshot(storage_dir)
+    store = as_store(storage)
+    snap = store.snapshot()
     if snap is None:
         return
-    known = registered(storage_dir)
+    known = registered(store)
     latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") or ""
-    for path in checkpoint_dirs(storage_dir):
-        if path.name in known:
+    for name in store.names():
+        if name in known:
             continue
-        if path.name < latest or not verifies(path):
-            shutil.rmtree(path, ignore_errors=True)
+        if name < latest or not _verifies(store, name):
+            store.remove(name)
+
+
+def _verifies(store: Store, name: str) -> bool:
+    try:
+        return verifies(store.local(name))
+    except OSError:  # the copy out of a bucket failed
+        return False
 
 
 def verifies(path: Path) -> bool:
@@ -295,16 +361,18 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
-def drop_unusable(storage_dir: Path) -> list[str]:
-    """Before Ray Train starts on ``storage_dir`` (a resume): unregister every registered
-    checkpoint that does not verify and move it into ``REJECTED_NAME`` beside, so Ray never hands
-    it to a worker nor counts it again, and no one loses the files. Returns one line per
-    checkpoint dropped, and one more when nothing usable is left (the variant starts over), and logs them.
+def drop_unusable(storage: Store | str | Path) -> list[str]:
+    """Before Ray Train starts on ``storage`` (a resume): unregister every registered checkpoint
+    that does not verify and move it into ``REJECTED_NAME`` beside (in a bucket: remove it), so
+    Ray never hands it to a worker nor counts it again, and no one loses local files. Returns one
+    line per checkpoint dropped, and one more when nothing usable is left (the variant starts
+    over), and logs them.
 
     Ray reads its snapshot only when its controller starts, so this edits the file (its format
     is Ray's: ``orchestrator``'s Ray-internals list names it) and then removes the directory.
     """
-    snap = _snapshot(storage_dir)
+    store = as_store(storage)
+    snap = store.snapshot()
     if not snap or not snap.get("checkpoint_results"):
         return []
     results, indices = snap["checkpoint_results"], snap.get("checkpoint_report_indices", [])
@@ -312,7 +380,7 @@ def drop_unusable(storage_dir: Path) -> list[str]:
     for r in results:
         name = r.get("checkpoint_dir_name", "")
         try:
-            verify(storage_dir / name)
+            verify(store.local(name))
         except (CorruptCheckpoint, OSError) as e:
             bad.append((name, str(e)))
     if not bad:
@@ -327,18 +395,20 @@ def drop_unusable(storage_dir: Path) -> list[str]:
         snap["latest_checkpoint_result"] = snap["checkpoint_results"][-1] if snap["checkpoint_results"] else None
     for key in ("pending_training_results",):
         snap[key] = [r for r in snap.get(key, []) if r.get("checkpoint_dir_name") not in names]
-    tmp = storage_dir / (SNAPSHOT_FILE + ".tmp")
-    tmp.write_text(json.dumps(snap))
-    tmp.replace(storage_dir / SNAPSHOT_FILE)
-    rejected = storage_dir.parent / REJECTED_NAME
-    rejected.mkdir(exist_ok=True)
+    store.write_snapshot(snap)
     lines = []
     for name, why in bad:
-        if (storage_dir / name).exists():
-            (storage_dir / name).replace(_free_name(rejected / name))
+        if store.remote:
+            store.remove(name)
+            lines.append(f"skipped and removed checkpoint {name}: {why}")
+            continue
+        rejected = Path(store.where).parent / REJECTED_NAME
+        rejected.mkdir(exist_ok=True)
+        if store.exists(name):
+            (Path(store.where) / name).replace(_free_name(rejected / name))
         lines.append(f"skipped checkpoint {name}, moved into {rejected}: {why}")
-    if newest_usable(storage_dir) is None:
-        lines.append(f"no checkpoint in {storage_dir} verifies: this variant starts again from step 0")
+    if newest_usable(store) is None:
+        lines.append(f"no checkpoint in {store} verifies: this variant starts again from step 0")
     for line in lines:
         log.warning("%s", line)
     return lines

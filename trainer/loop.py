@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 
 from trainer import (builder, checkpoint, compile_mode, driver_watch, failures, finite, hf_checkpoint, import_guard,
-                     overlap, timing)
+                     location, overlap, timing)
 from trainer.attention import IMPLS, choose, describe
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
 from trainer.optim import lr_at
 from trainer.result import Progress, worker_result
-from trainer.save_restore import FAULT_MARKER, Saver, restore
+from trainer.save_restore import FAULT_MARKER, Saver, restore, store_of, upload_out_dir
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def _maybe_inject_fault(spec: WorkerSpec, step: int, rank: int, last_checkpoint:
     if marker.exists():
         return
     if last_checkpoint:
-        checkpoint.wait_until_registered(Path(spec.out_dir) / checkpoint.STORAGE_NAME, last_checkpoint)
+        checkpoint.wait_until_registered(store_of(spec, f"rank{rank}"), last_checkpoint)
     marker.write_text(f"rank {rank} killed at step {step}\n")
     log.warning("fault injection: killing rank %d at step %d", rank, step)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -89,11 +89,11 @@ def train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # [ray]
-    storage_dir = Path(spec.out_dir) / checkpoint.STORAGE_NAME
+    store = store_of(spec, f"rank{rank}")
 
     # ---------------------------------------------------------------- attention and model
     requested = attention_from_env()
-    dataset = load_dataset(spec.data_path)
+    dataset = load_dataset(location.fetched(spec.data_path))  # a bucket's: this node's copy
     t_data = time.time()
     s = builder.settings(spec.model, tc, strategy=spec.strategy, vocab_size=dataset.vocab_size, device=device,
                          world_size=world)
@@ -149,7 +149,7 @@ def train_loop_per_worker(config: dict) -> dict:
     # ---------------------------------------------------------------- resume
     ray_ckpt = ray.train.get_checkpoint()  # [ray] the latest committed one: Ray restores it after a failure or from storage
     committed = Path(ray_ckpt.path) if ray_ckpt is not None else None
-    restored = restore(storage_dir, committed, rank=rank, world=world, device=device, model=training.model,
+    restored = restore(store, committed, rank=rank, world=world, device=device, model=training.model,
                        raw_model=training.raw_model, optimizer=training.optimizer, strategy=spec.strategy)
     start_step = restored.step if restored else 0
     if rank == 0:
@@ -168,13 +168,15 @@ def train_loop_per_worker(config: dict) -> dict:
         sampler.continue_from(start_step, restored.samples_consumed)
     peak_tflops = timing.peak_tflops(device)
     writer = MetricsWriter(Path(spec.out_dir), start_step=start_step) if rank == 0 else None
-    save = Saver(storage_dir, rank=rank, world=world, strategy=spec.strategy, model=training.raw_model,
-                 optimizer=training.optimizer, fault=tc.fault, marker_dir=Path(spec.out_dir))
+    save = Saver(store, rank=rank, world=world, strategy=spec.strategy, model=training.raw_model,
+                 optimizer=training.optimizer, fault=tc.fault, marker_dir=Path(spec.out_dir),
+                 upload_async=tc.checkpoint_async)
 
     # ---------------------------------------------------------------- train
     progress = Progress(start_step, restored_from=str(restored.path) if restored else None,
                         first_loss=restored.first_loss if restored else None,
-                        record=restored.record if restored else {})  # the last logged step's metrics
+                        record=restored.record if restored else {},  # the last logged step's metrics
+                        checkpoint_block_s=save.block_s)
     watch = finite.Watch(device)  # a NaN loss stops the variant before any checkpoint holds it
     t_ready, t_first_step = time.time(), None
     last_checkpoint: str | None = None
@@ -221,6 +223,7 @@ def train_loop_per_worker(config: dict) -> dict:
     finally:
         if writer:
             writer.close()
+            upload_out_dir(spec)
 
     # ---------------------------------------------------------------- results (rank 0's is returned)
     return worker_result(spec, s, progress, requested=requested, kernel=resolved.kernel,

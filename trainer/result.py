@@ -45,13 +45,15 @@ class StepTimes:
 @dataclass
 class Progress:
     """Where a worker's training stands: the step it started at (after a restore), the first
-    logged loss, the last logged step's metrics and the step times."""
+    logged loss, the last logged step's metrics, the step times and, per checkpoint, its step and
+    block_s, the seconds training stood still for it."""
 
     start_step: int = 0
     restored_from: str | None = None
     first_loss: float | None = None
     record: dict = field(default_factory=dict)
     times: StepTimes = field(default_factory=StepTimes)
+    checkpoint_block_s: list[dict] = field(default_factory=list)
 
 
 def worker_result(spec, s, progress: Progress, *, requested: str, kernel: str, kernel_timings: dict | None,
@@ -97,4 +99,5 @@ def worker_result(spec, s, progress: Progress, *, requested: str, kernel: str, k
         "tokens_per_step": s.tokens_per_step,
         # Wall-clock times for the driver's startup breakdown (worker up -> ready -> first step).
         "timeline": timeline,
+        "checkpoint_block_s": progress.checkpoint_block_s,
     }

@@ -1,5 +1,5 @@
-"""The worker's side of checkpoints: restore the newest usable one, and save one in place and
-register it with Ray Train. The on-disk format and its verification are ``trainer/checkpoint.py``.
+"""The worker's side of checkpoints: restore the newest usable one, and save one and register it
+with Ray Train. The on-disk format and its verification are ``trainer/checkpoint.py``.
 
 Both are collective: every rank calls them at the same step, and every decision (which
 checkpoint, whether to write, whether a write failed) is rank 0's or agreed by all, so a
@@ -11,13 +11,14 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint, driver_watch, failures, parallel
+from trainer import checkpoint, driver_watch, failures, location, parallel
 from trainer.config import FaultConfig
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,31 @@ FAULT_MARKER = ".fault-injected"
 STATE_DICT_MISMATCH = "Error(s) in loading state_dict"
 
 
+def store_of(spec, who: str) -> checkpoint.Store:
+    """A variant's checkpoint storage: in its run directory, or in the bucket that directory is in,
+    with node-local copies of its own for ``who`` ("rank<n>", "driver"), so two processes on one
+    node never share a directory."""
+    if spec.storage_uri is None:
+        return checkpoint.Store(Path(spec.out_dir) / checkpoint.STORAGE_NAME)
+    where = location.join(spec.storage_uri, checkpoint.STORAGE_NAME)
+    return checkpoint.Store(where, cache=location.staging(where, location.COPIES) / who)
+
+
+def upload_out_dir(spec) -> None:
+    """Rank 0's metrics and TensorBoard events into the bucket (a node-local mirror otherwise
+    only the driver's node would upload, and rank 0 may run on another). A failed upload is
+    logged, not raised: it must not turn a trained variant into a failed one."""
+    if spec.storage_uri is None:
+        return
+    try:
+        location.upload(Path(spec.out_dir), spec.storage_uri)
+    except OSError as e:
+        log.warning("could not upload %s to %s: %s", spec.out_dir, spec.storage_uri, e)
+
+
 @dataclass
 class Restored:
-    path: Path
+    path: Path | str  # a URI where the checkpoint is in a bucket
     step: int
     first_loss: float | None
     record: dict  # the last logged step's metrics: the result when the checkpoint is the last step
@@ -45,24 +68,25 @@ def _broadcast(value, world: int):
     return box[0]
 
 
-def restore(storage_dir: Path, committed: Path | None, *, rank: int, world: int, device: torch.device,
+def restore(store: checkpoint.Store | Path, committed: Path | None, *, rank: int, world: int, device: torch.device,
             model: torch.nn.Module, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             strategy: str) -> Restored | None:
     """Load the newest usable checkpoint into the model and optimizer, and this rank's RNG.
 
     Rank 0 chooses (``checkpoint.newest_usable``: Ray's committed one or a newer complete
-    upload, corrupt ones skipped) and tells the others, so every rank resumes from the same one.
-    Returns None to start fresh.
+    upload, corrupt ones skipped) and tells the others, so every rank resumes from the same one
+    (from a bucket, each rank reads its own local copy). Returns None to start fresh.
     """
-    choice = None, []
+    store = checkpoint.as_store(store)
+    choice, found = (None, []), None
     if rank == 0:
         skipped: list[str] = []
-        found = checkpoint.newest_usable(storage_dir, committed, skipped=skipped)
-        choice = (str(found) if found else None), skipped
-    path, skipped = _broadcast(choice, world)
-    if path is None:
+        found = checkpoint.newest_usable(store, committed, skipped=skipped)
+        choice = (found.name if found else None), skipped
+    name, skipped = _broadcast(choice, world)
+    if name is None:
         return None
-    path = Path(path)
+    path = found or store.local(name)
     state, rng = checkpoint.read(path, rank, map_location=device)
     sharded = checkpoint.is_sharded(path)
     if sharded != parallel.get(strategy).shards:
@@ -79,22 +103,36 @@ def restore(storage_dir: Path, committed: Path | None, *, rank: int, world: int,
     if rng is not None:
         checkpoint.set_rng_state(rng)
     old_world = int(state.get("world_size", world))
+    if store.remote:  # loaded: the local copy has served its purpose
+        shutil.rmtree(path, ignore_errors=True)
+        path = location.join(store.where, name)
     log.info("rank %d resumed from %s at step %d (written by %d worker(s))", rank, path, state["step"], old_world)
     return Restored(path=path, step=state["step"], first_loss=state.get("first_loss"), record=state.get("record") or {},
                     samples_consumed=int(state.get("samples_consumed", 0)), world_size=old_world, skipped=skipped)
 
 
 class Saver:
-    """Writes ``checkpoint_<step>`` straight into Ray Train's storage directory and registers
-    it with ``report(checkpoint_upload_mode=NO_UPLOAD)``: Ray leaves a checkpoint that is
-    already inside its run directory in place (ray/train/v2 ``_internal/execution/context.py``),
-    so each checkpoint is written once and needs its own size on disk, not twice."""
+    """Saves ``checkpoint_<step>`` and registers it with Ray Train.
 
-    def __init__(self, storage_dir: Path, *, rank: int, world: int, strategy: str, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, fault: FaultConfig | None = None, marker_dir: Path | None = None):
-        self.storage_dir, self.rank, self.world, self.strategy = storage_dir, rank, world, strategy
+    In a local storage directory the ranks write straight into it and report with
+    ``NO_UPLOAD``: Ray leaves a checkpoint that is already inside its run directory in place
+    (ray/train/v2 ``_internal/execution/context.py``), so each checkpoint is written once and
+    needs its own size on disk, not twice. In a bucket each rank writes its share to a node-local
+    directory and Ray uploads it; with ``upload_async`` (Ray's ASYNC mode) training goes on while
+    it uploads, and Ray registers the checkpoint once every rank's upload is done.
+
+    ``block_s`` keeps, per checkpoint, the seconds training stood still for it: what an
+    asynchronous save is measured by.
+    """
+
+    def __init__(self, store: checkpoint.Store, *, rank: int, world: int, strategy: str, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, fault: FaultConfig | None = None, marker_dir: Path | None = None,
+                 upload_async: bool = True):
+        self.store, self.rank, self.world, self.strategy = store, rank, world, strategy
         self.model, self.optimizer = model, optimizer
         self.fault, self.marker_dir = fault, marker_dir
+        self.upload_async = upload_async
+        self.block_s: list[dict] = []
 
     def __call__(self, step: int, progress: dict, metrics: dict) -> str | None:
         """Save, register and return the checkpoint's name; None when this step's name is
@@ -102,34 +140,50 @@ class Saver:
         import ray.train  # [ray]
 
         driver_watch.ensure_alive()  # a save begun after the driver died would belong to no run
+        t0 = time.perf_counter()
         name = checkpoint.checkpoint_name(step)
-        directory = self.storage_dir / name
-        skip = _broadcast(self._prepare(directory) if self.rank == 0 else None, self.world)
+        skip = _broadcast(self._prepare(name) if self.rank == 0 else None, self.world)
         if skip:
             log.warning("not saving %s: %s", name, skip)
             ray.train.report(metrics)  # [ray]
             return None
+        directory = self._directory(name)
         own, sharded = parallel.get(self.strategy).checkpoint_state(self.model, self.optimizer, self.rank)
         state = {**progress, **own} if self.rank == 0 else None
         needed = checkpoint.tensor_bytes(state) + checkpoint.tensor_bytes(sharded) + (1 << 20)
-        self._agree(_attempt(checkpoint.check_free_space, self.storage_dir, needed), directory, needed)
+        self._agree(_attempt(checkpoint.check_free_space, directory, needed), directory, needed)
         self._agree(_attempt(self._write, directory, step, state, sharded), directory, needed)
+        mode = ray.train.CheckpointUploadMode  # [ray]
         ray.train.report(  # [ray] a barrier: Ray registers it once every rank has reported
             metrics, checkpoint=ray.train.Checkpoint(str(directory)), checkpoint_dir_name=name,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+            checkpoint_upload_mode=(mode.NO_UPLOAD if not self.store.remote else
+                                    mode.ASYNC if self.upload_async else mode.SYNC),
+            delete_local_checkpoint_after_upload=self.store.remote,
         )
+        self.block_s.append({"step": step, "block_s": round(time.perf_counter() - t0, 4)})
         return name
 
-    def _prepare(self, directory: Path) -> str | None:
-        """Rank 0: make the directory empty. A leftover Ray never registered (a write a crash cut
+    def _prepare(self, name: str) -> str | None:
+        """Rank 0: make room for ``name``. A leftover Ray never registered (a write a crash cut
         off) is removed; one Ray did register is a corrupt one skipped on restore (else it would
         have been restored): Ray may delete it later, so it stays and this step is not saved."""
-        if directory.exists():
-            if directory.name in checkpoint.registered(self.storage_dir):
-                return f"{directory} is a corrupt checkpoint that Ray Train still lists"
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
+        if self.store.exists(name):
+            if name in checkpoint.registered(self.store):
+                return f"{self.store}/{name} is a corrupt checkpoint that Ray Train still lists"
+            self.store.remove(name)
+        if not self.store.remote:
+            self.store.local(name).mkdir(parents=True)
         return None
+
+    def _directory(self, name: str) -> Path:
+        """Where this rank writes: into the storage directory itself, or (a bucket) an empty
+        node-local directory of its own that Ray uploads from."""
+        if not self.store.remote:
+            return self.store.local(name)  # made by rank 0 in _prepare
+        directory = self.store.cache / f"save-rank{self.rank}" / name
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        return directory
 
     def _write(self, directory: Path, step: int, state: dict | None, sharded: dict | None) -> None:
         checkpoint.write(directory, self.rank, state, self.world, sharded=sharded)
@@ -159,13 +213,13 @@ class Saver:
         failures = [(r, m) for r, (m, _) in enumerate(everyone) if m is not None]
         if not failures:
             return
-        if self.rank == 0:
+        if self.rank == 0 or self.store.remote:
             shutil.rmtree(directory, ignore_errors=True)
         if self.world > 1:
             dist.barrier()
         total = sum(n for _, n in everyone)
         if any(full for _, (full, _) in failures):
-            raise checkpoint.DiskFull(directory, total, shutil.disk_usage(self.storage_dir).free) from error
+            raise checkpoint.DiskFull(directory, total, shutil.disk_usage(directory.parent).free) from error
         rank, (_, msg) = failures[0]
         raise RuntimeError(f"writing checkpoint {directory} failed on rank {rank}: {msg}") from error
 

@@ -3,6 +3,8 @@ importable without torch (the driver builds it before its torch import is done).
 
 from __future__ import annotations
 
+from typing import Optional
+
 from pydantic import BaseModel, ConfigDict
 
 from trainer import parallel
@@ -19,3 +21,4 @@ class WorkerSpec(BaseModel):
     data_path: str
     out_dir: str  # the variant's directory in the run directory: metrics, TensorBoard
     strategy: parallel.Name = parallel.DEFAULT  # how the model is spread over the workers (trainer/parallel/)
+    storage_uri: Optional[str] = None  # the variant's directory in a bucket, when the run directory is one

@@ -1,0 +1,247 @@
+"""Runs in a bucket (issue 35), against a real S3 API on loopback: moto's server, started here.
+
+Train to ``s3://``, lose a worker and restore from the bucket, ``--resume`` from the bucket on a
+machine that has none of the run's files, export from it; and the three ways a bucket can be
+wrong, each refused in one line before Ray starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from orchestrator import storage
+from orchestrator.errors import UsageError
+from tests.conftest import run_cli, write_config
+
+BUCKET = "runs-bucket"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 with one bucket; yields its environment."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **CREDENTIALS}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def objects(prefix: str) -> dict[str, bytes]:
+    import boto3
+
+    client = boto3.client("s3")
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    return {k: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
+
+
+def cli_env_for(base: dict, s3: dict, cache) -> dict:
+    """The CLI's environment with the bucket's, and a user cache of its own: a machine that
+    holds nothing of the run but what it fetches."""
+    return {**base, **s3, "XDG_CACHE_HOME": str(cache)}
+
+
+# ---------------------------------------------------------------- bad buckets, before anything starts
+
+
+def test_a_bucket_that_does_not_exist_is_refused(s3):
+    with pytest.raises(UsageError, match=r"^--output-dir s3://no-such-bucket/runs: bucket 'no-such-bucket' does not "
+                                         r"exist$"):
+        storage.check_bucket("s3://no-such-bucket/runs")
+
+
+def test_wrong_credentials_are_refused(s3):
+    import requests
+
+    # moto checks signatures once told to; the key below was never issued.
+    requests.post(f"{s3['AWS_ENDPOINT_URL']}/moto-api/reset-auth", data=b"0", timeout=5)
+    try:
+        with pytest.raises(UsageError, match=rf"^--output-dir s3://{BUCKET}/runs: access to bucket '{BUCKET}' denied; "
+                                             r"check the credentials"):
+            storage.check_bucket(f"s3://{BUCKET}/runs")
+    finally:
+        requests.post(f"{s3['AWS_ENDPOINT_URL']}/moto-api/reset-auth", data=b"inf", timeout=5)
+
+
+def test_an_endpoint_that_does_not_answer_is_refused_within_the_timeout(s3, monkeypatch):
+    import time
+
+    with socket.socket() as silent:  # accepts connections, never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        t0 = time.monotonic()
+        with pytest.raises(UsageError, match=rf"^--output-dir s3://{BUCKET}/runs: the object store at {endpoint} did "
+                                             r"not answer \(.*\); check the endpoint and the network$"):
+            storage.check_bucket(f"s3://{BUCKET}/runs")
+        assert time.monotonic() - t0 < storage.BUCKET_TIMEOUT_S * 3
+
+
+@pytest.mark.ray
+def test_cli_refuses_a_missing_bucket_in_one_line_before_ray_starts(tmp_path, cli_env, s3):
+    cfg = write_config(tmp_path / "c.yaml")
+    env = cli_env_for(cli_env, s3, tmp_path / "cache")
+    r = run_cli(["train", "--config-file", str(cfg), "--output-dir", "s3://no-such-bucket/runs"], env, tmp_path,
+                timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip() == "error: --output-dir s3://no-such-bucket/runs: bucket 'no-such-bucket' does not exist"
+    assert not (tmp_path / "cache").exists() and objects("") == {}
+
+
+# ---------------------------------------------------------------- checkpoints in the bucket, without Ray
+
+
+def _bucket_checkpoints(tmp_path, prefix: str) -> str:
+    """Checkpoints of steps 3, 6, 9 (two ranks each) uploaded under ``prefix``, registered with a
+    snapshot as Ray writes it; returns their storage URI."""
+    from tests.test_checkpoint import _save
+    from trainer import checkpoint, location
+
+    uri = f"s3://{BUCKET}/{prefix}"
+    names = [f"checkpoint_{s:08d}" for s in (3, 6, 9)]
+    for s, name in zip((3, 6, 9), names):
+        location.upload(_save(tmp_path / "written", s), location.join(uri, name))
+    results = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
+    location.write_text(location.join(uri, checkpoint.SNAPSHOT_FILE), json.dumps({
+        "checkpoint_results": results, "checkpoint_report_indices": [0, 1, 2],
+        "latest_checkpoint_result": results[-1], "pending_training_results": []}))
+    return uri
+
+
+def test_an_upload_cut_short_in_the_bucket_is_skipped_for_the_previous_checkpoint(tmp_path, s3):
+    import boto3
+
+    from trainer import checkpoint
+
+    uri = _bucket_checkpoints(tmp_path, "cut-short")
+    boto3.client("s3").delete_object(Bucket=BUCKET, Key="cut-short/checkpoint_00000009/rng_rank1.pt")
+    store = checkpoint.Store(uri, cache=tmp_path / "copies")
+    skipped: list[str] = []
+    found = checkpoint.newest_usable(store, Path("checkpoint_00000009"), skipped=skipped)
+    assert found == tmp_path / "copies" / "checkpoint_00000006"
+    assert skipped[0].startswith("checkpoint_00000009 (") and "rng_rank1.pt: missing" in skipped[0]
+
+
+def test_a_corrupt_registered_checkpoint_in_the_bucket_leaves_rays_snapshot_and_the_bucket(tmp_path, s3):
+    import boto3
+
+    from trainer import checkpoint
+
+    uri = _bucket_checkpoints(tmp_path, "corrupt")
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="corrupt/checkpoint_00000009/state.pt", Body=b"flipped")
+    store = checkpoint.Store(uri, cache=tmp_path / "copies")
+    (line,) = checkpoint.drop_unusable(store)
+    assert line.startswith("skipped and removed checkpoint checkpoint_00000009: ") and "checksum" in line
+    assert store.names() == ["checkpoint_00000006", "checkpoint_00000003"]
+    assert checkpoint.registered(store) == {"checkpoint_00000003", "checkpoint_00000006"}
+    assert store.snapshot()["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_00000006"
+    assert checkpoint.drop_unusable(store) == []
+
+
+# ---------------------------------------------------------------- a dataset in the bucket
+
+
+def test_a_dataset_in_a_bucket_is_fetched_once_per_node_and_again_when_it_changes(tmp_path, s3, monkeypatch):
+    import boto3
+
+    from orchestrator.options import TrainOptions
+    from orchestrator.run import prepare
+    from trainer import location, preprocess
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    uri = f"s3://{BUCKET}/datasets/pydoc"
+    location.upload(preprocess.embedded_dataset(), uri)
+    cfg = write_config(tmp_path / "c.yaml", {"data": {"path": uri}})
+    prep = prepare(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs")))
+    assert prep.data_source == uri and prep.data_path == location.staging(uri, location.READ).resolve()
+    tokens = prep.data_path / "tokens.bin"
+    fetched_at = tokens.stat().st_mtime_ns
+    assert location.fetched(uri).resolve() == prep.data_path and tokens.stat().st_mtime_ns == fetched_at  # not again
+
+    replaced = tokens.read_bytes()[:-2]
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="datasets/pydoc/tokens.bin", Body=replaced)
+    location.fetched(uri)
+    assert tokens.read_bytes() == replaced
+
+    with pytest.raises(UsageError, match=rf"data.path s3://{BUCKET}/datasets/none: "):
+        prepare(TrainOptions(config_file=str(write_config(tmp_path / "d.yaml", {"data": {"path": f"s3://{BUCKET}/datasets/none"}})),
+                             output_dir=str(tmp_path / "runs")))
+
+
+# ---------------------------------------------------------------- a run in the bucket
+
+
+@pytest.mark.ray
+def test_a_run_in_a_bucket_survives_a_killed_worker_from_the_bucket(tmp_path, cli_env, s3):
+    cfg = write_config(tmp_path / "c.yaml", {"train": {"max_steps": 8, "checkpoint_every": 3,
+                                                      "fault": {"rank": 1, "step": 5}}})
+    env = cli_env_for(cli_env, s3, tmp_path / "cache")
+    r = run_cli(["train", "--config-file", str(cfg), "--output-dir", f"s3://{BUCKET}/runs", "--name", "killed"],
+                env, tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = objects("runs/killed/")
+    summary = json.loads(files["runs/killed/summary.json"])
+    (variant, rec), = summary["variants"].items()
+    assert summary["run"]["dir"] == f"s3://{BUCKET}/runs/killed"
+    assert rec["status"] == "succeeded" and rec["restarts"] == 1 and rec["steps"] == 8
+    assert rec["restored_from"].endswith("checkpoint_00000003")
+    assert [c["step"] for c in rec["checkpoint_block_s"]] == [6, 8]  # the last attempt's saves, each timed
+    assert all(c["block_s"] > 0 for c in rec["checkpoint_block_s"])
+    steps = [json.loads(line)["step"] for line in files[f"runs/killed/{variant}/metrics.jsonl"].decode().splitlines()]
+    assert steps == list(range(1, 9))
+    assert any(k.startswith(f"runs/killed/{variant}/tb/") for k in files)
+    assert {"config.yaml", "options.json", "plan.json", "report.md"} <= {k.split("/")[-1] for k in files}
+    for name in ("checkpoint_00000006", "checkpoint_00000008"):
+        ckpt = f"runs/killed/{variant}/checkpoints/{name}/"
+        assert {f"{ckpt}state.pt", f"{ckpt}manifest_rank0.json", f"{ckpt}manifest_rank1.json"} <= files.keys()
+    assert not any(s3["AWS_SECRET_ACCESS_KEY"].encode() in body or s3["AWS_ACCESS_KEY_ID"].encode() in body
+                   for body in files.values())
+
+
+@pytest.mark.ray
+def test_resume_and_export_from_the_bucket_on_a_machine_without_the_run(tmp_path, cli_env, s3):
+    uri = f"s3://{BUCKET}/runs/stopped"
+    cfg = write_config(tmp_path / "c.yaml", {"train": {"max_steps": 8, "checkpoint_every": 3,
+                                                      "fault": {"rank": 1, "step": 5}},
+                                             "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0}})
+    first = run_cli(["train", "--config-file", str(cfg), "--output-dir", f"s3://{BUCKET}/runs", "--name", "stopped"],
+                    cli_env_for(cli_env, s3, tmp_path / "first"), tmp_path, timeout=600)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert f"--resume {uri}" in first.stderr
+
+    elsewhere = cli_env_for(cli_env, s3, tmp_path / "second")
+    again = run_cli(["train", "--resume", uri], elsewhere, tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(objects("runs/stopped/summary.json")["runs/stopped/summary.json"])
+    (rec,) = summary["variants"].values()
+    assert rec["status"] == "succeeded" and rec["start_step"] == 3 and rec["steps"] == 8
+    assert summary["run"]["resumes"] == 1
+
+    out = tmp_path / "hf"
+    exported = run_cli(["export", uri, "--output-dir", str(out)], cli_env_for(cli_env, s3, tmp_path / "third"),
+                       tmp_path, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "at step 8" in exported.stderr + exported.stdout
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
