@@ -96,7 +96,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from trainer import preprocess
+    from orchestrator import preprocess
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):

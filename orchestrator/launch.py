@@ -12,10 +12,10 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from orchestrator import interrupt, results
+from orchestrator import interrupt, ray_internals, results
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
-from trainer import checkpoint, driver_watch, failures, ray_internals
+from trainer import checkpoint, driver_watch, failures
 from trainer.loop import train_loop_per_worker
 from trainer.worker_spec import WorkerSpec
 from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics

@@ -110,7 +110,7 @@ class PlannedVariant:
     nodes: list[str] = field(default_factory=list)  # the node of each worker, as packed
     strategy: str = parallel.DEFAULT  # scaling.strategy, resolved (strategy.py): a name in trainer.parallel
     strategy_reason: Optional[str] = None
-    memory: Optional[dict] = None  # the per-worker estimate (trainer/memory.py) and its limit
+    memory: Optional[dict] = None  # the per-worker estimate (orchestrator/memory.py) and its limit
 
     def demand(self) -> dict[str, float]:
         """What one worker asks Ray for (the same dict launch passes as resources_per_worker)."""

@@ -30,7 +30,7 @@ import psutil
 
 from orchestrator import interrupt, ray_token
 from orchestrator.errors import UsageError
-from trainer import ray_internals
+from orchestrator import ray_internals
 
 log = logging.getLogger(__name__)
 

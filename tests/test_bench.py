@@ -60,9 +60,9 @@ def test_bad_bench_flags_are_usage_errors(tmp_path, cli_env, args, message):
 def test_bench_by_kernel_trains_every_candidate_on_the_same_config_and_names_the_fastest():
     import torch
 
-    from orchestrator import config as config_mod
+    from orchestrator import config as config_mod, preprocess
     from orchestrator.bench import training
-    from trainer import dataset as dataset_mod, preprocess
+    from trainer import dataset as dataset_mod
 
     cfg = config_mod.validate(command.QUICK, "--quick")
     dataset = dataset_mod.load_dataset(preprocess.embedded_dataset())
@@ -130,9 +130,9 @@ def test_an_unknown_kernel_is_a_usage_error_listing_the_known_ones():
 def test_a_kernel_whose_package_is_not_installed_is_unavailable_by_name():
     import torch
 
-    from orchestrator import config as config_mod
+    from orchestrator import config as config_mod, preprocess
     from orchestrator.bench import training
-    from trainer import dataset as dataset_mod, preprocess
+    from trainer import dataset as dataset_mod
 
     cfg = config_mod.validate(command.QUICK, "--quick")
     dataset = dataset_mod.load_dataset(preprocess.embedded_dataset())
@@ -163,9 +163,9 @@ def test_repeated_runs_give_one_row_per_entry_at_the_median_with_every_runs_figu
 def test_repeats_train_the_list_round_robin_on_cpu():
     import torch
 
-    from orchestrator import config as config_mod
+    from orchestrator import config as config_mod, preprocess
     from orchestrator.bench import training
-    from trainer import dataset as dataset_mod, preprocess
+    from trainer import dataset as dataset_mod
 
     cfg = config_mod.validate(command.QUICK, "--quick")
     dataset = dataset_mod.load_dataset(preprocess.embedded_dataset())

@@ -97,7 +97,7 @@ def test_the_masters_step_exactly_as_adamw_steps_fp32_weights_and_the_weights_ar
 def test_clipping_sees_the_fp32_gradients_on_the_masters():
     model = _model()
     master_weights.cast_parameters(model, torch.bfloat16)
-    opt = MasterWeights(model, TC, torch.device("cpu"))
+    opt = optimizer_for(model, TC, torch.device("cpu"))
     stepper = Stepper(model, opt, device=torch.device("cpu"), dtype=torch.bfloat16, grad_accum=1, grad_clip=1e-3)
     x = torch.randint(0, ARGS.vocab_size, (2, 16))
     before = [m.detach().clone() for m in opt.masters]
@@ -111,7 +111,7 @@ def test_clipping_sees_the_fp32_gradients_on_the_masters():
 def test_a_checkpoint_keeps_the_masters_as_the_model_weights_and_loads_either_way(tie):
     model = _model(tie=tie)
     master_weights.cast_parameters(model, torch.bfloat16)
-    opt = MasterWeights(model, TC, torch.device("cpu"))
+    opt = optimizer_for(model, TC, torch.device("cpu"))
     for m in opt.masters:  # masters that bf16 cannot hold exactly
         m.data.add_(1e-4)
     state = master_weights.model_state(model, opt)
@@ -123,7 +123,7 @@ def test_a_checkpoint_keeps_the_masters_as_the_model_weights_and_loads_either_wa
 
     again = _model(seed=1, tie=tie)  # a resume: other weights, the same structure
     master_weights.cast_parameters(again, torch.bfloat16)
-    opt2 = MasterWeights(again, TC, torch.device("cpu"))
+    opt2 = optimizer_for(again, TC, torch.device("cpu"))
     master_weights.load_model_state(again, opt2, state)
     assert all(torch.equal(a, b) for a, b in zip(opt2.masters, opt.masters))  # exact, not through bf16
     assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(again.parameters(), opt2.masters))
@@ -162,7 +162,7 @@ def test_training_with_bf16_weights_tracks_autocast_over_fp32_weights():
 
 
 def test_the_memory_estimate_counts_bf16_weights_beside_their_masters():
-    from trainer import memory
+    from orchestrator import memory
 
     tc = TrainConfig(dtype="bf16")
     n = memory.param_counts(ARGS)[0]

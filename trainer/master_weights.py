@@ -26,6 +26,8 @@ without torch, where the driver plans; this module is the worker's side.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -45,7 +47,7 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 class MasterWeights:
-    """AdamW (``trainer.optim.build_optimizer``'s, same groups) on fp32 master copies of a
+    """An optimizer (``trainer.optim.optimizer_for``'s AdamW, same groups) on fp32 master copies of a
     model's bf16 parameters. A step: ``take_grads`` moves the bf16 gradients into the masters as
     fp32 (what clipping sees), ``step`` updates the masters and copies them into the parameters.
 
@@ -53,15 +55,13 @@ class MasterWeights:
     checkpoint's optimizer state loads either way; the masters travel as the checkpoint's model
     weights (``model_state`` / ``load_model_state``)."""
 
-    def __init__(self, model: nn.Module, tc, device: torch.device):
-        from trainer.optim import build_optimizer
-
+    def __init__(self, model: nn.Module, build: Callable[[nn.Module], torch.optim.Optimizer]):
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         holder = nn.Module()  # the masters in the model's parameter order, for build_optimizer's groups
         holder.masters = nn.ParameterList([nn.Parameter(p.detach().float().clone()) for p in self.params])
         self.masters = list(holder.masters)
-        self.inner = build_optimizer(holder, tc, device)
+        self.inner = build(holder)
 
     @property
     def param_groups(self) -> list[dict]:

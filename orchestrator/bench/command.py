@@ -291,9 +291,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # Here, not at the top: the CLI builds every command's flags, and --help must not wait for torch.
     import torch
 
-    from orchestrator import config as config_mod
+    from orchestrator import config as config_mod, preprocess
     from orchestrator.bench import kernels, training
-    from trainer import dataset as dataset_mod, preprocess
+    from trainer import dataset as dataset_mod
     from trainer.config import ATTENTIONS
 
     cfg = config_mod.validate(QUICK, "--quick") if args.quick else config_mod.load(args.config_file)
