@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.bench import command as bench_command
+from bench import command as bench_command
 from orchestrator import options
 from orchestrator.errors import Interrupted, RunFailed, UsageError
 

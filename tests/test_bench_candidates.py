@@ -4,8 +4,8 @@ against bf16 after N steps): the parsing, the comparison logic, and both on CPU.
 import pytest
 import torch
 
+from bench import command, float8_check, sweep
 from orchestrator import config as config_mod, preprocess
-from orchestrator.bench import command, float8_check, sweep
 from orchestrator.errors import UsageError
 from trainer import dataset as dataset_mod
 

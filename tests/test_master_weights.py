@@ -181,7 +181,7 @@ def test_the_memory_estimate_counts_bf16_weights_beside_their_masters():
 def test_the_bench_refuses_bf16_weights_where_it_computes_in_fp32_and_records_what_ran():
     import numpy as np
 
-    from orchestrator.bench import training
+    from bench import training
     from trainer.config import ModelConfig
 
     m = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2)
