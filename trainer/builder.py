@@ -1,7 +1,7 @@
 """The training setup, built once: what a run resolves on its device (``Settings``), then the
 model (on the meta device, spread by its strategy, float8, compiled), the optimizer (on fp32
 masters where the weights are bf16) and the step (``Trainer``). The Ray worker loop
-(``trainer/loop.py``) and ``bench`` (``orchestrator/bench/training.py``) both build through
+(``trainer/loop.py``) and ``bench`` (``bench/training.py``) both build through
 here, so the bench times what training runs.
 """
 

@@ -17,7 +17,7 @@ FP32, BF16 = 4, 2
 
 @dataclass(frozen=True)
 class StateBytes:
-    """One worker's model state at its peak, by part (``trainer/memory.py`` adds the rest)."""
+    """One worker's model state at its peak, by part (``orchestrator/memory.py`` adds the rest)."""
 
     params: int
     grads: int
