@@ -43,7 +43,8 @@ from orchestrator.config import ScalingConfig, VariantConfig
 from orchestrator.errors import InfeasibleRequest
 from orchestrator.preflight.findings import PreflightReport
 from orchestrator.strategy import Workload
-from trainer import import_guard, parallel
+from trainer import parallel
+from trainer.attention import guard
 
 # Orders of variants tried when packing them together; beyond this many variants, the most
 # constrained-first order alone (the search is factorial).
@@ -280,7 +281,7 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
                             num_workers=0, use_gpu=False, cpus_per_worker=scaling.cpus_per_worker,
                             label_selector=selector or None)
         if flash_disabled:
-            pv.env, pv.reason = attention_env("standard"), import_guard.DISABLED_REASON
+            pv.env, pv.reason = attention_env("standard"), guard.DISABLED_REASON
         usable = [n for n in matching if n.flash_ok] if pv.env["ATTN_IMPL"] == "flash" else matching
         chosen = _workers(scaling, usable or matching)
         pv.num_workers = chosen.count
@@ -322,7 +323,7 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
 
     runnable = [v for v in planned if v.status == "planned"]
     plan = Plan(variants=planned, mode="sequential", cluster=list(cluster),
-                flash_disabled=import_guard.DISABLED_REASON if flash_disabled else None)
+                flash_disabled=guard.DISABLED_REASON if flash_disabled else None)
     together = _pack_together(runnable, candidates, nodes) if len(runnable) > 1 else None
     memory_bound = False  # the variants fit the CPUs together but not the RAM
     if together is not None:

@@ -35,7 +35,7 @@ import psutil
 from orchestrator.preflight import health
 from orchestrator.preflight.settings import ProbeSettings
 from trainer import strict_json
-from trainer import import_guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
+from trainer.attention import guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
 from trainer.attention import registry
 from trainer.attention.cache import glibc_version
 from trainer.attention.shape import AttentionShape
@@ -247,7 +247,7 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
     for name in kernels.flash_candidates(device):
         module = registry.BACKENDS[name].module if name in registry.BACKENDS else None
         if disabled:
-            skip[name] = import_guard.DISABLED_REASON
+            skip[name] = guard.DISABLED_REASON
         elif module and name not in imported:
             skip[name] = f"{module} is not installed"
         elif module and not imported[name]["ok"]:
@@ -264,9 +264,9 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
 def gather(settings: argparse.Namespace, early: Optional[Callable[[dict], None]] = None) -> dict:
     """The node's facts; ``early(facts)`` gets them once more before kernels are timed, with
     ``kernel_selection`` DEFERRED (never when there is nothing to time)."""
-    disabled = settings.disable_flash_attn or import_guard.disabled_by_env()
+    disabled = settings.disable_flash_attn or guard.disabled_by_env()
     if disabled:
-        import_guard.install()
+        guard.install()
     facts: dict = {
         "schema": SCHEMA, "hostname": platform.node(), "os": platform.platform(), "arch": platform.machine(),
         "python": platform.python_version(), "glibc": glibc_version(),
