@@ -236,7 +236,7 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
     one candidate, or a choice cached for this node and shape)."""
     import torch
 
-    from trainer.attention import choice, kernels
+    from trainer.attention import choice
 
     shape = settings.shape
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -244,7 +244,7 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
              "head_dim": shape.head_dim, "n_heads": shape.n_heads, "n_kv_heads": shape.n_kv_heads}
     imported = {i["kernel"]: i for i in imports}
     skip = {}
-    for name in kernels.flash_candidates(device):
+    for name in choice.flash_candidates(device):
         module = registry.BACKENDS[name].module if name in registry.BACKENDS else None
         if disabled:
             skip[name] = guard.DISABLED_REASON
