@@ -16,10 +16,11 @@ from orchestrator.errors import UsageError
 from orchestrator.plan import Plan, PlannedVariant
 from trainer import master_weights
 from trainer.attention import standard_attention
-from trainer.config import TrainConfig, weights_dtype
+from trainer.config import TrainConfig
 from trainer.master_weights import MasterWeights
 from trainer.model import ModelArgs, Transformer
 from trainer.optim import build_optimizer, optimizer_for
+from trainer.parallel import weights_dtype
 from trainer.parallel.fsdp import mixed_precision
 from trainer.step import Stepper
 
@@ -49,7 +50,7 @@ def test_auto_is_bf16_only_where_fsdp_computes_in_bf16():
     assert weights_dtype("auto", "ddp", "bf16") == "fp32"  # autocast over fp32 weights, as before the key
     assert weights_dtype("bf16", "ddp", "bf16") == "bf16" and weights_dtype("fp32", "fsdp", "bf16") == "fp32"
     tc = TrainConfig(param_dtype="auto")  # dtype auto: bf16 on a GPU, fp32 on a CPU
-    assert (tc.weights_dtype("fsdp", "cuda"), tc.weights_dtype("fsdp", "cpu")) == ("bf16", "fp32")
+    assert [weights_dtype(tc.param_dtype, "fsdp", tc.precision(d)) for d in ("cuda", "cpu")] == ["bf16", "fp32"]
     assert mixed_precision(torch.bfloat16).param_dtype == torch.bfloat16
     assert mixed_precision(torch.float32).param_dtype is None  # fp32 gathers, autocast casts
 

@@ -69,7 +69,7 @@ def settings(model: ModelConfig, train: TrainConfig, *, strategy: str, vocab_siz
                     train=train, strategy=strategy, device=device, world_size=world_size,
                     dtype=training_dtype(train, device), compiled=compiled,
                     cudagraphs=compile_mode.replays(train.compile_mode, compiled=compiled, device_type=device.type),
-                    param_dtype=train.weights_dtype(strategy, device.type))
+                    param_dtype=parallel.weights_dtype(train.param_dtype, strategy, train.precision(device.type)))
 
 
 def build_model(s: Settings, *, init_weights: Optional[Callable[[], dict]] = None) -> tuple[nn.Module, Transformer]:

@@ -20,8 +20,8 @@ fp32 masters scaled DDP to 1.903-1.922x their own one GPU, against 1.86-1.87x wi
 gradients; on one GPU they were 1.2% faster than autocast over fp32 weights (docs/BENCHMARKS.md).
 The residual stream is then bf16, as it is under fsdp.
 
-Which dtype a run uses is decided in ``trainer.config`` (``weights_dtype``, ``param_dtype_refusal``),
-without torch, where the driver plans; this module is the worker's side.
+Which dtype a run uses is decided in ``trainer.parallel`` (``weights_dtype``) and ``trainer.config``
+(``param_dtype_refusal``), without torch, where the driver plans; this module is the worker's side.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch.nn as nn
 
 
 def torch_dtype(param_dtype: str) -> torch.dtype:
-    """The torch dtype of a resolved ``train.param_dtype`` (``TrainConfig.weights_dtype``)."""
+    """The torch dtype of a resolved ``train.param_dtype`` (``trainer.parallel.weights_dtype``)."""
     return torch.bfloat16 if param_dtype == "bf16" else torch.float32
 
 
