@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import psutil
 
 from orchestrator.preflight import health
+from orchestrator.preflight.health import MARKER
 from orchestrator.preflight.settings import ProbeSettings
 from trainer import strict_json
 from trainer.attention import guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
@@ -40,7 +41,6 @@ from trainer.attention import registry
 from trainer.attention.cache import glibc_version
 from trainer.attention.shape import AttentionShape
 
-MARKER = "PREFLIGHT-FACTS "
 SCHEMA = 1
 # Exit 3: the module imports but has no flash_attn_func. flash-attn-4 alone installs a
 # ``flash_attn`` namespace holding only ``cute``: FA2 is absent there, not broken.
