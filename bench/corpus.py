@@ -53,7 +53,7 @@ def collect(roots: list[Path], max_bytes: int) -> tuple[list[str], list[str]]:
 
 
 def build(out_dir: Path, roots: list[Path], *, max_mb: float, vocab_size: int) -> dict:
-    from trainer import preprocess
+    from orchestrator import preprocess
 
     docs, paths = collect(roots, int(max_mb * 2**20))
     if not docs:

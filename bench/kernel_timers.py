@@ -7,7 +7,7 @@ For every kernel that passes its check on this device (and standard attention), 
 - each timer of ``trainer.attention.timing.block_timer`` asked for: depth 0 is the attention block
   alone (the timer before 2026-11-28 16:00 UTC), depth N is N whole transformer blocks (norms,
   attention, MLP), each compiled as training compiles it;
-- the whole training step, ``orchestrator.bench.training.bench_variant`` with that kernel
+- the whole training step, ``bench.training.bench_variant`` with that kernel
   forced, ``--rounds`` times round-robin (median tokens/s).
 
 It prints one row per kernel and, per timer, the kernel it would choose, its end-to-end
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import training
 from orchestrator import config as config_mod
-from orchestrator.bench import training
 from trainer import attention, strict_json
 from trainer.attention import timing
 from trainer.step import training_dtype

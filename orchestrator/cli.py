@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.bench import command as bench_command
+from bench import command as bench_command
 from orchestrator import options
 from orchestrator.errors import Interrupted, RunFailed, UsageError
 
@@ -34,9 +34,9 @@ class Parser(argparse.ArgumentParser):
 def disable_flash_attn_from_env(args: argparse.Namespace, environ=None) -> None:
     """``DISABLE_FLASH_ATTN=1`` in the driver's environment means ``--disable-flash-attn``, as it
     did in our users' single-machine scripts; a resumed run keeps the choice it started with."""
-    from trainer import import_guard
+    from trainer.attention import guard
 
-    if getattr(args, "resume", None) or args.disable_flash_attn or not import_guard.disabled_by_env(environ):
+    if getattr(args, "resume", None) or args.disable_flash_attn or not guard.disabled_by_env(environ):
         return
     log.info("DISABLE_FLASH_ATTN=1 is set: flash attention disabled, as with --disable-flash-attn")
     args.disable_flash_attn = True
@@ -44,12 +44,12 @@ def disable_flash_attn_from_env(args: argparse.Namespace, environ=None) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.run import effective_options, process_started, train
-    from trainer import import_guard
+    from trainer.attention import guard
 
     disable_flash_attn_from_env(args)
     opts = options.from_args(args)
     if effective_options(opts)[0].disable_flash_attn:  # under --resume, as the run started
-        import_guard.install()  # no process of the run imports flash-attn, the driver included
+        guard.install()  # no process of the run imports flash-attn, the driver included
     summary = train(opts, command_started=process_started())
     log.info("summary:")
     for line in summary.describe():
@@ -99,7 +99,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from trainer import preprocess
+    from orchestrator import preprocess
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
@@ -151,9 +151,9 @@ def cmd_preflight(args: argparse.Namespace) -> int:
                                                             args.config_file or "built-in config"),
                             args.disable_flash_attn, timeout_s=args.timeout)
     if args.disable_flash_attn:
-        from trainer import import_guard
+        from trainer.attention import guard
 
-        import_guard.install()
+        guard.install()
     with ray_session(args.address, log_to_driver=args.debug):
         report = run_preflight(settings, fresh=args.fresh_preflight, expect_gpus=args.expect_gpus)
     json_path, log_path = report.write(Path(args.output_dir))

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 from orchestrator import launch
 from orchestrator.results import VariantResult
 from orchestrator.plan import Plan, PlannedVariant
-from trainer import ray_internals
+from orchestrator import ray_internals
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)

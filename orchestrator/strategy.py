@@ -2,7 +2,7 @@
 
 Pure: the planner calls ``resolve`` once the workers are placed, with what preflight found on
 each node (the smallest GPU's memory, the node's RAM) and the per-worker estimate of
-``trainer/memory.py``. A worker may use ``scaling.memory_headroom`` of its device: the rest is
+``orchestrator/memory.py``. A worker may use ``scaling.memory_headroom`` of its device: the rest is
 for what no estimate sees (allocator fragmentation, other processes). On a CPU node the
 workers placed there at the same time share its RAM.
 
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from orchestrator.errors import InfeasibleRequest
-from trainer import memory, parallel
+from orchestrator import memory
+from trainer import parallel
 from trainer.config import TrainConfig
 from trainer.model_args import ModelArgs
 

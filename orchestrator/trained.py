@@ -12,10 +12,9 @@ from typing import Optional
 
 import torch
 
-from orchestrator import config as config_mod
+from orchestrator import config as config_mod, preprocess
 from orchestrator.errors import UsageError
-from trainer import checkpoint, hf_convert
-from trainer import dataset as dataset_mod, preprocess
+from trainer import checkpoint, dataset as dataset_mod, hf_convert
 from trainer.model_args import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ def load(run_dir: Path, variant: Optional[str] = None, step: Optional[int] = Non
     ckpt = choose_checkpoint(run_dir / vc.name / checkpoint.STORAGE_NAME, step)
     data_path = Path(cfg.data.path) if cfg.data.path else preprocess.embedded_dataset()
     try:
-        tokenizer = dataset_mod.load_dataset(data_path).tokenizer()
+        tokenizer = preprocess.Tokenizer.of_dataset(dataset_mod.load_dataset(data_path))
     except dataset_mod.DataError as e:
         raise UsageError(f"{e} (the tokenizer of run {run_dir})") from None
     if tokenizer is None:

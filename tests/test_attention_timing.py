@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer import attention, user_cache
-from trainer.attention import cache, choice, kernels
+from trainer.attention import cache, choice
 from trainer.attention import timing as kernel_select
 from trainer.attention.shape import AttentionShape as Shape
 
@@ -116,7 +116,7 @@ def test_the_cache_directory_comes_from_the_environment(tmp_path):
 
 
 def test_resolve_times_every_passing_candidate_and_records_the_timings(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "flash_candidates", lambda device: ["sdpa_flash_cpu", "flash_attn_4", "sdpa_efficient"])
+    monkeypatch.setattr(choice, "flash_candidates", lambda device: ["sdpa_flash_cpu", "flash_attn_4", "sdpa_efficient"])
     monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
     timer = Timer({"sdpa_flash_cpu": 2.0})
     r = attention.choose("flash", SHAPE, torch.device("cpu"), timer=timer, reuse_verdict=False,
@@ -222,7 +222,7 @@ def test_standard_attention_timed_fastest_is_the_flash_variants_choice(tmp_path)
 
 
 def test_one_fused_kernel_and_standard_are_still_a_choice_and_resolve_returns_standard_attention(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "flash_candidates", lambda device: ["sdpa_flash_cpu"])
+    monkeypatch.setattr(choice, "flash_candidates", lambda device: ["sdpa_flash_cpu"])
     monkeypatch.setattr(kernel_select, "device_memory", lambda device: GPU_BYTES)
     monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
     timer = Timer({"sdpa_flash_cpu": 2.0, "standard": 1.0})

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from orchestrator.bench import command
+from bench import command
 from trainer import timing
 from tests.conftest import run_cli
 
@@ -60,9 +60,9 @@ def test_bad_bench_flags_are_usage_errors(tmp_path, cli_env, args, message):
 def test_bench_by_kernel_trains_every_candidate_on_the_same_config_and_names_the_fastest():
     import torch
 
-    from orchestrator import config as config_mod
-    from orchestrator.bench import training
-    from trainer import dataset as dataset_mod, preprocess
+    from orchestrator import config as config_mod, preprocess
+    from bench import training
+    from trainer import dataset as dataset_mod
 
     cfg = config_mod.validate(command.QUICK, "--quick")
     dataset = dataset_mod.load_dataset(preprocess.embedded_dataset())
@@ -130,9 +130,9 @@ def test_an_unknown_kernel_is_a_usage_error_listing_the_known_ones():
 def test_a_kernel_whose_package_is_not_installed_is_unavailable_by_name():
     import torch
 
-    from orchestrator import config as config_mod
-    from orchestrator.bench import training
-    from trainer import dataset as dataset_mod, preprocess
+    from orchestrator import config as config_mod, preprocess
+    from bench import training
+    from trainer import dataset as dataset_mod
 
     cfg = config_mod.validate(command.QUICK, "--quick")
     dataset = dataset_mod.load_dataset(preprocess.embedded_dataset())
@@ -144,7 +144,7 @@ def test_a_kernel_whose_package_is_not_installed_is_unavailable_by_name():
 
 
 def test_repeated_runs_give_one_row_per_entry_at_the_median_with_every_runs_figure():
-    from orchestrator.bench import training
+    from bench import training
 
     rows = [_row("sdpa_cudnn", 300.0, timed=True), _row("sdpa_cudnn", 380.0), _row("standard", 340.0, variant="standard"),
             _row("sdpa_cudnn", 390.0, timed=True), _row("sdpa_cudnn", 379.0), _row("standard", 330.0, variant="standard"),
@@ -163,9 +163,9 @@ def test_repeated_runs_give_one_row_per_entry_at_the_median_with_every_runs_figu
 def test_repeats_train_the_list_round_robin_on_cpu():
     import torch
 
-    from orchestrator import config as config_mod
-    from orchestrator.bench import training
-    from trainer import dataset as dataset_mod, preprocess
+    from orchestrator import config as config_mod, preprocess
+    from bench import training
+    from trainer import dataset as dataset_mod
 
     cfg = config_mod.validate(command.QUICK, "--quick")
     dataset = dataset_mod.load_dataset(preprocess.embedded_dataset())

@@ -4,10 +4,10 @@ against bf16 after N steps): the parsing, the comparison logic, and both on CPU.
 import pytest
 import torch
 
-from orchestrator import config as config_mod
-from orchestrator.bench import command, float8_check, sweep
+from bench import command, float8_check, sweep
+from orchestrator import config as config_mod, preprocess
 from orchestrator.errors import UsageError
-from trainer import dataset as dataset_mod, preprocess
+from trainer import dataset as dataset_mod
 
 
 def test_a_sweep_is_sections_keys_and_yaml_values():

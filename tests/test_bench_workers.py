@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from orchestrator.bench import command, workers
+from bench import command, workers
 from orchestrator.errors import UsageError
 from tests.conftest import run_cli
 

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer import dataset, preprocess
+from orchestrator import preprocess
+from trainer import dataset
 
 
 def _raw(tmp_path):
@@ -22,7 +23,7 @@ def test_preprocess_round_trip_decodes_back_to_the_input_text(tmp_path):
     meta = preprocess.preprocess(files, tmp_path / "out", vocab_size=300)
     ds = dataset.load_dataset(tmp_path / "out")
     assert meta["num_tokens"] == len(ds.tokens) and ds.vocab_size == meta["vocab_size"] <= 300
-    tok = ds.tokenizer()
+    tok = preprocess.Tokenizer.of_dataset(ds)
     ids = [int(t) for t in ds.tokens]
     # Split on EOS and decode each document: the three formats come back in order.
     pieces, cur = [], []
@@ -55,7 +56,7 @@ def test_a_users_sentencepiece_model_is_used_and_kept_with_the_data(tmp_path):
     meta = preprocess.preprocess(files, tmp_path / "out", tokenizer_path=tmp_path / "sp.model")
     (tmp_path / "sp.model").unlink()  # the dataset carries its own copy
     ds = dataset.load_dataset(tmp_path / "out")
-    tok = ds.tokenizer()
+    tok = preprocess.Tokenizer.of_dataset(ds)
     assert meta["tokenizer"]["kind"] == "sentencepiece" and ds.vocab_size == 40 and tok.eos_id == 2
     ids = [int(t) for t in ds.tokens]
     first_doc = ids[:ids.index(tok.eos_id)]

@@ -8,7 +8,7 @@ import pytest
 from orchestrator import rundir, yamlload
 from orchestrator.errors import UsageError
 from trainer.dataset import DataError
-from trainer.preprocess import read_text_file
+from orchestrator.preprocess import read_text_file
 
 
 @pytest.mark.parametrize("text,key,line", [

@@ -8,10 +8,9 @@ import pytest
 import torch
 import yaml
 
-from orchestrator import trained
+from orchestrator import preprocess, trained
 from orchestrator.cli import main
-from trainer import checkpoint
-from trainer import dataset as dataset_mod, preprocess
+from trainer import checkpoint, dataset as dataset_mod
 from trainer.attention import standard_attention
 from trainer.config import ModelConfig
 from trainer.model import Transformer
@@ -73,7 +72,7 @@ def test_export_of_the_newest_checkpoint_loads_in_transformers_with_our_logits(t
         "generation_config.json"])
     _assert_same_logits(out, models[6])
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    ours = dataset_mod.load_dataset(preprocess.embedded_dataset()).tokenizer()
+    ours = preprocess.Tokenizer.of_dataset(dataset_mod.load_dataset(preprocess.embedded_dataset()))
     text = "def f(x):\n    return x + 1  # the sum"
     assert tok(text).input_ids == ours.encode(text)
     assert tok.eos_token_id == ours.eos_id == json.loads((out / "generation_config.json").read_text())["eos_token_id"]
@@ -105,7 +104,7 @@ def test_tied_head_and_sentencepiece_tokenizer_export(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, models[6](ids), rtol=1e-5, atol=1e-5)
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    ours = dataset_mod.load_dataset(tmp_path / "ds").tokenizer()
+    ours = preprocess.Tokenizer.of_dataset(dataset_mod.load_dataset(tmp_path / "ds"))
     for text in ["the quick brown fox", "  jumps over\ndog number 17 "]:
         assert tok(text).input_ids == ours.encode(text)
 

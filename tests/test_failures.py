@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import errno
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-from trainer import failures
+from trainer import checkpoint, failures
 from trainer.config import TrainConfig
 
 
@@ -41,6 +42,12 @@ def test_failures_that_a_restart_repeats_are_deterministic(make, kind):
     found = failures.classify(make())
     assert found is not None and found.kind == kind
     assert str(found).endswith("(not retried: a restart would fail the same way)")
+
+
+def test_a_full_disk_at_a_checkpoint_fails_fast_with_its_own_message():
+    found = failures.classify(checkpoint.DiskFull(Path("/runs/r/checkpoint_00000004"), 2**20, 0))
+    assert found.kind == "no_space"
+    assert str(found).startswith("no space left on device: checkpoint /runs/r/checkpoint_00000004 needs about 1.0 MiB")
 
 
 @pytest.mark.parametrize("error", [

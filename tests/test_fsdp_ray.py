@@ -153,7 +153,7 @@ def test_a_full_disk_fails_once_with_a_clear_message_and_keeps_the_previous_chec
     overrides = {**BASE, "train": {**BASE["train"], "fault": {"kind": "enospc", "rank": 1, "step": 2 * EVERY}}}
     rec = _train(tmp_path, "full", overrides)["variants"]["flash"]
     storage = tmp_path / "runs" / "full" / "flash" / checkpoint.STORAGE_NAME
-    assert rec["status"] == "failed" and rec["restarts"] == 0, rec
+    assert rec["status"] == "failed" and rec["restarts"] == 0 and rec["failure_kind"] == "no_space", rec
     assert rec["error"].startswith("no space left on device: checkpoint ") and f"checkpoint_{2 * EVERY:08d}" in rec["error"]
     assert "needs about" in rec["error"]
     assert [d.name for d in checkpoint.checkpoint_dirs(storage)] == [f"checkpoint_{EVERY:08d}"]  # the partial one removed

@@ -68,9 +68,9 @@ def test_float8_converts_with_the_recorded_recipe_on_hopper():
 
 @pytest.mark.parametrize("impl", ["chunked", "liger"])
 def test_a_compiled_bf16_bench_step_with_the_fused_loss_starts_at_the_standard_loss(impl):
-    from orchestrator import config as config_mod
-    from orchestrator.bench import training
-    from trainer import dataset as dataset_mod, preprocess
+    from orchestrator import config as config_mod, preprocess
+    from bench import training
+    from trainer import dataset as dataset_mod
 
     if impl == "liger" and loss.liger_problem(torch.device("cuda")):
         pytest.skip(loss.liger_problem(torch.device("cuda")))

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator import trained
+from orchestrator import preprocess, trained
 from orchestrator.cli import main
 from orchestrator.run import TrainOptions, train
 from tests.conftest import TINY, write_config
 from tests.test_init_from import tiny_llama
-from trainer import dataset as dataset_mod, preprocess
+from trainer import dataset as dataset_mod
 from trainer.attention import standard_attention
 from trainer.model import Transformer
 

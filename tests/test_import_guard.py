@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 from tests.conftest import ROOT
-from trainer import import_guard
+from trainer.attention import guard
 
 
 def _fake_flash_attn(tmp_path):
@@ -52,7 +52,7 @@ def test_install_drops_already_imported_modules(tmp_path, monkeypatch):
     import flash_attn  # noqa: F401  (the fake one)
 
     try:
-        import_guard.install()
+        guard.install()
         assert "flash_attn" not in sys.modules
         try:
             import flash_attn  # noqa: F401,F811
@@ -60,11 +60,11 @@ def test_install_drops_already_imported_modules(tmp_path, monkeypatch):
         except ImportError as e:
             assert "blocked" in str(e)
     finally:
-        import_guard.uninstall()
+        guard.uninstall()
 
 
 def test_unrelated_modules_are_not_blocked():
-    assert not import_guard.is_blocked("flash_attention_utils")
-    assert not import_guard.is_blocked("hopper_tools")
-    assert import_guard.is_blocked("flash_attn_2_cuda")
-    assert import_guard.is_blocked("flash_attn.ops.triton")
+    assert not guard.is_blocked("flash_attention_utils")
+    assert not guard.is_blocked("hopper_tools")
+    assert guard.is_blocked("flash_attn_2_cuda")
+    assert guard.is_blocked("flash_attn.ops.triton")

@@ -8,10 +8,11 @@ import pytest
 import torch
 import yaml
 
+from orchestrator import preprocess
 from orchestrator.errors import UsageError
 from orchestrator.run import TrainOptions, prepare
 from tests.conftest import write_config
-from trainer import dataset as dataset_mod, preprocess
+from trainer import dataset as dataset_mod
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator import interrupt
 from orchestrator.errors import Interrupted
-from trainer import ray_internals
+from orchestrator import ray_internals
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -16,10 +16,11 @@ from orchestrator.errors import UsageError
 from orchestrator.plan import Plan, PlannedVariant
 from trainer import master_weights
 from trainer.attention import standard_attention
-from trainer.config import TrainConfig, weights_dtype
+from trainer.config import TrainConfig
 from trainer.master_weights import MasterWeights
 from trainer.model import ModelArgs, Transformer
 from trainer.optim import build_optimizer, optimizer_for
+from trainer.parallel import weights_dtype
 from trainer.parallel.fsdp import mixed_precision
 from trainer.step import Stepper
 
@@ -49,7 +50,7 @@ def test_auto_is_bf16_only_where_fsdp_computes_in_bf16():
     assert weights_dtype("auto", "ddp", "bf16") == "fp32"  # autocast over fp32 weights, as before the key
     assert weights_dtype("bf16", "ddp", "bf16") == "bf16" and weights_dtype("fp32", "fsdp", "bf16") == "fp32"
     tc = TrainConfig(param_dtype="auto")  # dtype auto: bf16 on a GPU, fp32 on a CPU
-    assert (tc.weights_dtype("fsdp", "cuda"), tc.weights_dtype("fsdp", "cpu")) == ("bf16", "fp32")
+    assert [weights_dtype(tc.param_dtype, "fsdp", tc.precision(d)) for d in ("cuda", "cpu")] == ["bf16", "fp32"]
     assert mixed_precision(torch.bfloat16).param_dtype == torch.bfloat16
     assert mixed_precision(torch.float32).param_dtype is None  # fp32 gathers, autocast casts
 
@@ -97,7 +98,7 @@ def test_the_masters_step_exactly_as_adamw_steps_fp32_weights_and_the_weights_ar
 def test_clipping_sees_the_fp32_gradients_on_the_masters():
     model = _model()
     master_weights.cast_parameters(model, torch.bfloat16)
-    opt = MasterWeights(model, TC, torch.device("cpu"))
+    opt = optimizer_for(model, TC, torch.device("cpu"))
     stepper = Stepper(model, opt, device=torch.device("cpu"), dtype=torch.bfloat16, grad_accum=1, grad_clip=1e-3)
     x = torch.randint(0, ARGS.vocab_size, (2, 16))
     before = [m.detach().clone() for m in opt.masters]
@@ -111,7 +112,7 @@ def test_clipping_sees_the_fp32_gradients_on_the_masters():
 def test_a_checkpoint_keeps_the_masters_as_the_model_weights_and_loads_either_way(tie):
     model = _model(tie=tie)
     master_weights.cast_parameters(model, torch.bfloat16)
-    opt = MasterWeights(model, TC, torch.device("cpu"))
+    opt = optimizer_for(model, TC, torch.device("cpu"))
     for m in opt.masters:  # masters that bf16 cannot hold exactly
         m.data.add_(1e-4)
     state = master_weights.model_state(model, opt)
@@ -123,7 +124,7 @@ def test_a_checkpoint_keeps_the_masters_as_the_model_weights_and_loads_either_wa
 
     again = _model(seed=1, tie=tie)  # a resume: other weights, the same structure
     master_weights.cast_parameters(again, torch.bfloat16)
-    opt2 = MasterWeights(again, TC, torch.device("cpu"))
+    opt2 = optimizer_for(again, TC, torch.device("cpu"))
     master_weights.load_model_state(again, opt2, state)
     assert all(torch.equal(a, b) for a, b in zip(opt2.masters, opt.masters))  # exact, not through bf16
     assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(again.parameters(), opt2.masters))
@@ -162,7 +163,7 @@ def test_training_with_bf16_weights_tracks_autocast_over_fp32_weights():
 
 
 def test_the_memory_estimate_counts_bf16_weights_beside_their_masters():
-    from trainer import memory
+    from orchestrator import memory
 
     tc = TrainConfig(dtype="bf16")
     n = memory.param_counts(ARGS)[0]
@@ -181,7 +182,7 @@ def test_the_memory_estimate_counts_bf16_weights_beside_their_masters():
 def test_the_bench_refuses_bf16_weights_where_it_computes_in_fp32_and_records_what_ran():
     import numpy as np
 
-    from orchestrator.bench import training
+    from bench import training
     from trainer.config import ModelConfig
 
     m = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2)

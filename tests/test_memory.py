@@ -1,4 +1,4 @@
-"""The per-worker memory estimate (trainer/memory.py): hand-computed cases on a tiny model, the
+"""The per-worker memory estimate (orchestrator/memory.py): hand-computed cases on a tiny model, the
 parameter count against the real model, and the estimate against a measured CPU peak."""
 
 import json
@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from orchestrator.memory import RUNTIME_BYTES, estimate, param_counts
 from trainer.config import ModelConfig, TrainConfig
-from trainer.memory import RUNTIME_BYTES, estimate, param_counts
 from trainer.model import Transformer
 
 # dim 8, one block, 2 query heads of dim 4, 1 kv head, FFN 16, vocab 10, tied head.
@@ -122,10 +122,11 @@ def test_unknown_strategy_is_refused():
 MEASURE = """
 import json, resource, sys
 import psutil, torch
-from trainer import attention, preprocess
+from orchestrator import preprocess
+from orchestrator.memory import estimate
+from trainer import attention
 from trainer.config import ModelConfig, TrainConfig
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
-from trainer.memory import estimate
 from trainer.model import Transformer
 from trainer.optim import build_optimizer
 from trainer.step import Stepper

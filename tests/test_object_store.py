@@ -168,7 +168,8 @@ def test_a_dataset_in_a_bucket_is_fetched_once_per_node_and_again_when_it_change
 
     from orchestrator.options import TrainOptions
     from orchestrator.run import prepare
-    from trainer import location, preprocess
+    from orchestrator import preprocess
+    from trainer import location
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     uri = f"s3://{BUCKET}/datasets/pydoc"

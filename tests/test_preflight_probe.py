@@ -143,10 +143,10 @@ def test_an_fa2_less_namespace_error_text_is_classified_as_not_installed_not_unk
 def test_probe_times_every_kernel_that_passed_at_the_run_shape_and_caches_the_choice(tmp_path, monkeypatch):
 
     from orchestrator.preflight import probe
-    from trainer.attention import cache, kernels
+    from trainer.attention import cache, choice
 
     # Two kernels pass on this CPU: the fused one and (standing in for a second fused kernel) standard.
-    monkeypatch.setattr(kernels, "flash_candidates", lambda device: ["sdpa_flash_cpu", "standard"])
+    monkeypatch.setattr(choice, "flash_candidates", lambda device: ["sdpa_flash_cpu", "standard"])
     monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
     shape = AttentionShape(head_dim=16, n_heads=4, n_kv_heads=2, seq_len=32, micro_batch=2)
     settings = probe.build_parser().parse_args(["--shape", shape.to_json()])
@@ -165,7 +165,7 @@ def test_the_probe_times_the_kernels_in_the_runs_whole_blocks_its_mlp_width_and_
     from orchestrator import config as config_mod
     from orchestrator.preflight import probe
     from orchestrator.preflight.settings import settings_for
-    from trainer.attention import cache, kernels
+    from trainer.attention import cache, choice
     from trainer.attention import timing as kernel_select
 
     cfg = config_mod.validate({"model": {"dim": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2},
@@ -176,7 +176,7 @@ def test_the_probe_times_the_kernels_in_the_runs_whole_blocks_its_mlp_width_and_
     told = json.loads(argv[argv.index("--shape") + 1])
     assert told["ffn_hidden"] == 192 and told["activation_checkpointing"] == 1
 
-    monkeypatch.setattr(kernels, "flash_candidates", lambda device: ["sdpa_flash_cpu", "standard"])
+    monkeypatch.setattr(choice, "flash_candidates", lambda device: ["sdpa_flash_cpu", "standard"])
     monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
     timed = []
     real = kernel_select.block_timer

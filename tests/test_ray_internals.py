@@ -1,4 +1,4 @@
-"""Ray's private parts that this project relies on (trainer/ray_internals.py), checked against
+"""Ray's private parts that this project relies on (orchestrator/ray_internals.py), checked against
 the installed Ray without starting it: a Ray upgrade that changes one fails here, by name."""
 
 import inspect
@@ -9,11 +9,12 @@ from ray.train.v2._internal.execution.controller.controller import TrainControll
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.train.v2.api.exceptions import ControllerError
 
-from trainer import ray_internals
+from orchestrator import ray_internals
+from trainer import checkpoint
 
 
 def test_the_checkpoint_snapshot_file_is_the_one_ray_train_writes():
-    assert constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == ray_internals.CHECKPOINT_SNAPSHOT_FILE
+    assert constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == checkpoint.SNAPSHOT_FILE
 
 
 def test_fit_still_hands_the_controller_to_the_sigint_hook_we_override():
@@ -81,7 +82,7 @@ def test_token_auth_can_still_be_switched_on_after_ray_is_imported():
 
     # In a process of its own: the switch is process-wide. RAY_AUTH_MODE unset, Ray imported first.
     code = ("import os, ray; os.environ.pop('RAY_AUTH_MODE', None); from ray._raylet import AuthenticationMode, "
-            "get_authentication_mode; from trainer import ray_internals; before = get_authentication_mode(); "
+            "get_authentication_mode; from orchestrator import ray_internals; before = get_authentication_mode(); "
             "ray_internals.enable_token_auth(); "
             "print(before != AuthenticationMode.TOKEN, get_authentication_mode() == AuthenticationMode.TOKEN, "
             "os.environ['RAY_AUTH_MODE'])")

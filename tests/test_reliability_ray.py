@@ -16,11 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator import launch
+from orchestrator import launch, preprocess
 from orchestrator.plan import PlannedVariant
 from tests.conftest import write_config
 from tests.procs import leftovers, session_dirs
-from trainer import checkpoint, metrics, preprocess
+from trainer import checkpoint, metrics
 from trainer.config import ModelConfig, TrainConfig
 from trainer.worker_spec import WorkerSpec
 

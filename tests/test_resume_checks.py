@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
+from orchestrator import preprocess
 from orchestrator.errors import UsageError
 from orchestrator.run import TrainOptions, train
 from tests.conftest import write_config
-from trainer import dataset, preprocess
+from trainer import dataset
 
 pytestmark = pytest.mark.ray
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.bench import startup
+from bench import startup
 from orchestrator.cli import build_parser
 from orchestrator.launch import worker_threads_env
 from orchestrator.results import VariantResult

@@ -87,7 +87,7 @@ def test_the_smallest_gpu_of_the_plan_decides():
 
 
 def test_a_higher_headroom_lets_a_tight_plan_through():
-    from trainer.memory import estimate
+    from orchestrator.memory import estimate
 
     w = work(ModelConfig(dim=512, n_layers=4, n_heads=8), TrainConfig(micro_batch_size=16))
     need = estimate(w.model, w.train, strategy="ddp", world_size=2, attention="flash", device="cpu").total
@@ -103,7 +103,7 @@ def test_variants_that_fit_the_cpus_together_but_not_the_ram_run_one_after_the_o
     model, train = ModelConfig(dim=512, n_layers=4, n_heads=8), TrainConfig(micro_batch_size=16, seq_len=256)
     wl = {v.name: work(model, train) for v in both}
     one = wl["standard"]
-    from trainer.memory import estimate
+    from orchestrator.memory import estimate
     need = estimate(one.model, one.train, strategy="ddp", world_size=2, attention="standard", device="cpu").total
     ram = int(3 * need / 0.9)  # room for 3 of the 4 workers the concurrent plan would put here
     plan = make_plan(both, ScalingConfig(num_workers=2), [cpu_node(cpus=4, ram=ram)], wl)

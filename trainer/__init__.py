@@ -5,7 +5,7 @@ flash-attn import guard goes in here: with DISABLE_FLASH_ATTN=1 in the worker's 
 (set by the driver before the process starts) no later import can pull flash-attn in.
 """
 
-from trainer import import_guard
+from trainer.attention import guard
 
-if import_guard.disabled_by_env():
-    import_guard.install()
+if guard.disabled_by_env():
+    guard.install()

@@ -1,7 +1,7 @@
 """The training setup, built once: what a run resolves on its device (``Settings``), then the
 model (on the meta device, spread by its strategy, float8, compiled), the optimizer (on fp32
 masters where the weights are bf16) and the step (``Trainer``). The Ray worker loop
-(``trainer/loop.py``) and ``bench`` (``orchestrator/bench/training.py``) both build through
+(``trainer/loop.py``) and ``bench`` (``bench/training.py``) both build through
 here, so the bench times what training runs.
 """
 
@@ -69,7 +69,7 @@ def settings(model: ModelConfig, train: TrainConfig, *, strategy: str, vocab_siz
                     train=train, strategy=strategy, device=device, world_size=world_size,
                     dtype=training_dtype(train, device), compiled=compiled,
                     cudagraphs=compile_mode.replays(train.compile_mode, compiled=compiled, device_type=device.type),
-                    param_dtype=train.weights_dtype(strategy, device.type))
+                    param_dtype=parallel.weights_dtype(train.param_dtype, strategy, train.precision(device.type)))
 
 
 def build_model(s: Settings, *, init_weights: Optional[Callable[[], dict]] = None) -> tuple[nn.Module, Transformer]:

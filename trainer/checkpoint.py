@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from trainer import location, safe_load
-from trainer.ray_internals import CHECKPOINT_SNAPSHOT_FILE as SNAPSHOT_FILE  # Ray's controller writes it on registration
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,10 @@ DCP_DIR = "dcp"
 DCP_METADATA = ".metadata"  # DCP's index, written by rank 0 once every rank's shards are down
 STORAGE_NAME = "checkpoints"  # Ray Train's experiment name inside a variant's directory
 REJECTED_NAME = "rejected_checkpoints"  # beside STORAGE_NAME: what a resume found unusable, kept for a look
+# Ray Train V2's controller writes its list of registered checkpoints here, in the run's storage
+# directory; --resume and the worker's checkpoint choice read it. A private name of Ray's
+# (CHECKPOINT_MANAGER_SNAPSHOT_FILENAME), checked by tests/test_ray_internals.py.
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # A checkpoint needs about its tensors' bytes; the margin covers pickling and the filesystem.
 SPACE_MARGIN = 1.1
 

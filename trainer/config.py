@@ -8,14 +8,12 @@ from typing import Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from trainer import parallel
+from trainer.float8 import Float8Recipe
 from trainer.model_args import ModelArgs
 
 # The attentions a variant can ask for; trainer/attention/ resolves each to a kernel.
 AttentionName = Literal["flash", "standard"]
 ATTENTIONS: tuple[str, ...] = get_args(AttentionName)
-# torchao's float8 scaling recipes (train.float8_recipe; trainer/float8.py converts with them).
-Float8Recipe = Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"]
 # The output head + cross-entropy (train.loss_impl; trainer/loss.py computes each).
 LossImpl = Literal["standard", "chunked", "liger"]
 
@@ -24,15 +22,6 @@ def precision(dtype: str, device_type: str) -> Literal["bf16", "fp32"]:
     """A ``train.dtype`` on a ``device_type`` ('cuda' or 'cpu') device: bf16 autocast on GPU (or
     when asked), fp32 otherwise. The preflight probe applies the same rule to the run's settings."""
     return "bf16" if dtype == "bf16" or (dtype == "auto" and device_type == "cuda") else "fp32"
-
-
-def weights_dtype(param_dtype: str, strategy: str, precision: str) -> Literal["fp32", "bf16"]:
-    """The weights' dtype in forward and backward (``train.param_dtype``; trainer/master_weights.py)
-    under ``strategy`` at compute ``precision``: auto is bf16 under fsdp computing in bf16 (FSDP2's
-    mixed precision, whose fp32 shards are the masters), else fp32 (autocast casts them)."""
-    if param_dtype != "auto":
-        return param_dtype  # type: ignore[return-value]
-    return parallel.get(strategy).weights_dtype(precision)  # type: ignore[return-value]
 
 
 def param_dtype_refusal(param_dtype: str, precision: str) -> Optional[str]:
@@ -180,11 +169,6 @@ class TrainConfig(Strict):
     def precision(self, device_type: str) -> Literal["bf16", "fp32"]:
         """The compute precision on a ``device_type`` ('cuda' or 'cpu') device (``precision``)."""
         return precision(self.dtype, device_type)
-
-    def weights_dtype(self, strategy: str, device_type: str) -> Literal["fp32", "bf16"]:
-        """The weights' dtype in forward and backward under ``strategy`` on a ``device_type``
-        device (``weights_dtype``)."""
-        return weights_dtype(self.param_dtype, strategy, self.precision(device_type))
 
     def param_dtype_refusal(self, device_type: str) -> Optional[str]:
         """Why ``param_dtype`` cannot run on a ``device_type`` device (``param_dtype_refusal``):

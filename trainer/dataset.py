@@ -2,7 +2,7 @@
 (``meta.json``), memory-mapped, and the batches drawn from it.
 
 The header names the tokenizer, vocab size, dtype and token count; it is written last (by
-``trainer/preprocess.py``), so a directory with a header is complete. Batches are a pure
+``orchestrator/preprocess.py``), so a directory with a header is complete. Batches are a pure
 function of (seed, step, rank), so a resumed run sees exactly the batches it would have seen,
 and two variants with one seed see the same data in the same order.
 """
@@ -13,12 +13,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from trainer.preprocess import Tokenizer
 
 FORMAT_VERSION = 1
 META_FILE, TOKENS_FILE, TOKENIZER_FILE = "meta.json", "tokens.bin", "tokenizer.json"
@@ -41,12 +37,6 @@ class TokenDataset:
     @property
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
-
-    def tokenizer(self) -> Tokenizer | None:
-        from trainer.preprocess import Tokenizer  # tokenizers and sentencepiece: only where text is decoded
-
-        f = self.meta["tokenizer"].get("file")
-        return Tokenizer.from_file(self.path / f) if f else None
 
 
 def load_dataset(path: str | Path) -> TokenDataset:

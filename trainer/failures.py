@@ -5,7 +5,9 @@ checkpoint. That is right for a killed worker or a lost node, and wasted minutes
 allocation that does not fit (the restart allocates the same shapes), a full disk, or a bad
 config or code path. Those are classified here, in the worker, where the original exception
 is at hand; ``fail_fast`` re-raises them as ``DeterministicFailure``, and the driver's failure
-policy (orchestrator/failure_policy.py) fails the variant on the first one.
+policy (orchestrator/failure_policy.py) fails the variant on the first one. This is the one
+way a worker stops a run for good: code that knows its failure is deterministic raises
+``DeterministicFailure(kind, cause)`` itself.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def classify(e: BaseException) -> Optional[DeterministicFailure]:
         return DeterministicFailure("out_of_memory", f"out of memory: {_first_line(e)}; lower "
                                     "train.micro_batch_size or train.seq_len, or use more workers")
     if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "no space left on device" in text:
-        return DeterministicFailure("no_space", f"no space left on device: {_first_line(e)}")
+        # checkpoint.DiskFull's own message says so already, and what to free
+        said = isinstance(e, OSError) and str(e.strerror).startswith("no space left on device")
+        return DeterministicFailure("no_space", e.strerror if said else f"no space left on device: {_first_line(e)}")
     if isinstance(e, CODE_OR_CONFIG):
         return DeterministicFailure("config", f"error in the worker's config or code: {_first_line(e)}")
     return None

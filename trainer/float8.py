@@ -10,9 +10,7 @@ refused before launch (``refusal``), and again in the worker (``convert``). The 
 from __future__ import annotations
 
 import logging
-from typing import Optional, get_args
-
-from trainer.config import Float8Recipe
+from typing import Literal, Optional, get_args
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +20,7 @@ INSTALL = "pip install 'flash-orchestrator[float8]'"
 # one dynamic scale per tensor, is the fastest of the three and torchao's default; rowwise and
 # rowwise_with_gw_hp scale per row (more accurate, slower matmuls; the latter keeps the weight
 # gradient's matmul in high precision). The record names the one that ran.
+Float8Recipe = Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"]
 RECIPES: tuple[str, ...] = get_args(Float8Recipe)
 RECIPE = "tensorwise"  # the default
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import (builder, checkpoint, compile_mode, driver_watch, failures, finite, hf_checkpoint, import_guard,
-                     location, overlap, timing)
-from trainer.attention import IMPLS, choose, describe
+from trainer import (builder, checkpoint, compile_mode, driver_watch, failures, finite, hf_checkpoint, location,
+                     overlap, timing)
+from trainer.attention import IMPLS, choose, describe, guard
 from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
 from trainer.metrics import MetricsWriter, append_attempt
 from trainer.optim import lr_at
@@ -37,7 +37,7 @@ def attention_from_env(environ=None) -> str:
     DISABLE_FLASH_ATTN=1 always wins, as it did in our users' single-machine scripts.
     """
     env = os.environ if environ is None else environ
-    if import_guard.disabled_by_env(env):
+    if guard.disabled_by_env(env):
         return "standard"
     impl = env.get("ATTN_IMPL", "flash").strip().lower()
     if impl not in IMPLS:
@@ -113,7 +113,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 torch.cuda.set_device(device)  # the current device is per thread
             # The node's preflight verdict, when it holds; else the fastest at this shape (cached per node).
             result = choose(requested, s.attention_shape, device, log_dir=Path(spec.out_dir).parent,
-                            flash_attn_allowed=not import_guard.installed(), before_timing=lambda _: built.wait(),
+                            flash_attn_allowed=not guard.installed(), before_timing=lambda _: built.wait(),
                             looked_up=looked_up.set)
             return result, time.time()
         finally:
@@ -137,7 +137,7 @@ def train_loop_per_worker(config: dict) -> dict:
         "rejected_kernels": resolved.rejected,
         "preflight_verdict": resolved.verdict,
         "env": {k: os.environ[k] for k in ATTN_ENV_VARS if k in os.environ},
-        "flash_attn_imports_blocked": import_guard.installed(),
+        "flash_attn_imports_blocked": guard.installed(),
     }
     workers = [None] * world
     dist.all_gather_object(workers, worker_info)
@@ -216,10 +216,6 @@ def train_loop_per_worker(config: dict) -> dict:
                          "samples_consumed": sampler.consumed(done), "world_size": world,
                          "variant": spec.variant, "strategy": spec.strategy, "record": progress.record}
                 last_checkpoint = save(done, state, {"step": done, "loss": progress.record.get("loss")}) or last_checkpoint
-    except checkpoint.DiskFull as e:
-        # Deterministic: a restart would hit the same full disk. The variant fails at once.
-        log.error("rank %d: %s", rank, e)
-        return {"variant": spec.variant, "status": "failed", "error": e.strerror, "strategy": spec.strategy}
     finally:
         if writer:
             writer.close()

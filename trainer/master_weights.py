@@ -20,18 +20,20 @@ fp32 masters scaled DDP to 1.903-1.922x their own one GPU, against 1.86-1.87x wi
 gradients; on one GPU they were 1.2% faster than autocast over fp32 weights (docs/BENCHMARKS.md).
 The residual stream is then bf16, as it is under fsdp.
 
-Which dtype a run uses is decided in ``trainer.config`` (``weights_dtype``, ``param_dtype_refusal``),
-without torch, where the driver plans; this module is the worker's side.
+Which dtype a run uses is decided in ``trainer.parallel`` (``weights_dtype``) and ``trainer.config``
+(``param_dtype_refusal``), without torch, where the driver plans; this module is the worker's side.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 
 def torch_dtype(param_dtype: str) -> torch.dtype:
-    """The torch dtype of a resolved ``train.param_dtype`` (``TrainConfig.weights_dtype``)."""
+    """The torch dtype of a resolved ``train.param_dtype`` (``trainer.parallel.weights_dtype``)."""
     return torch.bfloat16 if param_dtype == "bf16" else torch.float32
 
 
@@ -45,7 +47,7 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 class MasterWeights:
-    """AdamW (``trainer.optim.build_optimizer``'s, same groups) on fp32 master copies of a
+    """An optimizer (``trainer.optim.optimizer_for``'s AdamW, same groups) on fp32 master copies of a
     model's bf16 parameters. A step: ``take_grads`` moves the bf16 gradients into the masters as
     fp32 (what clipping sees), ``step`` updates the masters and copies them into the parameters.
 
@@ -53,15 +55,13 @@ class MasterWeights:
     checkpoint's optimizer state loads either way; the masters travel as the checkpoint's model
     weights (``model_state`` / ``load_model_state``)."""
 
-    def __init__(self, model: nn.Module, tc, device: torch.device):
-        from trainer.optim import build_optimizer
-
+    def __init__(self, model: nn.Module, build: Callable[[nn.Module], torch.optim.Optimizer]):
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         holder = nn.Module()  # the masters in the model's parameter order, for build_optimizer's groups
         holder.masters = nn.ParameterList([nn.Parameter(p.detach().float().clone()) for p in self.params])
         self.masters = list(holder.masters)
-        self.inner = build_optimizer(holder, tc, device)
+        self.inner = build(holder)
 
     @property
     def param_groups(self) -> list[dict]:

@@ -8,6 +8,7 @@ import math
 import torch
 
 from trainer.config import TrainConfig
+from trainer.master_weights import MasterWeights
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -32,8 +33,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 def optimizer_for(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
     """``build_optimizer``'s AdamW, on fp32 master copies where the model's weights are bf16
     (``train.param_dtype``: trainer/master_weights.py). FSDP's shards are fp32 already."""
-    from trainer.master_weights import MasterWeights
-
     if any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
-        return MasterWeights(model, cfg, device)
+        return MasterWeights(model, lambda masters: build_optimizer(masters, cfg, device))
     return build_optimizer(model, cfg, device)

@@ -38,7 +38,7 @@ import yaml
 
 from trainer import attention, master_weights, parallelize, strict_json
 from trainer.config import ModelConfig, TrainConfig
-from trainer.optim import build_optimizer
+from trainer.optim import optimizer_for
 from trainer.parallel import ddp
 from trainer.step import Stepper, to_device
 
@@ -233,7 +233,7 @@ def _worker(rank: int, world: int, port: int, change: dict, steps: tuple[int, in
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    optimizer = master_weights.MasterWeights(raw, tc, dev) if master else build_optimizer(model, tc, dev)
+    optimizer = optimizer_for(raw, tc, dev)  # AdamW on fp32 masters where the weights are bf16
     stepper = Stepper(model, optimizer, device=dev, dtype=dtype, grad_accum=1, grad_clip=tc.grad_clip)
     rng = np.random.default_rng(rank)
     shape = (tc.micro_batch_size, tc.seq_len)

@@ -1,6 +1,6 @@
 """The local tokenizer and text dataset torchtitan reads, so that nothing comes from a hub.
 
-The text is our embedded corpus (CPython's pydoc topics, ``trainer.preprocess.embedded_texts``)
+The text is our embedded corpus (CPython's pydoc topics, ``orchestrator.preprocess.embedded_texts``)
 and the tokenizer the same byte-level BPE ours trains on it, saved the way torchtitan's
 ``HuggingFaceTokenizer`` loads a folder: ``tokenizer.json`` plus ``tokenizer_config.json`` naming
 BOS and EOS. The dataset is one JSON-lines file with a ``text`` field, the layout of torchtitan's
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.preprocess import EMBEDDED_VOCAB, Tokenizer, embedded_texts
+from orchestrator.preprocess import EMBEDDED_VOCAB, Tokenizer, embedded_texts
 
 BOS, EOS = "<|begin_of_text|>", "<|endoftext|>"
 DATA_FILE = "pydoc.jsonl"

@@ -16,8 +16,8 @@ from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.rules import Verdict
 from orchestrator import rundir
 from orchestrator.results import PREFLIGHT_FILE
-from trainer import import_guard, strict_json
-from trainer.attention import LOG_FILE
+from trainer import strict_json
+from trainer.attention import LOG_FILE, guard
 
 # flash_nodes' key for the nodes whose kernel choice was still being timed when the plan was made.
 PENDING = "(timing)"
@@ -147,7 +147,7 @@ class PreflightReport:
         s = self.settings
         lines = [f"Flash attention compatibility log - preflight at {self.created}",
                  f"checked: causal fwd+bwd, head dim {s.shape.head_dim}, {s.shape.n_heads} query / {s.shape.n_kv_heads} kv heads, "
-                 f"dtype {s.shape.dtype}; {import_guard.DISABLED_REASON if s.disable_flash_attn else 'flash attention enabled'}",
+                 f"dtype {s.shape.dtype}; {guard.DISABLED_REASON if s.disable_flash_attn else 'flash attention enabled'}",
                  *[f"note: {n}" for n in self.notes], ""]
         for n in self.nodes:
             v = n.verdict

@@ -26,6 +26,8 @@ from typing import Optional, Protocol
 from orchestrator.preflight.rules import Cause
 
 NVML_ENV = "FLASH_ORCH_NVML"
+# The line's start before a child's facts on stdout, this module's and the probe's alike.
+MARKER = "PREFLIGHT-FACTS "
 
 HEALTHY, DEGRADED, UNHEALTHY = "healthy", "degraded", "unhealthy"
 # The GEMM canary: one bf16 matmul of fixed, seeded inputs; big enough to reach a GPU's peak.
@@ -180,7 +182,6 @@ def main() -> int:
     facts, for a node whose cached probe result is reused (its hardware may have changed since)."""
     import sys
 
-    from orchestrator.preflight.probe import MARKER
     from trainer import strict_json
 
     real_stdout, sys.stdout = sys.stdout, sys.stderr  # whatever the checks print must not mix with the facts

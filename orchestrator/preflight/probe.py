@@ -33,14 +33,14 @@ from typing import Callable, Optional
 import psutil
 
 from orchestrator.preflight import health
+from orchestrator.preflight.health import MARKER
 from orchestrator.preflight.settings import ProbeSettings
 from trainer import strict_json
-from trainer import import_guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
+from trainer.attention import guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
 from trainer.attention import registry
 from trainer.attention.cache import glibc_version
 from trainer.attention.shape import AttentionShape
 
-MARKER = "PREFLIGHT-FACTS "
 SCHEMA = 1
 # Exit 3: the module imports but has no flash_attn_func. flash-attn-4 alone installs a
 # ``flash_attn`` namespace holding only ``cute``: FA2 is absent there, not broken.
@@ -236,7 +236,7 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
     one candidate, or a choice cached for this node and shape)."""
     import torch
 
-    from trainer.attention import choice, kernels
+    from trainer.attention import choice
 
     shape = settings.shape
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -244,10 +244,10 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
              "head_dim": shape.head_dim, "n_heads": shape.n_heads, "n_kv_heads": shape.n_kv_heads}
     imported = {i["kernel"]: i for i in imports}
     skip = {}
-    for name in kernels.flash_candidates(device):
+    for name in choice.flash_candidates(device):
         module = registry.BACKENDS[name].module if name in registry.BACKENDS else None
         if disabled:
-            skip[name] = import_guard.DISABLED_REASON
+            skip[name] = guard.DISABLED_REASON
         elif module and name not in imported:
             skip[name] = f"{module} is not installed"
         elif module and not imported[name]["ok"]:
@@ -264,9 +264,9 @@ def kernel_checks(settings: argparse.Namespace, imports: list[dict], disabled: b
 def gather(settings: argparse.Namespace, early: Optional[Callable[[dict], None]] = None) -> dict:
     """The node's facts; ``early(facts)`` gets them once more before kernels are timed, with
     ``kernel_selection`` DEFERRED (never when there is nothing to time)."""
-    disabled = settings.disable_flash_attn or import_guard.disabled_by_env()
+    disabled = settings.disable_flash_attn or guard.disabled_by_env()
     if disabled:
-        import_guard.install()
+        guard.install()
     facts: dict = {
         "schema": SCHEMA, "hostname": platform.node(), "os": platform.platform(), "arch": platform.machine(),
         "python": platform.python_version(), "glibc": glibc_version(),

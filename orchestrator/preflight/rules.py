@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from orchestrator.preflight import elf
-from trainer import import_guard
+from trainer.attention import guard
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def verdict(facts: dict) -> Verdict:
             issues.append(Issue(f"kernel {name}", cause, result.get("error", "")))
 
     if disabled:
-        return Verdict(False, None, import_guard.DISABLED_REASON, backends, issues)
+        return Verdict(False, None, guard.DISABLED_REASON, backends, issues)
     if crashed_imports:
         # A worker told ATTN_IMPL=flash may import flash-attn (we or third-party code do); only
         # DISABLE_FLASH_ATTN=1, which means standard attention, keeps a crashing import out of it.

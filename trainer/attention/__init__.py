@@ -1,8 +1,9 @@
 """Attention: which kernel a worker runs, chosen in one place.
 
-registry (one entry per backend) -> kernels (the functions, the correctness check) -> timing
-(in the model's own blocks, at the run's shape) -> cache (per node, under one key) -> choice:
-``choose``, what the preflight probe and the worker both call. The shape that keys it all is
+kernels (the functions, the correctness check) -> registry (one entry per backend, loading its
+function) -> timing (in the model's own blocks, at the run's shape) -> cache (per node, under one
+key) -> choice: a kernel by name, checked here, and ``choose``, what the preflight probe and the
+worker both call. The shape that keys it all is
 ``AttentionShape``. See docs/architecture-attention.md.
 
 The names below load on first use: the import guard and the probe child read the registry
@@ -15,8 +16,8 @@ import importlib
 LOG_FILE = "flash_attention_log.txt"
 _EXPORTS = {"AttentionShape": "shape", "Backend": "registry", "register": "registry", "BACKENDS": "registry",
             "choose": "choice", "Resolved": "choice", "IMPLS": "choice",
-            "standard_attention": "kernels", "unresolved": "kernels", "kernel_fn": "kernels", "kernel_names": "kernels",
-            "check_kernel": "kernels", "checked_fn": "kernels", "flash_candidates": "kernels", "describe": "timing"}
+            "standard_attention": "kernels", "unresolved": "kernels", "kernel_fn": "choice", "kernel_names": "choice",
+            "check_kernel": "kernels", "checked_fn": "choice", "flash_candidates": "choice", "describe": "timing"}
 __all__ = list(_EXPORTS)
 
 

@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from trainer import atomic_write, import_guard, user_cache
-from trainer.attention import registry
+from trainer import atomic_write, user_cache
+from trainer.attention import guard, registry
 from trainer.attention.shape import AttentionShape
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # The code that checks and times: a change must not be answered from an older result. Read, not
 # imported: the probe is the driver's code, this package the worker's.
 _CODE = ("orchestrator/preflight/probe.py", "orchestrator/preflight/child.py", "orchestrator/preflight/elf.py",
-         "trainer/import_guard.py", *sorted(str(p.relative_to(_PACKAGE_ROOT)) for p in Path(__file__).parent.glob("*.py")))
+         *sorted(str(p.relative_to(_PACKAGE_ROOT)) for p in Path(__file__).parent.glob("*.py")))
 _LIBSTDCXX_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                    "/lib/x86_64-linux-gnu", "/lib64")
 
@@ -141,7 +141,7 @@ def node_key(shape: AttentionShape, disabled: bool, environ: Optional[Mapping[st
     """What a probe result and a kernel timing on this node depend on, as plain JSON; ``disabled``:
     flash attention switched off by flag (the node's own DISABLE_FLASH_ATTN counts too)."""
     env = os.environ if environ is None else environ
-    return {**node_facts(env), "shape": asdict(shape), "disabled": bool(disabled or import_guard.disabled_by_env(env))}
+    return {**node_facts(env), "shape": asdict(shape), "disabled": bool(disabled or guard.disabled_by_env(env))}
 
 
 def node_facts(env: Mapping[str, str]) -> dict:

@@ -44,6 +44,48 @@ class Resolved:
     verdict: dict = field(default_factory=dict)  # what became of the node's preflight verdict
 
 
+def flash_candidates(device: torch.device) -> list[str]:
+    """The flash candidates on ``device``, in the order tried (registry)."""
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    return registry.candidates(device.type, major)
+
+
+def kernel_fn(name: str) -> AttnFn:
+    """The attention function for a kernel name; importing a flash_attn package may raise."""
+    if name == "standard":
+        return standard_attention
+    if name not in registry.BACKENDS:
+        raise ValueError(f"unknown attention kernel {name!r}; expected one of {', '.join(kernel_names())}")
+    return registry.BACKENDS[name].load()
+
+
+def kernel_names() -> tuple[str, ...]:
+    return ("standard", *registry.BACKENDS)
+
+
+def checked_fn(name: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, n_heads: int,
+               n_kv_heads: int) -> AttnFn:
+    """``kernel_fn(name)`` once it passed ``kernels.check_kernel`` here; raises when it does not.
+
+    A kernel that refuses native GQA on this device (not every fused SDPA kernel takes it) is
+    checked again with K and V repeated, so the kernel is not lost for a GQA model.
+    """
+    shape = dict(device=device, dtype=dtype, head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+    backend = registry.BACKENDS.get(name)
+    if backend is not None and backend.max_head_dim is not None and head_dim > backend.max_head_dim:
+        raise ValueError(f"head dim {head_dim} is above {name}'s {backend.max_head_dim}")
+    fn = kernel_fn(name)
+    try:
+        kernels.check_kernel(fn, **shape)
+        return fn
+    except Exception:
+        if backend is None or backend.repeat_kv is None or n_heads == n_kv_heads or not kernels.SDPA_HAS_GQA:
+            raise
+    fn = backend.repeat_kv()
+    kernels.check_kernel(fn, **shape)
+    return fn
+
+
 def _first_line(text: str) -> str:
     text = text.strip()
     return text.splitlines()[0] if text else ""
@@ -67,7 +109,7 @@ def check(names: list[str], shape: AttentionShape, device: torch.device, dtype: 
             continue
         started = time.monotonic()
         try:
-            passed[name] = kernels.checked_fn(name, device=device, dtype=dtype, head_dim=shape.head_dim,
+            passed[name] = checked_fn(name, device=device, dtype=dtype, head_dim=shape.head_dim,
                                               n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # surface asynchronous kernel errors here, not later
@@ -154,7 +196,7 @@ def choose(requested: str, shape: AttentionShape, device: torch.device, *, flash
     skip = dict(skip or {})
     if not flash_attn_allowed:
         skip.update({b.name: BLOCKED for b in registry.packaged() if b.name not in skip})
-    passed, checks, rejected = check(kernels.flash_candidates(device), shape, device, dtype, skip=skip,
+    passed, checks, rejected = check(flash_candidates(device), shape, device, dtype, skip=skip,
                                      first_only=not time_kernels)
     if not passed:
         log.warning("no flash kernel works on this worker; using standard attention: %s", rejected)
@@ -212,9 +254,9 @@ def _reuse(kernel: str, timings: dict[str, float], info: dict, path: Path, shape
     (kernel, error) where the verdict was wrong, its entry then marked stale)."""
     try:
         # Standard attention is a choice only where preflight timed it fastest.
-        if kernel not in kernels.flash_candidates(device) and not (kernel == "standard" and kernel in timings):
+        if kernel not in flash_candidates(device) and not (kernel == "standard" and kernel in timings):
             raise RuntimeError(f"{kernel} is not a flash candidate on {device.type}")
-        fn = kernels.kernel_fn(kernel)
+        fn = kernel_fn(kernel)
         kernels.check_kernel(fn, device=device, dtype=dtype, head_dim=shape.head_dim, n_heads=shape.n_heads,
                              n_kv_heads=shape.n_kv_heads)
     except Exception as e:  # any failure (import, launch, numerics) means the verdict no longer holds

@@ -18,7 +18,6 @@ from typing import Callable
 
 import torch
 
-from trainer.attention import registry
 
 NAMESPACE = "flash_orchestrator"
 # (q, k, v, softmax_scale) -> (out, lse); lse: (B, nh, T) fp32.
@@ -82,8 +81,8 @@ def register(name: str, fwd: FwdFn, bwd: BwdFn) -> AttnFn:
 # ---------------------------------------------------------------- FA4 (flash_attn.cute)
 
 def fa4() -> AttnFn:
-    """FA4's causal attention as a custom op; importing flash_attn.cute may raise."""
-    registry.enable_fa4_disk_cache()
+    """FA4's causal attention as a custom op; importing flash_attn.cute may raise (the registry's
+    loader switches FA4's disk cache on first)."""
     from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
     def fwd(q, k, v, softmax_scale):

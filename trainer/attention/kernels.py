@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trainer.attention import registry
 from trainer.model import AttnFn  # the attention callable the model takes
 
 # SDPA takes GQA natively (enable_gqa) from torch 2.5 on.
@@ -82,25 +81,6 @@ def flash_attn_func(module: str) -> AttnFn:
     return attn
 
 
-def flash_candidates(device: torch.device) -> list[str]:
-    """The flash candidates on ``device``, in the order tried (registry)."""
-    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-    return registry.candidates(device.type, major)
-
-
-def kernel_fn(name: str) -> AttnFn:
-    """The attention function for a kernel name; importing a flash_attn package may raise."""
-    if name == "standard":
-        return standard_attention
-    if name not in registry.BACKENDS:
-        raise ValueError(f"unknown attention kernel {name!r}; expected one of {', '.join(kernel_names())}")
-    return registry.BACKENDS[name].load()
-
-
-def kernel_names() -> tuple[str, ...]:
-    return ("standard", *registry.BACKENDS)
-
-
 def check_kernel(
     fn: AttnFn, *, device: torch.device, dtype: torch.dtype, head_dim: int, n_heads: int, n_kv_heads: int
 ) -> None:
@@ -123,28 +103,3 @@ def check_kernel(
         err = (got.float() - want).abs().max().item()
         if not math.isfinite(err) or err > tol * max(1.0, want.abs().max().item()):
             raise RuntimeError(f"{what} differs from standard attention by {err:.3g} (tolerance {tol})")
-
-
-def checked_fn(name: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, n_heads: int,
-               n_kv_heads: int) -> AttnFn:
-    """``kernel_fn(name)`` once it passed ``check_kernel`` here; raises when it does not.
-
-    A kernel that refuses native GQA on this device (not every fused SDPA kernel takes it) is
-    checked again with K and V repeated, so the kernel is not lost for a GQA model.
-    """
-    shape = dict(device=device, dtype=dtype, head_dim=head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
-    backend = registry.BACKENDS.get(name)
-    if backend is not None and backend.max_head_dim is not None and head_dim > backend.max_head_dim:
-        raise ValueError(f"head dim {head_dim} is above {name}'s {backend.max_head_dim}")
-    fn = kernel_fn(name)
-    try:
-        check_kernel(fn, **shape)
-        return fn
-    except Exception:
-        if backend is None or backend.repeat_kv is None or n_heads == n_kv_heads or not SDPA_HAS_GQA:
-            raise
-    fn = backend.repeat_kv()
-    check_kernel(fn, **shape)
-    return fn
-
-

@@ -100,6 +100,7 @@ def enable_fa4_disk_cache(environ=os.environ) -> None:
 
 
 def _fa4() -> AttnFn:
+    enable_fa4_disk_cache()
     from trainer.attention import flash_op
 
     return flash_op.fa4()

@@ -17,7 +17,7 @@ FP32, BF16 = 4, 2
 
 @dataclass(frozen=True)
 class StateBytes:
-    """One worker's model state at its peak, by part (``trainer/memory.py`` adds the rest)."""
+    """One worker's model state at its peak, by part (``orchestrator/memory.py`` adds the rest)."""
 
     params: int
     grads: int
@@ -82,6 +82,15 @@ def get(name: str) -> Strategy:
         return STRATEGIES[name]
     except KeyError:
         raise ValueError(f"strategy {name!r}; expected one of {', '.join(NAMES)}") from None
+
+
+def weights_dtype(param_dtype: str, strategy: str, precision: str) -> Literal["fp32", "bf16"]:
+    """The weights' dtype in forward and backward (``train.param_dtype``; trainer/master_weights.py)
+    under ``strategy`` at compute ``precision``: auto is bf16 under fsdp computing in bf16 (FSDP2's
+    mixed precision, whose fp32 shards are the masters), else fp32 (autocast casts them)."""
+    if param_dtype != "auto":
+        return param_dtype  # type: ignore[return-value]
+    return get(strategy).weights_dtype(precision)  # type: ignore[return-value]
 
 
 def sharding(shards: bool) -> str:

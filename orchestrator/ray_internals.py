@@ -2,20 +2,13 @@
 
 Ray does not promise to keep these across releases; ``tests/test_ray_internals.py`` checks
 each one against the installed Ray without starting it, so a Ray upgrade that changes one
-fails there, by name, rather than somewhere in a run. Tested with Ray 2.60.
-
-Here rather than in ``orchestrator/``: the worker (``trainer/checkpoint.py``) reads the
-snapshot file too, and ``trainer/`` never imports ``orchestrator/``.
+fails there, by name, rather than somewhere in a run. Tested with Ray 2.60. The one the worker
+needs too, the name of the checkpoint snapshot file, is ``trainer.checkpoint.SNAPSHOT_FILE``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-# Ray Train V2's controller writes its list of registered checkpoints here, in the run's
-# storage directory; --resume and the worker's checkpoint choice read it
-# (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).
-CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 # The method DataParallelTrainer.fit calls with the controller actor (main thread only) to
 # install Ray's own SIGINT handler; orchestrator/launch.py overrides it to keep the handle

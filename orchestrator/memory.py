@@ -139,7 +139,7 @@ def estimate(model: ModelArgs, train: TrainConfig, *, strategy: str, world_size:
     """
     parallelism = parallel.get(strategy)  # ValueError naming the strategies for another name
     e = BF16 if train.precision(device) == "bf16" else FP32
-    w = BF16 if train.weights_dtype(strategy, device) == "bf16" else FP32  # train.param_dtype, resolved
+    w = BF16 if parallel.weights_dtype(train.param_dtype, strategy, train.precision(device)) == "bf16" else FP32
     compiled = train.compiles(device)
     n, block, root = param_counts(model)
     state = parallelism.state_bytes(n, block, root, world_size=world_size, weights=w)

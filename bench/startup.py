@@ -45,7 +45,7 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from orchestrator.session import remove_session_dir
-from trainer import ray_internals
+from orchestrator import ray_internals
 ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 t_ray = time.time()
 session = ray_internals.local_session_dir()

@@ -150,12 +150,12 @@ def markdown(report: dict) -> str:
                       + (f"{c['vs_standard']:.3f}x standard" if c.get("vs_standard") else "standard did not run")
                       + f": {c['verdict']}", ""]
     if report.get("sweep"):
-        from orchestrator.bench import sweep
+        from bench import sweep
 
         lines += ["## Candidates against the baseline (bare process, one variant)", "",
                   *sweep.markdown(report["sweep"]), ""]
     if report.get("float8_check"):
-        from orchestrator.bench import float8_check
+        from bench import float8_check
 
         lines += ["## float8 against bf16", "", *float8_check.markdown(report["float8_check"]), ""]
     if report.get("ray"):
@@ -167,7 +167,7 @@ def markdown(report: dict) -> str:
             lines += ["time from command to first step, by phase (s): " +
                       ", ".join(f"{k} {v:.1f}" for k, v in r["startup_s"].items()), ""]
     if report.get("workers"):
-        from orchestrator.bench import workers
+        from bench import workers
 
         lines += ["## Worker counts, under Ray Train", ""] + workers.markdown(report["workers"]) + [""]
     return "\n".join(lines)
@@ -176,7 +176,7 @@ def markdown(report: dict) -> str:
 def _kernels(text: str | None, device: torch.device) -> list[str] | None:
     if not text:
         return None
-    from orchestrator.bench import kernels
+    from bench import kernels
     from trainer import attention
 
     if text.strip() == "all":
@@ -265,7 +265,7 @@ def cmd_startup(args: argparse.Namespace) -> int:
 
     import torch
 
-    from orchestrator.bench import startup
+    from bench import startup
 
     if args.quick:
         raise UsageError("--startup times the train command itself; drop --quick")
@@ -291,9 +291,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # Here, not at the top: the CLI builds every command's flags, and --help must not wait for torch.
     import torch
 
-    from orchestrator import config as config_mod
-    from orchestrator.bench import kernels, training
-    from trainer import dataset as dataset_mod, preprocess
+    from orchestrator import config as config_mod, preprocess
+    from bench import kernels, training
+    from trainer import dataset as dataset_mod
     from trainer.config import ATTENTIONS
 
     cfg = config_mod.validate(QUICK, "--quick") if args.quick else config_mod.load(args.config_file)
@@ -311,7 +311,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise UsageError(f"--repeats must be at least 1 (got {args.repeats})")
     if args.sweep:
-        from orchestrator.bench import sweep
+        from bench import sweep
 
         sweep.configs(cfg, args.sweep)  # every override checked before anything runs
     if args.float8_check and args.steps <= warmup:
@@ -345,7 +345,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                     vocab_size=dataset.vocab_size, device=device, warmup=warmup, iters=iters,
                                     on_row=save_partial("sweep"))
     if args.float8_check:
-        from orchestrator.bench import float8_check
+        from bench import float8_check
 
         report["float8_check"] = float8_check.run(
             cfg, variant=variants[0], tokens=dataset.tokens, vocab_size=dataset.vocab_size, device=device,
@@ -367,7 +367,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.ray:
         report["ray"] = ray_share(cfg, args, variants[0], dataset, device, warmup, iters)
     if args.workers:
-        from orchestrator.bench import workers
+        from bench import workers
 
         every = cfg.train.log_every
         report["workers"] = workers.run(cfg, args.workers, variant=variants[0], output_dir=args.output_dir,
@@ -385,7 +385,7 @@ def ray_share(cfg, args, variant: str, dataset, device, warmup: int, iters: int)
     """The same variant at the config's sequence length and the same number of steps: the
     bare loop vs TorchTrainer, one worker. Equal lengths matter: a GPU's speed drifts a few
     percent over a minute of training, so a short bare run against a long Ray run misleads."""
-    from orchestrator.bench import training
+    from bench import training
     from orchestrator.run import TrainOptions, train
 
     every = cfg.train.log_every

@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from trainer import atomic_write, user_cache
-from trainer.dataset import FORMAT_VERSION, META_FILE, SENTENCEPIECE_FILE, TOKENIZER_FILE, TOKENS_FILE, DataError
+from trainer.dataset import (FORMAT_VERSION, META_FILE, SENTENCEPIECE_FILE, TOKENIZER_FILE, TOKENS_FILE, DataError,
+                             TokenDataset)
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,12 @@ class Tokenizer:
             raise DataError(f"{path}: not a tokenizers JSON file ({e})") from None
         eos = next((tok.token_to_id(t) for t in ("<|endoftext|>", "</s>", "<eos>") if tok.token_to_id(t) is not None), 0)
         return cls("tokenizers", tok, eos, tok.get_vocab_size())
+
+    @classmethod
+    def of_dataset(cls, ds: TokenDataset) -> "Tokenizer | None":
+        """The tokenizer a dataset was written with, if it was copied beside it."""
+        f = ds.meta["tokenizer"].get("file")
+        return cls.from_file(ds.path / f) if f else None
 
     @classmethod
     def train_bpe(cls, texts: list[str], vocab_size: int) -> "Tokenizer":

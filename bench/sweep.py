@@ -59,7 +59,7 @@ def with_deltas(rows: list[dict]) -> list[dict]:
 def run(base: config_mod.RunConfig, sweeps: list[str], *, variant: str, tokens, vocab_size: int, device,
         warmup: int, iters: int, on_row=None) -> list[dict]:
     """Train the baseline and every sweep (``variant``'s attention); rows in that order."""
-    from orchestrator.bench import training
+    from bench import training
 
     rows = []
     for label, cfg in configs(base, sweeps):

@@ -85,7 +85,7 @@ def _finite(x: float) -> bool:
 def run(cfg, *, variant: str, tokens, vocab_size: int, device, steps: int, warmup: int,
         tolerance: float = TOLERANCE, on_row=None) -> dict:
     """bf16, float8, and bf16 at seed + 1 (the spread), ``steps`` steps each."""
-    from orchestrator.bench import training
+    from bench import training
 
     if steps <= warmup:
         raise ValueError(f"--steps ({steps}) must exceed --warmup ({warmup})")

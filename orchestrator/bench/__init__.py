@@ -1,1 +1,0 @@
-"""Benchmarks: attention kernels and training steps, as JSON and a markdown table."""
