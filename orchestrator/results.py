@@ -206,9 +206,10 @@ class RunSummary(Record):
         lines = []
         for name, r in self.variants.items():
             if r.status == "succeeded":
+                held_out = "" if r.final_val_loss is None else \
+                    f" (held-out {r.final_val_loss:.3f}, eval {fmt(r.eval_s, '.1f')} s)"
                 lines.append(f"  {name}: succeeded, kernel {r.backend}, {r.steps} steps, loss "
-                             f"{fmt(r.first_loss, '.3f')} -> {fmt(r.final_loss, '.3f')}"
-                             f"{'' if r.final_val_loss is None else f' (held-out {r.final_val_loss:.3f})'}, "
+                             f"{fmt(r.first_loss, '.3f')} -> {fmt(r.final_loss, '.3f')}{held_out}, "
                              f"{fmt(r.tokens_per_s, '.0f')} tok/s, peak mem {mib(r.peak_mem_bytes)}, "
                              f"restarts {r.restarts}")
             elif r.status == "skipped":

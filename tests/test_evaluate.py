@@ -41,10 +41,12 @@ def test_without_a_held_out_fraction_training_keeps_every_window():
     assert evaluate.split(_dataset(100), SEQ, val_fraction=0.0, val_path=None) == (100, None)
 
 
-def test_the_evaluation_batches_are_the_first_held_out_windows_in_order_the_last_one_short():
+def test_the_evaluation_batches_are_the_first_held_out_windows_in_order_and_full_where_they_can_be():
     _, heldout = evaluate.split(_dataset(100), SEQ, val_fraction=0.1, val_path=None)
     batches = heldout.batches(micro_batch=4, eval_batches=8)
-    assert [len(x) for x, _ in batches] == [4, 4, 2]
+    assert [len(x) for x, _ in batches] == [4, 4]
+    assert (batches[1][0][0] == heldout.tokens[94 * SEQ:95 * SEQ]).all()
+    assert [len(x) for x, _ in heldout.batches(micro_batch=16, eval_batches=8)] == [10]  # short: none is full
     again = heldout.batches(micro_batch=4, eval_batches=8)
     assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(batches, again))
     assert len(heldout.batches(micro_batch=4, eval_batches=2)) == 2
@@ -55,7 +57,7 @@ def test_val_loss_is_the_mean_cross_entropy_over_every_held_out_token():
     args = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1).args(vocab_size=VOCAB, max_seq_len=SEQ)
     model = Transformer(args, standard_attention)
     _, heldout = evaluate.split(_dataset(100), SEQ, val_fraction=0.1, val_path=None)
-    batches = heldout.batches(micro_batch=4, eval_batches=8)
+    batches = heldout.batches(micro_batch=3, eval_batches=8)
     out = evaluate.summary(*evaluate.loss_sums(model, batches, device=torch.device("cpu"), dtype=torch.float32))
     x = torch.from_numpy(np.concatenate([b[0] for b in batches]))
     y = torch.from_numpy(np.concatenate([b[1] for b in batches]))
@@ -63,7 +65,7 @@ def test_val_loss_is_the_mean_cross_entropy_over_every_held_out_token():
         logits, _ = model(x, y)
     expected = F.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1)).item()
     assert out["val_loss"] == pytest.approx(expected, rel=1e-6)
-    assert out["val_tokens"] == 10 * SEQ and len(out["val_batch_losses"]) == 3
+    assert out["val_tokens"] == 9 * SEQ and len(out["val_batch_losses"]) == 3
     assert out["val_ppl"] == pytest.approx(np.exp(expected), rel=1e-6)
 
 

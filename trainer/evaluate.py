@@ -37,8 +37,11 @@ class HeldOut:
     seq_len: int
 
     def batches(self, micro_batch: int, eval_batches: int) -> list[Batch]:
-        """The first ``eval_batches`` runs of ``micro_batch`` held-out windows (the last may be short)."""
+        """The first ``eval_batches`` runs of ``micro_batch`` held-out windows. A short last run is
+        dropped where a full one exists: under torch.compile a new shape compiles again."""
         ids = self.windows[: micro_batch * eval_batches]
+        if len(ids) >= micro_batch:
+            ids = ids[: len(ids) // micro_batch * micro_batch]
         return [get_batch(self.tokens, ids[i:i + micro_batch], self.seq_len) for i in range(0, len(ids), micro_batch)]
 
 
