@@ -37,6 +37,21 @@ def test_the_held_out_windows_are_never_sampled_for_training():
     assert sampled.isdisjoint(int(w) for w in heldout.windows)
 
 
+def test_the_held_out_windows_stay_out_of_training_across_elastic_resizes():
+    """2 workers, then 1, then 3, each continuing from the last one's data position as the loop
+    does (BatchSampler.continue_from), through several epochs: no held-out window is trained on."""
+    trained, heldout = evaluate.split(_dataset(100), SEQ, val_fraction=0.1, val_path=None)
+    sampled, consumed, step = set(), 0, 0
+    for world, until in ((2, 20), (1, 50), (3, 80)):
+        sampler = BatchSampler(seed=3, n_windows=trained, micro_batch=4, grad_accum=2, world_size=world)
+        sampler.continue_from(step, consumed)
+        sampled |= {int(w) for st in range(step, until) for micro in range(2) for rank in range(world)
+                    for w in sampler.indices(st, micro, rank)}
+        step, consumed = until, sampler.consumed(until)
+    assert consumed > 5 * trained and sampled == set(range(90))
+    assert sampled.isdisjoint(int(w) for w in heldout.windows)
+
+
 def test_without_a_held_out_fraction_training_keeps_every_window():
     assert evaluate.split(_dataset(100), SEQ, val_fraction=0.0, val_path=None) == (100, None)
 
