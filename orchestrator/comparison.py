@@ -21,10 +21,10 @@ from typing import Optional
 
 import yaml
 
-from orchestrator import plots
+from orchestrator import heldout, plots
 from orchestrator.errors import UsageError
-from orchestrator.results import (CONFIG_FILE, LOSS_PNG, MEMORY_PNG, PLAN_FILE, REPORT_FILE, THROUGHPUT_PNG, RunSummary,
-                                  VariantResult, fmt, mib, read_summary)
+from orchestrator.results import (CONFIG_FILE, LOSS_PNG, MEMORY_PNG, PLAN_FILE, REPORT_FILE, THROUGHPUT_PNG, VAL_LOSS_PNG,
+                                  RunSummary, VariantResult, fmt, mib, read_summary)
 from trainer.metrics import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,9 @@ def _variant_table(variants: dict[str, VariantResult]) -> list[str]:
         ("peak memory (rank 0)", lambda r: mib(r.peak_mem_bytes, "–")),
         ("first loss", lambda r: _fmt(r.first_loss, ".4f")),
         ("final loss", lambda r: _fmt(r.final_loss, ".4f")),
+        ("held-out loss (final)", lambda r: _fmt(r.final_val_loss, ".4f")),
+        ("held-out loss (best, step)", lambda r: f"{_fmt(r.best_val_loss, '.4f')} ({_fmt(r.best_val_step, 'd')})"),
+        ("evaluation time", lambda r: _fmt(r.eval_s, ",.1f", " s")),
         ("restarts", lambda r: str(r.restarts)),
         ("wall time", lambda r: _fmt(r.wall_time_s, ",.1f", " s")),
     ]
@@ -176,7 +179,33 @@ def _ratio_table(variants: dict[str, VariantResult], pairs: list[tuple[str, str]
     return out
 
 
-def render(summary: RunSummary, plan: Optional[dict], parities: list[Parity], images: list[str], run_dir: Path) -> str:
+def held_out_verdicts(variants: dict[str, VariantResult], series: dict[str, list[dict]], config: Optional[dict],
+                      ) -> list[heldout.Verdict]:
+    """The first succeeded variant against each other one on held-out loss; a pair of one model
+    (flash vs standard, or one model twice) is also checked for parity within the loss-parity
+    tolerance of its dtype."""
+    ok = [n for n, r in variants.items() if r.status == "succeeded"]
+    out = []
+    for other in ok[1:]:
+        a, b = variants[ok[0]], variants[other]
+        same_model = _not_comparable(config, ok[0], other, a, b) is None
+        table = SAME_KERNEL_RTOL if a.backend == b.backend else PARITY_RTOL
+        rtol = table.get(a.dtype or "float32", table["bfloat16"]) if same_model else None
+        out += heldout.compare(ok[0], other, series.get(ok[0], []), series.get(other, []), rtol)
+    return out
+
+
+def _held_out_section(verdicts: list[heldout.Verdict]) -> list[str]:
+    lines = ["", "## Held-out loss", "",
+             "Every variant evaluates the same held-out batches (docs/validation.md); the difference is paired by "
+             f"batch, and called when it exceeds {heldout.Z:g} standard errors.", ""]
+    for v in verdicts:
+        lines.append(f"- {v.text}" + (f"; {v.parity}" if v.parity else ""))
+    return lines + ([] if verdicts else ["- not compared: needs two succeeded variants that evaluated"])
+
+
+def render(summary: RunSummary, plan: Optional[dict], parities: list[Parity], images: list[str], run_dir: Path,
+           verdicts: list[heldout.Verdict] = ()) -> str:
     run, variants = summary.run, summary.variants
     pairs = [(p.flash, p.standard) for p in parities]
     lines = [f"# Run `{run.name}`: {' vs '.join(variants) or 'no variants'}", ""]
@@ -220,6 +249,7 @@ def render(summary: RunSummary, plan: Optional[dict], parities: list[Parity], im
     if not parities:
         lines.append("- not checked: needs two succeeded variants" if disabled else
                      "- not checked: needs a succeeded flash variant and a succeeded standard variant")
+    lines += _held_out_section(list(verdicts))
     lines += ["", "## Charts", ""] + [f"![{Path(i).stem}]({i})" for i in images]
     lines += ["", "## TensorBoard", "",
               "Every variant logs to `<run>/<variant>/tb`; one command overlays them:", "",
@@ -231,10 +261,12 @@ def render(summary: RunSummary, plan: Optional[dict], parities: list[Parity], im
 class ComparisonReport:
     path: Path
     parities: list[Parity]
+    verdicts: list[heldout.Verdict]
 
     def describe(self) -> list[str]:
         lines = [f"report: {self.path}"]
         lines += [f"  loss parity {p.flash} vs {p.standard}: {p.detail}" for p in self.parities]
+        lines += [f"  held-out: {v.text}" + (f"; {v.parity}" if v.parity else "") for v in self.verdicts]
         return lines
 
 
@@ -262,11 +294,14 @@ def write(run_dir: Path) -> ComparisonReport:
     images = []
     if series:
         images.append(plots.loss(series, run_dir / LOSS_PNG).name)
+        if any(r.get("val_loss") is not None for recs in series.values() for r in recs):
+            images.append(plots.validation(series, run_dir / VAL_LOSS_PNG).name)
         steady = {n: variants[n].tokens_per_s for n in series}
         images.append(plots.throughput(series, steady, run_dir / THROUGHPUT_PNG).name)
     peaks = {n: (r.peak_mem_bytes, r.peak_mem_kind or "peak") for n, r in variants.items() if r.peak_mem_bytes}
     if peaks:
         images.append(plots.memory(peaks, run_dir / MEMORY_PNG).name)
+    verdicts = held_out_verdicts(variants, series, config)
     path = run_dir / REPORT_FILE
-    path.write_text(render(summary, plan, parities, images, run_dir))
-    return ComparisonReport(path, parities)
+    path.write_text(render(summary, plan, parities, images, run_dir, verdicts))
+    return ComparisonReport(path, parities, verdicts)

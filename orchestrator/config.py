@@ -20,6 +20,11 @@ from trainer.config import AttentionName, ModelConfig, Strict, TrainConfig
 
 
 
+# Held out by default: a tenth of the embedded corpus (128k tokens) is ~100 windows at seq_len 128,
+# room for train.eval_batches' default 8 batches of 8.
+DEFAULT_VAL_FRACTION = 0.1
+
+
 def _checked_selector(selector: dict[str, str]) -> dict[str, str]:
     labels.check(selector)
     return selector
@@ -75,6 +80,25 @@ class ScalingConfig(Strict):
 
 class DataConfig(Strict):
     path: Optional[str] = Field(None, description="a preprocessed token dataset; null = the embedded corpus")
+    val_fraction: Optional[float] = Field(
+        None, ge=0, lt=1, description="the tail of the data's windows held out for evaluation, never trained on; "
+                                      "null = 0.1 (about 100 windows of the embedded corpus at seq_len 128), or 0 "
+                                      "with val_path")
+    val_path: Optional[str] = Field(None, description="a second preprocessed dataset (same tokenizer) to evaluate "
+                                    "on, in place of val_fraction")
+
+    @model_validator(mode="after")
+    def _one_held_out_split(self) -> "DataConfig":
+        if self.val_path and self.val_fraction:
+            raise ValueError("give data.val_fraction or data.val_path, not both")
+        return self
+
+    @property
+    def held_out_fraction(self) -> float:
+        """The fraction of ``path`` held out: ``val_fraction``, or its default."""
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return 0.0 if self.val_path else DEFAULT_VAL_FRACTION
 
 
 class VariantConfig(Strict):

@@ -119,10 +119,12 @@ def results_page() -> str:
              f"| `{results.OPTIONS_FILE}` | the command-line options |",
              f"| `{results.PLAN_FILE}` | the plan: variants, workers, GPU or CPU, nodes, label selectors, env flags, "
              "strategy, memory estimate, concurrent or sequential |",
-             f"| `{results.REPORT_FILE}`, `{results.LOSS_PNG}`, `{results.THROUGHPUT_PNG}`, `{results.MEMORY_PNG}` | "
-             "the comparison report: `python -m orchestrator report RUN_DIR` writes it again |",
+             f"| `{results.REPORT_FILE}`, `{results.LOSS_PNG}`, `{results.VAL_LOSS_PNG}`, `{results.THROUGHPUT_PNG}`, "
+             f"`{results.MEMORY_PNG}` | the comparison report: `python -m orchestrator report RUN_DIR` writes it again |",
              f"| `<variant>/{results.VARIANT_FILES[0]}` | one JSON line per logged step: `step`, `loss`, `lr`, "
-             "`grad_norm`, `step_time_s`, `tokens_per_s`, `tokens`; on GPU also `tokens_per_s_per_gpu` and `mfu` |",
+             "`grad_norm`, `step_time_s`, `tokens_per_s`, `tokens`; on GPU also `tokens_per_s_per_gpu` and `mfu`; "
+             "on evaluation steps `val_loss`, `val_ppl`, `val_batch_losses`, `val_tokens`, `eval_s` "
+             "([validation](validation.md)) |",
              "| `<variant>/tb/` | TensorBoard events: `tensorboard --logdir RUN_DIR` overlays the variants |",
              "| `<variant>/checkpoints/` | Ray Train checkpoints, by step zero-padded to 8 digits "
              "(`checkpoint_00000050`) |",

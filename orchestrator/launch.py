@@ -207,9 +207,10 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     if record["status"] == "failed" and attempts and "failure_kind" not in record:  # say which knob allows more
         record["error"] += (f" (gave up after {record['restarts']} restart(s): scaling.max_failures is "
                             f"{max_failures})")
+    logged = read_metrics(vdir / METRICS_FILE)
     if "steps" not in record:  # the worker returned no result: count what it logged
-        logged = read_metrics(vdir / METRICS_FILE)
         record["steps"] = logged[-1]["step"] if logged else 0
+    record.update(results.validation_fields(logged))
     record.setdefault("num_workers", v.num_workers)
     record.setdefault("use_gpu", v.use_gpu)
     ended = time.time()

@@ -1,4 +1,4 @@
-"""The comparison report's PNG charts: loss against step, throughput, peak memory.
+"""The comparison report's PNG charts: loss and held-out loss against step, throughput, peak memory.
 
 matplotlib's object API (``Figure``, no pyplot): no global backend or figure state, so it is
 safe from any thread and never needs a display.
@@ -34,6 +34,19 @@ def loss(series: Series, path: Path) -> Path:
         style = {"linewidth": 4, "alpha": 0.45} if i == 0 else {"linewidth": 1.4, "linestyle": _DASHES[(i - 1) % 3]}
         ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=name, **style)
     ax.set(title="Training loss", xlabel="step", ylabel="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def validation(series: Series, path: Path) -> Path:
+    """Held-out loss at each evaluation, every variant on one chart."""
+    fig = Figure(figsize=_SIZE)
+    ax = fig.add_subplot()
+    for name, recs in series.items():
+        evals = [r for r in recs if r.get("val_loss") is not None]
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker="o", label=name)
+    ax.set(title="Held-out loss", xlabel="step", ylabel="validation loss")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)

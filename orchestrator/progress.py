@@ -25,6 +25,13 @@ def gpu_figures(rec: dict) -> str:
     return out
 
 
+def held_out(rec: dict) -> str:
+    """'  val_loss 5.1234 (ppl 169.0)' on an evaluation step, else ''."""
+    if rec.get("val_loss") is None:
+        return ""
+    return f"  val_loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:,.1f})"
+
+
 class _Tail:
     """New complete JSON lines of a file that is appended to, or rewritten from the start."""
 
@@ -115,5 +122,6 @@ class ProgressFollower:
             if not isinstance(rec.get("step"), int) or rec["step"] <= self._shown:
                 continue
             self._shown = rec["step"]
-            log.info("[%s] step %d/%d  loss %.4f  %.0f tok/s  %.3f s/step%s", self.label, rec["step"],
-                     self.max_steps, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], gpu_figures(rec))
+            log.info("[%s] step %d/%d  loss %.4f  %.0f tok/s  %.3f s/step%s%s", self.label, rec["step"],
+                     self.max_steps, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], gpu_figures(rec),
+                     held_out(rec))

@@ -32,7 +32,7 @@ CONFIG_FILE = "config.yaml"
 OPTIONS_FILE = "options.json"
 REPORT_FILE = "report.md"
 PREFLIGHT_FILE = "preflight.json"
-LOSS_PNG, THROUGHPUT_PNG, MEMORY_PNG = "loss.png", "throughput.png", "memory.png"
+LOSS_PNG, VAL_LOSS_PNG, THROUGHPUT_PNG, MEMORY_PNG = "loss.png", "val_loss.png", "throughput.png", "memory.png"
 VARIANT_FILES = (METRICS_FILE, ATTEMPTS_FILE)  # inside <run>/<variant>/
 
 # ---------------------------------------------------------------- statuses and exit codes
@@ -66,6 +66,12 @@ class VariantResult(Record):
     restored_from: Optional[str] = Field(None, description="the checkpoint the last attempt resumed from")
     first_loss: Optional[float] = Field(None, description="the loss of the first logged step")
     final_loss: Optional[float] = Field(None, description="the loss of the last logged step")
+    final_val_loss: Optional[float] = Field(None, description="the held-out loss of the last evaluation "
+                                            "(train.eval_every; docs/validation.md)")
+    best_val_loss: Optional[float] = Field(None, description="the lowest held-out loss of any evaluation")
+    best_val_step: Optional[int] = Field(None, description="the step of best_val_loss")
+    eval_s: Optional[float] = Field(None, description="seconds spent in held-out evaluations, summed (not in "
+                                    "step_time_s)")
     step_time_s: Optional[float] = Field(None, description="median seconds per step, steady state")
     tokens_per_s: Optional[float] = Field(None, description="tokens per second over all workers, steady state")
     peak_mem_bytes: Optional[int] = Field(None, description="rank 0's peak memory, bytes")
@@ -110,6 +116,17 @@ class VariantResult(Record):
     checkpoint_block_s: list[dict[str, Any]] = Field(
         default_factory=list, description="per checkpoint of the last attempt: step and block_s, the seconds "
                                           "training stood still for it (train.checkpoint_async)")
+
+
+def validation_fields(records: list[dict]) -> dict:
+    """``final_val_loss``, ``best_val_loss``, ``best_val_step`` and ``eval_s`` from a variant's
+    metrics records (every attempt's: metrics.jsonl outlives restarts and resumes)."""
+    evals = [r for r in records if r.get("val_loss") is not None]
+    if not evals:
+        return {}
+    best = min(evals, key=lambda r: r["val_loss"])
+    return {"final_val_loss": evals[-1]["val_loss"], "best_val_loss": best["val_loss"], "best_val_step": best["step"],
+            "eval_s": round(sum(r.get("eval_s") or 0.0 for r in evals), 3)}
 
 
 def skipped(attention: str, env: dict[str, str], num_workers: int, use_gpu: bool, reason: Optional[str]) -> VariantResult:
@@ -189,8 +206,10 @@ class RunSummary(Record):
         lines = []
         for name, r in self.variants.items():
             if r.status == "succeeded":
+                held_out = "" if r.final_val_loss is None else \
+                    f" (held-out {r.final_val_loss:.3f}, eval {fmt(r.eval_s, '.1f')} s)"
                 lines.append(f"  {name}: succeeded, kernel {r.backend}, {r.steps} steps, loss "
-                             f"{fmt(r.first_loss, '.3f')} -> {fmt(r.final_loss, '.3f')}, "
+                             f"{fmt(r.first_loss, '.3f')} -> {fmt(r.final_loss, '.3f')}{held_out}, "
                              f"{fmt(r.tokens_per_s, '.0f')} tok/s, peak mem {mib(r.peak_mem_bytes)}, "
                              f"restarts {r.restarts}")
             elif r.status == "skipped":

@@ -44,6 +44,7 @@ from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo,
                                   run_status)
 from orchestrator.strategy import Workload
 from trainer import compile_mode, dataset as dataset_mod, float8, location, parallel
+from trainer.config import TrainConfig
 from trainer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Prepared:
     data_source: str  # what the workers read: data_path, or the URI it came from (each node fetches its copy)
     vocab_size: int  # the dataset's: the plan's memory estimate needs the model's real shape
     data_fingerprint: dict  # the dataset's (trainer/dataset.py): --resume refuses other data
+    val_path: Optional[Path] = None  # data.val_path, resolved
 
     def started_with(self) -> dict:
         """What --resume holds the run to (orchestrator/resume.py)."""
@@ -99,10 +101,14 @@ def prepare(opts: TrainOptions) -> Prepared:
     try:
         data_path = location.fetched(cfg.data.path) if cfg.data.path else preprocess.embedded_dataset()
         dataset = dataset_mod.load_dataset(data_path)
+        val = dataset_mod.load_dataset(cfg.data.val_path) if cfg.data.val_path else None
     except dataset_mod.DataError as e:
         raise UsageError(str(e)) from None
     except OSError as e:  # a URI whose store refused or lacks it
         raise UsageError(f"{source}: data.path {cfg.data.path}: {str(e).splitlines()[0]}") from None
+    if val is not None and val.meta["tokenizer"] != dataset.meta["tokenizer"]:
+        raise UsageError(f"{source}: data.val_path {cfg.data.val_path} was tokenized with another tokenizer than "
+                         f"{data_path}; preprocess it with the same one")
     for v in variants:
         model, train = config_mod.resolved_sections(cfg, v)
         if train.float8 and cfg.scaling.use_gpu is False:
@@ -117,9 +123,25 @@ def prepare(opts: TrainOptions) -> Prepared:
         if dataset_mod.num_windows(len(dataset.tokens), train.seq_len) < 1:
             raise UsageError(f"{source}: train.seq_len {train.seq_len} is longer than the data in {data_path} "
                              f"({len(dataset.tokens)} tokens)")
+        _check_held_out(cfg.data, train, v.name, dataset, val, source)
     remote = cfg.data.path if cfg.data.path and location.is_uri(cfg.data.path) else None
     return Prepared(cfg, variants, data_path.resolve(), remote or str(data_path.resolve()), dataset.vocab_size,
-                    dataset_mod.fingerprint(dataset))
+                    dataset_mod.fingerprint(dataset), Path(cfg.data.val_path).resolve() if cfg.data.val_path else None)
+
+
+def _check_held_out(data: config_mod.DataConfig, train: TrainConfig, variant: str, dataset, val, source: str) -> None:
+    """Refuse before launch what the worker's held-out split (trainer/evaluate.py) would."""
+    n = dataset_mod.num_windows(len(dataset.tokens), train.seq_len)
+    try:
+        trained = dataset_mod.training_windows(n, data.held_out_fraction)
+    except dataset_mod.DataError as e:
+        raise UsageError(f"{source}: variant {variant}: {e}") from None
+    held_out = dataset_mod.num_windows(len(val.tokens), train.seq_len) if val is not None else n - trained
+    if train.eval_every and held_out < 1:
+        where = f"data.val_path holds no window of train.seq_len {train.seq_len}" if val is not None else \
+            "data.val_fraction is 0"
+        raise UsageError(f"{source}: variant {variant}: train.eval_every {train.eval_every} needs held-out data, "
+                         f"but {where}; set train.eval_every 0 to train without evaluation")
 
 
 def workloads(prep: Prepared) -> dict[str, Workload]:
@@ -405,6 +427,8 @@ def _worker_specs(state: RunState) -> dict[str, WorkerSpec]:
     for vc in state.prep.variants:
         model, train_cfg = config_mod.resolved_sections(state.prep.cfg, vc)
         specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=state.prep.data_source,
+                                    val_fraction=state.prep.cfg.data.held_out_fraction,
+                                    val_path=str(state.prep.val_path) if state.prep.val_path else None,
                                     out_dir=str((state.run_dir / vc.name).resolve()), strategy=strategies[vc.name],
                                     storage_uri=location.join(remote, vc.name) if remote else None)
     return specs

@@ -1,7 +1,7 @@
-"""FSDP2 on two CPU workers over gloo, through the real Ray Train path: the same losses as DDP,
-sharded checkpoints written by every rank, a SIGKILLed worker resumed from them; and the disk
-and corrupt-checkpoint faults of the worker's checkpointing (issue 18), under DDP, and a
-checkpoint with planted code (issue 32) under both."""
+"""FSDP2 on two CPU workers over gloo, through the real Ray Train path: the same losses and
+held-out losses as DDP, sharded checkpoints written by every rank, a SIGKILLed worker resumed
+from them to the clean run's losses; and the disk and corrupt-checkpoint faults of the worker's
+checkpointing (issue 18), under DDP, and a checkpoint with planted code (issue 32) under both."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from trainer.metrics import read_metrics
 pytestmark = pytest.mark.ray
 
 EVERY, STEPS = 3, 9
-BASE = {"train": {"max_steps": STEPS, "checkpoint_every": EVERY}}
+BASE = {"train": {"max_steps": STEPS, "checkpoint_every": EVERY, "eval_every": EVERY}}
 FSDP = {**BASE, "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2, "strategy": "fsdp"}}
 
 
@@ -31,6 +31,10 @@ def _train(tmp_path: Path, name: str, overrides: dict, **opts) -> dict:
 
 def _losses(vdir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(vdir / "metrics.jsonl")]
+
+
+def _val_losses(vdir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in read_metrics(vdir / "metrics.jsonl") if "val_loss" in r}
 
 
 def _attempts(vdir: Path) -> list[dict]:
@@ -61,6 +65,8 @@ def test_fsdp_and_ddp_with_the_same_seed_give_the_same_losses(ddp_run, fsdp_run)
     assert rec["strategy"] == "fsdp" and rec["num_workers"] == 2
     assert len(_losses(vdir)) == STEPS
     assert _losses(vdir) == pytest.approx(_losses(ddp_run), rel=1e-5)
+    assert list(_val_losses(vdir)) == [EVERY, 2 * EVERY, STEPS]  # held-out loss, sharded over both workers
+    assert _val_losses(vdir) == pytest.approx(_val_losses(ddp_run), rel=1e-5)
 
 
 def test_every_rank_writes_its_own_shards_of_a_dcp_checkpoint(fsdp_run):
@@ -94,6 +100,7 @@ def test_a_worker_sigkilled_under_fsdp_resumes_from_the_sharded_checkpoint(ray_s
     got = read_metrics(vdir / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in got] == pytest.approx(_losses(vdir_clean), rel=1e-5)
+    assert _val_losses(vdir) == pytest.approx(_val_losses(vdir_clean), rel=1e-5)  # the same held-out batches
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -119,6 +126,8 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_resume_runs_to_the_end(ray_s
     assert f"skipped checkpoint {newest.name}, moved into" in caplog.text
     assert all(checkpoint.verifies(d) for d in checkpoint.checkpoint_dirs(vdir / checkpoint.STORAGE_NAME))
     assert _losses(vdir) == pytest.approx(_losses(ddp_run), rel=1e-5)
+    assert list(_val_losses(vdir)) == [EVERY, 2 * EVERY, STEPS]  # held-out loss, sharded over both workers
+    assert _val_losses(vdir) == pytest.approx(_val_losses(ddp_run), rel=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

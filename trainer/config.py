@@ -123,6 +123,10 @@ class TrainConfig(Strict):
                                          "(checkpoint_block_s)")
     log_every: int = Field(1, gt=0, description="steps between logged steps (metrics.jsonl, TensorBoard, the "
                                                  "progress lines)")
+    eval_every: int = Field(100, ge=0, description="steps between held-out evaluations, and one at the last step; "
+                            "0 = off (trainer/evaluate.py; docs/validation.md)")
+    eval_batches: int = Field(8, gt=0, description="held-out batches of micro_batch_size sequences per evaluation: "
+                              "the same ones every time, for every variant and worker count")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     param_dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="the weights' dtype in forward and backward (trainer/master_weights.py): fp32 (autocast "

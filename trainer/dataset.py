@@ -96,6 +96,20 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
     return (num_tokens - 1) // seq_len
 
 
+def training_windows(n_windows: int, val_fraction: float) -> int:
+    """How many windows train when ``val_fraction`` of them are held out (``data.val_fraction``).
+
+    The held-out windows are the data's tail, one contiguous block: training samples only
+    windows ``0 .. n - 1`` (``BatchSampler`` permutes just those), so no held-out window is ever
+    trained on, and text near a held-out window is not spread through the training data.
+    """
+    held_out = 0 if val_fraction <= 0 or n_windows < 1 else max(1, round(n_windows * val_fraction))
+    if held_out >= n_windows:
+        raise DataError(f"data.val_fraction {val_fraction} holds out all {n_windows} window(s) of the data; "
+                        "lower it or give data.val_path")
+    return n_windows - held_out
+
+
 class BatchSampler:
     """Window ids for each micro-batch, a pure function of (seed, step, micro_step, rank).
 

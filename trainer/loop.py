@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import (builder, checkpoint, compile_mode, driver_watch, failures, finite, hf_checkpoint, location,
-                     overlap, timing)
+from trainer import (builder, checkpoint, compile_mode, driver_watch, evaluate, failures, finite, hf_checkpoint,
+                     location, overlap, timing)
 from trainer.attention import IMPLS, choose, describe, guard
-from trainer.dataset import BatchSampler, get_batch, load_dataset, num_windows
+from trainer.dataset import BatchSampler, get_batch, load_dataset
 from trainer.metrics import MetricsWriter, append_attempt
 from trainer.optim import lr_at
 from trainer.result import Progress, worker_result
@@ -159,9 +159,10 @@ def train_loop_per_worker(config: dict) -> dict:
                                             "ray_checkpoint": str(committed) if committed else None,
                                             "pid": os.getpid(), "pids": [w["pid"] for w in workers]})
 
-    n_win = num_windows(len(dataset.tokens), tc.seq_len)
+    n_win, heldout = evaluate.split(dataset, tc.seq_len, val_fraction=spec.val_fraction, val_path=spec.val_path)
     if n_win < 1:
         raise ValueError(f"train.seq_len {tc.seq_len} is longer than the data ({len(dataset.tokens)} tokens)")
+    evaluator = evaluate.Evaluator(heldout, tc, device=device, dtype=s.dtype, rank=rank, world=world)
     sampler = BatchSampler(seed=tc.seed, n_windows=n_win, micro_batch=tc.micro_batch_size,
                            grad_accum=tc.grad_accum_steps, world_size=world)
     if restored:  # a checkpoint of another worker count: continue at the window it stopped at
@@ -195,7 +196,8 @@ def train_loop_per_worker(config: dict) -> dict:
             watch.stepped(done, mean_loss, grad_norm)  # no wait: checked below
             saving = done % tc.checkpoint_every == 0 or (done == tc.max_steps and tc.checkpoint_at_end)
 
-            if done % tc.log_every == 0 or done == tc.max_steps or saving:
+            evaluating = evaluator.due(done)
+            if done % tc.log_every == 0 or done == tc.max_steps or saving or evaluating:
                 watch.check(done, world, weights=training.raw_model.parameters() if saving else None)
                 if world > 1:
                     dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
@@ -208,6 +210,9 @@ def train_loop_per_worker(config: dict) -> dict:
                                    "tokens": sampler.consumed(done) * tc.seq_len,
                                    **timing.per_gpu(s.tokens_per_step / dt, world, s.flops_per_token, device,
                                                     peak_tflops)}
+                if evaluating:  # held-out loss, on every rank (trainer/evaluate.py); not counted as step time
+                    progress.record.update(evaluator(training.model))
+                    progress.times.resume()
                 if writer:
                     writer.write(progress.record)
 

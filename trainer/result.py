@@ -35,6 +35,11 @@ class StepTimes:
         self._last, self._pending = now, 0
         return dt
 
+    def resume(self) -> None:
+        """Time from now on counts for the next steps: what ran since the last log (an
+        evaluation) is not a step."""
+        self._last = time.perf_counter()
+
     def steady_median(self) -> float | None:
         """Median step time, leaving out this process's first steps (compile, allocator warm-up)."""
         skip = min(len(self.times) - 1, max(1, len(self.times) // 10)) if self.times else 0

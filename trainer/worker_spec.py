@@ -19,6 +19,8 @@ class WorkerSpec(BaseModel):
     model: ModelConfig
     train: TrainConfig
     data_path: str
+    val_fraction: float = 0.0  # the tail of data_path held out for evaluation (data.val_fraction)
+    val_path: Optional[str] = None  # held-out data of its own (data.val_path), in place of val_fraction
     out_dir: str  # the variant's directory in the run directory: metrics, TensorBoard
     strategy: parallel.Name = parallel.DEFAULT  # how the model is spread over the workers (trainer/parallel/)
     storage_uri: Optional[str] = None  # the variant's directory in a bucket, when the run directory is one
