@@ -19,7 +19,10 @@ def _fields(path: str, where: str, source: str) -> tuple[str, dict]:
     from trainer import hf_checkpoint  # torch: imported before Ray starts only by a run that sets init_from
     from trainer.hf_convert import NotLlama
 
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except RuntimeError:  # how Python 3.11's resolve() reports a symlink loop
+        raise UsageError(f"{source}: {where}.init_from: {path}: symlink loop") from None
     try:
         return str(resolved), hf_checkpoint.model_fields(resolved)
     except NotLlama as e:

@@ -140,3 +140,10 @@ def test_nan_weights_fail_the_worker_that_loads_them_without_retries(tmp_path):
     assert str(e.value) == (f"{tmp_path}: NaN or infinite values in model.layers.1.mlp.down_proj.weight; "
                             "these weights cannot be trained from")
     assert failures.classify(e.value).kind == "config"
+
+
+def test_an_init_from_symlink_loop_is_a_usage_error_naming_the_path(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(UsageError, match=f"model.init_from: {tmp_path / 'a'}: symlink loop$"):
+        _prepare(tmp_path, {"model": {"init_from": str(tmp_path / "a")}})
