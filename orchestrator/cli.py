@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -261,6 +262,15 @@ def setup_logging(debug: bool) -> None:
         lg.propagate = False
 
 
+def check_cache_home() -> None:
+    """Refuse an XDG_CACHE_HOME that can never be a directory before a command starts: the embedded
+    dataset and the compile and preflight caches live under it, and each would fail its own way."""
+    from orchestrator import rundir
+
+    if os.environ.get("XDG_CACHE_HOME"):
+        rundir.check_directory("XDG_CACHE_HOME", Path(os.environ["XDG_CACHE_HOME"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -270,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.session import remove_dead_sessions
 
         remove_dead_sessions()  # what a driver killed with SIGKILL left in /tmp/ray
+        check_cache_home()
         return COMMANDS[args.command][2](args)
     except (UsageError, RunFailed) as e:
         if debug:

@@ -17,7 +17,7 @@ from typing import Optional
 
 from orchestrator import hf_tokenizer, trained
 from orchestrator.errors import UsageError
-from trainer import finite, hf_checkpoint
+from trainer import checkpoint, finite, hf_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ def export(run_dir: Path, output_dir: Path, *, variant: Optional[str] = None, st
         for f in staging.iterdir():  # safetensors writes owner-only files; an export is for sharing
             f.chmod(0o644)
         _move_in(staging, output_dir)
+    except Exception as e:
+        if checkpoint.is_disk_full(e):  # safetensors says it as a SafetensorError, not an OSError
+            raise UsageError(f"{output_dir}: no space left on device; the export needs about "
+                             f"{checkpoint.tensor_bytes(model.state) / 2**20:.1f} MiB") from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     params = sum(t.numel() for name, t in model.state.items() if not (name == "output.weight" and model.args.tie_embeddings))

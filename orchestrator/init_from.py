@@ -15,11 +15,17 @@ from orchestrator.config import RunConfig, validate
 from orchestrator.errors import UsageError
 
 
-def _fields(path: str, where: str, source: str) -> tuple[str, dict]:
-    from trainer import hf_checkpoint  # torch: imported before Ray starts only by a run that sets init_from
+def _fields(path: str, where: str, source: str, resumed: Path | None) -> tuple[str, dict]:
+    from trainer import checkpoint, hf_checkpoint  # torch: imported before Ray starts only by a run that sets init_from
     from trainer.hf_convert import NotLlama
 
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except RuntimeError:  # how Python 3.11's resolve() reports a symlink loop
+        raise UsageError(f"{source}: {where}.init_from: {path}: symlink loop") from None
+    if resumed and not resolved.exists() and any(checkpoint.checkpoint_dirs(v / checkpoint.STORAGE_NAME)
+                                                 for v in resumed.iterdir()):
+        return str(resolved), {}  # the saved config holds its shapes, the checkpoints its weights
     try:
         return str(resolved), hf_checkpoint.model_fields(resolved)
     except NotLlama as e:
@@ -39,20 +45,21 @@ def _check_set_fields(explicit: dict, fields: dict, where: str, path: str, sourc
                              f"leave {where}.{key} unset to take it from model.init_from")
 
 
-def resolve(cfg: RunConfig, source: str) -> RunConfig:
+def resolve(cfg: RunConfig, source: str, resumed: Path | None = None) -> RunConfig:
     """``cfg`` with the shapes of every ``init_from`` filled in; UsageError on a bad directory or
-    a disagreeing field. Call on the config as loaded (it tells set fields from defaults)."""
+    a disagreeing field. Call on the config as loaded (it tells set fields from defaults).
+    ``resumed``: the run directory under --resume, whose checkpoints stand in for a removed directory."""
     data = cfg.model_dump()
     base_fields = None
     if cfg.model.init_from:
-        path, base_fields = _fields(cfg.model.init_from, "model", source)
+        path, base_fields = _fields(cfg.model.init_from, "model", source, resumed)
         explicit = {k: getattr(cfg.model, k) for k in cfg.model.model_fields_set}
         _check_set_fields(explicit, base_fields, "model", path, source)
         data["model"].update(base_fields, init_from=path)
     for i, (v, vdata) in enumerate(zip(cfg.variants or [], data.get("variants") or [])):
         where = f"variants[{i}] ({v.name}).model"
         if v.model.get("init_from"):
-            path, fields = _fields(v.model["init_from"], where, source)
+            path, fields = _fields(v.model["init_from"], where, source, resumed)
             _check_set_fields(v.model, fields, where, path, source)
             vdata["model"] = {**v.model, **fields, "init_from": path}
         elif base_fields is not None:

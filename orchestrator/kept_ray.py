@@ -241,5 +241,16 @@ def down() -> Optional[KeptHead]:
         _stop(head)  # a gone head's group may still hold processes: they go too
         if head.session_dir:
             remove_session_dir(Path(head.session_dir))
+        _forget_address(head)
         _forget()
     return head
+
+
+def _forget_address(head: KeptHead) -> None:
+    """Remove the address the head left for ``ray.init()``, which would otherwise try the stopped one."""
+    path = ray_internals.address_file(Path(head.session_dir).parent if head.session_dir else None)
+    try:
+        if path.read_text().strip().rsplit(":", 1)[-1] == head.address.rsplit(":", 1)[-1]:  # same port: this head's
+            path.unlink()
+    except OSError:  # none left, or another's
+        pass

@@ -89,3 +89,11 @@ def local_session_dir() -> Path:
     import ray
 
     return Path(ray._private.worker._global_node.get_session_dir_path())
+
+
+def address_file(temp_dir: Path | None) -> Path:
+    """Where ``ray start --head`` leaves its address (in Ray's temp dir, the default one for None),
+    which a later ``ray.init()`` with no address joins."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(str(temp_dir) if temp_dir else None))

@@ -91,7 +91,8 @@ def prepare(opts: TrainOptions) -> Prepared:
         raise UsageError(f"--keep-ray starts or joins a local Ray of its own; drop it or {given}")
     source = opts.config_file or "built-in config"
     # init_from after --set, which may name the Hugging Face start whose model shapes it fills in
-    cfg = init_from.resolve(config_mod.load(opts.config_file, opts.settings), source)
+    cfg = init_from.resolve(config_mod.load(opts.config_file, opts.settings), source,
+                            Path(opts.resume) if opts.resume else None)
     cfg = config_mod.with_overrides(
         cfg, source,
         train={"max_steps": opts.max_steps, "seed": opts.seed},

@@ -29,16 +29,23 @@ def _taken(path: Path) -> UsageError:
     return UsageError(f"{path}: a run with this name exists; choose another --name or use --resume {path}")
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """Refuse an --output-dir that can never hold a run directory (a file, or under one)."""
-    for p in (output_dir, *output_dir.parents):
+def check_directory(label: str, path: Path) -> Path | None:
+    """Refuse a ``path`` that can never be a directory (a file, or under one); returns the nearest
+    of it and its parents that exists."""
+    for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
-                where = "is a file" if p == output_dir else f"is under {p}, which is a file"
-                raise UsageError(f"--output-dir {output_dir}: {where}; expected a directory")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise UsageError(f"--output-dir {output_dir}: {p} is not writable")
-            return
+                where = "is a file" if p == path else f"is under {p}, which is a file"
+                raise UsageError(f"{label} {path}: {where}; expected a directory")
+            return p
+    return None
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an --output-dir that can never hold a run directory (a file, under one, or read-only)."""
+    p = check_directory("--output-dir", output_dir)
+    if p is not None and not os.access(p, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {output_dir}: {p} is not writable")
 
 
 def local_output_dir(output_dir: str) -> Path:

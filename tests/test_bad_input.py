@@ -72,6 +72,9 @@ def workdir(tmp_path):
     os.mkfifo(tmp_path / "fifo.yaml")
     (tmp_path / "not-a-run").mkdir()
     (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "loop-a").symlink_to("loop-b")
+    (tmp_path / "loop-b").symlink_to("loop-a")
+    write_config(tmp_path / "init-loop.yaml", {"model": {"init_from": "loop-a"}})
     (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     earlier = tmp_path / "runs" / "earlier"
     (earlier / "flash" / "checkpoints" / "checkpoint_00000003").mkdir(parents=True)
@@ -142,6 +145,7 @@ ROWS = [
      "--output-dir a-file/runs: is under a-file, which is a file"),
     ("preprocess-binary-txt", ["preprocess", "--raw-data", "image.txt", "--output-dir", "o"], 2,
      "image.txt: not a text file (NUL byte at offset 8)"),
+    ("init-from-symlink-loop", T + ["--config-file", "init-loop.yaml"], 2, "model.init_from: loop-a: symlink loop"),
     ("unknown-flag", T + ["--bogus"], 2, "unrecognized arguments: --bogus"),
     ("unknown-command", ["nonsense"], 2, "invalid choice: 'nonsense'"),
     ("preprocess-missing-input", ["preprocess", "--raw-data", "none.txt", "--output-dir", "o"], 2,

@@ -90,3 +90,14 @@ def test_set_reaches_the_runs_config_and_its_workers_and_resume_keeps_it(tmp_pat
     resumed, _ = effective_options(TrainOptions(resume=str(run_dir)))
     cfg = prepare(resumed).cfg  # what a resumed run trains with: the run's config.yaml, settings applied
     assert (cfg.train.max_steps, cfg.train.seq_len, cfg.train.lr, cfg.scaling.num_workers) == (2, 32, 3e-4, 1)
+
+
+@pytest.mark.parametrize("under", ["", "/sub"])
+def test_a_cache_home_that_is_a_file_is_a_usage_error_naming_it(tmp_path, monkeypatch, capsys, under):
+    from orchestrator import cli
+
+    (tmp_path / "a-file").write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file") + under)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    where = "is a file" if not under else f"is under {tmp_path / 'a-file'}, which is a file"
+    assert capsys.readouterr().err == f"error: XDG_CACHE_HOME {tmp_path / 'a-file'}{under}: {where}; expected a directory\n"

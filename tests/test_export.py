@@ -234,3 +234,22 @@ def test_generate_on_the_gpu_gives_the_cpu_text(tmp_path, capsys):
     cpu = capsys.readouterr().out
     assert main(args + ["--device", "cuda"]) == 0
     assert capsys.readouterr().out == cpu
+
+
+def test_an_export_onto_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Was exit 1 with safetensors' raw SafetensorError (issue 32). The disk fills in the middle of
+    the weights; the error is the one safetensors' writer gives for ENOSPC."""
+    import safetensors
+    import safetensors.torch
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 4096)
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+
+    run, _ = fake_run(tmp_path, steps=(3,))
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    _fails(capsys, ["export", str(run), "--output-dir", str(tmp_path / "out")],
+           f"error: {tmp_path / 'out'}: no space left on device; the export needs about ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no partial export, no staging left

@@ -140,3 +140,34 @@ def test_nan_weights_fail_the_worker_that_loads_them_without_retries(tmp_path):
     assert str(e.value) == (f"{tmp_path}: NaN or infinite values in model.layers.1.mlp.down_proj.weight; "
                             "these weights cannot be trained from")
     assert failures.classify(e.value).kind == "config"
+
+
+def test_an_init_from_symlink_loop_is_a_usage_error_naming_the_path(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(UsageError, match=f"model.init_from: {tmp_path / 'a'}: symlink loop$"):
+        _prepare(tmp_path, {"model": {"init_from": str(tmp_path / "a")}})
+
+
+@pytest.mark.parametrize("with_checkpoint", [True, False])
+def test_resume_needs_no_init_from_directory_where_a_checkpoint_holds_the_weights(tmp_path, with_checkpoint):
+    """Was refused whatever the checkpoints held (issue 32); without one, the weights are nowhere."""
+    import shutil
+
+    from orchestrator.run import effective_options
+
+    tiny_llama(tmp_path / "llama")
+    prep = _prepare(tmp_path, {"model": {"init_from": str(tmp_path / "llama")}})
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(prep.cfg.model_dump(mode="json")))
+    (run / "options.json").write_text("{}")
+    if with_checkpoint:
+        (run / prep.variants[0].name / "checkpoints" / "checkpoint_00000003").mkdir(parents=True)
+    shutil.rmtree(tmp_path / "llama")
+    opts, _ = effective_options(TrainOptions(resume=str(run)))
+    if with_checkpoint:
+        assert prepare(opts).cfg.model == prep.cfg.model
+    else:
+        with pytest.raises(UsageError, match=f"model.init_from: {tmp_path / 'llama'}: "):
+            prepare(opts)

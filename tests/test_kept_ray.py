@@ -71,6 +71,7 @@ def test_ray_down_stops_the_recorded_process_group_and_removes_its_session_and_r
         child = leader.children()[0]
         session = tmp_path / "ray" / "session_x"
         session.mkdir(parents=True)
+        (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # what `ray start --head` leaves
         path = _record(state, head.pid, leader.create_time(), str(session))
         stopped = kept_ray.down()
         assert stopped is not None and stopped.pid == head.pid
@@ -78,6 +79,7 @@ def test_ray_down_stops_the_recorded_process_group_and_removes_its_session_and_r
         child.wait(timeout=10)
         assert not child.is_running()
         assert not session.exists() and not path.exists()
+        assert not (tmp_path / "ray" / "ray_current_cluster").exists()  # a later ray.init() would try the stopped head
         assert kept_ray.down() is None  # nothing kept any more
     finally:
         if head.poll() is None:
@@ -258,3 +260,13 @@ def test_a_joining_driver_preloads_once_joined_and_a_starting_one_before_ray_sta
         with pytest.raises(Stop):
             run._train(opts, None, time.time())
         assert order == want
+
+
+def test_ray_down_leaves_the_address_of_another_head(state, tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "ray" / "session_x").mkdir(parents=True)
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:6379")  # a head started by hand since
+    _record(state, gone.pid, time.time(), str(tmp_path / "ray" / "session_x"))
+    assert kept_ray.down() is not None
+    assert (tmp_path / "ray" / "ray_current_cluster").read_text() == "127.0.0.1:6379"

@@ -2,6 +2,7 @@
 the installed Ray without starting it: a Ray upgrade that changes one fails here, by name."""
 
 import inspect
+from pathlib import Path
 
 import ray
 from ray.train.v2._internal import constants, exceptions
@@ -103,3 +104,9 @@ def test_ray_train_gets_its_autoscaling_coordinator_from_the_function_the_driver
     source = inspect.getsource(early)
     assert "get_if_exists=True" in source and 'lifetime="detached"' in source  # one actor, whoever asks first
     assert client.AUTOSCALING_REQUESTS_GET_TIMEOUT_S == 5  # what the controller waits (the docs quote it)
+
+
+def test_ray_start_still_writes_its_address_where_ray_down_removes_it():
+    source = inspect.getsource(ray._private.utils.write_ray_address)
+    assert "get_ray_address_file(temp_dir)" in source
+    assert ray_internals.address_file(Path("/t/ray")) == Path("/t/ray/ray_current_cluster")

@@ -102,7 +102,11 @@ def train_loop_per_worker(config: dict) -> dict:
         compile_mode.set_mode(tc.compile_mode)  # before the first step, where the model compiles
     if s.model.vocab_size < dataset.vocab_size:
         raise ValueError(f"model.vocab_size {s.model.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
-    init_weights = (lambda: hf_checkpoint.load_state_dict(spec.model.init_from, s.model)) if spec.model.init_from else None
+    # Under --resume the init_from directory may be gone (the driver allows it for a run with a
+    # checkpoint); a variant that restores none fails below rather than train from random weights.
+    init_gone = bool(spec.model.init_from) and not Path(spec.model.init_from).exists()
+    init_weights = ((lambda: hf_checkpoint.load_state_dict(spec.model.init_from, s.model))
+                    if spec.model.init_from and not init_gone else None)
 
     # The kernel is resolved beside the model's build (trainer/overlap.py), before it under CUDA graphs.
     looked_up, built = threading.Event(), threading.Event()
@@ -151,6 +155,8 @@ def train_loop_per_worker(config: dict) -> dict:
     committed = Path(ray_ckpt.path) if ray_ckpt is not None else None
     restored = restore(store, committed, rank=rank, world=world, device=device, model=training.model,
                        raw_model=training.raw_model, optimizer=training.optimizer, strategy=spec.strategy)
+    if init_gone and not restored:  # a ValueError: no retry (trainer/failures.py)
+        raise ValueError(f"model.init_from {spec.model.init_from}: not found, and no checkpoint holds the weights")
     start_step = restored.step if restored else 0
     if rank == 0:
         append_attempt(Path(spec.out_dir), {"time": time.time(), "start_step": start_step, "world_size": world,
