@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 from orchestrator import preprocess, trained
 from orchestrator.cli import main
+from orchestrator.config import DataConfig
 from orchestrator.run import TrainOptions, train
 from tests.conftest import TINY, write_config
 from tests.test_init_from import tiny_llama
-from trainer import dataset as dataset_mod
+from trainer import dataset as dataset_mod, evaluate
 from trainer.attention import standard_attention
 from trainer.model import Transformer
 
@@ -31,7 +32,9 @@ def first_step_loss(hf_model) -> float:
     micro-batch of each of the two ranks (the worker's sampler, seed and windows)."""
     ds = dataset_mod.load_dataset(preprocess.embedded_dataset())
     tc = TINY["train"]
-    sampler = dataset_mod.BatchSampler(seed=1337, n_windows=dataset_mod.num_windows(len(ds.tokens), tc["seq_len"]),
+    # The worker samples only the training windows: the held-out tail (data.val_fraction's default) is never drawn.
+    n_train, _ = evaluate.split(ds, tc["seq_len"], val_fraction=DataConfig().held_out_fraction, val_path=None)
+    sampler = dataset_mod.BatchSampler(seed=1337, n_windows=n_train,
                                     micro_batch=tc["micro_batch_size"], grad_accum=1, world_size=2)
     losses = []
     with torch.no_grad():
