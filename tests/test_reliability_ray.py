@@ -73,7 +73,9 @@ def _wait_mid_interval(vdir: Path, proc: subprocess.Popen, timeout_s: float = 12
 
 
 def _attempts(vdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (vdir / "attempts.jsonl").read_text().splitlines()]
+    """The attempts' start lines (a failed attempt's ``failed_ranks`` line is not an attempt)."""
+    lines = [json.loads(line) for line in (vdir / "attempts.jsonl").read_text().splitlines()]
+    return [a for a in lines if "failed_ranks" not in a]
 
 
 def _is_loopback(ip: str) -> bool:
