@@ -25,7 +25,7 @@ def test_flash_run_writes_the_summary_contract_and_metrics(ray_session, tmp_path
     run_dir = tmp_path / "runs" / "flash"
     assert SUMMARY_FIELDS <= json.loads((run_dir / "summary.json").read_text())["variants"]["flash"].keys()
     assert rec.status == "succeeded" and rec.error is None
-    assert (rec.attention, rec.backend, rec.env) == ("flash", "sdpa_flash_cpu", {"ATTN_IMPL": "flash"})
+    assert (rec.attention, rec.backend, rec.env) == ("flash", "sdpa_flash_cpu", {"ATTN_IMPL": "flash"}), rec.reason
     assert rec.steps == 6 and rec.num_workers == 2 and rec.use_gpu is False and rec.restarts == 0
     assert rec.final_loss < rec.first_loss
     assert rec.tokens_per_s > 0 and rec.peak_mem_bytes > 0
