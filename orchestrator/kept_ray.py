@@ -103,15 +103,16 @@ def _forget() -> None:
 
 
 def find() -> Optional[KeptHead]:
-    """The kept head of this user on this host, if it still runs; a record of one that is gone
-    (a reboot, a killed process) is removed with a warning."""
+    """The kept head of this user on this host, if it still runs. A record of one that is gone (a
+    reboot, a killed ``ray start``) is removed with a warning, and what that head left behind goes
+    too: the processes of its group (a GCS, a raylet, agents) and its session directory."""
     head = read_record()
     if head is None:
         return None
     if not head.alive():
-        log.warning("the kept local Ray recorded in %s is gone (%s); ignoring its record", _path("json"),
-                    head.describe())
-        _forget()
+        log.warning("the kept local Ray recorded in %s is gone (%s); stopping what it left behind and "
+                    "ignoring its record", _path("json"), head.describe())
+        _dispose(head)
         return None
     return head
 
@@ -173,8 +174,7 @@ def _start() -> KeptHead:
     while STARTED_LINE not in log_path.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
             tail = " ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
-            _stop(head)
-            _forget()
+            _dispose(head)
             raise UsageError(f"cannot start a local Ray to keep ({tail or 'no output'}); full log: {log_path}")
         time.sleep(0.2)
     return head
@@ -203,52 +203,84 @@ def note_session(head: KeptHead, session_dir: Path) -> None:
             _write_record(current)
 
 
+def _group(head: KeptHead) -> list[psutil.Process]:
+    """The processes of the head's group started since the head: its GCS, raylet and agents, also
+    after the ``ray start`` that leads the group has died. An unrelated process that got the pid
+    later is neither in the group nor that old."""
+    members = []
+    for p in psutil.process_iter(["create_time"]):
+        try:
+            if os.getpgid(p.pid) == head.pid and p.info["create_time"] >= head.create_time - 1.0:
+                members.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
+
+
+def _session_dir(head: KeptHead, members: list[psutil.Process]) -> Optional[str]:
+    """The head's session directory: recorded by the first driver that joined, else read from
+    its raylet's command line (a head killed before any driver joined)."""
+    if head.session_dir:
+        return head.session_dir
+    for p in members:
+        try:
+            for arg in p.cmdline():
+                if arg.startswith(("--session_dir=", "--session-dir=")):
+                    return arg.split("=", 1)[1]
+        except psutil.Error:
+            pass
+    return None
+
+
 def _stop(head: KeptHead) -> None:
     """The `ray start --block` process first (it stops the node's processes in order), then
     whatever of its process group outlived it."""
-    try:
+    if head.alive():
         os.kill(head.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while head.alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(head.pid, sig)  # a new session: its group id is the pid, never reused while the group lives
-        except (ProcessLookupError, PermissionError):
-            return
-        grace = time.monotonic() + 5.0
-        while time.monotonic() < grace:
-            try:
-                os.killpg(head.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                return
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while head.alive() and time.monotonic() < deadline:
             time.sleep(0.2)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        members = _group(head)
+        for p in members:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(members, timeout=5.0)
+        if not alive:
+            return
+
+
+def _dispose(head: KeptHead) -> None:
+    """Stop the head and whatever its group left, remove its session directory, the address it
+    left for ``ray.init()`` and its record. Under the lock."""
+    session_dir = _session_dir(head, _group(head))
+    _stop(head)
+    if session_dir:
+        from orchestrator.session import remove_session_dir
+
+        remove_session_dir(Path(session_dir))
+    _forget_address(head, session_dir)
+    _forget()
 
 
 def down() -> Optional[KeptHead]:
     """Stop the kept head of this user on this host and remove its session directory; returns
     what was stopped (None: none was running)."""
-    from orchestrator.session import remove_session_dir
-
     with _locked():
         head = read_record()
         if head is None:
             return None
         if not head.alive():
             log.warning("the kept local Ray recorded in %s was gone already (%s)", _path("json"), head.describe())
-        _stop(head)  # a gone head's group may still hold processes: they go too
-        if head.session_dir:
-            remove_session_dir(Path(head.session_dir))
-        _forget_address(head)
-        _forget()
+        _dispose(head)  # a gone head's group may still hold processes: they go too
     return head
 
 
-def _forget_address(head: KeptHead) -> None:
+def _forget_address(head: KeptHead, session_dir: Optional[str]) -> None:
     """Remove the address the head left for ``ray.init()``, which would otherwise try the stopped one."""
-    path = ray_internals.address_file(Path(head.session_dir).parent if head.session_dir else None)
+    path = ray_internals.address_file(Path(session_dir).parent if session_dir else None)
     try:
         if path.read_text().strip().rsplit(":", 1)[-1] == head.address.rsplit(":", 1)[-1]:  # same port: this head's
             path.unlink()

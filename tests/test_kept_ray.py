@@ -270,3 +270,45 @@ def test_ray_down_leaves_the_address_of_another_head(state, tmp_path):
     _record(state, gone.pid, time.time(), str(tmp_path / "ray" / "session_x"))
     assert kept_ray.down() is not None
     assert (tmp_path / "ray" / "ray_current_cluster").read_text() == "127.0.0.1:6379"
+
+
+def test_a_kept_head_whose_ray_start_was_killed_leaves_nothing_behind_for_the_next_keep_ray(state, tmp_path, caplog):
+    """`ray start` killed before any driver joined: its raylet (here a stand-in with the raylet's
+    --session_dir argument) lives on in the group, and its session directory stays (issue 32)."""
+    session = tmp_path / "ray" / "session_killed"
+    session.mkdir(parents=True)
+    (tmp_path / "ray" / "session_latest").symlink_to(session)
+    agent = [sys.executable, "-c", "import time; time.sleep(600)", f"--session_dir={session}"]
+    leader = subprocess.Popen([sys.executable, "-c", f"import subprocess, time; subprocess.Popen({agent!r}); "
+                               "time.sleep(600)"], start_new_session=True)
+    threading.Thread(target=leader.wait, daemon=True).start()
+    try:
+        deadline = time.time() + 30
+        while not psutil.Process(leader.pid).children() and time.time() < deadline:
+            time.sleep(0.05)
+        raylet = psutil.Process(leader.pid).children()[0]
+        path = _record(state, leader.pid, psutil.Process(leader.pid).create_time())  # no session_dir recorded yet
+        leader.kill()  # the `ray start` dies; its raylet does not
+        leader.wait(timeout=10)
+        assert raylet.is_running()
+        with caplog.at_level(logging.WARNING, logger="orchestrator.kept_ray"):
+            assert kept_ray.find() is None  # what the next --keep-ray asks first
+        assert "stopping what it left behind" in caplog.text
+        psutil.wait_procs([raylet], timeout=10)
+        assert not raylet.is_running() or raylet.status() == psutil.STATUS_ZOMBIE
+        assert not session.exists() and not (tmp_path / "ray" / "session_latest").exists()
+        assert not path.exists()
+    finally:
+        try:
+            os.killpg(leader.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_gone_heads_pid_reused_by_another_process_is_not_signalled(state):
+    """The record's pid now belongs to an unrelated process (here: this test's own): neither it nor
+    its group is touched."""
+    me = psutil.Process()
+    _record(state, me.pid, me.create_time() - 3600)
+    assert kept_ray.down() is not None  # the record goes; this process lives on
+    assert me.is_running()
