@@ -4,7 +4,6 @@ workers' environment before their processes start, and its outcome as a summary 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,7 +20,7 @@ from trainer import checkpoint, driver_watch, failures
 from trainer.loop import train_loop_per_worker
 from trainer.save_restore import store_of
 from trainer.worker_spec import WorkerSpec
-from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE, read_metrics
+from trainer.metrics import METRICS_FILE, read_attempts, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,27 +55,8 @@ def skipped_record(v: PlannedVariant) -> results.VariantResult:
 
 
 def count_attempts(variant_dir: Path, since: float) -> int:
-    """Worker-group starts of a variant since ``since`` (rank 0 writes one line per start; the
-    lines between them say why a group failed)."""
-    path = variant_dir / ATTEMPTS_FILE
-    if not path.is_file():
-        return 0
-    n = 0
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-            n += rec["time"] >= since and "start_step" in rec
-        except (ValueError, KeyError, TypeError):
-            continue
-    return n
-
-
-def committed_checkpoint(storage: checkpoint.Store | Path) -> str | None:
-    """The name of the latest checkpoint Ray Train registered (what --resume restores), or None."""
-    try:
-        return checkpoint.as_store(storage).snapshot()["latest_checkpoint_result"]["checkpoint_dir_name"] or None
-    except (KeyError, TypeError):
-        return None
+    """Worker-group starts of a variant since ``since``."""
+    return sum(isinstance(a.get("time"), (int, float)) and a["time"] >= since for a in read_attempts(variant_dir))
 
 
 def _trainer_class():

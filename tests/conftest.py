@@ -158,3 +158,13 @@ def _restore_cli_logging():
     for name, (handlers, propagate, level) in saved.items():
         lg = logging.getLogger(name)
         lg.handlers[:], lg.propagate, lg.level = handlers, propagate, level
+
+
+def committed_checkpoint(storage) -> str | None:
+    """The name of the latest checkpoint Ray Train registered (what --resume restores), or None."""
+    from trainer import checkpoint
+
+    try:
+        return checkpoint.as_store(storage).snapshot()["latest_checkpoint_result"]["checkpoint_dir_name"] or None
+    except (KeyError, TypeError):
+        return None

@@ -24,7 +24,7 @@ from orchestrator.run import TrainOptions, train
 from tests.conftest import write_config
 from tests.procs import leftovers, session_dirs
 from trainer import checkpoint
-from trainer.metrics import read_metrics
+from trainer.metrics import read_attempts, read_metrics
 
 pytestmark = pytest.mark.ray
 
@@ -64,7 +64,7 @@ def last_step(metrics: Path) -> int:
 
 
 def attempts(vdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (vdir / "attempts.jsonl").read_text().splitlines()]
+    return read_attempts(vdir)
 
 
 @pytest.fixture(scope="module")

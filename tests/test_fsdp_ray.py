@@ -15,7 +15,7 @@ import torch
 from orchestrator.run import TrainOptions, train
 from tests.conftest import write_config
 from trainer import checkpoint
-from trainer.metrics import read_metrics
+from trainer.metrics import read_attempts, read_metrics
 
 pytestmark = pytest.mark.ray
 
@@ -38,7 +38,7 @@ def _val_losses(vdir: Path) -> dict[int, float]:
 
 
 def _attempts(vdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (vdir / "attempts.jsonl").read_text().splitlines()]
+    return read_attempts(vdir)
 
 
 @pytest.fixture(scope="module")

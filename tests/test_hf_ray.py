@@ -74,3 +74,32 @@ def test_trained_run_exports_to_transformers_generates_and_trains_on_from_the_ex
     # Round trip: training from the export starts at the exported model's loss.
     rec = _train(tmp_path, "again", {"model": {"init_from": str(out)}, "train": {"max_steps": 3}})
     assert rec["first_loss"] == pytest.approx(first_step_loss(hf), rel=1e-5)
+
+
+def test_resume_without_the_init_from_directory_restores_the_checkpoint_and_a_worker_with_none_fails_at_once(
+        ray_session, tmp_path):
+    """--resume needs no init_from directory where a checkpoint holds the weights (issue 32); a
+    worker that finds no usable checkpoint then fails at once naming init_from, instead of
+    training on from random weights."""
+    import shutil
+
+    tiny_llama(tmp_path / "llama", seed=5)
+    cfg = write_config(tmp_path / "r.yaml", {
+        "model": {"init_from": str(tmp_path / "llama")},
+        "train": {"max_steps": 4, "checkpoint_every": 2, "fault": {"rank": 0, "step": 3}},
+        "scaling": {"num_workers": 1, "max_failures": 0}})
+    run = tmp_path / "runs" / "r"
+    assert train(TrainOptions(config_file=str(cfg), output_dir=str(run.parent), name="r")).variants["flash"].status == "failed"
+    shutil.copytree(run, tmp_path / "copy")
+    shutil.rmtree(tmp_path / "llama")
+
+    rec = train(TrainOptions(resume=str(run))).variants["flash"]
+    assert (rec.status, rec.steps) == ("succeeded", 4), rec.error
+
+    # The same stopped run, its checkpoint's weights gone: nothing holds them any more.
+    for shard in (tmp_path / "copy" / "flash" / "checkpoints").glob("checkpoint_*/*"):
+        if shard.name.startswith(("state", "dcp")):
+            shard.unlink() if shard.is_file() else shutil.rmtree(shard)
+    rec = train(TrainOptions(resume=str(tmp_path / "copy"))).variants["flash"]
+    assert (rec.status, rec.restarts) == ("failed", 0), rec
+    assert f"model.init_from {tmp_path / 'llama'}: not found, and no checkpoint holds the weights" in rec.error

@@ -18,9 +18,10 @@ import pytest
 
 from orchestrator import launch, preprocess
 from orchestrator.plan import PlannedVariant
-from tests.conftest import write_config
+from tests.conftest import committed_checkpoint, write_config
 from tests.procs import leftovers, session_dirs
 from trainer import checkpoint, metrics
+from trainer.metrics import read_attempts
 from trainer.config import ModelConfig, TrainConfig
 from trainer.worker_spec import WorkerSpec
 
@@ -45,7 +46,7 @@ def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
 
 
 def _committed(storage: Path) -> str | None:
-    return launch.committed_checkpoint(storage)
+    return committed_checkpoint(storage)
 
 
 def _wait_for_commit(storage: Path, proc: subprocess.Popen, timeout_s: float = 300) -> str:
@@ -73,9 +74,7 @@ def _wait_mid_interval(vdir: Path, proc: subprocess.Popen, timeout_s: float = 12
 
 
 def _attempts(vdir: Path) -> list[dict]:
-    """The attempts' start lines (a failed attempt's ``failed_ranks`` line is not an attempt)."""
-    lines = [json.loads(line) for line in (vdir / "attempts.jsonl").read_text().splitlines()]
-    return [a for a in lines if "failed_ranks" not in a]
+    return read_attempts(vdir)
 
 
 def _is_loopback(ip: str) -> bool:

@@ -20,6 +20,21 @@ def append_attempt(out_dir: Path, record: dict) -> None:
         f.write(strict_json.dumps(record) + "\n")
 
 
+def read_attempts(out_dir: Path) -> list[dict]:
+    """The worker-group starts recorded in ``out_dir`` (lines with ``start_step``; the lines
+    between them say why a group failed), oldest first; a line cut short by a crash is skipped."""
+    starts = []
+    path = out_dir / ATTEMPTS_FILE
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "start_step" in rec:
+            starts.append(rec)
+    return starts
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Records from a metrics file, the last one per step winning (a resumed run rewrites steps)."""
     if not path.is_file():
