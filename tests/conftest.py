@@ -168,3 +168,20 @@ def committed_checkpoint(storage) -> str | None:
         return checkpoint.as_store(storage).snapshot()["latest_checkpoint_result"]["checkpoint_dir_name"] or None
     except (KeyError, TypeError):
         return None
+
+
+@pytest.fixture
+def probe_cache_restored():
+    """For a test that fakes a node's install in the probe's command line only: the node's cache
+    key, made from the node's environment, cannot see the fake, so the fake's verdict would be
+    reused by every later test of that shape (a flash run then trained standard attention). The
+    test cache is put back as it was afterwards."""
+    root = Path(os.environ["FLASH_ORCHESTRATOR_PREFLIGHT_CACHE"])
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} if root.exists() else {}
+    yield
+    for p in [p for p in root.rglob("*") if p.is_file()] if root.exists() else []:
+        if p not in before:
+            p.unlink(missing_ok=True)
+    for p, data in before.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)

@@ -12,7 +12,8 @@ from orchestrator.run import TrainOptions, train
 from tests.conftest import ROOT, write_config
 from tests.preflight_fakes import IMPORT_ERRORS, fake_flash_attn, import_failing
 
-pytestmark = pytest.mark.ray
+# These tests fake the node's flash-attn in the probe's command line alone.
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("probe_cache_restored")]
 
 
 def test_a_node_whose_probe_prints_garbage_is_reported_and_gets_standard_attention(ray_session):
