@@ -236,3 +236,27 @@ def test_a_reused_probe_result_carries_the_health_read_now_not_the_cached_one(tm
     assert not first["cache"]["reused"] and second["cache"]["reused"]
     assert health.judge(parse_probe(first, 60)[0], 1).status == "healthy"
     assert problems(health.judge(parse_probe(second, 60)[0], 1)) == [("ecc", 0, "fail", "ecc_uncorrected")]
+
+
+def test_a_new_gpu_check_added_as_docs_preflight_md_says_is_judged_reported_and_leaves_the_node_out(monkeypatch):
+    """docs/preflight.md "Adding a health check", followed: a reading, a cause (a failing one), a
+    function; the probe's facts carry the reading through the seam, and the verdict, the table and
+    the plan name it."""
+    def fan(r):
+        if r.get("fan_failed") is None:
+            return health.Check("fan", r["index"], "skip", "not supported by this GPU or driver")
+        return health._found("fan", r["index"], "fan_failed") if r["fan_failed"] else \
+            health.Check("fan", r["index"], "ok", "fans spin")
+
+    monkeypatch.setitem(health.CAUSES, "fan_failed", ("a fan has stopped", "replace the fan"))
+    monkeypatch.setattr(health, "FAILS", health.FAILS | {"fan_failed"})
+    monkeypatch.setattr(health, "GPU_CHECKS", [*health.GPU_CHECKS, fan])
+    sick = health.gather(torch_ok=False, nvml=CannedNVML([gpu(0, fan_failed=False), gpu(1, fan_failed=True)]))
+    h = health.judge({"health": sick}, expected_gpus=2)
+    assert problems(h) == [("fan", 1, "fail", "fan_failed")] and h.status == "unhealthy"
+    report = PreflightReport([node_report("a" * 16, [gpu(0), gpu(1)]),
+                              node_report("b" * 16, sick["gpus"])], ProbeSettings())
+    assert "[fan_failed] fan (GPU 1): a fan has stopped; fix: replace the fan" in "\n".join(report.table())
+    plan = make_plan([VariantConfig(name="v", attention="standard")],
+                     ScalingConfig(num_workers=2, cpus_per_worker=1, use_gpu=False), nodes_from_preflight(report))
+    assert plan.variants[0].nodes == ["a" * 16] * 2

@@ -21,7 +21,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 from orchestrator.preflight.rules import Cause
 
@@ -261,59 +261,77 @@ def _found(check: str, gpu: Optional[int], code: str, *args) -> Check:
     return Check(check, gpu, "fail" if code in FAILS else "warn", c.summary, c)
 
 
-def _gpu_checks(r: dict) -> list[Check]:
-    """The NVML checks of one GPU's readings."""
-    i = r["index"]
+# The checks of one GPU's readings: one function each, in the table's order. Adding a check: its
+# reading in Pynvml._one (and tests/fake_nvml.py's healthy default), its causes in CAUSES (and
+# FAILS where it leaves the node out), and a function here (docs/preflight.md).
+GPU_CHECKS: list[Callable[[dict], Check]] = []
 
-    def skip(check: str) -> Check:
-        return Check(check, i, "skip", "not supported by this GPU or driver")
 
-    out = []
+def gpu_check(fn: Callable[[dict], Check]) -> Callable[[dict], Check]:
+    GPU_CHECKS.append(fn)
+    return fn
+
+
+def _skip(check: str, r: dict) -> Check:
+    return Check(check, r["index"], "skip", "not supported by this GPU or driver")
+
+
+@gpu_check
+def _ecc(r: dict) -> Check:
     if r.get("ecc_volatile") is None:
-        out.append(skip("ecc"))
-    elif r["ecc_volatile"]:
-        out.append(_found("ecc", i, "ecc_uncorrected"))
-    elif r.get("ecc_aggregate"):
-        out.append(_found("ecc", i, "ecc_history"))
-    else:
-        out.append(Check("ecc", i, "ok", "no uncorrectable ECC errors"))
-    if r.get("remapped_failed"):
-        out.append(_found("memory", i, "remap_failed"))
-    elif r.get("remapped_pending"):
-        out.append(_found("memory", i, "remap_pending"))
-    elif r.get("retired_pending"):
-        out.append(_found("memory", i, "retired_pending"))
-    elif r.get("remapped_pending") is None and r.get("retired_pending") is None:
-        out.append(skip("memory"))
-    else:
-        out.append(Check("memory", i, "ok", "no rows or pages pending or failed"))
+        return _skip("ecc", r)
+    if r["ecc_volatile"]:
+        return _found("ecc", r["index"], "ecc_uncorrected")
+    if r.get("ecc_aggregate"):
+        return _found("ecc", r["index"], "ecc_history")
+    return Check("ecc", r["index"], "ok", "no uncorrectable ECC errors")
+
+
+@gpu_check
+def _memory(r: dict) -> Check:
+    for code in ("remapped_failed", "remapped_pending", "retired_pending"):
+        if r.get(code):
+            return _found("memory", r["index"], code.replace("remapped", "remap"))
+    if r.get("remapped_pending") is None and r.get("retired_pending") is None:
+        return _skip("memory", r)
+    return Check("memory", r["index"], "ok", "no rows or pages pending or failed")
+
+
+@gpu_check
+def _throttle(r: dict) -> Check:
     throttle = r.get("throttle")
-    hard = [t for t in throttle or [] if t in ("hw_slowdown", "power_brake")]
     if throttle is None:
-        out.append(skip("throttle"))
-    elif hard:
-        out.append(_found("throttle", i, "hw_slowdown", ", ".join(throttle)))
-    elif throttle:
-        out.append(_found("throttle", i, "thermal", ", ".join(throttle)))
-    else:
-        out.append(Check("throttle", i, "ok", "no hardware or thermal slowdown"))
+        return _skip("throttle", r)
+    if any(t in ("hw_slowdown", "power_brake") for t in throttle):
+        return _found("throttle", r["index"], "hw_slowdown", ", ".join(throttle))
+    if throttle:
+        return _found("throttle", r["index"], "thermal", ", ".join(throttle))
+    return Check("throttle", r["index"], "ok", "no hardware or thermal slowdown")
+
+
+@gpu_check
+def _persistence(r: dict) -> Check:
     if r.get("persistence") is None:
-        out.append(skip("persistence"))
-    else:
-        out.append(Check("persistence", i, "ok", "persistence mode on") if r["persistence"]
-                   else _found("persistence", i, "persistence_off"))
+        return _skip("persistence", r)
+    return Check("persistence", r["index"], "ok", "persistence mode on") if r["persistence"] \
+        else _found("persistence", r["index"], "persistence_off")
+
+
+@gpu_check
+def _pcie(r: dict) -> Check:
     now, top = (r.get("pcie_gen"), r.get("pcie_width")), (r.get("pcie_gen_max"), r.get("pcie_width_max"))
     if None in now or None in top:
-        out.append(skip("pcie"))
-    elif now[0] < top[0] or now[1] < top[1]:
-        out.append(_found("pcie", i, "pcie_degraded", f"gen{now[0]} x{now[1]}", f"gen{top[0]} x{top[1]}"))
-    else:
-        out.append(Check("pcie", i, "ok", f"gen{now[0]} x{now[1]}"))
+        return _skip("pcie", r)
+    if now[0] < top[0] or now[1] < top[1]:
+        return _found("pcie", r["index"], "pcie_degraded", f"gen{now[0]} x{now[1]}", f"gen{top[0]} x{top[1]}")
+    return Check("pcie", r["index"], "ok", f"gen{now[0]} x{now[1]}")
+
+
+@gpu_check
+def _mig(r: dict) -> Check:
     if r.get("mig") is None:
-        out.append(skip("mig"))
-    else:
-        out.append(_found("mig", i, "mig_on") if r["mig"] else Check("mig", i, "ok", "MIG mode off"))
-    return out
+        return _skip("mig", r)
+    return _found("mig", r["index"], "mig_on") if r["mig"] else Check("mig", r["index"], "ok", "MIG mode off")
 
 
 def _canary_checks(section: dict, names: dict[int, str]) -> list[Check]:
@@ -386,7 +404,7 @@ def judge(facts: Optional[dict], expected_gpus: int) -> Health:
     else:
         checks.append(Check("gpu_count", None, "ok", f"{len(readings)} GPU(s), {expected_gpus} expected"))
     for r in readings:
-        checks += _gpu_checks(r)
+        checks += [check(r) for check in GPU_CHECKS]
     checks += _canary_checks(section.get("canary") or {"skipped": "not run"}, {r["index"]: r["name"] for r in readings})
     statuses = {c.status for c in checks}
     status = UNHEALTHY if "fail" in statuses else DEGRADED if "warn" in statuses else HEALTHY
