@@ -310,10 +310,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     warmup, iters = (1, 2) if args.quick else (args.warmup, args.iters)
     if args.repeats < 1:
         raise UsageError(f"--repeats must be at least 1 (got {args.repeats})")
+    candidates = [cfg]
     if args.sweep:
         from bench import sweep
 
-        sweep.configs(cfg, args.sweep)  # every override checked before anything runs
+        candidates += [c for _, c in sweep.configs(cfg, args.sweep)]  # every override checked before anything runs
+    if any(c.train.micro_batch_size == "auto" for c in candidates):
+        # bench builds one process on this device, without the plan that fits it to the cluster's memory
+        raise UsageError("train.micro_batch_size auto is resolved by train's plan; give bench a number "
+                         "(e.g. --sweep train.micro_batch_size=12)")
     if args.float8_check and args.steps <= warmup:
         raise UsageError(f"--steps ({args.steps}) must exceed --warmup ({warmup})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

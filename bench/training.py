@@ -34,7 +34,7 @@ def bench_variant(attn: str, *, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     row = {"variant": attn, "seq_len": tc.seq_len, "micro_batch": tc.micro_batch_size,
            "grad_accum": tc.grad_accum_steps, "compile": s.compiled,
            "activation_checkpointing": tc.activation_checkpointing, "dtype": str(s.dtype).removeprefix("torch."),
-           "loss_impl": tc.loss_impl, "compile_mode": tc.compile_mode if s.compiled else None,
+           "loss_impl": s.train.loss_impl, "compile_mode": tc.compile_mode if s.compiled else None,
            "compile_scope": s.compile_scope, "float8": tc.float8,
            "float8_recipe": tc.float8_recipe if tc.float8 else None, "param_dtype": s.param_dtype}
     if s.refusal:  # as the plan refuses it before a run

@@ -15,7 +15,10 @@ What is counted, in bytes, for the model in ``trainer/model.py`` trained by ``tr
   checkpointing keeps only each checkpointed block's input (every block, or every Nth), plus
   the last block being recomputed when it is one of them.
   Under torch.compile fewer tensors are kept (the rest is recomputed in backward).
-- logits: the head's output, held through backward, the fp32 log-softmax and its gradients.
+- logits: the head's output, held through backward, the fp32 log-softmax and its gradients. A
+  fused loss (``train.loss_impl`` chunked or liger) keeps none of these: only the gradients it
+  computes in forward (for the hidden states and, in fp32, the head's weight) and one chunk of
+  logits in flight. ``auto`` is counted as standard: the worker decides what imports there.
 - ``train.param_dtype`` bf16: the residual stream is then bf16, which the activations above
   still count as fp32 (an overestimate).
 - the optimizer step's temporaries (AdamW on CPU runs tensor by tensor, with fp32 temporaries
@@ -45,6 +48,10 @@ GiB = 2**30
 # tensors. A CUDA context with cuBLAS workspaces and NCCL's buffers is 0.5-1 GiB; a CPU
 # worker process (Python, torch, Ray's worker runtime) about 0.5 GiB of resident memory.
 RUNTIME_BYTES = {"cuda": 1 * GiB, "cpu": GiB // 2}
+# A fused loss's chunk of logits in flight: trainer/loss.py's chunks hold at most 2**25 fp32
+# values, a few copies at once (liger's chunks are of the same order at these shapes).
+FUSED_CHUNK_BYTES = 4 * 2**25 * FP32
+FUSED_LOSSES = ("chunked", "liger")
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,11 @@ def estimate(model: ModelArgs, train: TrainConfig, *, strategy: str, world_size:
                    + recompute + workspace)
     # Final norm (as a block's) and, per vocabulary entry: the head's output held through
     # backward, the fp32 log-softmax, and the two fp32 gradients at the start of backward.
-    logits = tokens * (2 * 2 * FP32 * model.dim + model.vocab_size * (e + 3 * FP32))
+    norm = tokens * 2 * 2 * FP32 * model.dim
+    if train.loss_impl in FUSED_LOSSES:
+        logits = norm + tokens * model.dim * e + model.vocab_size * model.dim * FP32 + FUSED_CHUNK_BYTES
+    else:
+        logits = norm + tokens * model.vocab_size * (e + 3 * FP32)
     largest = max(model.vocab_size * model.dim, model.dim * model.ffn_hidden)
     step_temp = state.step + (0 if device == "cuda" else 2 * FP32 * largest // state.shard)
     return MemoryEstimate(strategy=strategy, world_size=world_size, dtype="bf16" if e == 2 else "fp32",

@@ -25,6 +25,7 @@ Rules, in order, per variant:
 5. Once placed, each variant's strategy is resolved (``scaling.strategy``; auto: ddp or fsdp)
    and its workers' memory estimate is checked against their devices (``strategy.py``): a
    variant that fits under no strategy is infeasible (exit 2) before anything is allocated.
+   ``train.micro_batch_size: auto`` becomes the largest that fits (``micro_batch.py``).
 Then all runnable variants are packed onto the cluster at once. If they fit, they run
 concurrently, each worker pinned to its node with a ``ray.io/node-id`` selector so the
 variants cannot take each other's CPUs or GPUs. If not, they run one after the other on the
@@ -39,13 +40,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
 
-from orchestrator import capacity, labels, strategy as strategy_mod
+from orchestrator import capacity, labels, micro_batch, strategy as strategy_mod
 from orchestrator.config import ScalingConfig, VariantConfig
 from orchestrator.errors import InfeasibleRequest
 from orchestrator.preflight.findings import PreflightReport
 from orchestrator.strategy import Workload
 from trainer import parallel
 from trainer.attention import guard
+from trainer.config import TrainConfig
 
 # Orders of variants tried when packing them together; beyond this many variants, the most
 # constrained-first order alone (the search is factorial).
@@ -113,6 +115,9 @@ class PlannedVariant:
     strategy: str = parallel.DEFAULT  # scaling.strategy, resolved (strategy.py): a name in trainer.parallel
     strategy_reason: Optional[str] = None
     memory: Optional[dict] = None  # the per-worker estimate (orchestrator/memory.py) and its limit
+    # train.micro_batch_size where the config says auto, resolved (micro_batch.py), and why
+    micro_batch_size: Optional[int] = None
+    micro_batch_reason: Optional[str] = None
     max_workers: Optional[int] = None  # elastic: Ray Train grows the group up to this; None: a fixed size
 
     def workers_arg(self) -> Union[int, tuple[int, int]]:
@@ -121,6 +126,13 @@ class PlannedVariant:
 
     def count(self) -> str:
         return f"{self.num_workers}" if self.max_workers is None else f"{self.num_workers}-{self.max_workers}"
+
+    def resolved(self, train: TrainConfig) -> tuple[TrainConfig, dict[str, str]]:
+        """(``train`` as the workers run it, what the plan resolved from auto: key -> "value (why)")."""
+        if not self.micro_batch_size:
+            return train, {}
+        return (train.model_copy(update={"micro_batch_size": self.micro_batch_size}),
+                {"train.micro_batch_size": f"{self.micro_batch_size} ({self.micro_batch_reason})"})
 
     def demand(self) -> dict[str, float]:
         """What one worker asks Ray for (the same dict launch passes as resources_per_worker)."""
@@ -159,6 +171,8 @@ class Plan:
                 lines.append(f"    workers: {v.workers_reason}")
             if v.status == "planned" and v.strategy_reason:
                 lines.append(f"    strategy: {v.strategy_reason}")
+            if v.status == "planned" and v.micro_batch_size:
+                lines.append(f"    train.micro_batch_size: {v.micro_batch_size} ({v.micro_batch_reason})")
         lines += [f"  note: {n}" for n in self.notes]
         return lines
 
@@ -239,7 +253,7 @@ def _workers(scaling: ScalingConfig, nodes: list[NodeCapacity]) -> capacity.Work
 
 def _resolve_strategies(runnable: list[PlannedVariant], nodes: list[NodeCapacity], scaling: ScalingConfig,
                         workloads: Optional[dict[str, Workload]], concurrent: bool) -> None:
-    """Each variant's strategy and memory estimate (strategy.py), or InfeasibleRequest."""
+    """Each variant's strategy, micro-batch where auto, and memory estimate (strategy.py), or InfeasibleRequest."""
     gpu_memory = {n.node_id: n.gpu_memory_bytes for n in nodes}
     ram = {n.node_id: n.memory_bytes for n in nodes}
     for v in runnable:
@@ -250,9 +264,13 @@ def _resolve_strategies(runnable: list[PlannedVariant], nodes: list[NodeCapacity
         workers_on = Counter(n for u in sharing if not u.use_gpu for n in u.nodes)
         limit = strategy_mod.budget(v.nodes, use_gpu=v.use_gpu, gpu_memory=gpu_memory, ram=ram,
                                     workers_on=workers_on, headroom=scaling.memory_headroom)
-        choice = strategy_mod.resolve(v.name, scaling.strategy, workloads[v.name], num_workers=v.num_workers,
-                                      attention=v.env["ATTN_IMPL"], use_gpu=v.use_gpu, limit=limit,
-                                      headroom=scaling.memory_headroom)
+        work = workloads[v.name]
+        placed = dict(num_workers=v.num_workers, attention=v.env["ATTN_IMPL"], use_gpu=v.use_gpu, limit=limit,
+                      headroom=scaling.memory_headroom)
+        if work.train.micro_batch_size == "auto":
+            v.micro_batch_size, v.micro_batch_reason = micro_batch.resolve(v.name, scaling.strategy, work, **placed)
+            work = Workload(work.model, v.resolved(work.train)[0])
+        choice = strategy_mod.resolve(v.name, scaling.strategy, work, **placed)
         v.strategy, v.strategy_reason = choice.strategy, choice.reason
         v.memory = {"per_worker": choice.estimate.to_json(), "limit_bytes": limit.bytes if limit else None,
                     "limit": limit.describe(scaling.memory_headroom) if limit else None}

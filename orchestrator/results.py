@@ -106,6 +106,10 @@ class VariantResult(Record):
     float8_recipe: Optional[str] = Field(None, description="torchao's float8 recipe that ran (tensorwise); null "
                                          "without float8")
     loss_impl: Optional[str] = Field(None, description="the head + cross-entropy that ran: standard, chunked or liger")
+    micro_batch_size: Optional[int] = Field(None, description="sequences per worker per micro-step that ran")
+    auto: dict[str, str] = Field(default_factory=dict, description="the settings left at auto: key -> the value "
+                                 "each resolved to and why, e.g. train.micro_batch_size: 12 (auto: largest that "
+                                 "fits ...) by the plan, train.loss_impl by the worker")
     compile_mode: Optional[str] = Field(None, description="Inductor's mode of the compiled model; null when not "
                                         "compiled")
     compile_scope: Optional[str] = Field(None, description="what compiled as one graph: model (the whole model, "

@@ -423,15 +423,17 @@ def _open_run_dir(state: RunState) -> None:
 def _worker_specs(state: RunState) -> dict[str, WorkerSpec]:
     """What each variant's workers are handed."""
     specs = {}
-    strategies = {v.name: v.strategy for v in state.plan.variants}
+    planned = {v.name: v for v in state.plan.variants}
     remote = location.uri_of(state.run_dir)
     for vc in state.prep.variants:
         model, train_cfg = config_mod.resolved_sections(state.prep.cfg, vc)
+        pv = planned[vc.name]
+        train_cfg, auto = pv.resolved(train_cfg)
         specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=state.prep.data_source,
                                     val_fraction=state.prep.cfg.data.held_out_fraction,
                                     val_path=str(state.prep.val_path) if state.prep.val_path else None,
-                                    out_dir=str((state.run_dir / vc.name).resolve()), strategy=strategies[vc.name],
-                                    storage_uri=location.join(remote, vc.name) if remote else None)
+                                    out_dir=str((state.run_dir / vc.name).resolve()), strategy=pv.strategy,
+                                    storage_uri=location.join(remote, vc.name) if remote else None, auto=auto)
     return specs
 
 

@@ -33,7 +33,7 @@ def _load(tmp_path, content: str | bytes):
     ("scaling: {use_gpu: \"yes\"}", "scaling.use_gpu: Input should be 'auto' or a valid boolean (got 'yes')"),
     ("train: {max_steps: true}", "train.max_steps: Input should be a valid integer (got True)"),
     ("train: {max_steps: 10.0}", "train.max_steps: Input should be a valid integer (got 10.0)"),
-    ("train: {micro_batch_size: \"2\"}", "train.micro_batch_size: Input should be a valid integer (got '2')"),
+    ("train: {micro_batch_size: \"2\"}", "train.micro_batch_size: Input should be 'auto' or a valid integer (got '2')"),
     ("scaling: {placement_timeout_s: .inf}", "scaling.placement_timeout_s: Input should be a finite number (got inf)"),
     ("train: {lr: .nan}", "train.lr: Input should be a finite number (got nan)"),
     ("train: {weight_decay: .inf}", "train.weight_decay: Input should be a finite number (got inf)"),

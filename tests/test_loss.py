@@ -1,6 +1,8 @@
 """train.loss_impl: the chunked head + cross-entropy gives the standard loss and gradients, tied or
 untied, under autocast, compiled and under DDP; liger is refused on CPU naming the key."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,3 +220,49 @@ def test_the_variant_record_says_which_loss_compile_mode_and_float8_recipe_ran(t
                            env={}, workers=[], params=1, timeline={})
     rec = VariantResult(status="succeeded", **{k: v for k, v in record.items() if k != "variant"})
     assert (rec.loss_impl, rec.compile_mode, rec.float8_recipe) == expected
+
+
+LIGER_MODULE = "liger_kernel.transformers.fused_linear_cross_entropy"
+
+
+def test_loss_impl_auto_runs_liger_where_it_imports_on_a_cuda_device(monkeypatch):
+    import types
+
+    fake = types.ModuleType(LIGER_MODULE)
+    fake.LigerFusedLinearCrossEntropyLoss = object
+    monkeypatch.setitem(sys.modules, LIGER_MODULE, fake)
+    assert loss.resolve("auto", torch.device("cuda")) == ("liger", "auto: liger-kernel imports on this CUDA device")
+
+
+def test_loss_impl_auto_runs_standard_without_liger_or_on_a_cpu_and_says_why(monkeypatch):
+    monkeypatch.setitem(sys.modules, LIGER_MODULE, None)  # not installed: its import fails
+    impl, why = loss.resolve("auto", torch.device("cuda"))
+    assert impl == "standard" and why.startswith("auto: liger needs a working liger-kernel (pip install liger-kernel")
+    assert loss.resolve("auto", torch.device("cpu")) == (
+        "standard", "auto: liger needs a CUDA GPU (liger-kernel is Triton); this worker runs on cpu")
+
+
+@pytest.mark.parametrize("impl", ["standard", "chunked", "liger"])
+def test_a_loss_impl_the_user_gave_is_kept_whatever_is_installed(monkeypatch, impl):
+    monkeypatch.setitem(sys.modules, LIGER_MODULE, None)
+    assert loss.resolve(impl, torch.device("cuda")) == (impl, None)
+
+
+def test_the_variant_record_says_which_loss_and_micro_batch_auto_resolved_to_and_why(tmp_path):
+    from orchestrator.results import VariantResult
+    from trainer.config import TrainConfig
+    from trainer.worker_spec import WorkerSpec
+    from trainer import builder
+    from trainer.result import Progress, worker_result
+
+    planned = {"train.micro_batch_size": "12 (auto: largest that fits 71.68 GiB ...)"}
+    spec = WorkerSpec(variant="flash", model=ModelConfig(), train=TrainConfig(micro_batch_size=12, loss_impl="auto"),
+                      data_path="d", out_dir=str(tmp_path), auto=planned)
+    s = builder.settings(spec.model, spec.train, strategy="ddp", vocab_size=64, device=torch.device("cpu"))
+    assert (s.train.loss_impl, s.model.loss_impl) == ("standard", "standard")  # what the model computes
+    record = worker_result(spec, s, Progress(), requested="flash", kernel="sdpa_flash_cpu", kernel_timings=None,
+                           env={}, workers=[], params=1, timeline={})
+    rec = VariantResult(status="succeeded", **{k: v for k, v in record.items() if k != "variant"})
+    assert (rec.loss_impl, rec.micro_batch_size) == ("standard", 12)
+    assert rec.auto == {**planned, "train.loss_impl": "standard (auto: liger needs a CUDA GPU (liger-kernel is "
+                                                      "Triton); this worker runs on cpu)"}

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from orchestrator.memory import RUNTIME_BYTES, estimate, param_counts
+from orchestrator.memory import FUSED_CHUNK_BYTES, RUNTIME_BYTES, estimate, param_counts
 from trainer.config import ModelConfig, TrainConfig
 from trainer.model import Transformer
 
@@ -102,6 +102,18 @@ def test_bf16_on_gpu_compiled_halves_what_blocks_keep_and_skips_optimizer_tempor
     # compiled: residual in 64 + normed bf16 32 + q,k,v 48 + attention out 16 + w1, w3 out 64 = 224 per token
     assert e.activations == 224 * 8 * 2
     assert e.logits == 8 * (128 + 10 * (2 + 12))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "liger"])
+def test_a_fused_loss_keeps_no_logits_only_its_forward_gradients_and_a_chunk(impl):
+    e = estimate(TINY, TrainConfig(seq_len=4, micro_batch_size=2, loss_impl=impl), strategy="ddp", world_size=1,
+                 attention="flash", device="cuda")
+    # final norm 128 per token, the hidden states' gradient bf16 16 per token, the head's fp32 10 x 8 x 4
+    assert e.logits == 8 * (128 + 16) + 320 + FUSED_CHUNK_BYTES
+    # auto is counted as standard: the worker decides what imports, the larger is safe
+    auto = estimate(TINY, TrainConfig(seq_len=4, micro_batch_size=2, loss_impl="auto"), strategy="ddp",
+                    world_size=1, attention="flash", device="cuda")
+    assert auto.logits == 8 * (128 + 10 * (2 + 12))
 
 
 def test_llama3_8b_needs_fsdp_on_two_80gb_gpus_and_fits_there_at_micro_batch_2():

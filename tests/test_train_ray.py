@@ -27,6 +27,7 @@ def test_flash_run_writes_the_summary_contract_and_metrics(ray_session, tmp_path
     assert rec.status == "succeeded" and rec.error is None
     assert (rec.attention, rec.backend, rec.env) == ("flash", "sdpa_flash_cpu", {"ATTN_IMPL": "flash"}), rec.reason
     assert rec.steps == 6 and rec.num_workers == 2 and rec.use_gpu is False and rec.restarts == 0
+    assert (rec.micro_batch_size, rec.loss_impl, rec.auto) == (4, "standard", {})  # as the config gives them
     assert rec.final_loss < rec.first_loss
     assert rec.tokens_per_s > 0 and rec.peak_mem_bytes > 0
     # GPU figures are n/a on CPU; one fused CPU kernel passes, so there was nothing to time.

@@ -33,6 +33,7 @@ class Settings:
     compiled: bool  # train.compile
     cudagraphs: bool  # the compiled model replays as CUDA graphs (train.compile_mode)
     param_dtype: str  # the weights' dtype in forward and backward (train.param_dtype, resolved)
+    auto: dict[str, str]  # the settings resolved here from auto: key -> "value (why)"
 
     @property
     def refusal(self) -> Optional[str]:
@@ -61,7 +62,10 @@ class Settings:
 
 def settings(model: ModelConfig, train: TrainConfig, *, strategy: str, vocab_size: int, device: torch.device,
              world_size: int = 1) -> Settings:
-    """``model`` and ``train`` on ``device``, for data of ``vocab_size`` tokens."""
+    """``model`` and ``train`` on ``device``, for data of ``vocab_size`` tokens; ``train.loss_impl``
+    auto becomes the one that runs here (``loss.resolve``)."""
+    impl, why = loss.resolve(train.loss_impl, device)
+    train = train.model_copy(update={"loss_impl": impl})
     compiled = train.compiles(device.type)
     return Settings(model=model.args(vocab_size=vocab_size, max_seq_len=train.seq_len,
                                      activation_checkpointing=train.activation_checkpointing,
@@ -69,7 +73,8 @@ def settings(model: ModelConfig, train: TrainConfig, *, strategy: str, vocab_siz
                     train=train, strategy=strategy, device=device, world_size=world_size,
                     dtype=training_dtype(train, device), compiled=compiled,
                     cudagraphs=compile_mode.replays(train.compile_mode, compiled=compiled, device_type=device.type),
-                    param_dtype=parallel.weights_dtype(train.param_dtype, strategy, train.precision(device.type)))
+                    param_dtype=parallel.weights_dtype(train.param_dtype, strategy, train.precision(device.type)),
+                    auto={"train.loss_impl": f"{impl} ({why})"} if why else {})
 
 
 def build_model(s: Settings, *, init_weights: Optional[Callable[[], dict]] = None) -> tuple[nn.Module, Transformer]:

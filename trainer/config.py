@@ -4,7 +4,7 @@ carry the exact key path, so a bad value is reported as ``train.lr`` rather than
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union, get_args
+from typing import Annotated, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,6 +16,8 @@ AttentionName = Literal["flash", "standard"]
 ATTENTIONS: tuple[str, ...] = get_args(AttentionName)
 # The output head + cross-entropy (train.loss_impl; trainer/loss.py computes each).
 LossImpl = Literal["standard", "chunked", "liger"]
+# A setting the run resolves on its machine: the plan (micro_batch_size), the worker (loss_impl).
+Auto = Literal["auto"]
 
 
 def precision(dtype: str, device_type: str) -> Literal["bf16", "fp32"]:
@@ -102,7 +104,10 @@ class FaultConfig(Strict):
 
 class TrainConfig(Strict):
     seq_len: int = Field(128, gt=1, description="tokens per sequence")
-    micro_batch_size: int = Field(8, gt=0, description="sequences per worker per micro-step")
+    micro_batch_size: Union[Auto, Annotated[int, Field(gt=0)]] = Field(
+        8, description="sequences per worker per micro-step; auto: the largest whose estimated peak memory fits "
+                       "scaling.memory_headroom of the worker's device, up to 12 x 4096 tokens (the plan says "
+                       "which and why; docs/performance.md)")
     grad_accum_steps: int = Field(1, gt=0, description="micro-steps per optimizer step")
     max_steps: int = Field(100, gt=0, description="optimizer steps to train (--max-steps overrides)")
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
@@ -143,9 +148,11 @@ class TrainConfig(Strict):
     float8_recipe: Float8Recipe = Field(
         "tensorwise", description="torchao's float8 scaling, with train.float8: tensorwise (one scale per tensor, "
                                   "fastest), rowwise or rowwise_with_gw_hp (per row: more accurate, slower)")
-    loss_impl: LossImpl = Field("standard", description="the output head + cross-entropy: standard (full logits), "
-                                "chunked (plain PyTorch, chunk by chunk, no full logits kept) or liger "
-                                "(liger-kernel's fused kernel; CUDA, pip install liger-kernel)")
+    loss_impl: Union[Auto, LossImpl] = Field(
+        "standard", description="the output head + cross-entropy: standard (full logits), chunked (plain PyTorch, "
+                                "chunk by chunk, no full logits kept) or liger (liger-kernel's fused kernel; CUDA, "
+                                "pip install liger-kernel); auto: liger where it imports on the worker's GPU, else "
+                                "standard (the record says which ran and why)")
     compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field(
         "default", description="Inductor's mode for the compiled model (with train.compile): default and "
                                "max-autotune-no-cudagraphs (which times matmul and kernel configs at the first "

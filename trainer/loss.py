@@ -9,6 +9,9 @@
   exist at a time, so the memory freed allows a larger micro-batch.
 - ``liger``: liger-kernel's ``LigerFusedLinearCrossEntropyLoss`` (Triton, CUDA only), the same
   idea with fused kernels.
+- ``auto``: liger where it imports on this worker's CUDA device, else standard (``resolve``).
+  Measured on one H100 (2026-12-07, ~0.95B, seq 4096): liger with micro-batch 12 ran at
+  89,223 tok/s (62.6% MFU) against 79,075 (55.5%) for standard with micro-batch 4 (issue 37).
 
 Both fused ways return no logits (the training step never reads them). The matmuls run in the
 autocast dtype, like the standard head under autocast, and the softmax in fp32.
@@ -33,19 +36,33 @@ LIGER_INSTALL = "pip install liger-kernel (with torch and triton; CUDA GPUs only
 
 def liger_problem(device: torch.device) -> Optional[str]:
     """Why ``train.loss_impl: liger`` cannot run here (None: it can)."""
+    missing = _liger_missing(device)
+    if missing and device.type != "cuda":
+        return f"train.loss_impl: {missing}. Use train.loss_impl: chunked or standard"
+    return f"train.loss_impl: {missing}" if missing else None
+
+
+def _liger_missing(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
-        return (f"train.loss_impl: liger needs a CUDA GPU (liger-kernel is Triton); this worker runs on "
-                f"{device.type}. Use train.loss_impl: chunked or standard")
+        return f"liger needs a CUDA GPU (liger-kernel is Triton); this worker runs on {device.type}"
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss  # noqa: F401
     except Exception as e:  # not installed (ImportError), or installed but broken against this torch/triton
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"train.loss_impl: liger needs a working liger-kernel ({LIGER_INSTALL}): {type(e).__name__}: {first}"
+        return f"liger needs a working liger-kernel ({LIGER_INSTALL}): {type(e).__name__}: {first}"
     return None
 
 
+def resolve(impl: str, device: torch.device) -> tuple[str, Optional[str]]:
+    """(the loss implementation to run, why: None unless ``impl`` is auto) on ``device``."""
+    if impl != "auto":
+        return impl, None
+    missing = _liger_missing(device)
+    return ("standard", f"auto: {missing}") if missing else ("liger", "auto: liger-kernel imports on this CUDA device")
+
+
 def check(impl: str, device: torch.device) -> None:
-    """Raise ValueError naming ``train.loss_impl`` when ``impl`` cannot run on ``device``."""
+    """Raise ValueError naming ``train.loss_impl`` when ``impl`` (resolved) cannot run on ``device``."""
     if impl not in LOSS_IMPLS:
         raise ValueError(f"train.loss_impl: unknown {impl!r}; expected one of {', '.join(LOSS_IMPLS)}")
     problem = liger_problem(device) if impl == "liger" else None

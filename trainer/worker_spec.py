@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from trainer import parallel
 from trainer.config import ModelConfig, TrainConfig
@@ -24,3 +24,11 @@ class WorkerSpec(BaseModel):
     out_dir: str  # the variant's directory in the run directory: metrics, TensorBoard
     strategy: parallel.Name = parallel.DEFAULT  # how the model is spread over the workers (trainer/parallel/)
     storage_uri: Optional[str] = None  # the variant's directory in a bucket, when the run directory is one
+    auto: dict[str, str] = {}  # the settings the plan resolved from auto: key -> "value (why)"
+
+    @field_validator("train")
+    @classmethod
+    def _micro_batch_resolved(cls, train: TrainConfig) -> TrainConfig:
+        if train.micro_batch_size == "auto":  # the plan resolves it from the workers' memory (orchestrator/plan.py)
+            raise ValueError("train.micro_batch_size auto reaches a worker unresolved; the plan gives it a number")
+        return train

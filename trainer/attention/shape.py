@@ -36,8 +36,11 @@ class AttentionShape:
     @classmethod
     def of_run(cls, tc, margs) -> "AttentionShape":
         """The shape of a run (``tc``: its TrainConfig, ``margs``: its ModelArgs)."""
+        # train.micro_batch_size auto is resolved by the plan, after preflight has timed the
+        # kernels: they are timed at micro-batch 1 then, and the worker times again at its own.
+        micro_batch = 1 if tc.micro_batch_size == "auto" else tc.micro_batch_size
         return cls(head_dim=margs.head_dim, n_heads=margs.n_heads, n_kv_heads=margs.n_kv_heads, dtype=tc.dtype,
-                   seq_len=tc.seq_len, micro_batch=tc.micro_batch_size, n_layers=margs.n_layers,
+                   seq_len=tc.seq_len, micro_batch=micro_batch, n_layers=margs.n_layers,
                    ffn_hidden=margs.ffn_hidden, activation_checkpointing=margs.activation_checkpointing,
                    compile=str(tc.compile).lower(), cudagraphs=compile_mode.uses_cudagraphs(tc.compile_mode))
 
