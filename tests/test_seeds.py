@@ -11,6 +11,8 @@ import yaml
 
 from orchestrator import comparison, config, heldout, seeds, trained
 from orchestrator.errors import UsageError
+from orchestrator.run import effective_options
+from orchestrator.options import TrainOptions
 from orchestrator.results import RunInfo, RunSummary, VariantResult, read_summary, seed_group
 
 HARDNESS = [4.1, 5.3, 4.7, 5.9, 4.4, 5.0, 5.6, 4.9]  # batches differ far more than the models
@@ -168,3 +170,10 @@ def test_report_of_seeded_runs_names_the_better_variant_beyond_the_spread(tmp_pa
     d = _seeded_run(tmp_path, {"flash": [0.5, 0.52, 0.48], "standard": [0.0, 0.02, -0.02]})
     [v] = comparison.write(d).verdicts
     assert v.text.startswith("standard is better than flash by 0.5000 ± 0.0163 held-out loss at step 20")
+
+
+def test_resume_keeps_the_runs_k_seeds(tmp_path):
+    (tmp_path / "config.yaml").write_text("{}\n")
+    (tmp_path / "options.json").write_text(json.dumps({"run_both_models": True, "seeds": 3}))
+    _, saved = effective_options(TrainOptions(resume=str(tmp_path)))
+    assert saved.options["seeds"] == 3
