@@ -24,7 +24,7 @@ import yaml
 from orchestrator import heldout, plots
 from orchestrator.errors import UsageError
 from orchestrator.results import (CONFIG_FILE, LOSS_PNG, MEMORY_PNG, PLAN_FILE, REPORT_FILE, THROUGHPUT_PNG, VAL_LOSS_PNG,
-                                  RunSummary, VariantResult, fmt, mib, read_summary)
+                                  RunSummary, SeedGroup, VariantResult, fmt, mib, read_summary, spread)
 from trainer.metrics import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
@@ -179,29 +179,64 @@ def _ratio_table(variants: dict[str, VariantResult], pairs: list[tuple[str, str]
     return out
 
 
-def held_out_verdicts(variants: dict[str, VariantResult], series: dict[str, list[dict]], config: Optional[dict],
-                      ) -> list[heldout.Verdict]:
-    """The first succeeded variant against each other one on held-out loss; a pair of one model
-    (flash vs standard, or one model twice) is also checked for parity within the loss-parity
-    tolerance of its dtype."""
-    ok = [n for n, r in variants.items() if r.status == "succeeded"]
+def groups_of(summary: RunSummary) -> dict[str, list[str]]:
+    """Each variant of the config and its runs: K of them under --seeds K, else the variant alone."""
+    return {g: sg.variants for g, sg in (summary.seed_groups or {}).items()} or {n: [n] for n in summary.variants}
+
+
+def run_pairs(variants: dict[str, VariantResult], groups: dict[str, list[str]], flash_disabled: bool = False,
+              ) -> list[tuple[str, str, str, str]]:
+    """(flash run, standard run, flash variant, standard variant): ``_pairs`` of the variants,
+    each pair compared run by run of the same seed (the same initial weights and batches)."""
     out = []
-    for other in ok[1:]:
-        a, b = variants[ok[0]], variants[other]
-        same_model = _not_comparable(config, ok[0], other, a, b) is None
-        table = SAME_KERNEL_RTOL if a.backend == b.backend else PARITY_RTOL
-        rtol = table.get(a.dtype or "float32", table["bfloat16"]) if same_model else None
-        out += heldout.compare(ok[0], other, series.get(ok[0], []), series.get(other, []), rtol)
+    for i in range(max(map(len, groups.values()), default=0)):
+        view = {g: variants[runs[i]] for g, runs in groups.items() if i < len(runs)}
+        out += [(groups[f][i], groups[s][i], f, s) for f, s in _pairs(view, flash_disabled)]
     return out
 
 
-def _held_out_section(verdicts: list[heldout.Verdict]) -> list[str]:
+def held_out_verdicts(variants: dict[str, VariantResult], series: dict[str, list[dict]], config: Optional[dict],
+                      groups: dict[str, list[str]]) -> list[heldout.Verdict]:
+    """The first variant with a succeeded run against each other one on held-out loss, over
+    their succeeded runs (``groups``: each variant's runs); a pair of one model (flash vs
+    standard, or one model twice) is also checked for parity within the loss-parity tolerance
+    of its dtype."""
+    ok = {g: [n for n in runs if variants[n].status == "succeeded"] for g, runs in groups.items()}
+    ok = {g: runs for g, runs in ok.items() if runs}
+    names = list(ok)
+    out = []
+    for other in names[1:]:
+        a, b = variants[ok[names[0]][0]], variants[ok[other][0]]
+        same_model = _not_comparable(config, names[0], other, a, b) is None
+        table = SAME_KERNEL_RTOL if a.backend == b.backend else PARITY_RTOL
+        rtol = table.get(a.dtype or "float32", table["bfloat16"]) if same_model else None
+        out += heldout.compare(names[0], other, [series.get(n, []) for n in ok[names[0]]],
+                               [series.get(n, []) for n in ok[other]], rtol)
+    return out
+
+
+def _seeds_table(seed_groups: dict[str, SeedGroup]) -> list[str]:
+    out = ["", "Each variant trained with several seeds (`train --seeds K`): held-out loss as the mean ± the standard "
+               "deviation over its succeeded runs (n − 1), at their last step.", "",
+           "| variant | runs | seeds | final held-out loss | best held-out loss | step |", "|---|---|---|---|---|---|"]
+    for name, g in seed_groups.items():
+        out.append(f"| {name} | {g.succeeded} of {len(g.variants)} succeeded | {', '.join(map(str, g.seeds))} | "
+                   f"{spread(g.final_val_loss_mean, g.final_val_loss_std, missing='–')} | "
+                   f"{spread(g.best_val_loss_mean, g.best_val_loss_std, missing='–')} | {_fmt(g.step, 'd')} |")
+    return out
+
+
+def _held_out_section(verdicts: list[heldout.Verdict], seed_groups: Optional[dict[str, SeedGroup]] = None,
+                      ) -> list[str]:
     lines = ["", "## Held-out loss", "",
              "Every variant evaluates the same held-out batches (docs/validation.md); the difference is paired by "
-             f"batch, and called when it exceeds {heldout.Z:g} standard errors.", ""]
+             f"batch, and called when it exceeds {heldout.Z:g} standard errors"
+             + (" of the difference of the means over seeds, the seeds' spread included." if seed_groups else "."), ""]
     for v in verdicts:
         lines.append(f"- {v.text}" + (f"; {v.parity}" if v.parity else ""))
-    return lines + ([] if verdicts else ["- not compared: needs two succeeded variants that evaluated"])
+    if not verdicts:
+        lines.append("- not compared: needs two succeeded variants that evaluated")
+    return lines + (_seeds_table(seed_groups) if seed_groups else [])
 
 
 def render(summary: RunSummary, plan: Optional[dict], parities: list[Parity], images: list[str], run_dir: Path,
@@ -249,7 +284,7 @@ def render(summary: RunSummary, plan: Optional[dict], parities: list[Parity], im
     if not parities:
         lines.append("- not checked: needs two succeeded variants" if disabled else
                      "- not checked: needs a succeeded flash variant and a succeeded standard variant")
-    lines += _held_out_section(list(verdicts))
+    lines += _held_out_section(list(verdicts), summary.seed_groups)
     lines += ["", "## Charts", ""] + [f"![{Path(i).stem}]({i})" for i in images]
     lines += ["", "## TensorBoard", "",
               "Every variant logs to `<run>/<variant>/tb`; one command overlays them:", "",
@@ -285,8 +320,9 @@ def write(run_dir: Path) -> ComparisonReport:
     series = {n: recs for n in variants if (recs := read_metrics(run_dir / n / METRICS_FILE))}
     parities = []
     disabled = bool((plan or {}).get("flash_disabled"))
-    for f, s in _pairs(variants, disabled):
-        why = _not_comparable(config, f, s, variants[f], variants[s])
+    groups = groups_of(summary)
+    for f, s, fg, sg in run_pairs(variants, groups, disabled):
+        why = _not_comparable(config, fg, sg, variants[f], variants[s])
         parities.append(check_parity(f, s, series.get(f, []), series.get(s, []), variants[f].dtype, why,
                                      same_kernel=disabled))
         if parities[-1].status == "diverged":
@@ -295,13 +331,13 @@ def write(run_dir: Path) -> ComparisonReport:
     if series:
         images.append(plots.loss(series, run_dir / LOSS_PNG).name)
         if any(r.get("val_loss") is not None for recs in series.values() for r in recs):
-            images.append(plots.validation(series, run_dir / VAL_LOSS_PNG).name)
+            images.append(plots.validation(series, run_dir / VAL_LOSS_PNG, groups).name)
         steady = {n: variants[n].tokens_per_s for n in series}
         images.append(plots.throughput(series, steady, run_dir / THROUGHPUT_PNG).name)
     peaks = {n: (r.peak_mem_bytes, r.peak_mem_kind or "peak") for n, r in variants.items() if r.peak_mem_bytes}
     if peaks:
         images.append(plots.memory(peaks, run_dir / MEMORY_PNG).name)
-    verdicts = held_out_verdicts(variants, series, config)
+    verdicts = held_out_verdicts(variants, series, config, groups)
     path = run_dir / REPORT_FILE
     path.write_text(render(summary, plan, parities, images, run_dir, verdicts))
     return ComparisonReport(path, parities, verdicts)

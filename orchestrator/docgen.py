@@ -143,6 +143,10 @@ def results_page() -> str:
         "A `RunSummary`: `run` holds the run's own facts,\n\n", "\n".join(results.field_table(results.RunInfo)),
         "\n\nand `variants.<name>` one record per variant (a field not measured is `null`):\n\n",
         "\n".join(results.field_table(results.VariantResult)), "\n\n",
+        "Under `train --seeds K` (K > 1) each variant trains K times, as runs `<variant>-s1` .. `<variant>-sK`\n"
+        "under `variants`, and `seed_groups.<variant>` groups them ([validation](validation.md#over-seeds)); it is\n"
+        "`null` for one seed:\n\n",
+        "\n".join(results.field_table(results.SeedGroup)), "\n\n",
         "## Exit codes of `train`\n\n| code | meaning |\n| --- | --- |\n",
         "".join(f"| `{c}` | {m} |\n" for c, m in sorted(codes.items())),
         "\nThe closing summary prints the code and its meaning. Bad input is caught before a run\n"

@@ -42,6 +42,9 @@ class TrainOptions:
     output_dir: str = _opt("runs", "--output-dir", "where run directories go (default: ./runs)", saved=True)
     max_steps: Optional[int] = _opt(None, "--max-steps", "override train.max_steps", saved=True)
     seed: Optional[int] = _opt(None, "--seed", "override train.seed", saved=True)
+    seeds: int = _opt(1, "--seeds", "train each variant K times, with seeds train.seed, train.seed + 1, ... (as "
+                      "variants <variant>-s1 .. -sK); the report gives each variant's mean ± spread over them",
+                      metavar="K", saved=True)
     name: Optional[str] = _opt(None, "--name", "run name (default: run-<date>-<time>, made unique)", saved=True)
     debug: bool = _opt(False, None, "tracebacks on errors and worker logs on the console (the global --debug)")
     resume: Optional[str] = _opt(None, "--resume", "continue a stopped run in its directory, with its saved config "
@@ -60,7 +63,7 @@ FIELDS = dataclasses.fields(TrainOptions)
 
 # Options a resumed run takes from its saved files; giving them again contradicts --resume.
 SAVED_OPTIONS = {f.name: f.metadata["flag"] for f in FIELDS if f.metadata["saved"]}
-_TYPES = {"Optional[int]": int}  # annotations are strings here (from __future__ import annotations)
+_TYPES = {"Optional[int]": int, "int": int}  # annotations are strings here (from __future__ import annotations)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,9 @@ safe from any thread and never needs a display.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
+from typing import Optional
 
 from matplotlib.figure import Figure
 
@@ -39,13 +41,25 @@ def loss(series: Series, path: Path) -> Path:
     return _save(fig, path)
 
 
-def validation(series: Series, path: Path) -> Path:
-    """Held-out loss at each evaluation, every variant on one chart."""
+def validation(series: Series, path: Path, groups: Optional[dict[str, list[str]]] = None) -> Path:
+    """Held-out loss at each evaluation, every variant on one chart. A variant of several runs
+    (``groups``: variant -> its runs, ``train --seeds K``) is its mean over them at the steps all
+    of them evaluated, in a band of ± their standard deviation."""
     fig = Figure(figsize=_SIZE)
     ax = fig.add_subplot()
-    for name, recs in series.items():
-        evals = [r for r in recs if r.get("val_loss") is not None]
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker="o", label=name)
+    for name, runs in (groups or {n: [n] for n in series}).items():
+        evals = [{r["step"]: r["val_loss"] for r in series.get(run, []) if r.get("val_loss") is not None}
+                 for run in runs]
+        evals = [e for e in evals if e]  # a run that failed before its first evaluation
+        steps = [s for s in evals[0] if all(s in e for e in evals[1:])] if evals else []
+        columns = [[e[s] for e in evals] for s in steps]
+        if len(evals) == 1:
+            ax.plot(steps, [c[0] for c in columns], marker="o", label=name)
+        elif steps:
+            mean, std = [statistics.fmean(c) for c in columns], [statistics.stdev(c) for c in columns]
+            (line,) = ax.plot(steps, mean, marker="o", label=f"{name} (mean ± std over {len(evals)} seeds)")
+            ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2)
     ax.set(title="Held-out loss", xlabel="step", ylabel="validation loss")
     ax.grid(alpha=0.3)
     ax.legend()

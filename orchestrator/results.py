@@ -13,6 +13,7 @@ short human summary printed at the end of ``train``.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -133,6 +134,40 @@ def validation_fields(records: list[dict]) -> dict:
             "eval_s": round(sum(r.get("eval_s") or 0.0 for r in evals), 3)}
 
 
+class SeedGroup(Record):
+    """One variant trained with several seeds (``train --seeds K``): ``summary.json``'s
+    ``seed_groups.<variant>``."""
+
+    variants: list[str] = Field(description="its runs, in seed order, each a variant of its own under `variants`")
+    seeds: list[int] = Field(description="each run's train.seed")
+    succeeded: int = Field(description="runs that succeeded: the statistics are over them")
+    step: Optional[int] = Field(None, description="the step all of them last evaluated at (their last step); null "
+                                "when they differ")
+    final_val_loss_mean: Optional[float] = Field(None, description="the mean over the runs of final_val_loss")
+    final_val_loss_std: Optional[float] = Field(None, description="its sample standard deviation over the runs (n - 1); "
+                                                "null under two")
+    best_val_loss_mean: Optional[float] = Field(None, description="the mean over the runs of best_val_loss")
+    best_val_loss_std: Optional[float] = Field(None, description="its sample standard deviation over the runs")
+
+
+def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def seed_group(runs: dict[str, int], variants: dict[str, VariantResult]) -> SeedGroup:
+    """The group of ``runs`` (run name -> seed) from their records."""
+    ok = [variants[n] for n in runs if n in variants and variants[n].status == "succeeded"]
+    evaluated = [r for r in ok if r.final_val_loss is not None]
+    final_mean, final_std = _mean_std([r.final_val_loss for r in evaluated])
+    best_mean, best_std = _mean_std([r.best_val_loss for r in evaluated])
+    steps = {r.steps for r in evaluated}
+    return SeedGroup(variants=list(runs), seeds=list(runs.values()), succeeded=len(ok),
+                     step=steps.pop() if len(steps) == 1 else None, final_val_loss_mean=final_mean,
+                     final_val_loss_std=final_std, best_val_loss_mean=best_mean, best_val_loss_std=best_std)
+
+
 def skipped(attention: str, env: dict[str, str], num_workers: int, use_gpu: bool, reason: Optional[str]) -> VariantResult:
     """A variant the plan did not run (flash attention works on no node)."""
     return VariantResult(status="skipped", attention=attention, env=env, num_workers=num_workers, use_gpu=use_gpu,
@@ -188,6 +223,13 @@ def fmt(value: Optional[float], spec: str, missing: str = "n/a", unit: str = "")
     return missing if value is None else f"{value:{spec}}{unit}"
 
 
+def spread(mean: Optional[float], std: Optional[float], spec: str = ".4f", missing: str = "n/a") -> str:
+    """``mean ± std``, or the mean alone where one run gives no spread."""
+    if mean is None:
+        return missing
+    return f"{mean:{spec}}" + ("" if std is None else f" ± {std:{spec}}")
+
+
 def mib(value: Optional[int], missing: str = "n/a") -> str:
     """Bytes as MiB; 0 or None is unmeasured."""
     return fmt(value / 2**20 if value else None, ",.0f", missing, " MiB")
@@ -198,6 +240,9 @@ class RunSummary(Record):
 
     run: RunInfo = Field(description="the run's own facts")
     variants: dict[str, VariantResult] = Field(description="one record per variant, keyed by its name, in config order")
+    seed_groups: Optional[dict[str, SeedGroup]] = Field(
+        None, description="train --seeds K > 1: per variant of the config, its K runs (under `variants`) and the "
+                          "mean and spread of their held-out loss; null for one seed")
 
     def settle(self) -> "RunSummary":
         """The status and exit code the variants' records give (a finished run)."""
@@ -222,6 +267,10 @@ class RunSummary(Record):
                 lines.append(f"  {name}: interrupted after {r.steps} steps")
             else:
                 lines.append(f"  {name}: failed: {r.error}")
+        for name, g in (self.seed_groups or {}).items():
+            if g.final_val_loss_mean is not None:
+                lines.append(f"  {name}: held-out {spread(g.final_val_loss_mean, g.final_val_loss_std)} (mean ± std "
+                             f"over {g.succeeded} seeds, step {fmt(g.step, 'd')})")
         code = exit_code(self.run.status)
         lines.append(f"exit code {code}: {EXIT_MEANING[code]}")
         lines.append(f"run directory: {self.run.dir}")

@@ -75,6 +75,7 @@ def load(opts) -> SavedRun:
         "config_file": str(run_dir / CONFIG_FILE),
         "disable_flash_attn": bool(saved.get("disable_flash_attn")),
         "run_both_models": bool(saved.get("run_both_models")),
+        "seeds": saved.get("seeds", 1),  # each run of a variant resumes as any variant does
         "output_dir": str(run_dir.parent),
         "name": run_dir.name,
         "address": opts.address,

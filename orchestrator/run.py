@@ -36,12 +36,12 @@ import yaml
 
 from orchestrator import config as config_mod
 from orchestrator import (bytecode, capacity, init_from, interrupt, kept_ray, plan as plan_mod, preflight, preprocess,
-                          ray_internals, resume as resume_mod, rundir, runlock, storage)
+                          ray_internals, resume as resume_mod, rundir, runlock, seeds, storage)
 from orchestrator.errors import InfeasibleRequest, UsageError
 from orchestrator.options import TrainOptions
 from orchestrator.preflight import health, interconnect
 from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
-                                  run_status)
+                                  run_status, seed_group)
 from orchestrator.strategy import Workload
 from trainer import compile_mode, dataset as dataset_mod, float8, location, parallel
 from trainer.config import TrainConfig
@@ -61,6 +61,7 @@ class Prepared:
     vocab_size: int  # the dataset's: the plan's memory estimate needs the model's real shape
     data_fingerprint: dict  # the dataset's (trainer/dataset.py): --resume refuses other data
     val_path: Optional[Path] = None  # data.val_path, resolved
+    seed_groups: dict[str, seeds.Runs] = field(default_factory=dict)  # --seeds K > 1: each variant's runs
 
     def started_with(self) -> dict:
         """What --resume holds the run to (orchestrator/resume.py)."""
@@ -98,7 +99,8 @@ def prepare(opts: TrainOptions) -> Prepared:
         train={"max_steps": opts.max_steps, "seed": opts.seed},
         data={"path": opts.preprocessed_data} if opts.preprocessed_data else {},
     )
-    variants = config_mod.variant_configs(cfg, opts.run_both_models, opts.disable_flash_attn, source)
+    variants, groups = seeds.expand(cfg, config_mod.variant_configs(cfg, opts.run_both_models, opts.disable_flash_attn,
+                                                                    source), opts.seeds, source)
     try:
         data_path = location.fetched(cfg.data.path) if cfg.data.path else preprocess.embedded_dataset()
         dataset = dataset_mod.load_dataset(data_path)
@@ -127,7 +129,8 @@ def prepare(opts: TrainOptions) -> Prepared:
         _check_held_out(cfg.data, train, v.name, dataset, val, source)
     remote = cfg.data.path if cfg.data.path and location.is_uri(cfg.data.path) else None
     return Prepared(cfg, variants, data_path.resolve(), remote or str(data_path.resolve()), dataset.vocab_size,
-                    dataset_mod.fingerprint(dataset), Path(cfg.data.val_path).resolve() if cfg.data.val_path else None)
+                    dataset_mod.fingerprint(dataset), Path(cfg.data.val_path).resolve() if cfg.data.val_path else None,
+                    groups)
 
 
 def _check_held_out(data: config_mod.DataConfig, train: TrainConfig, variant: str, dataset, val, source: str) -> None:
@@ -316,7 +319,9 @@ class RunState:
             startup_marks=self.marks(new) if self.t_plan else None,
             resumes=(previous.run.resumes if previous else 0) + 1 if self.saved else 0,
         )
-        summary = RunSummary(run=run, variants={v.name: self.results[v.name] for v in self.prep.variants})
+        summary = RunSummary(run=run, variants={v.name: self.results[v.name] for v in self.prep.variants},
+                             seed_groups={g: seed_group(runs, self.results)
+                                          for g, runs in self.prep.seed_groups.items()} or None)
         return summary.settle() if status is None else summary
 
     def marks(self, results: dict[str, VariantResult]) -> dict[str, float]:

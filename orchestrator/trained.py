@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from orchestrator import config as config_mod, preprocess
+from orchestrator import config as config_mod, preprocess, seeds
 from orchestrator.errors import UsageError
 from trainer import checkpoint, dataset as dataset_mod, hf_convert
 from trainer.model_args import ModelArgs
@@ -44,8 +44,9 @@ def run_variants(run_dir: Path) -> tuple[config_mod.RunConfig, list[config_mod.V
     except (OSError, ValueError) as e:
         raise UsageError(f"{run_dir / OPTIONS_FILE}: unreadable ({e}); is this a run directory made by "
                          "'orchestrator train'?") from None
-    return cfg, config_mod.variant_configs(cfg, bool(options.get("run_both_models")),
-                                           bool(options.get("disable_flash_attn")))
+    variants = config_mod.variant_configs(cfg, bool(options.get("run_both_models")),
+                                          bool(options.get("disable_flash_attn")))
+    return cfg, seeds.expand(cfg, variants, options.get("seeds", 1))[0]
 
 
 def choose_checkpoint(storage: Path, step: Optional[int]) -> Path:

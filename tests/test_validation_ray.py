@@ -4,6 +4,8 @@ verdict names the better of two models and finds no difference between one model
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,32 @@ def test_the_report_names_the_better_model_and_finds_no_difference_in_one_model_
     assert "no difference within noise between trained and again at step 20" in report
     assert "held-out parity OK" in report
     assert "![val_loss](val_loss.png)" in report and (tmp_path / "runs" / "three" / "val_loss.png").is_file()
+
+
+def test_seeds_train_each_variant_k_times_and_the_report_compares_their_means(ray_session, tmp_path):
+    """--run-both-models --seeds 2: four runs, each a variant of its own directory and record;
+    summary.json groups them, and the verdict is on the means over the seeds."""
+    cfg = write_config(tmp_path / "seeds.yaml", {
+        "train": {"max_steps": 20, "eval_every": 10, "checkpoint_every": 20},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "variants": [{"name": "trained", "attention": "flash"},
+                     {"name": "untrained", "attention": "flash", "train": {"lr": 1e-7, "min_lr": 0.0}}]})
+    summary = train(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs"), name="seeds",
+                                 run_both_models=True, seeds=2)).model_dump()
+    run_dir = tmp_path / "runs" / "seeds"
+    runs = ["trained-s1", "trained-s2", "untrained-s1", "untrained-s2"]
+    assert {n: v["status"] for n, v in summary["variants"].items()} == dict.fromkeys(runs, "succeeded")
+    assert all(_evaluations(run_dir / n) for n in runs)
+    first = {n: read_metrics(run_dir / n / "metrics.jsonl")[0]["loss"] for n in runs}
+    assert first["trained-s1"] != first["trained-s2"]  # another seed: other initial weights and batches
+    groups = json.loads((run_dir / "summary.json").read_text())["seed_groups"]
+    assert {g: (x["variants"], x["seeds"], x["succeeded"], x["step"]) for g, x in groups.items()} == {
+        "trained": (["trained-s1", "trained-s2"], [1337, 1338], 2, 20),
+        "untrained": (["untrained-s1", "untrained-s2"], [1337, 1338], 2, 20)}
+    finals = [summary["variants"][n]["final_val_loss"] for n in runs[:2]]
+    assert groups["trained"]["final_val_loss_mean"] == pytest.approx(statistics.fmean(finals))
+    assert groups["trained"]["final_val_loss_std"] == pytest.approx(statistics.stdev(finals))
+    report = (run_dir / "report.md").read_text()
+    assert "- trained is better than untrained by " in report
+    assert "(means over 2 seeds each, ± one standard error from the spread over seeds and 8 paired batches)" in report
+    assert "| trained | 2 of 2 succeeded | 1337, 1338 | " in report
