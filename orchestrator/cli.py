@@ -140,8 +140,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
     if args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout:g}: must be positive")
-    if args.expect_gpus is not None and args.expect_gpus < 0:
-        raise UsageError(f"--expect-gpus {args.expect_gpus}: must be 0 or more")
+    options.check_expect_gpus(args.expect_gpus)
     if args.json:  # stdout carries only the JSON report
         for name in ("orchestrator", "trainer"):
             for handler in logging.getLogger(name).handlers:

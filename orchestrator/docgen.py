@@ -123,6 +123,7 @@ def results_page() -> str:
              f"`{results.MEMORY_PNG}` | the comparison report: `python -m orchestrator report RUN_DIR` writes it again |",
              f"| `<variant>/{results.VARIANT_FILES[0]}` | one JSON line per logged step: `step`, `loss`, `lr`, "
              "`grad_norm`, `step_time_s`, `tokens_per_s`, `tokens`; on GPU also `tokens_per_s_per_gpu` and `mfu`; "
+             "from the third step `rank_compute_s` and `stragglers` ([preflight](preflight.md#stragglers-while-training)); "
              "on evaluation steps `val_loss`, `val_ppl`, `val_batch_losses`, `val_tokens`, `eval_s` "
              "([validation](validation.md)) |",
              "| `<variant>/tb/` | TensorBoard events: `tensorboard --logdir RUN_DIR` overlays the variants |",

@@ -191,6 +191,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     if "steps" not in record:  # the worker returned no result: count what it logged
         record["steps"] = logged[-1]["step"] if logged else 0
     record.update(results.validation_fields(logged))
+    record.update(results.straggler_fields(logged))
     record.setdefault("num_workers", v.num_workers)
     record.setdefault("use_gpu", v.use_gpu)
     ended = time.time()

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from orchestrator.errors import UsageError
 
 EXPECT_GPUS_HELP = "GPUs each node must have for preflight to find it healthy (default: as many as Ray advertises there)"
 FRESH_PREFLIGHT_HELP = ("probe every node again instead of reusing its cached result (which is reused only "
@@ -86,3 +87,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(**{f.name: getattr(args, f.name) for f in FIELDS})
+
+
+def check_expect_gpus(expect_gpus: Optional[int]) -> None:
+    """``--expect-gpus``, of train and preflight alike: a count of GPUs, 0 or more."""
+    if expect_gpus is not None and expect_gpus < 0:
+        raise UsageError(f"--expect-gpus {expect_gpus}: must be 0 or more")

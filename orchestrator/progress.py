@@ -32,6 +32,13 @@ def held_out(rec: dict) -> str:
     return f"  val_loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:,.1f})"
 
 
+def stragglers(rec: dict) -> str:
+    """'  straggler rank 1 on node-b (1.83x the median rank)' where the step named one, else ''."""
+    from orchestrator.results import named_stragglers
+
+    return f"  {named_stragglers(rec['stragglers'])}" if rec.get("stragglers") else ""
+
+
 class _Tail:
     """New complete JSON lines of a file that is appended to, or rewritten from the start."""
 
@@ -122,6 +129,6 @@ class ProgressFollower:
             if not isinstance(rec.get("step"), int) or rec["step"] <= self._shown:
                 continue
             self._shown = rec["step"]
-            log.info("[%s] step %d/%d  loss %.4f  %.0f tok/s  %.3f s/step%s%s", self.label, rec["step"],
+            log.info("[%s] step %d/%d  loss %.4f  %.0f tok/s  %.3f s/step%s%s%s", self.label, rec["step"],
                      self.max_steps, rec["loss"], rec["tokens_per_s"], rec["step_time_s"], gpu_figures(rec),
-                     held_out(rec))
+                     held_out(rec), stragglers(rec))

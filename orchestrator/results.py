@@ -118,6 +118,11 @@ class VariantResult(Record):
                                          "null when not compiled")
     failure_kind: Optional[str] = Field(None, description="a deterministic failure that was not retried "
                                         "(out_of_memory, no_space, config or non_finite_loss); null for others")
+    stragglers: list[dict[str, Any]] = Field(
+        default_factory=list, description="per rank named a straggler on a logged step (its median compute time per "
+                                          "step over the last 20 steps above 1.1x the median rank's): rank, "
+                                          "hostname, ratio (the highest it reached) and steps (logged steps naming "
+                                          "it); docs/preflight.md")
     checkpoint_block_s: list[dict[str, Any]] = Field(
         default_factory=list, description="per checkpoint of the last attempt: step and block_s, the seconds "
                                           "training stood still for it (train.checkpoint_async)")
@@ -166,6 +171,23 @@ def seed_group(runs: dict[str, int], variants: dict[str, VariantResult]) -> Seed
     return SeedGroup(variants=list(runs), seeds=list(runs.values()), succeeded=len(ok),
                      step=steps.pop() if len(steps) == 1 else None, final_val_loss_mean=final_mean,
                      final_val_loss_std=final_std, best_val_loss_mean=best_mean, best_val_loss_std=best_std)
+
+
+def straggler_fields(records: list[dict]) -> dict:
+    """``stragglers`` from a variant's metrics records: each rank a logged step named, with the
+    highest ratio it reached and how many logged steps named it."""
+    named = [s for rec in records for s in rec.get("stragglers") or []]
+    out = []
+    for rank in sorted({s["rank"] for s in named}):
+        its = [s for s in named if s["rank"] == rank]
+        out.append({**max(its, key=lambda s: s["ratio"]), "steps": len(its)})
+    return {"stragglers": out} if out else {}
+
+
+def named_stragglers(stragglers: list[dict]) -> str:
+    """'straggler rank 1 on node-b (1.83x the median rank)', one per straggler, or ''."""
+    return ", ".join(f"straggler rank {s['rank']} on {s.get('hostname') or '?'} ({s['ratio']:.2f}x the median rank)"
+                     for s in stragglers)
 
 
 def skipped(attention: str, env: dict[str, str], num_workers: int, use_gpu: bool, reason: Optional[str]) -> VariantResult:
@@ -260,7 +282,8 @@ class RunSummary(Record):
                 lines.append(f"  {name}: succeeded, kernel {r.backend}, {r.steps} steps, loss "
                              f"{fmt(r.first_loss, '.3f')} -> {fmt(r.final_loss, '.3f')}{held_out}, "
                              f"{fmt(r.tokens_per_s, '.0f')} tok/s, peak mem {mib(r.peak_mem_bytes)}, "
-                             f"restarts {r.restarts}")
+                             f"restarts {r.restarts}"
+                             + (f", {named_stragglers(r.stragglers)}" if r.stragglers else ""))
             elif r.status == "skipped":
                 lines.append(f"  {name}: skipped ({r.reason})")
             elif r.status == "interrupted":

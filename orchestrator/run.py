@@ -38,7 +38,7 @@ from orchestrator import config as config_mod
 from orchestrator import (bytecode, capacity, init_from, interrupt, kept_ray, plan as plan_mod, preflight, preprocess,
                           ray_internals, resume as resume_mod, rundir, runlock, seeds, storage)
 from orchestrator.errors import InfeasibleRequest, UsageError
-from orchestrator.options import TrainOptions
+from orchestrator.options import TrainOptions, check_expect_gpus
 from orchestrator.preflight import health, interconnect
 from orchestrator.results import (CONFIG_FILE, OPTIONS_FILE, PLAN_FILE, RunInfo, RunSummary, VariantResult, not_started,
                                   run_status, seed_group)
@@ -82,6 +82,7 @@ def effective_options(opts: TrainOptions) -> tuple[TrainOptions, Optional[resume
 
 def prepare(opts: TrainOptions) -> Prepared:
     """Load and cross-check config, flags and data. Raises UsageError; touches nothing."""
+    check_expect_gpus(opts.expect_gpus)
     problem = storage.output_dir_problem(opts.output_dir, os.getcwd())
     if problem:
         raise UsageError(problem)

@@ -29,3 +29,13 @@ def test_the_cli_and_its_help_load_without_torch():
     code = "import sys, orchestrator.cli as c; c.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("command", [["train"], ["preflight"]])
+def test_a_negative_expect_gpus_is_a_usage_error_before_ray_starts(command, capsys, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*command, "--expect-gpus", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --expect-gpus -1: must be 0 or more\n"
+    assert not ray.is_initialized()

@@ -93,13 +93,23 @@ class ModelConfig(Strict):
 
 
 class FaultConfig(Strict):
-    """Test hook, once per run: ``kill`` SIGKILLs the worker of ``rank`` when it reaches
-    ``step``; ``enospc`` makes that rank's checkpoint write at ``step`` fail as a full disk would."""
+    """Test hook: ``kill`` SIGKILLs the worker of ``rank`` when it reaches ``step``, once;
+    ``enospc`` makes that rank's checkpoint write at ``step`` fail as a full disk would, once;
+    ``slow`` makes that rank's every step from ``step`` on take ``slow_s`` longer: a straggler,
+    or with rank null every rank alike (even ranks whose steps outlast a shared CPU's noise)."""
 
-    rank: int = Field(0, ge=0, description="the worker rank the fault hits")
-    step: int = Field(..., gt=0, description="the step at which it hits, once")
-    kind: Literal["kill", "enospc"] = Field("kill", description="kill: SIGKILL the worker; enospc: its "
-                                                      "checkpoint write fails as a full disk would")
+    rank: Optional[int] = Field(0, ge=0, description="the worker rank the fault hits (slow: null for every rank)")
+    step: int = Field(..., gt=0, description="the step at which it hits (slow: from which on)")
+    kind: Literal["kill", "enospc", "slow"] = Field("kill", description="kill: SIGKILL the worker; enospc: its "
+                                                              "checkpoint write fails as a full disk would; slow: "
+                                                              "it sleeps in each step's compute")
+    slow_s: float = Field(0.05, gt=0, description="slow: seconds the rank sleeps in each step")
+
+    @model_validator(mode="after")
+    def _one_rank_unless_slow(self):
+        if self.rank is None and self.kind != "slow":
+            raise ValueError(f"fault.rank null (every rank) is only for kind slow, not {self.kind}")
+        return self
 
 
 class TrainConfig(Strict):
@@ -159,7 +169,8 @@ class TrainConfig(Strict):
                                "compile) compile each block; reduce-overhead compiles the whole model as one graph "
                                "replayed as CUDA graphs, for small models whose steps wait on the CPU (GPU; not "
                                "with scaling.strategy fsdp)")
-    fault: Optional[FaultConfig] = Field(None, description="test hook: kill one rank at one step, once")
+    fault: Optional[FaultConfig] = Field(None, description="test hook: kill one rank at one step, fail its checkpoint "
+                                           "write, or slow it down")
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod

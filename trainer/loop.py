@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import (builder, checkpoint, compile_mode, driver_watch, evaluate, failures, finite, hf_checkpoint,
-                     location, overlap, timing)
+                     location, overlap, straggler, timing)
 from trainer.attention import IMPLS, choose, describe, guard
 from trainer.dataset import BatchSampler, get_batch, load_dataset
 from trainer.metrics import MetricsWriter, append_attempt
@@ -62,6 +62,14 @@ def _maybe_inject_fault(spec: WorkerSpec, step: int, rank: int, last_checkpoint:
     marker.write_text(f"rank {rank} killed at step {step}\n")
     log.warning("fault injection: killing rank %d at step %d", rank, step)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _maybe_slow_down(spec: WorkerSpec, step: int, rank: int) -> None:
+    """Test hook: the configured rank (or every rank) sleeps in each step's compute from the
+    configured step on."""
+    fault = spec.train.fault
+    if fault is not None and fault.kind == "slow" and fault.rank in (rank, None) and step >= fault.step:
+        time.sleep(fault.slow_s)
 
 
 def _process_started() -> float | None:
@@ -185,6 +193,7 @@ def train_loop_per_worker(config: dict) -> dict:
                         record=restored.record if restored else {},  # the last logged step's metrics
                         checkpoint_block_s=save.block_s)
     watch = finite.Watch(device)  # a NaN loss stops the variant before any checkpoint holds it
+    compute = straggler.ComputeTimer(device)  # this rank's time per step before it waits on the others
     t_ready, t_first_step = time.time(), None
     last_checkpoint: str | None = None
     try:
@@ -193,7 +202,9 @@ def train_loop_per_worker(config: dict) -> dict:
             lr = lr_at(step, tc)
             batches = [get_batch(dataset.tokens, sampler.indices(step, micro, rank), tc.seq_len)
                        for micro in range(tc.grad_accum_steps)]
-            mean_loss, grad_norm = training.step(batches, lr)
+            compute.start()
+            _maybe_slow_down(spec, step + 1, rank)
+            mean_loss, grad_norm = training.step(batches, lr, before_sync=compute.stop)
             if t_first_step is None:  # startup phases: one sync, on the first step only
                 mean_loss.item()
                 t_first_step = time.time()
@@ -216,6 +227,10 @@ def train_loop_per_worker(config: dict) -> dict:
                                    "tokens": sampler.consumed(done) * tc.seq_len,
                                    **timing.per_gpu(s.tokens_per_step / dt, world, s.flops_per_token, device,
                                                     peak_tflops)}
+                window = compute.window_s()
+                if window:  # every rank's, to name a straggler (trainer/straggler.py)
+                    windows = straggler.gather(window, device=device, world=world)
+                    progress.record.update(straggler.record(windows, [w["hostname"] for w in workers]))
                 if evaluating:  # held-out loss, on every rank (trainer/evaluate.py); not counted as step time
                     progress.record.update(evaluator(training.model))
                     progress.times.resume()

@@ -58,8 +58,10 @@ class Stepper:
         self.no_sync = no_sync or (lambda model: nullcontext())
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    def __call__(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (mean loss, grad norm) as device tensors."""
+    def __call__(self, batches: list[tuple[np.ndarray, np.ndarray]], lr: float, *,
+                 before_sync: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (mean loss, grad norm) as device tensors. ``before_sync`` is called before the
+        last micro-step's backward, where the gradients' reduction across workers begins."""
         if self.cudagraphs:
             # A new step for the graphs: what the last step's replays returned is no longer read, so
             # the next replays may overwrite it (its gradients went with the optimizer's zero_grad).
@@ -77,6 +79,8 @@ class Stepper:
             with nullcontext() if last else self.no_sync(self.model):
                 with self.autocast:
                     _, loss = self.model(x, y)
+                if last:
+                    before_sync()
                 (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
