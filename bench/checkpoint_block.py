@@ -36,7 +36,7 @@ def measure(config_file: str | None, settings: list[str], output_dir: Path) -> d
         if variant.status != "succeeded":
             raise SystemExit(f"the {mode} run {variant.status}: {variant.error}")
         runs[mode] = {c["step"]: c["block_s"] for c in variant.checkpoint_block_s}
-    medians = {mode: statistics.median(blocks.values()) for mode, blocks in runs.items()}
+    medians = {mode: round(statistics.median(blocks.values()), 4) for mode, blocks in runs.items()}
     return {"block_s": runs, "median_block_s": medians, "async_over_sync": round(medians["async"] / medians["sync"], 4)}
 
 
