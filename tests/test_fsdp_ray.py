@@ -89,9 +89,13 @@ def test_every_rank_writes_its_own_shards_of_a_dcp_checkpoint(fsdp_run):
     assert "layers.1.mlp.w2.weight" in weights and all(t.device.type == "cpu" for t in weights.values())
 
 
-def test_a_worker_sigkilled_under_fsdp_resumes_from_the_sharded_checkpoint(ray_session, tmp_path, fsdp_run):
+@pytest.mark.parametrize("asynchronous", [True, False], ids=["async", "sync"])
+def test_a_worker_sigkilled_under_fsdp_resumes_from_the_sharded_checkpoint(ray_session, tmp_path, fsdp_run, asynchronous):
+    """Written in the background (train.checkpoint_async, the default) or not, the checkpoint
+    resumes to the clean run's losses: the same both ways."""
     vdir_clean, _ = fsdp_run
-    overrides = {**FSDP, "train": {**FSDP["train"], "fault": {"rank": 1, "step": EVERY + 2}}}
+    overrides = {**FSDP, "train": {**FSDP["train"], "checkpoint_async": asynchronous,
+                                   "fault": {"rank": 1, "step": EVERY + 2}}}
     rec = _train(tmp_path, "killed", overrides)["variants"]["flash"]
     vdir = tmp_path / "runs" / "killed" / "flash"
     assert rec["status"] == "succeeded" and rec["restarts"] == 1, rec

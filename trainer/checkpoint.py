@@ -233,14 +233,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write(directory: Path, rank: int, state: dict | None, world_size: int = 1, sharded: dict | None = None) -> None:
+def write(directory: Path, rank: int, state: dict | None, world_size: int = 1, sharded: dict | None = None,
+          rng: dict | None = None, group=None) -> None:
     """Write this rank's share: ``state`` (rank 0 only: state.pt), its shards of ``sharded``
-    (fsdp, every rank, collective: DCP), its RNG, and its manifest last."""
+    (fsdp, every rank, collective over ``group``: DCP), its RNG (``rng``, taken at the step
+    saved; by default now), and its manifest last."""
     files = {}
     if sharded is not None:
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(sharded, checkpoint_id=directory / DCP_DIR)
+        dcp.save(sharded, checkpoint_id=directory / DCP_DIR, process_group=group)
         files.update({f"{DCP_DIR}/{p.name}": _sha256(p) for p in sorted((directory / DCP_DIR).glob(f"__{rank}_*"))})
         if rank == 0:
             files[f"{DCP_DIR}/{DCP_METADATA}"] = _sha256(directory / DCP_DIR / DCP_METADATA)
@@ -248,7 +250,7 @@ def write(directory: Path, rank: int, state: dict | None, world_size: int = 1, s
         torch.save(state, directory / STATE_FILE)
         files[STATE_FILE] = _sha256(directory / STATE_FILE)
     rng_file = f"rng_rank{rank}.pt"
-    torch.save(rng_state(), directory / rng_file)
+    torch.save(rng if rng is not None else rng_state(), directory / rng_file)
     files[rng_file] = _sha256(directory / rng_file)
     manifest = {"rank": rank, "world_size": world_size, "files": files}
     (directory / f"manifest_rank{rank}.json").write_text(json.dumps(manifest, indent=1))

@@ -132,9 +132,11 @@ class TrainConfig(Strict):
     checkpoint_at_end: bool = Field(True, description="also save at the last step when it is not a multiple of "
                                           "checkpoint_every; false for benchmark runs of large models, whose final "
                                           "checkpoint (16 bytes per parameter: ~128 GB for 8B) costs minutes and disk")
-    checkpoint_async: bool = Field(True, description="with the run directory in a bucket, upload each "
-                                         "checkpoint while training goes on (Ray Train's ASYNC upload); false "
-                                         "waits for the upload. Each checkpoint's blocking time is in the summary "
+    checkpoint_async: bool = Field(True, description="training stops for a checkpoint only to copy the state "
+                                         "into CPU memory; its files are written (and, with the run directory in a "
+                                         "bucket, uploaded: Ray Train's ASYNC upload) while training goes on, and "
+                                         "the next checkpoint waits for them; false writes (and uploads) while "
+                                         "training waits. Each checkpoint's blocking time is in the summary "
                                          "(checkpoint_block_s)")
     log_every: int = Field(1, gt=0, description="steps between logged steps (metrics.jsonl, TensorBoard, the "
                                                  "progress lines)")

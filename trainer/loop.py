@@ -185,7 +185,7 @@ def train_loop_per_worker(config: dict) -> dict:
     writer = MetricsWriter(Path(spec.out_dir), start_step=start_step) if rank == 0 else None
     save = Saver(store, rank=rank, world=world, strategy=spec.strategy, model=training.raw_model,
                  optimizer=training.optimizer, fault=tc.fault, marker_dir=Path(spec.out_dir),
-                 upload_async=tc.checkpoint_async)
+                 asynchronous=tc.checkpoint_async)
 
     # ---------------------------------------------------------------- train
     progress = Progress(start_step, restored_from=str(restored.path) if restored else None,
@@ -242,7 +242,9 @@ def train_loop_per_worker(config: dict) -> dict:
                          "samples_consumed": sampler.consumed(done), "world_size": world,
                          "variant": spec.variant, "strategy": spec.strategy, "record": progress.record}
                 last_checkpoint = save(done, state, {"step": done, "loss": progress.record.get("loss")}) or last_checkpoint
+        save.wait()  # the last checkpoint is written and registered before the result is returned
     finally:
+        save.close()  # a failure: the checkpoint in flight completes, so a resume may use it
         if writer:
             writer.close()
             upload_out_dir(spec)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,8 +119,15 @@ class Saver:
     ``NO_UPLOAD``: Ray leaves a checkpoint that is already inside its run directory in place
     (ray/train/v2 ``_internal/execution/context.py``), so each checkpoint is written once and
     needs its own size on disk, not twice. In a bucket each rank writes its share to a node-local
-    directory and Ray uploads it; with ``upload_async`` (Ray's ASYNC mode) training goes on while
-    it uploads, and Ray registers the checkpoint once every rank's upload is done.
+    directory and Ray uploads it.
+
+    With ``asynchronous`` (``train.checkpoint_async``) training stands still only while the
+    state is copied into CPU memory; a background thread writes the files from that copy and,
+    once every rank's are down, reports the checkpoint to Ray (in a bucket with Ray's ASYNC
+    upload, so the upload overlaps training too). At most one save is in flight: the next one,
+    and the end of training, wait for it first, and raise its error, so a failed background
+    write fails the run as a synchronous one does. The thread's collectives (DCP's and the
+    agreement on errors) use a gloo group of their own, never the training's.
 
     ``block_s`` keeps, per checkpoint, the seconds training stood still for it: what an
     asynchronous save is measured by.
@@ -127,41 +135,86 @@ class Saver:
 
     def __init__(self, store: checkpoint.Store, *, rank: int, world: int, strategy: str, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, fault: FaultConfig | None = None, marker_dir: Path | None = None,
-                 upload_async: bool = True):
+                 asynchronous: bool = True):
         self.store, self.rank, self.world, self.strategy = store, rank, world, strategy
         self.model, self.optimizer = model, optimizer
         self.fault, self.marker_dir = fault, marker_dir
-        self.upload_async = upload_async
+        self.asynchronous = asynchronous
+        # Collective: every rank builds its Saver at the same point of the loop.
+        self.group = dist.new_group(backend="gloo") if asynchronous and world > 1 else None
         self.block_s: list[dict] = []
+        self._in_flight: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def __call__(self, step: int, progress: dict, metrics: dict) -> str | None:
         """Save, register and return the checkpoint's name; None when this step's name is
         taken by a corrupt checkpoint Ray still lists (the next interval saves again)."""
-        import ray.train  # [ray]
-
         driver_watch.ensure_alive()  # a save begun after the driver died would belong to no run
         t0 = time.perf_counter()
+        self.wait()
         name = checkpoint.checkpoint_name(step)
         skip = _broadcast(self._prepare(name) if self.rank == 0 else None, self.world)
         if skip:
             log.warning("not saving %s: %s", name, skip)
-            ray.train.report(metrics)  # [ray]
+            self._report(metrics)
             return None
         directory = self._directory(name)
         own, sharded = parallel.get(self.strategy).checkpoint_state(self.model, self.optimizer, self.rank)
         state = {**progress, **own} if self.rank == 0 else None
         needed = checkpoint.tensor_bytes(state) + checkpoint.tensor_bytes(sharded) + (1 << 20)
         self._agree(_attempt(checkpoint.check_free_space, directory, needed), directory, needed)
-        self._agree(_attempt(self._write, directory, step, state, sharded), directory, needed)
+        rng = checkpoint.rng_state()  # now: training draws from the generators while the thread writes
+        if self.asynchronous:  # training changes the tensors in place from the next step on
+            args = (directory, name, step, _to_cpu(state), _to_cpu(sharded), rng, needed, metrics)
+            self._in_flight = threading.Thread(target=self._write_in_background, args=args,
+                                               name=f"save-{name}", daemon=True)
+            self._in_flight.start()
+        else:
+            self._write_and_report(directory, name, step, state, sharded, rng, needed, metrics)
+        self.block_s.append({"step": step, "block_s": round(time.perf_counter() - t0, 4)})
+        return name
+
+    def wait(self) -> None:
+        """Until the save in flight (if any) is written and reported; raises what it raised."""
+        if self._in_flight is not None:
+            self._in_flight.join()
+            self._in_flight = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """A failure path: let the save in flight end (complete, a resume may use it), and log its
+        error rather than hide the failure being raised."""
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 - the run is failing already, for another reason
+            log.warning("the checkpoint being written when the run failed did not complete: %s", e)
+
+    def _write_in_background(self, *args) -> None:
+        try:
+            self._write_and_report(*args)
+        except BaseException as e:  # noqa: BLE001 - raised in the training thread by wait()
+            self._error = e
+
+    def _write_and_report(self, directory: Path, name: str, step: int, state: dict | None, sharded: dict | None,
+                          rng: dict, needed: int, metrics: dict) -> None:
+        self._agree(_attempt(self._write, directory, step, state, sharded, rng), directory, needed, self.group)
+        self._report(metrics, directory, name)  # every rank's files are complete: Ray may register it
+
+    def _report(self, metrics: dict, directory: Path | None = None, name: str | None = None) -> None:
+        import ray.train  # [ray]
+
+        if directory is None:
+            ray.train.report(metrics)  # [ray]
+            return
         mode = ray.train.CheckpointUploadMode  # [ray]
         ray.train.report(  # [ray] a barrier: Ray registers it once every rank has reported
             metrics, checkpoint=ray.train.Checkpoint(str(directory)), checkpoint_dir_name=name,
             checkpoint_upload_mode=(mode.NO_UPLOAD if not self.store.remote else
-                                    mode.ASYNC if self.upload_async else mode.SYNC),
+                                    mode.ASYNC if self.asynchronous else mode.SYNC),
             delete_local_checkpoint_after_upload=self.store.remote,
         )
-        self.block_s.append({"step": step, "block_s": round(time.perf_counter() - t0, 4)})
-        return name
 
     def _prepare(self, name: str) -> str | None:
         """Rank 0: make room for ``name``. A leftover Ray never registered (a write a crash cut
@@ -185,8 +238,8 @@ class Saver:
         directory.mkdir(parents=True)
         return directory
 
-    def _write(self, directory: Path, step: int, state: dict | None, sharded: dict | None) -> None:
-        checkpoint.write(directory, self.rank, state, self.world, sharded=sharded)
+    def _write(self, directory: Path, step: int, state: dict | None, sharded: dict | None, rng: dict) -> None:
+        checkpoint.write(directory, self.rank, state, self.world, sharded=sharded, rng=rng, group=self.group)
         self._maybe_inject_disk_full(step)
 
     def _maybe_inject_disk_full(self, step: int) -> None:
@@ -201,13 +254,13 @@ class Saver:
         marker.write_text(f"rank {self.rank}: disk full at step {step}\n")
         raise OSError(errno.ENOSPC, "No space left on device (injected by train.fault)")
 
-    def _agree(self, error: BaseException | None, directory: Path, needed: int) -> None:
+    def _agree(self, error: BaseException | None, directory: Path, needed: int, group=None) -> None:
         """Every rank learns whether any rank failed; then all raise the same error, and the
         partial directory is removed. A full disk raises DiskFull (not worth a retry)."""
         mine = None if error is None else (checkpoint.is_disk_full(error), f"{type(error).__name__}: {error}")
         if self.world > 1:
             everyone = [None] * self.world
-            dist.all_gather_object(everyone, (mine, needed))
+            dist.all_gather_object(everyone, (mine, needed), group=group)
         else:
             everyone = [(mine, needed)]
         failures = [(r, m) for r, (m, _) in enumerate(everyone) if m is not None]
@@ -216,12 +269,24 @@ class Saver:
         if self.rank == 0 or self.store.remote:
             shutil.rmtree(directory, ignore_errors=True)
         if self.world > 1:
-            dist.barrier()
+            dist.barrier(group=group)
         total = sum(n for _, n in everyone)
         if any(full for _, (full, _) in failures):
             raise checkpoint.DiskFull(directory, total, shutil.disk_usage(directory.parent).free) from error
         rank, (_, msg) = failures[0]
         raise RuntimeError(f"writing checkpoint {directory} failed on rank {rank}: {msg}") from error
+
+
+def _to_cpu(obj):
+    """A copy of a state dict's tensors in CPU memory (a DTensor stays one, over its own copy of
+    the shard); what an asynchronous save writes from while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _attempt(fn, *args) -> BaseException | None:
