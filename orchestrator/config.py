@@ -79,13 +79,14 @@ class ScalingConfig(Strict):
 
 
 class DataConfig(Strict):
-    path: Optional[str] = Field(None, description="a preprocessed token dataset; null = the embedded corpus")
+    path: Optional[str] = Field(None, description="a preprocessed token dataset, local or a URI (s3://, gs://, ...) "
+                                "each node fetches; null = the embedded corpus")
     val_fraction: Optional[float] = Field(
         None, ge=0, lt=1, description="the tail of the data's windows held out for evaluation, never trained on; "
                                       "null = 0.1 (about 100 windows of the embedded corpus at seq_len 128), or 0 "
                                       "with val_path")
-    val_path: Optional[str] = Field(None, description="a second preprocessed dataset (same tokenizer) to evaluate "
-                                    "on, in place of val_fraction")
+    val_path: Optional[str] = Field(None, description="a second preprocessed dataset (same tokenizer), local or "
+                                    "a URI, to evaluate on in place of val_fraction")
 
     @model_validator(mode="after")
     def _one_held_out_split(self) -> "DataConfig":

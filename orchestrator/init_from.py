@@ -1,4 +1,5 @@
-"""``model.init_from``: the model shapes of a run that starts from a Hugging Face Llama directory.
+"""``model.init_from``: the model shapes of a run that starts from a Hugging Face Llama directory,
+local or a URI (``s3://``, ...) that the driver and every node fetch into their caches.
 
 Checked on the driver before anything starts: the directory must be a Llama checkpoint whose
 tensors all have the shapes its config.json implies, and any model field the user set must
@@ -11,25 +12,37 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from orchestrator import storage
 from orchestrator.config import RunConfig, validate
 from orchestrator.errors import UsageError
+from trainer import location
 
 
 def _fields(path: str, where: str, source: str, resumed: Path | None) -> tuple[str, dict]:
     from trainer import checkpoint, hf_checkpoint  # torch: imported before Ray starts only by a run that sets init_from
     from trainer.hf_convert import NotLlama
 
+    key = f"{source}: {where}.init_from"
+    remote = location.is_uri(path)
     try:
-        resolved = Path(path).expanduser().resolve()
+        resolved = path if remote else str(Path(path).expanduser().resolve())  # a URI: each node fetches it
     except RuntimeError:  # how Python 3.11's resolve() reports a symlink loop
-        raise UsageError(f"{source}: {where}.init_from: {path}: symlink loop") from None
-    if resumed and not resolved.exists() and any(checkpoint.checkpoint_dirs(v / checkpoint.STORAGE_NAME)
-                                                 for v in resumed.iterdir()):
-        return str(resolved), {}  # the saved config holds its shapes, the checkpoints its weights
+        raise UsageError(f"{key}: {path}: symlink loop") from None
+    if resumed and _gone(resolved, key) and any(checkpoint.checkpoint_dirs(v / checkpoint.STORAGE_NAME)
+                                                for v in resumed.iterdir()):
+        return resolved, {}  # the saved config holds its shapes, the checkpoints its weights
+    local = storage.fetch_input(resolved, key)
     try:
-        return str(resolved), hf_checkpoint.model_fields(resolved)
-    except NotLlama as e:
-        raise UsageError(f"{source}: {where}.init_from: {e}") from None
+        return resolved, hf_checkpoint.model_fields(local)
+    except NotLlama as e:  # checked on the fetched copy, named by the URI the user gave
+        raise UsageError(f"{key}: {str(e).replace(str(local), resolved) if remote else e}") from None
+
+
+def _gone(where: str, key: str) -> bool:
+    if location.is_uri(where):
+        storage.check_bucket(where, key)
+        return not location.exists(where)
+    return not Path(where).exists()
 
 
 def _agree(a, b) -> bool:

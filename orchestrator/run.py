@@ -60,7 +60,7 @@ class Prepared:
     data_source: str  # what the workers read: data_path, or the URI it came from (each node fetches its copy)
     vocab_size: int  # the dataset's: the plan's memory estimate needs the model's real shape
     data_fingerprint: dict  # the dataset's (trainer/dataset.py): --resume refuses other data
-    val_path: Optional[Path] = None  # data.val_path, resolved
+    val_source: Optional[str] = None  # data.val_path as the workers read it: absolute, or its URI
     seed_groups: dict[str, seeds.Runs] = field(default_factory=dict)  # --seeds K > 1: each variant's runs
 
     def started_with(self) -> dict:
@@ -102,14 +102,14 @@ def prepare(opts: TrainOptions) -> Prepared:
     )
     variants, groups = seeds.expand(cfg, config_mod.variant_configs(cfg, opts.run_both_models, opts.disable_flash_attn,
                                                                     source), opts.seeds, source)
+    data_path = (storage.fetch_input(cfg.data.path, f"{source}: data.path") if cfg.data.path
+                 else preprocess.embedded_dataset())
+    val_path = storage.fetch_input(cfg.data.val_path, f"{source}: data.val_path") if cfg.data.val_path else None
     try:
-        data_path = location.fetched(cfg.data.path) if cfg.data.path else preprocess.embedded_dataset()
         dataset = dataset_mod.load_dataset(data_path)
-        val = dataset_mod.load_dataset(cfg.data.val_path) if cfg.data.val_path else None
+        val = dataset_mod.load_dataset(val_path) if val_path else None
     except dataset_mod.DataError as e:
         raise UsageError(str(e)) from None
-    except OSError as e:  # a URI whose store refused or lacks it
-        raise UsageError(f"{source}: data.path {cfg.data.path}: {str(e).splitlines()[0]}") from None
     if val is not None and val.meta["tokenizer"] != dataset.meta["tokenizer"]:
         raise UsageError(f"{source}: data.val_path {cfg.data.val_path} was tokenized with another tokenizer than "
                          f"{data_path}; preprocess it with the same one")
@@ -128,10 +128,14 @@ def prepare(opts: TrainOptions) -> Prepared:
             raise UsageError(f"{source}: train.seq_len {train.seq_len} is longer than the data in {data_path} "
                              f"({len(dataset.tokens)} tokens)")
         _check_held_out(cfg.data, train, v.name, dataset, val, source)
-    remote = cfg.data.path if cfg.data.path and location.is_uri(cfg.data.path) else None
-    return Prepared(cfg, variants, data_path.resolve(), remote or str(data_path.resolve()), dataset.vocab_size,
-                    dataset_mod.fingerprint(dataset), Path(cfg.data.val_path).resolve() if cfg.data.val_path else None,
+    return Prepared(cfg, variants, data_path.resolve(), _source(cfg.data.path, data_path), dataset.vocab_size,
+                    dataset_mod.fingerprint(dataset), _source(cfg.data.val_path, val_path) if val_path else None,
                     groups)
+
+
+def _source(given: Optional[str], local: Path) -> str:
+    """What the workers read for an input: its URI (each node fetches its copy), or the local path, absolute."""
+    return given if given and location.is_uri(given) else str(local.resolve())
 
 
 def _check_held_out(data: config_mod.DataConfig, train: TrainConfig, variant: str, dataset, val, source: str) -> None:
@@ -268,6 +272,8 @@ def _config_to_save(prep: Prepared) -> dict:
     cfg = prep.cfg.model_dump(mode="json")
     if cfg["data"]["path"]:
         cfg["data"]["path"] = prep.data_source  # absolute, so --resume works from any directory
+    if cfg["data"]["val_path"]:
+        cfg["data"]["val_path"] = prep.val_source
     return cfg
 
 
@@ -437,7 +443,7 @@ def _worker_specs(state: RunState) -> dict[str, WorkerSpec]:
         train_cfg, auto = pv.resolved(train_cfg)
         specs[vc.name] = WorkerSpec(variant=vc.name, model=model, train=train_cfg, data_path=state.prep.data_source,
                                     val_fraction=state.prep.cfg.data.held_out_fraction,
-                                    val_path=str(state.prep.val_path) if state.prep.val_path else None,
+                                    val_path=state.prep.val_source,
                                     out_dir=str((state.run_dir / vc.name).resolve()), strategy=pv.strategy,
                                     storage_uri=location.join(remote, vc.name) if remote else None, auto=auto)
     return specs

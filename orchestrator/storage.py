@@ -248,6 +248,19 @@ def check_bucket(uri: str, flag: str = "--output-dir") -> None:
         raise UsageError(problem)
 
 
+def fetch_input(where: str, key: str) -> Path:
+    """This machine's copy of an input the config names (``data.path``, ``data.val_path``,
+    ``model.init_from``): a local path as it is; a URI's files fetched into the cache
+    (``location.fetched``) once its bucket has answered. Raises UsageError starting with ``key``."""
+    if not location.is_uri(where):
+        return Path(where)
+    check_bucket(where, key)
+    try:
+        return location.fetched(where)
+    except OSError as e:  # the bucket answered, but holds nothing there, or a read failed
+        raise UsageError(f"{key} {where}: {str(e).splitlines()[0].removeprefix(f'{where}: ')}") from None
+
+
 def publish(run_dir: Path) -> None:
     """Upload a remote run's mirror to its bucket (no-op for a run directory of its own)."""
     uri = location.uri_of(run_dir)

@@ -101,4 +101,4 @@ def test_val_fraction_and_val_path_together_are_refused_naming_both(tmp_path):
 def test_evaluation_without_held_out_data_is_refused_before_launch(tmp_path):
     with pytest.raises(UsageError, match="train.eval_every 100 needs held-out data, but data.val_fraction is 0"):
         _prepare(tmp_path, {"data": {"val_fraction": 0}, "train": {"eval_every": 100}})
-    assert _prepare(tmp_path, {"data": {"val_fraction": 0}, "train": {"eval_every": 0}}).val_path is None
+    assert _prepare(tmp_path, {"data": {"val_fraction": 0}, "train": {"eval_every": 0}}).val_source is None

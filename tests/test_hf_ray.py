@@ -27,13 +27,15 @@ def _train(tmp_path, name, overrides):
     return rec
 
 
-def first_step_loss(hf_model) -> float:
+def first_step_loss(hf_model, val_path: str | None = None) -> float:
     """The loss the run's first step must report: the model's mean loss over the first
     micro-batch of each of the two ranks (the worker's sampler, seed and windows)."""
     ds = dataset_mod.load_dataset(preprocess.embedded_dataset())
     tc = TINY["train"]
-    # The worker samples only the training windows: the held-out tail (data.val_fraction's default) is never drawn.
-    n_train, _ = evaluate.split(ds, tc["seq_len"], val_fraction=DataConfig().held_out_fraction, val_path=None)
+    # The worker samples only the training windows: a held-out tail (data.val_fraction's default
+    # without data.val_path) is never drawn.
+    held_out = DataConfig(val_path=val_path).held_out_fraction
+    n_train, _ = evaluate.split(ds, tc["seq_len"], val_fraction=held_out, val_path=val_path)
     sampler = dataset_mod.BatchSampler(seed=1337, n_windows=n_train,
                                     micro_batch=tc["micro_batch_size"], grad_accum=1, world_size=2)
     losses = []

@@ -1,15 +1,18 @@
 """Runs in a bucket (issue 35), against a real S3 API on loopback: moto's server, started here.
 
 Train to ``s3://``, lose a worker and restore from the bucket, ``--resume`` from the bucket on a
-machine that has none of the run's files, export from it; and the three ways a bucket can be
-wrong, each refused in one line before Ray starts.
+machine that has none of the run's files, export, generate and report from it; train from a
+Hugging Face model and evaluate on held-out data in the bucket; and the three ways a bucket can
+be wrong, each refused in one line before Ray starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -71,22 +74,25 @@ def test_a_bucket_that_does_not_exist_is_refused(s3):
         storage.check_bucket("s3://no-such-bucket/runs")
 
 
-def test_wrong_credentials_are_refused(s3):
+@contextlib.contextmanager
+def wrong_credentials(s3):
+    """moto checks signatures while this lasts; the test key was never issued."""
     import requests
 
-    # moto checks signatures once told to; the key below was never issued.
     requests.post(f"{s3['AWS_ENDPOINT_URL']}/moto-api/reset-auth", data=b"0", timeout=5)
     try:
-        with pytest.raises(UsageError, match=rf"^--output-dir s3://{BUCKET}/runs: access to bucket '{BUCKET}' denied; "
-                                             r"check the credentials"):
-            storage.check_bucket(f"s3://{BUCKET}/runs")
+        yield
     finally:
         requests.post(f"{s3['AWS_ENDPOINT_URL']}/moto-api/reset-auth", data=b"inf", timeout=5)
 
 
-def test_an_endpoint_that_does_not_answer_is_refused_within_the_timeout(s3, monkeypatch):
-    import time
+def test_wrong_credentials_are_refused(s3):
+    with wrong_credentials(s3), pytest.raises(UsageError, match=rf"^--output-dir s3://{BUCKET}/runs: access to bucket "
+                                                                rf"'{BUCKET}' denied; check the credentials"):
+        storage.check_bucket(f"s3://{BUCKET}/runs")
 
+
+def test_an_endpoint_that_does_not_answer_is_refused_within_the_timeout(s3, monkeypatch):
     with socket.socket() as silent:  # accepts connections, never replies
         silent.bind(("127.0.0.1", 0))
         silent.listen()
@@ -185,10 +191,148 @@ def test_a_dataset_in_a_bucket_is_fetched_once_per_node_and_again_when_it_change
     boto3.client("s3").put_object(Bucket=BUCKET, Key="datasets/pydoc/tokens.bin", Body=replaced)
     location.fetched(uri)
     assert tokens.read_bytes() == replaced
+    time.sleep(1.1)  # S3 keeps an object's time in whole seconds
+    same_size = bytes(reversed(replaced))  # another upload of the same shapes: only its time tells
+    boto3.client("s3").put_object(Bucket=BUCKET, Key="datasets/pydoc/tokens.bin", Body=same_size)
+    location.fetched(uri)
+    assert tokens.read_bytes() == same_size
 
     with pytest.raises(UsageError, match=rf"data.path s3://{BUCKET}/datasets/none: "):
         prepare(TrainOptions(config_file=str(write_config(tmp_path / "d.yaml", {"data": {"path": f"s3://{BUCKET}/datasets/none"}})),
                              output_dir=str(tmp_path / "runs")))
+
+
+# ---------------------------------------------------------------- a model and held-out data in the bucket
+
+
+def _uploaded_llama(tmp_path, name: str, broken: str | None = None) -> str:
+    """A tiny transformers Llama (tests/test_init_from.py), broken as ``_break`` says, in the bucket."""
+    from tests.test_init_from import _break, tiny_llama
+    from trainer import location
+
+    tiny_llama(tmp_path / name, seed=5)
+    if broken:
+        _break(tmp_path / name, broken)
+    uri = f"s3://{BUCKET}/models/{name}"
+    location.upload(tmp_path / name, uri)
+    return uri
+
+
+def test_init_from_in_a_bucket_gives_the_shapes_of_its_fetched_copy_and_keeps_the_uri(tmp_path, s3, monkeypatch):
+    from orchestrator.options import TrainOptions
+    from orchestrator.run import prepare
+    from trainer import location
+
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    uri = _uploaded_llama(tmp_path, "llama")
+    local = prepare(TrainOptions(config_file=str(write_config(tmp_path / "l.yaml", {
+        "model": {"init_from": str(tmp_path / "llama")}})), output_dir=str(tmp_path / "runs")))
+    remote = prepare(TrainOptions(config_file=str(write_config(tmp_path / "r.yaml", {"model": {"init_from": uri}})),
+                                  output_dir=str(tmp_path / "runs")))
+    assert remote.cfg.model == local.cfg.model.model_copy(update={"init_from": uri})  # the workers fetch the URI
+    assert (location.staging(uri, location.READ) / "model.safetensors").read_bytes() == \
+        (tmp_path / "llama" / "model.safetensors").read_bytes()
+
+
+def test_a_hostile_init_from_in_a_bucket_is_refused_naming_its_uri(tmp_path, s3, monkeypatch):
+    """The safetensors checks run on the fetched copy, unchanged; the message names the bucket's file."""
+    from orchestrator.options import TrainOptions
+    from orchestrator.run import prepare
+
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    uri = _uploaded_llama(tmp_path, "int8", broken="int8")
+    cfg = write_config(tmp_path / "c.yaml", {"model": {"init_from": uri}})
+    with pytest.raises(UsageError) as e:
+        prepare(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs")))
+    assert str(e.value) == (f"{cfg}: model.init_from: {uri}/model.safetensors: tensor model.layers.0.mlp.up_proj.weight "
+                            "has dtype I8; expected floating point (F64, F32, BF16, F16)")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("key", ["model.init_from", "data.val_path"])
+@pytest.mark.parametrize("where, fault, problem", [
+    ("s3://no-such-bucket/x", None, "bucket 'no-such-bucket' does not exist"),
+    (f"s3://{BUCKET}/x", "credentials", f"access to bucket '{BUCKET}' denied; check the credentials"),
+    (f"s3://{BUCKET}/nothing-here", None, "nothing there"),
+])
+def test_a_bad_bucket_for_init_from_or_val_path_is_one_line_naming_the_key_and_fetches_nothing(
+        tmp_path, s3, monkeypatch, key, where, fault, problem):
+    from orchestrator.options import TrainOptions
+    from orchestrator.run import prepare
+    from trainer import location
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    section, field = key.split(".")
+    cfg = write_config(tmp_path / "c.yaml", {section: {field: where}})
+    with pytest.raises(UsageError) as e:
+        with wrong_credentials(s3) if fault else contextlib.nullcontext():
+            prepare(TrainOptions(config_file=str(cfg), output_dir=str(tmp_path / "runs")))
+    assert str(e.value).startswith(f"{cfg}: {key} {where}: {problem}") and "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists() and not (location.user_cache.root() / location.READ).exists()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("key, where, fault, line", [
+    ("model.init_from", "s3://no-such-bucket/llama", None,
+     "model.init_from s3://no-such-bucket/llama: bucket 'no-such-bucket' does not exist"),
+    ("data.val_path", f"s3://{BUCKET}/val", "credentials",
+     f"data.val_path s3://{BUCKET}/val: access to bucket '{BUCKET}' denied; check the credentials"),
+])
+def test_cli_refuses_a_bad_bucket_for_init_from_or_val_path_in_one_line_before_ray_starts(
+        tmp_path, cli_env, s3, key, where, fault, line):
+    section, field = key.split(".")
+    cfg = write_config(tmp_path / "c.yaml", {section: {field: where}})
+    with wrong_credentials(s3) if fault else contextlib.nullcontext():
+        r = run_cli(["train", "--config-file", str(cfg), "--output-dir", str(tmp_path / "runs")],
+                    cli_env_for(cli_env, s3, tmp_path / "cache"), tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith(f"error: {cfg}: {line}") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.ray
+def test_training_from_a_model_and_on_held_out_data_in_the_bucket_resumes_on_another_machine(tmp_path, cli_env, s3):
+    """The first loss is the Hugging Face model's own on the worker's first batches (which sample
+    every window: val_path holds the held-out ones); --resume on a machine with an empty cache
+    fetches both again. No credential reaches the run directory."""
+    from orchestrator import preprocess
+    from tests.test_hf_ray import first_step_loss
+    from trainer import location
+
+    transformers = pytest.importorskip("transformers")
+
+    model_uri = _uploaded_llama(tmp_path, "llama")
+    val_uri = f"s3://{BUCKET}/datasets/val"
+    location.upload(preprocess.embedded_dataset(), val_uri)
+    cfg = write_config(tmp_path / "c.yaml", {
+        "model": {"init_from": model_uri}, "data": {"val_path": val_uri},
+        "train": {"max_steps": 8, "checkpoint_every": 3, "eval_every": 4, "fault": {"rank": 1, "step": 5}},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 0}})
+    run = tmp_path / "runs" / "from-bucket"
+    first = run_cli(["train", "--config-file", str(cfg), "--output-dir", str(tmp_path / "runs"), "--name", run.name],
+                    cli_env_for(cli_env, s3, tmp_path / "first"), tmp_path, timeout=600)
+    assert first.returncode == 1, first.stderr[-3000:]
+    (variant, rec), = json.loads((run / "summary.json").read_text())["variants"].items()
+    first_loss = json.loads((run / variant / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    assert first_loss == pytest.approx(first_step_loss(hf, val_path=str(preprocess.embedded_dataset())), rel=1e-5)
+    assert rec["final_val_loss"] is not None
+
+    again = run_cli(["train", "--resume", str(run)], cli_env_for(cli_env, s3, tmp_path / "second"), tmp_path,
+                    timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (rec,) = json.loads((run / "summary.json").read_text())["variants"].values()
+    assert rec["status"] == "succeeded" and rec["start_step"] == 3 and rec["final_val_loss"] is not None
+    for cache in ("first", "second"):  # each machine fetched its own copies
+        root = location.user_cache.root({"XDG_CACHE_HOME": str(tmp_path / cache)})
+        for uri in (model_uri, val_uri):
+            assert (root / location.staging(uri, location.READ).relative_to(location.user_cache.root())).is_dir()
+    saved = (run / "config.yaml").read_text()
+    assert f"init_from: {model_uri}" in saved and f"val_path: {val_uri}" in saved
+    secrets = (s3["AWS_SECRET_ACCESS_KEY"].encode(), s3["AWS_ACCESS_KEY_ID"].encode())
+    assert not [p for p in run.rglob("*") if p.is_file() and any(k in p.read_bytes() for k in secrets)]
 
 
 # ---------------------------------------------------------------- a run in the bucket
@@ -222,7 +366,7 @@ def test_a_run_in_a_bucket_survives_a_killed_worker_from_the_bucket(tmp_path, cl
 
 
 @pytest.mark.ray
-def test_resume_and_export_from_the_bucket_on_a_machine_without_the_run(tmp_path, cli_env, s3):
+def test_resume_export_generate_and_report_from_the_bucket_on_machines_without_the_run(tmp_path, cli_env, s3):
     uri = f"s3://{BUCKET}/runs/stopped"
     cfg = write_config(tmp_path / "c.yaml", {"train": {"max_steps": 8, "checkpoint_every": 3,
                                                       "fault": {"rank": 1, "step": 5}},
@@ -246,3 +390,14 @@ def test_resume_and_export_from_the_bucket_on_a_machine_without_the_run(tmp_path
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "at step 8" in exported.stderr + exported.stdout
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+    generated = run_cli(["generate", uri, "--prompt", "def", "--max-new-tokens", "4", "--device", "cpu"],
+                        cli_env_for(cli_env, s3, tmp_path / "fourth"), tmp_path, timeout=300)
+    assert generated.returncode == 0 and generated.stdout.splitlines()[-1].startswith("def"), generated.stderr[-3000:]
+
+    import boto3
+
+    boto3.client("s3").delete_object(Bucket=BUCKET, Key="runs/stopped/report.md")
+    reported = run_cli(["report", uri], cli_env_for(cli_env, s3, tmp_path / "fifth"), tmp_path, timeout=300)
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    assert "succeeded" in objects("runs/stopped/report.md")["runs/stopped/report.md"].decode()

@@ -58,8 +58,9 @@ class ModelConfig(Strict):
     rope_theta: float = Field(10000.0, gt=0, description="the rotary embedding's base")
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm's epsilon")
     tie_embeddings: bool = Field(True, description="share the token embedding with the output head")
-    init_from: Optional[str] = Field(None, description="a local Hugging Face Llama directory to start from; "
-                                     "the shapes above come from its config.json (leave them unset)")
+    init_from: Optional[str] = Field(None, description="a Hugging Face Llama directory to start from, local or "
+                                     "a URI (s3://, gs://, ...) each node fetches; the shapes above come from its "
+                                     "config.json (leave them unset)")
 
     @model_validator(mode="after")
     def _shapes(self) -> "ModelConfig":

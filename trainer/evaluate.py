@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer import location
 from trainer.config import TrainConfig
 from trainer.dataset import TokenDataset, get_batch, load_dataset, num_windows, training_windows
 from trainer.step import to_device
@@ -54,7 +55,7 @@ def split(dataset: TokenDataset, seq_len: int, *, val_fraction: float,
     (``trainer.dataset.training_windows``)."""
     n = num_windows(len(dataset.tokens), seq_len)
     if val_path:
-        val = load_dataset(val_path)
+        val = load_dataset(location.fetched(val_path))  # a bucket's: this node's copy
         return n, HeldOut(val.tokens, np.arange(num_windows(len(val.tokens), seq_len)), seq_len)
     train = training_windows(n, val_fraction)
     return train, (HeldOut(dataset.tokens, np.arange(train, n), seq_len) if train < n else None)

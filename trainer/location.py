@@ -90,28 +90,30 @@ def download(uri: str, local: Path, skip: tuple[str, ...] = (), fresh: bool = Tr
     return local
 
 
-def listing(uri: str) -> dict[str, int]:
-    """Every file under the directory ``uri`` with its size: what a complete copy must hold."""
+def listing(uri: str) -> dict[str, list]:
+    """Every file under the directory ``uri`` with its size and modification time: what a
+    complete, current copy must hold. The time tells a model re-uploaded with the same shapes
+    (so the same sizes) from the copy of the old one."""
     import pyarrow.fs
 
     fs, root = filesystem(uri)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
-    return {i.path[len(root):].lstrip("/"): i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {i.path[len(root):].lstrip("/"): [i.size, i.mtime_ns] for i in infos if i.type == pyarrow.fs.FileType.File}
 
 
 def fetched(where: str) -> Path:
     """A local directory for ``where``: itself, or (a URI) this node's copy in the user cache,
     fetched once per node: one process fetches while the others on the node wait for it. The
-    copy counts when the files' listing (names and sizes, written last) matches the store's:
-    a fetch cut short, or a dataset replaced in the bucket, is fetched again."""
+    copy counts when the files' listing (names, sizes and times, written last) matches the
+    store's: a fetch cut short, or files replaced in the bucket, is fetched again."""
     if not is_uri(where):
         return Path(where)
+    want = listing(where)  # before anything is written here: a URI with nothing behind it leaves no trace
+    if not want:
+        raise FileNotFoundError(f"{where}: nothing there")
     local = staging(where, READ)
     local.parent.mkdir(parents=True, exist_ok=True)
     done = local.with_name(local.name + ".listing.json")
-    want = listing(where)
-    if not want:
-        raise FileNotFoundError(f"{where}: nothing there")
     with open(local.with_name(local.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

@@ -83,6 +83,15 @@ def _process_started() -> float | None:
         return None
 
 
+def _init_dir(init_from: str) -> Path | None:
+    """This node's copy of ``model.init_from`` (a URI's, fetched once per node), or None where it is gone."""
+    try:
+        local = location.fetched(init_from)
+    except FileNotFoundError:
+        return None
+    return local if local.exists() else None
+
+
 @failures.fail_fast  # an error no restart fixes fails the variant at once (trainer/failures.py)
 def train_loop_per_worker(config: dict) -> dict:
     import ray  # [ray]
@@ -112,9 +121,9 @@ def train_loop_per_worker(config: dict) -> dict:
         raise ValueError(f"model.vocab_size {s.model.vocab_size} is smaller than the data's vocab {dataset.vocab_size}")
     # Under --resume the init_from directory may be gone (the driver allows it for a run with a
     # checkpoint); a variant that restores none fails below rather than train from random weights.
-    init_gone = bool(spec.model.init_from) and not Path(spec.model.init_from).exists()
-    init_weights = ((lambda: hf_checkpoint.load_state_dict(spec.model.init_from, s.model))
-                    if spec.model.init_from and not init_gone else None)
+    init_dir = _init_dir(spec.model.init_from) if spec.model.init_from else None
+    init_gone = bool(spec.model.init_from) and init_dir is None
+    init_weights = (lambda: hf_checkpoint.load_state_dict(init_dir, s.model)) if init_dir else None
 
     # The kernel is resolved beside the model's build (trainer/overlap.py), before it under CUDA graphs.
     looked_up, built = threading.Event(), threading.Event()
