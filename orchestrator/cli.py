@@ -142,9 +142,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
         raise UsageError(f"--timeout {args.timeout:g}: must be positive")
     options.check_expect_gpus(args.expect_gpus)
     if args.json:  # stdout carries only the JSON report
-        for name in ("orchestrator", "trainer"):
-            for handler in logging.getLogger(name).handlers:
-                handler.setStream(sys.stderr)
+        logs_to_stderr()
     disable_flash_attn_from_env(args)
     cfg = config_mod.load(args.config_file, args.settings)
     settings = settings_for(cfg, config_mod.variant_configs(cfg, False, args.disable_flash_attn,
@@ -207,10 +205,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from orchestrator.generate import generate
     from orchestrator.storage import run_to_read
 
+    logs_to_stderr()  # stdout carries only the text, for pipes
     text = generate(run_to_read(args.run_dir), args.prompt, variant=args.variant, step=args.step,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                     device=args.device)
-    print(text)  # the command's output: stdout, for pipes
+    print(text)
     return 0
 
 
@@ -259,6 +258,13 @@ def setup_logging(debug: bool) -> None:
         lg.handlers[:] = [handler]
         lg.setLevel(logging.DEBUG if debug else logging.INFO)
         lg.propagate = False
+
+
+def logs_to_stderr() -> None:
+    """For a command whose stdout is its product (preflight --json, generate)."""
+    for name in ("orchestrator", "trainer"):
+        for handler in logging.getLogger(name).handlers:
+            handler.setStream(sys.stderr)
 
 
 def check_cache_home() -> None:

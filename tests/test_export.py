@@ -253,3 +253,14 @@ def test_an_export_onto_a_full_disk_is_one_line_naming_the_output_and_leaves_not
     _fails(capsys, ["export", str(run), "--output-dir", str(tmp_path / "out")],
            f"error: {tmp_path / 'out'}: no space left on device; the export needs about ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no partial export, no staging left
+
+
+def test_generate_writes_only_the_text_to_stdout_and_its_log_lines_to_stderr(tmp_path, capsys, monkeypatch):
+    """`generate ... | next-tool` gets the text alone, even when the command logs (here: building
+    the embedded dataset in an empty cache)."""
+    run, _ = fake_run(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    assert main(["generate", str(run), "--prompt", "def main", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def main") and len(out.splitlines()) == 1
+    assert "built the embedded dataset" in err
