@@ -286,3 +286,39 @@ def test_a_checkpoint_of_two_fsdp_workers_loads_into_one(tmp_path):
         assert all(torch.equal(saved[part][k], loaded[part][k]) for k in saved[part])
     exported = checkpoint.load_model_state_dict(ckpt)  # no process group
     assert all(torch.equal(exported[k], saved["model"][k]) for k in saved["model"])
+
+
+@pytest.mark.parametrize("name", parallel.NAMES)
+def test_every_registered_strategy_restores_its_own_checkpoint_to_the_same_next_step(one_rank_group, tmp_path, name):
+    """The contract a strategy module meets (docs/architecture.md, "Adding a parallelism strategy"),
+    run for every entry of parallel.STRATEGIES: build, train a step, save, build afresh, load, and
+    the next step is the same; its memory estimate and refusal answer for a plain config."""
+    from trainer.config import TrainConfig
+
+    strategy = parallel.get(name)
+    x = torch.arange(32).reshape(2, 16) % ARGS.vocab_size
+
+    def built():
+        model, raw = strategy.build(ARGS, _attn, device=torch.device("cpu"), seed=7, compile=False, world_size=1)
+        return model, raw, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def step(model, optimizer) -> float:
+        optimizer.zero_grad()
+        loss = model(x, x.roll(-1, 1))[1]
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    model, raw, optimizer = built()
+    step(model, optimizer)
+    ckpt = tmp_path / "checkpoint_00000001"
+    ckpt.mkdir()
+    own, sharded = strategy.checkpoint_state(model, optimizer, 0)
+    checkpoint.write(ckpt, 0, {"step": 1, "world_size": 1, **(own or {})}, 1, sharded=sharded)
+    again, raw_again, optimizer_again = built()
+    state, _ = checkpoint.read(ckpt, 0)
+    strategy.load(ckpt, state, model=again, raw_model=raw_again, optimizer=optimizer_again)
+    assert step(again, optimizer_again) == step(model, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(raw_again.state_dict().values(), raw.state_dict().values()))
+    assert sum(vars(strategy.state_bytes(10**6, 10**5, 10**5, world_size=2, weights=parallel.FP32)).values()) > 0
+    assert strategy.refusal(TrainConfig(), cudagraphs=False) is None
