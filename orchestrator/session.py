@@ -22,7 +22,9 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import socket
+import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -183,7 +185,11 @@ def remove_dead_sessions(ray_tmp: Path | None = None) -> list[Path]:
 
 @contextmanager
 def _signals_stay_ours() -> Iterator[None]:
-    """Keep ray.init from installing Ray's SIGTERM handlers (orchestrator/ray_internals.SIGTERM_HOOK)."""
+    """Keep ray.init from installing Ray's SIGTERM handlers: its Python one
+    (orchestrator/ray_internals.SIGTERM_HOOK), and the C++ one its core worker installs in this
+    process (Abseil's failure signal handler: it passes a SIGTERM on, but also sets a 3 s alarm
+    that aborts the process, exit -6, when the driver's cleanup after the SIGTERM takes longer).
+    Python's own handler is put back in front of it for every signal Python handles."""
     utils = importlib.import_module(ray_internals.RAY_UTILS_MODULE)
     original = getattr(utils, ray_internals.SIGTERM_HOOK)
     setattr(utils, ray_internals.SIGTERM_HOOK, lambda handler: None)
@@ -191,6 +197,11 @@ def _signals_stay_ours() -> Iterator[None]:
         yield
     finally:
         setattr(utils, ray_internals.SIGTERM_HOOK, original)
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                handler = signal.getsignal(s)
+                if callable(handler):  # Python's C handler again, with the same Python function behind it
+                    signal.signal(s, handler)
 
 
 @contextmanager

@@ -274,3 +274,26 @@ def test_ctrl_c_to_the_cli_stops_the_workers_in_seconds_and_names_the_checkpoint
             resume.kill()
     assert resume.returncode == 130, out + err
     assert Path(attempts(vdir)[-1]["restored_from"]).name == named[0]
+
+
+SLOW_CLEANUP = """
+import os, signal, sys, time
+from orchestrator import interrupt, session
+from orchestrator.errors import Interrupted
+try:
+    with interrupt.handle_signals(), session.ray_session(None, num_cpus=1):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+except Interrupted as e:
+    time.sleep(4)  # a driver stopping its workers and writing its summary: longer than Ray's 3 s alarm
+    print("stopped cleanly", flush=True)
+    sys.exit(e.exit_code)
+"""
+
+
+def test_a_driver_whose_cleanup_after_sigterm_takes_seconds_still_exits_143(tmp_path, cli_env):
+    """ray.init installs Ray's C++ failure signal handler in the driver, which on SIGTERM also set
+    a 3 s alarm that aborted the driver (exit -6) in the middle of a longer cleanup."""
+    proc = subprocess.run([sys.executable, "-c", SLOW_CLEANUP], env=cli_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180)
+    assert (proc.returncode, proc.stdout) == (143, "stopped cleanly\n"), proc.stderr
