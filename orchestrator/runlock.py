@@ -7,6 +7,14 @@ kernel drops the lock when its holder exits however it exits (SIGKILL, a lost no
 lease), so a killed driver leaves no stale lock behind: its file stays, unlocked, and only
 its pid and host are kept for the message. The file is never deleted: a process that opened
 it just before a delete would lock a file nobody else can see.
+
+A run in a bucket is locked on this machine (its mirror's ``driver.lock``) and, against drivers
+on other machines, by a lease in the bucket: ``driver.lease.json`` names the driver and is
+renewed every ``LEASE_RENEW_S``. A driver finding a lease renewed within ``LEASE_TTL_S`` is
+refused; an older one is a dead driver's and is taken over, as is one of a pid on this host
+that no longer runs. Object stores have no create-if-absent that every store offers, so a
+driver writes its lease, waits ``LEASE_SETTLE_S`` and reads it back: of two drivers that
+started at the same moment, the one whose write the store kept goes on, the other is refused.
 """
 
 from __future__ import annotations
@@ -16,17 +24,26 @@ import json
 import logging
 import os
 import platform
+import secrets
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import psutil
+
 from orchestrator.errors import UsageError
+from trainer import location
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "driver.lock"
+LEASE_FILE = "driver.lease.json"  # in a bucket's run directory; never copied to or from a mirror
+LEASE_TTL_S = 120.0
+LEASE_RENEW_S = 30.0
+LEASE_SETTLE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,7 +92,89 @@ def holder(run_dir: Path) -> Optional[Holder]:
         os.close(fd)
 
 
-_held: list[int] = []  # descriptors of the locks this process holds, released by scope()
+_held: list = []  # the locks this process holds (descriptors, leases), released by scope()
+
+
+@dataclass
+class _Lease:
+    """This driver's lease on a bucket's run, renewed by a thread until released."""
+    uri: str  # of the lease object
+    me: dict
+    stop: threading.Event
+
+    def renew(self) -> None:
+        while not self.stop.wait(LEASE_RENEW_S):
+            try:
+                location.write_text(self.uri, json.dumps({**self.me, "renewed": time.time()}))
+            except OSError as e:  # the next renewal may get through; a lapsed lease is said by the next driver
+                log.warning("could not renew the run's lease %s: %s", self.uri, e)
+
+    def release(self) -> None:
+        self.stop.set()
+        try:
+            if (_read_lease(self.uri) or {}).get("token") == self.me["token"]:
+                location.remove(self.uri)
+        except OSError as e:
+            log.warning("could not remove the run's lease %s: %s", self.uri, e)
+
+
+def _read_lease(uri: str) -> Optional[dict]:
+    try:
+        lease = json.loads(location.read_text(uri))
+        return lease if isinstance(lease, dict) else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("ignoring the unreadable lease %s (%s)", uri, e)
+        return None
+
+
+def _live_lease(lease: Optional[dict], taking: bool = False) -> Optional[str]:
+    """Who holds ``lease`` and when it was renewed, if its driver may still run; None if not
+    (``taking``: say so when a lapsed one is taken over)."""
+    if not lease:
+        return None
+    try:
+        pid, host, age = int(lease["pid"]), str(lease["host"]), time.time() - float(lease["renewed"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if age > LEASE_TTL_S:
+        if taking:
+            log.warning("taking over the run from a driver (pid %s on host %s) whose lease lapsed %.0f s ago",
+                        pid, host, age)
+        return None
+    if host == platform.node() and not psutil.pid_exists(pid):
+        return None
+    return f"pid {pid} on host {host}, its lease renewed {max(age, 0):.0f} s ago"
+
+
+def _settle() -> None:
+    """Time for a driver that read no lease just before this one wrote to write its own."""
+    time.sleep(LEASE_SETTLE_S)
+
+
+def bucket_holder(run_uri: str) -> Optional[str]:
+    """The live driver of the bucket's run ``run_uri`` on any machine, described; None if none."""
+    return _live_lease(_read_lease(location.join(run_uri, LEASE_FILE)))
+
+
+def _take_lease(run_uri: str) -> _Lease:
+    uri = location.join(run_uri, LEASE_FILE)
+    live = _live_lease(_read_lease(uri), taking=True)
+    if live is not None:
+        raise RunInUse(f"{run_uri}: a live driver ({live}) is running this run; let it end (or stop it) "
+                       f"before resuming")
+    me = {"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+          "token": secrets.token_hex(8)}
+    location.write_text(uri, json.dumps({**me, "renewed": time.time()}))
+    _settle()
+    kept = _read_lease(uri) or {}
+    if kept.get("token") != me["token"]:
+        raise RunInUse(f"{run_uri}: another driver (pid {kept.get('pid')} on host {kept.get('host')}) took "
+                       "this run at the same moment; let it end (or stop it) before resuming")
+    lease = _Lease(uri, me, threading.Event())
+    threading.Thread(target=lease.renew, name="run-lease", daemon=True).start()
+    return lease
 
 
 def acquire(run_dir: Path) -> None:
@@ -92,6 +191,12 @@ def acquire(run_dir: Path) -> None:
     os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
     _held.append(fd)
     log.debug("locked %s", path)
+    uri = location.uri_of(run_dir)
+    if uri is not None:  # and against drivers on other machines
+        try:
+            _held.append(_take_lease(uri))
+        except OSError as e:
+            raise UsageError(f"{uri}: cannot write the run's lease ({str(e).splitlines()[0]})") from None
 
 
 @contextmanager
@@ -102,6 +207,9 @@ def scope() -> Iterator[None]:
         yield
     finally:
         while len(_held) > depth:
-            fd = _held.pop()
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            held = _held.pop()
+            if isinstance(held, _Lease):
+                held.release()
+            else:
+                fcntl.flock(held, fcntl.LOCK_UN)
+                os.close(held)

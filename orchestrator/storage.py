@@ -10,7 +10,7 @@ An object-store URI (``s3://``, ``gs://``, ...) as ``--output-dir`` needs no mou
 directory is a node-local mirror in the user cache that is uploaded (``publish``), and Ray
 Train uploads the checkpoints (``trainer/location.py``). ``check_bucket`` asks the store once,
 with a short timeout, before anything starts. The run lock (``orchestrator/runlock.py``) then
-holds on the mirror: it keeps a second driver on the same machine out, not one on another.
+holds on the mirror, and a lease in the bucket keeps drivers on other machines out.
 
 The decisions are pure functions (``output_dir_problem``, ``shared_problems``,
 ``bucket_problem``); the Ray side (``check_nodes``) only gathers what each node sees.
@@ -266,10 +266,10 @@ def publish(run_dir: Path) -> None:
     uri = location.uri_of(run_dir)
     if uri is None:
         return
-    from orchestrator.runlock import LOCK_FILE
+    from orchestrator.runlock import LEASE_FILE, LOCK_FILE
 
     try:
-        location.upload(run_dir, uri, skip=(LOCK_FILE,))
+        location.upload(run_dir, uri, skip=(LOCK_FILE, LEASE_FILE))
     except OSError as e:
         log.error("could not upload %s to %s (%s); the files stay in %s", run_dir.name, uri, e, run_dir)
 
@@ -282,10 +282,11 @@ def fetch_run(uri: str, flag: str) -> Path:
     _check_run(uri, flag)
     local = location.staging(uri)
     live = runlock.holder(local)
-    if live is not None:
-        raise runlock.RunInUse(f"{uri}: a live driver ({live.describe()}) is running this run; "
-                               "let it end (or stop it) before resuming")
-    return location.download(uri, local, skip=("checkpoints",), fresh=False)
+    elsewhere = runlock.bucket_holder(uri) if live is None else None
+    if live is not None or elsewhere is not None:
+        raise runlock.RunInUse(f"{uri}: a live driver ({live.describe() if live else elsewhere}) is running this "
+                               "run; let it end (or stop it) before resuming")
+    return location.download(uri, local, skip=("checkpoints", runlock.LEASE_FILE), fresh=False)
 
 
 def _check_run(uri: str, flag: str) -> None:

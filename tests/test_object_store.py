@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import socket
 import time
 from pathlib import Path
@@ -401,3 +402,100 @@ def test_resume_export_generate_and_report_from_the_bucket_on_machines_without_t
     reported = run_cli(["report", uri], cli_env_for(cli_env, s3, tmp_path / "fifth"), tmp_path, timeout=300)
     assert reported.returncode == 0, reported.stderr[-3000:]
     assert "succeeded" in objects("runs/stopped/report.md")["runs/stopped/report.md"].decode()
+
+
+# ---------------------------------------------------------------- the run lock across machines
+
+
+def _lease(uri: str) -> dict | None:
+    from orchestrator import runlock
+
+    got = objects(uri.removeprefix(f"s3://{BUCKET}/") + "/" + runlock.LEASE_FILE)
+    return json.loads(next(iter(got.values()))) if got else None
+
+
+def _plant_lease(uri: str, **fields) -> None:
+    from orchestrator import runlock
+    from trainer import location
+
+    lease = {"pid": 4242, "host": "other-machine", "since": "2026-12-07T10:00:00+0000", "token": "theirs",
+             "renewed": time.time(), **fields}
+    location.write_text(location.join(uri, runlock.LEASE_FILE), json.dumps(lease))
+
+
+@pytest.fixture
+def this_machine(tmp_path, s3, monkeypatch):
+    """A machine of its own (its user cache, where a bucket run's mirror lives); returns the
+    mirror of a bucket run as train and --resume make it."""
+    from orchestrator import runlock
+    from trainer import location
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(runlock, "LEASE_SETTLE_S", 0.05)
+
+    def mirror(uri: str) -> Path:
+        local = location.staging(uri)
+        local.mkdir(parents=True, exist_ok=True)
+        return local
+    return mirror
+
+
+def test_a_bucket_run_whose_driver_runs_on_another_machine_is_refused_until_its_lease_lapses(this_machine, s3,
+                                                                                               caplog):
+    from orchestrator import runlock
+
+    uri = f"s3://{BUCKET}/lease/held"
+    _plant_lease(uri)
+    refusal = (f"{uri}: a live driver (pid 4242 on host other-machine, its lease renewed 0 s ago) is running "
+               "this run; let it end (or stop it) before resuming")
+    with runlock.scope(), pytest.raises(runlock.RunInUse) as e:
+        runlock.acquire(this_machine(uri))
+    assert str(e.value) == refusal
+    with pytest.raises(runlock.RunInUse) as e:  # --resume s3://... says so before it fetches anything
+        storage.fetch_run(uri, "--resume")
+    assert str(e.value) == refusal
+    assert _lease(uri)["token"] == "theirs"  # untouched
+
+    _plant_lease(uri, renewed=time.time() - runlock.LEASE_TTL_S - 5)  # that driver died two minutes ago
+    with runlock.scope(), caplog.at_level("WARNING", logger="orchestrator.runlock"):
+        runlock.acquire(this_machine(uri))
+        mine = _lease(uri)
+        assert (mine["pid"], mine["host"]) == (os.getpid(), platform.node())
+    assert [r.getMessage() for r in caplog.records if r.name == "orchestrator.runlock"] == [
+        "taking over the run from a driver (pid 4242 on host other-machine) whose lease lapsed 125 s ago"]
+    assert _lease(uri) is None  # released with the command
+
+
+def test_a_lease_of_a_dead_driver_on_this_machine_is_taken_at_once_and_renewed_while_the_run_lasts(
+        this_machine, s3, monkeypatch):
+    import subprocess
+    import sys
+
+    from orchestrator import runlock
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    uri = f"s3://{BUCKET}/lease/dead"
+    _plant_lease(uri, pid=int(gone.stdout), host=platform.node())
+    monkeypatch.setattr(runlock, "LEASE_RENEW_S", 0.1)
+    with runlock.scope():
+        runlock.acquire(this_machine(uri))
+        first = _lease(uri)
+        assert first["pid"] == os.getpid()
+        deadline = time.monotonic() + 30
+        while _lease(uri)["renewed"] == first["renewed"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _lease(uri)["renewed"] > first["renewed"]
+    assert _lease(uri) is None
+
+
+def test_of_two_drivers_taking_a_bucket_run_at_the_same_moment_one_is_refused(this_machine, s3, monkeypatch):
+    from orchestrator import runlock
+
+    uri = f"s3://{BUCKET}/lease/race"
+    # The other machine read no lease either, and wrote its own just after this driver's.
+    monkeypatch.setattr(runlock, "_settle", lambda: _plant_lease(uri, host="racing-machine", pid=77))
+    with runlock.scope(), pytest.raises(runlock.RunInUse) as e:
+        runlock.acquire(this_machine(uri))
+    assert str(e.value) == (f"{uri}: another driver (pid 77 on host racing-machine) took this run at the same "
+                            "moment; let it end (or stop it) before resuming")
+    assert _lease(uri)["host"] == "racing-machine"  # theirs stays

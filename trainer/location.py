@@ -72,8 +72,8 @@ def exists(uri: str) -> bool:
 
 
 def download(uri: str, local: Path, skip: tuple[str, ...] = (), fresh: bool = True) -> Path:
-    """Copy the directory ``uri`` into ``local`` (emptied first when ``fresh``), leaving out files
-    under any folder named in ``skip``; returns ``local``."""
+    """Copy the directory ``uri`` into ``local`` (emptied first when ``fresh``), leaving out the
+    files named in ``skip`` and those under a folder named there; returns ``local``."""
     import pyarrow.fs
 
     fs, root = filesystem(uri)
@@ -82,7 +82,7 @@ def download(uri: str, local: Path, skip: tuple[str, ...] = (), fresh: bool = Tr
     local.mkdir(parents=True, exist_ok=True)
     for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
         rel = info.path[len(root):].lstrip("/")
-        if info.type != pyarrow.fs.FileType.File or set(Path(rel).parts[:-1]) & set(skip):
+        if info.type != pyarrow.fs.FileType.File or set(Path(rel).parts) & set(skip):
             continue
         (local / rel).parent.mkdir(parents=True, exist_ok=True)
         with fs.open_input_stream(info.path) as src, open(local / rel, "wb") as dst:
@@ -159,8 +159,15 @@ def subdirs(uri: str) -> list[str]:
 
 
 def remove(uri: str) -> None:
+    """Delete the directory or file ``uri``; nothing there is nothing to do."""
+    import pyarrow.fs
+
     fs, path = filesystem(uri)
+    kind = fs.get_file_info(path).type
     try:
-        fs.delete_dir(path)
+        if kind == pyarrow.fs.FileType.Directory:
+            fs.delete_dir(path)
+        elif kind == pyarrow.fs.FileType.File:
+            fs.delete_file(path)
     except FileNotFoundError:
         pass
