@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -100,7 +100,8 @@ class _Lease:
     """This driver's lease on a bucket's run, renewed by a thread until released."""
     uri: str  # of the lease object
     me: dict
-    stop: threading.Event
+    stop: threading.Event = field(default_factory=threading.Event)
+    renewer: Optional[threading.Thread] = None
 
     def renew(self) -> None:
         while not self.stop.wait(LEASE_RENEW_S):
@@ -111,6 +112,8 @@ class _Lease:
 
     def release(self) -> None:
         self.stop.set()
+        if self.renewer is not None:  # a renewal under way would put the lease back after its removal
+            self.renewer.join(timeout=30)
         try:
             if (_read_lease(self.uri) or {}).get("token") == self.me["token"]:
                 location.remove(self.uri)
@@ -172,8 +175,9 @@ def _take_lease(run_uri: str) -> _Lease:
     if kept.get("token") != me["token"]:
         raise RunInUse(f"{run_uri}: another driver (pid {kept.get('pid')} on host {kept.get('host')}) took "
                        "this run at the same moment; let it end (or stop it) before resuming")
-    lease = _Lease(uri, me, threading.Event())
-    threading.Thread(target=lease.renew, name="run-lease", daemon=True).start()
+    lease = _Lease(uri, me)
+    lease.renewer = threading.Thread(target=lease.renew, name="run-lease", daemon=True)
+    lease.renewer.start()
     return lease
 
 
