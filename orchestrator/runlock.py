@@ -60,6 +60,16 @@ class RunInUse(UsageError):
     """Another live driver holds the run directory."""
 
 
+def in_use(run_dir: Path | str, who: str) -> RunInUse:
+    """The refusal for ``run_dir``, held by the live driver described by ``who``."""
+    return RunInUse(f"{run_dir}: a live driver ({who}) is running this run; let it end (or stop it) before resuming")
+
+
+def _me() -> dict:
+    """This driver, as a lock or a lease names it."""
+    return {"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
 def _read_holder(fd: int) -> Holder:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
@@ -165,10 +175,8 @@ def _take_lease(run_uri: str) -> _Lease:
     uri = location.join(run_uri, LEASE_FILE)
     live = _live_lease(_read_lease(uri), taking=True)
     if live is not None:
-        raise RunInUse(f"{run_uri}: a live driver ({live}) is running this run; let it end (or stop it) "
-                       f"before resuming")
-    me = {"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-          "token": secrets.token_hex(8)}
+        raise in_use(run_uri, live)
+    me = {**_me(), "token": secrets.token_hex(8)}
     location.write_text(uri, json.dumps({**me, "renewed": time.time()}))
     _settle()
     kept = _read_lease(uri) or {}
@@ -188,11 +196,9 @@ def acquire(run_dir: Path) -> None:
     if not _try_lock(fd):
         live = _read_holder(fd)
         os.close(fd)
-        raise RunInUse(f"{run_dir}: a live driver ({live.describe()}) is running this run; "
-                       "let it end (or stop it) before resuming")
-    me = {"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        raise in_use(run_dir, live.describe())
     os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    os.pwrite(fd, (json.dumps(_me()) + "\n").encode(), 0)
     _held.append(fd)
     log.debug("locked %s", path)
     uri = location.uri_of(run_dir)

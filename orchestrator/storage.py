@@ -281,11 +281,10 @@ def fetch_run(uri: str, flag: str) -> Path:
 
     _check_run(uri, flag)
     local = location.staging(uri)
-    live = runlock.holder(local)
-    elsewhere = runlock.bucket_holder(uri) if live is None else None
-    if live is not None or elsewhere is not None:
-        raise runlock.RunInUse(f"{uri}: a live driver ({live.describe() if live else elsewhere}) is running this "
-                               "run; let it end (or stop it) before resuming")
+    live = runlock.holder(local)  # on this machine, else on any (the bucket's lease)
+    who = live.describe() if live is not None else runlock.bucket_holder(uri)
+    if who is not None:
+        raise runlock.in_use(uri, who)
     return location.download(uri, local, skip=("checkpoints", runlock.LEASE_FILE), fresh=False)
 
 
