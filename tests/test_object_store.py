@@ -441,11 +441,15 @@ def this_machine(tmp_path, s3, monkeypatch):
 
 
 def test_a_bucket_run_whose_driver_runs_on_another_machine_is_refused_until_its_lease_lapses(this_machine, s3,
-                                                                                               caplog):
+                                                                                               caplog, monkeypatch):
+    from types import SimpleNamespace
+
     from orchestrator import runlock
 
+    now = time.time()  # the driver's clock, stopped: the ages it states are exact
+    monkeypatch.setattr(runlock, "time", SimpleNamespace(time=lambda: now, strftime=time.strftime, sleep=time.sleep))
     uri = f"s3://{BUCKET}/lease/held"
-    _plant_lease(uri)
+    _plant_lease(uri, renewed=now)
     refusal = (f"{uri}: a live driver (pid 4242 on host other-machine, its lease renewed 0 s ago) is running "
                "this run; let it end (or stop it) before resuming")
     with runlock.scope(), pytest.raises(runlock.RunInUse) as e:
@@ -456,7 +460,7 @@ def test_a_bucket_run_whose_driver_runs_on_another_machine_is_refused_until_its_
     assert str(e.value) == refusal
     assert _lease(uri)["token"] == "theirs"  # untouched
 
-    _plant_lease(uri, renewed=time.time() - runlock.LEASE_TTL_S - 5)  # that driver died two minutes ago
+    _plant_lease(uri, renewed=now - runlock.LEASE_TTL_S - 5)  # that driver died two minutes ago
     with runlock.scope(), caplog.at_level("WARNING", logger="orchestrator.runlock"):
         runlock.acquire(this_machine(uri))
         mine = _lease(uri)
