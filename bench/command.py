@@ -90,6 +90,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="only time command to first step: train cold (empty caches) and warm (again), then twice "
                         "with --keep-ray (starting the kept Ray, then joining it), and the bare Ray floor; with "
                         "--config-file, that config")
+    p.add_argument("--ab", type=int, default=0, metavar="N",
+                   help="with --startup: then each startup mechanism off against all on, warm, N times round-robin "
+                        "(docs/startup.md)")
     p.add_argument("--output-dir", default="runs", help="a bench-<time> directory is made here")
 
 
@@ -272,7 +275,7 @@ def cmd_startup(args: argparse.Namespace) -> int:
     out_dir = rundir.create(Path(args.output_dir), None, prefix="bench")
     train_args = (["--config-file", str(Path(args.config_file).resolve())] if args.config_file else []) + [
         "--max-steps", "2"]
-    report = startup.run(train_args, out_dir)
+    report = startup.run(train_args, out_dir, ab_repeats=args.ab)
     report.update(command=" ".join(["python -m orchestrator", *sys.argv[1:]]),
                   machine={"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None})

@@ -26,6 +26,7 @@ from typing import Optional
 
 from orchestrator import bytecode
 from orchestrator.kept_ray import STATE_DIR_ENV
+from orchestrator.run import MECHANISMS, STARTUP_OFF_ENV
 from trainer.attention.cache import CACHE_DIR_ENV
 from trainer.compile_cache import INDUCTOR_DIR_ENV
 
@@ -136,9 +137,49 @@ RUNS = (("cold", []), ("warm", []), ("kept_start", ["--keep-ray"]), ("kept", ["-
 COLUMNS = {"cold": "cold", "warm": "warm", "kept_start": "kept Ray, starting it", "kept": "kept Ray, warm"}
 
 
-def run(train_args: list[str], output_dir: Path, *, num_workers: int = 2, cwd: Optional[Path] = None) -> dict:
-    """Cold and warm ``train``, the two ``--keep-ray`` runs and the bare floor, in that order;
-    the report as a dict."""
+# --ab: each startup mechanism off, by the environment that turns it off.
+AB_OFF = {"bytecode": {bytecode.BYTECODE_ENV: "0"}, **{m: {STARTUP_OFF_ENV: m} for m in MECHANISMS}}
+# Where a mechanism must save at least this much of command-to-first-step to stay (issue 30).
+KEEP_S, KEEP_FRACTION = 1.0, 0.05
+
+
+def ab(train_args: list[str], env: dict, output_dir: Path, cwd: Path, repeats: int) -> dict:
+    """Each mechanism's saving: warm runs with every mechanism on, then each one off, round-robin
+    ``repeats`` times; then ``overlap`` again with the probe run afresh (``--fresh-preflight``),
+    where the probe it overlaps is whole. Per mechanism the medians of ``startup_s.total`` on and
+    off, the seconds saved and whether it clears the bar to stay."""
+    cases = {"warm": [], "probe afresh": ["--fresh-preflight"]}
+    labels = {"warm": ["on", *AB_OFF], "probe afresh": ["on", "overlap"]}
+    totals: dict = {case: {label: [] for label in labels[case]} for case in cases}
+    for case, extra in cases.items():
+        for r in range(repeats):
+            for label in labels[case]:
+                name = f"ab-{case.replace(' ', '-')}-{label}-{r}"
+                got = train_once([*train_args, *extra], {**env, **AB_OFF.get(label, {})}, output_dir, name, cwd)
+                totals[case][label].append((got.get("startup_s") or {}).get("total"))
+                log.info("  %s, %s off: %s", case, label, got.get("startup_s", {}).get("total") or got.get("error"))
+    out: dict = {"repeats": repeats, "totals_s": totals, "saved": {}}
+    for case, runs in totals.items():
+        on = _median(runs["on"])
+        for label in labels[case][1:]:
+            off = _median(runs[label])
+            if on is None or off is None:
+                continue
+            saved = round(off - on, 3)
+            out["saved"][f"{label} ({case})"] = {"on_s": on, "off_s": off, "saved_s": saved,
+                                                 "keep": saved >= KEEP_S or saved >= KEEP_FRACTION * off}
+    return out
+
+
+def _median(values: list) -> Optional[float]:
+    ok = sorted(v for v in values if v is not None)
+    return round(ok[len(ok) // 2] if len(ok) % 2 else (ok[len(ok) // 2 - 1] + ok[len(ok) // 2]) / 2, 3) if ok else None
+
+
+def run(train_args: list[str], output_dir: Path, *, num_workers: int = 2, cwd: Optional[Path] = None,
+        ab_repeats: int = 0) -> dict:
+    """Cold and warm ``train``, the two ``--keep-ray`` runs and the bare floor, in that order, and
+    with ``ab_repeats`` each mechanism's A/B (``ab``); the report as a dict."""
     cwd = cwd or Path.cwd()
     caches = Path(tempfile.mkdtemp(prefix="fo-startup-caches-"))
     env = dict(os.environ, **{CACHE_DIR_ENV: str(caches / "preflight"), INDUCTOR_DIR_ENV: str(caches / "inductor"),
@@ -157,6 +198,9 @@ def run(train_args: list[str], output_dir: Path, *, num_workers: int = 2, cwd: O
                                                 default_dir=caches / "pycache")}
         report["floor"] = bare_floor(floor_env, num_workers, cwd)
         log.info("  %s", report["floor"])
+        if ab_repeats:
+            log.info("startup bench: each mechanism off against all on, %d time(s)", ab_repeats)
+            report["ab"] = ab(train_args, env, output_dir, cwd, ab_repeats)
     finally:
         if "ray_down" not in report:  # a run failed or hung: the kept head must not outlive the bench
             report["ray_down"] = ray_down(env, cwd)
@@ -177,4 +221,7 @@ def table(report: dict) -> list[str]:
         lines.append(f"| {p} | " + " | ".join(fmt(r.get(p)) for r in runs.values()) + f" | {fmt(floor.get(p))} |")
     for name, g in report["goals"].items():
         lines.append(f"goal {name}: {g['value']:.2f} (goal <= {g['goal']:.2f}): {'met' if g['met'] else 'not met'}")
+    for name, r in (report.get("ab") or {}).get("saved", {}).items():
+        lines.append(f"{name}: {r['off_s']:.1f} s off, {r['on_s']:.1f} s on: saves {r['saved_s']:.1f} s "
+                     f"({'keep' if r['keep'] else 'below the bar'})")
     return lines

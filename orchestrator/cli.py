@@ -250,10 +250,13 @@ def build_parser() -> Parser:
     return parser
 
 
+LOGGERS = ("orchestrator", "trainer", "bench")  # the packages whose log lines are the commands' output
+
+
 def setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("orchestrator", "trainer"):
+    for name in LOGGERS:
         lg = logging.getLogger(name)
         lg.handlers[:] = [handler]
         lg.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -262,7 +265,7 @@ def setup_logging(debug: bool) -> None:
 
 def logs_to_stderr() -> None:
     """For a command whose stdout is its product (preflight --json, generate)."""
-    for name in ("orchestrator", "trainer"):
+    for name in LOGGERS:
         for handler in logging.getLogger(name).handlers:
             handler.setStream(sys.stderr)
 

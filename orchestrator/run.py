@@ -214,6 +214,18 @@ def param_dtype_refusal(cfg: config_mod.RunConfig, variants: list[config_mod.Var
     return None
 
 
+# Startup mechanisms this environment variable turns off, by name (comma-separated): how
+# ``bench --startup --ab`` measures what each one saves (docs/startup.md). ``bytecode`` has its own
+# switch (orchestrator/bytecode.py); a kept Ray is a flag of its own.
+STARTUP_OFF_ENV = "FLASH_ORCHESTRATOR_STARTUP_OFF"
+MECHANISMS = ("overlap", "preload", "coordinator")
+
+
+def mechanism_on(name: str) -> bool:
+    assert name in MECHANISMS, name
+    return name not in os.environ.get(STARTUP_OFF_ENV, "").split(",")
+
+
 # What the phases after Ray's start import: torch, the worker loop and Ray Train's TorchTrainer
 # (a fresh ``python -c 'import ray.train.torch'`` took 4.4 s on the 2-core CPU machine, torch 2.1-2.5 s of it).
 PRELOAD = ("orchestrator.execute", "ray.train.torch")
@@ -222,6 +234,9 @@ PRELOAD = ("orchestrator.execute", "ray.train.torch")
 def _preload() -> None:
     """Import ``PRELOAD`` in a thread, so it happens while Ray starts. A module that fails to
     import here is imported again by the phase that needs it, which raises there."""
+
+    if not mechanism_on("preload"):
+        return
 
     def load() -> None:
         for name in PRELOAD:
@@ -352,7 +367,8 @@ def _connect(state: RunState, address: str) -> None:
     capacity.check_fits(state.prep.cfg.scaling, dict(ray.cluster_resources()),
                         state.opts.config_file or "built-in config")
     try:  # 3 s off workers_up on a new Ray (docs/BENCHMARKS.md); the first controller makes it otherwise
-        ray_internals.start_autoscaling_coordinator()
+        if mechanism_on("coordinator"):
+            ray_internals.start_autoscaling_coordinator()
     except Exception:
         log.debug("could not start Ray Train's autoscaling coordinator early", exc_info=True)
 
@@ -528,7 +544,7 @@ def _train(opts: TrainOptions, nodes: Optional[NodesFn], command_started: float)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # Before anything this command starts (the probe, Ray, a kept head) and its own imports.
         state.worker_env = bytecode.apply()
-        if nodes is None:  # this machine is the only node: its probe need not wait for Ray
+        if nodes is None and mechanism_on("overlap"):  # this machine is the only node: its probe need not wait for Ray
             state.local_probe = preflight.LocalProbe(probe_settings(state), opts.fresh_preflight)
     starting = starts_ray(opts)
     if starting:

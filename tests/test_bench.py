@@ -26,6 +26,8 @@ def test_quick_bench_writes_kernel_and_training_rows(tmp_path, cli_env):
     md = (bench_dir / "bench.md").read_text()
     assert "| sdpa_flash_cpu | 64 |" in md and "flash / standard tokens/s" in md
     assert "partial" not in report
+    # the tables are the command's output too, not only its files
+    assert "| sdpa_flash_cpu | 64 |" in out.stdout and f"wrote {bench_dir}" in out.stdout
 
 
 def test_mfu_is_not_claimed_on_cpu():

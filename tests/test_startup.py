@@ -81,6 +81,33 @@ def test_startup_goals_compare_warm_and_kept_ray_with_cold_and_with_the_floor():
     assert startup.goals(overlapped, warm, {"total": 38.0})["warm_preflight_over_cold"]["value"] == 0.15
 
 
+def test_the_startup_ab_turns_each_mechanism_off_and_keeps_those_that_save_a_second(tmp_path, monkeypatch):
+    from orchestrator.bytecode import BYTECODE_ENV
+    from orchestrator.run import STARTUP_OFF_ENV
+
+    # what each mechanism costs when off, in seconds of command-to-first-step over 20 s
+    cost = {"preload": 0.4, "coordinator": 2.5, "overlap": 0.0, "bytecode": 3.0}
+    runs = []
+
+    def train_once(args, env, output_dir, name, cwd):
+        off = [m for m in cost if m in env.get(STARTUP_OFF_ENV, "").split(",")] + \
+            (["bytecode"] if env.get(BYTECODE_ENV) == "0" else [])
+        fresh = "--fresh-preflight" in args
+        runs.append((name, off, fresh))
+        total = 20.0 + sum(cost[m] for m in off) + (10.0 + 6.0 * ("overlap" in off) if fresh else 0.0)
+        return {"startup_s": {"total": total}}
+
+    monkeypatch.setattr(startup, "train_once", train_once)
+    got = startup.ab(["--max-steps", "2"], {BYTECODE_ENV: str(tmp_path)}, tmp_path, tmp_path, repeats=2)
+    assert [r[1] for r in runs[:5]] == [[], ["bytecode"], ["overlap"], ["preload"], ["coordinator"]]  # one off at a time
+    assert len(runs) == 14 and sum(fresh for *_, fresh in runs) == 4
+    saved = {k: (v["saved_s"], v["keep"]) for k, v in got["saved"].items()}
+    assert saved == {"bytecode (warm)": (3.0, True), "overlap (warm)": (0.0, False), "preload (warm)": (0.4, False),
+                     "coordinator (warm)": (2.5, True), "overlap (probe afresh)": (6.0, True)}
+    assert "preload (warm): 20.4 s off, 20.0 s on: saves 0.4 s (below the bar)" in startup.table(
+        {"floor": {}, "goals": {}, "ab": got})
+
+
 def test_the_bench_gives_its_runs_caches_of_their_own_that_start_empty_and_are_removed(tmp_path, monkeypatch):
     from orchestrator.bytecode import BYTECODE_ENV
     from orchestrator.kept_ray import STATE_DIR_ENV
