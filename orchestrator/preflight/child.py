@@ -130,12 +130,10 @@ def parse_probe(raw: dict, timeout_s: float) -> tuple[Optional[dict], Optional[I
                           "python -m orchestrator.preflight.probe")
         return None, Issue("probe", cause, stderr)
     lines = [l for l in (raw.get("stdout") or "").splitlines() if l.startswith(MARKER)]
-    facts = None
-    if lines:
-        try:
-            facts = json.loads(lines[-1][len(MARKER):])
-        except ValueError:
-            facts = None
+    try:
+        facts = json.loads(lines[-1][len(MARKER):]) if lines else None
+    except ValueError:
+        facts = None
     if not isinstance(facts, dict) or facts.get("schema") != SCHEMA:
         out = tail(raw.get("stdout") or "", 5)
         return None, Issue("probe", Cause("probe_garbage", f"{what} returned no readable facts",

@@ -98,12 +98,6 @@ class LocalProbe:
         return self._raw, None
 
 
-def alive_nodes() -> list[dict]:
-    import ray
-
-    return [n for n in ray.nodes() if n.get("Alive")]
-
-
 def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optional[list[str]] = None,
                   fresh: bool = False, local: Optional[LocalProbe] = None,
                   expect_gpus: Optional[int] = None) -> PreflightReport:
@@ -114,7 +108,7 @@ def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optiona
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = alive_nodes()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
     if not nodes:
         return PreflightReport([], settings, ["the Ray cluster has no alive nodes: nothing can run"])
     if command:

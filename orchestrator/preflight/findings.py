@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from orchestrator.preflight.health import Health
-from orchestrator.preflight.interconnect import InterconnectReport
+from orchestrator.preflight.interconnect import InterconnectReport, text_table
 from orchestrator.preflight.settings import ProbeSettings
 from orchestrator.preflight.rules import Verdict
 from orchestrator import rundir
@@ -51,12 +51,6 @@ class NodeReport:
     def reused(self) -> bool:
         return bool((self.cache or {}).get("reused"))
 
-    def probe_text(self) -> str:
-        """'reused' (the node's cached result) or the probe's seconds."""
-        if self.reused:
-            return "reused"
-        return "-" if self.probe_seconds is None else f"{self.probe_seconds:.1f} s"
-
     def row(self) -> list[str]:
         f = self.facts or {}
         gpus = f.get("gpus") or []
@@ -85,7 +79,8 @@ class NodeReport:
             torch_f.get("cuda") or ("-" if self.facts else "?"), f.get("glibc") or ("-" if self.facts else "?"),
             torch_f.get("version") or ("error" if torch_f.get("error") else "?"),
             ", ".join(f"{d['name']} {d.get('version')}" for d in dists) or ("-" if self.facts else "?"),
-            self.probe_text(), self.health.status if self.health else "-", verdict, reason,
+            "reused" if self.reused else "-" if self.probe_seconds is None else f"{self.probe_seconds:.1f} s",
+            self.health.status if self.health else "-", verdict, reason,
         ]
 
     def smallest_gpu_bytes(self) -> Optional[int]:
@@ -129,10 +124,7 @@ class PreflightReport:
     # ------------------------------------------------------------ for people
 
     def table(self) -> list[str]:
-        rows = [list(COLUMNS)] + [n.row() for n in self.nodes]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = text_table([list(COLUMNS)] + [n.row() for n in self.nodes])
         reused = sum(n.reused for n in self.nodes)
         if reused:
             lines.append(f"preflight: {reused} of {len(self.nodes)} node(s) reused their cached result (nothing it "

@@ -177,20 +177,32 @@ def gather(torch_ok: bool, nvml: Optional[NVML] = None) -> dict:
     return out
 
 
-def main() -> int:
-    """``python -m orchestrator.preflight.health``: the health facts alone, as the probe prints its
-    facts, for a node whose cached probe result is reused (its hardware may have changed since)."""
+def print_facts(gather: Callable[[Callable[[dict], None]], dict]) -> int:
+    """A child's ``main``: the facts ``gather(emit)`` returns, and any it hands ``emit`` sooner,
+    each printed on stdout after MARKER."""
     import sys
 
     from trainer import strict_json
 
-    real_stdout, sys.stdout = sys.stdout, sys.stderr  # whatever the checks print must not mix with the facts
+    real_stdout = sys.stdout
+
+    def emit(facts: dict) -> None:
+        real_stdout.write(MARKER + strict_json.dumps(facts, default=str) + "\n")
+        real_stdout.flush()
+
+    sys.stdout = sys.stderr  # whatever the checks print must not mix with the facts
     try:
-        facts = gather(torch_ok=True)
+        facts = gather(emit)
     finally:
         sys.stdout = real_stdout
-    print(MARKER + strict_json.dumps(facts, default=str), flush=True)
+    emit(facts)
     return 0
+
+
+def main() -> int:
+    """``python -m orchestrator.preflight.health``: the health facts alone, for a node whose cached
+    probe result is reused (its hardware may have changed since)."""
+    return print_facts(lambda emit: gather(torch_ok=True))
 
 
 # ---------------------------------------------------------------- causes (pure)
@@ -261,22 +273,10 @@ def _found(check: str, gpu: Optional[int], code: str, *args) -> Check:
     return Check(check, gpu, "fail" if code in FAILS else "warn", c.summary, c)
 
 
-# The checks of one GPU's readings: one function each, in the table's order. Adding a check: its
-# reading in Pynvml._one (and tests/fake_nvml.py's healthy default), its causes in CAUSES (and
-# FAILS where it leaves the node out), and a function here (docs/preflight.md).
-GPU_CHECKS: list[Callable[[dict], Check]] = []
-
-
-def gpu_check(fn: Callable[[dict], Check]) -> Callable[[dict], Check]:
-    GPU_CHECKS.append(fn)
-    return fn
-
-
 def _skip(check: str, r: dict) -> Check:
     return Check(check, r["index"], "skip", "not supported by this GPU or driver")
 
 
-@gpu_check
 def _ecc(r: dict) -> Check:
     if r.get("ecc_volatile") is None:
         return _skip("ecc", r)
@@ -287,7 +287,6 @@ def _ecc(r: dict) -> Check:
     return Check("ecc", r["index"], "ok", "no uncorrectable ECC errors")
 
 
-@gpu_check
 def _memory(r: dict) -> Check:
     for code in ("remapped_failed", "remapped_pending", "retired_pending"):
         if r.get(code):
@@ -297,7 +296,6 @@ def _memory(r: dict) -> Check:
     return Check("memory", r["index"], "ok", "no rows or pages pending or failed")
 
 
-@gpu_check
 def _throttle(r: dict) -> Check:
     throttle = r.get("throttle")
     if throttle is None:
@@ -309,7 +307,6 @@ def _throttle(r: dict) -> Check:
     return Check("throttle", r["index"], "ok", "no hardware or thermal slowdown")
 
 
-@gpu_check
 def _persistence(r: dict) -> Check:
     if r.get("persistence") is None:
         return _skip("persistence", r)
@@ -317,7 +314,6 @@ def _persistence(r: dict) -> Check:
         else _found("persistence", r["index"], "persistence_off")
 
 
-@gpu_check
 def _pcie(r: dict) -> Check:
     now, top = (r.get("pcie_gen"), r.get("pcie_width")), (r.get("pcie_gen_max"), r.get("pcie_width_max"))
     if None in now or None in top:
@@ -327,11 +323,16 @@ def _pcie(r: dict) -> Check:
     return Check("pcie", r["index"], "ok", f"gen{now[0]} x{now[1]}")
 
 
-@gpu_check
 def _mig(r: dict) -> Check:
     if r.get("mig") is None:
         return _skip("mig", r)
     return _found("mig", r["index"], "mig_on") if r["mig"] else Check("mig", r["index"], "ok", "MIG mode off")
+
+
+# The checks of one GPU's readings, in the table's order. Adding a check: its reading in
+# Pynvml._one (and tests/fake_nvml.py's healthy default), its causes in CAUSES (and FAILS where it
+# leaves the node out), and a function in this list (docs/preflight.md).
+GPU_CHECKS: list[Callable[[dict], Check]] = [_ecc, _memory, _throttle, _persistence, _pcie, _mig]
 
 
 def _canary_checks(section: dict, names: dict[int, str]) -> list[Check]:

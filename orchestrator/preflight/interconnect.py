@@ -78,6 +78,13 @@ class Result:
                 "cause": asdict(self.cause) if self.cause else None, "error": self.error}
 
 
+def text_table(rows: list[list[str]]) -> list[str]:
+    """Aligned columns, with a rule under the first row (the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:]
+
+
 @dataclass
 class InterconnectReport:
     results: list[Result] = field(default_factory=list)
@@ -92,10 +99,7 @@ class InterconnectReport:
             t = f"{r.seconds * 1e3:.1f} ms x {r.bytes / 2**20:g} MiB" if r.seconds is not None else "-"
             rows.append([r.group.name, str(len(r.group.nodes)), r.backend, bw, t,
                          "ok" if r.status == "ok" else f"FAILED [{r.cause.code}] {r.cause.summary}"])
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return lines + [f"  fix ({r.group.name}): {r.cause.hint}" for r in self.failures()]
+        return text_table(rows) + [f"  fix ({r.group.name}): {r.cause.hint}" for r in self.failures()]
 
     def to_json(self) -> list[dict]:
         return [r.to_json() for r in self.results]
@@ -269,13 +273,16 @@ def _ray_runner(nbytes: int, iters: int, fault: Optional[str]) -> Runner:
         peers = [cls.options(num_cpus=0, num_gpus=1 if backend == "nccl" else 0, max_restarts=0,
                              scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
                  for node in group.nodes]
-        where = group.name
+
+        def failed(error: str, text: Optional[str] = None, limit_s: float = timeout_s) -> Result:
+            """A failed check: a rank's error ``text``, else a hang past ``limit_s``."""
+            return Result(group, backend, "failed", nbytes, error=error, cause=classify(
+                text, timed_out=text is None, where=group.name, backend=backend, timeout_s=limit_s))
+
         try:
             ready, _ = ray.wait([peers[0].address.remote()], timeout=STARTUP_MARGIN_S)
             if not ready:
-                return Result(group, backend, "failed", nbytes, cause=classify(
-                    None, timed_out=True, where=where, backend=backend, timeout_s=STARTUP_MARGIN_S),
-                    error="the check's first rank did not start")
+                return failed("the check's first rank did not start", limit_s=STARTUP_MARGIN_S)
             addr, port = ray.get(ready[0])
             refs = [p.all_reduce.remote(i, len(peers), addr, port, backend, nbytes, iters, timeout_s, fault)
                     for i, p in enumerate(peers)]
@@ -289,12 +296,9 @@ def _ray_runner(nbytes: int, iters: int, fault: Optional[str]) -> Runner:
                         ray.get(ref)
                     except Exception as e:  # noqa: BLE001 - the rank's error, classified below
                         text = str(getattr(e, "cause", None) or e)
-                        return Result(group, backend, "failed", nbytes, error=text.strip()[-2000:], cause=classify(
-                            text, timed_out=False, where=where, backend=backend, timeout_s=timeout_s))
+                        return failed(text.strip()[-2000:], text)
             if pending:
-                return Result(group, backend, "failed", nbytes, cause=classify(
-                    None, timed_out=True, where=where, backend=backend, timeout_s=timeout_s),
-                    error=f"{len(pending)} of {len(refs)} rank(s) still inside the all-reduce")
+                return failed(f"{len(pending)} of {len(refs)} rank(s) still inside the all-reduce")
             seconds = max(ray.get(r)["seconds"] for r in refs)
             return Result(group, backend, "ok", nbytes, seconds, bus_bandwidth(nbytes, seconds, len(refs)))
         finally:

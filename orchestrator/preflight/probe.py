@@ -33,9 +33,8 @@ from typing import Callable, Optional
 import psutil
 
 from orchestrator.preflight import health
-from orchestrator.preflight.health import MARKER
+from orchestrator.preflight.health import MARKER, _text
 from orchestrator.preflight.settings import ProbeSettings
-from trainer import strict_json
 from trainer.attention import guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
 from trainer.attention import registry
 from trainer.attention.cache import glibc_version
@@ -130,10 +129,6 @@ def gpu_facts(torch_ok: bool) -> tuple[dict, list[dict]]:
         p = torch.cuda.get_device_properties(i)
         gpus.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}", "memory_bytes": p.total_memory})
     return driver, gpus
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # ---------------------------------------------------------------- flash-attn, without importing it
@@ -307,19 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     settings = build_parser().parse_args(argv)
-    real_stdout = sys.stdout
-
-    def emit(facts: dict) -> None:
-        real_stdout.write(MARKER + strict_json.dumps(facts, default=str) + "\n")
-        real_stdout.flush()
-
-    sys.stdout = sys.stderr  # whatever the checks print must not mix with the facts
-    try:
-        facts = gather(settings, early=emit)
-    finally:
-        sys.stdout = real_stdout
-    emit(facts)
-    return 0
+    return health.print_facts(lambda emit: gather(settings, early=emit))
 
 
 if __name__ == "__main__":

@@ -117,14 +117,13 @@ def crash_cause(what: str, signal_name: Optional[str], timed_out: bool) -> Cause
 def predicted_by_elf(required: dict[str, str], glibc: Optional[str], glibcxx: Optional[str]) -> list[Cause]:
     """What the ELF's version needs predict, before anything is imported."""
     causes = []
-    if glibc and required.get("GLIBC") and elf.version_key(required["GLIBC"]) > elf.version_key(glibc):
-        causes.append(Cause("glibc_too_old",
-                            f"its .so needs GLIBC_{required['GLIBC']}, the node has GLIBC {glibc}",
-                            classify("version `GLIBC_0' not found").hint))
-    if glibcxx and required.get("GLIBCXX") and elf.version_key(required["GLIBCXX"]) > elf.version_key(glibcxx):
-        causes.append(Cause("libstdcxx_too_old",
-                            f"its .so needs GLIBCXX_{required['GLIBCXX']}, the libstdc++ in use has up to "
-                            f"GLIBCXX_{glibcxx}", classify("version `GLIBCXX_0' not found").hint))
+    for family, have, code, has in (("GLIBC", glibc, "glibc_too_old", f"the node has GLIBC {glibc}"),
+                                    ("GLIBCXX", glibcxx, "libstdcxx_too_old",
+                                     f"the libstdc++ in use has up to GLIBCXX_{glibcxx}")):
+        need = required.get(family)
+        if have and need and elf.version_key(need) > elf.version_key(have):
+            causes.append(Cause(code, f"its .so needs {family}_{need}, {has}",
+                                classify(f"version `{family}_0' not found").hint))
     return causes
 
 
@@ -181,11 +180,10 @@ def verdict(facts: dict) -> Verdict:
     fa = facts.get("flash_attn") or {}
     disabled = bool(fa.get("disabled"))
 
-    if facts.get("torch", {}).get("error"):
-        err = facts["torch"]["error"]
-        issues.append(Issue("import torch", classify(err), err))
     torch_facts = facts.get("torch") or {}
-    if facts.get("gpus") and not torch_facts.get("cuda_available") and not torch_facts.get("error"):
+    if torch_facts.get("error"):
+        issues.append(Issue("import torch", classify(torch_facts["error"]), torch_facts["error"]))
+    elif facts.get("gpus") and not torch_facts.get("cuda_available"):
         # NVML sees GPUs that torch cannot use: a driver/runtime mismatch, usually.
         err = torch_facts.get("cuda_error") or f"torch {torch_facts.get('version')} (CUDA {torch_facts.get('cuda')}) " \
             "cannot use this node's GPUs"
@@ -235,8 +233,8 @@ def verdict(facts: dict) -> Verdict:
             return Verdict(True, timed, None, backends, issues, dict(selection.get("timings") or {}))
         return Verdict(True, flash_kernel, None, backends, issues, timing_pending=bool(selection.get("deferred")))
     failed = [f"{n}: {b['reason']}" for n, b in backends.items() if n != "standard"]
-    if facts.get("torch", {}).get("error"):
-        reason = f"torch does not import: {_last_line(facts['torch']['error'])}"
+    if torch_facts.get("error"):
+        reason = f"torch does not import: {_last_line(torch_facts['error'])}"
     elif not failed:
         reason = "no flash kernel was checked"
     else:
