@@ -18,7 +18,6 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.gnuversions import GNUVerDefSection, GNUVerNeedSection
 
 # The version families whose mismatch breaks a flash-attn import.
-FAMILIES = ("GLIBC", "GLIBCXX", "CXXABI")
 _VERSION = re.compile(r"^(GLIBC|GLIBCXX|CXXABI)_(\d+(?:\.\d+)*)$")
 
 
@@ -57,10 +56,8 @@ def _version_names(path: str | Path, section_type: type) -> list[str]:
 
 
 def required_versions(path: str | Path) -> dict[str, str]:
-    """The highest version the library needs per family, e.g. {'GLIBC': '2.32', 'GLIBCXX': '3.4.29'}.
-
-    Raises ValueError when the file is not an ELF shared object.
-    """
+    """The highest version the library needs per family, e.g. {'GLIBC': '2.32', 'GLIBCXX': '3.4.29'};
+    ValueError for a file that is not ELF."""
     return _by_family(_version_names(path, GNUVerNeedSection))
 
 

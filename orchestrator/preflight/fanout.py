@@ -1,10 +1,6 @@
-"""Run the probe on every alive node of the Ray cluster, in parallel, and collect a PreflightReport.
-
-Each probe is a Ray task pinned to its node (hard node affinity) that asks for no CPU, so it
-is scheduled even when training holds every core. The task only starts the child process; the
-driver parses, judges and bounds everything, so no node can hang it. A node whose software has
-not changed since its last probe answers from its cache (trainer/attention/cache.py)
-unless ``fresh`` is set; a ``command`` of its own (tests) is always run.
+"""Run the probe on every alive node of the Ray cluster, in parallel, and collect a PreflightReport
+(docs/preflight.md). The task on each node only starts the child process, or answers from the
+node's cache; the driver parses, judges and bounds everything, so no node can hang it.
 
 The driver's own machine need not wait for Ray: where it is a node of the cluster (a Ray the
 command starts, or a kept one on this host), ``LocalProbe`` runs the same ``probe_or_reuse`` in

@@ -1,15 +1,10 @@
-"""Node health: whether each GPU the node gives the run is fit to train, found before anything trains.
+"""Node health: whether each GPU the node gives the run is fit to train (docs/preflight.md, "Node health").
 
-Long runs die from sick hardware more than from broken installs (uncorrectable ECC errors, rows
-that could not be remapped, a GPU held at a fraction of its clock, silent data corruption). On
-the node, inside the probe, ``gather`` reads each GPU through NVML and runs a GEMM canary on it;
-in the driver, ``judge`` turns those readings into one ok/warn/fail check each, with a cause
-and a fix, and the node's verdict: healthy, degraded (it runs, with a warning) or unhealthy (the
-plan leaves it out unless ``--allow-unhealthy``).
-
-NVML is reached through one seam, ``NVML``: ``Pynvml`` reads the real library; tests name a
-canned one with ``FLASH_ORCH_NVML=module:factory`` in the node's environment (SkyPilot's doctor
-feeds its checks canned outputs the same way), so every cause is exercised without a GPU.
+Long runs die from sick hardware more than from broken installs. On the node, inside the probe,
+``gather`` reads each GPU through NVML and runs a GEMM canary on it; in the driver, ``judge``
+turns those readings into checks and the node's verdict. NVML is reached through one seam,
+``NVML``: ``Pynvml`` reads the real library; tests name a canned one with
+``FLASH_ORCH_NVML=module:factory`` in the node's environment, so every cause is exercised without a GPU.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
-"""Interconnect preflight: a short all-reduce across the devices the plan will use, before training.
-
-What users otherwise find minutes into a run as a hang (a firewall between nodes, NCCL picking
-an interface the nodes do not share, a container's tiny /dev/shm) shows up here in seconds,
-classified with a fix hint and named by node or pair. Within each node, all the ranks the plan
-puts there at once; across nodes, one rank on each node of every pair the plan spans. NCCL on
-GPU workers, gloo on CPU workers (so the whole path runs on a laptop).
-
-Pure parts (``groups``, ``classify``, ``bus_bandwidth``) are unit-tested; ``run_checks`` is the
-Ray edge: one actor per rank, pinned to its node, asking for the GPU its worker will use.
-
-Fault injection for tests: ``FLASH_ORCH_INTERCONNECT_FAULT=hang|error`` in the driver's
-environment makes the last rank of every check hang past the timeout, or fail with an NCCL
-system error, so the classification is exercised end to end.
+"""Interconnect preflight: a short all-reduce across the devices the plan will use, before training
+(docs/clusters.md, "Interconnect check"). What users otherwise find minutes into a run as a hang (a
+firewall between nodes, NCCL picking an interface the nodes do not share, a container's tiny
+/dev/shm) shows up here in seconds, with its cause and fix. gloo on CPU workers, so the whole path
+runs on a laptop. ``run_checks`` is the Ray edge: one actor per rank, pinned to its node, asking
+for the GPU its worker will use; the rest is pure.
 """
 
 from __future__ import annotations

@@ -10,9 +10,6 @@ Where kernels that passed are then timed at the run's shape (seconds of compiles
 facts are printed twice: first before the timing, with ``kernel_selection`` ``{"deferred": true}``,
 then complete. The last line is the result; a reader that needs only the verdict (the plan) may
 go on at the first (``child.run_probe``'s ``on_facts``), while the timing finishes beside it.
-
-With ``--disable-flash-attn`` flash-attn is never imported here: its metadata and ELF are read,
-and the import guard is installed, as in every other process of such a run.
 """
 
 from __future__ import annotations
