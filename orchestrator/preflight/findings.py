@@ -66,9 +66,8 @@ class NodeReport:
             kernel = "standard: timed fastest" if v.flash_kernel == "standard" else v.flash_kernel
             verdict = ("flash (kernels timed while workers start)" if v.timing_pending else
                        f"flash ({kernel}, {timed:.3g} ms)" if timed else f"flash ({kernel})")
-            reason = ", ".join(sorted({i.cause.code for i in v.issues})) or "-"
-            if reason != "-":
-                reason = f"issues logged: {reason}"
+            codes = ", ".join(sorted({i.cause.code for i in v.issues}))
+            reason = f"issues logged: {codes}" if codes else "-"
         else:
             verdict, reason = "standard", v.reason or "-"
         if len(reason) > _REASON_WIDTH:

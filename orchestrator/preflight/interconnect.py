@@ -239,14 +239,13 @@ class _Peer:
                 raise RuntimeError(f"wrong all-reduce result {x[0].item()} (expected {world * (world + 1) / 2})")
             buf = torch.ones(nbytes // 4, device=device)
             dist.all_reduce(buf)
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
             times = []
             for _ in range(iters):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 dist.all_reduce(buf)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 times.append(time.perf_counter() - t0)
             return {"seconds": statistics.median(times)}
         finally:

@@ -95,8 +95,7 @@ def first_match(patterns: list[tuple[re.Pattern, str, str, str]], text: str) -> 
     for pattern, code, summary, hint in patterns:
         m = pattern.search(text)
         if m:
-            groups = [g for g in m.groups() if g] if m.groups() else []
-            return Cause(code, summary.format(*(groups or [m.group(0)])), hint)
+            return Cause(code, summary.format(*([g for g in m.groups() if g] or [m.group(0)])), hint)
     return None
 
 
