@@ -117,7 +117,7 @@ def parse_probe(raw: dict, timeout_s: float) -> tuple[Optional[dict], Optional[I
     if raw.get("timed_out"):
         return None, Issue("probe", crash_cause(f"{what} ({timeout_s:g} s timeout)", None, True), tail(raw.get("stderr") or ""))
     rc = raw.get("returncode")
-    if rc is None or rc != 0:
+    if rc != 0:  # None too: the probe did not start
         stderr = tail(raw.get("stderr") or "")
         if rc is not None and rc < 0:
             cause = crash_cause(what, signal.Signals(-rc).name, False)

@@ -115,13 +115,9 @@ def run_preflight(settings: ProbeSettings = ProbeSettings(), *, command: Optiona
     if here is not None and not any(n["NodeID"] == here for n in nodes):
         log.warning("preflight: the driver's node is not among the cluster's alive nodes; probing by task only")
         here = None
-    refs = {}
-    for n in nodes:
-        if n["NodeID"] == here:
-            continue
-        refs[task.options(num_cpus=0, max_retries=0, name=f"preflight-probe-{n['NodeID'][:8]}",
-                          scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-                          ).remote(*args)] = n
+    refs = {task.options(num_cpus=0, max_retries=0, name=f"preflight-probe-{n['NodeID'][:8]}",
+                         scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(*args): n
+            for n in nodes if n["NodeID"] != here}
     log.info("preflight: probing %d node(s)", len(nodes))
     deadline = time.monotonic() + settings.timeout_s + SCHEDULING_MARGIN_S
     pending = list(refs)
