@@ -40,8 +40,7 @@ def compile_blocks(model: Transformer) -> None:
     """
     # Under DDP, dynamo's DDPOptimizer would split each compiled block at bucket boundaries
     # (3 graphs per block of the 0.95B config); a block is already the unit of overlap here.
-    # 2x H200, 0.95B, 2 workers: 152,364 tok/s without the split vs 149,771 with it (two
-    # machines of the same kind, not one: docs/BENCHMARKS.md, 2026-11-28).
+    # Measured: docs/benchmarks-log/2026-11.md (2026-11-28).
     torch._dynamo.config.optimize_ddp = False
     compile_cache.enable()  # before the first compile: a later run of the same shapes reuses it
     for block in model.layers:
