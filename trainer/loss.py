@@ -9,8 +9,8 @@
   exist at a time, so the memory freed allows a larger micro-batch.
 - ``liger``: liger-kernel's ``LigerFusedLinearCrossEntropyLoss`` (Triton, CUDA only), the same
   idea with fused kernels.
-- ``auto``: liger where it imports on this worker's CUDA device, else standard (``resolve``).
-  (measured: docs/performance.md).
+- ``auto``: liger where it imports on this worker's CUDA device, else standard (``resolve``;
+  measured: docs/performance.md).
 
 Both fused ways return no logits (the training step never reads them). The matmuls run in the
 autocast dtype, like the standard head under autocast, and the softmax in fp32.
