@@ -78,7 +78,6 @@ class DDP(Strategy):
 
         if rank != 0:
             return None, None
-        # fp32 masters where the weights are bf16
         return {"model": master_weights.model_state(model, optimizer), "optimizer": optimizer.state_dict()}, None
 
     def load(self, path, state, *, model, raw_model, optimizer):
