@@ -133,10 +133,9 @@ class CorruptCheckpoint(RuntimeError):
 class DiskFull(OSError):
     """No space left for a checkpoint: deterministic, so the run stops instead of retrying."""
 
-    def __init__(self, path: Path, needed: int, free: int | None = None):
-        free_txt = f", {_mb(free)} free" if free is not None else ""
+    def __init__(self, path: Path, needed: int, free: int):
         super().__init__(errno.ENOSPC, f"no space left on device: checkpoint {path} needs about "
-                                       f"{_mb(needed)}{free_txt}; free space there, or lower "
+                                       f"{_mb(needed)}, {_mb(free)} free; free space there, or lower "
                                        f"scaling.keep_checkpoints / raise train.checkpoint_every")
 
 

@@ -250,8 +250,7 @@ def choice(path: Path) -> tuple[Optional[str], dict]:
 
 
 def store_choice(path: Path, kernel: str, timings: dict[str, float]) -> None:
-    """Keep the kernels' timed choice beside the probe result (written atomically: concurrent
-    workers on one node never read half a file)."""
+    """Keep the kernels' timed choice beside the probe result."""
     _update(path, choice={"kernel": kernel, "timings": timings})
 
 

@@ -174,9 +174,9 @@ def choose(requested: str, shape: AttentionShape, device: torch.device, *, flash
     if requested not in IMPLS:
         raise ValueError(f"unknown attention {requested!r}; expected one of {', '.join(IMPLS)}")
     dtype = torch.bfloat16 if shape.precision(device.type) == "bf16" else torch.float32
+    looked_up = looked_up or (lambda: None)
     if requested == "standard":
-        if looked_up is not None:
-            looked_up()
+        looked_up()
         return Resolved(requested, "standard", standard_attention,
                         verdict={"reused": False, "why_not": "standard attention needs no verdict"})
     path = None
@@ -186,8 +186,7 @@ def choose(requested: str, shape: AttentionShape, device: torch.device, *, flash
         except Exception as e:  # the key is an optimisation: failing to compute it means choosing afresh
             log.warning("no attention cache on this node: %s: %s", type(e).__name__, e)
     kernel, timings, verdict = _verdict(path) if reuse_verdict else (None, {}, {})
-    if looked_up is not None:
-        looked_up()
+    looked_up()
     wrong = None
     if kernel is not None:
         reused, verdict, wrong = _reuse(kernel, timings, verdict, path, shape, device, dtype)
