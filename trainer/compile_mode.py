@@ -35,9 +35,8 @@ def replays(mode: str, *, compiled: bool, device_type: str) -> bool:
 
 def whole_model(mode: str, strategy: str) -> bool:
     """Whether a run compiles the whole model as one graph rather than each block on its own
-    (``trainer.parallelize.compile_whole``): under ``mode`` reduce-overhead, where the model is
-    replicated (one worker, or DDP): ``strategy`` says (``trainer/parallel/``). FSDP's hooks sit
-    between the blocks, so it compiles them one by one (and refuses CUDA graphs on a GPU)."""
+    (``trainer.parallelize.compile_whole``): under ``mode`` reduce-overhead, where ``strategy``
+    allows it (``Strategy.compiles_whole``: DDP or one worker, not FSDP)."""
     return uses_cudagraphs(mode) and parallel.get(strategy).compiles_whole()
 
 
