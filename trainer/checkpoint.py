@@ -335,7 +335,7 @@ def prune_unregistered(storage: Store | str | Path) -> None:
         if name in known:
             continue
         try:
-            keep = name > latest and verifies(store.local(name))
+            keep = name >= latest and verifies(store.local(name))
         except OSError:  # the copy out of a bucket failed
             keep = False
         if not keep:
