@@ -31,6 +31,7 @@ import json
 import logging
 import random
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -69,10 +70,7 @@ class Store:
 
     def names(self) -> list[str]:
         """``checkpoint_<step>`` names, newest first."""
-        if self.remote:
-            found = location.subdirs(self.where)
-        else:
-            found = [p.name for p in Path(self.where).glob("checkpoint_*") if p.is_dir()] if Path(self.where).is_dir() else []
+        found = location.subdirs(self.where) if self.remote else [p.name for p in checkpoint_dirs(Path(self.where))]
         return sorted((n for n in found if n.startswith("checkpoint_") and n[11:].isdigit()), reverse=True)
 
     def local(self, name: str) -> Path:
@@ -118,8 +116,6 @@ def as_store(storage: "Store | str | Path") -> Store:
 def wait_until_registered(storage: Store | str | Path, checkpoint_dir_name: str, timeout_s: float = 60.0) -> bool:
     """Wait until Ray's controller has committed ``checkpoint_dir_name`` (it does so on its
     next poll after the report); used to make injected faults deterministic."""
-    import time
-
     store = as_store(storage)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -137,10 +133,9 @@ class CorruptCheckpoint(RuntimeError):
 class DiskFull(OSError):
     """No space left for a checkpoint: deterministic, so the run stops instead of retrying."""
 
-    def __init__(self, path: Path, needed: int, free: int | None = None):
-        free_txt = f", {_mb(free)} free" if free is not None else ""
+    def __init__(self, path: Path, needed: int, free: int):
         super().__init__(errno.ENOSPC, f"no space left on device: checkpoint {path} needs about "
-                                       f"{_mb(needed)}{free_txt}; free space there, or lower "
+                                       f"{_mb(needed)}, {_mb(free)} free; free space there, or lower "
                                        f"scaling.keep_checkpoints / raise train.checkpoint_every")
 
 
@@ -339,15 +334,12 @@ def prune_unregistered(storage: Store | str | Path) -> None:
     for name in store.names():
         if name in known:
             continue
-        if name < latest or not _verifies(store, name):
+        try:
+            keep = name >= latest and verifies(store.local(name))
+        except OSError:  # the copy out of a bucket failed
+            keep = False
+        if not keep:
             store.remove(name)
-
-
-def _verifies(store: Store, name: str) -> bool:
-    try:
-        return verifies(store.local(name))
-    except OSError:  # the copy out of a bucket failed
-        return False
 
 
 def verifies(path: Path) -> bool:
@@ -398,8 +390,8 @@ def drop_unusable(storage: Store | str | Path) -> list[str]:
     latest = snap.get("latest_checkpoint_result") or {}
     if latest.get("checkpoint_dir_name") in names:
         snap["latest_checkpoint_result"] = snap["checkpoint_results"][-1] if snap["checkpoint_results"] else None
-    for key in ("pending_training_results",):
-        snap[key] = [r for r in snap.get(key, []) if r.get("checkpoint_dir_name") not in names]
+    snap["pending_training_results"] = [r for r in snap.get("pending_training_results", [])
+                                        if r.get("checkpoint_dir_name") not in names]
     store.write_snapshot(snap)
     lines = []
     for name, why in bad:
@@ -433,10 +425,9 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
     """Load a DCP checkpoint into a sharded model and its optimizer (collective; reshards when
     the checkpoint was written by a different number of workers)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optimizer": optim_sd}
+    sd = sharded_state(model, optimizer)
     dcp.load(sd, storage_reader=safe_load.Reader(str(directory / DCP_DIR)), planner=safe_load.Planner())
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
 

@@ -6,13 +6,8 @@ for the process before that step. The default modes compile each transformer blo
 (``compile_blocks``); ``reduce-overhead`` compiles the whole model, embedding to loss, as one
 graph (``compile_whole``) and replays it as CUDA graphs.
 
-Why the whole model under graphs, measured (one H200, 2026-11-29, ``configs/llama-small-gpu.yaml``,
-four kernels' models in one process, timed in turn; docs/BENCHMARKS.md): with the blocks as
-graphs a step took 11.6-12.4 ms whatever the kernel, while the GPU was busy 6.3-9.2 ms of it; the
-rest (embedding, head and loss, dynamo's guards on 16 block calls) waited on the CPU, and slots
-of the same kernel spread by up to 23%. With the whole model as one graph a step took 6.1 ms
-(cuDNN) and 6.7 ms (SDPA flash), each within 1.5% over eight slots: twice the speed, and the
-kernels ranked by their own cost.
+Why the whole model under graphs: with only the blocks as graphs, the embedding, head, loss and
+dynamo's guards on every block call still wait on the CPU (measured: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -40,9 +35,8 @@ def replays(mode: str, *, compiled: bool, device_type: str) -> bool:
 
 def whole_model(mode: str, strategy: str) -> bool:
     """Whether a run compiles the whole model as one graph rather than each block on its own
-    (``trainer.parallelize.compile_whole``): under ``mode`` reduce-overhead, where the model is
-    replicated (one worker, or DDP): ``strategy`` says (``trainer/parallel/``). FSDP's hooks sit
-    between the blocks, so it compiles them one by one (and refuses CUDA graphs on a GPU)."""
+    (``trainer.parallelize.compile_whole``): under ``mode`` reduce-overhead, where ``strategy``
+    allows it (``Strategy.compiles_whole``: DDP or one worker, not FSDP)."""
     return uses_cudagraphs(mode) and parallel.get(strategy).compiles_whole()
 
 

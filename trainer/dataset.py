@@ -116,17 +116,16 @@ class BatchSampler:
     Windows are the non-overlapping ``seq_len + 1`` token spans of the data; each epoch visits
     them in a fresh permutation seeded by (seed, epoch). One optimizer step consumes
     ``micro_batch * grad_accum * world_size`` windows, so the data position is the step.
-    ``offset`` shifts it, for a run resumed by a different number of workers than wrote the
-    checkpoint: it continues at the exact window the old run stopped at.
+    ``offset`` (``continue_from``) shifts it, for a run resumed by a different number of workers
+    than wrote the checkpoint: it continues at the exact window the old run stopped at.
     """
 
-    def __init__(self, *, seed: int, n_windows: int, micro_batch: int, grad_accum: int, world_size: int,
-                 offset: int = 0):
+    def __init__(self, *, seed: int, n_windows: int, micro_batch: int, grad_accum: int, world_size: int):
         if n_windows <= 0:
             raise DataError("the data holds no full window")
         self.seed, self.n_windows = seed, n_windows
         self.micro_batch, self.grad_accum, self.world_size = micro_batch, grad_accum, world_size
-        self.offset = offset
+        self.offset = 0
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     @property

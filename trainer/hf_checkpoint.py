@@ -96,14 +96,10 @@ def model_fields(path: Path) -> dict:
         raise NotLlama(f"{path / CONFIG_FILE}: {e}") from None
     shapes = tensor_shapes(path)
     try:
-        hf_convert.check_hf_shapes(shapes, _args(fields))
+        hf_convert.check_hf_shapes(shapes, ModelArgs(max_seq_len=1, **fields))
     except NotLlama as e:
         raise NotLlama(f"{path}: {e}") from None
     return fields
-
-
-def _args(fields: dict, max_seq_len: int = 1) -> ModelArgs:
-    return ModelArgs(max_seq_len=max_seq_len, **fields)
 
 
 def load_state_dict(path: str | Path, args: ModelArgs) -> dict[str, torch.Tensor]:

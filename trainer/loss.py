@@ -9,9 +9,8 @@
   exist at a time, so the memory freed allows a larger micro-batch.
 - ``liger``: liger-kernel's ``LigerFusedLinearCrossEntropyLoss`` (Triton, CUDA only), the same
   idea with fused kernels.
-- ``auto``: liger where it imports on this worker's CUDA device, else standard (``resolve``).
-  Measured on one H100 (2026-12-07, ~0.95B, seq 4096): liger with micro-batch 12 ran at
-  89,223 tok/s (62.6% MFU) against 79,075 (55.5%) for standard with micro-batch 4 (issue 37).
+- ``auto``: liger where it imports on this worker's CUDA device, else standard (``resolve``;
+  measured: docs/performance.md).
 
 Both fused ways return no logits (the training step never reads them). The matmuls run in the
 autocast dtype, like the standard head under autocast, and the softmax in fp32.

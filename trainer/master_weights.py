@@ -15,10 +15,7 @@ copies that bf16 weights need (the bf16 recipe of Megatron-LM and DeepSpeed).
   masters and ``param_dtype`` is what it gathers. So ``auto`` is bf16 there when the run computes
   in bf16, and fp32 makes FSDP gather fp32 weights for autocast to cast.
 
-Measured (two H200s, 2026-11-28, ~0.95B config, ``bench/ddp/candidates.py``): bf16 weights with
-fp32 masters scaled DDP to 1.903-1.922x their own one GPU, against 1.86-1.87x with fp32
-gradients; on one GPU they were 1.2% faster than autocast over fp32 weights (docs/BENCHMARKS.md).
-The residual stream is then bf16, as it is under fsdp.
+The residual stream is then bf16, as it is under fsdp (measurements: docs/performance.md).
 
 Which dtype a run uses is decided in ``trainer.parallel`` (``weights_dtype``) and ``trainer.config``
 (``param_dtype_refusal``), without torch, where the driver plans; this module is the worker's side.

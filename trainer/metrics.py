@@ -20,33 +20,29 @@ def append_attempt(out_dir: Path, record: dict) -> None:
         f.write(strict_json.dumps(record) + "\n")
 
 
-def read_attempts(out_dir: Path) -> list[dict]:
-    """The worker-group starts recorded in ``out_dir`` (lines with ``start_step``; the lines
-    between them say why a group failed), oldest first; a line cut short by a crash is skipped."""
-    starts = []
-    path = out_dir / ATTEMPTS_FILE
+def _json_lines(path: Path) -> list[dict]:
+    """The JSON objects of a file of one a line (none when it is missing); a line cut short by a
+    crash is skipped."""
+    records = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and "start_step" in rec:
-            starts.append(rec)
-    return starts
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def read_attempts(out_dir: Path) -> list[dict]:
+    """The worker-group starts recorded in ``out_dir`` (lines with ``start_step``; the lines
+    between them say why a group failed), oldest first."""
+    return [rec for rec in _json_lines(out_dir / ATTEMPTS_FILE) if "start_step" in rec]
 
 
 def read_metrics(path: Path) -> list[dict]:
     """Records from a metrics file, the last one per step winning (a resumed run rewrites steps)."""
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a crash
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-            by_step[rec["step"]] = rec
+    by_step = {rec["step"]: rec for rec in _json_lines(path) if isinstance(rec.get("step"), int)}
     return [by_step[s] for s in sorted(by_step)]
 
 

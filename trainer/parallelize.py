@@ -1,22 +1,15 @@
 """The model's build that every parallelism (``trainer/parallel/``: DDP replicates the model,
 FSDP2 shards each block) shares. The model file knows nothing of this, as in
 torchtitan's ``parallelize_llama``: ``torch.compile`` per block, then ``fully_shard`` per block
-and on the root, in that order. Activation checkpointing is the model's own
-(``train.activation_checkpointing``: each checkpointed block, every block or every Nth,
-recomputes itself in ``Block.forward``, so the recompute sits inside the compiled block and
-FSDP's hooks outside it).
+and on the root, in that order. Activation checkpointing is the model's own (``Block.forward``),
+so the recompute sits inside the compiled block and FSDP's hooks outside it.
 
-Both strategies build the model on the meta device (no memory, no init), materialise it on the
-worker's device (``to_empty``) and then replay the model's own init (``Transformer.draw_init``,
-in ``named_parameters()`` order) with a generator on that device seeded with ``seed``: on a GPU
-every weight is drawn by the GPU, none on the CPU. DDP draws straight into its parameters;
-FSDP (sharded first) draws each full parameter, one at a time, keeps its slice and frees the
-rest, so no process holds more than one full parameter besides its shards (the largest, the 8B
-model's embedding, is 2 GB in fp32). Hence for the same seed and device the two strategies start
-from the same weights, bit for bit, on any number of workers; on the CPU those are the weights
-of ``Transformer(args)`` under ``torch.manual_seed(seed)``. (A CUDA generator's numbers depend
-on the GPU model, its count of multiprocessors included: the same seed gives the same weights on
-the same kind of GPU, other weights on another kind or on the CPU.)
+Both strategies build the model on the meta device, materialise it on the worker's device
+(``to_empty``) and replay the model's own init there (``init_replayed``): on a GPU no weight is
+drawn on the CPU, and FSDP holds no more than one full parameter besides its shards (the 8B
+model's embedding, 2 GB in fp32). So for the same seed and kind of device the two strategies
+start from the same weights, bit for bit, on any number of workers (docs/performance.md). (A
+CUDA generator's numbers depend on the GPU model, its count of multiprocessors included.)
 """
 
 from __future__ import annotations
@@ -40,8 +33,7 @@ def compile_blocks(model: Transformer) -> None:
     """
     # Under DDP, dynamo's DDPOptimizer would split each compiled block at bucket boundaries
     # (3 graphs per block of the 0.95B config); a block is already the unit of overlap here.
-    # 2x H200, 0.95B, 2 workers: 152,364 tok/s without the split vs 149,771 with it (two
-    # machines of the same kind, not one: docs/BENCHMARKS.md, 2026-11-28).
+    # Measured: docs/benchmarks-log/2026-11.md (2026-11-28).
     torch._dynamo.config.optimize_ddp = False
     compile_cache.enable()  # before the first compile: a later run of the same shapes reuses it
     for block in model.layers:

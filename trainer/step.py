@@ -21,10 +21,6 @@ def training_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if tc.precision(device.type) == "bf16" else torch.float32
 
 
-def compile_enabled(tc: TrainConfig, device: torch.device) -> bool:
-    return tc.compiles(device.type)
-
-
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     # Contiguous first: a batch is a strided view (inputs and targets share their rows), pinning
     # keeps the strides, and a strided source is copied again, into pageable memory, for the transfer.

@@ -84,9 +84,8 @@ def time_steps(fn: Callable[[], object], device: torch.device, *, warmup: int, i
     per group of calls, about ``group_s`` of work each. The first call sizes the groups; calls
     left over after the last whole group run untimed, so ``fn`` runs exactly warmup + iters
     times. ``time_runs`` waits after every call, which adds the host's time to launch the next
-    one to every short step: on configs/llama-small-gpu.yaml's 6-7 ms steps (one H200,
-    2026-11-29) runs of the same kernel differed by up to 9%. A call longer than ``group_s`` is
-    a group of one, timed as ``time_runs`` times it."""
+    one to every short step (docs/performance.md). A call longer than ``group_s`` is a group of
+    one, timed as ``time_runs`` times it."""
     for _ in range(warmup):
         fn()
     synchronize(device)

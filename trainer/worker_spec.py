@@ -12,8 +12,6 @@ from trainer.config import ModelConfig, TrainConfig
 
 
 class WorkerSpec(BaseModel):
-    """What the driver hands every worker of one variant."""
-
     model_config = ConfigDict(extra="forbid")
     variant: str
     model: ModelConfig

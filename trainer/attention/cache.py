@@ -1,16 +1,13 @@
 """The per-node attention cache: one JSON file per node and attention shape, reused while
-nothing it depends on has changed.
+nothing it depends on has changed (docs/preflight.md, "Reuse").
 
 The probe imports torch and every flash-attn build in child processes and runs each kernel:
 seconds to tens of seconds per node, for facts that change only when the node's software does.
-So each node keeps, under a key of what they depend on (``node_key``), its last good probe
-result and verdict (``raw``, ``verdict``: written by the preflight) and the kernels' timed
-choice (``choice``: written by whoever timed them, the probe or a worker). The key holds the
-NVIDIA driver and GPUs, the Python and torch installs, GLIBC and libstdc++, the backends'
-distributions and their files (names, sizes, mtimes), the probe's and this package's code, the
-attention shape and the disable switch. It is read from metadata and ``stat`` alone (no torch,
-no flash-attn import), so computing it costs milliseconds; any change gives a new key. A worker
-whose reused kernel fails marks the entry stale (``mark_stale``), so the next run probes again.
+So each node keeps, under a key of what they depend on (``node_key``: read from metadata and
+``stat`` alone, no torch import), its last good probe result and verdict (``raw``, ``verdict``:
+written by the preflight) and the kernels' timed choice (``choice``: written by whoever timed
+them, the probe or a worker). A worker whose reused kernel fails marks the entry stale
+(``mark_stale``), so the next run probes again.
 
 One JSON file per key under ``<cache dir>/<hostname>/``: per node even where home directories
 are shared over NFS. Writes go to a temp file renamed into place, so concurrent runs on a node
@@ -253,8 +250,7 @@ def choice(path: Path) -> tuple[Optional[str], dict]:
 
 
 def store_choice(path: Path, kernel: str, timings: dict[str, float]) -> None:
-    """Keep the kernels' timed choice beside the probe result (written atomically: concurrent
-    workers on one node never read half a file)."""
+    """Keep the kernels' timed choice beside the probe result."""
     _update(path, choice={"kernel": kernel, "timings": timings})
 
 

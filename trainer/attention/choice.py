@@ -157,8 +157,8 @@ def fastest_here(passed: dict[str, AttnFn], shape: AttentionShape, device: torch
 
 def choose(requested: str, shape: AttentionShape, device: torch.device, *, flash_attn_allowed: bool = True,
            skip: Optional[Mapping[str, str]] = None, reuse_verdict: bool = True, time_kernels: bool = True,
-           log_dir: Optional[Path] = None, cache_path: Optional[Path] = None, timer: Optional[timing.Timer] = None,
-           budget_s: Optional[float] = None, before_timing: Optional[Callable[[dict], None]] = None,
+           log_dir: Optional[Path] = None, timer: Optional[timing.Timer] = None, budget_s: Optional[float] = None,
+           before_timing: Optional[Callable[[dict], None]] = None,
            looked_up: Optional[Callable[[], None]] = None) -> Resolved:
     """The kernel for ``requested`` ('flash' or 'standard') on this device at ``shape``.
 
@@ -168,26 +168,25 @@ def choose(requested: str, shape: AttentionShape, device: torch.device, *, flash
     ``skip``: kernel -> why it is not checked (the probe: imports that failed). ``log_dir``
     holds the run's flash_attention_log.txt. ``looked_up()`` is called once the verdict is
     looked up (after any wait for this node's preflight to finish timing), before any kernel
-    runs here; ``before_timing(checks)`` just before a timing starts. 'flash' falls back to 'standard' when no fused kernel passes; the reasons land
-    in ``rejected``.
+    runs here; ``before_timing(checks)`` just before a timing starts. 'flash' falls back to
+    'standard' when no fused kernel passes; the reasons land in ``rejected``.
     """
     if requested not in IMPLS:
         raise ValueError(f"unknown attention {requested!r}; expected one of {', '.join(IMPLS)}")
     dtype = torch.bfloat16 if shape.precision(device.type) == "bf16" else torch.float32
+    looked_up = looked_up or (lambda: None)
     if requested == "standard":
-        if looked_up is not None:
-            looked_up()
+        looked_up()
         return Resolved(requested, "standard", standard_attention,
                         verdict={"reused": False, "why_not": "standard attention needs no verdict"})
-    path = cache_path
-    if path is None and (reuse_verdict or time_kernels):
+    path = None
+    if reuse_verdict or time_kernels:
         try:
             path = cache.path_for(shape, not flash_attn_allowed)
         except Exception as e:  # the key is an optimisation: failing to compute it means choosing afresh
             log.warning("no attention cache on this node: %s: %s", type(e).__name__, e)
     kernel, timings, verdict = _verdict(path) if reuse_verdict else (None, {}, {})
-    if looked_up is not None:
-        looked_up()
+    looked_up()
     wrong = None
     if kernel is not None:
         reused, verdict, wrong = _reuse(kernel, timings, verdict, path, shape, device, dtype)

@@ -37,8 +37,7 @@ def register(name: str, fwd: FwdFn, bwd: BwdFn) -> AttnFn:
 
     @torch.library.custom_op(f"{NAMESPACE}::{name}_fwd", mutates_args=())
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = fwd(q, k, v, softmax_scale)
-        return out, lse
+        return fwd(q, k, v, softmax_scale)
 
     @forward.register_fake
     def _(q, k, v, softmax_scale):
@@ -48,8 +47,7 @@ def register(name: str, fwd: FwdFn, bwd: BwdFn) -> AttnFn:
     @torch.library.custom_op(f"{NAMESPACE}::{name}_bwd", mutates_args=())
     def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dq, dk, dv = bwd(dout, q, k, v, out, lse, softmax_scale)
-        return dq, dk, dv
+        return bwd(dout, q, k, v, out, lse, softmax_scale)
 
     @backward.register_fake
     def _(dout, q, k, v, out, lse, softmax_scale):
@@ -63,8 +61,7 @@ def register(name: str, fwd: FwdFn, bwd: BwdFn) -> AttnFn:
 
     def grad(ctx, dout, _dlse):  # the lse is an internal output: no gradient flows into it
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(dout.contiguous(), q, k, v, out, lse, ctx.softmax_scale)
-        return dq, dk, dv, None
+        return (*backward(dout.contiguous(), q, k, v, out, lse, ctx.softmax_scale), None)
 
     forward.register_autograd(grad, setup_context=setup_context)
 

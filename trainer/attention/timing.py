@@ -78,18 +78,14 @@ def fastest(candidates: dict[str, AttnFn], timer: Timer, *, budget_s: Optional[f
     return sel
 
 
-def runner_up(kernel: str, timings: dict[str, float]) -> Optional[str]:
-    others = {k: ms for k, ms in timings.items() if k != kernel}
-    return min(others, key=others.get) if others else None
-
-
 def describe(kernel: str, timings: dict[str, float]) -> str:
     """'kernel X (Y ms/iter), runner-up Z (W ms)', or just the kernel when nothing was timed."""
     if kernel not in timings:
         return f"kernel {kernel}"
     what = "standard attention, timed fastest" if kernel == "standard" else f"kernel {kernel}"
     text = f"{what} ({timings[kernel]:.3g} ms/iter)"
-    second = runner_up(kernel, timings)
+    others = {k: ms for k, ms in timings.items() if k != kernel}
+    second = min(others, key=others.get) if others else None
     return text + (f", runner-up {second} ({timings[second]:.3g} ms)" if second else "")
 
 

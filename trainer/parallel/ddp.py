@@ -66,8 +66,7 @@ class DDP(Strategy):
 
         # Gradients are all-reduced in fp32, overlapped with the backward pass. A bf16 compression
         # hook halves the bytes but adds a cast before and after every bucket on the compute
-        # stream; over NVLink that cost more than it saved (2x H200, 0.95B, 2 workers: 153,692
-        # tok/s in fp32 vs 149,771 with the hook, on two machines of the same kind, not one).
+        # stream; over NVLink that cost more than it saved (docs/benchmarks-log/2026-11.md).
         on_gpu = {"device_ids": [device], "output_device": device} if device.type == "cuda" else {}
         return nn.parallel.DistributedDataParallel(model, **on_gpu, **options())
 
@@ -79,7 +78,6 @@ class DDP(Strategy):
 
         if rank != 0:
             return None, None
-        # fp32 masters where the weights are bf16
         return {"model": master_weights.model_state(model, optimizer), "optimizer": optimizer.state_dict()}, None
 
     def load(self, path, state, *, model, raw_model, optimizer):

@@ -94,7 +94,6 @@ class FSDP(Strategy):
 
         check_shardable(args, world_size)
         model = parallelize.on_meta(args, attn_fn, device=device, float8=float8)
-        # Activation checkpointing is the model's own (per block, args.activation_checkpointing).
         if compile:
             parallelize.compile_blocks(model)
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
