@@ -17,6 +17,10 @@ IMPORT_ERRORS = {
     "torch_abi_mismatch": f"ImportError: {SO}: undefined symbol: "
                           "_ZN3c105ErrorC2ENS_14SourceLocationENSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEE",
     "cuda_runtime_mismatch": "ImportError: libcudart.so.12: cannot open shared object file: No such file or directory",
+    # flash-attn-4 installed without its CUDA toolkit libraries (seen on an H100, 2026-12-07)
+    "cutlass_dsl_no_toolkit": "RuntimeError: No CTK flavor installed: expected one or more of /site/nvidia_cutlass_dsl/"
+                              "dsl_packages/cutlass/_mlir/_mlir_libs/_cutlass_ir.cu{N}.cpython-...so . Try `pip install "
+                              "nvidia-cutlass-dsl` (cu12 default) or `pip install 'nvidia-cutlass-dsl[cu13]'`.",
     "driver_too_old": "RuntimeError: CUDA driver version is insufficient for CUDA runtime version",
 }
 RUN_ERRORS = {

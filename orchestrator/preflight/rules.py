@@ -46,6 +46,10 @@ _PATTERNS: list[tuple[re.Pattern, str, str, str]] = [
                 r"cannot open shared object file"), "cuda_runtime_mismatch",
      "{0} is missing: flash-attn was built for another CUDA version than this node has",
      "install the flash-attn wheel for torch's CUDA (see torch.version.cuda), or the CUDA runtime it needs"),
+    (re.compile(r"No CTK flavor installed"), "cutlass_dsl_no_toolkit",
+     "flash-attn-4's CUTLASS DSL is installed without its CUDA toolkit libraries",
+     "pip install 'nvidia-cutlass-dsl[cu13]' for a CUDA 13 torch, or nvidia-cutlass-dsl alone (CUDA 12): "
+     "match torch.version.cuda"),
     (re.compile(r"(\S+\.so[\d.]*): cannot open shared object file"), "missing_library",
      "the shared library {0} is missing on this node",
      "install the package that provides it, or fix LD_LIBRARY_PATH"),
