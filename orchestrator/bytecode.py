@@ -4,10 +4,8 @@ Python compiles each module it imports and keeps the bytecode beside the source
 (``__pycache__``) for the next process. Installers that skip that step (uv by default,
 ``pip --no-compile``) leave packages without bytecode, and with ``PYTHONDONTWRITEBYTECODE`` set,
 as container images often have it, no process ever writes any: every process compiles every
-module it imports from source, again. On the lent H200 machines (torch installed that way, the
-variable set) a fresh process spent 3.5 s in ``import torch``, 3.9 s in TorchDynamo's import and
-2.7 s in Inductor's, and a run starts several such processes: the driver, Ray's, the probe, each
-worker (``docs/benchmarks-log/2026-11.md``, 2026-11-29).
+module it imports from source, again: seconds of imports in each of the processes a run starts
+(the driver, Ray's, the probe, each worker; the figures are in docs/startup.md, "Bytecode").
 
 So where torch has no bytecode and the environment forbids writing it, a local run's processes
 write theirs to a cache of the orchestrator's own (``PYTHONPYCACHEPREFIX``), never into the

@@ -18,9 +18,8 @@ from orchestrator import memory, strategy
 from orchestrator.errors import InfeasibleRequest
 from orchestrator.strategy import Budget, Workload
 
-# Tokens per micro-step beyond which no larger micro-batch is tried: at ~0.95B, seq 4096, liger
-# loss on one H200 (docs/BENCHMARKS.md, 2026-11-28) micro-batch 12 ran at 90,770 tok/s and 16
-# slower, at 87,163.
+# Tokens per micro-step beyond which no larger micro-batch is tried: past 12 x 4096 the ~0.95B
+# config's step ran slower (docs/BENCHMARKS.md, "One GPU").
 MAX_TOKENS = 12 * 4096
 # With no device memory measured there is nothing to fit against: the default of an unset key.
 UNMEASURED = 8

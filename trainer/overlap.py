@@ -1,7 +1,7 @@
 """The worker's attention check beside its model build (``trainer/loop.py``).
 
-The check's first CUDA work (cuDNN's start: 5.9 s on one H200, docs/BENCHMARKS.md) runs in a
-thread while the model is allocated and initialised here (3.4 s). The build waits until the
+The check's first CUDA work (cuDNN's start: seconds, docs/startup.md, "Overlap") runs in a
+thread while the model is allocated and initialised here. The build waits until the
 node's verdict is looked up (the preflight may still be timing kernels on the GPU), and any
 timing in the check waits for the build: neither disturbs a timing.
 

@@ -80,7 +80,7 @@ def _kernels(factory: str, *args) -> Callable[[], AttnFn]:
     return load
 
 
-# FA4 JIT-compiles its kernels on first use (18 s on an H100); its on-disk cache keeps them
+# FA4 JIT-compiles its kernels on first use (seconds: docs/preflight.md); its on-disk cache keeps them
 # for the next process and the next run.
 CUTE_CACHE_DIR = Path.home() / ".cache" / "flash-orchestrator" / "flash-attention-cute-dsl"
 
