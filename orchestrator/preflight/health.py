@@ -268,52 +268,60 @@ def _found(check: str, gpu: Optional[int], code: str, *args) -> Check:
     return Check(check, gpu, "fail" if code in FAILS else "warn", c.summary, c)
 
 
-def _gpu(check: str, r: dict, supported: bool, found: list[tuple], ok: str) -> Check:
-    """One GPU's check: a skip where not ``supported``, else the first of ``found``'s
-    (condition, code, *args) whose condition holds, else ok."""
-    if not supported:
-        return Check(check, r["index"], "skip", "not supported by this GPU or driver")
-    for condition, code, *args in found:
-        if condition:
-            return _found(check, r["index"], code, *args)
-    return Check(check, r["index"], "ok", ok)
+def _skip(check: str, r: dict) -> Check:
+    return Check(check, r["index"], "skip", "not supported by this GPU or driver")
 
 
 def _ecc(r: dict) -> Check:
-    return _gpu("ecc", r, r.get("ecc_volatile") is not None,
-                [(r.get("ecc_volatile"), "ecc_uncorrected"), (r.get("ecc_aggregate"), "ecc_history")],
-                "no uncorrectable ECC errors")
+    if r.get("ecc_volatile") is None:
+        return _skip("ecc", r)
+    if r["ecc_volatile"]:
+        return _found("ecc", r["index"], "ecc_uncorrected")
+    if r.get("ecc_aggregate"):
+        return _found("ecc", r["index"], "ecc_history")
+    return Check("ecc", r["index"], "ok", "no uncorrectable ECC errors")
 
 
 def _memory(r: dict) -> Check:
-    found = [(r.get("remapped_failed"), "remap_failed"), (r.get("remapped_pending"), "remap_pending"),
-             (r.get("retired_pending"), "retired_pending")]
-    supported = any(f[0] for f in found) or (r.get("remapped_pending"), r.get("retired_pending")) != (None, None)
-    return _gpu("memory", r, supported, found, "no rows or pages pending or failed")
+    for code in ("remapped_failed", "remapped_pending", "retired_pending"):
+        if r.get(code):
+            return _found("memory", r["index"], code.replace("remapped", "remap"))
+    if r.get("remapped_pending") is None and r.get("retired_pending") is None:
+        return _skip("memory", r)
+    return Check("memory", r["index"], "ok", "no rows or pages pending or failed")
 
 
 def _throttle(r: dict) -> Check:
     throttle = r.get("throttle")
-    active = ", ".join(throttle or [])
-    return _gpu("throttle", r, throttle is not None,
-                [(any(t in ("hw_slowdown", "power_brake") for t in throttle or []), "hw_slowdown", active),
-                 (throttle, "thermal", active)], "no hardware or thermal slowdown")
+    if throttle is None:
+        return _skip("throttle", r)
+    if any(t in ("hw_slowdown", "power_brake") for t in throttle):
+        return _found("throttle", r["index"], "hw_slowdown", ", ".join(throttle))
+    if throttle:
+        return _found("throttle", r["index"], "thermal", ", ".join(throttle))
+    return Check("throttle", r["index"], "ok", "no hardware or thermal slowdown")
 
 
 def _persistence(r: dict) -> Check:
-    return _gpu("persistence", r, r.get("persistence") is not None, [(not r.get("persistence"), "persistence_off")],
-                "persistence mode on")
+    if r.get("persistence") is None:
+        return _skip("persistence", r)
+    return Check("persistence", r["index"], "ok", "persistence mode on") if r["persistence"] \
+        else _found("persistence", r["index"], "persistence_off")
 
 
 def _pcie(r: dict) -> Check:
     now, top = (r.get("pcie_gen"), r.get("pcie_width")), (r.get("pcie_gen_max"), r.get("pcie_width_max"))
-    supported = None not in now + top
-    return _gpu("pcie", r, supported, [(supported and (now[0] < top[0] or now[1] < top[1]), "pcie_degraded",
-                                        f"gen{now[0]} x{now[1]}", f"gen{top[0]} x{top[1]}")], f"gen{now[0]} x{now[1]}")
+    if None in now or None in top:
+        return _skip("pcie", r)
+    if now[0] < top[0] or now[1] < top[1]:
+        return _found("pcie", r["index"], "pcie_degraded", f"gen{now[0]} x{now[1]}", f"gen{top[0]} x{top[1]}")
+    return Check("pcie", r["index"], "ok", f"gen{now[0]} x{now[1]}")
 
 
 def _mig(r: dict) -> Check:
-    return _gpu("mig", r, r.get("mig") is not None, [(r.get("mig"), "mig_on")], "MIG mode off")
+    if r.get("mig") is None:
+        return _skip("mig", r)
+    return _found("mig", r["index"], "mig_on") if r["mig"] else Check("mig", r["index"], "ok", "MIG mode off")
 
 
 # The checks of one GPU's readings, in the table's order. Adding a check: its reading in
