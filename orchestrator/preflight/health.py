@@ -76,7 +76,7 @@ class Pynvml:
         links = [read(nv.nvmlDeviceGetNvLinkState, link) for link in range(nv.NVML_NVLINK_MAX_LINKS)]
         unc = nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
         return {
-            "index": index, "name": _text(nv.nvmlDeviceGetName(h)), "uuid": _text(nv.nvmlDeviceGetUUID(h)),
+            "index": index, "name": nvml_text(nv.nvmlDeviceGetName(h)), "uuid": nvml_text(nv.nvmlDeviceGetUUID(h)),
             "ecc_volatile": read(nv.nvmlDeviceGetTotalEccErrors, unc, nv.NVML_VOLATILE_ECC),
             "ecc_aggregate": read(nv.nvmlDeviceGetTotalEccErrors, unc, nv.NVML_AGGREGATE_ECC),
             "retired_pending": _flag(read(nv.nvmlDeviceGetRetiredPagesPendingStatus)),
@@ -93,7 +93,7 @@ class Pynvml:
         }
 
 
-def _text(value) -> str:
+def nvml_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import psutil
 
 from orchestrator.preflight import health
-from orchestrator.preflight.health import MARKER, _text
+from orchestrator.preflight.health import MARKER, nvml_text
 from orchestrator.preflight.settings import ProbeSettings
 from trainer.attention import guard  # installs the guard when DISABLE_FLASH_ATTN=1 is in the env
 from trainer.attention import registry
@@ -100,15 +100,15 @@ def gpu_facts(torch_ok: bool) -> tuple[dict, list[dict]]:
 
         pynvml.nvmlInit()
         try:
-            driver.update(version=_text(pynvml.nvmlSystemGetDriverVersion()), source="nvml")
+            driver.update(version=nvml_text(pynvml.nvmlSystemGetDriverVersion()), source="nvml")
             cuda = pynvml.nvmlSystemGetCudaDriverVersion()  # e.g. 12040
             driver["cuda"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
             gpus = []
             for i in range(pynvml.nvmlDeviceGetCount()):
                 h = pynvml.nvmlDeviceGetHandleByIndex(i)
                 major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-                gpus.append({"index": i, "name": _text(pynvml.nvmlDeviceGetName(h)), "capability": f"{major}.{minor}",
-                             "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(h).total)})
+                gpus.append({"index": i, "name": nvml_text(pynvml.nvmlDeviceGetName(h)),
+                             "capability": f"{major}.{minor}", "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(h).total)})
             return driver, gpus
         finally:
             pynvml.nvmlShutdown()
