@@ -70,12 +70,21 @@ def blocked_modules() -> list[str]:
 # ---------------------------------------------------------------- the backends
 
 
-def _kernels(factory: str, *args) -> Callable[[], AttnFn]:
-    """A loader of ``kernels.<factory>(*args)``, which imports torch only when it runs."""
+# Loaders import torch only when they run.
+def _sdpa(kernel: str, native_gqa: bool = True) -> Callable[[], AttnFn]:
     def load() -> AttnFn:
         from trainer.attention import kernels
 
-        return getattr(kernels, factory)(*args)
+        return kernels.sdpa(kernel, native_gqa)
+
+    return load
+
+
+def _flash_attn_func(module: str) -> Callable[[], AttnFn]:
+    def load() -> AttnFn:
+        from trainer.attention import kernels
+
+        return kernels.flash_attn_func(module)
 
     return load
 
@@ -99,20 +108,20 @@ def _fa4() -> AttnFn:
 
 
 _CUDNN = ("nvidia-cudnn-cu12", "nvidia-cudnn-cu13")
-register(Backend(name="sdpa_flash_cpu", load=_kernels("sdpa", "FLASH_ATTENTION"),
-                 repeat_kv=_kernels("sdpa", "FLASH_ATTENTION", False), order=0, devices=("cpu",)))
-register(Backend(name="flash_attn_3", load=_kernels("flash_attn_func", "flash_attn_interface"), order=10,
+register(Backend(name="sdpa_flash_cpu", load=_sdpa("FLASH_ATTENTION"),
+                 repeat_kv=_sdpa("FLASH_ATTENTION", False), order=0, devices=("cpu",)))
+register(Backend(name="flash_attn_3", load=_flash_attn_func("flash_attn_interface"), order=10,
                  min_capability=9, max_head_dim=256, distribution="flash-attn-3", module="flash_attn_interface",
                  blocked=("flash_attn_3", "flash_attn_3_cuda", "hopper.flash_attn")))  # hopper: FA3's source tree
 register(Backend(name="flash_attn_4", load=_fa4, order=20, min_capability=9, distribution="flash-attn-4",
                  module="flash_attn.cute", blocked=("flash_attn_4",), versioned=("nvidia-cutlass-dsl",)))
 # On Hopper cuDNN's fused attention beats FlashAttention-2 (docs/BENCHMARKS.md), so it goes before FA2 there.
-register(Backend(name="sdpa_cudnn", load=_kernels("sdpa", "CUDNN_ATTENTION"),
-                 repeat_kv=_kernels("sdpa", "CUDNN_ATTENTION", False), order=55, order_on_hopper=30, versioned=_CUDNN))
+register(Backend(name="sdpa_cudnn", load=_sdpa("CUDNN_ATTENTION"),
+                 repeat_kv=_sdpa("CUDNN_ATTENTION", False), order=55, order_on_hopper=30, versioned=_CUDNN))
 # flash-attn-4 alone installs a `flash_attn` namespace holding only `cute`: FA2 is absent there, not broken.
-register(Backend(name="flash_attn_2", load=_kernels("flash_attn_func", "flash_attn"), order=40, max_head_dim=256,
+register(Backend(name="flash_attn_2", load=_flash_attn_func("flash_attn"), order=40, max_head_dim=256,
                  distribution="flash-attn", module="flash_attn", blocked=("flash_attn_2_cuda", "flash_attn_cuda")))
-register(Backend(name="sdpa_flash", load=_kernels("sdpa", "FLASH_ATTENTION"),
-                 repeat_kv=_kernels("sdpa", "FLASH_ATTENTION", False), order=50, max_head_dim=256))
-register(Backend(name="sdpa_efficient", load=_kernels("sdpa", "EFFICIENT_ATTENTION"),
-                 repeat_kv=_kernels("sdpa", "EFFICIENT_ATTENTION", False), order=60))
+register(Backend(name="sdpa_flash", load=_sdpa("FLASH_ATTENTION"),
+                 repeat_kv=_sdpa("FLASH_ATTENTION", False), order=50, max_head_dim=256))
+register(Backend(name="sdpa_efficient", load=_sdpa("EFFICIENT_ATTENTION"),
+                 repeat_kv=_sdpa("EFFICIENT_ATTENTION", False), order=60))
