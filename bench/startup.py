@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -156,8 +157,9 @@ def ab(train_args: list[str], env: dict, output_dir: Path, cwd: Path, repeats: i
             for label in labels[case]:
                 name = f"ab-{case.replace(' ', '-')}-{label}-{r}"
                 got = train_once([*train_args, *extra], {**env, **AB_OFF.get(label, {})}, output_dir, name, cwd)
-                totals[case][label].append((got.get("startup_s") or {}).get("total"))
-                log.info("  %s, %s off: %s", case, label, got.get("startup_s", {}).get("total") or got.get("error"))
+                total = (got.get("startup_s") or {}).get("total")
+                totals[case][label].append(total)
+                log.info("  %s, %s off: %s", case, label, total or got.get("error"))
     out: dict = {"repeats": repeats, "totals_s": totals, "saved": {}}
     for case, runs in totals.items():
         on = _median(runs["on"])
@@ -172,8 +174,9 @@ def ab(train_args: list[str], env: dict, output_dir: Path, cwd: Path, repeats: i
 
 
 def _median(values: list) -> Optional[float]:
-    ok = sorted(v for v in values if v is not None)
-    return round(ok[len(ok) // 2] if len(ok) % 2 else (ok[len(ok) // 2 - 1] + ok[len(ok) // 2]) / 2, 3) if ok else None
+    """The median of the runs that reported a total (a failed run reports none)."""
+    ok = [v for v in values if v is not None]
+    return round(statistics.median(ok), 3) if ok else None
 
 
 def run(train_args: list[str], output_dir: Path, *, num_workers: int = 2, cwd: Optional[Path] = None,
