@@ -17,8 +17,14 @@ import psutil
 RAY_TMP = "/tmp/ray"
 
 
+SUITE_STARTED = time.time()  # imported at collection, before any test starts a driver
+
+
 def session_dirs(driver_pid: int) -> list[str]:
-    return glob.glob(os.path.join(RAY_TMP, f"session_*_{driver_pid}"))
+    """The session directories a driver with this pid made during this test run: a directory left
+    hours earlier by another process that had the same pid is not this driver's."""
+    found = glob.glob(os.path.join(RAY_TMP, f"session_*_{driver_pid}"))
+    return [d for d in found if os.stat(d).st_ctime >= SUITE_STARTED - 1]
 
 
 def _alive(p: psutil.Process) -> bool:
