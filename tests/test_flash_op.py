@@ -91,10 +91,10 @@ def test_the_op_passes_torch_library_opcheck():
 
 
 def test_fa4_disk_cache_is_switched_on_unless_the_user_chose(tmp_path):
-    env = {}
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}  # in the user's cache, where the other caches are
     registry.enable_fa4_disk_cache(env)
-    assert env == {"FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "1",
-                   "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(registry.CUTE_CACHE_DIR)}
+    assert env == {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "1",
+                   "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(tmp_path / "xdg/flash-orchestrator/flash-attention-cute-dsl")}
     env = {"FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "0", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(tmp_path)}
     registry.enable_fa4_disk_cache(env)
     assert env["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "0" and env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == str(tmp_path)

@@ -52,6 +52,26 @@ def test_a_segfaulting_import_is_reported_with_its_signal(tmp_path):
     assert outcome["signal"] == "SIGSEGV" and not outcome["ok"]
 
 
+def test_the_flash_attn_imports_start_first_and_report_their_own_seconds(tmp_path, monkeypatch):
+    """Each import runs in a child of its own (seconds for flash-attn-4), started before the
+    probe's own work (torch's import, CUDA's start, node health) so that it runs beside it; the
+    seconds recorded are the import's, however late the probe reads its outcome."""
+    from orchestrator.preflight import probe
+
+    site = fake_flash_attn(tmp_path, "import time\ntime.sleep(1.0)\ndef flash_attn_func(q, k, v, causal=False): ...\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    calls = []
+    start_import, torch_facts = probe.start_import, probe.torch_facts
+    monkeypatch.setattr(probe, "start_import", lambda *a, **k: calls.append("import started") or start_import(*a, **k))
+    monkeypatch.setattr(probe, "torch_facts", lambda: calls.append("torch facts") or time.sleep(2.0) or torch_facts())
+    shape = AttentionShape(head_dim=16, n_heads=4, n_kv_heads=2)
+    facts = probe.gather(probe.build_parser().parse_args(["--shape", shape.to_json()]))
+    assert calls == ["import started", "torch facts"]
+    [imp] = facts["flash_attn"]["imports"]
+    assert imp["ok"] and 1.0 <= imp["seconds"] < 2.0  # read after torch facts' 2 s, the import's own 1 s
+
+
 def _probe(settings, site, tmp_path):
     env = probe_env(settings.disable_flash_attn, dict(os.environ, PYTHONPATH=str(site)))
     facts, issue = parse_probe(run_probe(probe_command(settings), 120, env), 120)

@@ -40,8 +40,9 @@ from trainer.attention.shape import AttentionShape
 SCHEMA = 1
 # Exit 3: the module imports but has no flash_attn_func. flash-attn-4 alone installs a
 # ``flash_attn`` namespace holding only ``cute``: FA2 is absent there, not broken.
-_IMPORT_SNIPPET = ("import importlib, sys; "
-                   "sys.exit(0 if hasattr(importlib.import_module(sys.argv[1]), 'flash_attn_func') else 3)")
+# The child prints the import's seconds: read later, the import's end would not be known.
+_IMPORT_SNIPPET = ("import importlib, sys, time; t = time.monotonic(); m = importlib.import_module(sys.argv[1]); "
+                   "print(round(time.monotonic() - t, 3)); sys.exit(0 if hasattr(m, 'flash_attn_func') else 3)")
 _NO_FLASH_ATTN_FUNC = 3
 _TAIL_LINES = 25
 
@@ -170,32 +171,50 @@ def _findable(module: str) -> bool:
     return any((Path(loc) / rest.replace(".", "/")).exists() for loc in spec.submodule_search_locations or [])
 
 
+def start_import(module: str, timeout_s: float, env: Optional[dict] = None) -> Callable[[], dict]:
+    """Start importing ``module`` in a fresh interpreter; the function returned waits for the
+    outcome, even if the import segfaults or hangs (killed ``timeout_s`` after the start)."""
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", _IMPORT_SNIPPET, module], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+    def outcome() -> dict:
+        out: dict = {"module": module, "ok": False}
+        try:
+            printed, err = proc.communicate(timeout=max(0.0, timeout_s - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            printed, err = proc.communicate()
+            out.update(timed_out=True, error=tail(err or "") or f"import did not finish in {timeout_s:g} s")
+        else:
+            out["ok"] = proc.returncode == 0
+            if proc.returncode < 0:
+                name = signal.Signals(-proc.returncode).name
+                out.update(signal=name, error=tail(err) or f"killed by {name}")
+            elif proc.returncode == _NO_FLASH_ATTN_FUNC:
+                out["skipped"] = (f"{module} has no flash_attn_func: a namespace without that kernel "
+                                  "(flash-attn-4 alone installs flash_attn.cute only)")
+            elif proc.returncode:
+                out["error"] = tail(err)
+        try:  # the import's own seconds; else (it failed) those until now
+            out["seconds"] = float(printed.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            out["seconds"] = round(time.monotonic() - started, 3)
+        return out
+
+    return outcome
+
+
 def check_import(module: str, timeout_s: float, env: Optional[dict] = None) -> dict:
     """Import ``module`` in a fresh interpreter: its outcome, even if it segfaults or hangs."""
-    started = time.monotonic()
-    out: dict = {"module": module, "ok": False}
-    try:
-        proc = subprocess.run([sys.executable, "-c", _IMPORT_SNIPPET, module], capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired as e:
-        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        out.update(timed_out=True, error=tail(err) or f"import did not finish in {timeout_s:g} s")
-    else:
-        out["ok"] = proc.returncode == 0
-        if proc.returncode < 0:
-            name = signal.Signals(-proc.returncode).name
-            out.update(signal=name, error=tail(proc.stderr) or f"killed by {name}")
-        elif proc.returncode == _NO_FLASH_ATTN_FUNC:
-            out["skipped"] = (f"{module} has no flash_attn_func: a namespace without that kernel "
-                              "(flash-attn-4 alone installs flash_attn.cute only)")
-        elif proc.returncode:
-            out["error"] = tail(proc.stderr)
-    out["seconds"] = round(time.monotonic() - started, 3)
-    return out
+    return start_import(module, timeout_s, env)()
 
 
-def flash_imports(disabled: bool, timeout_s: float) -> list[dict]:
-    out = []
+def start_flash_imports(disabled: bool, timeout_s: float) -> Callable[[], list[dict]]:
+    """Start each installed flash-attn package's import check (``start_import``); the function
+    returned waits for them. Started first, the imports (seconds each) run beside the probe's
+    own work (torch's import, CUDA's start, node health) rather than after it."""
+    out: list = []
     for kernel, module in ((b.name, b.module) for b in registry.packaged()):
         if disabled:
             out.append({"module": module, "kernel": kernel, "ok": False,
@@ -207,8 +226,9 @@ def flash_imports(disabled: bool, timeout_s: float) -> list[dict]:
             out.append({"module": module, "kernel": kernel, "ok": False, "error": _error_text(e)})
             continue
         if findable:
-            out.append({"kernel": kernel, **check_import(module, timeout_s)})
-    return out
+            outcome = start_import(module, timeout_s)
+            out.append(lambda kernel=kernel, outcome=outcome: {"kernel": kernel, **outcome()})
+    return lambda: [entry() if callable(entry) else entry for entry in out]
 
 
 # ---------------------------------------------------------------- kernels
@@ -259,6 +279,7 @@ def gather(settings: argparse.Namespace, early: Optional[Callable[[dict], None]]
     disabled = settings.disable_flash_attn or guard.disabled_by_env()
     if disabled:
         guard.install()
+    imports_done = start_flash_imports(disabled, settings.import_timeout)
     facts: dict = {
         "schema": SCHEMA, "hostname": platform.node(), "os": platform.platform(), "arch": platform.machine(),
         "python": platform.python_version(), "glibc": glibc_version(),
@@ -273,7 +294,7 @@ def gather(settings: argparse.Namespace, early: Optional[Callable[[dict], None]]
         distributions = flash_distributions()
     except Exception as e:  # unreadable metadata must not hide the other checks
         distributions = [{"name": "flash-attn", "version": None, "error": _error_text(e)}]
-    imports = flash_imports(disabled, settings.import_timeout)
+    imports = imports_done()
     facts["flash_attn"] = {"disabled": disabled, "distributions": distributions, "imports": imports}
     if torch_ok:
         def announce(check: dict, kernels: dict) -> None:

@@ -81,12 +81,18 @@ def flash_attn_func(module: str) -> AttnFn:
     return attn
 
 
+# The check's sequence length: not a multiple of a kernel's tile (the masked edge is checked), and
+# over two tiles of 128 queries: FA4 compiles another kernel for a single tile of queries, so at
+# this length its check compiles the kernel a training step uses (docs/preflight.md).
+CHECK_SEQ_LEN = 323
+
+
 def check_kernel(
     fn: AttnFn, *, device: torch.device, dtype: torch.dtype, head_dim: int, n_heads: int, n_kv_heads: int
 ) -> None:
-    """Run a tiny causal fwd+bwd and compare with ``standard`` in fp32; raise on any mismatch."""
+    """Run a small causal fwd+bwd and compare with ``standard`` in fp32; raise on any mismatch."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    shape_q, shape_kv = (2, n_heads, 67, head_dim), (2, n_kv_heads, 67, head_dim)
+    shape_q, shape_kv = (2, n_heads, CHECK_SEQ_LEN, head_dim), (2, n_kv_heads, CHECK_SEQ_LEN, head_dim)
     q, k, v = (torch.randn(s, generator=gen).to(device) for s in (shape_q, shape_kv, shape_kv))
     do = torch.randn(shape_q, generator=gen).to(device)
     ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
+
+from trainer import user_cache
 
 AttnFn = Callable  # (q, k, v) in (B, nh, T, hs), k/v with nkv heads -> (B, nh, T, hs), causal
 
@@ -90,14 +91,14 @@ def _flash_attn_func(module: str) -> Callable[[], AttnFn]:
 
 
 # FA4 JIT-compiles its kernels on first use (seconds: docs/preflight.md); its on-disk cache keeps them
-# for the next process and the next run.
-CUTE_CACHE_DIR = Path.home() / ".cache" / "flash-orchestrator" / "flash-attention-cute-dsl"
+# for the next process and the next run, in the user's cache (trainer/user_cache.py).
+CUTE_CACHE_NAME = "flash-attention-cute-dsl"
 
 
 def enable_fa4_disk_cache(environ=os.environ) -> None:
     """Switch FA4's kernel cache on (unless the user set it); must run before its import."""
     environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-    environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(CUTE_CACHE_DIR))
+    environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(user_cache.root(environ) / CUTE_CACHE_NAME))
 
 
 def _fa4() -> AttnFn:

@@ -68,8 +68,10 @@ def fastest(candidates: dict[str, AttnFn], timer: Timer, *, budget_s: Optional[f
         if budget_s is not None and sel.timings and time.monotonic() - started > budget_s:
             sel.failed[name] = OUT_OF_TIME
             continue
+        began = time.monotonic()
         try:
             sel.timings[name] = float(timer(name, fn))
+            log.info("kernel %s: %.3g ms/iter, timed in %.1f s", name, sel.timings[name], time.monotonic() - began)
         except Exception as e:  # a kernel that fails at the real shape (memory, launch) is not a choice
             sel.failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             log.warning("kernel %s could not be timed: %s", name, sel.failed[name])
