@@ -145,6 +145,8 @@ def test_ray_train_gives_up_placing_workers_after_the_placement_timeout(cluster,
     t0 = time.monotonic()
     with execute.placement_timeout(3):
         rec = launch.run_variant(pv, spec, max_failures=0, keep_checkpoints=1, placement_timeout_s=3)
-    assert time.monotonic() - t0 < 30
+    # Starting Ray Train's controller takes seconds of its own (31 s once on a loaded 2-core
+    # machine); the error below names the 3 s that gave up.
+    assert time.monotonic() - t0 < 60
     assert rec.status == "failed"
     assert "could not place 1 worker(s) x (1 CPU)" in rec.error and "within 3 s" in rec.error
