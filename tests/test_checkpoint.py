@@ -52,7 +52,7 @@ def test_resume_reads_the_previous_checkpoint_when_the_latest_is_corrupt(storage
     model.w = torch.nn.Parameter(torch.zeros(4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     got = restore(storage, storage / "checkpoint_00000009", rank=0, world=1, device=torch.device("cpu"),
-                  model=model, raw_model=model, optimizer=optimizer, strategy="ddp")
+                  model=model, optimizer=optimizer, strategy="ddp")
     assert got.path.name == "checkpoint_00000006" and got.step == 6
     assert torch.equal(model.w.detach(), torch.full((4,), 6.0))
     assert got.skipped and got.skipped[0].startswith("checkpoint_00000009")

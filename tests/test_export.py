@@ -1,5 +1,6 @@
-"""``export`` and ``generate`` on run directories laid out as ``train`` leaves them (DDP
-``state.pt`` and FSDP ``dcp/`` checkpoints), built in-process; the bad inputs of issue 13.
+"""``export`` and ``generate`` on run directories laid out as ``train`` leaves them (``dcp/``
+checkpoints, and those of ddp's earlier layout: the model in ``state.pt``), built in-process; the
+bad inputs of issue 13.
 The end-to-end run through Ray is in test_hf_ray.py."""
 
 import json
@@ -25,7 +26,7 @@ def _vocab() -> int:
     return dataset_mod.load_dataset(preprocess.embedded_dataset()).vocab_size
 
 
-def fake_run(tmp_path, *, layout="ddp", steps=(3, 6), model=None, data_path=None):
+def fake_run(tmp_path, *, layout="dcp", steps=(3, 6), model=None, data_path=None):
     """A run directory of one variant ('standard') with a checkpoint at each of ``steps``;
     returns it and the model of each step."""
     run = tmp_path / "run"
@@ -41,9 +42,9 @@ def fake_run(tmp_path, *, layout="ddp", steps=(3, 6), model=None, data_path=None
         m = Transformer(args, standard_attention).eval()
         d = run / "standard" / checkpoint.STORAGE_NAME / f"checkpoint_{step:08d}"
         d.mkdir(parents=True)
-        if layout == "ddp":
+        if layout == "legacy":  # ddp's earlier layout: model and optimizer beside the progress in state.pt
             checkpoint.write(d, 0, {"model": m.state_dict(), "optimizer": {}, "step": step})
-        else:  # FSDP's layout: model and optimizer in one DCP directory, the progress alone in state.pt
+        else:  # model and optimizer in one DCP directory, the progress alone in state.pt
             optim = {"state": {"layers.0.attn.wq.weight": {"exp_avg": torch.randn(64, 64)}}}
             checkpoint.write(d, 0, {"step": step}, sharded={"model": m.state_dict(), "optimizer": optim})
         models[step] = m
@@ -60,7 +61,7 @@ def _assert_same_logits(out_dir, ours):
         torch.testing.assert_close(hf(_ids()).logits, ours(_ids()), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["ddp", "dcp"])
+@pytest.mark.parametrize("layout", ["legacy", "dcp"])
 def test_export_of_the_newest_checkpoint_loads_in_transformers_with_our_logits(tmp_path, capsys, layout):
     run, models = fake_run(tmp_path, layout=layout)
     out = tmp_path / "hf"

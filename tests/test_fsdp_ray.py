@@ -1,7 +1,8 @@
 """FSDP2 on two CPU workers over gloo, through the real Ray Train path: the same losses and
 held-out losses as DDP, sharded checkpoints written by every rank, a SIGKILLed worker resumed
 from them to the clean run's losses; and the disk and corrupt-checkpoint faults of the worker's
-checkpointing (issue 18), under DDP, and a checkpoint with planted code (issue 32) under both."""
+checkpointing (issue 18), under DDP, and a checkpoint with planted code (issue 32) under both;
+DDP's checkpoints are DCP too (issue 30)."""
 
 from __future__ import annotations
 
@@ -69,8 +70,10 @@ def test_fsdp_and_ddp_with_the_same_seed_give_the_same_losses(ddp_run, fsdp_run)
     assert _val_losses(vdir) == pytest.approx(_val_losses(ddp_run), rel=1e-5)
 
 
-def test_every_rank_writes_its_own_shards_of_a_dcp_checkpoint(fsdp_run):
-    vdir, _ = fsdp_run
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_every_rank_writes_its_own_shards_of_a_dcp_checkpoint(ddp_run, fsdp_run, strategy):
+    """Under ddp too (one format, issue 30): DCP writes each replicated tensor once, spread over the ranks."""
+    vdir = ddp_run if strategy == "ddp" else fsdp_run[0]
     dirs = checkpoint.checkpoint_dirs(vdir / checkpoint.STORAGE_NAME)
     assert dirs and dirs[0].name == f"checkpoint_{STEPS:08d}"
     for d in dirs:
@@ -138,7 +141,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_resume_runs_to_the_end(ray_s
 def test_a_payload_planted_in_every_pickled_file_of_the_newest_checkpoint_never_runs_on_resume(
         ray_session, tmp_path, ddp_run, fsdp_run, caplog, strategy):
     """Issue 32: whoever can write the run directory plants os.system in state.pt, every RNG
-    file and (FSDP) DCP's .metadata, and re-hashes the manifests. --resume skips the checkpoint,
+    file and DCP's .metadata, and re-hashes the manifests. --resume skips the checkpoint,
     says why, and goes on from the previous one to the clean run's losses; the code never runs."""
     from tests.test_safe_load import plant
 
@@ -148,7 +151,7 @@ def test_a_payload_planted_in_every_pickled_file_of_the_newest_checkpoint_never_
     run_dir, vdir = tmp_path / "runs" / "p", tmp_path / "runs" / "p" / "flash"
     newest = vdir / checkpoint.STORAGE_NAME / f"checkpoint_{2 * EVERY:08d}"
     marker = tmp_path / "pwned"
-    pickled = [checkpoint.STATE_FILE, "rng_rank0.pt", "rng_rank1.pt"] + (["dcp/.metadata"] if strategy == "fsdp" else [])
+    pickled = [checkpoint.STATE_FILE, "rng_rank0.pt", "rng_rank1.pt", "dcp/.metadata"]
     for name in pickled:
         plant(newest, name, marker)
 

@@ -1,9 +1,9 @@
 """train.param_dtype: bf16 weights with fp32 master copies in the optimizer (trainer/master_weights.py).
 A typed key whose bad combinations are config errors naming it, refused before launch where the
 plan would compute in fp32; AdamW steps the fp32 masters exactly as it would fp32 weights; clipping
-sees fp32 gradients; checkpoints keep the masters as the model's weights, loadable either way; and
-training tracks bf16 autocast over fp32 weights. Two workers under DDP, resumed after a SIGKILL:
-tests/test_train_ray.py."""
+sees fp32 gradients; checkpoints keep the masters as the model's weights and AdamW's state keyed by
+parameter name, loadable either way; and training tracks bf16 autocast over fp32 weights. Two
+workers under DDP, resumed after a SIGKILL: tests/test_train_ray.py."""
 
 import dataclasses
 
@@ -14,7 +14,7 @@ from orchestrator import config as config_mod
 from orchestrator import run as run_mod
 from orchestrator.errors import UsageError
 from orchestrator.plan import Plan, PlannedVariant
-from trainer import master_weights
+from trainer import checkpoint, master_weights
 from trainer.attention import standard_attention
 from trainer.config import TrainConfig
 from trainer.master_weights import MasterWeights
@@ -109,40 +109,42 @@ def test_clipping_sees_the_fp32_gradients_on_the_masters():
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_a_checkpoint_keeps_the_masters_as_the_model_weights_and_loads_either_way(tie):
+def test_a_checkpoint_keeps_the_masters_as_the_model_weights_and_loads_either_way(tmp_path, tie):
     model = _model(tie=tie)
     master_weights.cast_parameters(model, torch.bfloat16)
     opt = optimizer_for(model, TC, torch.device("cpu"))
+    assert [id(p) for g in opt.inner.param_groups for p in g["params"]] == [  # build_optimizer's groups, in order
+        id(m) for m in opt.masters if m.dim() >= 2] + [id(m) for m in opt.masters if m.dim() < 2]
     for m in opt.masters:  # masters that bf16 cannot hold exactly
         m.data.add_(1e-4)
-    state = master_weights.model_state(model, opt)
+    state = checkpoint.sharded_state(model, opt)["model"]
     assert set(state) == set(model.state_dict()) and all(t.dtype == torch.float32 for t in state.values())
     names = dict(model.named_parameters())
     assert all(torch.equal(state[n], m) for n, m in zip(names, opt.masters))
     if tie:
         assert torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+    x = torch.randint(0, ARGS.vocab_size, (2, 16))
+    model(x, x)[1].backward()
+    opt.take_grads(), opt.step()
+    checkpoint.write(tmp_path, 0, {"step": 1}, sharded=checkpoint.sharded_state(model, opt))
 
     again = _model(seed=1, tie=tie)  # a resume: other weights, the same structure
     master_weights.cast_parameters(again, torch.bfloat16)
     opt2 = optimizer_for(again, TC, torch.device("cpu"))
-    master_weights.load_model_state(again, opt2, state)
+    checkpoint.load(tmp_path, again, opt2)
     assert all(torch.equal(a, b) for a, b in zip(opt2.masters, opt.masters))  # exact, not through bf16
     assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(again.parameters(), opt2.masters))
 
     fp32 = _model(seed=2, tie=tie)  # the same checkpoint read by a run of fp32 weights, or by export
     plain = build_optimizer(fp32, TC, torch.device("cpu"))
-    master_weights.load_model_state(fp32, plain, state)
+    checkpoint.load(tmp_path, fp32, plain)
     assert all(torch.equal(p, m) for p, m in zip(fp32.parameters(), opt.masters))
-    x = torch.randint(0, ARGS.vocab_size, (2, 16))
-    _, loss = again(x, x)
-    loss.backward()
-    opt2.take_grads(), opt2.step()
-    plain.load_state_dict(opt2.state_dict())  # AdamW's state, indexed as a plain AdamW over the model
-    assert plain.state_dict()["state"].keys() == opt2.state_dict()["state"].keys()
-    opt.load_state_dict(plain.state_dict())  # and back, as a resume does: the step's lr still reaches AdamW
-    for group in opt.param_groups:
+    ours, theirs = checkpoint.sharded_state(again, opt2)["optimizer"], checkpoint.sharded_state(fp32, plain)["optimizer"]
+    assert ours["state"].keys() == theirs["state"].keys() == set(names)  # AdamW's, by name
+    assert all(torch.equal(ours["state"][n]["exp_avg"], theirs["state"][n]["exp_avg"]) for n in names)
+    for group in opt2.param_groups:  # loaded, the inner AdamW has new group dicts: the step's lr still reaches it
         group["lr"] = 0.123
-    assert [g["lr"] for g in opt.inner.param_groups] == [0.123, 0.123]
+    assert [g["lr"] for g in opt2.inner.param_groups] == [0.123, 0.123]
 
 
 def test_training_with_bf16_weights_tracks_autocast_over_fp32_weights():

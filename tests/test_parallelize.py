@@ -235,31 +235,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, directory: str, step: bool) -> None:
-    """Build the sharded model over gloo; save a DCP checkpoint (step=True) or load one."""
+def _worker(rank: int, world: int, port: int, directory: str, step: bool, strategy: str) -> None:
+    """Build the model of ``strategy`` over gloo; save a DCP checkpoint as the Saver does (step=True) or load one."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model, _ = parallel.get("fsdp").build(ARGS, _attn, device=torch.device("cpu"), seed=7,
-                                              compile=False, world_size=world)
+        model, raw = parallel.get(strategy).build(ARGS, _attn, device=torch.device("cpu"), seed=7,
+                                                  compile=False, world_size=world)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         ckpt = Path(directory) / "checkpoint_00000001"
         if step:
-            full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            initial = {k: _whole(v) for k, v in raw.state_dict().items()}  # collective
             if rank == 0:
-                torch.save(full, Path(directory) / "initial.pt")
+                torch.save(initial, Path(directory) / "initial.pt")
                 ckpt.mkdir()
             x = torch.arange(32).reshape(2, 16) % ARGS.vocab_size
             model(x, x.roll(-1, 1))[1].backward()
             optimizer.step()
             dist.barrier()
+            sharded = checkpoint.sharded_state(raw, optimizer)
+            if not parallel.get(strategy).shards:
+                sharded = checkpoint.replica_share(sharded, rank, world)
             checkpoint.write(ckpt, rank, {"step": 1, "world_size": world} if rank == 0 else None, world,
-                             sharded=checkpoint.sharded_state(model, optimizer))
+                             sharded=sharded)
         else:
-            checkpoint.load_sharded(ckpt, model, optimizer)
-        after = {"model": {k: v.full_tensor() for k, v in model.state_dict().items()},  # collective
-                 "exp_avg": {k: v["exp_avg"].full_tensor() for k, v in
-                             checkpoint.sharded_state(model, optimizer)["optimizer"]["state"].items()}}
+            checkpoint.load(ckpt, raw, optimizer)
+        after = _full(raw, optimizer)  # collective
         if rank == 0:
             torch.save(after, Path(directory) / f"after_{'save' if step else 'load'}.pt")
         dist.barrier()  # both ranks past their last collective: gloo aborts a rank torn down mid-send
@@ -268,8 +269,9 @@ def _worker(rank: int, world: int, port: int, directory: str, step: bool) -> Non
 
 
 @pytest.mark.ray  # not Ray, but three spawned torch processes: too slow for the unit loop
-def test_a_checkpoint_of_two_fsdp_workers_loads_into_one(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), True), nprocs=2)
+@pytest.mark.parametrize("saved, loaded", [("fsdp", "fsdp"), ("ddp", "fsdp"), ("fsdp", "ddp")])
+def test_a_checkpoint_of_two_workers_loads_into_one_of_either_strategy(tmp_path, saved, loaded):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), True, saved), nprocs=2)
     torch.manual_seed(7)
     reference = Transformer(ARGS, _attn).state_dict()
     initial = torch.load(tmp_path / "initial.pt")
@@ -278,47 +280,169 @@ def test_a_checkpoint_of_two_fsdp_workers_loads_into_one(tmp_path):
     ckpt = tmp_path / "checkpoint_00000001"
     checkpoint.verify(ckpt)
     assert sorted(p.name for p in (ckpt / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    if saved == "ddp":  # each rank wrote about half the tensors' bytes
+        sizes = [(ckpt / "dcp" / f"__{r}_0.distcp").stat().st_size for r in (0, 1)]
+        assert max(sizes) < 0.6 * sum(sizes), sizes
 
-    mp.spawn(_worker, args=(1, _free_port(), str(tmp_path), False), nprocs=1)
-    saved, loaded = torch.load(tmp_path / "after_save.pt"), torch.load(tmp_path / "after_load.pt")
-    for part in ("model", "exp_avg"):
-        assert saved[part].keys() == loaded[part].keys()
-        assert all(torch.equal(saved[part][k], loaded[part][k]) for k in saved[part])
+    mp.spawn(_worker, args=(1, _free_port(), str(tmp_path), False, loaded), nprocs=1)
+    saved_state, loaded_state = torch.load(tmp_path / "after_save.pt"), torch.load(tmp_path / "after_load.pt")
+    _assert_equal(loaded_state, saved_state)
     exported = checkpoint.load_model_state_dict(ckpt)  # no process group
-    assert all(torch.equal(exported[k], saved["model"][k]) for k in saved["model"])
+    assert exported.keys() == saved_state["model"].keys()
+    assert all(torch.equal(exported[k], saved_state["model"][k]) for k in exported)
 
 
-@pytest.mark.parametrize("name", parallel.NAMES)
-def test_every_registered_strategy_restores_its_own_checkpoint_to_the_same_next_step(one_rank_group, tmp_path, name):
+def _built(name: str, param_dtype: str):
+    """A model of strategy ``name`` on one worker with ``train.param_dtype`` weights, and its
+    optimizer (AdamW on fp32 masters where the weights are bf16, as ``trainer.optim`` builds it)."""
+    from trainer.config import TrainConfig
+    from trainer.master_weights import torch_dtype
+    from trainer.optim import optimizer_for
+
+    model, raw = parallel.get(name).build(ARGS, _attn, device=torch.device("cpu"), seed=7, compile=False,
+                                          world_size=1, param_dtype=torch_dtype(param_dtype))
+    return model, raw, optimizer_for(raw, TrainConfig(lr=1e-2), torch.device("cpu"))
+
+
+def _step(model, optimizer) -> float:
+    from trainer.master_weights import MasterWeights
+
+    x = torch.arange(32).reshape(2, 16) % ARGS.vocab_size
+    optimizer.zero_grad()
+    with torch.autocast("cpu", torch.bfloat16):  # bf16 compute, as train.param_dtype bf16 requires
+        loss = model(x, x.roll(-1, 1))[1]
+    loss.backward()
+    if isinstance(optimizer, MasterWeights):
+        optimizer.take_grads()
+    optimizer.step()
+    return loss.item()
+
+
+def _full(model, optimizer) -> dict:
+    """The checkpoint's view of the state: every tensor whole (the fp32 masters where there are some)."""
+    sd = checkpoint.sharded_state(model, optimizer)
+    return {"model": {k: _whole(v) for k, v in sd["model"].items()},
+            "optimizer": {(k, s): _whole(v) for k, st in sd["optimizer"]["state"].items() for s, v in st.items()}}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the whole tensor (a DTensor's gathered: collective)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def _assert_equal(a: dict, b: dict) -> None:
+    for part in ("model", "optimizer"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+@pytest.mark.parametrize("param_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("saved, loaded", [(s, t) for s in parallel.NAMES for t in parallel.NAMES])
+def test_every_registered_strategy_resumes_a_checkpoint_of_every_strategy(one_rank_group, tmp_path, saved, loaded,
+                                                                            param_dtype):
     """The contract a strategy module meets (docs/architecture.md, "Adding a parallelism strategy"),
-    run for every entry of parallel.STRATEGIES: build, train a step, save, build afresh, load, and
-    the next step is the same; its memory estimate and refusal answer for a plain config."""
+    run for every pair of parallel.STRATEGIES: build, train a step, save, build afresh under either
+    strategy, load: the weights (fp32 masters where they are bf16) and AdamW's state are those
+    saved, keyed alike, and under the same strategy the next step is the same; its memory estimate
+    and refusal answer for a plain config."""
     from trainer.config import TrainConfig
 
-    strategy = parallel.get(name)
-    x = torch.arange(32).reshape(2, 16) % ARGS.vocab_size
-
-    def built():
-        model, raw = strategy.build(ARGS, _attn, device=torch.device("cpu"), seed=7, compile=False, world_size=1)
-        return model, raw, torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-    def step(model, optimizer) -> float:
-        optimizer.zero_grad()
-        loss = model(x, x.roll(-1, 1))[1]
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    model, raw, optimizer = built()
-    step(model, optimizer)
+    model, raw, optimizer = _built(saved, param_dtype)
+    _step(model, optimizer)
     ckpt = tmp_path / "checkpoint_00000001"
     ckpt.mkdir()
-    own, sharded = strategy.checkpoint_state(model, optimizer, 0)
-    checkpoint.write(ckpt, 0, {"step": 1, "world_size": 1, **(own or {})}, 1, sharded=sharded)
-    again, raw_again, optimizer_again = built()
-    state, _ = checkpoint.read(ckpt, 0)
-    strategy.load(ckpt, state, model=again, raw_model=raw_again, optimizer=optimizer_again)
-    assert step(again, optimizer_again) == step(model, optimizer)
-    assert all(torch.equal(a, b) for a, b in zip(raw_again.state_dict().values(), raw.state_dict().values()))
+    checkpoint.write(ckpt, 0, {"step": 1, "world_size": 1}, 1, sharded=checkpoint.sharded_state(raw, optimizer))
+    again, raw_again, optimizer_again = _built(loaded, param_dtype)
+    checkpoint.load(ckpt, raw_again, optimizer_again)
+    _assert_equal(_full(raw_again, optimizer_again), _full(raw, optimizer))
+    assert all(p.dtype == torch.bfloat16 for p in raw_again.parameters()) == (param_dtype == "bf16" and loaded == "ddp")
+    if saved == loaded:
+        assert _step(again, optimizer_again) == _step(model, optimizer)
+        _assert_equal(_full(raw_again, optimizer_again), _full(raw, optimizer))
+    strategy = parallel.get(loaded)
     assert sum(vars(strategy.state_bytes(10**6, 10**5, 10**5, world_size=2, weights=parallel.FP32)).values()) > 0
     assert strategy.refusal(TrainConfig(), cudagraphs=False) is None
+
+
+def test_under_ddp_each_rank_saves_one_share_of_the_parameters_with_their_optimizer_state():
+    """Every rank holds the whole state; each copies and writes about 1/world of its bytes, and
+    together they write all of it once (a tensor on two ranks would be copied twice)."""
+    model, raw, optimizer = _built("ddp", "fp32")
+    _step(model, optimizer)
+    sd = checkpoint.sharded_state(raw, optimizer)
+    shares = [checkpoint.replica_share(sd, rank, 3) for rank in range(3)]
+    for part in ("model", "optimizer"):
+        whole = sd[part] if part == "model" else sd[part]["state"]
+        parts = [s[part] if part == "model" else s[part]["state"] for s in shares]
+        assert sorted(k for p in parts for k in p) == sorted(whole)  # each key once
+        assert all(p[k] is whole[k] for p in parts for k in p)  # no copy yet
+    assert all(set(s["optimizer"]["state"]) <= set(s["model"]) for s in shares)  # a parameter's state beside it
+    assert all(s["optimizer"]["param_groups"] == sd["optimizer"]["param_groups"] for s in shares)
+    largest = max(checkpoint.tensor_bytes(t) for t in sd["model"].values())
+    assert max(checkpoint.tensor_bytes(s["model"]) for s in shares) <= checkpoint.tensor_bytes(sd["model"]) / 3 + largest
+    assert checkpoint.replica_share(sd, 0, 1) == sd
+
+
+def legacy_state(model, optimizer) -> dict:
+    """What ddp wrote into state.pt beside the progress before its checkpoints were DCP (the code
+    of then): the model's state dict with the fp32 masters in the parameters' places, and the
+    optimizer's (the masters' AdamW's) state dict, indexed."""
+    from trainer.master_weights import MasterWeights
+
+    if not isinstance(optimizer, MasterWeights):
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    master_of = {id(p): m for p, m in zip(optimizer.params, optimizer.masters)}
+    return {"model": {name: master_of[id(t)].detach() if id(t) in master_of else t.detach()
+                      for name, t in model.state_dict(keep_vars=True).items()},
+            "optimizer": optimizer.inner.state_dict()}
+
+
+@pytest.mark.parametrize("param_dtype", ["fp32", "bf16"])
+def test_a_ddp_checkpoint_of_the_earlier_layout_still_resumes_and_exports(one_rank_group, tmp_path, param_dtype):
+    from trainer.save_restore import restore
+
+    model, raw, optimizer = _built("ddp", param_dtype)
+    _step(model, optimizer)
+    ckpt = tmp_path / "checkpoint_00000001"
+    ckpt.mkdir()
+    checkpoint.write(ckpt, 0, {"step": 1, "world_size": 1, **legacy_state(raw, optimizer)}, 1)
+    assert not checkpoint.is_sharded(ckpt)
+    exported = checkpoint.load_model_state_dict(ckpt)
+    assert exported.keys() == raw.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in _full(raw, optimizer)["model"].items())
+
+    again, raw_again, optimizer_again = _built("ddp", param_dtype)
+    got = restore(tmp_path, None, rank=0, world=1, device=torch.device("cpu"), model=raw_again,
+                  optimizer=optimizer_again, strategy="ddp")
+    assert got.step == 1
+    _assert_equal(_full(raw_again, optimizer_again), _full(raw, optimizer))
+    assert _step(again, optimizer_again) == _step(model, optimizer)
+    _assert_equal(_full(raw_again, optimizer_again), _full(raw, optimizer))
+    fsdp, raw_fsdp, optimizer_fsdp = _built("fsdp", param_dtype)
+    with pytest.raises(ValueError, match="earlier layout of scaling.strategy ddp .* resume it with ddp"):
+        restore(tmp_path, None, rank=0, world=1, device=torch.device("cpu"), model=raw_fsdp,
+                optimizer=optimizer_fsdp, strategy="fsdp")
+
+
+@pytest.mark.parametrize("change, expected", [({"dim": 64}, "layers.0.attn.wk.weight: (16, 32) in the checkpoint, "
+                                                             "(32, 64) in the model"),
+                                              ({"n_layers": 3}, "layers.2.attn.wk.weight: absent in the checkpoint"),
+                                              ({"n_layers": 1}, "layers.1.attn.wk.weight: (16, 32) in the checkpoint, "
+                                                                "absent in the model")],
+                         ids=["wider", "deeper", "shallower"])
+def test_a_checkpoint_of_another_model_is_a_config_failure_not_a_partial_load(one_rank_group, tmp_path, change,
+                                                                               expected):
+    """DCP alone loads a larger model's checkpoint into a smaller model without a word."""
+    import dataclasses
+
+    from trainer import failures
+    from trainer.save_restore import restore
+
+    model, raw, optimizer = _built("ddp", "fp32")
+    (tmp_path / "checkpoint_00000001").mkdir()
+    checkpoint.write(tmp_path / "checkpoint_00000001", 0, {"step": 1}, sharded=checkpoint.sharded_state(raw, optimizer))
+    other = Transformer(dataclasses.replace(ARGS, **change), _attn)
+    with pytest.raises(failures.DeterministicFailure, match="does not fit the model of this config") as e:
+        restore(tmp_path, None, rank=0, world=1, device=torch.device("cpu"), model=other,
+                optimizer=torch.optim.AdamW(other.parameters()), strategy="ddp")
+    assert "size mismatch for " in str(e.value) and expected in str(e.value)

@@ -1,5 +1,5 @@
-"""No code runs from a checkpoint (issue 32): a payload planted in any pickled file of a DDP or
-FSDP checkpoint, its manifest re-hashed as whoever can write the run directory can, is refused
+"""No code runs from a checkpoint (issue 32): a payload planted in any pickled file of a DCP
+checkpoint or one of ddp's earlier layout, its manifest re-hashed as whoever can write the run directory can, is refused
 by export and generate (exit 2, one line naming the file) and skipped by resume, never run."""
 
 import json
@@ -55,7 +55,7 @@ def plant(directory, name, marker):
     _rehash(directory)
 
 
-PLANTED = [("ddp", "state.pt"), ("ddp", "rng_rank0.pt"), ("dcp", "state.pt"), ("dcp", "rng_rank0.pt"),
+PLANTED = [("legacy", "state.pt"), ("legacy", "rng_rank0.pt"), ("dcp", "state.pt"), ("dcp", "rng_rank0.pt"),
            ("dcp", "dcp/.metadata"), ("dcp", "dcp item")]
 
 
@@ -78,8 +78,9 @@ def test_export_and_generate_refuse_a_payload_in_any_pickled_file(tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def _storage(tmp_path, strategy):
-    """Checkpoints at steps 3 and 6 of a two-rank run; the model's weight is the step."""
+def _storage(tmp_path, layout):
+    """Checkpoints at steps 3 and 6 of a two-rank run (``layout`` dcp, or ddp's earlier layout:
+    legacy); the model's weight is the step."""
     storage = tmp_path / "checkpoints"
     for step in (3, 6):
         d = storage / checkpoint.checkpoint_name(step)
@@ -89,9 +90,9 @@ def _storage(tmp_path, strategy):
             model.w.fill_(step)
         for rank in range(2):
             state = {"step": step} if rank == 0 else None
-            if strategy == "ddp" and rank == 0:
+            if layout == "legacy" and rank == 0:
                 state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
-            sharded = checkpoint.sharded_state(model, optimizer) if strategy == "fsdp" and rank == 0 else None
+            sharded = checkpoint.sharded_state(model, optimizer) if layout == "dcp" and rank == 0 else None
             checkpoint.write(d, rank, state, 2, sharded=sharded)
     return storage
 
@@ -102,19 +103,19 @@ def _model():
     return model, torch.optim.AdamW(model.parameters(), lr=0.1)
 
 
-RESUME = [("ddp", "state.pt"), ("ddp", "rng_rank0.pt"), ("ddp", "rng_rank1.pt"), ("fsdp", "state.pt"),
-          ("fsdp", "rng_rank1.pt"), ("fsdp", "dcp/.metadata")]
+RESUME = [("legacy", "state.pt"), ("legacy", "rng_rank0.pt"), ("legacy", "rng_rank1.pt"), ("dcp", "state.pt"),
+          ("dcp", "rng_rank1.pt"), ("dcp", "dcp/.metadata")]
 
 
-@pytest.mark.parametrize("strategy, name", RESUME, ids=[f"{s}-{n}" for s, n in RESUME])
-def test_resume_skips_a_checkpoint_with_a_payload_for_the_previous_one(tmp_path, strategy, name):
-    storage = _storage(tmp_path, strategy)
+@pytest.mark.parametrize("layout, name", RESUME, ids=[f"{s}-{n}" for s, n in RESUME])
+def test_resume_skips_a_checkpoint_with_a_payload_for_the_previous_one(tmp_path, layout, name):
+    storage = _storage(tmp_path, layout)
     newest = storage / "checkpoint_00000006"
     marker = tmp_path / "pwned"
     plant(newest, name, marker)
     model, optimizer = _model()
-    got = restore(storage, newest, rank=0, world=1, device=torch.device("cpu"), model=model, raw_model=model,
-                  optimizer=optimizer, strategy=strategy)
+    got = restore(storage, newest, rank=0, world=1, device=torch.device("cpu"), model=model,
+                  optimizer=optimizer, strategy="ddp")
     assert got.step == 3 and torch.equal(model.w.detach(), torch.full((4,), 3.0))
     assert len(got.skipped) == 1 and f"{newest / name}: refused, it holds more than plain data" in got.skipped[0]
     assert checkpoint.drop_unusable(storage) == []  # Ray never registered these: nothing to unregister
@@ -123,7 +124,7 @@ def test_resume_skips_a_checkpoint_with_a_payload_for_the_previous_one(tmp_path,
 
 def test_the_loaders_refuse_a_payload_even_when_nothing_verified_the_checkpoint_first(tmp_path):
     """Verification is the first guard; every load is data only on its own as well."""
-    storage = _storage(tmp_path, "fsdp")
+    storage = _storage(tmp_path, "dcp")
     marker = tmp_path / "pwned"
     plant(storage / "checkpoint_00000006", "rng_rank0.pt", marker)
     with pytest.raises(safe_load.UnsafeFile, match="rng_rank0.pt: refused"):
@@ -133,13 +134,13 @@ def test_the_loaders_refuse_a_payload_even_when_nothing_verified_the_checkpoint_
         checkpoint.load_model_state_dict(storage / "checkpoint_00000003")
     model, optimizer = _model()
     with pytest.raises(BaseException, match=r"\.metadata: refused"):  # DCP wraps it in its CheckpointException
-        checkpoint.load_sharded(storage / "checkpoint_00000003", model, optimizer)
+        checkpoint.load(storage / "checkpoint_00000003", model, optimizer)
     assert not marker.exists()
 
 
 def test_a_checkpoint_of_the_earlier_format_still_resumes_with_its_rng(tmp_path):
     """Before issue 32 the RNG file held numpy's state as an ndarray; it still loads, data only."""
-    storage = _storage(tmp_path, "ddp")
+    storage = _storage(tmp_path, "legacy")
     newest = storage / "checkpoint_00000006"
     np.random.seed(7)
     expected = np.random.rand(3)
@@ -149,7 +150,7 @@ def test_a_checkpoint_of_the_earlier_format_still_resumes_with_its_rng(tmp_path)
     _rehash(newest)
     np.random.seed(0)
     model, optimizer = _model()
-    got = restore(storage, newest, rank=0, world=1, device=torch.device("cpu"), model=model, raw_model=model,
+    got = restore(storage, newest, rank=0, world=1, device=torch.device("cpu"), model=model,
                   optimizer=optimizer, strategy="ddp")
     assert got.step == 6 and not got.skipped
     np.testing.assert_array_equal(np.random.rand(3), expected)

@@ -1,15 +1,15 @@
 """Checkpoint files: what one rank writes, and how a directory is verified before it is used.
 
 A checkpoint is ``<variant>/checkpoints/checkpoint_<step:08d>/``, written in place by the ranks
-(no staging copy) and then registered with Ray Train. Two layouts:
-
-- ddp: rank 0 writes ``state.pt``, a dict with "model" (``Transformer.state_dict()``),
-  "optimizer" and the progress ("step", "first_loss", "samples_consumed", "world_size", ...).
-- fsdp: every rank writes its own shards of ``{"model": ..., "optimizer": ...}`` into ``dcp/``
-  with ``torch.distributed.checkpoint`` (files ``__<rank>_<n>.distcp``; rank 0 also
-  ``.metadata``), so nothing is gathered onto one rank; model tensors are stored under
-  ``model.<parameter name>``. Rank 0 writes the progress alone into ``state.pt``. DCP reshards
-  on load: a checkpoint of N workers loads into a run of M workers.
+(no staging copy) and then registered with Ray Train. One layout for every strategy, as
+torchtitan's: the ranks write ``{"model": ..., "optimizer": ...}`` into ``dcp/`` with
+``torch.distributed.checkpoint`` (files ``__<rank>_<n>.distcp``; rank 0 also ``.metadata``),
+keyed by parameter name as ``get_state_dict`` keys them (model tensors under ``model.<name>``,
+the fp32 masters where the weights are bf16), nothing gathered onto one rank: under fsdp each
+writes its shards, under ddp its ``replica_share``. DCP reshards on load: a checkpoint of N
+workers of either strategy loads into a run of M workers of either. Rank 0 writes the progress
+("step", "first_loss", "samples_consumed", "world_size", ...) into ``state.pt``, where ddp's
+earlier layout also kept "model" and "optimizer" (no ``dcp/``): those still resume and export.
 
 Every rank writes its RNG state and, last, a manifest of its files' SHA-256 and the world size,
 so a partial or corrupt checkpoint (a rank that never finished, a truncated or altered file)
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import location, safe_load
+from trainer import location, master_weights, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ REJECTED_NAME = "rejected_checkpoints"  # beside STORAGE_NAME: what a resume fou
 # directory; --resume and the worker's checkpoint choice read it. A private name of Ray's
 # (CHECKPOINT_MANAGER_SNAPSHOT_FILENAME), checked by tests/test_ray_internals.py.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+# How load_state_dict begins its error for missing, unexpected or differently shaped weights (``load``'s too).
+STATE_DICT_MISMATCH = "Error(s) in loading state_dict"
 # A checkpoint needs about its tensors' bytes; the margin covers pickling and the filesystem.
 SPACE_MARGIN = 1.1
 
@@ -230,8 +232,8 @@ def set_rng_state(state: dict) -> None:
 
 def write(directory: Path, rank: int, state: dict | None, world_size: int = 1, sharded: dict | None = None,
           rng: dict | None = None, group=None) -> None:
-    """Write this rank's share: ``state`` (rank 0 only: state.pt), its shards of ``sharded``
-    (fsdp, every rank, collective over ``group``: DCP), its RNG (``rng``, taken at the step
+    """Write this rank's share: ``state`` (rank 0 only: state.pt), its share of ``sharded``
+    (every rank, collective over ``group``: DCP), its RNG (``rng``, taken at the step
     saved; by default now), and its manifest last."""
     files = {}
     if sharded is not None:
@@ -413,7 +415,7 @@ def drop_unusable(storage: Store | str | Path) -> list[str]:
 
 def read(directory: Path, rank: int, map_location="cpu") -> tuple[dict, dict | None]:
     """The shared state (state.pt) and this rank's RNG state (None when the rank did not exist
-    then). For a sharded checkpoint the model and optimizer are loaded by ``load_sharded``."""
+    then). The model and optimizer are loaded by ``load``."""
     verify(directory)
     state = safe_load.load(directory / STATE_FILE, map_location=map_location)
     rng_file = directory / f"rng_rank{rank}.pt"
@@ -421,22 +423,58 @@ def read(directory: Path, rank: int, map_location="cpu") -> tuple[dict, dict | N
     return state, rng
 
 
-def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a DCP checkpoint into a sharded model and its optimizer (collective; reshards when
-    the checkpoint was written by a different number of workers)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+def load(directory: Path, model: torch.nn.Module, optimizer, state: dict | None = None) -> None:
+    """Load a checkpoint's model and optimizer: a DCP one of either strategy (collective; resharded
+    when written by another number of workers or strategy), or one of ddp's earlier layout from
+    its ``state`` (state.pt; the optimizer's state indexed as ``Optimizer.state_dict`` has it)."""
+    module, inner = master_weights.stateful(model, optimizer)
+    if is_sharded(directory):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    sd = sharded_state(model, optimizer)
-    dcp.load(sd, storage_reader=safe_load.Reader(str(directory / DCP_DIR)), planner=safe_load.Planner())
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        sd = sharded_state(model, optimizer)
+        reader = safe_load.Reader(str(directory / DCP_DIR))
+        _check_fits(reader, sd["model"])
+        dcp.load(sd, storage_reader=reader, planner=safe_load.Planner())
+        set_state_dict(module, inner, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    else:
+        module.load_state_dict(state["model"])
+        inner.load_state_dict(state["optimizer"])
 
 
-def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def _check_fits(reader, model_sd: dict) -> None:
+    """Raise as ``load_state_dict`` does (``STATE_DICT_MISMATCH``) unless the checkpoint's model has
+    ``model_sd``'s names and shapes (a DTensor's is the whole tensor's): DCP would load a larger
+    model's checkpoint in part without a word."""
+    meta = reader.read_metadata().state_dict_metadata
+    saved = {key.removeprefix("model."): tuple(m.size) for key, m in meta.items() if key.startswith("model.")}
+    ours = {key: tuple(t.shape) for key, t in model_sd.items()}
+    wrong = [f"{key}: {saved.get(key, 'absent')} in the checkpoint, {ours.get(key, 'absent')} in the model"
+             for key in sorted(saved.keys() | ours.keys()) if saved.get(key) != ours.get(key)]
+    if wrong:
+        raise RuntimeError(f"{STATE_DICT_MISMATCH}: size mismatch for " + "; ".join(wrong))
+
+
+def sharded_state(model: torch.nn.Module, optimizer) -> dict:
+    """What the ranks save into ``dcp/``: the model's and optimizer's state dicts as
+    ``get_state_dict`` keys them (by parameter name, alike under ddp and fsdp), of the fp32
+    masters where the weights are bf16. Under ddp each rank saves its ``replica_share``."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(*master_weights.stateful(model, optimizer))
     return {"model": model_sd, "optimizer": optim_sd}
+
+
+def replica_share(sd: dict, rank: int, world: int) -> dict:
+    """The part of ``sd`` that ``rank`` saves where every rank holds all of it (ddp): each
+    parameter with its optimizer state on one rank, the ranks' bytes balanced. DCP's save plan
+    would write each tensor once anyway (``dedup_save_plans``), but every rank would copy all of
+    it into CPU memory for an asynchronous save; this way each copies about 1/world."""
+    largest_first = sorted(sd["model"], key=lambda key: -tensor_bytes(sd["model"][key]))  # alike on every rank
+    owner = {key: i % world for i, key in enumerate(largest_first)}
+    state = {k: v for k, v in sd["optimizer"]["state"].items() if owner[k] == rank}
+    return {"model": {k: t for k, t in sd["model"].items() if owner[k] == rank},
+            "optimizer": {**sd["optimizer"], "state": state}}
 
 
 def load_model_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -170,8 +170,8 @@ def train_loop_per_worker(config: dict) -> dict:
     # ---------------------------------------------------------------- resume
     ray_ckpt = ray.train.get_checkpoint()  # [ray] the latest committed one: Ray restores it after a failure or from storage
     committed = Path(ray_ckpt.path) if ray_ckpt is not None else None
-    restored = restore(store, committed, rank=rank, world=world, device=device, model=training.model,
-                       raw_model=training.raw_model, optimizer=training.optimizer, strategy=spec.strategy)
+    restored = restore(store, committed, rank=rank, world=world, device=device, model=training.raw_model,
+                       optimizer=training.optimizer, strategy=spec.strategy)
     if init_gone and not restored:  # a ValueError: no retry (trainer/failures.py)
         raise ValueError(f"model.init_from {spec.model.init_from}: not found, and no checkpoint holds the weights")
     start_step = restored.step if restored else 0

@@ -8,7 +8,7 @@ copies that bf16 weights need (the bf16 recipe of Megatron-LM and DeepSpeed).
   blocks. AdamW steps fp32 master copies (``MasterWeights``) and copies them back into the bf16
   parameters, so no update is lost to bf16's 8 bits of mantissa:
   - clipping measures and scales the fp32 gradients;
-  - checkpoints keep the masters as the model's weights (``model_state``), so a checkpoint reads
+  - checkpoints keep the masters as the model's weights (``stateful``), so a checkpoint reads
     as a fp32 one: a resume continues exactly, and ``export`` reads full precision;
   - gradient accumulation sums the micro-steps' gradients in bf16, where DDP reduces them.
 - Under fsdp, FSDP2's ``MixedPrecisionPolicy`` does this on its own: its fp32 shards are the
@@ -48,17 +48,22 @@ class MasterWeights:
     model's bf16 parameters. A step: ``take_grads`` moves the bf16 gradients into the masters as
     fp32 (what clipping sees), ``step`` updates the masters and copies them into the parameters.
 
-    ``state_dict`` is the inner AdamW's, indexed as a plain AdamW over the model would be, so a
-    checkpoint's optimizer state loads either way; the masters travel as the checkpoint's model
-    weights (``model_state`` / ``load_model_state``)."""
+    The masters live in ``holder``, a module with the model's parameter names (tied ones share
+    one master), so a checkpoint of ``holder`` and ``inner`` (``stateful``) is keyed as one of the
+    model over fp32 weights and a plain AdamW: it loads under either dtype and either strategy."""
 
     def __init__(self, model: nn.Module, build: Callable[[nn.Module], torch.optim.Optimizer]):
-        self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        holder = nn.Module()  # the masters in the model's parameter order, for build_optimizer's groups
-        holder.masters = nn.ParameterList([nn.Parameter(p.detach().float().clone()) for p in self.params])
-        self.masters = list(holder.masters)
-        self.inner = build(holder)
+        self.holder = nn.Module()
+        master_of: dict[int, nn.Parameter] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):  # in the model's order: the same groups
+            if p.requires_grad:
+                *path, leaf = name.split(".")
+                _submodule(self.holder, path).register_parameter(
+                    leaf, master_of.setdefault(id(p), nn.Parameter(p.detach().float().clone())))
+        self.masters = [master_of[id(p)] for p in self.params]
+        self.inner = build(self.holder)
+        self.holder.register_load_state_dict_post_hook(lambda *_: self._copy_to_params())  # a checkpoint's masters
 
     @property
     def param_groups(self) -> list[dict]:
@@ -73,9 +78,12 @@ class MasterWeights:
             p.grad = None
         return self.masters
 
-    @torch.no_grad()
     def step(self) -> None:
         self.inner.step()
+        self._copy_to_params()
+
+    @torch.no_grad()
+    def _copy_to_params(self) -> None:  # the masters' bf16 rounding: after a step, and after a load
         torch._foreach_copy_(self.params, self.masters)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -83,36 +91,18 @@ class MasterWeights:
             p.grad = None
         self.inner.zero_grad(set_to_none=True)
 
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
-
-    def model_state(self) -> dict:
-        """The model's state dict with each parameter's fp32 master in its place (tied names
-        share one), the buffers as they are."""
-        master_of = {id(p): m for p, m in zip(self.params, self.masters)}
-        return {name: master_of[id(t)].detach() if id(t) in master_of else t.detach()
-                for name, t in self.model.state_dict(keep_vars=True).items()}
-
-    @torch.no_grad()
-    def load_model_state(self, state: dict) -> None:
-        """Load a checkpoint's model weights: the masters take them as they are (fp32), the
-        parameters their bf16 rounding, as after a step."""
-        self.model.load_state_dict(state)
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        for p, m in zip(self.params, self.masters):
-            m.copy_(state[names[id(p)]])
+def _submodule(root: nn.Module, path: list[str]) -> nn.Module:
+    """``root``'s submodule at ``path``, made (empty) where it is not there yet."""
+    for part in path:
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    return root
 
 
-def model_state(model: nn.Module, optimizer) -> dict:
-    """What a checkpoint keeps as the model's weights: the fp32 masters where there are some."""
-    return optimizer.model_state() if isinstance(optimizer, MasterWeights) else model.state_dict()
-
-
-def load_model_state(model: nn.Module, optimizer, state: dict) -> None:
-    if isinstance(optimizer, MasterWeights):
-        optimizer.load_model_state(state)
-    else:
-        model.load_state_dict(state)
+def stateful(model: nn.Module, optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The module and optimizer whose state a checkpoint keeps: the fp32 masters and their AdamW
+    where there are masters, so a checkpoint reads as a fp32 one (a resume continues exactly, and
+    ``export`` reads full precision); loaded, the bf16 weights take their masters' rounding."""
+    return (optimizer.holder, optimizer.inner) if isinstance(optimizer, MasterWeights) else (model, optimizer)

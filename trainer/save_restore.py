@@ -25,8 +25,6 @@ from trainer.config import FaultConfig
 log = logging.getLogger(__name__)
 
 FAULT_MARKER = ".fault-injected"
-# How torch's load_state_dict begins its error for missing, unexpected or differently shaped weights.
-STATE_DICT_MISMATCH = "Error(s) in loading state_dict"
 
 
 def store_of(spec, who: str) -> checkpoint.Store:
@@ -70,8 +68,7 @@ def _broadcast(value, world: int):
 
 
 def restore(store: checkpoint.Store | Path, committed: Path | None, *, rank: int, world: int, device: torch.device,
-            model: torch.nn.Module, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            strategy: str) -> Restored | None:
+            model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: str) -> Restored | None:
     """Load the newest usable checkpoint into the model and optimizer, and this rank's RNG.
 
     Rank 0 chooses (``checkpoint.newest_usable``: Ray's committed one or a newer complete
@@ -89,14 +86,14 @@ def restore(store: checkpoint.Store | Path, committed: Path | None, *, rank: int
         return None
     path = found or store.local(name)
     state, rng = checkpoint.read(path, rank, map_location=device)
-    sharded = checkpoint.is_sharded(path)
-    if sharded != parallel.get(strategy).shards:
-        raise ValueError(f"checkpoint {path} was written with scaling.strategy {parallel.sharding(sharded)}; "
-                         f"this run uses {strategy}: resume with the same strategy")
+    if not checkpoint.is_sharded(path) and parallel.get(strategy).shards:
+        ddp = parallel.sharding(False)
+        raise ValueError(f"checkpoint {path} is in the earlier layout of scaling.strategy {ddp} (state.pt), "
+                         f"which this run's {strategy} does not load: resume it with {ddp}")
     try:
-        parallel.get(strategy).load(path, state, model=model, raw_model=raw_model, optimizer=optimizer)
+        checkpoint.load(path, model, optimizer, state)
     except RuntimeError as e:
-        if not str(e).startswith(STATE_DICT_MISMATCH):
+        if not str(e).startswith(checkpoint.STATE_DICT_MISMATCH):
             raise
         # The config's model is not the checkpoint's (an edited config.yaml): every restart would say so.
         raise failures.DeterministicFailure("config", f"checkpoint {path} does not fit the model of this "
@@ -159,9 +156,11 @@ class Saver:
             self._report(metrics)
             return None
         directory = self._directory(name)
-        own, sharded = parallel.get(self.strategy).checkpoint_state(self.model, self.optimizer, self.rank)
-        state = {**progress, **own} if self.rank == 0 else None
-        needed = checkpoint.tensor_bytes(state) + checkpoint.tensor_bytes(sharded) + (1 << 20)
+        sharded = checkpoint.sharded_state(self.model, self.optimizer)
+        if not parallel.get(self.strategy).shards:  # every rank holds all of it: each saves its share
+            sharded = checkpoint.replica_share(sharded, self.rank, self.world)
+        state = progress if self.rank == 0 else None
+        needed = checkpoint.tensor_bytes(sharded) + (1 << 20)
         self._agree(_attempt(checkpoint.check_free_space, directory, needed), directory, needed)
         rng = checkpoint.rng_state()  # now: training draws from the generators while the thread writes
         if self.asynchronous:  # training changes the tensors in place from the next step on

@@ -34,7 +34,7 @@ class Strategy:
     import it where they run (the driver imports this module to plan)."""
 
     name: str
-    shards: bool  # each worker holds a shard of every parameter, and a checkpoint is DCP shards
+    shards: bool  # each worker holds a shard of every parameter (a checkpoint is DCP either way)
 
     def weights_dtype(self, precision: str) -> str:
         """``train.param_dtype`` auto at compute ``precision``: fp32 (autocast casts the weights)."""
@@ -62,9 +62,6 @@ class Strategy:
     #   built on the meta device, materialised with the seeded init replayed (trainer/parallelize.py)
     #   or ``init_weights`` (a full state dict) loaded; float8 (a recipe) converts the Linear
     #   layers first; whole_graph compiles the model as one graph where compiles_whole allows.
-    # checkpoint_state(model, optimizer, rank) -> (rank 0's state.pt entries besides the progress,
-    #   this rank's DCP shards); collective.
-    # load(path, state, *, model, raw_model, optimizer): a checkpoint it wrote; collective.
 
 
 from trainer.parallel.ddp import DDP  # noqa: E402 - the interface above comes first
@@ -94,5 +91,5 @@ def weights_dtype(param_dtype: str, strategy: str, precision: str) -> Literal["f
 
 
 def sharding(shards: bool) -> str:
-    """The strategy that does (not) shard the model, and whose checkpoints are (not) DCP shards."""
+    """The strategy that does (not) shard the model."""
     return next(s.name for s in STRATEGIES.values() if s.shards == shards)

@@ -72,16 +72,3 @@ class DDP(Strategy):
 
     def no_sync(self, model):
         return model.no_sync() if hasattr(model, "no_sync") else nullcontext()  # one worker: nothing to sync
-
-    def checkpoint_state(self, model, optimizer, rank):
-        from trainer import master_weights
-
-        if rank != 0:
-            return None, None
-        return {"model": master_weights.model_state(model, optimizer), "optimizer": optimizer.state_dict()}, None
-
-    def load(self, path, state, *, model, raw_model, optimizer):
-        from trainer import master_weights
-
-        master_weights.load_model_state(raw_model, optimizer, state["model"])  # fp32 masters where the weights are bf16
-        optimizer.load_state_dict(state["optimizer"])

@@ -112,16 +112,6 @@ class FSDP(Strategy):
     def no_sync(self, model):
         return _no_sync(model)
 
-    def checkpoint_state(self, model, optimizer, rank):
-        from trainer import checkpoint
-
-        return {}, checkpoint.sharded_state(model, optimizer)
-
-    def load(self, path, state, *, model, raw_model, optimizer):
-        from trainer import checkpoint
-
-        checkpoint.load_sharded(path, model, optimizer)
-
 
 @contextmanager
 def _no_sync(model):
