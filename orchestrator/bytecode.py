@@ -1,18 +1,9 @@
 """A bytecode cache for the processes a local run starts, where the environment keeps none.
 
-Python compiles each module it imports and keeps the bytecode beside the source
-(``__pycache__``) for the next process. Installers that skip that step (uv by default,
-``pip --no-compile``) leave packages without bytecode, and with ``PYTHONDONTWRITEBYTECODE`` set,
-as container images often have it, no process ever writes any: every process compiles every
-module it imports from source, again: seconds of imports in each of the processes a run starts
-(the driver, Ray's, the probe, each worker; the figures are in docs/startup.md, "Bytecode").
-
-So where torch has no bytecode and the environment forbids writing it, a local run's processes
-write theirs to a cache of the orchestrator's own (``PYTHONPYCACHEPREFIX``), never into the
-installed packages, which is what the variable is usually set to prevent. The settings go into
-this process's environment before it starts Ray, the probe or a kept head, so every process of
-the run inherits them. Nothing changes where the bytecode exists, where writing is allowed,
-where the user set a prefix, or with ``BYTECODE_ENV`` = 0; a path there moves the cache.
+Why and when, with the figures: docs/startup.md, "Bytecode". The cache is the orchestrator's own
+(``PYTHONPYCACHEPREFIX``), never the installed packages, which ``PYTHONDONTWRITEBYTECODE`` is
+usually set to protect. The settings go into this process's environment before it starts Ray,
+the probe or a kept head, so every process of the run inherits them.
 """
 
 from __future__ import annotations

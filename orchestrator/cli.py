@@ -1,9 +1,6 @@
 """``python -m orchestrator <command>``: a thin layer over the Python API.
 
-Exit codes: 0 success; 1 the run failed; 2 usage or input error (a request the cluster can
-never satisfy included); 3 the run finished but a requested variant was skipped (flash
-attention works on no node); 130 / 143 interrupted by SIGINT / SIGTERM (128 + the signal;
-the run can be continued with ``train --resume``). Errors are one line on stderr, with a
+Exit codes: docs/results.md, "Exit codes of `train`". Errors are one line on stderr, with a
 traceback only under ``--debug``.
 """
 

@@ -1,14 +1,6 @@
 """Which of two variants is better on held-out data, and how sure that is: the verdict of the
 comparison report (orchestrator/comparison.py), a pure function of the variants' metrics records.
-
-Every variant evaluates the same held-out batches (trainer/evaluate.py), so the comparison is
-paired by batch: the per-batch differences of the two variants' losses give the standard error
-of the difference, free of how hard each batch is. That covers the choice of held-out batches,
-not the training seed: two seeds of one model can differ by more. A variant trained with several
-seeds (``train --seeds K``) is compared by its mean over them, and the standard error adds the
-seeds' spread: ``sqrt(std_a² / K_a + std_b² / K_b + se_batches²)``, with the standard deviation
-over seeds (n - 1) and the paired standard error of the seed-averaged batch losses. A difference
-larger than ``Z`` standard errors is called; anything smaller is "no difference within noise".
+The method, paired by batch and over seeds: docs/validation.md, "The report's verdict".
 """
 
 from __future__ import annotations

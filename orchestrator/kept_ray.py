@@ -1,21 +1,8 @@
-"""A local Ray kept running between commands: ``train --keep-ray`` and ``ray-down``.
+"""A local Ray kept running between commands: ``train --keep-ray`` and ``ray-down``
+(docs/startup.md, "Warm mode: `--keep-ray`").
 
-Starting a local Ray is paid by every command that starts its own, and so is the first start
-of every process it pools. While iterating, ``train --keep-ray`` starts the local head once, as
-a detached ``ray start --head --block`` in a session of its own (it outlives the command and
-ignores its Ctrl-C), bound to 127.0.0.1 with token auth like the Ray a plain ``train`` starts,
-and records it; the next ``train --keep-ray`` finds the record and joins that head. ``ray-down``
-stops exactly the head recorded here (its process group), never another Ray of the machine.
-
-The record is per user and host, in a directory only its user can read (``<state dir>/kept-ray-<host>.json``): the pid and start time
-of the ``ray start`` process, so a reused pid is not mistaken for it, the address and the
-session directory. A record whose process is gone is ignored with a warning and replaced.
-Finding or starting the head happens under a lock, so two commands at once start one head.
-
-The head's processes keep the environment of the command that started it; after changing
-something the workers should see at start (a cache location, ``PYTHONPATH``), ``ray-down``
-and start again. Its session directory carries no driver marker, so the clean-up of dead
-drivers' sessions (orchestrator/session.py) leaves it alone.
+The record, per user and host in a directory only its user can read, holds the pid and the
+start time of the ``ray start`` process, so a reused pid is not mistaken for it.
 """
 
 from __future__ import annotations

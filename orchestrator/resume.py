@@ -1,14 +1,10 @@
-"""``train --resume RUN_DIR``: continue a stopped run in its own directory.
+"""``train --resume RUN_DIR``: continue a stopped run in its own directory
+(docs/faults-and-resume.md, "`train --resume RUN_DIR`").
 
-The run keeps what it started with: its saved ``config.yaml`` (flags such as ``--max-steps``
-already applied) and ``options.json``, and trains on the same data and model: ``started_with.json``
-holds the data's fingerprint and each variant's model shape and ``train.seq_len`` at the first
-start, and a resume that finds other data, or a ``config.yaml`` edited to another shape (the
-checkpoints would not load) or sequence length (the data position would mean other windows),
-is refused. Each unfinished variant gets the same Ray storage
-(``<variant>/checkpoints``), and Ray Train restores its checkpoint list from the
-``checkpoint_manager_snapshot.json`` there, so ``ray.train.get_checkpoint()`` hands the
-workers the last committed checkpoint. Variants that already succeeded are not rerun.
+The run keeps its saved ``config.yaml`` (flags such as ``--max-steps`` already applied) and
+``options.json``. ``started_with.json`` refuses other data, or a ``config.yaml`` edited to another
+model shape (the checkpoints would not load) or sequence length (the data position would mean
+other windows).
 """
 
 from __future__ import annotations

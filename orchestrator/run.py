@@ -5,15 +5,9 @@ is started, so bad input costs seconds and leaves nothing behind. Then the drive
 phases in order over one ``RunState``: connect -> probe -> plan -> open the run directory ->
 execute -> finish.
 
-Where Ray runs on this machine only (no ``--address``: a Ray of the command's own, or the kept
-one of ``--keep-ray``), this machine is the only node, so its probe starts right after the
-input checks, in a thread, while Ray starts; the probe phase then waits only for what is left.
-``run.startup_marks`` in the summary has the epoch seconds that show the overlap.
-
-Nothing before Ray's start imports torch (``tests/test_startup.py`` holds the driver to it): the
-phases after it need torch, Ray Train and the worker loop, seconds of imports that a thread
-loads while this command starts a Ray (``_preload``); a command that joins one starts that
-thread once joined, beside the probe's reuse and the plan.
+What overlaps what (this machine's probe and the imports of ``_preload`` beside Ray's start):
+docs/startup.md, "Overlap". Nothing before Ray's start imports torch (``tests/test_startup.py``
+holds the driver to it).
 """
 
 from __future__ import annotations
@@ -611,16 +605,9 @@ def startup_phases(t_command: float, t_ray: float, t_plan: float, results: dict[
                    t_ray_init: Optional[float] = None, probe: Optional[tuple[float, float]] = None,
                    head_start_s: Optional[float] = None) -> dict[str, float] | None:
     """Seconds from command to first step, by phase, for the first variant that trained; then
-    the parts of some phases (``STARTUP_PARTS``): ``ray_init`` (of ray_start, which also holds
-    the imports and input checks: starting or joining Ray), ``ray_head_start`` (of ray_init:
-    starting the head ``--keep-ray`` keeps), ``probe`` (the preflight on every node, reused or
-    probed, that the plan waited for once Ray was up), ``probe_overlapped`` (the preflight that
-    ran during ray_start, at the same time as Ray's start: counted there, not again), and
-    ``worker_process`` (of workers_up: Ray Train until the worker's process exists),
-    ``worker_init`` (the rest of workers_up: that process until the train function runs),
-    and ``data``, ``attention`` (choosing the kernel) and ``model_init`` (of setup). The phases
-    follow one another, so they add up to the total (less the launch's gap); the probe's whole
-    time is ``probe_overlapped`` + ``probe``. ``probe`` is the (start, end) of the preflight."""
+    the parts of some phases (``STARTUP_PARTS``; each is described in docs/startup.md, "Phases").
+    The phases follow one another, so they add up to the total (less the launch's gap); the
+    probe's whole time is ``probe_overlapped`` + ``probe``. ``probe`` is the (start, end) of the preflight."""
     rec = next((r for r in results.values() if r.timeline and r.timeline.get("first_step")), None)
     if rec is None:
         return None

@@ -1,20 +1,11 @@
 """One driver per run directory: an exclusive ``flock`` on ``<run>/driver.lock``, held for as
-long as the command runs.
+long as the command runs; a run in a bucket also holds a lease there against drivers on other
+machines (docs/faults-and-resume.md, "One driver per run directory"; docs/clusters.md, "Results
+in a bucket").
 
-Two drivers in one directory interleave their metrics and overwrite each other's summary, so
-a second ``train --resume`` of a live run is refused at once, naming the live driver. The
-kernel drops the lock when its holder exits however it exits (SIGKILL, a lost node's NFS
-lease), so a killed driver leaves no stale lock behind: its file stays, unlocked, and only
-its pid and host are kept for the message. The file is never deleted: a process that opened
-it just before a delete would lock a file nobody else can see.
-
-A run in a bucket is locked on this machine (its mirror's ``driver.lock``) and, against drivers
-on other machines, by a lease in the bucket: ``driver.lease.json`` names the driver and is
-renewed every ``LEASE_RENEW_S``. A driver finding a lease renewed within ``LEASE_TTL_S`` is
-refused; an older one is a dead driver's and is taken over, as is one of a pid on this host
-that no longer runs. Object stores have no create-if-absent that every store offers, so a
-driver writes its lease, waits ``LEASE_SETTLE_S`` and reads it back: of two drivers that
-started at the same moment, the one whose write the store kept goes on, the other is refused.
+Two drivers in one directory interleave their metrics and overwrite each other's summary. The
+lock file is never deleted: a process that opened it just before a delete would lock a file
+nobody else can see.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
-"""Joining a Ray cluster, or starting a local one for the length of a command.
+"""Joining a Ray cluster, or starting a local one for the length of a command
+(docs/faults-and-resume.md, "Nothing left behind" and "A driver killed with SIGKILL").
 
 A local Ray listens on 127.0.0.1 only: it serves this one command on this one machine, and
 otherwise its GCS, raylet, workers and agents (about 22 TCP ports) would be open on every
-interface. Setting ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` in the environment asks for the
-node's address instead (for a ``ray start --address`` from another machine to join it).
-torch.distributed's rendezvous store, which Ray Train opens in rank 0, still binds every
-interface: torch has no setting for its address.
-
-A driver killed with SIGKILL cannot clean up: its local Ray's agents outlive it by a minute
-and its session directory under /tmp/ray stays. Each local Ray of ours leaves a marker in its
-session directory naming its driver, so the next command removes what a dead one left. The
-head ``train --keep-ray`` keeps (orchestrator/kept_ray.py) carries no marker: it is meant to
-outlive the driver that started it.
+interface. Each local Ray of ours leaves a marker in its session directory naming its driver,
+so the next command removes what a driver killed with SIGKILL left; the head ``train
+--keep-ray`` keeps carries none: it is meant to outlive the driver that started it.
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """Where a run's results and data live: on a path that every node of the cluster reaches, or
-in a bucket.
+in a bucket (docs/clusters.md, "Results on several nodes" and "Results in a bucket").
 
-Workers write metrics, TensorBoard events and checkpoints into the run directory, and read
-the token dataset, with plain file I/O. On one machine any directory works. On several
-nodes each node must see the same files at the same path: an NFS (or other shared
-filesystem) mount, or a bucket mounted on every node (s3fs, gcsfuse, mountpoint-s3).
-
-An object-store URI (``s3://``, ``gs://``, ...) as ``--output-dir`` needs no mount: the run
-directory is a node-local mirror in the user cache that is uploaded (``publish``), and Ray
-Train uploads the checkpoints (``trainer/location.py``). ``check_bucket`` asks the store once,
-with a short timeout, before anything starts. The run lock (``orchestrator/runlock.py``) then
-holds on the mirror, and a lease in the bucket keeps drivers on other machines out.
-
-The decisions are pure functions (``output_dir_problem``, ``shared_problems``,
-``bucket_problem``); the Ray side (``check_nodes``) only gathers what each node sees.
+Workers read and write the run directory and the dataset with plain file I/O, so on several
+nodes each must see the same files at the same path. A bucket's run directory is a node-local
+mirror that ``publish`` uploads. The decisions are pure functions (``output_dir_problem``,
+``shared_problems``, ``bucket_problem``); the Ray side (``check_nodes``) only gathers what each
+node sees.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
-"""DDP or FSDP, and does it fit: each planned variant's workers against their devices' memory.
+"""DDP or FSDP, and does it fit: each planned variant's workers against their devices' memory
+(docs/performance.md, "Strategy" and "Memory estimate").
 
-Pure: the planner calls ``resolve`` once the workers are placed, with what preflight found on
-each node (the smallest GPU's memory, the node's RAM) and the per-worker estimate of
-``orchestrator/memory.py``. A worker may use ``scaling.memory_headroom`` of its device: the rest is
-for what no estimate sees (allocator fragmentation, other processes). On a CPU node the
-workers placed there at the same time share its RAM.
-
-``auto`` takes DDP while the model state (parameters, gradients, AdamW moments) fills at most
-half of what a worker may use, so activations have room, and FSDP beyond that; a plan that
-fits under no strategy is refused before anything is allocated.
+Pure: the planner calls ``resolve`` once the workers are placed. A worker may use
+``scaling.memory_headroom`` of its device: the rest is for what no estimate sees (allocator
+fragmentation, other processes).
 """
 
 from __future__ import annotations
