@@ -19,7 +19,6 @@ from trainer import parallel
 from trainer.config import AttentionName, ModelConfig, Strict, TrainConfig
 
 
-
 # Held out by default: a tenth of the embedded corpus (128k tokens) is ~100 windows at seq_len 128,
 # room for train.eval_batches' default 8 batches of 8.
 DEFAULT_VAL_FRACTION = 0.1
@@ -164,13 +163,13 @@ def _loc(loc: tuple) -> str:
     return out
 
 
-def _first_error(e: ValidationError, model: type | None = None) -> str:
+def _first_error(e: ValidationError, model: type) -> str:
     errors = e.errors()
     err = errors[0]
     loc = _field_loc(err["loc"])
     where = _loc(loc)
     if err["type"] == "extra_forbidden":
-        valid = _valid_keys(model, loc[:-1]) if model else []
+        valid = _valid_keys(model, loc[:-1])
         hint = f"; valid keys: {', '.join(valid)}" if valid else ""
         return f"unknown key '{where}'{hint}"
     # A union reports one error per branch: say them together ("'auto' or a valid boolean").

@@ -1,12 +1,10 @@
 """Running a plan from one driver: its variants concurrently (one thread per ``fit()``, each
 variant on the CPUs/GPUs the plan pinned it to) or one after the other.
 
-Ray Train waits for placement without end by default; the wait is bounded here, so a request
-the cluster cannot serve now (resources held by another job, a node gone since planning)
-fails after ``scaling.placement_timeout_s`` instead of hanging. A worker that stops answering
-is found after half of ``scaling.hang_timeout_s`` (Ray's default: 600 s), so its group
-restarts before its peers' collectives time out at the whole of it: the failure then names
-the frozen rank rather than a peer that waited for it.
+Ray Train waits for placement without end by default; the wait is bounded here by
+``scaling.placement_timeout_s`` (docs/variants.md, "The plan"). A worker that stops answering is
+found after half of ``scaling.hang_timeout_s``, before its peers' collectives time out at the
+whole of it (docs/elastic.md, "Hangs").
 """
 
 from __future__ import annotations
@@ -44,16 +42,14 @@ def controller_env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def placement_timeout(seconds: float):
-    return controller_env({START_TIMEOUT_ENV: f"{seconds:g}"})
-
-
 def run_plan(plan: Plan, specs: dict[str, WorkerSpec], *, max_failures: int, keep_checkpoints: int,
              placement_timeout_s: float, hang_timeout_s: float = 300.0, resize_interval_s: float = 60.0,
              worker_env: Optional[dict[str, str]] = None) -> dict[str, VariantResult]:
     """Every variant's summary record, keyed by name, in the plan's order; ``worker_env`` is set
     in every worker's environment."""
-    results = {v.name: launch.skipped_record(v) for v in plan.variants if v.status == "skipped"}
+    results = {v.name: VariantResult(status="skipped", attention=v.attention, env=v.env, num_workers=v.num_workers,
+                                     use_gpu=v.use_gpu, reason=v.reason)
+               for v in plan.variants if v.status == "skipped"}  # flash attention works on no node
 
     def one(v: PlannedVariant) -> VariantResult:
         log.info("[%s] starting %s worker(s), %s", v.name, v.count(), " ".join(f"{k}={x}" for k, x in v.env.items()))

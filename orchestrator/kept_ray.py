@@ -85,10 +85,6 @@ def _write_record(head: KeptHead) -> None:
     rundir.write_json(_path("json"), asdict(head))
 
 
-def _forget() -> None:
-    _path("json").unlink(missing_ok=True)
-
-
 def find() -> Optional[KeptHead]:
     """The kept head of this user on this host, if it still runs. A record of one that is gone (a
     reboot, a killed ``ray start``) is removed with a warning, and what that head left behind goes
@@ -249,7 +245,7 @@ def _dispose(head: KeptHead) -> None:
 
         remove_session_dir(Path(session_dir))
     _forget_address(head, session_dir)
-    _forget()
+    _path("json").unlink(missing_ok=True)  # the record
 
 
 def down() -> Optional[KeptHead]:

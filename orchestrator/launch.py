@@ -50,10 +50,6 @@ def worker_threads_env(cpus_per_worker: float, environ=None) -> dict[str, str]:
     return {} if "OMP_NUM_THREADS" in env else {"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker)))}
 
 
-def skipped_record(v: PlannedVariant) -> results.VariantResult:
-    return results.skipped(v.attention, v.env, v.num_workers, v.use_gpu, v.reason)
-
-
 def count_attempts(variant_dir: Path, since: float) -> int:
     """Worker-group starts of a variant since ``since``."""
     return sum(isinstance(a.get("time"), (int, float)) and a["time"] >= since for a in read_attempts(variant_dir))
@@ -105,7 +101,7 @@ def run_variant(v: PlannedVariant, spec: WorkerSpec, *, max_failures: int, keep_
     """Train one variant to completion (or failure) and return its summary record.
 
     Placement is tried once: with ``controller_failure_limit=0`` Ray Train gives up when the
-    workers cannot be placed within the start timeout (``execute.placement_timeout``) instead
+    workers cannot be placed within the start timeout (``execute.START_TIMEOUT_ENV``) instead
     of retrying forever. Worker failures after placement are retried ``max_failures`` times.
     A collective that waits ``hang_timeout_s`` fails (gloo and NCCL both take the timeout from
     ``init_process_group``, which Ray Train calls with ``TorchConfig.timeout_s``). An elastic

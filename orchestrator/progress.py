@@ -85,13 +85,12 @@ def _last_step(path: Path) -> int:
 class ProgressFollower:
     """A background thread that logs new steps and resumptions, until stopped."""
 
-    def __init__(self, metrics_path: Path, label: str, max_steps: int, interval_s: float = 1.0,
-                 attempts_path: Path | None = None):
+    def __init__(self, metrics_path: Path, label: str, max_steps: int, interval_s: float = 1.0):
         from trainer.metrics import ATTEMPTS_FILE
 
         self.label, self.max_steps, self.interval_s = label, max_steps, interval_s
         self._metrics = _Tail(metrics_path, from_end=True)
-        self._attempts = _Tail(attempts_path or metrics_path.with_name(ATTEMPTS_FILE), from_end=True)
+        self._attempts = _Tail(metrics_path.with_name(ATTEMPTS_FILE), from_end=True)
         self._shown = _last_step(metrics_path)  # steps up to here were logged by an earlier invocation
         self._starts = 0
         self._stop = threading.Event()

@@ -190,12 +190,6 @@ def named_stragglers(stragglers: list[dict]) -> str:
                      for s in stragglers)
 
 
-def skipped(attention: str, env: dict[str, str], num_workers: int, use_gpu: bool, reason: Optional[str]) -> VariantResult:
-    """A variant the plan did not run (flash attention works on no node)."""
-    return VariantResult(status="skipped", attention=attention, env=env, num_workers=num_workers, use_gpu=use_gpu,
-                         reason=reason)
-
-
 def not_started(attention: str) -> VariantResult:
     """A variant the run never reached before it was interrupted: it runs on --resume."""
     return VariantResult(status="interrupted", attention=attention, error="not started: the run was interrupted")

@@ -220,8 +220,7 @@ def ray_session(address: str | None, *, log_to_driver: bool = False, num_cpus: i
         return
     flag = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
-    env = {"RAY_USAGE_STATS_ENABLED": "0"}
-    os.environ.update({k: v for k, v in env.items() if k not in os.environ})
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         check_reachable(address, flag)
     else:

@@ -286,10 +286,10 @@ def _check_run(uri: str, flag: str) -> None:
         raise UsageError(f"{flag} {uri}: run directory not found")
 
 
-def run_to_read(run_dir: str, flag: str = "RUN_DIR") -> Path:
+def run_to_read(run_dir: str) -> Path:
     """A run directory to read (export, generate, report): itself, or a bucket's run copied here
     whole, checkpoints included (each is verified where it is used). Raises UsageError."""
     if not location.is_uri(run_dir):
         return Path(run_dir)
-    _check_run(run_dir, flag)
+    _check_run(run_dir, "RUN_DIR")
     return location.download(run_dir, location.staging(run_dir, location.READ))

@@ -14,12 +14,11 @@ import torch
 
 from orchestrator import config as config_mod, preprocess, seeds
 from orchestrator.errors import UsageError
+from orchestrator.results import CONFIG_FILE, OPTIONS_FILE
 from trainer import checkpoint, dataset as dataset_mod, hf_convert
 from trainer.model_args import ModelArgs
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE, OPTIONS_FILE = "config.yaml", "options.json"
 
 
 @dataclass

@@ -143,7 +143,7 @@ def test_ray_train_gives_up_placing_workers_after_the_placement_timeout(cluster,
     spec = WorkerSpec(variant="ghost", model=ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1),
                       train=TrainConfig(max_steps=1), data_path=str(tmp_path / "unused"), out_dir=str(tmp_path / "ghost"))
     t0 = time.monotonic()
-    with execute.placement_timeout(3):
+    with execute.controller_env({execute.START_TIMEOUT_ENV: "3"}):
         rec = launch.run_variant(pv, spec, max_failures=0, keep_checkpoints=1, placement_timeout_s=3)
     # Starting Ray Train's controller takes seconds of its own (31 s once on a loaded 2-core
     # machine); the error below names the 3 s that gave up.
