@@ -1,9 +1,8 @@
 """SIGINT and SIGTERM to the driver: stop the run cleanly instead of dying mid-write.
 
-The first signal raises ``Interrupted`` in the main thread, where the driver waits on Ray; the
-driver then aborts the workers, writes an "interrupted" summary and shuts down the Ray it
-started. Later signals are only logged, so that cleanup (bounded by timeouts) is never cut
-short and leaves nothing behind; SIGKILL remains for the impatient. Inside ``deferred()``
+What the driver does then: docs/faults-and-resume.md, "Ctrl-C or SIGTERM to the driver". The
+first signal raises ``Interrupted`` in the main thread, where the driver waits on Ray; later
+ones are only logged, so that cleanup (bounded by timeouts) is never cut short. Inside ``deferred()``
 (starting or stopping Ray) a signal is recorded and raised when the block ends, because an
 exception in the middle of either would leave half-started processes.
 """

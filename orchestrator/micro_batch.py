@@ -1,12 +1,8 @@
 """``train.micro_batch_size: auto``: the largest micro-batch whose estimated peak fits the worker.
 
-Pure, like ``strategy.py``, whose fit test it asks: the plan calls ``resolve`` once a variant's
-workers are placed, with the same per-worker limit (``scaling.memory_headroom`` of the smallest
-GPU's memory, or the node's RAM share on CPU). The strategy is chosen at micro-batch 1 (what
-decides it, the model state, does not grow with the micro-batch); under that strategy the
-micro-batch then grows while ``memory.estimate`` stays within the limit, up to ``MAX_TOKENS``
-per micro-step. The config has no global batch to keep: ``train.grad_accum_steps`` is taken as
-given, so the tokens per optimizer step grow with the micro-batch.
+Pure, like ``strategy.py``, whose fit test it asks (docs/performance.md, "Settings left at
+`auto`"). The strategy is chosen at micro-batch 1: what decides it, the model state, does not
+grow with the micro-batch.
 """
 
 from __future__ import annotations

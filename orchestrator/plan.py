@@ -26,10 +26,8 @@ Rules, in order, per variant:
    and its workers' memory estimate is checked against their devices (``strategy.py``): a
    variant that fits under no strategy is infeasible (exit 2) before anything is allocated.
    ``train.micro_batch_size: auto`` becomes the largest that fits (``micro_batch.py``).
-Then all runnable variants are packed onto the cluster at once. If they fit, they run
-concurrently, each worker pinned to its node with a ``ray.io/node-id`` selector so the
-variants cannot take each other's CPUs or GPUs. If not, they run one after the other on the
-whole cluster, and the plan says so up front.
+Then all runnable variants are packed onto the cluster at once: concurrently if they fit, else
+one after the other (docs/variants.md, "The plan").
 """
 
 from __future__ import annotations
@@ -282,9 +280,7 @@ def make_plan(variants: list[VariantConfig], scaling: ScalingConfig, nodes: list
 
     ``workloads`` (variant name -> model and train settings) lets the plan choose each
     variant's strategy and check that its workers fit in memory; without it the strategy is
-    taken as asked (auto: ddp) and memory is not checked. ``flash_disabled``
-    (--disable-flash-attn, DISABLE_FLASH_ATTN=1) gives every variant standard attention,
-    whatever it asked for, and places them as the same variants would be placed without it:
+    taken as asked (auto: ddp) and memory is not checked. ``flash_disabled``: rule 2's switch;
     the request stays in ``attention``, the reason in ``reason``.
     Raises InfeasibleRequest (exit 2) for a request no state of this cluster can satisfy.
     """

@@ -1,10 +1,7 @@
 """``train --seeds K``: each variant trained K times, with seeds train.seed, train.seed + 1, ...
 
-Each run of a variant is a variant of its own in the plan, the run directory and summary.json,
-named ``<variant>-s<i>`` (i = 1..K) with its seed in its train overrides, so placement, launch,
-results, ``--resume`` and ``export`` treat it as any variant. K = 1 leaves the variants as they
-are. summary.json's ``seed_groups`` says which runs make up which variant; the report compares
-the groups (orchestrator/heldout.py).
+Each run is a variant of its own, ``<variant>-s<i>`` with its seed in its train overrides, so
+everything downstream treats it as any variant (docs/validation.md, "Over seeds").
 """
 
 from __future__ import annotations
