@@ -21,6 +21,7 @@ import pytest
 
 from orchestrator.run import TrainOptions, train
 from tests.conftest import simulated_cluster, write_config
+from trainer import checkpoint
 from trainer.metrics import ATTEMPTS_FILE, METRICS_FILE
 
 pytestmark = pytest.mark.ray
@@ -143,13 +144,25 @@ def test_a_worker_frozen_with_sigstop_is_named_and_its_group_restarts_within_the
     vdir = tmp_path / "runs" / "hang" / "flash"
     stopped: dict = {}
 
+    def saved_since(start_step: int) -> bool:
+        """Whether a checkpoint after ``start_step`` is complete: one still being written when
+        a rank stops is lost with it (its manifest never comes), and the group restarts before it."""
+        for path in checkpoint.checkpoint_dirs(vdir / checkpoint.STORAGE_NAME):
+            try:
+                if int(path.name.removeprefix("checkpoint_")) > start_step and checkpoint.verifies(path):
+                    return True
+            except ValueError:  # a manifest caught half written
+                pass
+        return False
+
     def stepping():
         latest = starts(vdir)[-1] if starts(vdir) else None
         steps = [m["step"] for m in lines(vdir / METRICS_FILE)]
-        return latest if latest and steps and steps[-1] >= latest["start_step"] + 4 else None
+        return (latest if latest and steps and steps[-1] >= latest["start_step"] + 4
+                and saved_since(latest["start_step"]) else None)
 
     def act():
-        group = wait_for("a group four steps in", stepping)
+        group = wait_for("a group four steps in, a checkpoint complete", stepping)
         stopped["pid"], stopped["at"] = group["pids"][1], time.time()
         os.kill(stopped["pid"], signal.SIGSTOP)
         stopped["restart"] = wait_for("the next group", lambda: [a for a in starts(vdir) if a["time"] > stopped["at"]],
