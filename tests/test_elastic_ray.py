@@ -147,13 +147,8 @@ def test_a_worker_frozen_with_sigstop_is_named_and_its_group_restarts_within_the
     def saved_since(start_step: int) -> bool:
         """Whether a checkpoint after ``start_step`` is complete: one still being written when
         a rank stops is lost with it (its manifest never comes), and the group restarts before it."""
-        for path in checkpoint.checkpoint_dirs(vdir / checkpoint.STORAGE_NAME):
-            try:
-                if int(path.name.removeprefix("checkpoint_")) > start_step and checkpoint.verifies(path):
-                    return True
-            except ValueError:  # a manifest caught half written
-                pass
-        return False
+        found = checkpoint.newest_usable(vdir / checkpoint.STORAGE_NAME)
+        return found is not None and int(found.name.removeprefix("checkpoint_")) > start_step
 
     def stepping():
         latest = starts(vdir)[-1] if starts(vdir) else None
